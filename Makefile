@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= data/synthetic
+# The exact torch/torchvision this project is tested with (pyproject.toml keeps ranges loose).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test data clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev]'
+	touch $@
+
+data: install
+	$(PY) scripts/make_synthetic.py imagenet --out $(DATA)/imagenet
+
+demo: data
+	$(PY) -m vtrain experiment=quickstart data.root=$(DATA)/imagenet hydra.run.dir=outputs/quickstart
+	@echo "metrics: outputs/quickstart/metrics.json"
+	@cat outputs/quickstart/metrics.json
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf outputs multirun data/synthetic .pytest_cache
