@@ -1,0 +1,170 @@
+"""ResNet-50/101 (He et al., CVPR 2016) and its GCNet / NLNet / DNLNet variants.
+
+The network is timm's ``ResNet`` with ``Bottleneck`` blocks (the torchvision / "v1.5"
+layout: stride in the 3x3 conv, 7x7 stem), whose modules are adopted as this
+backbone's own so that the keys are timm's and torchvision's (``conv1``, ``bn1``,
+``layer1..4``; the classifier ``fc`` is split off by ``checkpoint_filter``).
+
+Sizes with a 1000-class linear classifier at 224x224 (``vtrain.profiling``):
+ResNet-50 25.56M params / 4.09 GMACs, ResNet-101 44.55M / 7.80 GMACs, as the
+torchvision/timm references. The ResNet paper's Table 1 gives 3.8 / 7.6 GFLOPs
+(multiply-adds) for the original "v1" block with the stride in the first 1x1 conv;
+putting the stride in the 3x3 conv (v1.5, used here) costs the extra ~0.3 G.
+
+Context blocks, each a nested config key with ``stages`` (4 bools, c2..c5):
+
+* ``gc`` (GCNet, Sec. 4.1 and Fig. 5): a ``GlobalContextBlock`` in every bottleneck
+  of the chosen stages, after conv3/bn3 and before the residual add. timm's
+  ``Bottleneck`` calls its attention slot ``se`` exactly there, so the block lives in
+  that slot (keys ``layerN.i.se.*``). Default ratio 1/16 in c3-c5: +2.52M params on
+  ResNet-50 (GCNet Table 2a: 28.08M vs 25.56M).
+* ``nl`` / ``dnl``: a ``NonLocalBlock`` / ``DisentangledNonLocalBlock`` after the
+  *output* of chosen bottlenecks (after the residual add and ReLU), the placement of
+  mmaction2's ResNet3d ``non_local`` and of the NL paper (Sec. 4, "inserted after
+  residual blocks"). ``after_blocks`` lists block indices per chosen stage (negative
+  counts from the end); the default ``[-2]`` in c4 is the single block "right before
+  the last residual block of c4" that GCNet (Table 2) and DNL (Sec. 5.3) use for
+  detection. Keys ``non_local.layerN_i.*`` (so ResNet keys stay untouched).
+
+All three start as the identity: plain ResNet weights load into these variants and
+the new blocks stay at their initialisation.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from timm.models.resnet import Bottleneck
+from timm.models.resnet import ResNet as TimmResNet
+from torch import nn
+
+from vtrain.backbones.base import Backbone
+from vtrain.layers.global_context import GlobalContextBlock
+from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
+
+DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+def _after_block_names(stages: Sequence[bool], after_blocks: Sequence[int], depths: Sequence[int]) -> list[str]:
+    names = []
+    for stage_index, (enabled, depth) in enumerate(zip(stages, depths)):
+        if not enabled:
+            continue
+        indices = sorted({i % depth for i in after_blocks if -depth <= i < depth})
+        names += [f"layer{stage_index + 1}_{i}" for i in indices]
+    return names
+
+
+class ResNet(Backbone):
+    """ResNet backbone; ``forward`` returns C2..C5.
+
+    Args:
+        depth: 50, 101 (or 152).
+        drop_path_rate: stochastic depth, linearly increasing over blocks (timm).
+        output_stride: 32, 16 or 8. At 8 (the "-D8" segmentation variant), stages 3
+            and 4 keep stride 1 and use dilation 2 and 4 (timm's dilation rule, as
+            mmseg's ``strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)``); the stem stays
+            the plain 7x7 one. ``out_strides`` reports the real strides.
+        frozen_stages: -1 none; 0 the stem; N the stem and stages 1..N (mmdet): their
+            parameters stop requiring grad and their BatchNorms stay in eval mode.
+        gc: ``{stages: [4 bools], ratio: float}`` or None.
+        nl: ``{stages: [4 bools], after_blocks: [ints], reduction: int}`` or None.
+        dnl: like ``nl`` plus ``temperature``.
+        dense: unused (ResNet needs no extra module for dense heads); accepted so that
+            every backbone takes the same constructor argument.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        drop_path_rate: float = 0.0,
+        output_stride: int = 32,
+        frozen_stages: int = -1,
+        gc: Mapping | None = None,
+        nl: Mapping | None = None,
+        dnl: Mapping | None = None,
+        dense: bool = False,
+    ):
+        super().__init__()
+        depths = DEPTHS[depth]
+        resnet = TimmResNet(
+            block=Bottleneck,
+            layers=depths,
+            num_classes=0,
+            output_stride=output_stride,
+            drop_path_rate=drop_path_rate,
+        )
+        self.conv1, self.bn1, self.act1, self.maxpool = resnet.conv1, resnet.bn1, resnet.act1, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        self.out_channels = tuple(stage[-1].conv3.out_channels for stage in self.stages)
+        self.num_features = self.out_channels[-1]
+        self.out_strides = tuple(min(4 * 2**i, output_stride) for i in range(4))
+
+        if gc is not None:
+            for enabled, stage, channels in zip(gc["stages"], self.stages, self.out_channels):
+                if enabled:
+                    for block in stage:
+                        block.se = GlobalContextBlock(channels, ratio=gc.get("ratio", 1 / 16))
+
+        # Blocks applied after a whole bottleneck: {"layer3_4": block}.
+        self.non_local = nn.ModuleDict()
+        for options, block_type in ((nl, NonLocalBlock), (dnl, DisentangledNonLocalBlock)):
+            if options is None:
+                continue
+            kwargs = {"reduction": options.get("reduction", 2)}
+            if block_type is DisentangledNonLocalBlock:
+                kwargs["temperature"] = options.get("temperature", 0.05)
+            for name in _after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
+                if name in self.non_local:
+                    raise ValueError(f"nl and dnl both ask for a block after {name}")
+                channels = self.out_channels[int(name[5]) - 1]
+                self.non_local[name] = block_type(channels, **kwargs)
+
+        self.frozen_stages = frozen_stages
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        modules = [self.conv1, self.bn1]
+        modules += self.stages[: self.frozen_stages]
+        modules += [m for name, m in self.non_local.items() if int(name[5]) <= self.frozen_stages]
+        return modules
+
+    def train(self, mode: bool = True) -> "ResNet":
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        for block_index, block in enumerate(self.stages[index]):
+            x = block(x)
+            name = f"layer{index + 1}_{block_index}"
+            if name in self.non_local:
+                x = self.non_local[name](x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        features = []
+        for index in range(4):
+            x = self._run_stage(index, x)
+            features.append(x)
+        return features
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)[-1].mean(dim=(2, 3))
+
+    def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """timm and torchvision ResNet checkpoints share keys; ``fc.*`` is the classifier."""
+        state_dict = state_dict.get("state_dict", state_dict)
+        backbone, classifier = {}, {}
+        for key, value in state_dict.items():
+            if key.startswith("fc."):
+                classifier[key[len("fc."):]] = value
+            else:
+                backbone[key] = value
+        return backbone, classifier

@@ -1,0 +1,146 @@
+"""Swin Transformer (Liu et al., ICCV 2021) on timm's ``SwinTransformer``.
+
+timm's patch embedding, stages and final norm are adopted as this backbone's own
+modules (keys as timm's; ``checkpoint_filter`` converts official releases). timm works
+in NHWC; ``forward`` returns NCHW maps.
+
+Sizes with a 1000-class classifier (``vtrain.profiling``; paper Table 1):
+Swin-T 28.29M / 4.49 GMACs (28M / 4.5G), Swin-S 49.61M / 8.74G (50M / 8.7G),
+Swin-B 87.77M / 15.43G (88M / 15.4G), Swin-B 384 (window 12) 87.90M / 47.08G
+(88M / 47.0G). The MACs include the attention products.
+
+Classification (``dense=False``) is exactly timm's / the official classifier: window
+sizes and shifts are fixed for ``img_size`` (a stage no larger than the window gets
+one un-shifted window, as the official code), inputs must be ``img_size``.
+
+Dense (``dense=True``) follows the official Swin detection / segmentation backbone:
+
+* any input whose sides are multiples of 32: features are padded to whole windows
+  and every second block shifts by half a window, whatever the feature size
+  (timm's ``always_partition``), with the shift masks built for each input
+  (``strict_img_size=False``);
+* a LayerNorm on each of the four outputs (``out_norms``; official ``norm0..3``).
+  The classification ``norm`` would then be unused (a parameter without gradient
+  under DDP), so it does not exist in dense mode: ``checkpoint_filter`` loads the
+  classifier's final norm into ``out_norms.3``, which sits where it did.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from timm.models.swin_transformer import SwinTransformer as TimmSwinTransformer
+from timm.models.swin_transformer import WindowAttention, checkpoint_filter_fn
+from torch import nn
+
+from vtrain.backbones.base import Backbone
+
+
+class SwinTransformer(Backbone):
+    """Swin backbone.
+
+    Args:
+        img_size: classification input size (and the size the windows are planned
+            for); in dense mode, only the reference for the (unused) absolute size.
+        embed_dim, depths, num_heads, window_size: architecture (paper Table 7).
+        drop_path_rate: stochastic depth (paper: 0.2 T, 0.3 S, 0.5 B).
+        frozen_stages: -1 none; 0 patch embedding; N also stages 1..N with their
+            patch merging (and output norms), as mmdet's Swin.
+        dense: build the per-stage output norms and accept any size (see module doc).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        drop_path_rate: float = 0.2,
+        frozen_stages: int = -1,
+        dense: bool = False,
+    ):
+        super().__init__()
+        swin = TimmSwinTransformer(
+            img_size=tuple(img_size) if isinstance(img_size, Sequence) else img_size,
+            embed_dim=embed_dim,
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            window_size=window_size,
+            drop_path_rate=drop_path_rate,
+            num_classes=0,
+            strict_img_size=not dense,
+            always_partition=dense,
+        )
+        self.dense = dense
+        self.patch_embed, self.layers = swin.patch_embed, swin.layers
+        for module in self.layers.modules():
+            if isinstance(module, WindowAttention):
+                module.fused_attn = True  # timm leaves it off for Swin ("experimental")
+        self.out_channels = tuple(int(embed_dim * 2**i) for i in range(len(depths)))
+        self.num_features = self.out_channels[-1]
+        if dense:
+            self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
+        else:
+            self.norm = swin.norm
+
+        self.frozen_stages = frozen_stages
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        modules: list[nn.Module] = [self.patch_embed]
+        for i in range(self.frozen_stages):
+            modules.append(self.layers[i])
+            if i + 1 < len(self.layers):
+                # the official stage i ends with the patch merging that timm puts first in stage i+1
+                modules.append(self.layers[i + 1].downsample)
+            if self.dense:
+                modules.append(self.out_norms[i])
+        return modules
+
+    def train(self, mode: bool = True) -> "SwinTransformer":
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, _ in self.named_parameters() if "relative_position_bias_table" in name}
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)  # NHWC
+        features = []
+        for index, stage in enumerate(self.layers):
+            x = stage(x)
+            out = self.out_norms[index](x) if self.dense else x
+            features.append(out.permute(0, 3, 1, 2).contiguous())
+        return features
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.patch_embed(x))
+        x = self.out_norms[-1](x) if self.dense else self.norm(x)
+        return x.mean(dim=(1, 2))
+
+    def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Official (``{'model': sd}``, ``layers.i.downsample`` at the end of stage i,
+        classifier ``head.*``) or timm (classifier ``head.fc.*``) checkpoints.
+
+        timm's ``checkpoint_filter_fn`` moves the official patch merging to timm's
+        stage, drops the non-persistent buffers and resizes relative position bias
+        tables when the window size differs (e.g. a window-7 checkpoint into the
+        window-12 Swin-B 384).
+        """
+        state_dict = checkpoint_filter_fn(state_dict, self)
+        backbone, classifier = {}, {}
+        for key, value in state_dict.items():
+            if key.startswith("head.fc."):
+                classifier[key[len("head.fc."):]] = value
+            elif self.dense and re.match(r"norm\.(weight|bias)$", key):
+                backbone["out_norms.3." + key[len("norm."):]] = value
+            else:
+                backbone[key] = value
+        return backbone, classifier

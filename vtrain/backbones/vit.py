@@ -1,0 +1,149 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021) on timm's ``VisionTransformer``,
+with ViTDet's simple feature pyramid (Li et al., ECCV 2022) for dense heads.
+
+timm's modules are adopted as this backbone's own (keys as timm's: ``cls_token``,
+``pos_embed``, ``patch_embed``, ``blocks``, ``norm``; the classifier ``head.*`` is
+split off by ``checkpoint_filter``). Attention runs as fused
+``scaled_dot_product_attention``. Inputs of any size divisible by the patch size are
+accepted: the position table is resampled to the patch grid on the fly (timm's
+``dynamic_img_size``), a no-op at ``img_size``.
+
+Sizes with a 1000-class classifier at 224x224 (``vtrain.profiling``):
+ViT-S/16 22.05M / 4.60 GMACs, ViT-B/16 86.57M / 17.56 GMACs, ViT-L/16 304.33M /
+61.55 GMACs (attention products included). The ViT paper's Table 1 lists 86M for
+ViT-B and 307M for ViT-L; its ViT-L figure was not reproduced by timm's (or any
+1000-class) layout and is left unexplained here; ViT-S is not in that paper (DeiT
+Table 1: 22M / 4.6G).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Attention
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch import nn
+
+from vtrain.backbones.base import Backbone
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet simple feature pyramid (Li et al. 2022, Sec. 3 and Fig. 2c), scale part only:
+    from the stride-16 map, stride 4 = two 2x2 stride-2 transposed convs (with
+    LayerNorm + GELU between), 8 = one, 16 = identity, 32 = 2x2 max-pool.
+
+    Channels halve per upsampling: (C/4, C/2, C, C), as in ViTDet before its
+    per-level 1x1/3x3 projection, which belongs to the head (an FPN-style neck) here.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = (channels // 4, channels // 2, channels, channels)
+        self.to_stride4 = nn.Sequential(
+            nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2),
+            LayerNorm2d(channels // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(channels // 2, channels // 4, kernel_size=2, stride=2),
+        )
+        self.to_stride8 = nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.to_stride4(x), self.to_stride8(x), x, F.max_pool2d(x, kernel_size=2, stride=2)]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (ViTDet's ``LayerNorm`` in the pyramid)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class VisionTransformer(Backbone):
+    """ViT backbone.
+
+    ``forward_pooled`` is the class token after the final norm (the reference
+    classifier's input). ``forward`` (dense heads) reshapes the patch tokens after the
+    final norm into the stride-16 map and builds the pyramid from it; going through
+    the final norm keeps every parameter in the graph (no unused parameter under DDP;
+    ViTDet drops the norm instead). The pyramid exists only with ``dense=True``;
+    without it, ``forward`` returns the stride-16 map at all four levels' sizes by
+    plain resampling, so that shapes are right but nothing is learned for them.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        drop_path_rate: float = 0.1,
+        dense: bool = False,
+    ):
+        super().__init__()
+        vit = TimmVisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=0,
+            drop_path_rate=drop_path_rate,
+            dynamic_img_size=True,
+        )
+        self.patch_size = patch_size
+        self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed
+        self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
+        for module in self.blocks.modules():
+            if isinstance(module, Attention):
+                module.fused_attn = True
+        self.num_features = embed_dim
+        self.dense = dense
+        if dense:
+            self.pyramid = SimpleFeaturePyramid(embed_dim)
+            self.out_channels = self.pyramid.out_channels
+        else:
+            self.out_channels = (embed_dim,) * 4
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + H*W, C) tokens after the final norm; the patch grid comes out NHWC."""
+        patches = self.patch_embed(x)  # (N, H, W, C) with dynamic_img_size
+        n, h, w, c = patches.shape
+        pos_embed = resample_abs_pos_embed(
+            self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size, num_prefix_tokens=1
+        )
+        tokens = torch.cat([self.cls_token.expand(n, -1, -1), patches.reshape(n, h * w, c)], dim=1)
+        return self.norm(self.blocks(tokens + pos_embed))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self._tokens(x)
+        stride16 = tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        if self.dense:
+            return self.pyramid(stride16)
+        return [
+            F.interpolate(stride16, scale_factor=4.0, mode="nearest"),
+            F.interpolate(stride16, scale_factor=2.0, mode="nearest"),
+            stride16,
+            F.max_pool2d(stride16, kernel_size=2, stride=2),
+        ]
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tokens(x)[:, 0]
+
+    def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """timm ViT checkpoints: ``head.*`` is the classifier; a position table for
+        another grid (e.g. a 384 checkpoint) is resampled to this one."""
+        state_dict = state_dict.get("model", state_dict)
+        backbone, classifier = {}, {}
+        for key, value in state_dict.items():
+            if key.startswith("head."):
+                classifier[key[len("head."):]] = value
+                continue
+            if key == "pos_embed" and value.shape != self.pos_embed.shape:
+                value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1)
+            backbone[key] = value
+        return backbone, classifier

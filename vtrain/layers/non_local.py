@@ -1,0 +1,98 @@
+"""Non-local blocks on (N, C, H, W) images (``dim=2``) and (N, C, T, H, W) clips (``dim=3``).
+
+* ``NonLocalBlock``: embedded Gaussian non-local block of Wang et al., "Non-local
+  Neural Networks", CVPR 2018, Eq. 1-3 and Fig. 2.
+* ``DisentangledNonLocalBlock``: Yin et al., "Disentangled Non-Local Neural
+  Networks", ECCV 2020, Eq. 7 (whitened pairwise term + unary term).
+
+Both follow mmcv's ``NonLocal2d`` / mmseg's ``DisentangledNonLocal2d`` in layout:
+theta, phi, g are 1x1 convs with bias to ``C' = C // reduction`` channels; the output
+is a 1x1 conv (no bias) followed by a BatchNorm whose weight starts at zero, so the
+block is the identity at initialisation (NL paper Sec. 4.1) and can be inserted into
+a pretrained network or used on its own inside a segmentation head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _PairwiseBlock(nn.Module):
+    def __init__(self, channels: int, reduction: int = 2, dim: int = 2):
+        super().__init__()
+        if dim not in (2, 3):
+            raise ValueError(f"dim must be 2 or 3, got {dim}")
+        conv = nn.Conv2d if dim == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if dim == 2 else nn.BatchNorm3d
+        self.inter_channels = max(channels // reduction, 1)
+        self.theta = conv(channels, self.inter_channels, kernel_size=1)
+        self.phi = conv(channels, self.inter_channels, kernel_size=1)
+        self.g = conv(channels, self.inter_channels, kernel_size=1)
+        self.out_conv = conv(self.inter_channels, channels, kernel_size=1, bias=False)  # W_z
+        self.out_norm = norm(channels)
+        for layer in (self.theta, self.phi, self.g, self.out_conv):
+            nn.init.normal_(layer.weight, std=0.01)  # as mmcv NonLocal2d
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.out_norm.weight)
+        nn.init.zeros_(self.out_norm.bias)
+
+    def _embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """theta, phi, g as (N, 1, L, C') token sequences for scaled_dot_product_attention."""
+        return tuple(layer(x).flatten(2).transpose(1, 2).unsqueeze(1) for layer in (self.theta, self.phi, self.g))
+
+    def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x + BN(W_z y), with y given as (N, L, C')."""
+        y = y.transpose(1, 2).reshape(x.shape[0], self.inter_channels, *x.shape[2:])
+        return x + self.out_norm(self.out_conv(y))
+
+
+class NonLocalBlock(_PairwiseBlock):
+    """Embedded Gaussian non-local block (NL paper Eq. 1-3, Fig. 2):
+
+        y_i = sum_j softmax_j(theta(x_i)^T phi(x_j) / sqrt(C')) g(x_j)
+        z_i = x_i + BN(W_z y_i)
+
+    The 1/sqrt(C') scale is mmcv's ``use_scale=True`` default. The softmax-weighted
+    sum is exactly attention with one head, so it runs as fused
+    ``scaled_dot_product_attention`` (whose default scale is 1/sqrt(C')) and never
+    materialises the L x L matrix on GPU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta, phi, g = self._embeddings(x)
+        y = F.scaled_dot_product_attention(theta, phi, g).squeeze(1)
+        return self._output(x, y)
+
+
+class DisentangledNonLocalBlock(_PairwiseBlock):
+    """Disentangled non-local block (DNL paper Eq. 7):
+
+        w_ij = softmax_j((theta_i - mu_theta)^T (phi_j - mu_phi) / (sqrt(C') * T))   whitened pairwise
+        u_j  = softmax_j(W_m x_j)                                                    unary
+        z_i  = x_i + BN(W_z (sum_j w_ij g(x_j) + sum_j u_j g(x_j)))
+
+    mu are spatial means (the whitening of Sec. 4.1); T is the temperature (mmseg's
+    ``DNLHead`` default 0.05); W_m is a 1x1 conv to one channel with bias (mmseg
+    ``conv_mask``). The unary term is one C'-vector per sample, added at every
+    position before the shared output conv.
+    """
+
+    def __init__(self, channels: int, reduction: int = 2, temperature: float = 0.05, dim: int = 2):
+        super().__init__(channels, reduction, dim)
+        self.temperature = temperature
+        conv = nn.Conv2d if dim == 2 else nn.Conv3d
+        self.unary_mask = conv(channels, 1, kernel_size=1)  # W_m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta, phi, g = self._embeddings(x)
+        theta = theta - theta.mean(dim=2, keepdim=True)
+        phi = phi - phi.mean(dim=2, keepdim=True)
+        scale = 1.0 / (math.sqrt(self.inter_channels) * self.temperature)
+        pairwise = F.scaled_dot_product_attention(theta, phi, g, scale=scale).squeeze(1)  # (N, L, C')
+        unary_weights = self.unary_mask(x).flatten(2).softmax(dim=-1)  # (N, 1, L)
+        unary = unary_weights @ g.squeeze(1)  # (N, 1, C')
+        return self._output(x, pairwise + unary)

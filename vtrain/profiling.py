@@ -1,0 +1,39 @@
+"""Parameter and multiply-accumulate counts, as the papers report them.
+
+MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (which counts a
+multiply-add as 2 FLOPs, hence the halving) on the ``meta`` device, so even
+ViT-L costs no memory or time. The counter sees convolutions, matrix products and
+``scaled_dot_product_attention``: attention's QK^T and AV products are included, as
+in the Swin and ViT papers' FLOP figures; element-wise work (norms, activations,
+softmax) is not, as in every paper's table.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (trainable or not), shared tensors counted once."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one ``module(x)`` with ``x`` of ``input_shape``.
+
+    The input lives on the module's device (use a module built under
+    ``torch.device("meta")`` for big models: only shapes are needed).
+    """
+    parameter = next(module.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    x = torch.zeros(input_shape, device=device)
+    was_training = module.training
+    module.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            module(x)
+    finally:
+        module.train(was_training)
+    return counter.get_total_flops() // 2
