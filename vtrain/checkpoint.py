@@ -1,0 +1,108 @@
+"""Reading weights from local files, safely, and loading them with a readable report.
+
+Files from elsewhere are never unpickled as arbitrary objects: ``.safetensors`` through safetensors,
+everything else through ``torch.load(weights_only=True)``. Supported layouts: this framework's Lightning
+checkpoints (``state_dict`` with ``backbone.*``/``head.*`` keys), official releases (``{'model': sd}``),
+mmcv-style ``{'state_dict': sd}``, and plain state dicts (timm, torchvision).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtrain import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist: pass an existing file as ckpt_path= / pretrained=")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - turn any unpickling failure into one readable line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read checkpoint {path} with weights_only=True ({first}): is it a weights file?") from e
+
+
+def is_lightning_checkpoint(obj: dict[str, Any]) -> bool:
+    return isinstance(obj, dict) and "state_dict" in obj and "pytorch-lightning_version" in obj
+
+
+def unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, whatever container the releasing project used."""
+    for key in ("state_dict", "model", "module", "model_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("module.") for k in sd):  # saved from a DDP/DataParallel wrapper
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd
+
+
+def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, what: str) -> dict[str, list[str]]:
+    """Load the tensors that fit; report missing/unexpected/mismatched keys in one line; fail if nothing fit."""
+    own = module.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    usable = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
+    if not usable:
+        sample = ", ".join(list(state_dict)[:3]) or "no tensors"
+        raise ConfigError(
+            f"no tensor of {source} matches the {what} (file keys start: {sample}): is it a checkpoint of this architecture?"
+        )
+    result = module.load_state_dict(usable, strict=False)
+    report = {
+        "missing": list(result.missing_keys),
+        "unexpected": [k for k in state_dict if k not in own],
+        "mismatched": mismatched,
+    }
+
+    def few(keys: list[str]) -> str:
+        return f"{len(keys)}" + (f" ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "")
+
+    log.info(
+        "loaded %d tensors of %s into the %s; missing %s; unexpected %s; shape mismatch %s",
+        len(usable), source, what, few(report["missing"]), few(report["unexpected"]), few(mismatched),
+    )
+    return report
+
+
+def split_reference(backbone: nn.Module, obj: dict[str, Any]) -> tuple[dict, dict]:
+    """(backbone_sd, classifier_sd) of any supported checkpoint object."""
+    sd = unwrap_state_dict(obj)
+    if is_lightning_checkpoint(obj) or any(k.startswith("backbone.") for k in sd):
+        backbone_sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+        head_sd = {k.removeprefix("head."): v for k, v in sd.items() if k.startswith("head.")}
+        return backbone_sd, head_sd
+    return backbone.checkpoint_filter(sd)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    backbone_sd, _ = split_reference(backbone, read_checkpoint(path))
+    return load_matching(backbone, backbone_sd, str(path), "backbone")
+
+
+def load_task_weights(module: nn.Module, path: str | Path) -> None:
+    """Weights to evaluate: this framework's checkpoint (every key must match) or a reference release."""
+    obj = read_checkpoint(path)
+    if is_lightning_checkpoint(obj):
+        result = module.load_state_dict(unwrap_state_dict(obj), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ConfigError(
+                f"checkpoint {path} does not fit this experiment (missing {len(result.missing_keys)} keys, e.g. "
+                f"{result.missing_keys[:2]}; unexpected {len(result.unexpected_keys)}, e.g. {result.unexpected_keys[:2]}): "
+                "evaluate it with the experiment and backbone it was trained with"
+            )
+        log.info("loaded %s (epoch %s, step %s)", path, obj.get("epoch"), obj.get("global_step"))
+        return
+    module.load_pretrained(str(path))

@@ -1,0 +1,73 @@
+"""The whole flow of a run: compose config -> validate -> build data, model, trainer -> fit / evaluate -> metrics.json."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from vtrain import ConfigError
+from vtrain.checkpoint import load_task_weights
+from vtrain.trainer import build_trainer, hydra_ddp_job
+from vtrain.validate import validate
+
+log = logging.getLogger("vtrain")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric."""
+    datamodule = instantiate(cfg.data)
+    try:
+        validate(cfg, datamodule)  # before any worker or DDP process starts
+        pl.seed_everything(cfg.seed, workers=True)
+        module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+        if cfg.mode == "train" and cfg.get("pretrained"):
+            module.load_pretrained(cfg.pretrained)
+        if cfg.mode == "eval" and cfg.get("ckpt_path"):
+            load_task_weights(module, cfg.ckpt_path)
+    except ConfigError as e:
+        return _fail(e)
+
+    with hydra_ddp_job():
+        trainer = build_trainer(cfg)
+        if cfg.mode == "train":
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        else:
+            trainer.validate(module, datamodule=datamodule)
+    return _monitored_value(cfg, module)
+
+
+def _fail(error: ConfigError) -> None:
+    """One line on stderr and exit 2; in a sweep, raise so the other points still run."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _monitored_value(cfg: DictConfig, module: pl.LightningModule) -> float | None:
+    path = Path(cfg.output_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics.get("best", {}).get(module.monitor, metrics.get("final", {}).get(module.monitor))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def evaluate(cfg: DictConfig) -> float | None:
+    with open_dict(cfg):
+        cfg.mode = "eval"
+    return run(cfg)

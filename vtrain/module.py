@@ -1,0 +1,65 @@
+"""The LightningModule every task subclasses: optimizer, schedule and pretrained weights, written once."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from timm.scheduler.scheduler import Scheduler
+
+from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
+
+
+class TaskModule(pl.LightningModule):
+    """Base of every task's LightningModule.
+
+    A subclass builds ``self.backbone`` (a :class:`vtrain.backbones.base.Backbone`) and its head(s), and
+    implements ``training_step`` / ``validation_step``. It sets ``monitor`` / ``monitor_mode`` (the metric that
+    picks the best checkpoint) and may fill ``summary_metrics`` (e.g. per-class IoU) which ``metrics.json`` records.
+    """
+
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    # Whether the backbone must expose its four-level features (dense heads) or only the pooled embedding.
+    dense_features: bool = True
+
+    def __init__(self, optim: Mapping[str, Any], sched: Mapping[str, Any]):
+        super().__init__()
+        self.optim_cfg = dict(optim)
+        self.sched_cfg = dict(sched)
+        self.summary_metrics: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- optimisation
+    def total_batch_size(self) -> int:
+        trainer = self.trainer
+        per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        per_device = per_device or 1
+        return int(per_device * trainer.world_size * trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self):
+        total_batch = self.total_batch_size()
+        optimizer = build_optimizer(self, self.optim_cfg, total_batch)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = per_step(int(self.trainer.num_training_batches), self.trainer.accumulate_grad_batches)
+        scheduler = build_scheduler(
+            optimizer,
+            self.sched_cfg,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            lr_scale=lr_scale_factor(self.optim_cfg, total_batch),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Scheduler, metric: Any) -> None:
+        # timm schedulers are stepped by update count: resuming at global_step N gives the lr of step N exactly.
+        scheduler.step_update(num_updates=self.global_step)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------------- weights
+    def load_pretrained(self, path: str) -> None:
+        """Load reference weights (official/timm/torchvision/this framework) into the backbone."""
+        from vtrain.checkpoint import load_backbone_weights
+
+        load_backbone_weights(self.backbone, path)

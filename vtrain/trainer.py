@@ -1,0 +1,67 @@
+"""Trainer, loggers and callbacks from the config; and the glue that makes Hydra and DDP agree."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, read_write
+
+_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Each entry of a ``{name: {_target_: ...}}`` group (callbacks, loggers); a null entry switches one off."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    return trainer
+
+
+@contextlib.contextmanager
+def hydra_ddp_job() -> Iterator[None]:
+    """Run one Hydra job whose trainer may start DDP worker processes.
+
+    Lightning re-executes ``sys.argv`` for ranks > 0 and points them at ``hydra.run.dir``. In a multirun that
+    would (a) replay the whole sweep in every worker and (b) send the workers to the run directory pattern
+    instead of this job's directory. So, for the duration of the job, the command line is this job's own
+    overrides and ``hydra.run.dir`` is this job's output directory: every rank writes into one directory and
+    each sweep point runs once. Afterwards the process group and the launcher's environment variables are
+    removed, so the next job of the sweep starts its own workers.
+    """
+    if not HydraConfig.initialized() or "LOCAL_RANK" in os.environ:  # a DDP worker, or launched by torchrun/srun
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    saved_argv, saved_env = list(sys.argv), {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    saved_run_dir = hydra_cfg.run.dir
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = saved_run_dir
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
