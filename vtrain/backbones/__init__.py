@@ -1,7 +1,8 @@
 """Backbones: every class returns NCHW maps at strides 4/8/16/32 (see ``base.Backbone``)."""
 from vtrain.backbones.base import Backbone
+from vtrain.backbones.lrnet import LRNet
 from vtrain.backbones.resnet import ResNet
 from vtrain.backbones.swin import SwinTransformer
 from vtrain.backbones.vit import VisionTransformer
 
-__all__ = ["Backbone", "ResNet", "SwinTransformer", "VisionTransformer"]
+__all__ = ["Backbone", "LRNet", "ResNet", "SwinTransformer", "VisionTransformer"]

@@ -42,7 +42,7 @@ from vtrain.backbones.base import Backbone
 from vtrain.layers.global_context import GlobalContextBlock
 from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
 
-DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
 def _after_block_names(stages: Sequence[bool], after_blocks: Sequence[int], depths: Sequence[int]) -> list[str]:
@@ -59,7 +59,7 @@ class ResNet(Backbone):
     """ResNet backbone; ``forward`` returns C2..C5.
 
     Args:
-        depth: 50, 101 (or 152).
+        depth: 50, 101 (or 26, 152).
         drop_path_rate: stochastic depth, linearly increasing over blocks (timm).
         output_stride: 32, 16 or 8. At 8 (the "-D8" segmentation variant), stages 3
             and 4 keep stride 1 and use dilation 2 and 4 (timm's dilation rule, as
@@ -72,6 +72,8 @@ class ResNet(Backbone):
         dnl: like ``nl`` plus ``temperature``.
         dense: unused (ResNet needs no extra module for dense heads); accepted so that
             every backbone takes the same constructor argument.
+        base_width: inner width of the stage-1 bottleneck, doubling per stage
+            (timm's ``base_width``): 64 gives ResNet's 64/128/256/512, LR-Net uses 100.
     """
 
     def __init__(
@@ -84,12 +86,14 @@ class ResNet(Backbone):
         nl: Mapping | None = None,
         dnl: Mapping | None = None,
         dense: bool = False,
+        base_width: int = 64,
     ):
         super().__init__()
         depths = DEPTHS[depth]
         resnet = TimmResNet(
             block=Bottleneck,
             layers=depths,
+            base_width=base_width,
             num_classes=0,
             output_stride=output_stride,
             drop_path_rate=drop_path_rate,

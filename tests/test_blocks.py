@@ -1,0 +1,163 @@
+"""vtrain.layers: each block against its paper's formula written out directly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vtrain.layers import DisentangledNonLocalBlock, GlobalContextBlock, LocalRelation2d, NonLocalBlock
+
+
+def _randomise(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values in every parameter and BN statistic, so no zero-init hides a term."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    return block.eval()
+
+
+def _bn(block, z):
+    """Eval-mode BatchNorm of (N, C, ...) written out."""
+    norm = block.out_norm
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    return ((z - norm.running_mean.view(shape)) / torch.sqrt(norm.running_var.view(shape) + norm.eps)
+            * norm.weight.view(shape) + norm.bias.view(shape))
+
+
+def _conv1x1(conv, x):
+    weight = conv.weight.flatten(1)
+    out = torch.einsum("oc,nc...->no...", weight, x)
+    if conv.bias is not None:
+        out = out + conv.bias.view((1, -1) + (1,) * (x.dim() - 2))
+    return out
+
+
+# ---------------------------------------------------------------- GC block
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 5, 7), (2, 32, 3, 4, 5)])
+def test_gc_block_is_identity_at_init_and_not_after(shape):
+    block = GlobalContextBlock(32, ratio=1 / 4, dim=len(shape) - 2)
+    x = torch.randn(shape)
+    assert torch.equal(block(x), x)
+    with torch.no_grad():
+        block.transform[-1].weight.normal_()
+    assert not torch.allclose(block(x), x)
+
+
+def test_gc_block_formula_and_size():
+    torch.manual_seed(0)
+    block = _randomise(GlobalContextBlock(16, ratio=1 / 4))
+    x = torch.randn(2, 16, 5, 6)
+    weights = torch.softmax(_conv1x1(block.context_mask, x).flatten(2), dim=-1)  # (N, 1, L)
+    context = (x.flatten(2) * weights).sum(-1)[..., None, None]  # (N, C, 1, 1)
+    hidden = _conv1x1(block.transform[0], context)
+    mean, var = hidden.mean(dim=1, keepdim=True), hidden.var(dim=1, unbiased=False, keepdim=True)
+    ln = block.transform[1]
+    hidden = (hidden - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+    expected = x + _conv1x1(block.transform[3], hidden.relu())
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    # W_k (C + 1) + W_v1 (C*C/r + C/r) + LN (2 C/r) + W_v2 (C/r*C + C)
+    c, h = 16, 4
+    assert sum(p.numel() for p in block.parameters()) == (c + 1) + (c * h + h) + 2 * h + (h * c + c)
+
+
+# ---------------------------------------------------------------- NL / DNL
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_non_local_matches_embedded_gaussian_formula(dim):
+    torch.manual_seed(0)
+    block = _randomise(NonLocalBlock(8, reduction=2, dim=dim))
+    x = torch.randn((2, 8, 3, 4) if dim == 2 else (2, 8, 2, 3, 4))
+    theta, phi, g = (_conv1x1(conv, x).flatten(2) for conv in (block.theta, block.phi, block.g))  # (N, C', L)
+    attention = torch.softmax(torch.einsum("nci,ncj->nij", theta, phi) / math.sqrt(4), dim=-1)
+    y = torch.einsum("nij,ncj->nci", attention, g).reshape(2, 4, *x.shape[2:])
+    expected = x + _bn(block, _conv1x1(block.out_conv, y))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_disentangled_non_local_matches_formula(dim):
+    torch.manual_seed(0)
+    block = _randomise(DisentangledNonLocalBlock(8, reduction=2, temperature=0.5, dim=dim))
+    x = torch.randn((2, 8, 3, 4) if dim == 2 else (2, 8, 2, 3, 4))
+    theta, phi, g = (_conv1x1(conv, x).flatten(2) for conv in (block.theta, block.phi, block.g))
+    theta = theta - theta.mean(dim=-1, keepdim=True)  # whitening: subtract the spatial means
+    phi = phi - phi.mean(dim=-1, keepdim=True)
+    pairwise = torch.softmax(torch.einsum("nci,ncj->nij", theta, phi) / (math.sqrt(4) * 0.5), dim=-1)
+    unary = torch.softmax(_conv1x1(block.unary_mask, x).flatten(2), dim=-1)  # (N, 1, L)
+    y = torch.einsum("nij,ncj->nci", pairwise, g) + torch.einsum("noj,ncj->nc", unary, g)[..., None]
+    expected = x + _bn(block, _conv1x1(block.out_conv, y.reshape(2, 4, *x.shape[2:])))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_type", [NonLocalBlock, DisentangledNonLocalBlock])
+def test_non_local_blocks_are_identity_at_init(block_type):
+    x = torch.randn(2, 16, 4, 5)
+    assert torch.equal(block_type(16).eval()(x), x)
+
+
+# ---------------------------------------------------------------- local relation
+
+
+def test_local_relation_reference_matches_loops_with_masking():
+    """Eq. 1-4 with explicit loops: out-of-image window positions are left out of the softmax."""
+    torch.manual_seed(0)
+    layer = LocalRelation2d(4, kernel_size=3, m=2)  # G = 2 groups of 2 channels
+    x = torch.randn(1, 4, 3, 4)
+    q, k = layer.query(x)[0], layer.key(x)[0]
+    prior = layer.geometry_prior(layer.relative_positions).t()  # (G, 9)
+    expected = torch.zeros(4, 3, 4)
+    for i in range(3):
+        for j in range(4):
+            for group in range(2):
+                logits, values = [], []
+                for p, (di, dj) in enumerate([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]):
+                    if 0 <= i + di < 3 and 0 <= j + dj < 4:
+                        logits.append(-(q[group, i, j] - k[group, i + di, j + dj]) ** 2 + prior[group, p])
+                        values.append(x[0, 2 * group: 2 * group + 2, i + di, j + dj])
+                weights = torch.softmax(torch.stack(logits), dim=0)
+                expected[2 * group: 2 * group + 2, i, j] = (weights[:, None] * torch.stack(values)).sum(0)
+    torch.testing.assert_close(layer.aggregate_reference(x)[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.aggregate_fast(x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "channels, m, stride, dilation, composability",
+    [(16, 8, 1, 1, "squared_difference"), (20, 8, 2, 1, "squared_difference"), (12, 4, 1, 2, "dot"), (8, 8, 2, 1, "dot")],
+)
+def test_local_relation_fast_equals_reference_with_gradients(channels, m, stride, dilation, composability):
+    torch.manual_seed(0)
+    layer = LocalRelation2d(channels, kernel_size=5, stride=stride, dilation=dilation, m=m, composability=composability)
+    x = torch.randn(2, channels, 9, 11, requires_grad=True)
+    outputs, grads = [], []
+    for path in (layer.aggregate_reference, layer.aggregate_fast):
+        y = layer.proj(path(x))
+        upstream = torch.linspace(-1, 1, y.numel()).view_as(y)
+        grads.append(torch.autograd.grad((y * upstream).sum(), [x, *layer.parameters()]))
+        outputs.append(y)
+    assert outputs[0].shape == (2, channels, (9 - 1) // stride + 1, (11 - 1) // stride + 1)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for fast, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_local_relation_geometry_prior_and_sizes():
+    layer = LocalRelation2d(64, kernel_size=7, m=8)
+    # key + query (C * C/m + C/m each), prior MLP (2 -> 4 -> 8), closing 1x1 (C^2)
+    assert sum(p.numel() for p in layer.parameters()) == 2 * (64 * 8 + 8) + (2 * 4 + 4) + (4 * 8 + 8) + 64 * 64
+    assert layer.relative_positions.shape == (49, 2) and layer.relative_positions.abs().max() == 1
+    # aggregating a constant map gives the sum of the weights: one everywhere, borders included,
+    # only if out-of-image positions are left out of the softmax (a zero-padded logit would leak weight)
+    ones = torch.ones(1, 64, 9, 9)
+    for path in (layer.aggregate_reference, layer.aggregate_fast):
+        torch.testing.assert_close(path(ones), ones)
+    x = torch.randn(1, 64, 9, 9)
+    assert layer(x).shape == x.shape
