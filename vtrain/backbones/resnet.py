@@ -63,8 +63,10 @@ class ResNet(Backbone):
         drop_path_rate: stochastic depth, linearly increasing over blocks (timm).
         output_stride: 32, 16 or 8. At 8 (the "-D8" segmentation variant), stages 3
             and 4 keep stride 1 and use dilation 2 and 4 (timm's dilation rule, as
-            mmseg's ``strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)``); the stem stays
-            the plain 7x7 one. ``out_strides`` reports the real strides.
+            mmseg's ``strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)``; the first block of
+            a dilated stage keeps the previous dilation, as torchvision's
+            ``replace_stride_with_dilation`` and mmseg's ``contract_dilation``); the stem
+            stays the plain 7x7 one. ``out_strides`` reports the real strides.
         frozen_stages: -1 none; 0 the stem; N the stem and stages 1..N (mmdet): their
             parameters stop requiring grad and their BatchNorms stay in eval mode.
         gc: ``{stages: [4 bools], ratio: float}`` or None.

@@ -72,6 +72,8 @@ class SwinTransformer(Backbone):
             num_classes=0,
             strict_img_size=not dense,
             always_partition=dense,
+            # nothing to initialise on the meta device (shape-only builds: counting, benches)
+            weight_init="skip" if torch.get_default_device().type == "meta" else "",
         )
         self.dense = dense
         self.patch_embed, self.layers = swin.patch_embed, swin.layers

@@ -90,6 +90,8 @@ class VisionTransformer(Backbone):
             num_classes=0,
             drop_path_rate=drop_path_rate,
             dynamic_img_size=True,
+            # nothing to initialise on the meta device (shape-only builds: counting, benches)
+            weight_init="skip" if torch.get_default_device().type == "meta" else "",
         )
         self.patch_size = patch_size
         self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed
@@ -98,6 +100,8 @@ class VisionTransformer(Backbone):
             if isinstance(module, Attention):
                 module.fused_attn = True
         self.num_features = embed_dim
+        # the patch grid is the stride-16 level for /16 models; other patch sizes shift the pyramid
+        self.out_strides = (patch_size // 4, patch_size // 2, patch_size, patch_size * 2)
         self.dense = dense
         if dense:
             self.pyramid = SimpleFeaturePyramid(embed_dim)
