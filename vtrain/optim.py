@@ -122,7 +122,12 @@ def build_scheduler(
             milestones = [int(m) for m in sched_cfg["milestones_steps"]]
         else:
             milestones = [int(m * steps_per_epoch) for m in sched_cfg["milestones_epochs"]]
-        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=float(sched_cfg.get("gamma", 0.1)), **common)
+        # mmdet's milestones count from step 0, warm-up included, and apply from the milestone step on; timm
+        # counts them after the warm-up (warmup_prefix) and applies each one step early (bisect on t + 1).
+        return MultiStepLRScheduler(
+            optimizer, decay_t=[m + 1 for m in milestones], decay_rate=float(sched_cfg.get("gamma", 0.1)),
+            warmup_prefix=False, **common,
+        )
     if name == "poly":
         return PolyLRScheduler(
             optimizer, t_initial=max(total_steps, 1), power=float(sched_cfg.get("power", 0.9)), lr_min=min_lr,

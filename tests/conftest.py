@@ -1,0 +1,57 @@
+"""Shared test plumbing: running the CLI in a subprocess, composing configs, tiny synthetic datasets."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Two cores: one intra-op thread per process keeps parallel test processes from thrashing.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# A CPU-sized classification run on the tiny dataset below: a small Swin at 32x32, one epoch.
+TINY_CLS = [
+    "experiment=quickstart",
+    "backbone.img_size=32",
+    "data.num_classes=4",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+    "callbacks.progress_bar=null",
+]
+
+
+def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` in a subprocess; output captured as text."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+                "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def compose(*overrides: str):
+    """The config ``python -m vtrain overrides...`` would run with, without Hydra's runtime."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory) -> Path:
+    """4 classes x 12 training / 4 validation images of 32x32, in the ImageNet folder layout."""
+    from tasks.classification.synthetic import write
+
+    root = tmp_path_factory.mktemp("imagenet")
+    write(root, seed=0, num_classes=4, train_per_class=12, val_per_class=4, size=32)
+    return root

@@ -1,0 +1,149 @@
+"""ImageNet-layout data, clear errors on bad input, and checkpoints of every supported origin."""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+
+import pytest
+import timm
+import torch
+from hydra.utils import instantiate
+
+from conftest import TINY_CLS, compose, run_cli
+from tasks.classification.data import CorruptImageError, ImageFolderDataModule, ImageFolderDataset, collate_skipping_none
+from tasks.classification.synthetic import write
+from vtrain import ConfigError
+from vtrain.checkpoint import load_task_weights
+
+
+def test_synthetic_imagenet_layout_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, seed=3, num_classes=3, train_per_class=2, val_per_class=1, size=32)
+    write(b, seed=3, num_classes=3, train_per_class=2, val_per_class=1, size=32)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.JPEG"))
+    assert len(files) == 9 and all(re.fullmatch(r"(train|val)/n\d{8}/n\d{8}_\d{5}\.JPEG", str(f)) for f in files)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_datamodule_reads_folders_with_train_class_index(imagenet_root):
+    dm = ImageFolderDataModule(root=str(imagenet_root), num_classes=4, img_size=32, batch_size=4, num_workers=0,
+                               augment={"auto_augment": None, "re_prob": 0.0})
+    dm.check()
+    dm.setup("fit")
+    assert len(dm.train_set) == 48 and len(dm.val_set) == 16
+    images, labels = next(iter(dm.val_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 0, 0]
+    assert sorted({t for _, t in dm.val_set.samples}) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing", r"no train/ folder; expected the ImageNet layout root/train/<class>/\*\.JPEG"),
+        ("flat_val", r"val/ has no class folders"),
+        ("classes", r"has 4 classes but data.num_classes=10: set data.num_classes=4"),
+    ],
+)
+def test_bad_layout_is_one_clear_line(imagenet_root, tmp_path, breakage, message):
+    root, num_classes = tmp_path / "imagenet", 4
+    if breakage != "missing":
+        shutil.copytree(imagenet_root, root)
+    if breakage == "flat_val":
+        for f in list((root / "val").rglob("*.JPEG")):
+            f.rename(root / "val" / f.name)
+        for d in (root / "val").iterdir():
+            if d.is_dir():
+                d.rmdir()
+    if breakage == "classes":
+        num_classes = 10
+    with pytest.raises(ConfigError, match=message):
+        ImageFolderDataModule(root=str(root), num_classes=num_classes).check()
+
+
+def test_cli_bad_data_root_exits_before_training(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*TINY_CLS, f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={out}")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: data.root={tmp_path / 'nowhere'}: no train/ folder; expected the ImageNet layout "
+                     "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"]
+    assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
+
+
+def test_corrupt_image_is_named_or_skipped(imagenet_root, tmp_path):
+    root = tmp_path / "imagenet"
+    shutil.copytree(imagenet_root, root)
+    bad = sorted((root / "val").rglob("*.JPEG"))[1]
+    bad.write_bytes(b"not a jpeg")
+    classes = sorted(d.name for d in (root / "train").iterdir())
+    strict = ImageFolderDataset(root / "val", classes)
+    with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
+        strict[1]
+    lenient = ImageFolderDataset(root / "val", classes, transform=lambda im: torch.zeros(1), skip_corrupt=True)
+    batch = collate_skipping_none([lenient[i] for i in range(4)])
+    assert batch[0].shape[0] == 3 and lenient.skipped == 1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _tiny_task(*overrides, seed=0):
+    base = TINY_CLS if not any(o.startswith("backbone=") for o in overrides) else ["data.num_classes=4"]
+    cfg = compose(*base, "output_dir=/tmp/unused", *overrides)
+    torch.manual_seed(seed)
+    return instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+
+
+def _to_official_swin(sd):
+    """timm Swin keys -> the official release's (patch merging at the end of the previous stage, ``head.*``)."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        out[k] = v
+    return out
+
+
+def test_official_swin_release_gives_the_same_logits(tmp_path):
+    source = _tiny_task()
+    sd = {k.removeprefix("backbone."): v for k, v in source.state_dict().items() if k.startswith("backbone.")}
+    official = _to_official_swin(sd)
+    official.update({"head.weight": source.head.weight, "head.bias": source.head.bias})
+    assert "layers.0.downsample.reduction.weight" in official
+    path = tmp_path / "swin_official.pth"
+    torch.save({"model": official}, path)
+    target = _tiny_task(seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(target(x), source(x))
+    load_task_weights(target, path)
+    torch.testing.assert_close(target(x), source(x))
+
+
+def test_timm_and_torchvision_resnet_state_dicts_load(tmp_path):
+    reference = timm.create_model("resnet50", num_classes=4).eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)  # torchvision's ResNet-50 keys are the same as timm's
+    task = _tiny_task("backbone=resnet50")
+    load_task_weights(task, path)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(task(x), reference(x))
+
+
+def test_safetensors_and_unsafe_pickles(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = timm.create_model("resnet50", num_classes=4).eval()
+    save_file(reference.state_dict(), tmp_path / "r50.safetensors")
+    task = _tiny_task("backbone=resnet50")
+    load_task_weights(task, tmp_path / "r50.safetensors")
+    torch.testing.assert_close(task.head.weight, reference.fc.weight)
+
+    class Payload:  # an arbitrary object: weights_only=True must refuse to build it
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        load_task_weights(task, tmp_path / "evil.pth")
+    torch.save({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="no tensor of .* matches the backbone"):
+        load_task_weights(task, tmp_path / "other.pth")

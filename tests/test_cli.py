@@ -1,0 +1,105 @@
+"""End to end through ``python -m vtrain``: fit, evaluate, resume, DDP on CPU, sweeps, loggers."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CLS, run_cli
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _lr_by_step(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")}
+
+
+@pytest.fixture(scope="module")
+def fitted(imagenet_root, tmp_path_factory) -> Path:
+    """3 epochs of 6 steps, a checkpoint after every epoch."""
+    run = tmp_path_factory.mktemp("fit") / "run"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_epochs=3",
+                     "sched.warmup_epochs=1", "callbacks.model_checkpoint.save_top_k=-1", "trainer.log_every_n_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_fit_writes_metrics_checkpoints_and_logs(fitted):
+    metrics = _metrics(fitted)
+    assert (metrics["epoch"], metrics["global_step"], metrics["monitor"]) == (3, 18, "val/top1")
+    for key in ("val/top1", "val/top5", "val/loss"):
+        assert 0 <= metrics["final"][key] and key in metrics["best"]
+    assert metrics["best"]["val/top1"] >= metrics["final"]["val/top1"]
+    assert metrics["final"]["val/top5"] == 1.0  # 4 classes: the true one is always in the top 5
+    names = sorted(p.name for p in (fitted / "checkpoints").iterdir())
+    assert names == ["epoch000-step0000006.ckpt", "epoch001-step0000012.ckpt", "epoch002-step0000018.ckpt", "last.ckpt"]
+    assert (fitted / ".hydra" / "config.yaml").is_file() and (fitted / "metrics.csv").is_file()
+
+
+def test_eval_of_a_checkpoint_reproduces_the_validation(fitted, imagenet_root, tmp_path):
+    run = tmp_path / "eval"
+    ckpt = fitted / "checkpoints" / "epoch002-step0000018.ckpt"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"ckpt_path={ckpt}", f"hydra.run.dir={run}",
+                     module="vtrain.eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated, trained = _metrics(run), _metrics(fitted)
+    assert evaluated["stage"] == "validate"
+    assert evaluated["final"]["val/top1"] == pytest.approx(trained["final"]["val/top1"])
+    assert evaluated["final"]["val/loss"] == pytest.approx(trained["final"]["val/loss"], rel=1e-5)
+
+
+def test_resume_continues_at_the_right_step_with_the_same_schedule(fitted, imagenet_root, tmp_path):
+    run = tmp_path / "resumed"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_epochs=3",
+                     "sched.warmup_epochs=1", "trainer.log_every_n_steps=1",
+                     f"ckpt_path={fitted / 'checkpoints' / 'epoch000-step0000006.ckpt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(run)
+    assert (metrics["epoch"], metrics["global_step"]) == (3, 18)
+    resumed, uninterrupted = _lr_by_step(run), _lr_by_step(fitted)
+    assert min(resumed) == 6 and max(resumed) == 17  # no step of the first epoch was run again
+    assert resumed == pytest.approx({s: uninterrupted[s] for s in resumed}, rel=1e-9)
+    assert len(set(uninterrupted.values())) > 10  # the schedule really moves (warm-up, then cosine)
+
+
+def test_ddp_on_cpu_writes_one_run_directory(imagenet_root, tmp_path):
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", "hydra.run.dir=run", "trainer=ddp_cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray per-rank directories
+    metrics = _metrics(tmp_path / "run")
+    assert metrics["global_step"] == 3  # 48 images / (8 per device x 2 devices)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu"])
+def test_multirun_runs_each_point_once(imagenet_root, tmp_path, trainer):
+    result = run_cli("-m", *TINY_CLS, f"data.root={imagenet_root}", f"trainer={trainer}", "optim.lr=1e-3,3e-3",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert points == ["0", "1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    lrs = []
+    for point in points:
+        assert _metrics(tmp_path / "sweep" / point)["global_step"] > 0
+        lrs.append((tmp_path / "sweep" / point / ".hydra" / "overrides.yaml").read_text())
+    assert "optim.lr=0.001" in lrs[0] and "optim.lr=0.003" in lrs[1]
+    assert result.stdout.count("`Trainer.fit` stopped") + result.stderr.count("`Trainer.fit` stopped") == 2
+
+
+def test_wandb_logger_works_offline_logs_the_config_and_never_the_key(imagenet_root, tmp_path):
+    run, key = tmp_path / "run", "0123456789abcdef0123456789abcdef01234567"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "logger=wandb",
+                     env={"WANDB_API_KEY": key})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    assert b"base_batch_size" in records[0].read_bytes()  # the composed config is logged
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path

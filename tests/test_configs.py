@@ -1,0 +1,64 @@
+"""Every experiment composes and instantiates (model, data module, trainer) without running."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from hydra.utils import instantiate
+
+from conftest import CONF, compose, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_instantiates(experiment, tmp_path):
+    cfg = compose(f"experiment={experiment}", "trainer=cpu", f"output_dir={tmp_path}")
+    datamodule = instantiate(cfg.data)
+    assert hasattr(datamodule, "check") and datamodule.batch_size > 0
+    module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    assert sum(p.numel() for p in module.parameters()) > 0
+    assert module.monitor == cfg.task.monitor
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_swin_t_imagenet_is_the_paper_recipe():
+    cfg = compose("experiment=swin_t_imagenet")
+    assert cfg.backbone._target_.endswith("SwinTransformer") and cfg.backbone.drop_path_rate == 0.2
+    assert (cfg.optim.lr, cfg.optim.base_batch_size, cfg.optim.weight_decay) == (5e-4, 512, 0.05)
+    assert tuple(cfg.optim.betas) == (0.9, 0.999) and cfg.optim.eps == 1e-8
+    assert (cfg.sched.name, cfg.sched.warmup_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == ("cosine", 20, 5e-7, 5e-6)
+    assert cfg.trainer.max_epochs == 300 and cfg.trainer.gradient_clip_val == 5.0
+    assert cfg.data.augment.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.augment.re_prob == 0.25
+    assert cfg.data.augment.re_mode == "pixel" and cfg.data.augment.interpolation == "bicubic"
+    assert (cfg.task.mixup.mixup_alpha, cfg.task.mixup.cutmix_alpha, cfg.task.mixup.switch_prob) == (0.8, 1.0, 0.5)
+    assert cfg.task.label_smoothing == 0.1 and cfg.data.eval_crop_pct == 0.875
+    assert [compose(f"experiment=swin_{v}_imagenet").backbone.drop_path_rate for v in "sb"] == [0.3, 0.5]
+
+
+def test_command_line_overrides_any_key():
+    cfg = compose("experiment=swin_t_imagenet", "backbone=resnet50", "optim.lr=2e-3", "trainer.devices=8")
+    assert cfg.backbone._target_.endswith("ResNet") and cfg.optim.lr == 2e-3 and cfg.trainer.devices == 8
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = run_cli("experiment=swin_t_imagenet", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "rand-m9-mstd0.5-inc1" in result.stdout and "drop_path_rate: 0.2" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("experiment=swin_t_imagnet", "Could not find 'experiment/swin_t_imagnet'"),
+        ("backbone=swin_tt", "Could not find 'backbone/swin_tt'"),
+        ("optim.lrr=1e-3", "Could not override 'optim.lrr'"),
+    ],
+)
+def test_mistyped_names_give_hydras_error(override, expected):
+    result = run_cli(override, "--cfg", "job")
+    assert result.returncode != 0
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    if "Could not find" in expected:
+        assert "Available options" in result.stderr
