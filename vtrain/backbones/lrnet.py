@@ -11,21 +11,28 @@ Built on this package's ``ResNet`` (timm's bottleneck ResNet) with:
 * LR-Net-26: 2 bottlenecks per stage; LR-Net-50: 3/4/6/3.
 
 Sizes with a 1000-class classifier at 224x224 (``vtrain.profiling``), paper in
-brackets: LR-Net-26 14.64M params / 2.38 GMACs (14.7M / 2.6G); LR-Net-50 23.36M /
-4.03 GMACs (23.3M / 4.3G). The MACs include the window aggregation (C*k*k per
-output position) but not the element-wise logits and softmax.
+brackets: LR-Net-26 14.61M params / 2.42 GMACs (14.7M / 2.6G); LR-Net-50 23.37M /
+4.07 GMACs (23.3M / 4.3G). The MACs include the window aggregation (C*k*k per
+output position, counted on the zero-padded groups) but not the element-wise
+logits and softmax.
 
-Where the counts differ from the paper: the parameters agree to the paper's
-rounding once each local relation layer carries its closing 1x1 conv (C^2 weights;
-without it LR-Net-50 would be 20.3M and LR-Net-26 12.9M), which is why it is there.
-The MACs are 8% (26) and 6% (50) below the paper. Neither stride placement
-(3x3-slot as here, vs. the first 1x1 conv: 3.6G / 2.0G) nor a value projection at
-the input resolution instead of the closing projection (4.47G / 2.81G) reproduces
-both figures; the per-block difference between the two depths (1.65 G here, 1.7 G
-in the paper) does match, so the gap sits in what both networks share (stem, first
-block of each stage, or how the paper counted the relation/softmax terms), which the
-paper does not detail and no official LR-Net code is public to check. No
-pretrained LR-Net checkpoint exists either; ``checkpoint_filter`` is ResNet's.
+Why the counts differ from the paper:
+
+* parameters agree within 0.6% once each local relation layer carries its closing
+  1x1 conv (C^2 weights). Without it LR-Net-50 would have about 20.3M and LR-Net-26
+  about 12.9M, so the paper's sizes need it; the rest of the gap is the geometry-prior
+  MLP width and key/query biases, which the paper does not give;
+* MACs are 7% (26) and 5% (50) below the paper. The difference between the two
+  depths (1.65 G here, 1.7 G in the paper) matches, so the gap sits in what both
+  networks share (the stem and the first, strided, block of each stage) or in how the
+  paper counted the relation terms. Alternatives checked on paper (by hand, not
+  built): putting the stride in the first 1x1 conv gives about 3.6G / 2.0G, a value
+  projection at the input resolution instead of the closing projection about
+  4.5G / 2.8G; neither reproduces both figures. The paper does not detail it and no
+  official LR-Net code is public to check (Microsoft's later "LR-Net V2" branch of
+  the Swin repository only ships the CUDA kernel), so the plain reading is kept.
+
+No pretrained LR-Net checkpoint exists; ``checkpoint_filter`` is ResNet's.
 """
 from __future__ import annotations
 

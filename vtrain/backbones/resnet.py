@@ -102,7 +102,6 @@ class ResNet(Backbone):
         )
         self.conv1, self.bn1, self.act1, self.maxpool = resnet.conv1, resnet.bn1, resnet.act1, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
-        self.stages = [self.layer1, self.layer2, self.layer3, self.layer4]
         self.out_channels = tuple(stage[-1].conv3.out_channels for stage in self.stages)
         self.num_features = self.out_channels[-1]
         self.out_strides = tuple(min(4 * 2**i, output_stride) for i in range(4))
@@ -130,6 +129,10 @@ class ResNet(Backbone):
         self.frozen_stages = frozen_stages
         for module in self._frozen_modules():
             module.requires_grad_(False)
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
