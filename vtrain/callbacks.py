@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 
 def _plain(value: Any) -> Any:
@@ -89,3 +90,79 @@ class MetricsJSON(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = dict(state_dict.get("best", {}))
         self.best_epoch = dict(state_dict.get("best_epoch", {}))
+
+
+class Preemption(pl.Callback):
+    """SIGTERM or SIGUSR1 (what SLURM and most schedulers send before a time limit or a preemption): finish the
+    current batch, save ``last.ckpt`` (atomically, as every Lightning save), and exit.
+
+    Under SLURM, Lightning's ``SLURMEnvironment`` (auto-requeue on, the default) handles SIGUSR1 itself: it saves
+    ``hpc_ckpt_*.ckpt`` in the run directory, requeues the job, and the requeued job resumes from it; this
+    callback then only covers SIGTERM. Elsewhere the process exits with status 143 (128 + SIGTERM), which
+    launchers read as "terminated", after the checkpoint is safely on disk; ``ckpt_path=auto`` resumes it.
+    """
+
+    exit_code = 143
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+        environment = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+            previous = signal.getsignal(signal.SIGUSR1)
+
+            def on_sigusr1(signum, frame):
+                trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch
+                if callable(previous):
+                    previous(signum, frame)
+
+            signal.signal(signal.SIGUSR1, on_sigusr1)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
+            return
+        path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"preempted at step {trainer.global_step}: saved {path}; resume with ckpt_path=auto")
+        exception.code = self.exit_code
+
+
+class NonFiniteGuard(pl.Callback):
+    """Skip an optimizer step whose gradients are not finite, count it, and stop after ``max_skipped``.
+
+    The check costs one host synchronisation per step; drop the callback (``callbacks.nonfinite_guard=null``)
+    to avoid it. With ``16-mixed`` precision the grad scaler already skips such steps, so this stands aside.
+    """
+
+    def __init__(self, max_skipped: int = 20):
+        self.max_skipped = max_skipped
+        self.skipped = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if str(trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        total = torch.stack(torch._foreach_norm(grads)).sum()
+        if torch.isfinite(total):
+            return
+        for p in pl_module.parameters():
+            p.grad = None  # optimizers leave parameters without a gradient untouched
+        self.skipped += 1
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+        rank_zero_warn(f"non-finite loss or gradient at step {trainer.global_step}: step skipped ({self.skipped} so far)")
+        if self.skipped > self.max_skipped:
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+            raise FloatingPointError(
+                f"{self.skipped} steps with non-finite loss or gradient, the last at step {trainer.global_step} "
+                f"(limit callbacks.nonfinite_guard.max_skipped={self.max_skipped}); last good checkpoint: {last}"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))

@@ -8,6 +8,7 @@ mmcv-style ``{'state_dict': sd}``, and plain state dicts (timm, torchvision).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,29 @@ def load_task_weights(module: nn.Module, path: str | Path) -> None:
         log.info("loaded %s (epoch %s, step %s)", path, obj.get("epoch"), obj.get("global_step"))
         return
     module.load_pretrained(str(path))
+
+
+def _step_of(path: Path) -> int:
+    match = re.search(r"step(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def newest_valid_checkpoint(directory: str | Path) -> Path | None:
+    """The most advanced readable checkpoint in ``directory`` (``ckpt_path=auto``).
+
+    Candidates are ordered by training step (from the file, ``last.ckpt`` and preemption files included), then
+    by modification time; a truncated or unreadable file is skipped with a warning and the one before is taken.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = []
+    for path in directory.glob("*.ckpt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            step = int(obj.get("global_step", _step_of(path)))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
+            log.warning("skipping unreadable checkpoint %s (%s)", path, type(e).__name__)
+            continue
+        candidates.append((step, path.stat().st_mtime, path))
+    return max(candidates)[2] if candidates else None

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from vtrain import ConfigError
-from vtrain.checkpoint import load_task_weights
+from vtrain.checkpoint import load_task_weights, newest_valid_checkpoint
 from vtrain.trainer import build_trainer, hydra_ddp_job
 from vtrain.validate import validate
 
@@ -25,6 +25,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def run(cfg: DictConfig) -> float | None:
     """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric."""
     datamodule = instantiate(cfg.data)
+    if cfg.get("ckpt_path") == "auto":  # resume this run directory's newest valid checkpoint, if any
+        with open_dict(cfg):
+            found = newest_valid_checkpoint(Path(cfg.output_dir) / "checkpoints")
+            cfg.ckpt_path = str(found) if found else None
+        log.info("ckpt_path=auto: %s", cfg.ckpt_path or "no checkpoint yet, starting from scratch")
     try:
         validate(cfg, datamodule)  # before any worker or DDP process starts
         pl.seed_everything(cfg.seed, workers=True)

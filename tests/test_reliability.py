@@ -1,0 +1,89 @@
+"""Preemption, automatic resume past broken checkpoints, and non-finite steps."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from conftest import ROOT, TINY_CLS, run_cli
+from vtrain.callbacks import NonFiniteGuard
+from vtrain.checkpoint import newest_valid_checkpoint
+
+
+def test_newest_valid_checkpoint_skips_truncated_files(tmp_path):
+    torch.save({"global_step": 6, "state_dict": {}}, tmp_path / "epoch000-step0000006.ckpt")
+    torch.save({"global_step": 12, "state_dict": {"w": torch.zeros(1000)}}, tmp_path / "last.ckpt")
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "epoch002-step0000018.ckpt").write_bytes(data[: len(data) // 2])  # a crash while saving
+    assert newest_valid_checkpoint(tmp_path).name == "last.ckpt"
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    assert newest_valid_checkpoint(tmp_path).name == "epoch000-step0000006.ckpt"
+    assert newest_valid_checkpoint(tmp_path / "missing") is None
+
+
+def test_sigusr1_saves_a_checkpoint_and_auto_resume_continues(imagenet_root, tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "callbacks.model_checkpoint.save_top_k=-1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vtrain", *args, "trainer.max_epochs=500"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((run / "checkpoints").glob("epoch*.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, output[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    step, epoch = saved["global_step"], saved["epoch"]
+    assert 6 <= step < 500 * 6 and "preempted at step" in output
+
+    broken = run / "checkpoints" / "epoch499-step0003000.ckpt"  # newer by name and step, but truncated
+    broken.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    result = run_cli(*args, f"trainer.max_epochs={epoch + 2}", "ckpt_path=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epoch"] == epoch + 2 and metrics["global_step"] > step
+    assert "skipping unreadable checkpoint" in result.stderr + result.stdout
+
+
+class _NaNAt(pl.LightningModule):
+    def __init__(self, bad_steps):
+        super().__init__()
+        self.layer, self.bad_steps = nn.Linear(4, 1), set(bad_steps)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        return loss * float("nan") if self.global_step in self.bad_steps else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
+
+
+def _fit(module, guard):
+    trainer = pl.Trainer(max_steps=6, callbacks=[guard], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    return trainer
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    module, guard = _NaNAt(bad_steps=[2]), NonFiniteGuard(max_skipped=3)
+    trainer = _fit(module, guard)
+    assert guard.skipped == 1 and trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_too_many_nonfinite_steps_stop_with_the_step_named():
+    with pytest.raises(FloatingPointError, match=r"the last at step 3 .*max_skipped=1\); last good checkpoint: none yet"):
+        _fit(_NaNAt(bad_steps=[1, 3]), NonFiniteGuard(max_skipped=1))
