@@ -1,0 +1,106 @@
+"""vtrain.bench: figures of a tiny model against its timm twin, outputs, reference resolution, loader and layers."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+
+from conftest import run_cli
+from vtrain.bench import _vs_to_override, compose_config, run, timm_reference
+from vtrain.profiling import count_macs, count_params
+
+TINY_SWIN = ["backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
+             "backbone.window_size=4", "backbone.img_size=64", "backbone.drop_path_rate=0.0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_tiny_swin_vs_timm_writes_json_and_csv_rows(tmp_path):
+    """Two runs of a multirun (batch 2 and 4) against timm's Swin of the same architecture, interleaved."""
+    csv_path = tmp_path / "bench.csv"
+    result = run_cli(
+        "-m", *TINY_SWIN, "--vs", "timm", "bench.batch_size=2,4", "bench.warmup=1", "bench.iters=2",
+        "bench.repeats=3", f"bench.csv={csv_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}", module="vtrain.bench",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "timm:swin_tiny_patch4_window7_224" in result.stdout and "ours/ref" in result.stdout
+
+    with torch.device("meta"):
+        twin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, embed_dim=32, depths=(1, 1, 2, 1),
+                                 num_heads=(1, 2, 4, 8), window_size=4)
+    reports = [json.loads((tmp_path / "sweep" / str(i) / "bench.json").read_text()) for i in (0, 1)]
+    for report, batch in zip(reports, (2, 4)):
+        ours, ref = report["ours"], report["reference"]
+        assert report["settings"]["batch_size"] == batch and report["torch"] == torch.__version__
+        assert report["device"] and report["settings"]["precision"] == "fp32"
+        # Same architecture: identical size, counted independently on timm's own model.
+        assert ours["params"] == ref["params"] == count_params(twin) == 1_682_571
+        assert ours["macs"] == ref["macs"] == count_macs(twin, (1, 3, 64, 64))
+        for result_ in (ours, ref):
+            assert result_["inference_ips"] > 0 and result_["train_ips"] > 0
+            assert result_["train_ips"] < result_["inference_ips"]  # backward and the step cost more than eval
+            assert result_["train_peak_mb"] > result_["inference_peak_mb"] > 0
+            assert len(result_["train_blocks_s"]) == 3
+        # Same model on both sides: the ratio is near 1 (loose: the CPU is shared by parallel tests).
+        assert 0.4 < report["ratio"]["train_ips"] < 2.5 and report["ratio"]["params"] == 1.0
+        assert report["ours"]["train_mfu"] is None  # no peak FLOP/s for a CPU
+
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["batch_size"] for r in rows] == ["2", "4"]
+    assert rows[0]["reference"] == "timm:swin_tiny_patch4_window7_224" and rows[0]["torch"] == torch.__version__
+    assert float(rows[1]["ratio_params"]) == 1.0 and float(rows[1]["train_ips"]) > 0
+
+
+@pytest.mark.parametrize("backbone, expected", [
+    ("resnet50", "resnet50"), ("resnet101", "resnet101"), ("swin_t", "swin_tiny_patch4_window7_224"),
+    ("swin_b_384", "swin_base_patch4_window12_384"), ("vit_s16", "vit_small_patch16_224"),
+    ("vit_b16", "vit_base_patch16_224"), ("gcnet_r50", None), ("dnl_r50", None), ("lrnet50", None),
+])
+def test_timm_twin_of_each_backbone(backbone, expected):
+    found = timm_reference(compose_config("bench", [f"backbone={backbone}"]).backbone)
+    assert (found[0] if found else None) == expected
+
+
+def test_vs_flag_becomes_an_override():
+    assert _vs_to_override(["backbone=swin_t", "--vs", "timm", "-m"]) == ["backbone=swin_t", "bench.reference=timm", "-m"]
+    assert _vs_to_override(["--vs=resnet50"]) == ["bench.reference=resnet50"]
+
+
+def test_loader_throughput_and_bottleneck(imagenet_root, tmp_path):
+    cfg = compose_config("bench", [
+        *TINY_SWIN, "backbone.img_size=32", "bench.batch_size=4", "bench.modes=[train]", "bench.warmup=1",
+        "bench.iters=1", "bench.repeats=1", "bench.loader=true", "bench.loader_warmup=1", "bench.loader_batches=3",
+        f"data.root={imagenet_root}", "data.num_classes=4", "data.num_workers=0", f"bench.json={tmp_path}/b.json",
+        f"bench.csv={tmp_path}/b.csv",
+    ])
+    report = run(cfg)
+    loader = report["loader"]
+    assert loader["ips"] > 0 and loader["mixup"] and loader["num_workers"] == 0
+    assert loader["augment"]["auto_augment"] == "rand-m9-mstd0.5-inc1"  # the Swin recipe's pipeline
+    assert loader["bottleneck"] == ("loader" if loader["ips"] < report["ours"]["train_ips"] else "model")
+    assert "inference_ips" not in report["ours"]
+
+
+def test_layer_against_another_implementation(tmp_path):
+    """A layer (bench.module) against a module config reference: the two local relation implementations."""
+    layer = "{_target_:vtrain.layers.local_relation.LocalRelation2d,channels:16,kernel_size:3,implementation:%s}"
+    cfg = compose_config("bench", [
+        f"bench.module={layer % 'fast'}", f"bench.reference={layer % 'reference'}", "bench.input_shape=[16,8,8]",
+        "bench.warmup=1", "bench.iters=1", "bench.repeats=1", f"bench.json={tmp_path}/b.json",
+        f"bench.csv={tmp_path}/b.csv",
+    ])
+    report = run(cfg)
+    ours, ref = report["ours"], report["reference"]
+    assert ours["name"].startswith("LocalRelation2d(") and "implementation=reference" in ref["name"]
+    assert ours["params"] == ref["params"] > 0
+    assert ours["train_ips"] > 0 and ref["train_ips"] > 0

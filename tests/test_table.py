@@ -1,0 +1,186 @@
+"""vtrain.table: paper tables' params/FLOPs equal the backbones' exact figures; a sweep becomes Markdown + PNG."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONF, run_cli
+from vtrain.bench import compose_config
+from vtrain.profiling import count_macs, count_params
+from vtrain import ConfigError
+from vtrain.table import fill_table, paper_table_markdown, run
+
+# Exact parameter counts with a 1000-class classifier (the backbone issue's figures, tests/test_backbones.py)
+# and GMACs at the table's resolution rounded as the backbones' docstrings give them.
+FIGURES = {
+    "swin_t": (28_288_354, 4.49), "swin_s": (49_606_258, 8.74), "swin_b": (87_768_224, 15.43),
+    "swin_b_384": (87_903_584, 47.08), "vit_s16": (22_050_664, 4.60), "vit_b16": (86_567_656, 17.56),
+    "resnet50": (25_557_032, 4.09), "resnet101": (44_549_160, 7.80), "gcnet_r50": (28_078_773, 4.10),
+    "nl_r50": (27_657_768, 4.54), "dnl_r50": (27_658_793, 4.54), "lrnet26": (14_608_314, 2.42),
+    "lrnet50": (23_374_069, 4.07),
+}
+TINY_SWIN = ["backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
+             "backbone.window_size=4", "backbone.img_size=64"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def settings(*overrides: str):
+    return compose_config("table_main", ["throughput.enabled=false", *overrides])
+
+
+def load_table(name: str, rows: list[str] | None = None) -> dict:
+    table = OmegaConf.to_container(OmegaConf.load(CONF / "table" / f"{name}.yaml"))
+    if rows is not None:
+        table["rows"] = {k: v for k, v in table["rows"].items() if k in rows}
+    return table
+
+
+def test_swin_table_cli_prints_paper_and_measured_side_by_side(tmp_path):
+    result = run_cli("table=swin_imagenet", "throughput.enabled=false", f"hydra.run.dir={tmp_path}", module="vtrain.table")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert "| Swin-T | 28 | 28.29 | 4.5 | 4.49 | 755.2 | — | 81.3 | — |" in lines
+    assert "| Swin-B (384²) | 88 | 87.90 | 47.0 | 47.08 | 84.7 | — | 84.5 | — |" in lines
+    assert "| DeiT-B (ViT-B/16) | 86 | 86.57 | 17.5 | 17.56 | 292.3 | — | 81.8 | — |" in lines
+    # v1 (paper) vs v1.5 (here) ResNet FLOPs: beyond the 2% tolerance, marked, with the row's footnote.
+    assert any(line.startswith("| ResNet-50 [1] | — | 25.56 | 3.8 | 4.09 † |") for line in lines)
+    assert "All rows: no checkpoint given (rows.<key>.checkpoint=<path>)." in lines
+    filled = json.loads((tmp_path / "swin_imagenet.json").read_text())
+    for row in filled["rows"]:
+        backbone = load_table("swin_imagenet")["rows"][row["key"]]["backbone"]
+        params, gmacs = FIGURES[backbone]
+        assert round(row["cells"]["params"]["measured"] * 1e6) == params
+        assert round(row["cells"]["flops"]["measured"], 2) == gmacs
+
+
+@pytest.mark.parametrize("table, rows", [
+    ("gcnet_coco", None), ("dnl_ade20k", None), ("lrnet_imagenet", ["lrnet26", "lrnet50", "resnet50"]),
+])
+def test_params_and_flops_columns_equal_the_backbone_figures(table, rows):
+    spec = load_table(table, rows)
+    filled = fill_table(spec, settings())
+    checked = 0
+    for row in filled["rows"]:
+        backbone = spec["rows"][row["key"]].get("backbone")
+        if backbone is None:  # a paper-only row
+            assert row["cells"]["params"]["measured"] is None and row["notes"]
+            continue
+        params, gmacs = FIGURES[backbone]
+        assert round(row["cells"]["params"]["measured"] * 1e6) == params
+        assert round(row["cells"]["flops"]["measured"], 2) == gmacs
+        checked += 1
+    assert checked >= 2
+
+
+def test_video_swin_row_is_the_papers_size():
+    filled = fill_table(load_table("videoswin_k400", ["swin_t"]), settings())
+    cells = filled["rows"][0]["cells"]
+    assert round(cells["params"]["measured"], 2) == 28.16  # Swin3D-T with a 400-class head
+    assert abs(cells["flops"]["measured"] - 88) < 0.5 and not cells["flops"]["differs"]  # paper: 88G per view
+
+
+def test_missing_models_print_a_dash_and_measured_metrics_are_marked(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"monitor": "val/top1", "final": {"val/top1": 0.7}, "best": {"val/top1": 0.75}}))
+    table = {
+        "title": "t", "source": "s",
+        "columns": {
+            "params": {"label": "params (M)", "measure": "params", "rel_tol": 0.02},
+            "flops": {"label": "FLOPs (G)", "measure": "macs", "rel_tol": 0.02},
+            "throughput": {"label": "img/s", "measure": "throughput"},
+            "top1": {"label": "top-1", "measure": "metric", "metric": "val/top1", "scale": 100, "abs_tol": 0.5},
+        },
+        "rows": {
+            "tiny": {"label": "tiny Swin", "backbone": "swin_t", "overrides": TINY_SWIN, "metrics": str(metrics),
+                     "paper": {"params": 1.68, "flops": 0.5, "top1": 70.2}},
+            "future": {"label": "future", "experiment": "no_such_experiment", "paper": {"top1": 80.0}},
+        },
+    }
+    filled = fill_table(table, settings("throughput.enabled=true", "throughput.warmup=1", "throughput.iters=1",
+                                        "throughput.repeats=1"))
+    markdown = paper_table_markdown(filled, "test")
+    with torch.device("meta"):
+        twin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, embed_dim=32, depths=(1, 1, 2, 1),
+                                 num_heads=(1, 2, 4, 8), window_size=4)
+    tiny = filled["rows"][0]["cells"]
+    assert tiny["params"]["measured"] == pytest.approx(count_params(twin) * 1e-6) and not tiny["params"]["differs"]
+    assert tiny["flops"]["measured"] == pytest.approx(count_macs(twin, (1, 3, 64, 64)) * 1e-9)
+    assert tiny["flops"]["differs"] and tiny["throughput"]["measured"] > 0
+    assert tiny["top1"]["measured"] == pytest.approx(70.0) and not tiny["top1"]["differs"]  # final, within 0.5
+    future_line = next(line for line in markdown.splitlines() if line.startswith("| future"))
+    assert future_line == "| future [1,2] | — | — | — | — | — | — | 80.0 | — |"
+    assert "[1] experiment no_such_experiment does not exist (yet)" in markdown
+    assert "[2] no checkpoint given (rows.<key>.checkpoint=<path>)" in markdown
+    assert "| 0.02 † |" in markdown  # the tiny model's 0.02 GMACs against a paper value of 0.5
+
+
+def write_run(job_dir, overrides: list[str], value: float | None, backbone: dict | None = None) -> None:
+    job_dir.mkdir(parents=True)
+    metrics = {"monitor": "val/top1", "final": {"val/top1": value - 0.01, "val/loss": 1.0},
+               "best": {"val/top1": value, "val/loss": 0.9}}
+    (job_dir / "metrics.json").write_text(json.dumps(metrics))
+    if backbone is not None:
+        (job_dir / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(overrides), job_dir / ".hydra" / "overrides.yaml")
+        config = {"backbone": backbone, "data": {"num_classes": 10, "img_size": "${oc.select:backbone.img_size,224}"},
+                  "task": {"num_classes": "${data.num_classes}"}, "output_dir": "${hydra:runtime.output_dir}"}
+        OmegaConf.save(OmegaConf.create(config), job_dir / ".hydra" / "config.yaml")
+
+
+def test_multirun_directory_becomes_markdown_and_png(tmp_path):
+    swin = OmegaConf.to_container(compose_config("train", ["backbone=swin_t", *TINY_SWIN]).backbone)
+    sweep = tmp_path / "sweep"
+    job = 0
+    for embed_dim in (32, 48):
+        for seed, value in ((0, 0.50), (1, 0.54)):
+            value += 0.1 * (embed_dim == 48)
+            write_run(sweep / str(job), [f"backbone.embed_dim={embed_dim}", f"seed={seed}"], value,
+                      {**swin, "embed_dim": embed_dim})
+            job += 1
+    write_run(sweep / "10", [], 0.3)  # a run without .hydra: its own row, no size, after job 4..9 by number
+
+    result = run_cli(f"runs={sweep}", module="vtrain.table")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    sizes = []
+    for embed_dim in (32, 48):
+        with torch.device("meta"):
+            twin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, embed_dim=embed_dim,
+                                     depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, num_classes=10)
+        sizes.append((count_params(twin) * 1e-6, count_macs(twin, (1, 3, 64, 64)) * 1e-9))
+    expected = "\n".join([
+        f"### {sweep}",
+        "",
+        "| run | seeds | params (M) | GMACs | val/top1 (%) |",
+        "|---|--:|--:|--:|--:|",
+        f"| backbone.embed_dim=32 | 2 | {sizes[0][0]:.2f} | {sizes[0][1]:.2f} | 52.00 ± 2.83 |",
+        f"| backbone.embed_dim=48 | 2 | {sizes[1][0]:.2f} | {sizes[1][1]:.2f} | 62.00 ± 2.83 |",
+        "| 10 | 1 | — | — | 30.00 |",
+        "",
+        "mean ± sample standard deviation over the runs that differ only in their seed.",
+        "",
+    ])
+    assert (sweep / "table.md").read_text() == expected
+    assert expected in result.stdout
+    png = (sweep / "table.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    summary = json.loads((sweep / "table.json").read_text())
+    assert [len(g["runs"]) for g in summary["groups"]] == [2, 2, 1]
+
+
+def test_runs_of_a_missing_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^runs=.*nope is not a directory: pass the directory of a finished sweep$"):
+        run(settings(f"runs={tmp_path / 'nope'}"))
+    with pytest.raises(ConfigError, match="no metrics.json below it"):
+        run(settings(f"runs={tmp_path}"))
