@@ -147,3 +147,39 @@ def test_safetensors_and_unsafe_pickles(tmp_path):
     torch.save({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="no tensor of .* matches the backbone"):
         load_task_weights(task, tmp_path / "other.pth")
+
+
+def test_swin_resolution_that_does_not_tile_is_refused_up_front(imagenet_root):
+    from vtrain.validate import validate
+
+    cfg = compose("experiment=swin_t_imagenet", "trainer=cpu", "backbone.img_size=240", "output_dir=/tmp/unused",
+                  f"data.root={imagenet_root}", "data.num_classes=4")
+    with pytest.raises(ConfigError, match=r"backbone.img_size=240 does not tile into Swin windows of 7 .* use a multiple of 224"):
+        validate(cfg, instantiate(cfg.data))
+    cfg.backbone.img_size = 224
+    validate(cfg, instantiate(cfg.data))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "txt"])
+def test_flat_official_val_folder_is_sorted_into_the_imagenet_layout(imagenet_root, tmp_path, fmt):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    val = tmp_path / "val"
+    val.mkdir()
+    truth = {}
+    for i, f in enumerate(sorted((imagenet_root / "val").rglob("*.JPEG"))):
+        name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        shutil.copy(f, val / name)
+        truth[name] = f.parent.name
+    labels = tmp_path / f"labels.{fmt}"
+    if fmt == "csv":
+        labels.write_text("ImageId,PredictionString\n" + "".join(
+            f"{n[:-5]},{w} 10 20 30 40\n" for n, w in truth.items()))
+    else:
+        labels.write_text("".join(f"{n} {w}\n" for n, w in truth.items()))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "imagenet_val_to_folders.py"), str(val), str(labels)], check=True)
+    assert {p.name: p.parent.name for p in val.rglob("*.JPEG")} == truth
+    assert not [p for p in val.iterdir() if p.is_file()]

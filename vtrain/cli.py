@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from vtrain import ConfigError
 from vtrain.checkpoint import load_task_weights, newest_valid_checkpoint
+from vtrain.sweep import record_failure
 from vtrain.trainer import build_trainer, hydra_ddp_job
 from vtrain.validate import validate
 
@@ -66,13 +67,26 @@ def _monitored_value(cfg: DictConfig, module: pl.LightningModule) -> float | Non
     return metrics.get("best", {}).get(module.monitor, metrics.get("final", {}).get(module.monitor))
 
 
+def run_job(cfg: DictConfig) -> float | None:
+    """One Hydra job. In a sweep a failing point is recorded and the others go on; the sweep's summary
+    (:class:`vtrain.sweep.SweepSummary`) lists each point's status and metric."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return run(cfg)
+    try:
+        return run(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure of one point
+        log.exception("sweep point failed: %s", e)
+        record_failure(cfg.output_dir, e)
+        return float("nan")  # what optimisation sweepers (Optuna) read as a failed trial
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    return run_job(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def evaluate(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.mode = "eval"
-    return run(cfg)
+    return run_job(cfg)

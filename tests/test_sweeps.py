@@ -1,0 +1,49 @@
+"""Sweeps: a failing point does not stop the others, submitit's local launcher, Optuna, the SLURM launcher config."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from conftest import TINY_CLS, run_cli
+
+
+def test_a_failing_point_is_reported_and_the_others_finish(imagenet_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", *TINY_CLS, f"data.root={imagenet_root}", "data.num_classes=7,4", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert "set data.num_classes=4" in rows[0]["error"] and rows[1]["monitor"] == "val/top1"
+    assert 0.0 <= rows[1]["best"] <= 1.0
+    assert "1/2 points ok" in result.stdout
+
+
+def test_submitit_local_launcher_runs_a_two_point_sweep(imagenet_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "hydra/launcher=local", *TINY_CLS, f"data.root={imagenet_root}", "optim.lr=1e-3,3e-3",
+                     f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all((sweep / p / "metrics.json").is_file() for p in ("0", "1"))
+    assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # the jobs really went through submitit
+    assert [r["status"] for r in json.loads((sweep / "summary.json").read_text())] == ["ok", "ok"]
+
+
+def test_optuna_search_reads_the_objective_from_metrics_json(imagenet_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", *TINY_CLS, f"data.root={imagenet_root}", "hparams_search=quickstart_optuna",
+                     "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    tops = [json.loads((sweep / p / "metrics.json").read_text())["best"]["val/top1"] for p in ("0", "1")]
+    assert best["best_value"] == max(tops)
+    assert 3e-4 <= best["best_params"]["optim.lr"] <= 1e-2
+
+
+def test_slurm_launcher_counts_follow_the_trainer():
+    result = run_cli("hydra/launcher=slurm", "experiment=swin_t_imagenet", "trainer.num_nodes=2", "trainer.devices=8",
+                     "--cfg", "hydra", "--resolve")
+    assert result.returncode == 0, result.stderr[-2000:]
+    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
+    assert launcher["_target_"].endswith("SlurmLauncher") and "account" in launcher
