@@ -25,7 +25,7 @@ demo: data
 	@cat outputs/quickstart/metrics.json
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache

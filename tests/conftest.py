@@ -12,8 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# Two cores: one intra-op thread per process keeps parallel test processes from thrashing.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores: under pytest-xdist (`make test` runs two workers) one intra-op thread per worker keeps
+# them from thrashing; CLI subprocesses get OMP_NUM_THREADS=1 below.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 # A CPU-sized classification run on the tiny dataset below: a small Swin at 32x32, one epoch.
 TINY_CLS = [

@@ -23,7 +23,7 @@ def class_names(num_classes: int) -> list[tuple[str, str, str]]:
     return [(f"n{9000000 + i:08d}", *pairs[j]) for i, j in enumerate(order[:num_classes])]
 
 
-def write(root: str | Path, seed: int = 0, num_classes: int = 10, train_per_class: int = 80, val_per_class: int = 20,
+def write(root: str | Path, seed: int = 0, num_classes: int = 10, train_per_class: int = 200, val_per_class: int = 20,
           size: int = 64) -> dict:
     root = Path(root)
     rng = np.random.default_rng(seed)
