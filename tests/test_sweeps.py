@@ -42,7 +42,7 @@ def test_optuna_search_reads_the_objective_from_metrics_json(imagenet_root, tmp_
 
 def test_slurm_launcher_counts_follow_the_trainer():
     result = run_cli("hydra/launcher=slurm", "experiment=swin_t_imagenet", "trainer.num_nodes=2", "trainer.devices=8",
-                     "--cfg", "hydra", "--resolve")
+                     "--cfg", "all", "--resolve")
     assert result.returncode == 0, result.stderr[-2000:]
     launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
     assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
