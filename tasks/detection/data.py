@@ -1,0 +1,381 @@
+"""COCO 2017 layout: ``root/annotations/instances_{train,val}2017.json`` and ``root/{train,val}2017/*.jpg``.
+
+Reading an annotation file checks it and cleans it for training; every check that fails names the file
+(and the annotation or image id), and every clean-up is counted in the log:
+
+==========================================  ===============================================================
+file missing, not JSON, no images/...        ``ConfigError`` naming the file (and the JSON error position)
+annotation of an unknown category or image   ``ConfigError`` naming the file and the annotation id
+bbox not four numbers                        ``ConfigError`` naming the file and the annotation id
+box partly outside its image                 clipped to the image (training)
+box under one pixel wide or high             dropped from training (after clipping: zero-area boxes,
+                                             boxes entirely outside)
+polygon with < 3 points or an odd length     that polygon dropped; an instance with no valid polygon or an
+                                             RLE of the wrong size is dropped from training when masks are
+                                             trained
+crowd (``iscrowd=1``)                        not a training target (torchvision's detectors have no ignore
+                                             regions); kept for evaluation
+image with no training target left           skipped in training when ``filter_empty`` (default); every
+                                             image is evaluated
+==========================================  ===============================================================
+
+Evaluation never reads these cleaned targets: it scores against the annotation file itself
+(:mod:`tasks.detection.evaluation`), as the official COCO API does.
+
+Category ids are mapped to labels 1..K in increasing id order (0 is the background) and back by
+``category_ids[label - 1]``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+
+from tasks.detection.transforms import eval_transform, train_transform
+from vtrain import ConfigError
+
+log = logging.getLogger(__name__)
+LAYOUT = "root/annotations/instances_{train,val}2017.json and root/{train,val}2017/*.jpg"
+
+# What the collate function returns: a list of CHW float images (sizes differ) and a list of target dicts
+# (``boxes`` XYXY float, ``labels`` int64 1..K, ``masks`` uint8 NxHxW when trained, ``image_id`` int).
+Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
+
+
+class CorruptImageError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- reading annotation files
+def read_annotation_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: expected the COCO layout {LAYOUT}")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        raise ConfigError(f"{path} is not valid JSON ({reason}{where}): re-download or repair the annotation file") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not a COCO object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ConfigError(f"{path} has no '{key}' list: not a COCO instances file")
+    return data
+
+
+class PackedRecords:
+    """Records pickled into one numpy buffer. Data-loader workers share it as it is; a list of millions of
+    Python objects would be copied page by page as reference counts change (detectron2's
+    ``DatasetFromList(serialize=True)``)."""
+
+    def __init__(self, records: Sequence[dict]):
+        blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> dict:
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return pickle.loads(self._buffer[start : int(self._ends[i])].tobytes())
+
+
+@dataclass
+class CocoIndex:
+    """One annotation file, checked; ``records`` are the training form of its images."""
+
+    path: Path
+    category_ids: list[int]  # label l (1..K) is category category_ids[l - 1]
+    category_names: list[str]
+    records: PackedRecords  # {id, file_name, height, width, boxes (N,4) XYXY, labels (N,), segmentations}
+    num_images: int
+    cleanup: Counter = field(default_factory=Counter)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _clean_segmentation(segm: Any, height: int, width: int, cleanup: Counter) -> Any | None:
+    """Polygons without their degenerate parts, or an RLE of the image's size; None if nothing valid is left."""
+    if isinstance(segm, list):
+        parts = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_number, p))]
+        cleanup["degenerate polygons dropped"] += len(segm) - len(parts)
+        return parts or None
+    if isinstance(segm, dict) and "counts" in segm and list(segm.get("size", [])) == [height, width]:
+        return segm
+    return None
+
+
+def index_annotation_file(path: Path, masks: bool) -> CocoIndex:
+    """Read, check and clean one COCO instances file (see the module doc for the rules)."""
+    data = read_annotation_file(path)
+    categories = sorted(data["categories"], key=lambda c: c.get("id", 0) if isinstance(c, dict) else 0)
+    category_ids: list[int] = []
+    for c in categories:
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int):
+            raise ConfigError(f"{path}: category {c!r} has no integer 'id'")
+        if category_ids and c["id"] == category_ids[-1]:
+            raise ConfigError(f"{path}: category id {c['id']} appears twice in 'categories'")
+        category_ids.append(c["id"])
+    label_of = {cid: i + 1 for i, cid in enumerate(category_ids)}
+    names = [str(c.get("name", c["id"])) for c in categories]
+
+    images: dict[int, dict] = {}
+    for im in data["images"]:
+        image_id = im.get("id") if isinstance(im, dict) else None
+        if not isinstance(image_id, int):
+            raise ConfigError(f"{path}: image entry {str(im)[:80]} has no integer 'id'")
+        if image_id in images:
+            raise ConfigError(f"{path}: image id {image_id} appears twice in 'images'")
+        h, w = im.get("height"), im.get("width")
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 and isinstance(im.get("file_name"), str)):
+            raise ConfigError(f"{path}: image {image_id} needs a file_name and positive integer height and width")
+        images[image_id] = {"id": image_id, "file_name": im["file_name"], "height": h, "width": w, "anns": []}
+
+    cleanup: Counter = Counter()
+    for ann in data["annotations"]:
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        if ann_id is None:
+            raise ConfigError(f"{path}: annotation {str(ann)[:80]} has no 'id'")
+        if ann.get("category_id") not in label_of:
+            raise ConfigError(
+                f"{path}: annotation {ann_id} has category_id {ann.get('category_id')!r}, which 'categories' does not "
+                "list: fix the annotation or add the category"
+            )
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            raise ConfigError(f"{path}: annotation {ann_id} refers to image_id {ann.get('image_id')!r}, which 'images' does not list")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_number, bbox))):
+            raise ConfigError(f"{path}: annotation {ann_id} has bbox {bbox!r}; COCO boxes are [x, y, width, height]")
+        if ann.get("iscrowd", 0):
+            cleanup["crowd regions left out of training"] += 1
+            continue
+        h, w = image["height"], image["width"]
+        x, y, bw, bh = bbox
+        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            cleanup["boxes under one pixel dropped"] += 1
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
+            cleanup["boxes clipped to their image"] += 1
+        segm = None
+        if masks:
+            segm = _clean_segmentation(ann.get("segmentation"), h, w, cleanup)
+            if segm is None:
+                cleanup["instances without a valid mask dropped"] += 1
+                continue
+        image["anns"].append((float(x1), float(y1), float(x2), float(y2), label_of[ann["category_id"]], segm))
+
+    records = []
+    for image in images.values():
+        anns = image.pop("anns")
+        image["boxes"] = np.array([a[:4] for a in anns], dtype=np.float32).reshape(-1, 4)
+        image["labels"] = np.array([a[4] for a in anns], dtype=np.int64)
+        image["segmentations"] = [a[5] for a in anns] if masks else None
+        records.append(image)
+    return CocoIndex(path, category_ids, names, PackedRecords(records), len(records), cleanup)
+
+
+def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
+    """(N, H, W) uint8 masks from cleaned polygons / RLEs (pycocotools, as the COCO API rasterises them)."""
+    out = np.zeros((len(segmentations), height, width), dtype=np.uint8)
+    for i, segm in enumerate(segmentations):
+        if isinstance(segm, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        elif isinstance(segm["counts"], list):
+            rle = mask_utils.frPyObjects(segm, height, width)
+        else:
+            rle = segm
+        out[i] = mask_utils.decode(rle)
+    return out
+
+
+# ----------------------------------------------------------------------------- datasets
+class CocoDetectionDataset(Dataset):
+    """Images of one split; with ``targets``, their cleaned training targets through ``transform``."""
+
+    def __init__(self, image_dir: Path, annotation_file: Path, records: PackedRecords, transform, targets: bool, masks: bool):
+        self.image_dir, self.annotation_file = image_dir, annotation_file
+        self.records, self.transform = records, transform
+        self.targets, self.masks = targets, masks
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read_image(self, record: dict) -> torch.Tensor:
+        path = self.image_dir / record["file_name"]
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except Exception as e:  # noqa: BLE001 - decoders raise many types for broken files
+            raise CorruptImageError(f"cannot read image {path} ({e}): fix or remove it") from e
+        if tuple(image.shape[-2:]) != (record["height"], record["width"]):
+            raise CorruptImageError(
+                f"{path} is {image.shape[-1]}x{image.shape[-2]} but {self.annotation_file} says "
+                f"{record['width']}x{record['height']} (image id {record['id']}): fix the annotation file"
+            )
+        return image
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        record = self.records[i]
+        image = tv_tensors.Image(self.read_image(record))
+        if not self.targets:
+            return self.transform(image).as_subclass(torch.Tensor), {"image_id": record["id"]}
+        h, w = record["height"], record["width"]
+        target: dict[str, Any] = {
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(record["boxes"]), format="XYXY", canvas_size=(h, w)),
+            "labels": torch.from_numpy(record["labels"]),
+        }
+        if self.masks:
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(decode_masks(record["segmentations"], h, w)))
+        image, target = self.transform(image, target)
+        target = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
+        target["image_id"] = record["id"]
+        return image.as_subclass(torch.Tensor), target
+
+
+def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> Batch:
+    """Images keep their own sizes; the detector pads them (to a multiple of 32)."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+# ----------------------------------------------------------------------------- data module
+class CocoDataModule(pl.LightningDataModule):
+    """COCO 2017 instances.
+
+    Args:
+        root: dataset root (see ``LAYOUT``).
+        num_classes: categories in the annotation files (80 for COCO).
+        batch_size: training images per device (2 in the 16-image recipes on 8 GPUs).
+        val_batch_size: evaluation images per device; 1 (mmdet's default) keeps every image's detections
+            independent of which images share its padded batch.
+        masks: decode instance masks for training (Mask R-CNN); box-only detectors may switch it off.
+        filter_empty: skip training images with no target left (mmdet and torchvision do).
+        train_sizes, max_size, hflip, crop: the training augmentation (:func:`transforms.train_transform`).
+        train_split, val_split: folder / annotation file names (``instances_<split>.json``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int = 80,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        masks: bool = True,
+        filter_empty: bool = True,
+        train_sizes: Sequence[int] = (800,),
+        max_size: int = 1333,
+        hflip: float = 0.5,
+        crop: Mapping[str, Any] | None = None,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.num_classes, self.batch_size, self.val_batch_size = num_classes, batch_size, val_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.masks, self.filter_empty = masks, filter_empty
+        self.train_sizes, self.max_size, self.hflip = list(train_sizes), max_size, hflip
+        self.crop = dict(crop) if crop else None
+        self.train_split, self.val_split = train_split, val_split
+        self._indexes: dict[str, CocoIndex] = {}
+
+    def annotation_file(self, split: str) -> Path:
+        return self.root / "annotations" / f"instances_{split}.json"
+
+    def index(self, split: str) -> CocoIndex:
+        """The checked annotation file of ``split``, read once per process."""
+        if split not in self._indexes:
+            index = index_annotation_file(self.annotation_file(split), masks=self.masks and split == self.train_split)
+            if split == self.train_split and index.cleanup:
+                log.warning("%s: %s", index.path, ", ".join(f"{n} {what}" for what, n in sorted(index.cleanup.items())))
+            self._indexes[split] = index
+        return self._indexes[split]
+
+    @property
+    def val_annotation_file(self) -> Path:
+        return self.annotation_file(self.val_split)
+
+    @property
+    def category_ids(self) -> list[int]:
+        return self.index(self.val_split).category_ids
+
+    @property
+    def category_names(self) -> list[str]:
+        return self.index(self.val_split).category_names
+
+    # ------------------------------------------------------------------ checks before anything starts
+    def check(self) -> None:
+        """One line when ``root`` is not laid out as COCO or an annotation file is unusable."""
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={self.root} does not exist: pass the COCO root ({LAYOUT})")
+        for split in (self.train_split, self.val_split):
+            if not (self.root / split).is_dir():
+                raise ConfigError(f"data.root={self.root}: no {split}/ image folder; expected {LAYOUT}")
+            index = self.index(split)
+            if len(index.category_ids) != self.num_classes:
+                raise ConfigError(
+                    f"{index.path} has {len(index.category_ids)} categories but data.num_classes={self.num_classes}: "
+                    f"set data.num_classes={len(index.category_ids)}"
+                )
+        train, val = self.index(self.train_split), self.index(self.val_split)
+        if train.category_ids != val.category_ids:
+            raise ConfigError(f"{train.path} and {val.path} list different category ids: they must share one category list")
+
+    # ------------------------------------------------------------------ datasets
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            index = self.index(self.train_split)
+            records = [index.records[i] for i in range(len(index.records))]
+            if self.filter_empty:
+                kept = [r for r in records if len(r["labels"])]
+                if len(kept) < len(records):
+                    log.info("%s: %d of %d images have no training target and are skipped in training",
+                             index.path, len(records) - len(kept), len(records))
+                records = kept
+            self.train_set = CocoDetectionDataset(
+                self.root / self.train_split, index.path, PackedRecords(records),
+                train_transform(self.train_sizes, self.max_size, self.hflip, self.crop), targets=True, masks=self.masks,
+            )
+        index = self.index(self.val_split)
+        self.val_set = CocoDetectionDataset(
+            self.root / self.val_split, index.path, index.records, eval_transform(), targets=False, masks=False
+        )
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_detection,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, train=False)

@@ -1,0 +1,136 @@
+"""torchvision's detectors on any vtrain backbone: the four maps -> an FPN -> Mask R-CNN, Faster R-CNN, RetinaNet or FCOS.
+
+The detectors are torchvision's own classes, composed by constructor arguments; only the part
+torchvision builds for its ResNets (``BackboneWithFPN``) is replaced, by :class:`FeaturePyramid`, which
+takes the backbone contract (NCHW maps at strides 4/8/16/32 with ``out_channels``).
+
+Each detector gets the pyramid its paper uses:
+
+* Mask / Faster R-CNN (FPN paper, Lin et al. 2017, Sec. 4.1): P2-P5 from C2-C5, plus P6 by max-pooling
+  P5 (stride-2, kernel 1), used only by the RPN; RoIs are pooled from P2-P5.
+* RetinaNet (Lin et al. 2017, Sec. 4 "Feature Pyramid Network Backbone"): P3-P5 from C3-C5, P6 a 3x3
+  stride-2 conv on **C5**, P7 a 3x3 stride-2 conv on ReLU(P6).
+* FCOS (Tian et al. 2019, Sec. 3.2): P3-P5 from C3-C5, P6 and P7 the same convs but on **P5**.
+
+Classes: label 0 is the background for every detector (torchvision's convention, ``num_classes`` counts
+it); dataset categories are labels 1..K. RetinaNet and FCOS thus carry one logit that is never a
+positive target, as torchvision's own COCO models do.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+from vtrain.backbones.base import Backbone
+
+
+class P6P7(LastLevelP6P7):
+    """torchvision's P6/P7 block with its input chosen explicitly: torchvision takes P5 whenever C5 happens
+    to have as many channels as the FPN (e.g. a small Swin with 256-channel C5), RetinaNet wants C5 always."""
+
+    def __init__(self, in_channels: int, out_channels: int, from_p5: bool):
+        super().__init__(in_channels, out_channels)
+        self.use_P5 = from_p5
+
+
+class FeaturePyramid(nn.Module):
+    """Backbone + FPN, what torchvision's detectors call their ``backbone``: image batch -> ordered
+    ``{"<level>": map}`` with ``out_channels`` channels each (torchvision's ``BackboneWithFPN`` for our contract).
+
+    The backbone is owned (registered) by the task module, whose keys must be ``backbone.*`` for pretrained
+    weights and the backbone lr multiplier; here it is only called, so its parameters exist once.
+    """
+
+    def __init__(self, backbone: Backbone, levels: Sequence[int], out_channels: int, extra_block: ExtraFPNBlock):
+        super().__init__()
+        object.__setattr__(self, "body", backbone)  # not a submodule: see the class doc
+        self.levels = tuple(levels)
+        self.fpn = FeaturePyramidNetwork(
+            [backbone.out_channels[i] for i in self.levels], out_channels, extra_blocks=extra_block
+        )
+        self.out_channels = out_channels
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        features = self.body(images)
+        # Names "0".."3" are the levels torchvision's MultiScaleRoIAlign pools from by default.
+        return self.fpn(OrderedDict((str(i), features[i]) for i in self.levels))
+
+
+class DetectorSpec(NamedTuple):
+    """How one of torchvision's detectors is put on a backbone."""
+
+    cls: type[nn.Module]
+    levels: tuple[int, ...]  # backbone maps (0 = stride 4) that feed the FPN
+    extra_levels: str  # "maxpool" (P6 = max-pool of P5) | "p6p7_from_c5" | "p6p7_from_p5"
+    masks: bool  # predicts instance masks
+
+    @property
+    def iou_types(self) -> tuple[str, ...]:
+        return ("bbox", "segm") if self.masks else ("bbox",)
+
+
+DETECTORS = {
+    "mask_rcnn": DetectorSpec(MaskRCNN, (0, 1, 2, 3), "maxpool", masks=True),
+    "faster_rcnn": DetectorSpec(FasterRCNN, (0, 1, 2, 3), "maxpool", masks=False),
+    "retinanet": DetectorSpec(RetinaNet, (1, 2, 3), "p6p7_from_c5", masks=False),
+    "fcos": DetectorSpec(FCOS, (1, 2, 3), "p6p7_from_p5", masks=False),
+}
+
+
+def detector_spec(name: str) -> DetectorSpec:
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}: use one of {', '.join(DETECTORS)}")
+    return DETECTORS[name]
+
+
+def _extra_block(kind: str, c5_channels: int, out_channels: int) -> ExtraFPNBlock:
+    if kind == "maxpool":
+        return LastLevelMaxPool()
+    if kind == "p6p7_from_c5":
+        return P6P7(c5_channels, out_channels, from_p5=False)
+    return P6P7(out_channels, out_channels, from_p5=True)
+
+
+def build_detector(
+    name: str,
+    backbone: Backbone,
+    num_classes: int,
+    fpn_channels: int = 256,
+    box_head_dim: int = 1024,
+    mask_head_dims: Sequence[int] = (256, 256, 256, 256),
+    **detector_kwargs: Any,
+) -> nn.Module:
+    """A torchvision detector on ``backbone``.
+
+    Args:
+        name: ``mask_rcnn`` | ``faster_rcnn`` | ``retinanet`` | ``fcos``.
+        num_classes: categories + 1 (background).
+        fpn_channels: FPN width (256 in all four papers); RetinaNet's and FCOS's heads have this width too.
+        box_head_dim: R-CNN box head width (torchvision's ``TwoMLPHead``, 1024 in the FPN paper).
+        mask_head_dims: Mask R-CNN mask head convs (four 256-channel 3x3 convs in the paper, Fig. 4 right);
+            the last one is also the width of the 2x up-sampling deconvolution.
+        detector_kwargs: passed to the torchvision constructor (``min_size``, ``rpn_post_nms_top_n_train``,
+            ``box_batch_size_per_image``, ``score_thresh``, ...).
+    """
+    spec = detector_spec(name)
+    pyramid = FeaturePyramid(
+        backbone, spec.levels, fpn_channels, _extra_block(spec.extra_levels, backbone.out_channels[-1], fpn_channels)
+    )
+    if spec.cls in (MaskRCNN, FasterRCNN):
+        resolution = 7  # torchvision's MultiScaleRoIAlign output for boxes
+        detector_kwargs["box_head"] = TwoMLPHead(fpn_channels * resolution**2, box_head_dim)
+        detector_kwargs["box_predictor"] = FastRCNNPredictor(box_head_dim, num_classes)
+        if spec.masks:
+            detector_kwargs["mask_head"] = MaskRCNNHeads(fpn_channels, list(mask_head_dims), 1)
+            detector_kwargs["mask_predictor"] = MaskRCNNPredictor(mask_head_dims[-1], mask_head_dims[-1], num_classes)
+        return spec.cls(pyramid, num_classes=None, **detector_kwargs)
+    return spec.cls(pyramid, num_classes=num_classes, **detector_kwargs)

@@ -1,0 +1,124 @@
+"""Every detector on a CNN and a transformer backbone: one training step and one COCO evaluation on CPU;
+the pyramid each detector gets; BatchNorm modes; checkpoint keys."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from tasks.detection.evaluation import CocoEvaluator
+from tasks.detection.module import DetectionTask
+
+TINY_SWIN = dict(_target_="vtrain.backbones.SwinTransformer", img_size=64, embed_dim=32, depths=[1, 1, 2, 1],
+                 num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0)
+RESNET50 = dict(_target_="vtrain.backbones.ResNet", depth=50, frozen_stages=1)
+OPTIM = dict(_target_="torch.optim.AdamW", lr=1e-4, weight_decay=0.05)
+SCHED = dict(name="multistep", milestones_epochs=[8, 11])
+SMALL = dict(test_size=64, test_max_size=96, fpn_channels=32, box_head_dim=64, mask_head_dims=[32])
+RCNN_SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, box_batch_size_per_image=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds contention (several times slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _task(backbone: dict, detector: str, **kw) -> DetectionTask:
+    extra = dict(detector_kwargs=RCNN_SMALL) if "rcnn" in detector else {}
+    return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=2, detector=detector, **SMALL,
+                         **extra, **kw)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
+    targets = []
+    for image, boxes in zip(images, ([[8, 8, 40, 36], [44, 20, 76, 60]], [[10, 30, 50, 70]])):
+        boxes = torch.tensor(boxes, dtype=torch.float32)
+        masks = torch.zeros(len(boxes), *image.shape[-2:], dtype=torch.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            m[y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2][: len(boxes)]), "masks": masks})
+    return images, targets
+
+
+@pytest.fixture(scope="module")
+def ground_truth(tmp_path_factory):
+    anns = [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [8, 8, 32, 28], "area": 896.0, "iscrowd": 0,
+             "segmentation": [[8, 8, 40, 8, 40, 36, 8, 36]]}]
+    data = {"images": [{"id": 1, "file_name": "1.jpg", "height": 64, "width": 80},
+                       {"id": 2, "file_name": "2.jpg", "height": 72, "width": 64}],
+            "annotations": anns, "categories": [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}]}
+    path = tmp_path_factory.mktemp("gt") / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("backbone", [RESNET50, TINY_SWIN], ids=["resnet50", "swin"])
+@pytest.mark.parametrize("detector", ["mask_rcnn", "faster_rcnn", "retinanet", "fcos"])
+def test_train_step_and_evaluation(backbone, detector, ground_truth):
+    torch.manual_seed(0)
+    task = _task(backbone, detector)
+    images, targets = _batch()
+    task.train()
+    keys = ("boxes", "labels", "masks") if detector == "mask_rcnn" else ("boxes", "labels")
+    losses = task(images, [{k: t[k] for k in keys} for t in targets])
+    if detector == "mask_rcnn":
+        assert "loss_mask" in losses
+    loss = sum(losses.values())
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    # gradients reach the backbone (through the FPN) and the detector head
+    last_stage = task.backbone.layer4 if hasattr(task.backbone, "layer4") else task.backbone.layers[-1]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in last_stage.parameters())
+    assert all(p.grad is None for p in task.backbone.conv1.parameters()) if hasattr(task.backbone, "conv1") else True
+
+    task.eval()
+    with torch.no_grad():
+        outputs = task(images)
+    for image, out in zip(images, outputs):  # detections in original image coordinates
+        assert out["boxes"].shape[1] == 4
+        if len(out["boxes"]):
+            assert out["boxes"][:, 2].max() <= image.shape[-1] and out["boxes"][:, 3].max() <= image.shape[-2]
+        if detector == "mask_rcnn":
+            assert out["masks"].shape[-2:] == image.shape[-2:]
+    evaluator = CocoEvaluator(ground_truth, [5, 9], ["a", "b"], task.spec.iou_types)
+    evaluator.update([1, 2], outputs)
+    summary = evaluator.compute()
+    assert set(summary) >= set(task.spec.iou_types) and 0.0 <= summary["bbox"]["AP"] <= 1.0
+
+
+def test_pyramids_and_keys():
+    """R-CNN: P2-P6 (P6 max-pooled); RetinaNet: P3-P7 with P6 from C5; FCOS: P6 from P5. The backbone's
+    parameters appear once, under ``backbone.*``."""
+    x = torch.rand(1, 3, 64, 64)
+    shapes = {}
+    for detector in ("mask_rcnn", "retinanet", "fcos"):
+        task = _task(TINY_SWIN, detector)
+        pyramid = task.detector.backbone
+        shapes[detector] = {k: tuple(v.shape[-2:]) for k, v in pyramid(x).items()}
+        keys = list(task.state_dict())
+        assert not any(k.startswith("detector.backbone.body") for k in keys)
+        assert sum(k.startswith("backbone.") for k in keys) == len(task.backbone.state_dict())
+    assert shapes["mask_rcnn"] == {"0": (16, 16), "1": (8, 8), "2": (4, 4), "3": (2, 2), "pool": (1, 1)}
+    assert shapes["retinanet"] == {"1": (8, 8), "2": (4, 4), "3": (2, 2), "p6": (1, 1), "p7": (1, 1)}
+    # tiny Swin's C5 has 256 channels; RetinaNet's P6 still reads C5 (256 in), FCOS's reads P5 (32 in)
+    assert _task(TINY_SWIN, "retinanet").detector.backbone.fpn.extra_blocks.p6.in_channels == 256
+    assert _task(TINY_SWIN, "fcos").detector.backbone.fpn.extra_blocks.p6.in_channels == 32
+
+
+def test_batch_norm_modes():
+    frozen = _task(RESNET50, "faster_rcnn", batch_norm="frozen")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.backbone.modules())
+    eval_mode = _task(RESNET50, "faster_rcnn", batch_norm="eval").train()
+    norms = [m for m in eval_mode.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and all(m.weight.requires_grad for m in norms[-3:])
+    sync = _task(RESNET50, "faster_rcnn", batch_norm="sync")
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.backbone.modules())
