@@ -14,8 +14,9 @@ backbone with a ``bench.num_classes`` linear classifier (what ``ClassificationTa
   FLOPs per MAC) x images/s over the device's dense bf16 peak.
 
 Timing: warm-up iterations are untimed; the device is synchronised before every timer read; the timed
-blocks of the two models alternate (A B, B A, ...) so that drift of a shared machine hits both, and the
-median block is reported with the ratio ours/reference. Ratios from one run are how speed claims are made
+blocks of the two models alternate (A B, B A, ...) so that drift of a shared machine hits both; images/s
+is the median block's, and the speed ratio ours/reference the median (with quartiles) of the ratios of
+paired blocks. Ratios from one run are how speed claims are made
 here; absolute images/s from different runs are not compared.
 
 ``bench.loader=true`` also measures the classification training pipeline (decode, augmentation, Mixup) from
@@ -138,21 +139,21 @@ def _create_timm(name: str, kwargs: dict, num_classes: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
+@dataclass(frozen=True)
+class Settings:
+    precision: str = "fp32"       # fp32 | bf16 (autocast)
+    channels_last: bool = False
+    compile: bool = False
+
+
 @dataclass
 class Candidate:
     """One model to measure: a name, how to build it (on the current default device) and its settings."""
 
     name: str
     build: Callable[[], nn.Module]
-    settings: "Settings"
+    settings: Settings
     classifier: bool = True  # classification loss on logits; otherwise the mean square of the output
-
-
-@dataclass(frozen=True)
-class Settings:
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -193,11 +194,19 @@ def synchronize(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Transient peak of the bytes a block allocates: CUDA allocator statistics, or on CPU the growth of the
-    peak resident set (``/proc/self/clear_refs`` resets the high-water mark; Linux only, else None)."""
+    """Transient peak of the bytes a block allocates.
+
+    CUDA: the caching allocator's statistics. CPU (Linux, glibc): the growth of the peak resident set, with
+    ``/proc/self/clear_refs`` resetting the high-water mark. glibc keeps freed heap memory resident and, after
+    the first large free, serves even big tensors from that heap, so a warm step would show no growth: for
+    the measured block the mmap threshold is pinned low, every tensor above 256 KiB gets pages of its own,
+    and they count. Elsewhere (or if any of this fails) the CPU figure is None.
+    """
+
+    _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
     def __init__(self, device: torch.device):
-        self.device, self.transient = device, None
+        self.device, self.transient, self._start = device, None, None
 
     @staticmethod
     def _status_kb(key: str) -> int:
@@ -206,12 +215,21 @@ class PeakMemory:
                 return int(line.split()[1])
         raise OSError(key)
 
+    @classmethod
+    def _mmap_threshold(cls, size: int) -> bool:
+        try:
+            import ctypes
+
+            return bool(ctypes.CDLL("libc.so.6").mallopt(cls._M_MMAP_THRESHOLD, size))
+        except (OSError, AttributeError):
+            return False
+
     def __enter__(self) -> "PeakMemory":
         synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
-        else:
+        elif self._mmap_threshold(256 * 1024):
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self._start = self._status_kb("VmRSS") * 1024
@@ -223,8 +241,10 @@ class PeakMemory:
         synchronize(self.device)
         if self.device.type == "cuda":
             self.transient = torch.cuda.max_memory_allocated(self.device) - self._start
-        elif self._start is not None:
+            return
+        if self._start is not None:
             self.transient = max(self._status_kb("VmHWM") * 1024 - self._start, 0)
+        self._mmap_threshold(32 * 2**20)  # glibc's own ceiling for its dynamic threshold (64-bit)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -233,9 +253,13 @@ def _tensor_bytes(tensors) -> int:
 
 # ----------------------------------------------------------------------------------------------- steps
 def _is_cnn(model: nn.Module) -> bool:
-    """Most weights in convolutions: the models for which channels_last pays (cuDNN/oneDNN NHWC kernels)."""
-    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
-    return conv > 0.5 * count_params(model)
+    """A quarter of the weights or more in spatial (k x k, k > 1) convolutions: the models whose time goes to
+    cuDNN/oneDNN convolution kernels, which are fastest on channels_last. ResNets qualify (44% in 3x3 convs);
+    transformers (a patch embedding) and LR-Net (1x1 convs around local relation layers, whose strided
+    window views are 2x slower on NHWC, measured) do not."""
+    spatial = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1)
+    return spatial >= 0.25 * count_params(model)
 
 
 def prepare(model: nn.Module, settings: Settings, device: torch.device) -> nn.Module:
@@ -245,8 +269,8 @@ def prepare(model: nn.Module, settings: Settings, device: torch.device) -> nn.Mo
     return model
 
 
-def make_step(model: nn.Module, compiled: nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor | None,
-              settings: Settings, optimizer: torch.optim.Optimizer | None) -> Callable[[], None]:
+def make_step(compiled: nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor | None, settings: Settings,
+              optimizer: torch.optim.Optimizer | None) -> Callable[[], None]:
     """One inference or training iteration; nothing in it reads a value back to the host."""
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
     if mode == "inference":
@@ -274,11 +298,34 @@ def time_block(step: Callable[[], None], iters: int, device: torch.device) -> fl
     return time.perf_counter() - start
 
 
+def _warm_step(candidate: Candidate, model: nn.Module, compiled: nn.Module, mode: str, x: torch.Tensor,
+               target: torch.Tensor, optim_cfg: Mapping, device: torch.device, warmup: int
+               ) -> tuple[Callable[[], None], float | None]:
+    """The candidate's step for ``mode`` after its untimed warm-up (and compilation), and its peak MiB: its
+    weights and optimizer state plus the transient peak of one step."""
+    model.train(mode == "train")
+    if candidate.settings.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, optim_cfg, x.shape[0]) if mode == "train" else None
+    step = make_step(compiled, mode, x, target if candidate.classifier else None, candidate.settings, optimizer)
+    for _ in range(max(warmup, 1)):
+        step()
+    with PeakMemory(device) as peak:
+        step()
+    if peak.transient is None:
+        return step, None
+    static = _tensor_bytes(model.parameters())
+    if optimizer is not None:
+        static += _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+    return step, (static + peak.transient) / 2**20
+
+
 def measure(candidates: list[Candidate], cfg: DictConfig, optim_cfg: Mapping, device: torch.device,
             sample_shape: tuple[int, ...], num_classes: int) -> list[dict[str, Any]]:
     """Size, images/s and peak memory of each candidate (``cfg`` is the ``bench`` node), the timed blocks of
     all of them interleaved."""
     b = cfg.batch_size
+    seed = int(torch.initial_seed()) % 2**31  # every candidate starts from the same initialisation seed
     results: list[dict[str, Any]] = []
     models: list[tuple[nn.Module, nn.Module]] = []
     for candidate in candidates:
@@ -287,7 +334,7 @@ def measure(candidates: list[Candidate], cfg: DictConfig, optim_cfg: Mapping, de
         params = count_params(meta)
         macs = count_macs(meta, (1, *sample_shape))
         del meta
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         with torch.device(device):
             model = candidate.build()
         model = prepare(model, candidate.settings, device)
@@ -295,7 +342,7 @@ def measure(candidates: list[Candidate], cfg: DictConfig, optim_cfg: Mapping, de
         models.append((model, compiled))
         results.append({"name": candidate.name, "params": params, "macs": macs, "settings": asdict(candidate.settings)})
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     x = torch.randn(b, *sample_shape, device=device)
     target = torch.randint(0, num_classes, (b,), device=device)
     for mode in cfg.modes:
@@ -303,21 +350,8 @@ def measure(candidates: list[Candidate], cfg: DictConfig, optim_cfg: Mapping, de
             raise ConfigError(f"bench.modes has {mode!r}: use inference and/or train")
         steps = []
         for candidate, (model, compiled), result in zip(candidates, models, results):
-            model.train(mode == "train")
-            xs = x.contiguous(memory_format=torch.channels_last) if candidate.settings.channels_last and x.dim() == 4 else x
-            optimizer = None
-            if mode == "train":
-                optimizer = build_optimizer(model, optim_cfg, b)
-            step = make_step(model, compiled, mode, xs, target if candidate.classifier else None, candidate.settings,
-                             optimizer)
-            for _ in range(max(cfg.warmup, 1)):
-                step()
-            with PeakMemory(device) as peak:
-                step()
-            static = _tensor_bytes(model.parameters())
-            if optimizer is not None:
-                static += _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
-            result[f"{mode}_peak_mb"] = None if peak.transient is None else (static + peak.transient) / 2**20
+            step, result[f"{mode}_peak_mb"] = _warm_step(candidate, model, compiled, mode, x, target, optim_cfg,
+                                                          device, cfg.warmup)
             steps.append(step)
         seconds: list[list[float]] = [[] for _ in candidates]
         for r in range(cfg.repeats):
@@ -399,7 +433,8 @@ def _candidates(cfg: DictConfig, device: torch.device) -> tuple[list[Candidate],
         ours = Candidate(_module_name(bench.module), lambda: instantiate(bench.module), Settings(), classifier=False)
     else:
         shape = tuple(bench.input_shape) if bench.input_shape is not None else (3, bench.img_size, bench.img_size)
-        ours = Candidate(f"vtrain:{_backbone_choice()}", lambda: build_classifier(cfg.backbone, num_classes), Settings())
+        ours = Candidate(f"vtrain:{_backbone_choice()}", lambda: build_classifier(cfg.backbone, num_classes),
+                         Settings())
     with torch.device("meta"):
         cnn = _is_cnn(ours.build())
     channels_last = cnn if bench.channels_last == "auto" else bool(bench.channels_last)
@@ -420,7 +455,11 @@ def _candidates(cfg: DictConfig, device: torch.device) -> tuple[list[Candidate],
         name, kwargs = found
         ref = Candidate(f"timm:{name}", lambda: _create_timm(name, kwargs, num_classes), ours.settings)
     else:
-        other = compose_config("bench", [f"backbone={reference}"]).backbone
+        try:
+            other = compose_config("bench", [f"backbone={reference}"]).backbone
+        except hydra.errors.MissingConfigException:
+            raise ConfigError(f"bench.reference={reference}: use timm, a conf/backbone/ name or a module config "
+                              "({_target_: ...})") from None
         ref = Candidate(f"vtrain:{reference}", lambda: build_classifier(other, num_classes), ours.settings)
         with torch.device("meta"):
             ref_cnn = _is_cnn(ref.build())
@@ -450,6 +489,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as timm's benchmark script and conf/trainer/gpu.yaml
     candidates, shape, note = _candidates(cfg, device)
+    torch.manual_seed(cfg.get("seed", 0))
     results = measure(candidates, bench, cfg.optim, device, shape, bench.num_classes)
     report: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -472,6 +512,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if report["reference"] is not None:
         report["ratio"] = {k: _ratio(results[0].get(k), results[1].get(k)) for k in _FIGURES}
+        report["ratio_quartiles"] = {}
+        for mode in bench.modes:
+            # Paired blocks (timed back to back): the median of the per-pair ratios cancels the drift of a
+            # shared machine better than a ratio of medians; the quartiles say how noisy the pairs were.
+            pairs = [t_ref / t_ours for t_ours, t_ref in zip(results[0][f"{mode}_blocks_s"],
+                                                             results[1][f"{mode}_blocks_s"])]
+            report["ratio"][f"{mode}_ips"] = statistics.median(pairs)
+            report["ratio_quartiles"][f"{mode}_ips"] = _quartiles(pairs)
     if bench.loader:
         loader = measure_loader(cfg, device, bench.batch_size, bench.img_size)
         train_ips = results[0].get("train_ips")
@@ -487,6 +535,13 @@ def _timm_version() -> str:
     import timm
 
     return timm.__version__
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -514,7 +569,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"bench {report['model']} on {report['device']}, torch {report['torch']}, timm {report['timm']}",
         f"batch {s['batch_size']} x {tuple(s['input_shape'])}, {s['precision']}, channels_last={s['channels_last']}, "
-        f"compile={s['compile']}, median of {s['repeats']} blocks of {s['iters']} iterations after {s['warmup']} warm-up",
+        f"compile={s['compile']}, median of {s['repeats']} blocks of {s['iters']} iterations after {s['warmup']} "
+        "warm-up (ratios: median and quartiles of the paired blocks)",
     ]
     ours, ref = report["ours"], report["reference"]
     header = ["figure", ours["name"]] + ([ref["name"], "ours/ref"] if ref else [])
@@ -524,13 +580,17 @@ def format_report(report: dict[str, Any]) -> str:
             continue
         row = [label, _fmt(ours.get(key), scale, fmt)]
         if ref:
-            row += [_fmt(ref.get(key), scale, fmt), _fmt(report["ratio"].get(key), 1.0, "{:.3f}")]
+            ratio = _fmt(report["ratio"].get(key), 1.0, "{:.3f}")
+            if key in report.get("ratio_quartiles", {}):
+                ratio += " [{:.3f}, {:.3f}]".format(*report["ratio_quartiles"][key])
+            row += [_fmt(ref.get(key), scale, fmt), ratio]
         rows.append(row)
     if "loader" in report:
         loader = report["loader"]
-        rows.append([f"loader img/s ({loader['num_workers']} workers)", f"{loader['ips']:.1f}"] + (["", ""] if ref else []))
+        blank = ["", ""] if ref else []
+        rows.append([f"loader img/s ({loader['num_workers']} workers)", f"{loader['ips']:.1f}"] + blank)
         if "bottleneck" in loader:
-            rows.append(["bottleneck", loader["bottleneck"]] + (["", ""] if ref else []))
+            rows.append(["bottleneck", loader["bottleneck"]] + blank)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -1,8 +1,8 @@
 """The seed papers' tables, reproduced: the paper's value beside the one measured here.
 
 ``python -m vtrain.table table=swin_imagenet`` reads ``conf/table/swin_imagenet.yaml`` (rows: a label, the
-experiment and/or backbone config, an optional checkpoint, the paper's values; columns: what each one
-measures) and fills every column it can:
+experiment and/or backbone config with optional ``overrides``, an optional checkpoint or metrics file, the
+paper's values; columns: what each one measures, with a tolerance) and fills every column it can:
 
 * ``params`` / ``macs``: the row's backbone with a ``num_classes`` linear classifier (``vtrain.bench.Classifier``,
   the classification model) through ``vtrain.profiling``, always;
@@ -197,7 +197,8 @@ class Row:
             elif kind == "metric":
                 value = self.metric(column["metric"]) * float(column.get("scale", 1.0))
             else:
-                raise ConfigError(f"column measure={kind!r}: use params, macs, task_params, throughput, metric or null")
+                raise ConfigError(
+                    f"column measure={kind!r}: use params, macs, task_params, throughput, metric or null")
         except Unmeasured:
             return None
         return value * UNIT_SCALE[kind]
