@@ -87,3 +87,51 @@ def test_nonfinite_step_is_skipped_and_counted():
 def test_too_many_nonfinite_steps_stop_with_the_step_named():
     with pytest.raises(FloatingPointError, match=r"the last at step 3 .*max_skipped=1\); last good checkpoint: none yet"):
         _fit(_NaNAt(bad_steps=[1, 3]), NonFiniteGuard(max_skipped=1))
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(imagenet_root, tmp_path):
+    """SIGKILL at random moments (mid-epoch included), resume with ckpt_path=auto each time: same weights and
+    validation metrics as a run never interrupted. A checkpoint is written every 2 steps; Mixup, drop path and
+    RandAugment are on so that every source of randomness is exercised."""
+    import random as pyrandom
+
+    common = [*TINY_CLS, f"data.root={imagenet_root}", "trainer.max_epochs=3", "trainer.deterministic=true",
+              "callbacks.model_checkpoint.every_n_train_steps=2", "backbone.drop_path_rate=0.1",
+              "task.mixup={mixup_alpha:0.8,cutmix_alpha:1.0,switch_prob:0.5}", "data.augment.auto_augment=rand-m9-mstd0.5-inc1"]
+    reference = tmp_path / "reference"
+    result = run_cli(*common, f"hydra.run.dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run, kills, rng = tmp_path / "killed", 0, pyrandom.Random(0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-m", "vtrain", *common, f"hydra.run.dir={run}", "ckpt_path=auto"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = {p.name: p.stat().st_mtime for p in (run / "checkpoints").glob("*.ckpt")} if run.exists() else {}
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:  # wait for a new checkpoint, then a random delay
+            now = {p.name: p.stat().st_mtime for p in (run / "checkpoints").glob("*.ckpt")} if run.exists() else {}
+            if now != before:
+                time.sleep(rng.uniform(0.0, 1.5))
+                break
+            time.sleep(0.1)
+        if proc.poll() is None and kills < 3:
+            proc.kill()
+            kills += 1
+        proc.wait(timeout=300)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0 and kills >= 1
+
+    final, expected = _weights(run / "checkpoints" / "last.ckpt"), _weights(reference / "checkpoints" / "last.ckpt")
+    assert final.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=0, msg=key)
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, reference))
+    assert got["global_step"] == want["global_step"] == 18
+    for key in ("val/top1", "val/top5", "val/loss"):
+        assert got["final"][key] == want["final"][key]

@@ -37,6 +37,7 @@ class MetricsJSON(pl.Callback):
         self.final: dict[str, Any] = {}
         self.best: dict[str, Any] = {}
         self.best_epoch: dict[str, int] = {}
+        self.validated_step: int | None = None  # global step of the last validation
 
     def _direction(self, name: str, pl_module: pl.LightningModule) -> str:
         if name == getattr(pl_module, "monitor", None):
@@ -79,17 +80,22 @@ class MetricsJSON(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
             self._write(trainer, pl_module, "validate" if trainer.state.fn == "validate" else "fit")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, pl_module, "fit")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        # "final" too: a run resumed after its last validation still reports it
+        return {"final": self.final, "best": self.best, "best_epoch": self.best_epoch,
+                "validated_step": self.validated_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.final = dict(state_dict.get("final", {}))
         self.best = dict(state_dict.get("best", {}))
         self.best_epoch = dict(state_dict.get("best_epoch", {}))
+        self.validated_step = state_dict.get("validated_step")
 
 
 class Preemption(pl.Callback):

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from vtrain import ConfigError
+from vtrain.callbacks import MetricsJSON
 from vtrain.checkpoint import load_task_weights, newest_valid_checkpoint
 from vtrain.sweep import record_failure
 from vtrain.trainer import build_trainer, hydra_ddp_job
@@ -46,9 +47,22 @@ def run(cfg: DictConfig) -> float | None:
         trainer = build_trainer(cfg)
         if cfg.mode == "train":
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            if _final_weights_unvalidated(trainer):
+                trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
         else:
             trainer.validate(module, datamodule=datamodule)
     return _monitored_value(cfg, module)
+
+
+def _final_weights_unvalidated(trainer: pl.Trainer) -> bool:
+    """True when training ended without a validation of its last weights: the validation interval does not
+    divide the run, or the run resumed from a checkpoint written after its last step but before that step's
+    validation (Lightning then considers the loop done)."""
+    metrics = next((c for c in trainer.callbacks if isinstance(c, MetricsJSON)), None)
+    return (
+        metrics is not None and trainer.global_step > 0 and bool(trainer.limit_val_batches)
+        and metrics.validated_step != trainer.global_step and not trainer.interrupted
+    )
 
 
 def _fail(error: ConfigError) -> None:
