@@ -80,3 +80,14 @@ def test_poly_decay():
                             total_steps=1000, steps_per_epoch=10)
     sched.step_update(400)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 + (0.01 - 1e-4) * (1 - 0.4) ** 0.9)
+
+
+def test_mmdet_sgd_recipes_decay_every_parameter():
+    model = Tiny()
+    groups = param_groups(model, 1e-4, 0.02, filter_bias_and_bn=False)
+    assert [g["weight_decay"] for g in groups] == [1e-4]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    from conftest import compose
+
+    assert compose("experiment=r50_maskrcnn_coco_1x").optim.filter_bias_and_bn is False
+    assert compose("experiment=swin_t_maskrcnn_coco_1x").optim.filter_bias_and_bn is True

@@ -19,7 +19,7 @@ from torch import nn
 
 from vtrain import ConfigError
 
-_OPTIM_ONLY_KEYS = ("_target_", "base_batch_size", "backbone_lr_mult", "fused")
+_OPTIM_ONLY_KEYS = ("_target_", "base_batch_size", "backbone_lr_mult", "fused", "filter_bias_and_bn")
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -33,15 +33,20 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0) -> list[dict]:
-    """Split trainable parameters into (backbone?, decay?) groups; each group carries its own lr."""
-    skip = no_weight_decay_names(model)
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0, filter_bias_and_bn: bool = True
+) -> list[dict]:
+    """Split trainable parameters into (backbone?, decay?) groups; each group carries its own lr.
+
+    ``filter_bias_and_bn=False`` decays every parameter, as mmdet/mmseg's SGD recipes do (no paramwise config).
+    """
+    skip = no_weight_decay_names(model) if filter_bias_and_bn else set()
     groups: dict[tuple[bool, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         in_backbone = name.startswith("backbone.")
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        decay = not filter_bias_and_bn or not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
         key = (in_backbone and backbone_lr_mult != 1.0, decay)
         group = groups.setdefault(
             key,
@@ -72,7 +77,8 @@ def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any], total_batch_
     weight_decay = float(kwargs.pop("weight_decay", 0.0))
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    groups = param_groups(model, weight_decay, lr, float(optim_cfg.get("backbone_lr_mult", 1.0)))
+    groups = param_groups(model, weight_decay, lr, float(optim_cfg.get("backbone_lr_mult", 1.0)),
+                          bool(optim_cfg.get("filter_bias_and_bn", True)))
     if not groups:
         raise ConfigError("the model has no trainable parameter: check backbone.frozen_stages and the task's freezing options")
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])

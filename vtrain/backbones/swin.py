@@ -79,7 +79,9 @@ class SwinTransformer(Backbone):
         self.patch_embed, self.layers = swin.patch_embed, swin.layers
         for module in self.layers.modules():
             if isinstance(module, WindowAttention):
-                module.fused_attn = True  # timm leaves it off for Swin ("experimental")
+                # timm leaves it off for Swin ("experimental"). On for CUDA machines only: measured 7% slower
+                # than the explicit softmax on CPU (docs/benchmarks.md), the faster path on GPU.
+                module.fused_attn = torch.cuda.is_available()
         self.out_channels = tuple(int(embed_dim * 2**i) for i in range(len(depths)))
         self.num_features = self.out_channels[-1]
         if dense:
