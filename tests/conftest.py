@@ -28,6 +28,15 @@ TINY_CLS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops on two shared, busy cores run many times faster on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` in a subprocess; output captured as text."""

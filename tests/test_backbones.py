@@ -44,13 +44,7 @@ TINY_SWIN = dict(img_size=64, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2
 TINY_VIT = dict(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, drop_path_rate=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on two shared, busy cores run many times faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone_config(name: str, *overrides: str):

@@ -16,12 +16,7 @@ TINY_SWIN = ["backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2
              "backbone.window_size=4", "backbone.img_size=64", "backbone.drop_path_rate=0.0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_tiny_swin_vs_timm_writes_json_and_csv_rows(tmp_path):

@@ -5,18 +5,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vtrain.layers import DisentangledNonLocalBlock, GlobalContextBlock, LocalRelation2d, NonLocalBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on two shared, busy cores run many times faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(block: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

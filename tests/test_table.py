@@ -27,12 +27,7 @@ TINY_SWIN = ["backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num
              "backbone.window_size=4", "backbone.img_size=64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(*overrides: str):

@@ -7,15 +7,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
-import torch
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vtrain import ConfigError
-from vtrain.reproducibility import EpochSeededSampler, seed_sample
+from vtrain.data import build_loader
 
 log = logging.getLogger(__name__)
 LAYOUT = "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"
@@ -35,14 +33,10 @@ def _is_image(name: str) -> bool:
 
 class ImageFolderDataset(Dataset):
     """``torchvision.datasets.ImageFolder`` semantics with a class index fixed by the training split, and
-    unreadable files either named in an error or skipped (returned as ``None``, dropped by the collate).
+    unreadable files either named in an error or skipped (returned as ``None``, dropped by the collate)."""
 
-    Indexed by ``(epoch, index)`` (from :class:`vtrain.reproducibility.EpochSeededSampler`), a sample's random
-    augmentation is seeded by ``(seed, epoch, index)``: the same whatever ran before it.
-    """
-
-    def __init__(self, split_dir: Path, classes: list[str], transform=None, skip_corrupt: bool = False, seed: int = 0):
-        self.transform, self.skip_corrupt, self.seed = transform, skip_corrupt, seed
+    def __init__(self, split_dir: Path, classes: list[str], transform=None, skip_corrupt: bool = False):
+        self.transform, self.skip_corrupt = transform, skip_corrupt
         self.samples: list[tuple[str, int]] = []
         for index, name in enumerate(classes):
             class_dir = split_dir / name
@@ -56,11 +50,8 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]):
-        if isinstance(key, tuple):
-            epoch, key = key
-            seed_sample(self.seed, epoch, key)
-        path, target = self.samples[key]
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
@@ -139,24 +130,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.classes = list_classes(self.root / "train")
         if stage in (None, "fit"):
-            self.train_set = ImageFolderDataset(
-                self.root / "train", self.classes, self.train_transform(), self.skip_corrupt, self.seed
-            )
+            self.train_set = ImageFolderDataset(self.root / "train", self.classes, self.train_transform(), self.skip_corrupt)
         self.val_set = ImageFolderDataset(self.root / "val", self.classes, self.eval_transform(), self.skip_corrupt)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        # Training: a stateful loader (resumes mid-epoch at the right batch) over a seeded per-epoch order.
-        loader_cls = StatefulDataLoader if train else DataLoader
-        return loader_cls(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(dataset, self.seed) if train else None,
-            shuffle=False,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate_skipping_none,
+        return build_loader(
+            dataset, batch_size=self.batch_size, train=train, seed=self.seed, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=collate_skipping_none,
         )
 
     def train_dataloader(self) -> DataLoader:

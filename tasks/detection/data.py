@@ -46,6 +46,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from tasks.detection.transforms import eval_transform, train_transform
 from vtrain import ConfigError
+from vtrain.data import build_loader
 
 log = logging.getLogger(__name__)
 LAYOUT = "root/annotations/instances_{train,val}2017.json and root/{train,val}2017/*.jpg"
@@ -288,8 +289,10 @@ class CocoDataModule(pl.LightningDataModule):
         crop: Mapping[str, Any] | None = None,
         train_split: str = "train2017",
         val_split: str = "val2017",
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.root = Path(root)
         self.num_classes, self.batch_size, self.val_batch_size = num_classes, batch_size, val_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -363,15 +366,9 @@ class CocoDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate_detection,
+        return build_loader(
+            dataset, batch_size=batch_size, train=train, seed=self.seed, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=collate_detection,
         )
 
     def train_dataloader(self) -> DataLoader:
