@@ -1,7 +1,6 @@
 """ImageNet-layout data, clear errors on bad input, and checkpoints of every supported origin."""
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import shutil

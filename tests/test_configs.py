@@ -1,7 +1,6 @@
 """Every experiment composes and instantiates (model, data module, trainer) without running."""
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 from hydra.utils import instantiate
