@@ -1,0 +1,350 @@
+"""ADE20K (``ADEChallengeData2016``) layout and mmsegmentation's ADE20K pipelines.
+
+Layout: ``root/images/{training,validation}/*.jpg`` with ``root/annotations/{training,validation}/*.png``
+of the same name; an annotation is a single-channel PNG of class indices, 0 = "other" (not one of the
+150 classes). The standard label reduction (mmseg ``reduce_zero_label``) makes 0 the ignore index 255
+and shifts the rest down by one, so the classes are 0..149.
+
+Training sample (mmseg ``configs/_base_/datasets/ade20k.py``), in this order:
+resize keeping the aspect ratio into ``img_scale`` (2048, 512) times a ratio drawn from [0.5, 2.0]
+-> random ``crop_size`` crop in which no class covers 75 % or more of the labelled pixels (10 tries)
+-> horizontal flip (p = 0.5) -> photometric distortion -> normalise -> pad to ``crop_size`` (image 0,
+label 255). Validation sample: the image at its original size, normalised, and its label; the task's
+inference resizes it (short side 512) and resizes the logits back, so the metric sees original-size labels.
+
+Bad input is named before or when it is read: an image without its annotation or the reverse
+(``check``; or leave them out with ``skip_unpaired=true``, the count is logged), an annotation whose size
+differs from its image's, an annotation that is not single-channel, and label values above
+``num_classes`` that are not 255 (or map them to ignore with ``ignore_invalid_labels=true``; each file
+and its count is logged).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.segmentation.inference import rescale_size
+from vtrain import ConfigError
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "root/images/{training,validation}/*.jpg and root/annotations/{training,validation}/*.png"
+SPLITS = {"train": "training", "val": "validation"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IGNORE_INDEX = 255
+
+# mmseg ADE20KDataset.METAINFO["classes"]: the order of ADE20K's objectInfo150 (label 1 .. 150).
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)
+
+
+class AnnotationError(ValueError):
+    """An annotation that cannot be used as it is; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- listing
+def _stems(folder: Path, suffixes: Sequence[str]) -> dict[str, str]:
+    return {
+        os.path.splitext(e.name)[0]: e.path
+        for e in os.scandir(folder)
+        if e.is_file() and e.name.lower().endswith(tuple(suffixes))
+    }
+
+
+def list_pairs(root: Path, split: str, skip_unpaired: bool = False) -> list[tuple[str, str]]:
+    """Sorted (image, annotation) paths of one split; unpaired files raise a ConfigError or are left out."""
+    image_dir, label_dir = root / "images" / SPLITS[split], root / "annotations" / SPLITS[split]
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise ConfigError(f"data.root={root}: no {folder.relative_to(root)}/ folder; expected the ADE20K layout {LAYOUT}")
+    images, labels = _stems(image_dir, IMAGE_SUFFIXES), _stems(label_dir, (".png",))
+    if not images:
+        raise ConfigError(f"data.root={root}: {image_dir} holds no .jpg image; expected {LAYOUT}")
+    for missing, present, what in (
+        (sorted(set(images) - set(labels)), images, f"images in {image_dir.relative_to(root)} have no annotation in {label_dir.relative_to(root)}"),
+        (sorted(set(labels) - set(images)), labels, f"annotations in {label_dir.relative_to(root)} have no image in {image_dir.relative_to(root)}"),
+    ):
+        if not missing:
+            continue
+        message = f"data.root={root}: {len(missing)} {what} (first: {Path(present[missing[0]]).name})"
+        if not skip_unpaired:
+            raise ConfigError(f"{message}: add the missing files, remove these, or set data.skip_unpaired=true to leave them out")
+        log.warning("%s; left out (data.skip_unpaired=true)", message)
+    return [(images[s], labels[s]) for s in sorted(set(images) & set(labels))]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_image(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
+def read_label(path: str, image_path: str, image_size: tuple[int, int], num_classes: int, reduce_zero_label: bool,
+               ignore_invalid: bool) -> np.ndarray:
+    """The (H, W) uint8 class map of ``path``, reduced and checked against its image."""
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I;16", "I"):
+            raise AnnotationError(
+                f"annotation {path} is a {im.mode} image: it must be a single-channel PNG of class indices (mode L or P)"
+            )
+        label = np.array(im)
+    if label.shape != image_size:
+        raise AnnotationError(
+            f"annotation {path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
+            f"{image_size[1]}x{image_size[0]}: they must have the same size"
+        )
+    if label.max(initial=0) > 255:
+        raise AnnotationError(f"annotation {path} has values above 255: class indices must fit in 8 bits")
+    label = label.astype(np.uint8)
+    if reduce_zero_label:
+        # mmseg LoadAnnotations(reduce_zero_label=True): 0 ("other") -> 255, k -> k - 1, 255 stays 255.
+        label[label == 0] = 255
+        label = label - 1
+        label[label == 254] = 255
+    invalid = (label >= num_classes) & (label != IGNORE_INDEX)
+    if invalid.any():
+        values = np.unique(label[invalid]).astype(int) + int(reduce_zero_label)  # as written in the file
+        count = int(invalid.sum())
+        if not ignore_invalid:
+            raise AnnotationError(
+                f"annotation {path} has {count} pixels with labels {values[:5].tolist()} above {num_classes} "
+                f"(only 0..{num_classes} and 255 are classes or ignore): fix the file or set "
+                "data.ignore_invalid_labels=true to ignore those pixels"
+            )
+        log.warning("annotation %s: %d pixels with labels %s above %d set to ignore", path, count, values[:5].tolist(), num_classes)
+        label[invalid] = IGNORE_INDEX
+    return label
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear image (half-pixel centres, no antialiasing: cv2 ``INTER_LINEAR`` as mmcv), nearest label."""
+    if image.shape[:2] == tuple(size):
+        return image, label
+    img = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    img = F.interpolate(img, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+    lab = F.interpolate(torch.from_numpy(label)[None, None].float(), size=size, mode="nearest")
+    return img[0].permute(1, 2, 0).to(torch.uint8).numpy(), lab[0, 0].to(torch.uint8).numpy()
+
+
+def random_resize(image: np.ndarray, label: np.ndarray, img_scale: Sequence[int], ratio_range: Sequence[float]):
+    """mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)``."""
+    ratio = np.random.random_sample() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
+    return resize_pair(image, label, rescale_size(*image.shape[:2], img_scale, ratio))
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, crop_size: Sequence[int], cat_max_ratio: float):
+    """mmseg ``RandomCrop``: up to 10 draws until no class holds ``cat_max_ratio`` of the labelled pixels."""
+    h, w = label.shape
+
+    def draw() -> tuple[int, int]:
+        return np.random.randint(0, max(h - crop_size[0], 0) + 1), np.random.randint(0, max(w - crop_size[1], 0) + 1)
+
+    y, x = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            values, counts = np.unique(label[y:y + crop_size[0], x:x + crop_size[1]], return_counts=True)
+            counts = counts[values != IGNORE_INDEX]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            y, x = draw()
+    window = (slice(y, y + crop_size[0]), slice(x, x + crop_size[1]))
+    return image[window], label[window]
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image: np.ndarray, brightness_delta: int = 32, contrast_range=(0.5, 1.5),
+                           saturation_range=(0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+    """mmseg ``PhotoMetricDistortion``: each step with probability 1/2; contrast before or after the colour
+    steps. HSV is PIL's (hue in 0..255) instead of OpenCV's (0..179): the hue shift is rescaled."""
+    if np.random.randint(2):
+        image = _convert(image, beta=np.random.uniform(-brightness_delta, brightness_delta))
+    contrast_first = np.random.randint(2)
+    if contrast_first and np.random.randint(2):
+        image = _convert(image, alpha=np.random.uniform(*contrast_range))
+    if np.random.randint(2):
+        hsv = np.array(Image.fromarray(image).convert("HSV"))
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=np.random.uniform(*saturation_range))
+        image = np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if np.random.randint(2):
+        hsv = np.array(Image.fromarray(image).convert("HSV"))
+        shift = round(np.random.randint(-hue_delta, hue_delta) * 256 / 180)
+        hsv[..., 0] = (hsv[..., 0].astype(int) + shift) % 256
+        image = np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+    if not contrast_first and np.random.randint(2):
+        image = _convert(image, alpha=np.random.uniform(*contrast_range))
+    return image
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+class SegmentationDataset(Dataset):
+    """(image, annotation) pairs -> ``{"image": (3, H, W) float normalised, "label": (H, W) int64}``.
+
+    ``train=True`` applies the training pipeline (module doc); otherwise the sample keeps its original size.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]], num_classes: int, train: bool, *, mean: Sequence[float],
+                 std: Sequence[float], img_scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0),
+                 crop_size: Sequence[int] = (512, 512), cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
+                 photometric: bool = True, reduce_zero_label: bool = True, ignore_invalid_labels: bool = False):
+        self.pairs, self.num_classes, self.train = pairs, num_classes, train
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.img_scale, self.ratio_range, self.crop_size = tuple(img_scale), tuple(ratio_range), tuple(crop_size)
+        self.cat_max_ratio, self.flip_prob, self.photometric = cat_max_ratio, flip_prob, photometric
+        self.reduce_zero_label, self.ignore_invalid_labels = reduce_zero_label, ignore_invalid_labels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, label_path = self.pairs[i]
+        image = read_image(image_path)
+        label = read_label(label_path, image_path, image.shape[:2], self.num_classes, self.reduce_zero_label,
+                           self.ignore_invalid_labels)
+        return image, label
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, label = self.load(i)
+        if self.train:
+            image, label = random_resize(image, label, self.img_scale, self.ratio_range)
+            image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio)
+            if np.random.rand() < self.flip_prob:
+                image, label = image[:, ::-1], label[:, ::-1]
+            if self.photometric:
+                image = photometric_distortion(np.ascontiguousarray(image))
+        image = (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() - self.mean) / self.std
+        label = torch.from_numpy(np.ascontiguousarray(label)).long()
+        if self.train:  # mmseg Pad(size=crop_size, pad_val=0, seg_pad_val=255), after Normalize
+            pad_h, pad_w = self.crop_size[0] - label.shape[0], self.crop_size[1] - label.shape[1]
+            if pad_h > 0 or pad_w > 0:
+                image = F.pad(image, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=0.0)
+                label = F.pad(label, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=IGNORE_INDEX)
+        return {"image": image, "label": label}
+
+
+def collate_padded(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack samples padded to the largest (image 0, label 255); ``sizes`` keeps each one's (H, W)."""
+    sizes = torch.tensor([s["label"].shape for s in samples], dtype=torch.long)
+    h, w = sizes.max(dim=0).values.tolist()
+    images = samples[0]["image"].new_zeros(len(samples), 3, h, w)
+    labels = torch.full((len(samples), h, w), IGNORE_INDEX, dtype=torch.long)
+    for k, s in enumerate(samples):
+        sh, sw = s["label"].shape
+        images[k, :, :sh, :sw] = s["image"]
+        labels[k, :sh, :sw] = s["label"]
+    return {"images": images, "labels": labels, "sizes": sizes}
+
+
+# ---------------------------------------------------------------------------------------------- data module
+class ADE20KDataModule(pl.LightningDataModule):
+    """ADE20K layout with mmseg's pipelines. The constructor reads nothing; ``check`` inspects ``root``."""
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int = 150,
+        img_scale: Sequence[int] = (2048, 512),
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        crop_size: Sequence[int] = (512, 512),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        mean: Sequence[float] = (123.675, 116.28, 103.53),
+        std: Sequence[float] = (58.395, 57.12, 57.375),
+        reduce_zero_label: bool = True,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        skip_unpaired: bool = False,
+        ignore_invalid_labels: bool = False,
+    ):
+        super().__init__()
+        self.root, self.num_classes = Path(root), num_classes
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.skip_unpaired = skip_unpaired
+        self.sample_options = dict(
+            mean=tuple(mean), std=tuple(std), img_scale=tuple(img_scale), ratio_range=tuple(ratio_range),
+            crop_size=tuple(crop_size), cat_max_ratio=cat_max_ratio, flip_prob=flip_prob, photometric=photometric,
+            reduce_zero_label=reduce_zero_label, ignore_invalid_labels=ignore_invalid_labels,
+        )
+        self.class_names = (
+            list(ADE20K_CLASSES) if num_classes == len(ADE20K_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+        )
+
+    def check(self) -> None:
+        """Fail in one line when ``root`` is missing, not laid out as ADE20K, or has unpaired files."""
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={self.root} does not exist: point it at ADEChallengeData2016 ({LAYOUT})")
+        for split in SPLITS:
+            list_pairs(self.root, split, self.skip_unpaired)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = SegmentationDataset(
+                list_pairs(self.root, "train", self.skip_unpaired), self.num_classes, True, **self.sample_options
+            )
+        self.val_set = SegmentationDataset(
+            list_pairs(self.root, "val", self.skip_unpaired), self.num_classes, False, **self.sample_options
+        )
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, sampler=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_padded,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        # Lightning's default DistributedSampler repeats images to even out the ranks, which would count
+        # them twice in the dataset-level sums; each rank takes a disjoint share instead (mmseg does the same).
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return self._loader(self.val_set, self.val_batch_size, train=False, sampler=sampler)

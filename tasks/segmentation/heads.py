@@ -1,0 +1,162 @@
+"""Decode heads: backbone feature maps (strides 4/8/16/32) -> per-pixel class logits at a feature stride.
+
+The layouts are mmsegmentation's (the reference of the seed papers' ADE20K numbers), so a result here is
+comparable with theirs:
+
+* ``UperNetHead``: Xiao et al., "Unified Perceptual Parsing for Scene Understanding", ECCV 2018, Sec. 3 /
+  Fig. 3: a pyramid pooling module on the last stage, an FPN on the others, all levels resized to
+  stride 4 and fused. mmseg ``UPerHead``; the Swin paper's ADE20K head (Sec. 4.3, Table 3).
+* ``FCNHead``: convs on one stage, the input concatenated back, a classifier (mmseg ``FCNHead``). With a
+  ``context`` block between its two convs it is mmseg's ``NLHead`` / ``GCHead`` / ``DNLHead``, the heads
+  with which the GCNet and DNL papers report their segmentation results; with one conv and no
+  concatenation it is the auxiliary head on stage 3 (loss weight 0.4, PSPNet's deep supervision).
+
+Every head takes the backbone's ``in_channels`` (one per stage) and ``num_classes``; the task module passes
+both, the config gives the rest. Convs are conv -> BatchNorm -> ReLU (SyncBN under DDP comes from
+``trainer.sync_batchnorm``); the classifier is dropout (``Dropout2d``, 0.1) then a 1x1 conv.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear, ``align_corners=False`` (mmseg's setting for ADE20K)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConvBNReLU(nn.Sequential):
+    """mmcv ``ConvModule`` with BN and ReLU: bias-free conv, Kaiming-normal (fan_out) init."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation, bias=False
+        )
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        super().__init__(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class DecodeHead(nn.Module):
+    """What every head ends with: ``Dropout2d`` then a 1x1 classifier, initialised N(0, 0.01) as mmseg."""
+
+    def __init__(self, channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(x))
+
+
+class PyramidPoolingModule(nn.Module):
+    """PSPNet (Zhao et al., CVPR 2017) Sec. 3.2: average-pool to s x s bins, 1x1 conv, upsample back."""
+
+    def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int]):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvBNReLU(in_channels, channels, 1)) for scale in pool_scales
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [resize(stage(x), x.shape[2:]) for stage in self.stages]
+
+
+class UperNetHead(DecodeHead):
+    """UperNet on four backbone stages; logits at the stride of the first one (4).
+
+    Args:
+        in_channels: channels of the four backbone outputs.
+        num_classes: classifier outputs.
+        channels: width of every lateral / FPN / fusion conv (512 in the paper and mmseg).
+        pool_scales: PPM bins on the last stage (1, 2, 3, 6).
+        dropout: before the classifier.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
+        super().__init__(channels, num_classes, dropout)
+        *lower, top = in_channels
+        self.ppm = PyramidPoolingModule(top, channels, pool_scales)
+        self.ppm_bottleneck = ConvBNReLU(top + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in lower)
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in lower)
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        *lower, top = features
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, lower)]
+        laterals.append(self.ppm_bottleneck(torch.cat([top, *self.ppm(top)], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[2:])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[2:]
+        fused = self.fpn_bottleneck(torch.cat([resize(x, size) for x in outs], dim=1))
+        return self.classify(fused)
+
+
+class FCNHead(DecodeHead):
+    """Convs on one backbone stage, optionally a context block, the input concatenated back, a classifier.
+
+    ``convs[0] -> context -> convs[1:] -> conv_cat(concat(input, .)) -> classifier``; logits at the stride
+    of the chosen stage (8 on a dilated "-D8" ResNet).
+
+    Args:
+        in_channels: channels of the four backbone outputs; the head reads ``in_channels[in_index]``.
+        num_classes: classifier outputs.
+        in_index: which backbone output (3: C5, the decode head; 2: C4, the auxiliary head).
+        channels: conv width (512 decode, 256 auxiliary).
+        num_convs: 3x3 convs before the concatenation (2 decode, 1 auxiliary).
+        concat_input: concatenate the input to the conv output and fuse with one more 3x3 conv.
+        dropout: before the classifier.
+        context: a callable ``channels -> nn.Module`` (a ``_partial_`` config of a ``vtrain.layers`` block),
+            applied after the first conv: NL, GC (ratio 1/4) or DNL as in mmseg's heads.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        in_index: int = 3,
+        channels: int = 512,
+        num_convs: int = 2,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        concat_input: bool = True,
+        dropout: float = 0.1,
+        context: Callable[[int], nn.Module] | None = None,
+    ):
+        super().__init__(channels, num_classes, dropout)
+        if num_convs < 1 or (context is not None and num_convs < 2):
+            raise ValueError(f"FCNHead needs num_convs >= {2 if context else 1} (got {num_convs})")
+        self.in_index = in_index
+        source = in_channels[in_index]
+        self.convs = nn.ModuleList(
+            ConvBNReLU(source if i == 0 else channels, channels, kernel_size, dilation) for i in range(num_convs)
+        )
+        self.context = context(channels) if context is not None else None
+        self.conv_cat = ConvBNReLU(source + channels, channels, kernel_size) if concat_input else None
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = features[self.in_index]
+        out = self.convs[0](x)
+        if self.context is not None:
+            out = self.context(out)
+        for conv in self.convs[1:]:
+            out = conv(out)
+        if self.conv_cat is not None:
+            out = self.conv_cat(torch.cat([x, out], dim=1))
+        return self.classify(out)

@@ -1,0 +1,157 @@
+"""Semantic segmentation: backbone -> decode head (+ auxiliary head while training) -> per-pixel classes.
+
+mmsegmentation's ``EncoderDecoder`` in one LightningModule: the head's logits are resized (bilinear) to
+the label size and scored with cross-entropy (ignore 255); the auxiliary FCN head on stage 3 adds its loss
+times 0.4 (PSPNet's deep supervision; mmseg's UperNet / NL / GC / DNL configs). Validation runs the test-time
+pipeline of ``inference.predict`` on each image (whole or sliding window, optional multi-scale + flip)
+and accumulates mmseg's dataset-level mIoU / mAcc / aAcc (``metrics.SegmentationMetrics``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from tasks.segmentation.inference import predict
+from tasks.segmentation.metrics import SegmentationMetrics
+from vtrain import ConfigError
+from vtrain.module import TaskModule
+
+
+class SegmentationTask(TaskModule):
+    """
+    Args:
+        backbone, optim, sched: configs (``TaskModule``); the backbone is built with ``dense=True``.
+        num_classes: classes (150 on ADE20K), without the ignore index.
+        head: name of the decode head among ``heads``.
+        heads: configs of the available decode heads (``conf/task/head/*.yaml``); the chosen one gets
+            ``in_channels`` (the backbone's) and ``num_classes``.
+        aux_head: config of the auxiliary head (same arguments), or None.
+        aux_weight: its loss weight (0.4).
+        ignore_index: label of pixels that count neither in the loss nor in the metric.
+        avg_non_ignore: divide the loss by the labelled pixels (True) or by all pixels, ignored ones
+            counting zero (False, mmseg's default ``avg_non_ignore=False``, with which the papers trained).
+        size_divisor: inputs are zero-padded (bottom, right) to a multiple of this before the backbone and
+            the logits cropped back (Swin needs sides divisible by its patch and merging strides).
+        inference: ``mode`` whole|slide, ``scale`` (long, short) test size, ``ratios``, ``flip``,
+            ``crop_size`` / ``stride`` of the sliding window (``inference.predict``).
+        monitor, monitor_mode: the metric that picks the best checkpoint.
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        sched: Mapping[str, Any],
+        num_classes: int,
+        head: str,
+        heads: Mapping[str, Mapping[str, Any]],
+        aux_head: Mapping[str, Any] | None = None,
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+        avg_non_ignore: bool = False,
+        size_divisor: int = 32,
+        inference: Mapping[str, Any] | None = None,
+        monitor: str = "val/mIoU",
+        monitor_mode: str = "max",
+    ):
+        super().__init__(optim, sched)
+        self.monitor, self.monitor_mode = monitor, monitor_mode
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.aux_weight, self.avg_non_ignore, self.size_divisor = aux_weight, avg_non_ignore, size_divisor
+        self.inference_cfg = dict(inference or {})
+        if head not in heads:
+            raise ConfigError(f"task.head={head} is not a head: use one of {', '.join(heads)}")
+        self.backbone = instantiate(backbone, dense=True)
+        channels = list(self.backbone.out_channels)
+        self.head = instantiate(heads[head], in_channels=channels, num_classes=num_classes)
+        self.aux_head = instantiate(aux_head, in_channels=channels, num_classes=num_classes) if aux_head else None
+        self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
+
+    # ------------------------------------------------------------------ model
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C, H, W) at the input's size (mmseg ``encode_decode``)."""
+        return self._logits(images)[0]
+
+    def _logits(self, images: torch.Tensor, with_aux: bool = False) -> list[torch.Tensor]:
+        h, w = images.shape[-2:]
+        d = self.size_divisor
+        pad_h, pad_w = (-h) % d, (-w) % d
+        x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+        features = self.backbone(x)
+        heads = [self.head, self.aux_head] if with_aux and self.aux_head is not None else [self.head]
+        outputs = []
+        for head in heads:
+            logits = F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            outputs.append(logits[..., :h, :w])
+        return outputs
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none")
+        if self.avg_non_ignore:
+            return loss.sum() / (labels != self.ignore_index).sum().clamp(min=1)
+        return loss.mean()
+
+    def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self._logits(images, with_aux=True)
+        losses = {"decode": self.cross_entropy(outputs[0], labels)}
+        if len(outputs) > 1:
+            losses["aux"] = self.aux_weight * self.cross_entropy(outputs[1], labels)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    @torch.no_grad()
+    def predict_probs(self, image: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of one (1, 3, H, W) original-size image at (H, W), test-time pipeline."""
+        cfg = self.inference_cfg
+        return predict(
+            self,
+            image,
+            scale=cfg.get("scale"),
+            mode=cfg.get("mode", "whole"),
+            ratios=tuple(cfg.get("ratios") or (1.0,)),
+            flip=bool(cfg.get("flip", False)),
+            crop_size=tuple(cfg.get("crop_size", (512, 512))),
+            stride=tuple(cfg.get("stride", (341, 341))),
+        )
+
+    def configure_optimizers(self):
+        # TaskModule reads trainer.num_training_batches (for *_epochs durations), which is only known once
+        # the training data is loaded; with max_epochs=-1 (the iteration-based recipes) Lightning's
+        # estimated_stepping_batches does not load it, so load it here as that property does otherwise.
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()
+        return super().configure_optimizers()
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch["images"], batch["labels"])
+        n = batch["images"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        for name in ("decode", "aux"):
+            if name in losses:
+                self.log(f"train/loss_{name}", losses[name], on_step=True, on_epoch=False, batch_size=n)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        for image, label, (h, w) in zip(batch["images"], batch["labels"], batch["sizes"].tolist()):
+            probs = self.predict_probs(image[None, :, :h, :w])
+            self.val_metrics.update(probs.argmax(dim=1)[0], label[:h, :w])
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_metrics.compute()  # sums the areas over all processes
+        self.val_metrics.reset()
+        self.log_dict({f"val/{k}": result[k].float() for k in ("mIoU", "mAcc", "aAcc")}, prog_bar=True, sync_dist=True)
+        names = self._class_names()
+        self.summary_metrics = {
+            f"per_class_{k}": {n: (None if v != v else round(v, 4)) for n, v in zip(names, result[k].tolist())}
+            for k in ("IoU", "Acc")
+        }
+
+    def _class_names(self) -> Sequence[str]:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        return names if names and len(names) == self.num_classes else [f"class_{i}" for i in range(self.num_classes)]
