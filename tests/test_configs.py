@@ -61,3 +61,15 @@ def test_mistyped_names_give_hydras_error(override, expected):
     assert expected in result.stderr and "Traceback" not in result.stderr
     if "Could not find" in expected:
         assert "Available options" in result.stderr
+
+
+def test_config_error_raised_in_a_constructor_is_one_line(tmp_path):
+    """Hydra wraps exceptions from constructors; the CLI still prints our one line and exits 2."""
+    from tasks.segmentation.synthetic import write
+
+    write(tmp_path / "ade", seed=0, train=2, val=1)
+    result = run_cli("task=segmentation", "data=ade20k", "task.head=upernett", f"hydra.run.dir={tmp_path / 'run'}",
+                     f"data.root={tmp_path / 'ade'}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: ") and "task.head=upernett is not a head" in lines[0]

@@ -34,14 +34,20 @@ def run(cfg: DictConfig) -> float | None:
         log.info("ckpt_path=auto: %s", cfg.ckpt_path or "no checkpoint yet, starting from scratch")
     try:
         validate(cfg, datamodule)  # before any worker or DDP process starts
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        log.info("seed %d", cfg.seed)
         module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
         if cfg.mode == "train" and cfg.get("pretrained"):
             module.load_pretrained(cfg.pretrained)
         if cfg.mode == "eval" and cfg.get("ckpt_path"):
             load_task_weights(module, cfg.ckpt_path)
-    except ConfigError as e:
-        return _fail(e)
+    except Exception as e:  # noqa: BLE001 - Hydra wraps errors raised in constructors: find ours inside
+        cause = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        return _fail(cause)
 
     with hydra_ddp_job():
         trainer = build_trainer(cfg)

@@ -40,6 +40,11 @@ class TaskModule(pl.LightningModule):
         total_batch = self.total_batch_size()
         optimizer = build_optimizer(self, self.optim_cfg, total_batch)
         total_steps = int(self.trainer.estimated_stepping_batches)
+        if self.trainer.train_dataloader is None:
+            # Iteration-based runs (max_epochs=-1): estimated_stepping_batches is max_steps without loading the
+            # data, but durations given in epochs need the batches per epoch. (A loader state from a checkpoint
+            # is handed over later by vtrain.reproducibility.ExactResume.)
+            self.trainer.fit_loop.setup_data()
         steps_per_epoch = per_step(int(self.trainer.num_training_batches), self.trainer.accumulate_grad_batches)
         scheduler = build_scheduler(
             optimizer,

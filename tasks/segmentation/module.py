@@ -118,14 +118,6 @@ class SegmentationTask(TaskModule):
             stride=tuple(cfg.get("stride", (341, 341))),
         )
 
-    def configure_optimizers(self):
-        # TaskModule reads trainer.num_training_batches (for *_epochs durations), which is only known once
-        # the training data is loaded; with max_epochs=-1 (the iteration-based recipes) Lightning's
-        # estimated_stepping_batches does not load it, so load it here as that property does otherwise.
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()
-        return super().configure_optimizers()
-
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch["images"], batch["labels"])
