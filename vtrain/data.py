@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vtrain.reproducibility import EpochSeededSampler, seed_sample
@@ -41,9 +41,10 @@ def build_loader(
     persistent_workers: bool = False,
     collate_fn: Callable | None = None,
     drop_last: bool | None = None,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """Training: seeded order and augmentation, resumable mid-epoch. Evaluation: the dataset in order
-    (Lightning adds the distributed sampler under DDP)."""
+    """Training: seeded order and augmentation, resumable mid-epoch. Evaluation: the dataset in order, or
+    ``sampler`` (otherwise Lightning adds a distributed sampler under DDP)."""
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,
@@ -53,6 +54,6 @@ def build_loader(
         drop_last=train if drop_last is None else drop_last,
     )
     if not train:
-        return DataLoader(dataset, shuffle=False, **common)
+        return DataLoader(dataset, shuffle=False, sampler=sampler, **common)
     seeded = SeededDataset(dataset, seed)
     return StatefulDataLoader(seeded, sampler=EpochSeededSampler(seeded, seed), **common)

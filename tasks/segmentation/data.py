@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.segmentation.inference import rescale_size
 from vtrain import ConfigError
+from vtrain.data import build_loader
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +289,10 @@ class ADE20KDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         skip_unpaired: bool = False,
         ignore_invalid_labels: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.root, self.num_classes = Path(root), num_classes
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -321,16 +324,10 @@ class ADE20KDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool, sampler=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
+        return build_loader(
+            dataset, batch_size=batch_size, train=train, seed=self.seed, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=collate_padded,
             sampler=sampler,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate_padded,
         )
 
     def train_dataloader(self) -> DataLoader:
