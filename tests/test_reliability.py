@@ -135,3 +135,20 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(imagenet_
     assert got["global_step"] == want["global_step"] == 18
     for key in ("val/top1", "val/top5", "val/loss"):
         assert got["final"][key] == want["final"][key]
+
+
+def test_channels_last_trains_a_cnn_in_nhwc(imagenet_root, tmp_path):
+    """Forced on (auto turns it on only on CUDA): a ResNet trains with NHWC weights and saves them."""
+    from vtrain.profiling import prefers_channels_last
+    from vtrain.backbones import ResNet, SwinTransformer
+
+    assert prefers_channels_last(ResNet(depth=50)) and not prefers_channels_last(SwinTransformer())
+    run = tmp_path / "run"
+    result = run_cli("backbone=resnet50", "data.num_classes=4", f"data.root={imagenet_root}", "data.img_size=32",
+                     "data.batch_size=8", "data.num_workers=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                     "trainer.limit_val_batches=1", "task.mixup=null", "callbacks.progress_bar=null",
+                     "callbacks.channels_last.enabled=true", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    weight = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"][
+        "backbone.layer1.0.conv2.weight"]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()

@@ -50,7 +50,7 @@ from torch import nn
 
 from vtrain import ConfigError
 from vtrain.optim import build_optimizer
-from vtrain.profiling import count_macs, count_params
+from vtrain.profiling import count_macs, count_params, prefers_channels_last
 
 log = logging.getLogger("vtrain.bench")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -252,16 +252,6 @@ def _tensor_bytes(tensors) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def _is_cnn(model: nn.Module) -> bool:
-    """A quarter of the weights or more in spatial (k x k, k > 1) convolutions: the models whose time goes to
-    cuDNN/oneDNN convolution kernels, which are fastest on channels_last. ResNets qualify (44% in 3x3 convs);
-    transformers (a patch embedding) and LR-Net (1x1 convs around local relation layers, whose strided
-    window views are 2x slower on NHWC, measured) do not."""
-    spatial = sum(m.weight.numel() for m in model.modules()
-                  if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1)
-    return spatial >= 0.25 * count_params(model)
-
-
 def prepare(model: nn.Module, settings: Settings, device: torch.device) -> nn.Module:
     model = model.to(device)
     if settings.channels_last:
@@ -436,7 +426,7 @@ def _candidates(cfg: DictConfig, device: torch.device) -> tuple[list[Candidate],
         ours = Candidate(f"vtrain:{_backbone_choice()}", lambda: build_classifier(cfg.backbone, num_classes),
                          Settings())
     with torch.device("meta"):
-        cnn = _is_cnn(ours.build())
+        cnn = prefers_channels_last(ours.build())
     channels_last = cnn if bench.channels_last == "auto" else bool(bench.channels_last)
     ours.settings = Settings(bench.precision, channels_last, bool(bench.compile))
     candidates, note = [ours], None
@@ -462,7 +452,7 @@ def _candidates(cfg: DictConfig, device: torch.device) -> tuple[list[Candidate],
                               "({_target_: ...})") from None
         ref = Candidate(f"vtrain:{reference}", lambda: build_classifier(other, num_classes), ours.settings)
         with torch.device("meta"):
-            ref_cnn = _is_cnn(ref.build())
+            ref_cnn = prefers_channels_last(ref.build())
         ref.settings = replace(ours.settings, channels_last=ref_cnn if bench.channels_last == "auto" else channels_last)
     if bench.reference_settings == "timm_defaults":
         ref.settings = Settings()

@@ -37,3 +37,12 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     finally:
         module.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def prefers_channels_last(model: nn.Module) -> bool:
+    """A quarter of the weights or more in spatial (k x k, k > 1) convolutions: the models whose time goes to
+    cuDNN/oneDNN convolution kernels, which are fastest on channels_last. ResNets qualify (44% in 3x3 convs);
+    transformers (a patch embedding) and LR-Net (1x1 convs around local relation layers, whose strided
+    window views are 2x slower on NHWC, measured) do not."""
+    spatial = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1)
+    return spatial >= 0.25 * count_params(model)
