@@ -194,3 +194,22 @@ def test_swin_recipe_randaugment_survives_its_strongest_draws():
     assert _posterize_increasing_level_to_arg(10.0, {}) == (0,)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     assert np.asarray(posterize(image, 0)).max() == 0  # 0 bits kept: black, not an exception
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mode=fit", r"mode='fit' is not a mode: use mode=train or mode=eval"),
+        ("trainer=gpu", r"trainer.accelerator=gpu but no CUDA device is visible: use trainer=cpu"),
+        ("ckpt_path=/nonexistent/last.ckpt", r"ckpt_path=/nonexistent/last.ckpt does not exist"),
+        ("pretrained=/nonexistent/w.pth", r"pretrained=/nonexistent/w.pth does not exist"),
+    ],
+)
+def test_every_validator_message(imagenet_root, override, message):
+    from vtrain.validate import validate
+
+    cfg = compose(*TINY_CLS, f"data.root={imagenet_root}", "output_dir=/tmp/unused", override)
+    if torch.cuda.is_available() and override == "trainer=gpu":
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, instantiate(cfg.data))
