@@ -1,0 +1,301 @@
+"""Kinetics-400 on disk: class folders or list files, clips decoded with PyAV, multi-view testing.
+
+Layouts (``data.root``):
+
+* class folders ``root/{train,val}/<class>/*.mp4`` (classes indexed in sorted order of train/);
+* a list file per split (``data.train_list`` / ``data.val_list``, relative to root), one
+  ``path label`` line per video with paths relative to root, as the common Kinetics
+  releases ship (mmaction2's ``kinetics400_{train,val}_list_videos.txt``).
+
+A training sample is one clip (``clip_len`` frames ``frame_interval`` apart at a random
+offset), short side resized to ``train_short_side``, a random resized crop of ``crop_size``
+and a horizontal flip: (C, T, H, W). A validation sample is every view of a video,
+``num_test_clips`` clips spread evenly times ``num_test_crops`` crops of ``eval_crop_size``
+(3: both ends and the middle of the long side) after resizing the short side to
+``eval_short_side``: (views, C, T, H, W). The task averages the views' softmax.
+
+Real Kinetics downloads contain broken, truncated and undecodable files: with
+``skip_corrupt`` (default) each one is skipped with a warning naming it and counted
+(``train/skipped_videos``, ``val/skipped_videos``), and the run goes on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
+from vtrain import ConfigError
+
+log = logging.getLogger(__name__)
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+FOLDERS = "root/train/<class>/*.mp4 and root/val/<class>/*.mp4"
+# ImageNet statistics on 0-255 pixels (mmaction2's Kinetics configs)
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+class CorruptVideoError(RuntimeError):
+    pass
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def is_video(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def folder_samples(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+    samples = []
+    for label, name in enumerate(classes):
+        if (split_dir / name).is_dir():
+            entries = sorted(os.scandir(split_dir / name), key=lambda e: e.name)
+            samples += [(e.path, label) for e in entries if e.is_file() and is_video(e.name)]
+    return samples
+
+
+def read_list_file(root: Path, list_file: Path) -> list[tuple[str, int]]:
+    """``path label`` lines (path relative to root, may contain spaces); blank lines ignored."""
+    samples = []
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ConfigError(f"{list_file}:{number}: {line.strip()!r} is not a 'path label' line")
+        samples.append((str(root / parts[0]), int(parts[1])))
+    return samples
+
+
+class VideoClipDataset(Dataset):
+    """Videos -> clips. Training: one clip (C, T, H, W); evaluation: all views (V, C, T, H, W).
+    An unreadable video is named in an error, or, with ``skip_corrupt``, warned about and returned as None."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform, clip_len: int, frame_interval: int, short_side: int,
+                 num_clips: int | None = None, skip_corrupt: bool = True):
+        self.samples, self.transform = samples, transform
+        self.clip_len, self.frame_interval, self.short_side = clip_len, frame_interval, short_side
+        self.num_clips = num_clips  # None: one random training clip
+        self.skip_corrupt = skip_corrupt
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def frame_indices(self, num_frames: int) -> np.ndarray:
+        if self.num_clips is None:
+            # torch's generator is the one Lightning seeds in each worker (seed_everything(workers=True))
+            rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
+            return train_clip_indices(num_frames, self.clip_len, self.frame_interval, rng)[None]
+        return test_clip_indices(num_frames, self.clip_len, self.frame_interval, self.num_clips)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        path, label = self.samples[i]
+        try:
+            with VideoReader(path) as video:
+                indices = self.frame_indices(video.num_frames)
+                frames = video.read(indices.reshape(-1), self.short_side)
+        except Exception as e:  # noqa: BLE001 - FFmpeg reports a broken file in many ways
+            if not self.skip_corrupt:
+                raise CorruptVideoError(f"cannot decode video {path} ({e}): remove it, or set data.skip_corrupt=true") from e
+            self.skipped += 1
+            log.warning("skipped unreadable video %s (%s: %s); %d skipped by this worker", path, type(e).__name__, e,
+                        self.skipped)
+            return None
+        # (clips * T, H, W, 3) -> clips of (T, 3, H, W)
+        clips = torch.from_numpy(frames).permute(0, 3, 1, 2).unflatten(0, (len(indices), self.clip_len))
+        return {"clips": self.transform(clips), "label": label}
+
+
+def collate_clips(batch: list[dict | None]) -> dict[str, Any]:
+    """Stack the readable samples; ``skipped`` counts the unreadable ones (``clips`` is None if none was readable)."""
+    kept = [b for b in batch if b is not None]
+    return {
+        "clips": torch.stack([b["clips"] for b in kept]) if kept else None,
+        "labels": torch.tensor([b["label"] for b in kept], dtype=torch.long),
+        "skipped": len(batch) - len(kept),
+    }
+
+
+def normalize(clip: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, 3, H, W) -> normalised float (3, T, H, W)."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return ((clip.float() - mean) / std).transpose(0, 1).contiguous()
+
+
+class TrainClipTransform:
+    """Random resized crop and horizontal flip, the same for every frame of the clip (mmaction2's
+    ``RandomResizedCrop`` + ``Flip``): (1, T, 3, H, W) uint8 -> (3, T, crop, crop) float."""
+
+    def __init__(self, crop_size: int, scale: Sequence[float], flip: float):
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(crop_size, scale=tuple(scale), antialias=True),
+            v2.RandomHorizontalFlip(flip),
+        ])
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        return normalize(self.augment(tv_tensors.Video(clips[0])).as_subclass(torch.Tensor))
+
+
+class TestViewsTransform:
+    """Every clip times ``num_crops`` crops (1: centre; 3: both ends and the middle of the long side, mmaction2's
+    ``ThreeCrop``): (clips, T, 3, H, W) uint8 -> (clips * crops, 3, T, crop, crop) float, clip-major."""
+
+    def __init__(self, crop_size: int, num_crops: int):
+        if num_crops not in (1, 3):
+            raise ConfigError(f"data.num_test_crops={num_crops}: use 1 (centre) or 3 (three crops)")
+        self.crop_size, self.num_crops = crop_size, num_crops
+
+    def crop_offsets(self, height: int, width: int) -> list[tuple[int, int]]:
+        c = self.crop_size
+        top, left = max(height - c, 0), max(width - c, 0)
+        if self.num_crops == 1:
+            return [(top // 2, left // 2)]
+        if width >= height:
+            return [(top // 2, 0), (top // 2, left // 2), (top // 2, left)]
+        return [(0, left // 2), (top // 2, left // 2), (top, left // 2)]
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        height, width = clips.shape[-2:]
+        if min(height, width) < self.crop_size:
+            raise ConfigError(f"eval crops of {self.crop_size} from {height}x{width} frames: data.eval_short_side must be >= data.eval_crop_size")
+        c = self.crop_size
+        views = [normalize(clip[..., y:y + c, x:x + c]) for clip in clips for y, x in self.crop_offsets(height, width)]
+        return torch.stack(views)
+
+
+class KineticsDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        train_list: str | None = None,
+        val_list: str | None = None,
+        clip_len: int = 32,
+        frame_interval: int = 2,
+        num_test_clips: int = 4,
+        num_test_crops: int = 3,
+        train_short_side: int = 256,
+        crop_size: int = 224,
+        scale: Sequence[float] = (0.08, 1.0),
+        flip: float = 0.5,
+        eval_short_side: int = 224,
+        eval_crop_size: int = 224,
+        batch_size: int = 8,
+        eval_batch_size: int = 1,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        skip_corrupt: bool = True,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.train_list, self.val_list = train_list, val_list
+        self.clip_len, self.frame_interval = clip_len, frame_interval
+        self.num_test_clips, self.num_test_crops = num_test_clips, num_test_crops
+        self.train_short_side, self.crop_size, self.scale, self.flip = train_short_side, crop_size, scale, flip
+        self.eval_short_side, self.eval_crop_size = eval_short_side, eval_crop_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.skip_corrupt = skip_corrupt
+        self.classes: list[str] = []
+
+    @property
+    def num_views(self) -> int:
+        return self.num_test_clips * self.num_test_crops
+
+    # ------------------------------------------------------------------ checks before anything starts
+    def check(self) -> None:
+        """Fail in one line when ``root`` is missing or laid out in neither supported way."""
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={self.root} does not exist: pass the Kinetics folder ({FOLDERS}, or list files)")
+        if (self.train_list is None) != (self.val_list is None):
+            raise ConfigError("set both data.train_list and data.val_list (list-file layout) or neither (class folders)")
+        if self.train_list is not None:
+            self._check_lists()
+        else:
+            self._check_folders()
+
+    def _check_lists(self) -> None:
+        for option, name in (("train_list", self.train_list), ("val_list", self.val_list)):
+            path = self.root / name
+            if not path.is_file():
+                raise ConfigError(f"data.{option}={name}: no file {path}; expected a 'path label' line per video")
+            samples = read_list_file(self.root, path)
+            if not samples:
+                raise ConfigError(f"data.{option}={name}: {path} lists no video")
+            if not Path(samples[0][0]).is_file():
+                raise ConfigError(f"data.{option}={name}: its first video {samples[0][0]} does not exist; "
+                                  f"paths in list files are relative to data.root={self.root}")
+            labels = [label for _, label in samples]
+            if min(labels) < 0 or max(labels) >= self.num_classes:
+                raise ConfigError(f"data.{option}={name} has labels {min(labels)}..{max(labels)} but "
+                                  f"data.num_classes={self.num_classes}: set data.num_classes={max(labels) + 1}")
+
+    def _check_folders(self) -> None:
+        for split in ("train", "val"):
+            split_dir = self.root / split
+            if not split_dir.is_dir():
+                raise ConfigError(f"data.root={self.root}: no {split}/ folder; expected {FOLDERS}, or data.train_list/val_list")
+            classes = list_classes(split_dir)
+            if not classes:
+                raise ConfigError(f"data.root={self.root}: {split}/ has no class folders; expected {FOLDERS}")
+            if not any(is_video(e.name) for e in os.scandir(split_dir / classes[0])):
+                raise ConfigError(f"data.root={self.root}: {split_dir / classes[0]} holds no video; expected {FOLDERS}")
+        train, val = list_classes(self.root / "train"), list_classes(self.root / "val")
+        if len(train) != self.num_classes:
+            raise ConfigError(f"data.root={self.root} has {len(train)} classes but data.num_classes={self.num_classes}: "
+                              f"set data.num_classes={len(train)}")
+        unknown = sorted(set(val) - set(train))
+        if unknown:
+            raise ConfigError(f"data.root={self.root}: val/ has classes missing from train/ ({', '.join(unknown[:3])}): fix the layout")
+
+    # ------------------------------------------------------------------ datasets
+    def samples(self, split: str) -> list[tuple[str, int]]:
+        if self.train_list is not None:
+            return read_list_file(self.root, self.root / (self.train_list if split == "train" else self.val_list))
+        self.classes = list_classes(self.root / "train")
+        return folder_samples(self.root / split, self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = VideoClipDataset(
+                self.samples("train"), TrainClipTransform(self.crop_size, self.scale, self.flip),
+                self.clip_len, self.frame_interval, self.train_short_side, skip_corrupt=self.skip_corrupt,
+            )
+        self.val_set = VideoClipDataset(
+            self.samples("val"), TestViewsTransform(self.eval_crop_size, self.num_test_crops),
+            self.clip_len, self.frame_interval, self.eval_short_side, num_clips=self.num_test_clips,
+            skip_corrupt=self.skip_corrupt,
+        )
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_clips,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)

@@ -1,0 +1,103 @@
+"""Video classification: video backbone -> pooled clip embedding -> dropout 0.5 -> linear classifier.
+
+Training sees one clip per video. Validation scores every view of a video (clips x crops) and
+averages their softmax, the multi-view testing of the I3D / NL / Video Swin papers; top-1 and
+top-5 are over whole videos (``val/top1``, ``val/top5``).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from vtrain.checkpoint import is_lightning_checkpoint, load_matching, read_checkpoint, unwrap_state_dict
+from vtrain.module import TaskModule
+
+# the classifier's keys in this framework's checkpoints and in mmaction2's (official Video Swin) ones
+_HEAD_PREFIXES = ("head.", "cls_head.fc_cls.")
+
+
+class VideoClassificationTask(TaskModule):
+    """Args:
+        model: a video backbone config (``conf/video_backbone/*.yaml``); ``frames`` wraps the 2D ``backbone``.
+        backbone: the 2D backbone config (passed by the CLI to every task; used through ``model`` only).
+        head_drop: dropout before the classifier (0.5 in the I3D / Video Swin heads).
+        label_smoothing: of the training cross-entropy.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        sched: Mapping[str, Any],
+        num_classes: int,
+        backbone: Mapping[str, Any] | None = None,
+        monitor: str = "val/top1",
+        monitor_mode: str = "max",
+        head_drop: float = 0.5,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(optim, sched)
+        self.monitor, self.monitor_mode = monitor, monitor_mode
+        self.backbone = instantiate(model, _recursive_=False)
+        self.head_drop = nn.Dropout(head_drop)
+        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        nn.init.normal_(self.head.weight, std=0.01)  # mmaction2's I3DHead init
+        nn.init.zeros_(self.head.bias)
+        self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, H, W) clips -> (N, classes) logits."""
+        return self.head(self.head_drop(self.backbone.forward_pooled(clips)))
+
+    def video_probabilities(self, views: torch.Tensor) -> torch.Tensor:
+        """(N, V, C, T, H, W) views of N videos -> (N, classes): the softmax averaged over the V views."""
+        n, v = views.shape[:2]
+        return self(views.flatten(0, 1)).softmax(dim=-1).view(n, v, -1).mean(dim=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.log("train/skipped_videos", float(batch["skipped"]), on_step=False, on_epoch=True, reduce_fx="sum",
+                 sync_dist=True, batch_size=1)
+        if batch["clips"] is None:
+            # every video of the batch was unreadable: a zero loss that touches every parameter keeps
+            # DDP's gradient all-reduce in step with the other processes
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        loss = self.train_loss(self(batch["clips"]), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("val/skipped_videos", float(batch["skipped"]), on_step=False, on_epoch=True, reduce_fx="sum",
+                 sync_dist=True, batch_size=1)
+        if batch["clips"] is None:
+            return
+        probabilities, labels = self.video_probabilities(batch["clips"]), batch["labels"]
+        n = len(labels)
+        self.val_top1(probabilities, labels)
+        self.val_top5(probabilities, labels)
+        loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), labels)
+        self.log("val/loss", loss, sync_dist=True, batch_size=n)
+        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=n)
+        self.log("val/top5", self.val_top5, batch_size=n)
+
+    def load_pretrained(self, path: str) -> None:
+        """Video backbone weights from a checkpoint of the same video model (this framework's, torchvision's,
+        official Video Swin) or inflated from a 2D ImageNet one (official / timm / torchvision / this
+        framework's); plus the classifier when the checkpoint has one of the right shape."""
+        obj = read_checkpoint(path)
+        state_dict = unwrap_state_dict(obj)
+        if is_lightning_checkpoint(obj) or any(k.startswith("backbone.") for k in state_dict):
+            head = {k.removeprefix(p): v for k, v in state_dict.items() for p in _HEAD_PREFIXES if k.startswith(p)}
+            state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+            backbone_sd, _ = self.backbone.checkpoint_filter(state_dict)
+        else:
+            backbone_sd, head = self.backbone.checkpoint_filter(state_dict)
+        load_matching(self.backbone, backbone_sd, path, "video backbone")
+        if head.get("weight") is not None and head["weight"].shape == self.head.weight.shape:
+            load_matching(self.head, head, path, "classifier")
