@@ -71,6 +71,12 @@ def test_decoded_frames_follow_the_sampled_indices(tmp_path):
         looped = video.read([0, 1, 2, 3, 4, 0, 1, 2])
     np.testing.assert_allclose(looped.mean(axis=(1, 2, 3)), [levels[i] for i in (0, 1, 2, 3, 4, 0, 1, 2)], atol=3)
 
+    # Matroska stores no frame count: it is counted from the packets
+    gray_video(tmp_path / "ramp.mkv", levels[:7])
+    with VideoReader(tmp_path / "ramp.mkv") as video:
+        assert video.stream.frames == 0 and video.num_frames == 7
+        np.testing.assert_allclose(video.read([6, 0]).mean(axis=(1, 2, 3)), [levels[6], levels[0]], atol=3)
+
 
 # ---------------------------------------------------------------------------------------------- data module
 def datamodule(root: Path, **overrides):

@@ -56,9 +56,12 @@ class VideoReader:
         self.path = str(path)
         try:
             self.container = av.open(self.path)
-            self.stream = self.container.streams.video[0]
-        except (av.FFmpegError, IndexError, OSError) as e:
+        except (av.FFmpegError, OSError) as e:
             raise VideoDecodeError(str(e)) from e
+        if not self.container.streams.video:
+            self.close()
+            raise VideoDecodeError("no video stream")
+        self.stream = self.container.streams.video[0]
         # one converter for all frames: it keeps its swscale context (a new one per frame costs more than decoding)
         self.reformatter = VideoReformatter()
         self.num_frames = self.stream.frames or self._count_frames()

@@ -67,7 +67,7 @@ class I3DResNet(VideoBackbone):
     """I3D ResNet-50/101; ``forward`` returns the C5 map (N, 2048, T', H/32, W/32).
 
     Args:
-        depth: 50 or 101.
+        depth: 50, or 101 with an ``inflate`` of 3-4-23-3 entries.
         base_channels: stem width; stage i is ``base_channels * 2**i`` wide (x4 out). 64 is ResNet-50; smaller
             values give the micro model of CPU runs (no 2D checkpoint fits those).
         inflate: per stage, per block, 1 where the first 1x1 conv becomes 3x1x1.
