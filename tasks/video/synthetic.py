@@ -78,7 +78,7 @@ def motion_frames(motion: str, rng: np.random.Generator, size: int, num_frames: 
     return frames
 
 
-def write(root: str | Path, seed: int = 0, num_classes: int = 6, train_per_class: int = 40, val_per_class: int = 10,
+def write(root: str | Path, seed: int = 0, num_classes: int = 6, train_per_class: int = 80, val_per_class: int = 20,
           size: int = 32, min_frames: int = 8, max_frames: int = 10) -> dict:
     if not 1 <= num_classes <= len(MOTIONS):
         raise ValueError(f"num_classes must be 1..{len(MOTIONS)}")
