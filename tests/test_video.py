@@ -109,6 +109,30 @@ def test_corrupt_videos_are_skipped_counted_and_named(kinetics_root, tmp_path, c
         strict.val_set[names.index("broken.mp4")]
 
 
+def test_training_clips_follow_the_seed_and_resume_mid_epoch(kinetics_root):
+    def batches(seed, state=None, count=3):
+        data = datamodule(kinetics_root, seed=seed, num_workers=0, batch_size=2)
+        data.setup("fit")
+        loader = data.train_dataloader()
+        if state is not None:
+            loader.load_state_dict(state)
+        it = iter(loader)
+        out = [next(it) for _ in range(count)]
+        return out, loader.state_dict()
+
+    first, _ = batches(0)
+    again, _ = batches(0)
+    other, _ = batches(1)
+    for a, b in zip(first, again):
+        assert torch.equal(a["clips"], b["clips"]) and torch.equal(a["labels"], b["labels"])
+    assert not all(torch.equal(a["clips"], b["clips"]) for a, b in zip(first, other))
+
+    _, after_one = batches(0, count=1)
+    resumed, _ = batches(0, state=after_one, count=2)
+    for a, b in zip(first[1:], resumed):
+        assert torch.equal(a["clips"], b["clips"]) and torch.equal(a["labels"], b["labels"])
+
+
 def test_list_files_give_the_class_folder_samples(kinetics_root):
     folders = datamodule(kinetics_root)
     lists = datamodule(kinetics_root, train_list="train_list.txt", val_list="val_list.txt")

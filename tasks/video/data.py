@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 
 from tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
 from vtrain import ConfigError
+from vtrain.data import build_loader
 
 log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -94,7 +95,7 @@ class VideoClipDataset(Dataset):
 
     def frame_indices(self, num_frames: int) -> np.ndarray:
         if self.num_clips is None:
-            # torch's generator is the one Lightning seeds in each worker (seed_everything(workers=True))
+            # torch's generator is seeded per sample by the training loader (vtrain.data.SeededDataset)
             rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
             return train_clip_indices(num_frames, self.clip_len, self.frame_interval, rng)[None]
         return test_clip_indices(num_frames, self.clip_len, self.frame_interval, self.num_clips)
@@ -198,6 +199,7 @@ class KineticsDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         skip_corrupt: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         self.root = Path(root)
@@ -211,6 +213,7 @@ class KineticsDataModule(pl.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.skip_corrupt = skip_corrupt
+        self.seed = seed
         self.classes: list[str] = []
 
     @property
@@ -283,14 +286,9 @@ class KineticsDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers,
+        return build_loader(
+            dataset, batch_size=self.batch_size if train else self.eval_batch_size, train=train, seed=self.seed,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
             collate_fn=collate_clips,
         )
 
