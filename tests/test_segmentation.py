@@ -22,6 +22,7 @@ TINY_SWIN = [
     "backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
     "backbone.window_size=4", "backbone.img_size=64",
 ]
+TINY_VIT = ["backbone=vit_s16", "backbone.embed_dim=64", "backbone.depth=1", "backbone.num_heads=2", "backbone.img_size=64"]
 RESNET = ["backbone=resnet50"]
 RESNET_D8 = ["backbone=resnet50", "backbone.output_stride=8"]  # the dilated "-D8" of the NL / GC / DNL recipes
 # Narrow heads: the layout is the configs', the widths are CPU-sized.
@@ -184,12 +185,46 @@ def test_every_head_trains_and_infers_at_input_size(backbone):
         losses["loss"].backward()
         head_grads = [p.grad for p in module.head.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in head_grads), head
+        # what DDP would stop on: parameters without a gradient are exactly the ones the module names
+        no_grad = {name for name, p in module.named_parameters() if p.requires_grad and p.grad is None}
+        assert no_grad == set(module.unused_parameters()), head
         module.eval()
         probs = module.predict_probs(image)
         assert probs.shape == (1, 6, 50, 70), head
         torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 50, 70))
         module.inference_cfg.update(mode="slide", crop_size=(32, 48), stride=(24, 32))  # 2 x 2 windows
         assert module.predict_probs(image).shape == (1, 6, 50, 70), head
+
+
+def test_heads_reading_some_levels_name_the_unused_backbone_modules():
+    """An FCN-style head reads C4/C5: a transformer's output modules of C2/C3 get no gradient, which DDP must be
+    told about; UperNet reads all four. The names match the parameters left without a gradient."""
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64))
+    expected = {
+        "swin": ({"backbone.out_norms.0.weight", "backbone.out_norms.0.bias",
+                  "backbone.out_norms.1.weight", "backbone.out_norms.1.bias"}, TINY_SWIN),
+        "vit": ({f"backbone.pyramid.{name}" for name in (
+            "to_stride4.0.weight", "to_stride4.0.bias", "to_stride4.1.weight", "to_stride4.1.bias",
+            "to_stride4.3.weight", "to_stride4.3.bias", "to_stride8.weight", "to_stride8.bias")}, TINY_VIT),
+    }
+    for name, (unused, bb) in expected.items():
+        for head, names in (("fcn", unused), ("upernet", set())):
+            module = _module(f"task.head={head}", *bb, *NARROW_HEADS)
+            assert set(module.unused_parameters()) == names, (name, head)
+            module.losses(images, labels)["loss"].backward()
+            assert {n for n, p in module.named_parameters() if p.grad is None} == names, (name, head)
+    assert _module("task.head=fcn", *RESNET, *NARROW_HEADS).unused_parameters() == []
+
+
+def test_ddp_looks_for_unused_parameters_only_when_some_exist(tmp_path):
+    from vtrain.trainer import build_trainer
+
+    for head, find_unused in (("fcn", True), ("upernet", False)):
+        cfg = compose("task=segmentation", "data=ade20k", "data.num_classes=6", "trainer=ddp_cpu",
+                      f"output_dir={tmp_path}", f"task.head={head}", *TINY_SWIN, *NARROW_HEADS)
+        module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+        trainer = build_trainer(cfg, module)
+        assert trainer.strategy._ddp_kwargs.get("find_unused_parameters", False) is find_unused, head
 
 
 def test_slide_multiscale_and_flip():

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from timm.scheduler.scheduler import Scheduler
 
+from vtrain.backbones.base import Backbone
 from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
 
 
@@ -20,14 +21,27 @@ class TaskModule(pl.LightningModule):
 
     monitor: str = "val/loss"
     monitor_mode: str = "min"
-    # Whether the backbone must expose its four-level features (dense heads) or only the pooled embedding.
-    dense_features: bool = True
 
     def __init__(self, optim: Mapping[str, Any], sched: Mapping[str, Any]):
         super().__init__()
         self.optim_cfg = dict(optim)
         self.sched_cfg = dict(sched)
         self.summary_metrics: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- model
+    def feature_levels(self) -> set[int]:
+        """The backbone outputs the heads read (all four unless a task says otherwise)."""
+        return {0, 1, 2, 3}
+
+    def unused_parameters(self) -> list[str]:
+        """Names of the trainable parameters no forward pass reaches: those of backbone outputs no head reads.
+        Non-empty means DDP must be built with ``find_unused_parameters=True``."""
+        backbone = getattr(self, "backbone", None)
+        if not isinstance(backbone, Backbone):  # e.g. a whole video model
+            return []
+        skipped = {id(p) for level in range(4) if level not in self.feature_levels()
+                   for module in backbone.level_modules(level) for p in module.parameters() if p.requires_grad}
+        return [name for name, p in self.named_parameters() if id(p) in skipped]
 
     # ----------------------------------------------------------------- optimisation
     def total_batch_size(self) -> int:

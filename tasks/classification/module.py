@@ -15,8 +15,6 @@ from vtrain.module import TaskModule
 
 
 class ClassificationTask(TaskModule):
-    dense_features = False
-
     def __init__(
         self,
         backbone: Mapping[str, Any],

@@ -43,7 +43,10 @@ class ConvBNReLU(nn.Sequential):
 
 
 class DecodeHead(nn.Module):
-    """What every head ends with: ``Dropout2d`` then a 1x1 classifier, initialised N(0, 0.01) as mmseg."""
+    """What every head ends with: ``Dropout2d`` then a 1x1 classifier, initialised N(0, 0.01) as mmseg.
+    ``levels``: the backbone outputs the head reads."""
+
+    levels: tuple[int, ...] = (0, 1, 2, 3)
 
     def __init__(self, channels: int, num_classes: int, dropout: float):
         super().__init__()
@@ -143,6 +146,7 @@ class FCNHead(DecodeHead):
         if num_convs < 1 or (context is not None and num_convs < 2):
             raise ValueError(f"FCNHead needs num_convs >= {2 if context else 1} (got {num_convs})")
         self.in_index = in_index
+        self.levels = (in_index,)
         source = in_channels[in_index]
         self.convs = nn.ModuleList(
             ConvBNReLU(source if i == 0 else channels, channels, kernel_size, dilation) for i in range(num_convs)

@@ -72,6 +72,9 @@ class SegmentationTask(TaskModule):
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
 
     # ------------------------------------------------------------------ model
+    def feature_levels(self) -> set[int]:
+        return {level for head in (self.head, self.aux_head) if head is not None for level in head.levels}
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, C, H, W) at the input's size (mmseg ``encode_decode``)."""
         return self._logits(images)[0]

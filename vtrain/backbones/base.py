@@ -18,7 +18,9 @@ A backbone is an ``nn.Module`` that
 Modules only dense heads need (ViT's simple feature pyramid, Swin's per-stage output
 norms) exist only when the backbone is built with ``dense=True``: a classification
 model is then exactly the reference architecture (same parameter count, same keys),
-and no parameter is left without a gradient under DDP.
+and no parameter is left without a gradient under DDP. A dense head that reads only some levels leaves
+the modules of the others (``level_modules``) without one; :meth:`vtrain.module.TaskModule.unused_parameters`
+names them so that DDP is told to look for them.
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ class Backbone(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    def level_modules(self, level: int) -> list[nn.Module]:
+        """The modules only output ``level`` of ``forward`` goes through (Swin's output norm, a ViT pyramid
+        branch): a head that does not read that level leaves their parameters without a gradient."""
+        return []
 
     def checkpoint_filter(
         self, state_dict: dict[str, torch.Tensor]

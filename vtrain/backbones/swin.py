@@ -115,6 +115,9 @@ class SwinTransformer(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if "relative_position_bias_table" in name}
 
+    def level_modules(self, level: int) -> list[nn.Module]:
+        return [self.out_norms[level]] if self.dense else []
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)  # NHWC
         features = []

@@ -122,6 +122,11 @@ class VisionTransformer(Backbone):
         tokens = torch.cat([self.cls_token.expand(n, -1, -1), patches.reshape(n, h * w, c)], dim=1)
         return self.norm(self.blocks(tokens + pos_embed))
 
+    def level_modules(self, level: int) -> list[nn.Module]:
+        if not self.dense:
+            return []
+        return {0: [self.pyramid.to_stride4], 1: [self.pyramid.to_stride8]}.get(level, [])
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self._tokens(x)
