@@ -42,10 +42,13 @@ from vtrain.backbones.base import Backbone
 from vtrain.layers.global_context import GlobalContextBlock
 from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
 
+# bottlenecks per stage for each depth (also the I3D ResNets' in tasks/video)
 DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
-def _after_block_names(stages: Sequence[bool], after_blocks: Sequence[int], depths: Sequence[int]) -> list[str]:
+def after_block_names(stages: Sequence[bool], after_blocks: Sequence[int], depths: Sequence[int]) -> list[str]:
+    """Where a relation block goes: ``layer<stage>_<block>`` for each enabled stage and each index of
+    ``after_blocks`` (negative from the end; out-of-range indices skipped), e.g. the NL paper's c4 blocks 1, 3, 5."""
     names = []
     for stage_index, (enabled, depth) in enumerate(zip(stages, depths)):
         if not enabled:
@@ -120,7 +123,7 @@ class ResNet(Backbone):
             kwargs = {"reduction": options.get("reduction", 2)}
             if block_type is DisentangledNonLocalBlock:
                 kwargs["temperature"] = options.get("temperature", 0.05)
-            for name in _after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
+            for name in after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
                 if name in self.non_local:
                     raise ValueError(f"nl and dnl both ask for a block after {name}")
                 channels = self.out_channels[int(name[5]) - 1]

@@ -28,7 +28,7 @@ from torch import nn
 
 from tasks.video.models.base import VideoBackbone
 from tasks.video.models.inflation import inflate_state_dict
-from vtrain.backbones.resnet import DEPTHS, _after_block_names  # the 2D ResNet's depths and placement rule
+from vtrain.backbones.resnet import DEPTHS, after_block_names
 from vtrain.layers import DisentangledNonLocalBlock, NonLocalBlock
 
 I3D_INFLATE = ((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0))
@@ -124,7 +124,7 @@ class I3DResNet(VideoBackbone):
             kwargs = {"reduction": options.get("reduction", 2), "dim": 3}
             if block_type is DisentangledNonLocalBlock:
                 kwargs["temperature"] = options.get("temperature", 0.05)
-            for name in _after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
+            for name in after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
                 if name in self.non_local:
                     raise ValueError(f"nl and dnl both ask for a block after {name}")
                 self.non_local[name] = block_type(self.out_channels[int(name[5]) - 1], **kwargs)
