@@ -194,17 +194,21 @@ def index_annotation_file(path: Path, masks: bool) -> CocoIndex:
     return CocoIndex(path, category_ids, names, PackedRecords(records), len(records), cleanup)
 
 
+def annotation_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE, as the COCO
+    API's ``annToRLE`` makes it."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
 def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
     """(N, H, W) uint8 masks from cleaned polygons / RLEs (pycocotools, as the COCO API rasterises them)."""
     out = np.zeros((len(segmentations), height, width), dtype=np.uint8)
     for i, segm in enumerate(segmentations):
-        if isinstance(segm, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-        elif isinstance(segm["counts"], list):
-            rle = mask_utils.frPyObjects(segm, height, width)
-        else:
-            rle = segm
-        out[i] = mask_utils.decode(rle)
+        out[i] = mask_utils.decode(annotation_rle(segm, height, width))
     return out
 
 

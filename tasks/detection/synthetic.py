@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from tasks.detection.data import annotation_rle
 from vtrain.synthetic import COLORS, background, draw_polygon, polygon_mask, shape_polygon
 
 # Shapes that stay distinct under small rotations (a rotated square is not a diamond here).
@@ -83,13 +84,7 @@ def _image(rng: np.random.Generator, image_id: int, num_classes: int, min_side: 
     out = []
     for k, ann in enumerate(anns):
         # area and box from the annotation as the COCO API rasterises it
-        segmentation = ann["segmentation"]
-        if isinstance(segmentation, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-        elif isinstance(segmentation["counts"], list):
-            rle = mask_utils.frPyObjects(segmentation, h, w)
-        else:
-            rle = segmentation
+        rle = annotation_rle(ann["segmentation"], h, w)
         out.append({
             "id": next_ann_id + k,
             "image_id": image_id,
