@@ -22,24 +22,28 @@ Why the counts differ from the paper:
   1x1 conv (C^2 weights). Without it LR-Net-50 would have about 20.3M and LR-Net-26
   about 12.9M, so the paper's sizes need it; the rest of the gap is the geometry-prior
   MLP width and key/query biases, which the paper does not give;
-* MACs are 7% (26) and 5% (50) below the paper. The difference between the two
-  depths (1.65 G here, 1.7 G in the paper) matches, so the gap sits in what both
-  networks share (the stem and the first, strided, block of each stage) or in how the
-  paper counted the relation terms. Alternatives checked on paper (by hand, not
-  built): putting the stride in the first 1x1 conv gives about 3.6G / 2.0G, a value
-  projection at the input resolution instead of the closing projection about
-  4.5G / 2.8G; neither reproduces both figures. The paper does not detail it and no
-  official LR-Net code is public to check (Microsoft's later "LR-Net V2" branch of
-  the Swin repository only ships the CUDA kernel), so the plain reading is kept.
+* MACs are 7% (26) and 5% (50) below the paper because the paper counts the geometric
+  prior at every output position. The prior depends only on the offset p' - p, so this
+  layer evaluates its MLP once per layer (k*k inputs); a kernel that evaluates it for
+  each output position spends k*k * (2*hidden + hidden*C/m) MACs there: 0.127 G (26)
+  and 0.228 G (50). With them and the relation logits (C/m * k*k per position, 0.012 G
+  and 0.018 G), ``paper_macs`` gives 2.56 G and 4.32 G, the paper's 2.6 G and 4.3 G at
+  its precision (``tests/test_backbones.py`` holds both within 2%). Alternatives that
+  do not reproduce both figures: the stride in the first 1x1 conv (about 3.6 G /
+  2.0 G), a value projection at the input resolution instead of the closing
+  projection (about 4.5 G / 2.8 G), the stem's relation layer at full resolution
+  (4.34 G / 2.69 G).
 
 No pretrained LR-Net checkpoint exists; ``checkpoint_filter`` is ResNet's.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vtrain.backbones.resnet import ResNet
 from vtrain.layers.local_relation import LocalRelation2d
+from vtrain.profiling import count_macs
 
 
 class LRNet(ResNet):
@@ -89,3 +93,24 @@ class LRNet(ResNet):
         self.frozen_stages = frozen_stages
         for module in self._frozen_modules():
             module.requires_grad_(False)
+
+
+def paper_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """``count_macs`` plus what the LR-Net paper's FLOPs also count in each local relation layer, per output
+    position: the geometry-prior MLP on each of the k*k offsets and the relation logits (one per group and
+    offset). See the module docstring."""
+    extra = 0
+
+    def add(layer: LocalRelation2d, inputs, output: torch.Tensor) -> None:
+        nonlocal extra
+        positions = output.shape[0] * output.shape[-2] * output.shape[-1]
+        mlp = sum(linear.in_features * linear.out_features for linear in layer.geometry_prior if isinstance(linear, nn.Linear))
+        extra += positions * layer.kernel_size**2 * (mlp + layer.groups)
+
+    hooks = [m.register_forward_hook(add) for m in model.modules() if isinstance(m, LocalRelation2d)]
+    try:
+        total = count_macs(model, input_shape)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total + extra

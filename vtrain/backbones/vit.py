@@ -11,8 +11,10 @@ accepted: the position table is resampled to the patch grid on the fly (timm's
 Sizes with a 1000-class classifier at 224x224 (``vtrain.profiling``):
 ViT-S/16 22.05M / 4.60 GMACs, ViT-B/16 86.57M / 17.56 GMACs, ViT-L/16 304.33M /
 61.55 GMACs (attention products included). The ViT paper's Table 1 lists 86M for
-ViT-B and 307M for ViT-L; its ViT-L figure was not reproduced by timm's (or any
-1000-class) layout and is left unexplained here; ViT-S is not in that paper (DeiT
+ViT-B, 307M for ViT-L and 632M for ViT-H: it counts the encoder with the pre-training
+representation layer (D x D + D) and no classifier, which gives B/16 86.39M, H/14
+632.40M and, for ViT-L, 306.56M only with 32x32 patches (L/16 gives 304.35M): the
+ViT-L row matches the /32 model (``tests/test_backbones.py``). ViT-S is not in that paper (DeiT
 Table 1: 22M / 4.6G).
 """
 from __future__ import annotations
