@@ -20,14 +20,14 @@ BACKBONE_CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
 # Parameters with a 1000-class linear classifier, exact to this implementation.
 PARAMS = {
-    "resnet50": 25_557_032, "resnet101": 44_549_160,
+    "resnet26": 15_995_176, "resnet50": 25_557_032, "resnet101": 44_549_160,
     "gcnet_r50": 28_078_773, "gcnet_r101": 49_337_222, "nl_r50": 27_657_768, "dnl_r50": 27_658_793,
     "lrnet26": 14_608_314, "lrnet50": 23_374_069,
     "swin_t": 28_288_354, "swin_s": 49_606_258, "swin_b": 87_768_224, "swin_b_384": 87_903_584,
     "vit_s16": 22_050_664, "vit_b16": 86_567_656, "vit_l16": 304_326_632,
 }
 TIMM_NAMES = {
-    "resnet50": "resnet50", "resnet101": "resnet101",
+    "resnet26": "resnet26", "resnet50": "resnet50", "resnet101": "resnet101",
     "swin_t": "swin_tiny_patch4_window7_224", "swin_s": "swin_small_patch4_window7_224",
     "swin_b": "swin_base_patch4_window7_224", "swin_b_384": "swin_base_patch4_window12_384",
     "vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
