@@ -54,39 +54,60 @@ def test_sigusr1_saves_a_checkpoint_and_auto_resume_continues(imagenet_root, tmp
     assert "skipping unreadable checkpoint" in result.stderr + result.stdout
 
 
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    "adamw_fused": lambda params: torch.optim.AdamW(params, lr=0.1, fused=True),
+    "sgd_momentum_fused": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1, fused=True),
+}
+
+
 class _NaNAt(pl.LightningModule):
-    def __init__(self, bad_steps):
+    def __init__(self, bad_steps, optimizer="sgd"):
         super().__init__()
-        self.layer, self.bad_steps = nn.Linear(4, 1), set(bad_steps)
+        torch.manual_seed(0)
+        self.layer, self.bad_steps, self.optimizer = nn.Linear(4, 1), set(bad_steps), optimizer
 
     def training_step(self, batch, batch_idx):
         loss = self.layer(batch[0]).pow(2).mean()
         return loss * float("nan") if self.global_step in self.bad_steps else loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return OPTIMIZERS[self.optimizer](self.parameters())
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
+        data = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
 
 
-def _fit(module, guard):
+def _fit(module, guard, **trainer_kwargs):
     trainer = pl.Trainer(max_steps=6, callbacks=[guard], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **trainer_kwargs)
     trainer.fit(module)
     return trainer
 
 
-def test_nonfinite_step_is_skipped_and_counted():
-    module, guard = _NaNAt(bad_steps=[2]), NonFiniteGuard(max_skipped=3)
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_nonfinite_step_is_skipped_and_counted(optimizer, bad_step):
+    """Fused optimizers skip on the device (no host sync per step); the others by clearing the gradients. Both
+    end with the same weights."""
+    module, guard = _NaNAt([bad_step], optimizer), NonFiniteGuard(max_skipped=3)
     trainer = _fit(module, guard)
     assert guard.skipped == 1 and trainer.global_step == 6
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    per_step = _NaNAt([bad_step], optimizer)
+    _fit(per_step, NonFiniteGuard(max_skipped=3, skip_on_device=False))
+    for ours, reference in zip(module.parameters(), per_step.parameters()):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    # the fused ones took the device path (fused SGD only once its momentum buffers exist: a bad first step is
+    # cleared on the host, else the kernel would leave the new buffers uninitialised and the weights differ)
+    assert (guard._pending is not None) == optimizer.endswith("fused")
 
 
-def test_too_many_nonfinite_steps_stop_with_the_step_named():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_fused"])
+def test_too_many_nonfinite_steps_stop_with_the_step_named(optimizer):
     with pytest.raises(FloatingPointError, match=r"the last at step 3 .*max_skipped=1\); last good checkpoint: none yet"):
-        _fit(_NaNAt(bad_steps=[1, 3]), NonFiniteGuard(max_skipped=1))
+        _fit(_NaNAt(bad_steps=[1, 3], optimizer=optimizer), NonFiniteGuard(max_skipped=1), log_every_n_steps=1)
 
 
 def _weights(path):
