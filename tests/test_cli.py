@@ -103,3 +103,18 @@ def test_wandb_logger_works_offline_logs_the_config_and_never_the_key(imagenet_r
     for path in run.rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+def test_debug_configs_run(imagenet_root, tmp_path):
+    """``debug=fast``: one batch each way, nothing written; ``debug=overfit``: a few fixed batches, the training
+    loss falls (Lightning swaps in its own sampler: the seeded dataset takes its plain indices)."""
+    fast = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / 'fast'}", "debug=fast")
+    assert fast.returncode == 0, fast.stderr[-3000:]
+    assert not (tmp_path / "fast" / "checkpoints").exists()
+    overfit = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / 'overfit'}", "debug=overfit",
+                      "trainer.overfit_batches=2", "trainer.max_epochs=8", "task.mixup=null",
+                      "data.augment.auto_augment=null", "data.augment.re_prob=0", "trainer.log_every_n_steps=1")
+    assert overfit.returncode == 0, overfit.stderr[-3000:]
+    with open(tmp_path / "overfit" / "metrics.csv") as f:
+        losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    assert len(losses) == 8 and losses[-1] < 0.5 * losses[0], losses

@@ -173,3 +173,29 @@ def test_channels_last_trains_a_cnn_in_nhwc(imagenet_root, tmp_path):
     weight = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"][
         "backbone.layer1.0.conv2.weight"]
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+def test_progress_bar_reads_logged_values_at_intervals_only(monkeypatch):
+    """Each read of a logged tensor is a host synchronisation on a GPU: the bar reads every 3 steps here, plus
+    validation and epoch ends, not after each of the 8 batches of an epoch."""
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    from vtrain.callbacks import ProgressBar
+
+    reads = []
+    original = RichProgressBar.get_metrics
+    monkeypatch.setattr(RichProgressBar, "get_metrics", lambda self, trainer, module: reads.append(
+        (trainer.global_step, trainer.training)) or original(self, trainer, module))
+
+    class Logged(_NaNAt):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+    trainer = pl.Trainer(max_steps=16, callbacks=[ProgressBar(metrics_every=3)], logger=False, limit_val_batches=0,
+                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Logged(bad_steps=[]))
+    train_reads = [step for step, training in reads if training]
+    assert trainer.global_step == 16 and len(train_reads) < 16 / 2
+    assert all(b - a >= 3 or b == 8 or b == 16 for a, b in zip(train_reads, train_reads[1:])), train_reads

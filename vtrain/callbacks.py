@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 
@@ -254,3 +255,31 @@ class ChannelsLast(pl.Callback):
             self.active = bool(self.enabled)
         if self.active:
             pl_module.to(memory_format=torch.channels_last)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading the logged values every ``metrics_every`` training steps instead
+    of after every batch: on a GPU each read of a logged tensor waits for the device, which would put a host
+    synchronisation in every step. Default: ``trainer.log_every_n_steps`` on an accelerator, every step on the
+    CPU (where a read costs nothing). The bar itself moves every batch; validation and the end of an epoch
+    always show fresh values."""
+
+    def __init__(self, metrics_every: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.metrics_every = metrics_every
+        self._metrics: dict[str, Any] | None = None
+        self._metrics_step = -1
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        every = self.metrics_every
+        if every is None:
+            every = 1 if trainer.strategy.root_device.type == "cpu" else trainer.log_every_n_steps
+        due = self._metrics is None or trainer.global_step - self._metrics_step >= max(every, 1)
+        if due or not trainer.training or trainer.sanity_checking:
+            self._metrics = super().get_metrics(trainer, pl_module)
+            self._metrics_step = trainer.global_step
+        return self._metrics
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics = None  # the epoch's values, read now
+        super().on_train_epoch_end(trainer, pl_module)

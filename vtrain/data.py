@@ -16,7 +16,8 @@ from vtrain.reproducibility import EpochSeededSampler, seed_sample
 
 
 class SeededDataset(Dataset):
-    """``dataset[index]`` for a key ``(epoch, index)``, with python/numpy/torch seeded for that sample first."""
+    """``dataset[index]`` for a key ``(epoch, index)`` (or a plain ``index``, as epoch 0), with python/numpy/torch
+    seeded for that sample first."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -24,8 +25,9 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        # a plain index comes from a sampler Lightning put in place (``trainer.overfit_batches``): epoch 0's draw
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         seed_sample(self.seed, epoch, index)
         return self.dataset[index]
 
