@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vtrain.layers import DisentangledNonLocalBlock, GlobalContextBlock, LocalRelation2d, NonLocalBlock
 
@@ -80,6 +81,22 @@ def test_non_local_matches_embedded_gaussian_formula(dim):
     x = torch.randn((2, 8, 3, 4) if dim == 2 else (2, 8, 2, 3, 4))
     theta, phi, g = (_conv1x1(conv, x).flatten(2) for conv in (block.theta, block.phi, block.g))  # (N, C', L)
     attention = torch.softmax(torch.einsum("nci,ncj->nij", theta, phi) / math.sqrt(4), dim=-1)
+    y = torch.einsum("nij,ncj->nci", attention, g).reshape(2, 4, *x.shape[2:])
+    expected = x + _bn(block, _conv1x1(block.out_conv, y))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_non_local_sub_sampled_without_scale_matches_formula(dim):
+    """The NL paper's video variant / mmaction2's I3D-NL: phi and g max-pooled 2x2 in space, no 1/sqrt(C')."""
+    torch.manual_seed(0)
+    block = _randomise(NonLocalBlock(8, reduction=2, dim=dim, sub_sample=True, use_scale=False))
+    x = torch.randn((2, 8, 4, 6) if dim == 2 else (2, 8, 2, 4, 6))
+    pool = (lambda t: F.max_pool2d(t, 2)) if dim == 2 else (lambda t: F.max_pool3d(t, (1, 2, 2)))
+    theta = _conv1x1(block.theta, x).flatten(2)
+    phi, g = (pool(_conv1x1(conv, x)).flatten(2) for conv in (block.phi, block.g))  # (N, C', L/4)
+    assert phi.shape[-1] * 4 == theta.shape[-1]
+    attention = torch.softmax(torch.einsum("nci,ncj->nij", theta, phi), dim=-1)
     y = torch.einsum("nij,ncj->nci", attention, g).reshape(2, 4, *x.shape[2:])
     expected = x + _bn(block, _conv1x1(block.out_conv, y))
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)

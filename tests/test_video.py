@@ -250,6 +250,57 @@ def test_torchvision_swin3d_weights_load_with_their_classifier(tmp_path):
         torch.testing.assert_close(task(clips), reference(clips))
 
 
+def _to_mmaction2(state_dict: dict) -> dict:
+    """This framework's I3D keys written the way mmaction2's ResNet3d / NonLocal3d (sub_sample) name them."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if key.startswith("non_local."):  # non_local.layer3_1.phi.weight -> layer3.1.non_local_block.phi.0.conv.weight
+            stage, block = parts[1].split("_")
+            name = {"out_conv": "conv_out.conv", "out_norm": "conv_out.bn", "phi": "phi.0.conv", "g": "g.0.conv",
+                    "theta": "theta.conv"}[parts[2]]
+            key = f"{stage}.{block}.non_local_block.{name}.{parts[3]}"
+        elif parts[0] in ("conv1", "bn1"):
+            key = f"conv1.{'conv' if parts[0] == 'conv1' else 'bn'}.{parts[1]}"
+        elif parts[2] == "downsample":
+            key = ".".join(parts[:3] + ["conv" if parts[3] == "0" else "bn"] + parts[4:])
+        else:  # layer2.0.bn3.weight -> layer2.0.conv3.bn.weight
+            kind, index = parts[2][:-1], parts[2][-1]
+            key = ".".join(parts[:2] + [f"conv{index}", kind] + parts[3:])
+        out["backbone." + key] = value
+    return out
+
+
+def test_mmaction2_i3d_nl_checkpoints_load_and_give_the_same_scores(tmp_path):
+    nl = "+video_backbone.nl={stages:[false,true,true,false],after_blocks:[1,3,5],sub_sample:true,use_scale:false}"
+    cfg = compose("experiment=quickstart_video", "video_backbone=i3d_micro", nl, "output_dir=/tmp/vtrain-test-video")
+    torch.manual_seed(0)
+    reference = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    for name, tensor in reference.state_dict().items():  # every weight and BN statistic away from its init
+        if tensor.ndim > 1:  # convolutions and the classifier: He-scaled, so that activations stay varied
+            tensor.copy_(torch.randn_like(tensor) * (2 / tensor[0].numel()) ** 0.5)
+        elif tensor.is_floating_point():  # norms' weights and statistics, biases
+            tensor.copy_(torch.rand_like(tensor) + 0.5 if name.endswith(("weight", "running_var"))
+                         else torch.randn_like(tensor) * 0.1)
+    state = _to_mmaction2(reference.backbone.state_dict())
+    state.update({"cls_head.fc_cls.weight": reference.head.weight, "cls_head.fc_cls.bias": reference.head.bias})
+    assert "backbone.layer3.1.non_local_block.g.0.conv.weight" in state and "backbone.conv1.bn.running_mean" in state
+    torch.save({"meta": {"mmaction2_version": "1.2.0"}, "state_dict": state}, tmp_path / "i3d_nl_mmaction2.pth")
+
+    task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    task.load_pretrained(str(tmp_path / "i3d_nl_mmaction2.pth"))
+    clips = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(task.eval()(clips), reference.eval()(clips))
+        plain = instantiate(compose("experiment=quickstart_video", "video_backbone=i3d_micro",
+                                    nl.replace("sub_sample:true", "sub_sample:false"),
+                                    "output_dir=/tmp/vtrain-test-video").task,
+                            backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+        plain.load_state_dict(task.state_dict())
+        # the pooling changes what NL attends to
+        assert not torch.allclose(plain.backbone(clips), task.backbone(clips), atol=1e-3)
+
+
 def test_framewise_model_loads_2d_weights_into_its_image_backbone(tmp_path):
     from vtrain.backbones import SwinTransformer
 

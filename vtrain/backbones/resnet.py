@@ -58,6 +58,23 @@ def after_block_names(stages: Sequence[bool], after_blocks: Sequence[int], depth
     return names
 
 
+def non_local_blocks(nl: Mapping | None, dnl: Mapping | None, depths: Sequence[int], out_channels: Sequence[int],
+                     dim: int = 2) -> nn.ModuleDict:
+    """``NonLocalBlock`` / ``DisentangledNonLocalBlock`` by the bottleneck whose output they take
+    (``{"layer3_4": block}``), from ``{stages: [4 bools], after_blocks: [ints], ...}`` options whose other keys
+    (``reduction``, ``temperature``, ``sub_sample``, ``use_scale``) go to the block. ``dim=3``: the I3D ResNet's."""
+    blocks = nn.ModuleDict()
+    for options, block_type in ((nl, NonLocalBlock), (dnl, DisentangledNonLocalBlock)):
+        if options is None:
+            continue
+        kwargs = {k: v for k, v in options.items() if k not in ("stages", "after_blocks")}
+        for name in after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
+            if name in blocks:
+                raise ValueError(f"nl and dnl both ask for a block after {name}")
+            blocks[name] = block_type(out_channels[int(name[5]) - 1], dim=dim, **kwargs)
+    return blocks
+
+
 class ResNet(Backbone):
     """ResNet backbone; ``forward`` returns C2..C5.
 
@@ -73,7 +90,8 @@ class ResNet(Backbone):
         frozen_stages: -1 none; 0 the stem; N the stem and stages 1..N (mmdet): their
             parameters stop requiring grad and their BatchNorms stay in eval mode.
         gc: ``{stages: [4 bools], ratio: float}`` or None.
-        nl: ``{stages: [4 bools], after_blocks: [ints], reduction: int}`` or None.
+        nl: ``{stages: [4 bools], after_blocks: [ints], reduction: int}`` (optionally ``sub_sample``,
+            ``use_scale``: ``NonLocalBlock``'s) or None.
         dnl: like ``nl`` plus ``temperature``.
         dense: unused (ResNet needs no extra module for dense heads); accepted so that
             every backbone takes the same constructor argument.
@@ -116,18 +134,7 @@ class ResNet(Backbone):
                         block.se = GlobalContextBlock(channels, ratio=gc.get("ratio", 1 / 16))
 
         # Blocks applied after a whole bottleneck: {"layer3_4": block}.
-        self.non_local = nn.ModuleDict()
-        for options, block_type in ((nl, NonLocalBlock), (dnl, DisentangledNonLocalBlock)):
-            if options is None:
-                continue
-            kwargs = {"reduction": options.get("reduction", 2)}
-            if block_type is DisentangledNonLocalBlock:
-                kwargs["temperature"] = options.get("temperature", 0.05)
-            for name in after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
-                if name in self.non_local:
-                    raise ValueError(f"nl and dnl both ask for a block after {name}")
-                channels = self.out_channels[int(name[5]) - 1]
-                self.non_local[name] = block_type(channels, **kwargs)
+        self.non_local = non_local_blocks(nl, dnl, depths, self.out_channels)
 
         self.frozen_stages = frozen_stages
         for module in self._frozen_modules():

@@ -21,12 +21,15 @@ from torch import nn
 
 
 class _PairwiseBlock(nn.Module):
-    def __init__(self, channels: int, reduction: int = 2, dim: int = 2):
+    def __init__(self, channels: int, reduction: int = 2, dim: int = 2, sub_sample: bool = False):
         super().__init__()
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
         conv = nn.Conv2d if dim == 2 else nn.Conv3d
         norm = nn.BatchNorm2d if dim == 2 else nn.BatchNorm3d
+        # NL paper Sec. 3.3: a 2x2 spatial max pool after phi and g (keys and values), 1/4 of the pairs
+        pool = (2, 2) if dim == 2 else (1, 2, 2)
+        self.sub_sample = (nn.MaxPool2d if dim == 2 else nn.MaxPool3d)(pool, stride=pool) if sub_sample else None
         self.inter_channels = max(channels // reduction, 1)
         self.theta = conv(channels, self.inter_channels, kernel_size=1)
         self.phi = conv(channels, self.inter_channels, kernel_size=1)
@@ -41,8 +44,12 @@ class _PairwiseBlock(nn.Module):
         nn.init.zeros_(self.out_norm.bias)
 
     def _embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """theta, phi, g as (N, 1, L, C') token sequences for scaled_dot_product_attention."""
-        return tuple(layer(x).flatten(2).transpose(1, 2).unsqueeze(1) for layer in (self.theta, self.phi, self.g))
+        """theta (N, 1, L, C'), phi and g (N, 1, L', C') token sequences for scaled_dot_product_attention
+        (L' = L / 4 with ``sub_sample``)."""
+        theta, phi, g = self.theta(x), self.phi(x), self.g(x)
+        if self.sub_sample is not None:
+            phi, g = self.sub_sample(phi), self.sub_sample(g)
+        return tuple(t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (theta, phi, g))
 
     def _output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x + BN(W_z y), with y given as (N, L, C')."""
@@ -56,15 +63,22 @@ class NonLocalBlock(_PairwiseBlock):
         y_i = sum_j softmax_j(theta(x_i)^T phi(x_j) / sqrt(C')) g(x_j)
         z_i = x_i + BN(W_z y_i)
 
-    The 1/sqrt(C') scale is mmcv's ``use_scale=True`` default. The softmax-weighted
-    sum is exactly attention with one head, so it runs as fused
-    ``scaled_dot_product_attention`` (whose default scale is 1/sqrt(C')) and never
-    materialises the L x L matrix on GPU.
+    The 1/sqrt(C') scale is mmcv's ``use_scale=True`` default and the NL paper's video
+    code's; ``use_scale=False`` drops it (mmaction2's I3D-NL configs). ``sub_sample``
+    max-pools phi and g by 2x2 in space (NL paper Sec. 3.3; its video models and
+    mmaction2's I3D-NL use it). The softmax-weighted sum is exactly attention with one
+    head, so it runs as fused ``scaled_dot_product_attention`` and never materialises
+    the L x L matrix on GPU.
     """
+
+    def __init__(self, channels: int, reduction: int = 2, dim: int = 2, sub_sample: bool = False,
+                 use_scale: bool = True):
+        super().__init__(channels, reduction, dim, sub_sample)
+        self.scale = 1.0 / math.sqrt(self.inter_channels) if use_scale else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         theta, phi, g = self._embeddings(x)
-        y = F.scaled_dot_product_attention(theta, phi, g).squeeze(1)
+        y = F.scaled_dot_product_attention(theta, phi, g, scale=self.scale).squeeze(1)
         return self._output(x, y)
 
 

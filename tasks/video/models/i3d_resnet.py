@@ -21,6 +21,7 @@ T*H*W positions) after the *output* of chosen bottlenecks, with the same keys as
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,8 +29,7 @@ from torch import nn
 
 from tasks.video.models.base import VideoBackbone
 from tasks.video.models.inflation import inflate_state_dict
-from vtrain.backbones.resnet import DEPTHS, after_block_names
-from vtrain.layers import DisentangledNonLocalBlock, NonLocalBlock
+from vtrain.backbones.resnet import DEPTHS, non_local_blocks
 
 I3D_INFLATE = ((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0))
 
@@ -74,6 +74,8 @@ class I3DResNet(VideoBackbone):
         conv1_temporal_kernel: time extent of the 7x7 stem conv (5 in I3D).
         conv1_stride_t, pool1_stride_t, pool2_stride_t: temporal strides of the stem conv, the stem
             max pool and the 2x1x1 max pool after c2 (1 switches a pool's temporal effect off).
+        pool1_temporal_kernel: time extent of the stem max pool; default 3 where it strides in time (the NL
+            paper's), else 1. mmaction2's I3D strides by 2 with extent 1.
         nl, dnl: ``NonLocalBlock`` / ``DisentangledNonLocalBlock`` placement (module doc), or None.
     """
 
@@ -86,6 +88,7 @@ class I3DResNet(VideoBackbone):
         conv1_stride_t: int = 1,
         pool1_stride_t: int = 1,
         pool2_stride_t: int = 2,
+        pool1_temporal_kernel: int | None = None,
         nl: Mapping | None = None,
         dnl: Mapping | None = None,
     ):
@@ -97,7 +100,7 @@ class I3DResNet(VideoBackbone):
         self.conv1 = nn.Conv3d(3, base_channels, (kt, 7, 7), stride=(conv1_stride_t, 2, 2), padding=(kt // 2, 3, 3), bias=False)
         self.bn1 = nn.BatchNorm3d(base_channels)
         self.act1 = nn.ReLU(inplace=True)
-        pool1_t = 3 if pool1_stride_t > 1 else 1  # the NL paper's 3x3x3 pool1 when it strides in time
+        pool1_t = pool1_temporal_kernel or (3 if pool1_stride_t > 1 else 1)
         self.maxpool = nn.MaxPool3d((pool1_t, 3, 3), stride=(pool1_stride_t, 2, 2), padding=(pool1_t // 2, 1, 1))
         self.pool2 = nn.MaxPool3d((pool2_stride_t, 1, 1), stride=(pool2_stride_t, 1, 1)) if pool2_stride_t > 1 else nn.Identity()
         in_channels, stages = base_channels, []
@@ -117,17 +120,7 @@ class I3DResNet(VideoBackbone):
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-        self.non_local = nn.ModuleDict()
-        for options, block_type in ((nl, NonLocalBlock), (dnl, DisentangledNonLocalBlock)):
-            if options is None:
-                continue
-            kwargs = {"reduction": options.get("reduction", 2), "dim": 3}
-            if block_type is DisentangledNonLocalBlock:
-                kwargs["temperature"] = options.get("temperature", 0.05)
-            for name in after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
-                if name in self.non_local:
-                    raise ValueError(f"nl and dnl both ask for a block after {name}")
-                self.non_local[name] = block_type(self.out_channels[int(name[5]) - 1], **kwargs)
+        self.non_local = non_local_blocks(nl, dnl, depths, self.out_channels, dim=3)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(clips))))
@@ -146,8 +139,39 @@ class I3DResNet(VideoBackbone):
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """2D ResNet checkpoints (torchvision, timm, this framework's ``ResNet`` incl. its NL blocks) are inflated;
-        this backbone's own checkpoints load as they are; ``fc.*`` is the classifier."""
+        this backbone's own checkpoints and mmaction2's ``ResNet3d`` ones (I3D, I3D-NL; keys converted) load as
+        they are; ``fc.*`` is the classifier."""
         state_dict = state_dict.get("state_dict", state_dict)
+        if "conv1.conv.weight" in state_dict:
+            state_dict = mmaction2_to_own_keys(state_dict)
         backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
         classifier = {k[len("fc."):]: v for k, v in state_dict.items() if k.startswith("fc.")}
         return inflate_state_dict(backbone, self.state_dict()), classifier
+
+
+# mmaction2's ResNet3d (ConvModule: conv + bn) and NonLocal3d names -> this module's (torchvision's ResNet names)
+_MMACTION2_KEYS = (
+    (r"^conv1\.conv\.", "conv1."),
+    (r"^conv1\.bn\.", "bn1."),
+    (r"^(layer\d\.\d+)\.conv(\d)\.conv\.", r"\1.conv\2."),
+    (r"^(layer\d\.\d+)\.conv(\d)\.bn\.", r"\1.bn\2."),
+    (r"^(layer\d\.\d+)\.downsample\.conv\.", r"\1.downsample.0."),
+    (r"^(layer\d\.\d+)\.downsample\.bn\.", r"\1.downsample.1."),
+    # with sub_sample, mmcv wraps phi and g with their max pool in a Sequential: phi.0.conv
+    (r"^layer(\d)\.(\d+)\.non_local_block\.(theta|phi|g)(?:\.0)?\.conv\.", r"non_local.layer\1_\2.\3."),
+    (r"^layer(\d)\.(\d+)\.non_local_block\.conv_out\.conv\.", r"non_local.layer\1_\2.out_conv."),
+    (r"^layer(\d)\.(\d+)\.non_local_block\.conv_out\.bn\.", r"non_local.layer\1_\2.out_norm."),
+)
+
+
+def mmaction2_to_own_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An mmaction2 I3D / I3D-NL backbone state dict (``backbone.`` already stripped) in this module's keys. Its
+    NL configs use ``sub_sample=True, use_scale=False``: set the same ``nl`` options to reproduce its outputs."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _MMACTION2_KEYS:
+            key, count = re.subn(pattern, replacement, key)
+            if count:
+                break
+        out[key] = value
+    return out
