@@ -315,3 +315,15 @@ def test_swin_official_checkpoint_converts_back_exactly():
     backbone_sd, _ = wider.checkpoint_filter(official)
     wider.load_state_dict(backbone_sd)
     assert backbone_sd["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (15 * 15, 1)
+
+
+def test_unknown_relation_block_options_are_named():
+    from vtrain import ConfigError
+    from vtrain.backbones.resnet import non_local_blocks
+
+    with pytest.raises(ConfigError, match=r"^dnl has no option sub_sample: its options are .*temperature$"):
+        non_local_blocks(None, {"stages": [False, False, True, False], "sub_sample": True}, (3, 4, 6, 3),
+                         (256, 512, 1024, 2048))
+    blocks = non_local_blocks({"stages": [False, True, True, False], "after_blocks": [1], "sub_sample": True}, None,
+                              (3, 4, 6, 3), (256, 512, 1024, 2048), dim=3)
+    assert list(blocks) == ["layer2_1", "layer3_1"] and blocks["layer3_1"].sub_sample is not None

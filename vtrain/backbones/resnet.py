@@ -31,6 +31,7 @@ the new blocks stay at their initialisation.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -38,6 +39,7 @@ from timm.models.resnet import Bottleneck
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 
+from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
 from vtrain.layers.global_context import GlobalContextBlock
 from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
@@ -64,10 +66,15 @@ def non_local_blocks(nl: Mapping | None, dnl: Mapping | None, depths: Sequence[i
     (``{"layer3_4": block}``), from ``{stages: [4 bools], after_blocks: [ints], ...}`` options whose other keys
     (``reduction``, ``temperature``, ``sub_sample``, ``use_scale``) go to the block. ``dim=3``: the I3D ResNet's."""
     blocks = nn.ModuleDict()
-    for options, block_type in ((nl, NonLocalBlock), (dnl, DisentangledNonLocalBlock)):
+    for kind, options, block_type in (("nl", nl, NonLocalBlock), ("dnl", dnl, DisentangledNonLocalBlock)):
         if options is None:
             continue
         kwargs = {k: v for k, v in options.items() if k not in ("stages", "after_blocks")}
+        known = [p for p in inspect.signature(block_type).parameters if p not in ("channels", "dim")]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise ConfigError(f"{kind} has no option {', '.join(unknown)}: its options are stages, after_blocks, "
+                              f"{', '.join(known)}")
         for name in after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
             if name in blocks:
                 raise ValueError(f"nl and dnl both ask for a block after {name}")
