@@ -118,3 +118,36 @@ def test_debug_configs_run(imagenet_root, tmp_path):
     with open(tmp_path / "overfit" / "metrics.csv") as f:
         losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
     assert len(losses) == 8 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_compile_traces_the_backbone_and_keeps_checkpoint_keys(imagenet_root, tmp_path):
+    """``compile=...`` compiles the backbone in place (here the aot_eager backend: dynamo and AOT autograd without
+    inductor's C++ build, which takes a minute on a CPU): graphs are captured, outputs and gradients are the
+    eager ones, and checkpoints keep the plain parameter names."""
+    import torch
+    from hydra.utils import instantiate
+    from torch._dynamo.utils import counters
+
+    from conftest import compose
+
+    cfg = compose(*TINY_CLS, f"data.root={imagenet_root}", f"output_dir={tmp_path}")
+    torch.manual_seed(0)
+    eager = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    compiled = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_backbone(backend="aot_eager")
+    counters.clear()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(compiled(x), eager(x))
+    compiled(x).sum().backward(), eager(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(compiled.backbone.patch_embed.proj.weight.grad, eager.backbone.patch_embed.proj.weight.grad)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+
+    run = tmp_path / "run"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "compile={backend:aot_eager}",
+                     "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.compile({'backend': 'aot_eager'}) of the backbone's forward, forward_pooled" in (run / "cli.log").read_text()
+    keys = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert "backbone.patch_embed.proj.weight" in keys and not any("_orig_mod" in k for k in keys)

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain import ConfigError
 from vtrain.callbacks import MetricsJSON
@@ -41,6 +41,9 @@ def run(cfg: DictConfig) -> float | None:
             module.load_pretrained(cfg.pretrained)
         if cfg.mode == "eval" and cfg.get("ckpt_path"):
             load_task_weights(module, cfg.ckpt_path)
+        if cfg.get("compile"):  # true, or torch.compile's arguments: {mode: max-autotune}, {backend: ...}
+            options = cfg.compile if isinstance(cfg.compile, DictConfig) else {}
+            module.compile_backbone(**OmegaConf.to_container(DictConfig(options)))
     except Exception as e:  # noqa: BLE001 - Hydra wraps errors raised in constructors: find ours inside
         cause = e
         while cause is not None and not isinstance(cause, ConfigError):

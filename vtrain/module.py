@@ -1,6 +1,7 @@
 """The LightningModule every task subclasses: optimizer, schedule and pretrained weights, written once."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
@@ -9,6 +10,8 @@ from timm.scheduler.scheduler import Scheduler
 
 from vtrain.backbones.base import Backbone
 from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
+
+log = logging.getLogger(__name__)
 
 
 class TaskModule(pl.LightningModule):
@@ -42,6 +45,17 @@ class TaskModule(pl.LightningModule):
         skipped = {id(p) for level in range(4) if level not in self.feature_levels()
                    for module in backbone.level_modules(level) for p in module.parameters() if p.requires_grad}
         return [name for name, p in self.named_parameters() if id(p) in skipped]
+
+    def compile_backbone(self, **kwargs: Any) -> None:
+        """``torch.compile`` the backbone's entry points in place (``forward``, which dense heads call, and
+        ``forward_pooled``, which classifiers call): parameter names, hence checkpoints, do not change."""
+        compiled = []
+        for name in ("forward", "forward_pooled"):
+            method = getattr(self.backbone, name, None)
+            if method is not None:
+                setattr(self.backbone, name, torch.compile(method, **kwargs))
+                compiled.append(name)
+        log.info("torch.compile(%s) of the backbone's %s", kwargs or "", ", ".join(compiled))
 
     # ----------------------------------------------------------------- optimisation
     def total_batch_size(self) -> int:
