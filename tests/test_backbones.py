@@ -327,3 +327,36 @@ def test_unknown_relation_block_options_are_named():
     blocks = non_local_blocks({"stages": [False, True, True, False], "after_blocks": [1], "sub_sample": True}, None,
                               (3, 4, 6, 3), (256, 512, 1024, 2048), dim=3)
     assert list(blocks) == ["layer2_1", "layer3_1"] and blocks["layer3_1"].sub_sample is not None
+
+
+@pytest.mark.parametrize("name", ["resnet_nl", "swin", "vit"])
+def test_grad_checkpointing_recomputes_blocks_and_changes_nothing_else(name):
+    """Same outputs and gradients; each checkpointed block runs twice per step (forward, then recomputed in
+    backward). BatchNorm in eval mode here, as its running statistics see the recomputation."""
+    def build():
+        torch.manual_seed(0)
+        if name == "resnet_nl":
+            model = ResNet(depth=26, nl={"stages": [False, True, False, False], "after_blocks": [0]})
+        elif name == "swin":
+            model = SwinTransformer(**TINY_SWIN)
+        else:
+            model = VisionTransformer(**TINY_VIT)
+        return model.eval()
+
+    size = 32 if name == "vit" else 64
+    x = torch.randn(2, 3, size, size)
+    plain, checkpointed = build(), build()
+    checkpointed.set_grad_checkpointing()
+    blocks = [m for m in checkpointed.modules() if type(m).__name__ in ("Bottleneck", "SwinTransformerBlock", "Block")]
+    calls = []
+    for block in blocks:  # a pre-hook: the recomputation stops as soon as it has what backward needs
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    outputs = [model.forward_pooled(x) for model in (plain, checkpointed)]
+    torch.testing.assert_close(outputs[1], outputs[0])
+    calls.clear()
+    for model in (plain, checkpointed):
+        model.forward_pooled(x).square().sum().backward()
+    assert len(calls) == 2 * len(blocks)
+    for (key, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, msg=key)

@@ -395,3 +395,11 @@ def test_quickstart_video_beats_a_framewise_model(tmp_path):
     # frame-wise (micro 2D Swin, TSN average) 0.200; chance is 1/6, the frame-wise cap 1/2
     assert top1["temporal"] >= 0.75, top1
     assert top1["temporal"] - top1["framewise"] >= 0.4, top1
+
+
+def test_grad_checkpointing_on_a_video_model_is_a_one_line_error(kinetics_root, tmp_path):
+    result = run_cli("experiment=quickstart_video", f"data.root={kinetics_root}", "grad_checkpointing=true",
+                     f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: grad_checkpointing: I3DResNet does not support it; the 2D backbones (ResNet, LR-Net, Swin, ViT) do")

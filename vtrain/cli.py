@@ -41,6 +41,8 @@ def run(cfg: DictConfig) -> float | None:
             module.load_pretrained(cfg.pretrained)
         if cfg.mode == "eval" and cfg.get("ckpt_path"):
             load_task_weights(module, cfg.ckpt_path)
+        if cfg.get("grad_checkpointing"):
+            module.set_grad_checkpointing()
         if cfg.get("compile"):  # true, or torch.compile's arguments: {mode: max-autotune}, {backend: ...}
             options = cfg.compile if isinstance(cfg.compile, DictConfig) else {}
             module.compile_backbone(**OmegaConf.to_container(DictConfig(options)))

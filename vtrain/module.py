@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from timm.scheduler.scheduler import Scheduler
 
+from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
 from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
 
@@ -45,6 +46,14 @@ class TaskModule(pl.LightningModule):
         skipped = {id(p) for level in range(4) if level not in self.feature_levels()
                    for module in backbone.level_modules(level) for p in module.parameters() if p.requires_grad}
         return [name for name, p in self.named_parameters() if id(p) in skipped]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the backbone (:meth:`vtrain.backbones.base.Backbone.set_grad_checkpointing`)."""
+        setter = getattr(self.backbone, "set_grad_checkpointing", None)
+        if setter is None:
+            raise ConfigError(f"grad_checkpointing: {type(self.backbone).__name__} does not support it; "
+                              "the 2D backbones (ResNet, LR-Net, Swin, ViT) do")
+        setter(enable)
 
     def compile_backbone(self, **kwargs: Any) -> None:
         """``torch.compile`` the backbone's entry points in place (``forward``, which dense heads call, and

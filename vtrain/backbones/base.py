@@ -32,6 +32,7 @@ class Backbone(nn.Module):
     out_channels: tuple[int, int, int, int]
     out_strides: tuple[int, int, int, int] = (4, 8, 16, 32)
     num_features: int
+    grad_checkpointing: bool = False
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -41,6 +42,12 @@ class Backbone(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's name and
+        semantics): activation memory of one block per stage, at the cost of a second forward. BatchNorm
+        layers see the recomputation too (their running statistics update twice per step)."""
+        self.grad_checkpointing = enable
 
     def level_modules(self, level: int) -> list[nn.Module]:
         """The modules only output ``level`` of ``forward`` goes through (Swin's output norm, a ViT pyramid

@@ -35,6 +35,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from timm.models.resnet import Bottleneck
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
@@ -166,8 +167,9 @@ class ResNet(Backbone):
         return self
 
     def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block_index, block in enumerate(self.stages[index]):
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
             name = f"layer{index + 1}_{block_index}"
             if name in self.non_local:
                 x = self.non_local[name](x)

@@ -115,6 +115,11 @@ class SwinTransformer(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if "relative_position_bias_table" in name}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        for stage in self.layers:
+            stage.grad_checkpointing = enable  # timm's stage checkpoints its blocks
+
     def level_modules(self, level: int) -> list[nn.Module]:
         return [self.out_norms[level]] if self.dense else []
 

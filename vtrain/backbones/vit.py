@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
@@ -122,7 +123,10 @@ class VisionTransformer(Backbone):
             self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size, num_prefix_tokens=1
         )
         tokens = torch.cat([self.cls_token.expand(n, -1, -1), patches.reshape(n, h * w, c)], dim=1)
-        return self.norm(self.blocks(tokens + pos_embed))
+        tokens = tokens + pos_embed
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return self.norm(checkpoint_seq(self.blocks, tokens))
+        return self.norm(self.blocks(tokens))
 
     def level_modules(self, level: int) -> list[nn.Module]:
         if not self.dense:
