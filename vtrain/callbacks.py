@@ -143,7 +143,7 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     the step that creates it, so SGD with momentum qualifies once every buffer exists."""
     if not optimizer.param_groups or not all(group.get("fused") for group in optimizer.param_groups):
         return False
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW included
         return True
     if isinstance(optimizer, torch.optim.SGD):
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -169,6 +169,7 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = 0
         self._pending: torch.Tensor | None = None  # device path: bad steps not read yet, and the last one
         self._last_bad: torch.Tensor | None = None
+        self._on_device: set[int] = set()  # optimizers found to skip on the device (it stays true once it is)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -178,7 +179,8 @@ class NonFiniteGuard(pl.Callback):
         if not grads:
             return
         bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        if self.skip_on_device and skips_on_device(optimizer):
+        if self.skip_on_device and (id(optimizer) in self._on_device or skips_on_device(optimizer)):
+            self._on_device.add(id(optimizer))
             optimizer.found_inf = bad.float()
             if self._pending is None:
                 self._pending = torch.zeros((), dtype=torch.long, device=bad.device)

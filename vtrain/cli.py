@@ -44,8 +44,8 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.get("grad_checkpointing"):
             module.set_grad_checkpointing()
         if cfg.get("compile"):  # true, or torch.compile's arguments: {mode: max-autotune}, {backend: ...}
-            options = cfg.compile if isinstance(cfg.compile, DictConfig) else {}
-            module.compile_backbone(**OmegaConf.to_container(DictConfig(options)))
+            options = OmegaConf.to_container(cfg.compile) if isinstance(cfg.compile, DictConfig) else {}
+            module.compile_backbone(**options)
     except Exception as e:  # noqa: BLE001 - Hydra wraps errors raised in constructors: find ours inside
         cause = e
         while cause is not None and not isinstance(cause, ConfigError):

@@ -146,13 +146,16 @@ class FCNHead(DecodeHead):
         if num_convs < 1 or (context is not None and num_convs < 2):
             raise ValueError(f"FCNHead needs num_convs >= {2 if context else 1} (got {num_convs})")
         self.in_index = in_index
-        self.levels = (in_index,)
         source = in_channels[in_index]
         self.convs = nn.ModuleList(
             ConvBNReLU(source if i == 0 else channels, channels, kernel_size, dilation) for i in range(num_convs)
         )
         self.context = context(channels) if context is not None else None
         self.conv_cat = ConvBNReLU(source + channels, channels, kernel_size) if concat_input else None
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return (self.in_index,)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         x = features[self.in_index]
