@@ -85,7 +85,13 @@ class EpochSeededIterator:
         return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._start(int(state["epoch"]), int(state["yielded"]))
+        epoch, yielded = int(state["epoch"]), int(state["yielded"])
+        if yielded >= len(self.sampler):
+            # A checkpoint written after the last batch of an epoch but before the loader noticed the end (Lightning
+            # knows the length, so it never draws the StopIteration): Lightning resumes into the next epoch with
+            # this very iterator, so what comes next is that epoch's first sample, not an empty remainder.
+            epoch, yielded = epoch + 1, 0
+        self._start(epoch, yielded)
 
 
 class ExactResume(pl.Callback):
