@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
+from vtrain import ConfigError
 from vtrain.backbones import LRNet, ResNet, SwinTransformer, VisionTransformer
 from vtrain.backbones.lrnet import paper_macs
 from vtrain.profiling import count_macs, count_params
@@ -66,14 +67,17 @@ class Classifier(nn.Module):
         return self.head(self.backbone.forward_pooled(x))
 
 
-def build_meta(name: str, dense: bool = False, *overrides: str) -> nn.Module:
+ALL_LEVELS = (0, 1, 2, 3)
+
+
+def build_meta(name: str, out_levels=None, *overrides: str) -> nn.Module:
     with torch.device("meta"):
-        return instantiate(backbone_config(name, *overrides), dense=dense)
+        return instantiate(backbone_config(name, *overrides), out_levels=out_levels)
 
 
 def build_meta_classifier(name: str) -> Classifier:
     with torch.device("meta"):
-        return Classifier(instantiate(backbone_config(name), dense=False))
+        return Classifier(instantiate(backbone_config(name)))
 
 
 # ---------------------------------------------------------------- sizes
@@ -121,7 +125,7 @@ def test_gcnet_adds_gc_blocks_of_the_configured_ratio_and_stages():
 
     base = count_params(build_meta("resnet50"))
     assert count_params(build_meta("gcnet_r50")) - base == gc_params(1 / 16, [0, 1, 1, 1]) == 2_521_741
-    custom = build_meta("gcnet_r50", False, "gc.ratio=0.25", "gc.stages=[true,false,false,true]")
+    custom = build_meta("gcnet_r50", None, "gc.ratio=0.25", "gc.stages=[true,false,false,true]")
     assert count_params(custom) - base == gc_params(0.25, [1, 0, 0, 1])
     assert custom.layer1[0].se is not None and custom.layer2[0].se is None
 
@@ -129,7 +133,7 @@ def test_gcnet_adds_gc_blocks_of_the_configured_ratio_and_stages():
 def test_non_local_placement():
     for name in ("nl_r50", "dnl_r50"):
         assert list(build_meta(name).non_local) == ["layer3_4"]  # before the last of c4's 6 blocks
-    every_other = build_meta("nl_r50", False, "nl.stages=[false,true,true,false]", "nl.after_blocks=[1,3,5]")
+    every_other = build_meta("nl_r50", None, "nl.stages=[false,true,true,false]", "nl.after_blocks=[1,3,5]")
     assert list(every_other.non_local) == ["layer2_1", "layer2_3", "layer3_1", "layer3_3", "layer3_5"]
 
 
@@ -137,15 +141,15 @@ def test_non_local_placement():
 
 
 def _check_features(backbone, features, height, width):
-    assert len(features) == 4
-    for feature, channels, stride in zip(features, backbone.out_channels, backbone.out_strides):
-        assert feature.shape[1:] == (channels, height // stride, width // stride)
+    assert len(features) == len(backbone.feature_info) == len(backbone.out_levels)
+    for feature, info in zip(features, backbone.feature_info):
+        assert feature.shape[1:] == (info.channels, height // info.reduction, width // info.reduction)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_four_nchw_maps_on_meta(name):
-    backbone = build_meta(name, dense=True)
-    assert backbone.out_strides == (4, 8, 16, 32)
+    backbone = build_meta(name, ALL_LEVELS)
+    assert [info.reduction for info in backbone.feature_info] == [4, 8, 16, 32]
     for height, width in [(224, 224), (160, 256)]:
         _check_features(backbone, backbone(torch.zeros(1, 3, height, width, device="meta")), height, width)
 
@@ -153,52 +157,76 @@ def test_four_nchw_maps_on_meta(name):
 @pytest.mark.parametrize(
     "backbone",
     [
-        lambda: SwinTransformer(**TINY_SWIN, dense=True),
-        lambda: VisionTransformer(**TINY_VIT, dense=True),
-        lambda: LRNet(depth=26, dense=True),
+        lambda levels: SwinTransformer(**TINY_SWIN, out_levels=levels),
+        lambda levels: VisionTransformer(**TINY_VIT, out_levels=levels),
+        lambda levels: LRNet(depth=26, out_levels=levels),
+        lambda levels: ResNet(depth=26, out_levels=levels),
     ],
-    ids=["swin", "vit", "lrnet26"],
+    ids=["swin", "vit", "lrnet26", "resnet26"],
 )
-def test_real_forward_square_and_non_square(backbone):
-    backbone = backbone()
-    for height, width in [(64, 64), (64, 96)]:
-        x = torch.randn(2, 3, height, width)
-        _check_features(backbone, backbone(x), height, width)
-        assert backbone.forward_pooled(x).shape == (2, backbone.num_features)
+def test_requested_levels_are_the_four_maps_subset(backbone):
+    """Any subset of levels gives exactly those maps of the all-levels model (same weights, same values)."""
+    torch.manual_seed(0)
+    full = backbone(ALL_LEVELS).eval()
+    for levels in [(1, 2, 3), (2,), (0, 3)]:
+        part = backbone(levels).eval()
+        part.load_state_dict({k: v for k, v in full.state_dict().items() if k in part.state_dict()})
+        for height, width in [(64, 64), (64, 96)]:
+            x = torch.randn(2, 3, height, width)
+            with torch.no_grad():
+                got, everything = part(x), full(x)
+            _check_features(part, got, height, width)
+            for level, feature in zip(levels, got):
+                torch.testing.assert_close(feature, everything[level])
 
 
 @pytest.mark.parametrize(
     "backbone",
-    [lambda: SwinTransformer(**TINY_SWIN, dense=True), lambda: VisionTransformer(**TINY_VIT, dense=True),
-     lambda: SwinTransformer(**TINY_SWIN), lambda: VisionTransformer(**TINY_VIT)],
-    ids=["swin-dense", "vit-dense", "swin", "vit"],
+    [lambda levels: SwinTransformer(**TINY_SWIN, out_levels=levels),
+     lambda levels: VisionTransformer(**TINY_VIT, out_levels=levels),
+     lambda levels: ResNet(depth=26, out_levels=levels)],
+    ids=["swin", "vit", "resnet26"],
 )
-def test_every_parameter_gets_a_gradient(backbone):
-    """No parameter without gradient under DDP: dense maps use all (and only) what dense builds;
-    the classifier's input uses all of a dense=False backbone."""
-    backbone = backbone()
-    x = torch.randn(2, 3, 64, 96 if backbone.__dict__.get("dense") else 64)
-    if backbone.dense:
-        loss = sum(f.mean() for f in backbone(x))
+@pytest.mark.parametrize("levels", [None, ALL_LEVELS, (1, 2, 3), (2,), (3,)], ids=str)
+def test_every_parameter_gets_a_gradient(backbone, levels):
+    """No parameter without gradient under DDP, whatever is asked for: a backbone builds what its requested
+    outputs need and nothing else (a classifier's trunk: what the pooled embedding needs)."""
+    backbone = backbone(levels)
+    if levels is None:
+        loss = Classifier(backbone, 10)(torch.randn(2, 3, 64, 64)).sum()
     else:
-        loss = Classifier(backbone, 10)(x).sum()
+        loss = sum(f.mean() for f in backbone(torch.randn(2, 3, 64, 96)))
     loss.backward()
-    missing = [n for n, p in backbone.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing
+    # DDP's condition: every parameter is in the graph (ResNet's zero-initialised last BN gives zeros, not None)
+    assert not [n for n, p in backbone.named_parameters() if p.grad is None]
 
 
-def test_dense_only_modules():
-    # per-stage output norms replace the final norm (Swin-T: 96, 192, 384 channels more)
-    assert count_params(build_meta("swin_t", dense=True)) - count_params(build_meta("swin_t")) == 2 * (96 + 192 + 384)
-    dense_vit = VisionTransformer(**TINY_VIT, dense=True)
+def test_modules_of_requested_levels_only():
+    # per-level output norms replace the final norm (Swin-T: 96, 192, 384 channels more)
+    assert count_params(build_meta("swin_t", ALL_LEVELS)) - count_params(build_meta("swin_t")) == 2 * (96 + 192 + 384)
+    assert count_params(build_meta("swin_t", (1, 2, 3))) - count_params(build_meta("swin_t")) == 2 * (192 + 384)
+    # the last stage and its norm are not built when no output needs them
+    assert count_params(build_meta("swin_t")) - count_params(build_meta("swin_t", (2,))) == (
+        count_params(build_meta("swin_t").layers[3]) + 2 * 768 - 2 * 384)
+    assert not hasattr(build_meta("resnet50", (0, 1)), "layer3")
+    dense_vit = VisionTransformer(**TINY_VIT, out_levels=ALL_LEVELS)
     assert {n.split(".")[0] for n, _ in dense_vit.named_parameters()} - {
         n.split(".")[0] for n, _ in VisionTransformer(**TINY_VIT).named_parameters()} == {"pyramid"}
-    assert dense_vit.out_channels == (16, 32, 64, 64)
+    assert [info.channels for info in dense_vit.feature_info] == [16, 32, 64, 64]
+    assert {n.split(".")[1] for n, _ in VisionTransformer(**TINY_VIT, out_levels=(1, 2)).named_parameters()
+            if n.startswith("pyramid")} == {"to_stride8"}
+
+
+def test_levels_are_checked():
+    with pytest.raises(ConfigError, match=r"out_levels=\[4\]"):
+        ResNet(depth=26, out_levels=(4,))
+    with pytest.raises(ConfigError, match="built as a classifier"):
+        ResNet(depth=26)(torch.randn(1, 3, 32, 32))
 
 
 def test_resnet_output_stride_8():
-    backbone = ResNet(50, output_stride=8)
-    assert backbone.out_strides == (4, 8, 8, 8)
+    backbone = ResNet(50, output_stride=8, out_levels=ALL_LEVELS)
+    assert [info.reduction for info in backbone.feature_info] == [4, 8, 8, 8]
     # first block of a dilated stage keeps the previous dilation (torchvision / mmseg contract_dilation)
     assert [backbone.layer3[0].conv2.dilation[0], backbone.layer3[1].conv2.dilation[0]] == [1, 2]
     assert [backbone.layer4[0].conv2.dilation[0], backbone.layer4[1].conv2.dilation[0]] == [2, 4]
@@ -211,7 +239,7 @@ def test_frozen_stages():
     assert all(p.requires_grad for p in resnet.layer3.parameters())
     assert not resnet.layer2[0].bn1.training and resnet.layer3[0].bn1.training
 
-    swin = SwinTransformer(**TINY_SWIN, frozen_stages=1, dense=True).train()
+    swin = SwinTransformer(**TINY_SWIN, frozen_stages=1, out_levels=ALL_LEVELS).train()
     frozen = {n for n, p in swin.named_parameters() if not p.requires_grad}
     assert {n.split(".")[0] for n in frozen} == {"patch_embed", "layers", "out_norms"}
     assert all(re.match(r"patch_embed|layers\.0\.|layers\.1\.downsample|out_norms\.0\.", n) for n in frozen)
@@ -265,12 +293,12 @@ def test_resnet_loads_torchvision_checkpoint():
 
 def test_context_block_resnets_load_plain_resnet_weights():
     torch.manual_seed(0)
-    plain = ResNet(50).eval()
+    plain = ResNet(50, out_levels=ALL_LEVELS).eval()
     x = torch.randn(1, 3, 64, 64)
     expected = plain(x)
     state_dict, _ = plain.checkpoint_filter(plain.state_dict())
     for name in ("gcnet_r50", "nl_r50", "dnl_r50"):
-        variant = instantiate(backbone_config(name)).eval()
+        variant = instantiate(backbone_config(name), out_levels=ALL_LEVELS).eval()
         result = variant.load_state_dict(state_dict, strict=False)
         assert not result.unexpected_keys
         assert result.missing_keys and all(".se." in k or k.startswith("non_local.") for k in result.missing_keys)
@@ -304,11 +332,11 @@ def test_swin_official_checkpoint_converts_back_exactly():
     assert torch.equal(classifier_sd["weight"], timm_sd["head.fc.weight"]) and classifier_sd.keys() == {"weight", "bias"}
 
     # into a dense backbone: the final norm becomes the last stage's output norm
-    dense = SwinTransformer(**TINY_SWIN, dense=True)
+    dense = SwinTransformer(**TINY_SWIN, out_levels=ALL_LEVELS)
     result = dense.load_state_dict(dense.checkpoint_filter(official)[0], strict=False)
     assert not result.unexpected_keys
     assert sorted(result.missing_keys) == [f"out_norms.{i}.{p}" for i in range(3) for p in ("bias", "weight")]
-    assert torch.equal(dense.out_norms[3].weight, timm_sd["norm.weight"])
+    assert torch.equal(dense.out_norms["3"].weight, timm_sd["norm.weight"])
 
     # into a larger window: relative position bias tables are resized
     wider = SwinTransformer(**{**TINY_SWIN, "window_size": 8})

@@ -59,3 +59,15 @@ def test_ddp_evaluation_equals_single_process(fitted, coco_root, tmp_path):
     ddp_results = json.loads((tmp_path / "detections_bbox.json").read_text())
     fit_results = json.loads((fit_dir / "detections_bbox.json").read_text())
     assert sorted(r["image_id"] for r in ddp_results) == sorted(r["image_id"] for r in fit_results)
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_one_stage_detectors_on_swin_train_under_ddp(coco_root, tmp_path, detector):
+    """RetinaNet and FCOS read C3-C5: the Swin is built without a C2 output norm, so plain DDP (no search for
+    unused parameters) trains (it stopped with DDP's unused-parameter error when C2's norm existed)."""
+    result = run_cli("experiment=quickstart_det", f"task.detector={detector}", "data.masks=false",
+                     f"data.root={coco_root}", "trainer=ddp_cpu", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.num_workers=0",
+                     "callbacks.progress_bar=null", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 2

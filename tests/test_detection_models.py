@@ -14,6 +14,8 @@ from tasks.detection.module import DetectionTask
 
 TINY_SWIN = dict(_target_="vtrain.backbones.SwinTransformer", img_size=64, embed_dim=32, depths=[1, 1, 2, 1],
                  num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0)
+TINY_VIT = dict(_target_="vtrain.backbones.VisionTransformer", img_size=64, patch_size=16, embed_dim=64, depth=1,
+                num_heads=2, drop_path_rate=0.0)
 RESNET50 = dict(_target_="vtrain.backbones.ResNet", depth=50, frozen_stages=1)
 OPTIM = dict(_target_="torch.optim.AdamW", lr=1e-4, weight_decay=0.05)
 SCHED = dict(name="multistep", milestones_epochs=[8, 11])
@@ -55,7 +57,7 @@ def ground_truth(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("backbone", [RESNET50, TINY_SWIN], ids=["resnet50", "swin"])
+@pytest.mark.parametrize("backbone", [RESNET50, TINY_SWIN, TINY_VIT], ids=["resnet50", "swin", "vit"])
 @pytest.mark.parametrize("detector", ["mask_rcnn", "faster_rcnn", "retinanet", "fcos"])
 def test_train_step_and_evaluation(backbone, detector, ground_truth):
     torch.manual_seed(0)
@@ -69,10 +71,13 @@ def test_train_step_and_evaluation(backbone, detector, ground_truth):
     loss = sum(losses.values())
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
-    # gradients reach the backbone (through the FPN) and the detector head
-    last_stage = task.backbone.layer4 if hasattr(task.backbone, "layer4") else task.backbone.layers[-1]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in last_stage.parameters())
-    assert all(p.grad is None for p in task.backbone.conv1.parameters()) if hasattr(task.backbone, "conv1") else True
+    # DDP's condition: every trainable parameter is reached, backbone included (it is built with the levels the
+    # detector's pyramid reads, nothing more); ResNet's frozen stem and first stage (frozen_stages=1) are not
+    reached = {n for n, p in task.named_parameters() if p.grad is not None}
+    assert reached == {n for n, p in task.named_parameters() if p.requires_grad}
+    assert task.backbone.out_levels == task.spec.levels
+    if backbone is RESNET50:
+        assert "backbone.conv1.weight" not in reached and "backbone.layer2.0.conv1.weight" in reached
 
     task.eval()
     with torch.no_grad():
@@ -87,6 +92,14 @@ def test_train_step_and_evaluation(backbone, detector, ground_truth):
     evaluator.update([1, 2], outputs)
     summary = evaluator.compute()
     assert set(summary) >= set(task.spec.iou_types) and 0.0 <= summary["bbox"]["AP"] <= 1.0
+
+
+def test_a_dilated_backbone_is_refused_with_one_line():
+    from vtrain import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task.detector=retinanet needs backbone outputs at strides \[8, 16, 32\], "
+                                          r"ResNet gives \[8, 8, 8\]"):
+        _task(dict(RESNET50, output_stride=8), "retinanet")
 
 
 def test_pyramids_and_keys():

@@ -185,9 +185,8 @@ def test_every_head_trains_and_infers_at_input_size(backbone):
         losses["loss"].backward()
         head_grads = [p.grad for p in module.head.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in head_grads), head
-        # what DDP would stop on: parameters without a gradient are exactly the ones the module names
-        no_grad = {name for name, p in module.named_parameters() if p.requires_grad and p.grad is None}
-        assert no_grad == set(module.unused_parameters()), head
+        # what DDP would stop on: a parameter without a gradient (the backbone builds only what the heads read)
+        assert not [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None], head
         module.eval()
         probs = module.predict_probs(image)
         assert probs.shape == (1, 6, 50, 70), head
@@ -196,35 +195,25 @@ def test_every_head_trains_and_infers_at_input_size(backbone):
         assert module.predict_probs(image).shape == (1, 6, 50, 70), head
 
 
-def test_heads_reading_some_levels_name_the_unused_backbone_modules():
-    """An FCN-style head reads C4/C5: a transformer's output modules of C2/C3 get no gradient, which DDP must be
-    told about; UperNet reads all four. The names match the parameters left without a gradient."""
-    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64))
+def test_the_backbone_is_built_with_the_levels_the_heads_read():
+    """FCN-style heads read C5 (aux: C4): a transformer then has no output modules for C2/C3 (nothing DDP would
+    find without a gradient); UperNet reads all four."""
+    def output_modules(backbone):  # Swin's per-level norms, ViT's pyramid branches
+        return {".".join(n.split(".")[:2]) for n, _ in backbone.named_parameters() if n.split(".")[0] in
+                ("out_norms", "pyramid")}
+
     expected = {
-        "swin": ({"backbone.out_norms.0.weight", "backbone.out_norms.0.bias",
-                  "backbone.out_norms.1.weight", "backbone.out_norms.1.bias"}, TINY_SWIN),
-        "vit": ({f"backbone.pyramid.{name}" for name in (
-            "to_stride4.0.weight", "to_stride4.0.bias", "to_stride4.1.weight", "to_stride4.1.bias",
-            "to_stride4.3.weight", "to_stride4.3.bias", "to_stride8.weight", "to_stride8.bias")}, TINY_VIT),
+        ("swin", "fcn"): {"out_norms.2", "out_norms.3"},
+        ("swin", "upernet"): {"out_norms.0", "out_norms.1", "out_norms.2", "out_norms.3"},
+        ("vit", "fcn"): set(),
+        ("vit", "upernet"): {"pyramid.to_stride4", "pyramid.to_stride8"},
     }
-    for name, (unused, bb) in expected.items():
-        for head, names in (("fcn", unused), ("upernet", set())):
-            module = _module(f"task.head={head}", *bb, *NARROW_HEADS)
-            assert set(module.unused_parameters()) == names, (name, head)
-            module.losses(images, labels)["loss"].backward()
-            assert {n for n, p in module.named_parameters() if p.grad is None} == names, (name, head)
-    assert _module("task.head=fcn", *RESNET, *NARROW_HEADS).unused_parameters() == []
-
-
-def test_ddp_looks_for_unused_parameters_only_when_some_exist(tmp_path):
-    from vtrain.trainer import build_trainer
-
-    for head, find_unused in (("fcn", True), ("upernet", False)):
-        cfg = compose("task=segmentation", "data=ade20k", "data.num_classes=6", "trainer=ddp_cpu",
-                      f"output_dir={tmp_path}", f"task.head={head}", *TINY_SWIN, *NARROW_HEADS)
-        module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
-        trainer = build_trainer(cfg, module)
-        assert trainer.strategy._ddp_kwargs.get("find_unused_parameters", False) is find_unused, head
+    for (name, head), modules in expected.items():
+        module = _module(f"task.head={head}", *(TINY_SWIN if name == "swin" else TINY_VIT), *NARROW_HEADS)
+        assert module.backbone.out_levels == ((2, 3) if head == "fcn" else (0, 1, 2, 3)), (name, head)
+        assert output_modules(module.backbone) == modules, (name, head)
+    with pytest.raises(Exception, match="has no in_index"):
+        _module("task.head=upernet", "~task.heads.upernet.in_index", *TINY_SWIN, *NARROW_HEADS)
 
 
 def test_slide_multiscale_and_flip():

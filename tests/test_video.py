@@ -213,7 +213,7 @@ def test_i3d_inflated_from_2d_resnet_matches_it_away_from_temporal_borders(tmp_p
     from vtrain.backbones import ResNet
 
     torch.manual_seed(0)
-    resnet = ResNet(depth=50).eval()
+    resnet = ResNet(depth=50, out_levels=(3,)).eval()
     randomise_norms(resnet)
     torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")  # torchvision / timm keys
     cfg = compose("experiment=i3d_r50_nl_k400", "trainer=cpu", "output_dir=/tmp/vtrain-test-video")

@@ -79,11 +79,9 @@ class Classifier(nn.Module):
         return self.head(self.backbone.forward_pooled(x))
 
 
-def build_classifier(backbone_cfg: Mapping, num_classes: int = 1000, dense: bool | None = False) -> Classifier:
-    """``dense=False``: an image backbone without its dense-only modules; None: a model that takes no such
-    argument (video backbones)."""
-    backbone = instantiate(backbone_cfg) if dense is None else instantiate(backbone_cfg, dense=dense)
-    return Classifier(backbone, num_classes)
+def build_classifier(backbone_cfg: Mapping, num_classes: int = 1000) -> Classifier:
+    """An image or video backbone built as a classifier's trunk (its default) with a linear classifier."""
+    return Classifier(instantiate(backbone_cfg), num_classes)
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:

@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> float | None:
         return _fail(cause)
 
     with hydra_ddp_job():
-        trainer = build_trainer(cfg, module)
+        trainer = build_trainer(cfg)
         if cfg.mode == "train":
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             if _final_weights_unvalidated(trainer):

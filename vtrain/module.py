@@ -9,7 +9,6 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 
 from vtrain import ConfigError
-from vtrain.backbones.base import Backbone
 from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
 
 log = logging.getLogger(__name__)
@@ -33,20 +32,6 @@ class TaskModule(pl.LightningModule):
         self.summary_metrics: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- model
-    def feature_levels(self) -> set[int]:
-        """The backbone outputs the heads read (all four unless a task says otherwise)."""
-        return {0, 1, 2, 3}
-
-    def unused_parameters(self) -> list[str]:
-        """Names of the trainable parameters no forward pass reaches: those of backbone outputs no head reads.
-        Non-empty means DDP must be built with ``find_unused_parameters=True``."""
-        backbone = getattr(self, "backbone", None)
-        if not isinstance(backbone, Backbone):  # e.g. a whole video model
-            return []
-        skipped = {id(p) for level in range(4) if level not in self.feature_levels()
-                   for module in backbone.level_modules(level) for p in module.parameters() if p.requires_grad}
-        return [name for name, p in self.named_parameters() if id(p) in skipped]
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the backbone (:meth:`vtrain.backbones.base.Backbone.set_grad_checkpointing`)."""
         setter = getattr(self.backbone, "set_grad_checkpointing", None)

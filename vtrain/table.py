@@ -116,9 +116,8 @@ class Row:
         return int(self.spec.get("num_classes") or self.table.get("num_classes") or 1000)
 
     def _build(self):
-        image_backbone = self.table.get("backbone_group", "backbone") == "backbone"
         try:
-            return build_classifier(self.backbone_config(), self.num_classes(), dense=False if image_backbone else None)
+            return build_classifier(self.backbone_config(), self.num_classes())
         except Unmeasured:
             raise
         except Exception as e:  # noqa: BLE001 - a backbone still being written: say so in a footnote

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,8 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
 
 
-def build_trainer(cfg: DictConfig, module: Any = None) -> pl.Trainer:
-    """The configured trainer. Under ``strategy=ddp``, a ``module`` (a :class:`vtrain.module.TaskModule`)
-    with parameters no forward pass reaches (a head that reads some backbone outputs only) switches DDP to
-    ``ddp_find_unused_parameters_true``, which would otherwise stop at the first step."""
-    unused = module.unused_parameters() if module is not None and cfg.trainer.get("strategy") == "ddp" else []
-    if unused:
-        with read_write(cfg), open_dict(cfg):
-            cfg.trainer.strategy = "ddp_find_unused_parameters_true"
-        log.info("%d parameters get no gradient (%s, ...): trainer.strategy=%s", len(unused), unused[0],
-                 cfg.trainer.strategy)
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    """The configured trainer, its callbacks and loggers; the loggers record the whole resolved config."""
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -29,7 +29,7 @@ class ClassificationTask(TaskModule):
     ):
         super().__init__(optim, sched)
         self.monitor, self.monitor_mode = monitor, monitor_mode
-        self.backbone = instantiate(backbone, dense=False)
+        self.backbone = instantiate(backbone)  # a classifier's trunk (out_levels=None)
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(self.backbone.num_features, num_classes)
         self.mixup = Mixup(**dict(mixup), label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
@@ -44,7 +44,7 @@ class ClassificationTask(TaskModule):
         self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # With a reference backbone (dense=False) this is exactly the reference classifier.
+        # With a reference backbone this is exactly the reference classifier.
         return self.head(self.head_drop(self.backbone.forward_pooled(x)))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

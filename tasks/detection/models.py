@@ -2,7 +2,8 @@
 
 The detectors are torchvision's own classes, composed by constructor arguments; only the part
 torchvision builds for its ResNets (``BackboneWithFPN``) is replaced, by :class:`FeaturePyramid`, which
-takes the backbone contract (NCHW maps at strides 4/8/16/32 with ``out_channels``).
+takes the backbone contract: the task builds the backbone with the levels its detector's pyramid reads
+(``DetectorSpec.levels``), and the pyramid takes their channels from ``feature_info``.
 
 Each detector gets the pyramid its paper uses:
 
@@ -30,7 +31,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from vtrain.backbones.base import Backbone
+from vtrain.backbones.base import Backbone, require_reductions
 
 
 class P6P7(LastLevelP6P7):
@@ -50,26 +51,24 @@ class FeaturePyramid(nn.Module):
     weights and the backbone lr multiplier; here it is only called, so its parameters exist once.
     """
 
-    def __init__(self, backbone: Backbone, levels: Sequence[int], out_channels: int, extra_block: ExtraFPNBlock):
+    def __init__(self, backbone: Backbone, out_channels: int, extra_block: ExtraFPNBlock):
         super().__init__()
         object.__setattr__(self, "body", backbone)  # not a submodule: see the class doc
-        self.levels = tuple(levels)
         self.fpn = FeaturePyramidNetwork(
-            [backbone.out_channels[i] for i in self.levels], out_channels, extra_blocks=extra_block
+            [info.channels for info in backbone.feature_info], out_channels, extra_blocks=extra_block
         )
         self.out_channels = out_channels
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        features = self.body(images)
         # Names "0".."3" are the levels torchvision's MultiScaleRoIAlign pools from by default.
-        return self.fpn(OrderedDict((str(i), features[i]) for i in self.levels))
+        return self.fpn(OrderedDict((str(level), x) for level, x in zip(self.body.out_levels, self.body(images))))
 
 
 class DetectorSpec(NamedTuple):
     """How one of torchvision's detectors is put on a backbone."""
 
     cls: type[nn.Module]
-    levels: tuple[int, ...]  # backbone maps (0 = stride 4) that feed the FPN
+    levels: tuple[int, ...]  # backbone levels (0 = stride 4) that feed the FPN: what the backbone is built with
     extra_levels: str  # "maxpool" (P6 = max-pool of P5) | "p6p7_from_c5" | "p6p7_from_p5"
     masks: bool  # predicts instance masks
 
@@ -109,7 +108,7 @@ def build_detector(
     mask_head_dims: Sequence[int] = (256, 256, 256, 256),
     **detector_kwargs: Any,
 ) -> nn.Module:
-    """A torchvision detector on ``backbone``.
+    """A torchvision detector on ``backbone``, built with ``out_levels=detector_spec(name).levels``.
 
     Args:
         name: ``mask_rcnn`` | ``faster_rcnn`` | ``retinanet`` | ``fcos``.
@@ -122,8 +121,11 @@ def build_detector(
             ``box_batch_size_per_image``, ``score_thresh``, ...).
     """
     spec = detector_spec(name)
+    if backbone.out_levels != spec.levels:
+        raise ValueError(f"{name} reads backbone levels {spec.levels}, the backbone gives {backbone.out_levels}")
+    require_reductions(backbone, [4 * 2**level for level in spec.levels], f"task.detector={name}")
     pyramid = FeaturePyramid(
-        backbone, spec.levels, fpn_channels, _extra_block(spec.extra_levels, backbone.out_channels[-1], fpn_channels)
+        backbone, fpn_channels, _extra_block(spec.extra_levels, backbone.feature_info[-1].channels, fpn_channels)
     )
     if spec.cls in (MaskRCNN, FasterRCNN):
         resolution = 7  # torchvision's MultiScaleRoIAlign output for boxes

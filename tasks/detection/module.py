@@ -64,7 +64,7 @@ class DetectionTask(TaskModule):
         except ValueError as e:
             raise ConfigError(f"task.detector: {e}") from e
         self.batch_norm, self.evaluator_backend = batch_norm, evaluator
-        self.backbone = _with_batch_norm(instantiate(backbone, dense=True), batch_norm)
+        self.backbone = _with_batch_norm(instantiate(backbone, out_levels=self.spec.levels), batch_norm)
         self.detector = build_detector(
             detector,
             self.backbone,

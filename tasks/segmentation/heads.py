@@ -11,17 +11,20 @@ comparable with theirs:
   with which the GCNet and DNL papers report their segmentation results; with one conv and no
   concatenation it is the auxiliary head on stage 3 (loss weight 0.4, PSPNet's deep supervision).
 
-Every head takes the backbone's ``in_channels`` (one per stage) and ``num_classes``; the task module passes
-both, the config gives the rest. Convs are conv -> BatchNorm -> ReLU (SyncBN under DDP comes from
+Every head names in ``in_index`` the backbone levels it reads (0..3: strides 4..32; mmseg's name), a config
+value the task reads before it builds the backbone with those levels (:func:`head_levels`). The task then
+passes ``in_channels`` and, in ``forward``, the features, both keyed by level; the config gives the rest. Convs are conv -> BatchNorm -> ReLU (SyncBN under DDP comes from
 ``trainer.sync_batchnorm``); the classifier is dropout (``Dropout2d``, 0.1) then a 1x1 conv.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vtrain import ConfigError
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -42,11 +45,17 @@ class ConvBNReLU(nn.Sequential):
         super().__init__(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-class DecodeHead(nn.Module):
-    """What every head ends with: ``Dropout2d`` then a 1x1 classifier, initialised N(0, 0.01) as mmseg.
-    ``levels``: the backbone outputs the head reads."""
+def head_levels(head: Mapping) -> tuple[int, ...]:
+    """The backbone levels a head config reads (its ``in_index``), known before anything is built."""
+    if head.get("in_index") is None:
+        raise ConfigError(f"head {head.get('_target_')} has no in_index: name the backbone levels it reads "
+                          "(0..3 = strides 4..32), e.g. in_index: [0, 1, 2, 3]")
+    index = head["in_index"]
+    return (int(index),) if isinstance(index, int) else tuple(int(i) for i in index)
 
-    levels: tuple[int, ...] = (0, 1, 2, 3)
+
+class DecodeHead(nn.Module):
+    """What every head ends with: ``Dropout2d`` then a 1x1 classifier, initialised N(0, 0.01) as mmseg."""
 
     def __init__(self, channels: int, num_classes: int, dropout: float):
         super().__init__()
@@ -76,7 +85,8 @@ class UperNetHead(DecodeHead):
     """UperNet on four backbone stages; logits at the stride of the first one (4).
 
     Args:
-        in_channels: channels of the four backbone outputs.
+        in_channels: channels of the backbone outputs, by level.
+        in_index: the levels it reads, shallowest first (0, 1, 2, 3): a PPM on the last, an FPN on the others.
         num_classes: classifier outputs.
         channels: width of every lateral / FPN / fusion conv (512 in the paper and mmseg).
         pool_scales: PPM bins on the last stage (1, 2, 3, 6).
@@ -85,22 +95,24 @@ class UperNetHead(DecodeHead):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: Mapping[int, int],
         num_classes: int,
+        in_index: Sequence[int],
         channels: int = 512,
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         dropout: float = 0.1,
     ):
         super().__init__(channels, num_classes, dropout)
-        *lower, top = in_channels
+        self.in_index = tuple(in_index)
+        *lower, top = [in_channels[level] for level in self.in_index]
         self.ppm = PyramidPoolingModule(top, channels, pool_scales)
         self.ppm_bottleneck = ConvBNReLU(top + len(pool_scales) * channels, channels, 3)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in lower)
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in lower)
-        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+        self.fpn_bottleneck = ConvBNReLU(len(self.in_index) * channels, channels, 3)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        *lower, top = features
+    def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        *lower, top = [features[level] for level in self.in_index]
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, lower)]
         laterals.append(self.ppm_bottleneck(torch.cat([top, *self.ppm(top)], dim=1)))
         for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
@@ -118,9 +130,9 @@ class FCNHead(DecodeHead):
     of the chosen stage (8 on a dilated "-D8" ResNet).
 
     Args:
-        in_channels: channels of the four backbone outputs; the head reads ``in_channels[in_index]``.
+        in_channels: channels of the backbone outputs, by level.
         num_classes: classifier outputs.
-        in_index: which backbone output (3: C5, the decode head; 2: C4, the auxiliary head).
+        in_index: the level it reads (3: C5, the decode head; 2: C4, the auxiliary head).
         channels: conv width (512 decode, 256 auxiliary).
         num_convs: 3x3 convs before the concatenation (2 decode, 1 auxiliary).
         concat_input: concatenate the input to the conv output and fuse with one more 3x3 conv.
@@ -131,9 +143,9 @@ class FCNHead(DecodeHead):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: Mapping[int, int],
         num_classes: int,
-        in_index: int = 3,
+        in_index: int,
         channels: int = 512,
         num_convs: int = 2,
         kernel_size: int = 3,
@@ -153,11 +165,7 @@ class FCNHead(DecodeHead):
         self.context = context(channels) if context is not None else None
         self.conv_cat = ConvBNReLU(source + channels, channels, kernel_size) if concat_input else None
 
-    @property
-    def levels(self) -> tuple[int, ...]:
-        return (self.in_index,)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
         x = features[self.in_index]
         out = self.convs[0](x)
         if self.context is not None:

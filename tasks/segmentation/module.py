@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from tasks.segmentation.heads import head_levels
 from tasks.segmentation.inference import predict
 from tasks.segmentation.metrics import SegmentationMetrics
 from vtrain import ConfigError
@@ -24,7 +25,8 @@ from vtrain.module import TaskModule
 class SegmentationTask(TaskModule):
     """
     Args:
-        backbone, optim, sched: configs (``TaskModule``); the backbone is built with ``dense=True``.
+        backbone, optim, sched: configs (``TaskModule``); the backbone is built with the levels the heads
+            read (their ``in_index``).
         num_classes: classes (150 on ADE20K), without the ignore index.
         head: name of the decode head among ``heads``.
         heads: configs of the available decode heads (``conf/task/head/*.yaml``); the chosen one gets
@@ -65,16 +67,14 @@ class SegmentationTask(TaskModule):
         self.inference_cfg = dict(inference or {})
         if head not in heads:
             raise ConfigError(f"task.head={head} is not a head: use one of {', '.join(heads)}")
-        self.backbone = instantiate(backbone, dense=True)
-        channels = list(self.backbone.out_channels)
+        levels = {level for cfg in (heads[head], aux_head) if cfg for level in head_levels(cfg)}
+        self.backbone = instantiate(backbone, out_levels=sorted(levels))
+        channels = {info.level: info.channels for info in self.backbone.feature_info}
         self.head = instantiate(heads[head], in_channels=channels, num_classes=num_classes)
         self.aux_head = instantiate(aux_head, in_channels=channels, num_classes=num_classes) if aux_head else None
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
 
     # ------------------------------------------------------------------ model
-    def feature_levels(self) -> set[int]:
-        return {level for head in (self.head, self.aux_head) if head is not None for level in head.levels}
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, C, H, W) at the input's size (mmseg ``encode_decode``)."""
         return self._logits(images)[0]
@@ -84,7 +84,7 @@ class SegmentationTask(TaskModule):
         d = self.size_divisor
         pad_h, pad_w = (-h) % d, (-w) % d
         x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-        features = self.backbone(x)
+        features = dict(zip(self.backbone.out_levels, self.backbone(x)))
         heads = [self.head, self.aux_head] if with_aux and self.aux_head is not None else [self.head]
         outputs = []
         for head in heads:

@@ -1,4 +1,4 @@
-"""Backbones: every class returns NCHW maps at strides 4/8/16/32 (see ``base.Backbone``)."""
+"""Backbones: a classifier trunk, or NCHW maps at the requested levels of strides 4/8/16/32 (see ``base.Backbone``)."""
 from vtrain.backbones.base import Backbone
 from vtrain.backbones.lrnet import LRNet
 from vtrain.backbones.resnet import ResNet

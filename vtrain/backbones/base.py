@@ -1,44 +1,83 @@
-"""The one contract between a backbone and every task head.
+"""The one contract between a backbone and every task head (timm's ``features_only`` / ``out_indices`` way).
 
-A backbone is an ``nn.Module`` that
+A task asks a backbone, when it builds it, for what its heads read:
 
-* returns, from ``forward(x)``, four NCHW feature maps at strides 4, 8, 16, 32
-  (``out_strides``) with ``out_channels[i]`` channels each: detection, segmentation
-  and any other dense head use these and nothing else;
-* returns, from ``forward_pooled(x)``, the ``(N, num_features)`` embedding that a
-  classifier's linear layer sees (ResNet: global average of C5; Swin: final norm
-  then average; ViT: the class token after the final norm);
-* names, in ``no_weight_decay()``, the parameters (relative to itself) that the
-  recipes exclude from weight decay beyond the generic rule (1-D tensors and
-  biases): position tables, class tokens, ...;
-* converts, in ``checkpoint_filter(state_dict)``, a reference classification
-  checkpoint (official release, timm, torchvision) into its own keys, splitting off
-  the classifier's ``weight``/``bias`` when present.
+* ``out_levels=None`` (the default), a classifier: ``forward_pooled(x)`` returns the ``(N, num_features)``
+  embedding a linear classifier sees (ResNet: global average of C5; Swin: final norm then average; ViT: the
+  class token after the final norm). The model is then exactly the reference classifier's trunk (same
+  parameters, same keys as timm / the official release).
+* ``out_levels=(1, 2, 3)`` (any subset of 0..3, level ``i`` at stride ``4 * 2**i`` in a standard backbone):
+  ``forward(x)`` returns those NCHW maps, in that order, and ``feature_info`` describes each (level, channels,
+  reduction). Modules only some output needs (Swin's per-level output norms, a ViT pyramid branch) are built
+  for the requested levels only, and stages past the deepest one not at all, so every parameter of a backbone
+  feeds its outputs: nothing is left without a gradient under DDP.
 
-Modules only dense heads need (ViT's simple feature pyramid, Swin's per-stage output
-norms) exist only when the backbone is built with ``dense=True``: a classification
-model is then exactly the reference architecture (same parameter count, same keys),
-and no parameter is left without a gradient under DDP. A dense head that reads only some levels leaves
-the modules of the others (``level_modules``) without one; :meth:`vtrain.module.TaskModule.unused_parameters`
-names them so that DDP is told to look for them.
+Besides, a backbone names in ``no_weight_decay()`` the parameters (relative to itself) that the recipes
+exclude from weight decay beyond the generic rule (1-D tensors and biases), and converts in
+``checkpoint_filter(state_dict)`` a reference classification checkpoint (official release, timm, torchvision)
+into its own keys, splitting off the classifier's ``weight``/``bias``.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from vtrain import ConfigError
+
+LEVELS = (0, 1, 2, 3)
+
+
+class FeatureInfo(NamedTuple):
+    """One output of ``forward``: its level (0..3), channels and reduction (stride) from the input."""
+
+    level: int
+    channels: int
+    reduction: int
+
+
+def parse_levels(out_levels: Sequence[int] | int | None) -> tuple[int, ...] | None:
+    """``out_levels`` as a sorted tuple of distinct levels, or None for a classifier."""
+    if out_levels is None:
+        return None
+    levels = (out_levels,) if isinstance(out_levels, int) else tuple(out_levels)
+    if not levels or any(level not in LEVELS for level in levels) or len(set(levels)) != len(levels):
+        raise ConfigError(f"out_levels={list(levels)}: name distinct backbone levels among {list(LEVELS)} "
+                          "(0 = stride 4 ... 3 = stride 32)")
+    return tuple(sorted(levels))
+
 
 class Backbone(nn.Module):
-    out_channels: tuple[int, int, int, int]
-    out_strides: tuple[int, int, int, int] = (4, 8, 16, 32)
+    out_levels: tuple[int, ...] | None = None
+    feature_info: list[FeatureInfo]
     num_features: int
     grad_checkpointing: bool = False
+
+    def _set_levels(self, out_levels: Sequence[int] | int | None, channels: Sequence[int],
+                    reductions: Sequence[int]) -> None:
+        """Record what was asked for; ``channels`` and ``reductions`` are the four levels' (C2..C5)."""
+        self.out_levels = parse_levels(out_levels)
+        self.feature_info = [FeatureInfo(level, int(channels[level]), int(reductions[level]))
+                             for level in self.out_levels or ()]
+
+    @property
+    def num_stages(self) -> int:
+        """Stages that run: up to the deepest requested level (all four for a classifier)."""
+        return max(self.out_levels) + 1 if self.out_levels else len(LEVELS)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def _require_levels(self) -> tuple[int, ...]:
+        if self.out_levels is None:
+            raise ConfigError(f"{type(self).__name__} was built as a classifier (out_levels=None): build it with "
+                              "out_levels=(...) for feature maps")
+        return self.out_levels
 
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -49,13 +88,17 @@ class Backbone(nn.Module):
         layers see the recomputation too (their running statistics update twice per step)."""
         self.grad_checkpointing = enable
 
-    def level_modules(self, level: int) -> list[nn.Module]:
-        """The modules only output ``level`` of ``forward`` goes through (Swin's output norm, a ViT pyramid
-        branch): a head that does not read that level leaves their parameters without a gradient."""
-        return []
-
     def checkpoint_filter(
         self, state_dict: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Return ``(backbone_state_dict, classifier_state_dict)`` from a reference checkpoint."""
         return dict(state_dict), {}
+
+
+def require_reductions(backbone: Backbone, needed: Sequence[int], who: str) -> None:
+    """One line when a backbone cannot give the strides a head is built for (a dilated "-D8" ResNet under a
+    detector's pyramid)."""
+    got = [info.reduction for info in backbone.feature_info]
+    if got != list(needed):
+        raise ConfigError(f"{who} needs backbone outputs at strides {list(needed)}, {type(backbone).__name__} "
+                          f"gives {got}: use a backbone without dilation (e.g. output_stride=32)")

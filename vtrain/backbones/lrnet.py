@@ -38,6 +38,8 @@ No pretrained LR-Net checkpoint exists; ``checkpoint_filter`` is ResNet's.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -53,7 +55,7 @@ class LRNet(ResNet):
         depth: 26 or 50.
         lr: local relation options ``{kernel_size: 7, m: 8, composability:
             squared_difference | dot}``.
-        drop_path_rate, output_stride, frozen_stages, dense: as ``ResNet``.
+        drop_path_rate, output_stride, frozen_stages, out_levels: as ``ResNet``.
     """
 
     def __init__(
@@ -63,10 +65,11 @@ class LRNet(ResNet):
         drop_path_rate: float = 0.0,
         output_stride: int = 32,
         frozen_stages: int = -1,
-        dense: bool = False,
+        out_levels: Sequence[int] | None = None,
     ):
         super().__init__(
-            depth=depth, drop_path_rate=drop_path_rate, output_stride=output_stride, dense=dense, base_width=100
+            depth=depth, drop_path_rate=drop_path_rate, output_stride=output_stride, out_levels=out_levels,
+            base_width=100,
         )
         lr = dict(lr or {})
         options = dict(

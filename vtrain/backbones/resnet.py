@@ -94,15 +94,15 @@ class ResNet(Backbone):
             mmseg's ``strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)``; the first block of
             a dilated stage keeps the previous dilation, as torchvision's
             ``replace_stride_with_dilation`` and mmseg's ``contract_dilation``); the stem
-            stays the plain 7x7 one. ``out_strides`` reports the real strides.
+            stays the plain 7x7 one. ``feature_info`` reports the real strides.
         frozen_stages: -1 none; 0 the stem; N the stem and stages 1..N (mmdet): their
             parameters stop requiring grad and their BatchNorms stay in eval mode.
         gc: ``{stages: [4 bools], ratio: float}`` or None.
         nl: ``{stages: [4 bools], after_blocks: [ints], reduction: int}`` (optionally ``sub_sample``,
             ``use_scale``: ``NonLocalBlock``'s) or None.
         dnl: like ``nl`` plus ``temperature``.
-        dense: unused (ResNet needs no extra module for dense heads); accepted so that
-            every backbone takes the same constructor argument.
+        out_levels: the levels ``forward`` returns (``base.Backbone``); None: a classifier's trunk. Stages
+            past the deepest level are not built.
         base_width: inner width of the stage-1 bottleneck, doubling per stage
             (timm's ``base_width``): 64 gives ResNet's 64/128/256/512, LR-Net uses 100.
     """
@@ -116,7 +116,7 @@ class ResNet(Backbone):
         gc: Mapping | None = None,
         nl: Mapping | None = None,
         dnl: Mapping | None = None,
-        dense: bool = False,
+        out_levels: Sequence[int] | None = None,
         base_width: int = 64,
     ):
         super().__init__()
@@ -131,18 +131,19 @@ class ResNet(Backbone):
         )
         self.conv1, self.bn1, self.act1, self.maxpool = resnet.conv1, resnet.bn1, resnet.act1, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
-        self.out_channels = tuple(stage[-1].conv3.out_channels for stage in self.stages)
-        self.num_features = self.out_channels[-1]
-        self.out_strides = tuple(min(4 * 2**i, output_stride) for i in range(4))
+        channels = [stage[-1].conv3.out_channels for stage in self.stages]
+        self.num_features = channels[-1]
+        self._set_levels(out_levels, channels, [min(4 * 2**i, output_stride) for i in range(4)])
 
         if gc is not None:
-            for enabled, stage, channels in zip(gc["stages"], self.stages, self.out_channels):
+            for enabled, stage, width in zip(gc["stages"], self.stages, channels):
                 if enabled:
                     for block in stage:
-                        block.se = GlobalContextBlock(channels, ratio=gc.get("ratio", 1 / 16))
+                        block.se = GlobalContextBlock(width, ratio=gc.get("ratio", 1 / 16))
 
         # Blocks applied after a whole bottleneck: {"layer3_4": block}.
-        self.non_local = non_local_blocks(nl, dnl, depths, self.out_channels)
+        self.non_local = non_local_blocks(nl, dnl, depths, channels)
+        self._prune_stages()
 
         self.frozen_stages = frozen_stages
         for module in self._frozen_modules():
@@ -150,7 +151,14 @@ class ResNet(Backbone):
 
     @property
     def stages(self) -> list[nn.Sequential]:
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
+        return [getattr(self, f"layer{i + 1}") for i in range(4) if hasattr(self, f"layer{i + 1}")]
+
+    def _prune_stages(self) -> None:
+        """Drop the stages (and their non-local blocks) past the deepest requested level: no output needs them."""
+        for index in range(self.num_stages, 4):
+            delattr(self, f"layer{index + 1}")
+            for name in [name for name in self.non_local if int(name[5]) == index + 1]:
+                del self.non_local[name]
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
@@ -175,16 +183,21 @@ class ResNet(Backbone):
                 x = self.non_local[name](x)
         return x
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        features = []
-        for index in range(4):
+        outputs = []
+        for index in range(len(self.stages)):
             x = self._run_stage(index, x)
-            features.append(x)
-        return features
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = self._require_levels()
+        outputs = self._stage_outputs(x)
+        return [outputs[level] for level in levels]
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)[-1].mean(dim=(2, 3))
+        return self._stage_outputs(x)[-1].mean(dim=(2, 3))
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """timm and torchvision ResNet checkpoints share keys; ``fc.*`` is the classifier."""

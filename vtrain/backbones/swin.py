@@ -9,20 +9,21 @@ Swin-T 28.29M / 4.49 GMACs (28M / 4.5G), Swin-S 49.61M / 8.74G (50M / 8.7G),
 Swin-B 87.77M / 15.43G (88M / 15.4G), Swin-B 384 (window 12) 87.90M / 47.08G
 (88M / 47.0G). The MACs include the attention products.
 
-Classification (``dense=False``) is exactly timm's / the official classifier: window
-sizes and shifts are fixed for ``img_size`` (a stage no larger than the window gets
-one un-shifted window, as the official code), inputs must be ``img_size``.
+A classifier's trunk (``out_levels=None``) is exactly timm's / the official classifier:
+window sizes and shifts are fixed for ``img_size`` (a stage no larger than the window
+gets one un-shifted window, as the official code), inputs must be ``img_size``.
 
-Dense (``dense=True``) follows the official Swin detection / segmentation backbone:
+Feature maps (``out_levels=(...)``) follow the official Swin detection / segmentation backbone:
 
 * any input whose sides are multiples of 32: features are padded to whole windows
   and every second block shifts by half a window, whatever the feature size
   (timm's ``always_partition``), with the shift masks built for each input
   (``strict_img_size=False``);
-* a LayerNorm on each of the four outputs (``out_norms``; official ``norm0..3``).
+* a LayerNorm on each requested output (``out_norms.<level>``; official ``norm0..3``).
   The classification ``norm`` would then be unused (a parameter without gradient
-  under DDP), so it does not exist in dense mode: ``checkpoint_filter`` loads the
-  classifier's final norm into ``out_norms.3``, which sits where it did.
+  under DDP), so it does not exist: ``checkpoint_filter`` loads the classifier's final
+  norm into ``out_norms.3``, which sits where it did. Stages past the deepest requested
+  level are not built.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from timm.models.swin_transformer import SwinTransformer as TimmSwinTransformer
 from timm.models.swin_transformer import WindowAttention, checkpoint_filter_fn
 from torch import nn
 
+from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
 
 
@@ -42,12 +44,13 @@ class SwinTransformer(Backbone):
 
     Args:
         img_size: classification input size (and the size the windows are planned
-            for); in dense mode, only the reference for the (unused) absolute size.
+            for); with ``out_levels``, only the reference for the (unused) absolute size.
         embed_dim, depths, num_heads, window_size: architecture (paper Table 7).
         drop_path_rate: stochastic depth (paper: 0.2 T, 0.3 S, 0.5 B).
         frozen_stages: -1 none; 0 patch embedding; N also stages 1..N with their
             patch merging (and output norms), as mmdet's Swin.
-        dense: build the per-stage output norms and accept any size (see module doc).
+        out_levels: the levels ``forward`` returns (``base.Backbone``; see the module doc); None: a
+            classifier's trunk.
     """
 
     def __init__(
@@ -59,9 +62,10 @@ class SwinTransformer(Backbone):
         window_size: int = 7,
         drop_path_rate: float = 0.2,
         frozen_stages: int = -1,
-        dense: bool = False,
+        out_levels: Sequence[int] | None = None,
     ):
         super().__init__()
+        dense = out_levels is not None
         swin = TimmSwinTransformer(
             img_size=tuple(img_size) if isinstance(img_size, Sequence) else img_size,
             embed_dim=embed_dim,
@@ -75,17 +79,18 @@ class SwinTransformer(Backbone):
             # nothing to initialise on the meta device (shape-only builds: counting, benches)
             weight_init="skip" if torch.get_default_device().type == "meta" else "",
         )
-        self.dense = dense
         self.patch_embed, self.layers = swin.patch_embed, swin.layers
         for module in self.layers.modules():
             if isinstance(module, WindowAttention):
                 # timm leaves it off for Swin ("experimental"). On for CUDA machines only: measured 7% slower
                 # than the explicit softmax on CPU (docs/benchmarks.md), the faster path on GPU.
                 module.fused_attn = torch.cuda.is_available()
-        self.out_channels = tuple(int(embed_dim * 2**i) for i in range(len(depths)))
-        self.num_features = self.out_channels[-1]
+        channels = [int(embed_dim * 2**i) for i in range(len(depths))]
+        self.num_features = channels[-1]
+        self._set_levels(out_levels, channels, [4 * 2**i for i in range(len(depths))])
         if dense:
-            self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
+            self.layers = self.layers[: self.num_stages]
+            self.out_norms = nn.ModuleDict({str(level): nn.LayerNorm(channels[level]) for level in self.out_levels})
         else:
             self.norm = swin.norm
 
@@ -97,13 +102,13 @@ class SwinTransformer(Backbone):
         if self.frozen_stages < 0:
             return []
         modules: list[nn.Module] = [self.patch_embed]
-        for i in range(self.frozen_stages):
+        for i in range(min(self.frozen_stages, len(self.layers))):
             modules.append(self.layers[i])
             if i + 1 < len(self.layers):
                 # the official stage i ends with the patch merging that timm puts first in stage i+1
                 modules.append(self.layers[i + 1].downsample)
-            if self.dense:
-                modules.append(self.out_norms[i])
+            if str(i) in getattr(self, "out_norms", {}):
+                modules.append(self.out_norms[str(i)])
         return modules
 
     def train(self, mode: bool = True) -> "SwinTransformer":
@@ -120,22 +125,20 @@ class SwinTransformer(Backbone):
         for stage in self.layers:
             stage.grad_checkpointing = enable  # timm's stage checkpoints its blocks
 
-    def level_modules(self, level: int) -> list[nn.Module]:
-        return [self.out_norms[level]] if self.dense else []
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._require_levels()
         x = self.patch_embed(x)  # NHWC
         features = []
         for index, stage in enumerate(self.layers):
             x = stage(x)
-            out = self.out_norms[index](x) if self.dense else x
-            features.append(out.permute(0, 3, 1, 2).contiguous())
+            if str(index) in self.out_norms:
+                features.append(self.out_norms[str(index)](x).permute(0, 3, 1, 2).contiguous())
         return features
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.patch_embed(x))
-        x = self.out_norms[-1](x) if self.dense else self.norm(x)
-        return x.mean(dim=(1, 2))
+        if self.out_levels is not None:  # a classifier's trunk only (see the module doc)
+            raise ConfigError("forward_pooled: this Swin was built with out_levels; build it with out_levels=None")
+        return self.norm(self.layers(self.patch_embed(x))).mean(dim=(1, 2))
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Official (``{'model': sd}``, ``layers.i.downsample`` at the end of stage i,
@@ -151,7 +154,7 @@ class SwinTransformer(Backbone):
         for key, value in state_dict.items():
             if key.startswith("head.fc."):
                 classifier[key[len("head.fc."):]] = value
-            elif self.dense and re.match(r"norm\.(weight|bias)$", key):
+            elif self.out_levels is not None and re.match(r"norm\.(weight|bias)$", key):
                 backbone["out_norms.3." + key[len("norm."):]] = value
             else:
                 backbone[key] = value

@@ -19,6 +19,8 @@ Table 1: 22M / 4.6G).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
@@ -33,25 +35,30 @@ from vtrain.backbones.base import Backbone
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet simple feature pyramid (Li et al. 2022, Sec. 3 and Fig. 2c), scale part only:
     from the stride-16 map, stride 4 = two 2x2 stride-2 transposed convs (with
-    LayerNorm + GELU between), 8 = one, 16 = identity, 32 = 2x2 max-pool.
+    LayerNorm + GELU between), 8 = one, 16 = identity, 32 = 2x2 max-pool. Only the
+    branches of the requested ``levels`` are built.
 
     Channels halve per upsampling: (C/4, C/2, C, C), as in ViTDet before its
     per-level 1x1/3x3 projection, which belongs to the head (an FPN-style neck) here.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, levels: Sequence[int] = (0, 1, 2, 3)):
         super().__init__()
-        self.out_channels = (channels // 4, channels // 2, channels, channels)
-        self.to_stride4 = nn.Sequential(
-            nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2),
-            LayerNorm2d(channels // 2),
-            nn.GELU(),
-            nn.ConvTranspose2d(channels // 2, channels // 4, kernel_size=2, stride=2),
-        )
-        self.to_stride8 = nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2)
+        self.levels = tuple(levels)
+        if 0 in self.levels:
+            self.to_stride4 = nn.Sequential(
+                nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2),
+                LayerNorm2d(channels // 2),
+                nn.GELU(),
+                nn.ConvTranspose2d(channels // 2, channels // 4, kernel_size=2, stride=2),
+            )
+        if 1 in self.levels:
+            self.to_stride8 = nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [self.to_stride4(x), self.to_stride8(x), x, F.max_pool2d(x, kernel_size=2, stride=2)]
+        branches = {0: lambda: self.to_stride4(x), 1: lambda: self.to_stride8(x), 2: lambda: x,
+                    3: lambda: F.max_pool2d(x, kernel_size=2, stride=2)}
+        return [branches[level]() for level in self.levels]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -65,12 +72,11 @@ class VisionTransformer(Backbone):
     """ViT backbone.
 
     ``forward_pooled`` is the class token after the final norm (the reference
-    classifier's input). ``forward`` (dense heads) reshapes the patch tokens after the
-    final norm into the stride-16 map and builds the pyramid from it; going through
-    the final norm keeps every parameter in the graph (no unused parameter under DDP;
-    ViTDet drops the norm instead). The pyramid exists only with ``dense=True``;
-    without it, ``forward`` returns the stride-16 map at all four levels' sizes by
-    plain resampling, so that shapes are right but nothing is learned for them.
+    classifier's input). ``forward`` (``out_levels``) reshapes the patch tokens after the
+    final norm into the stride-16 map and builds the requested pyramid levels from it;
+    going through the final norm keeps every parameter in the graph (no unused parameter
+    under DDP; ViTDet drops the norm instead). A classifier's trunk (``out_levels=None``)
+    has no pyramid.
     """
 
     def __init__(
@@ -81,7 +87,7 @@ class VisionTransformer(Backbone):
         depth: int = 12,
         num_heads: int = 12,
         drop_path_rate: float = 0.1,
-        dense: bool = False,
+        out_levels: Sequence[int] | None = None,
     ):
         super().__init__()
         vit = TimmVisionTransformer(
@@ -104,13 +110,10 @@ class VisionTransformer(Backbone):
                 module.fused_attn = True
         self.num_features = embed_dim
         # the patch grid is the stride-16 level for /16 models; other patch sizes shift the pyramid
-        self.out_strides = (patch_size // 4, patch_size // 2, patch_size, patch_size * 2)
-        self.dense = dense
-        if dense:
-            self.pyramid = SimpleFeaturePyramid(embed_dim)
-            self.out_channels = self.pyramid.out_channels
-        else:
-            self.out_channels = (embed_dim,) * 4
+        strides = (patch_size // 4, patch_size // 2, patch_size, patch_size * 2)
+        self._set_levels(out_levels, (embed_dim // 4, embed_dim // 2, embed_dim, embed_dim), strides)
+        if self.out_levels is not None:
+            self.pyramid = SimpleFeaturePyramid(embed_dim, self.out_levels)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
@@ -128,23 +131,11 @@ class VisionTransformer(Backbone):
             return self.norm(checkpoint_seq(self.blocks, tokens))
         return self.norm(self.blocks(tokens))
 
-    def level_modules(self, level: int) -> list[nn.Module]:
-        if not self.dense:
-            return []
-        return {0: [self.pyramid.to_stride4], 1: [self.pyramid.to_stride8]}.get(level, [])
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._require_levels()
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self._tokens(x)
-        stride16 = tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        if self.dense:
-            return self.pyramid(stride16)
-        return [
-            F.interpolate(stride16, scale_factor=4.0, mode="nearest"),
-            F.interpolate(stride16, scale_factor=2.0, mode="nearest"),
-            stride16,
-            F.max_pool2d(stride16, kernel_size=2, stride=2),
-        ]
+        return self.pyramid(tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self._tokens(x)[:, 0]

@@ -2,7 +2,7 @@
 
 The segmental consensus of TSN (Wang et al., ECCV 2016, Sec. 3.1, average consensus): the
 2D model sees frames independently, so it can only use what a single frame shows, never the
-order of the frames. The 2D backbone is built with ``dense=False``: exactly the ImageNet
+order of the frames. The 2D backbone is built as a classifier's trunk: exactly the ImageNet
 classifier's network, so ImageNet checkpoints load through its own ``checkpoint_filter``.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ class FramewiseBackbone(VideoBackbone):
 
     def __init__(self, image_backbone: Mapping[str, Any]):
         super().__init__()
-        self.image_backbone = instantiate(image_backbone, dense=False)
+        self.image_backbone = instantiate(image_backbone)  # a classifier's trunk
         self.num_features = self.image_backbone.num_features
 
     def forward_pooled(self, clips: torch.Tensor) -> torch.Tensor:
