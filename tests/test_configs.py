@@ -27,7 +27,7 @@ def test_swin_t_imagenet_is_the_paper_recipe():
     assert cfg.backbone._target_.endswith("SwinTransformer") and cfg.backbone.drop_path_rate == 0.2
     assert (cfg.optim.lr, cfg.optim.base_batch_size, cfg.optim.weight_decay) == (5e-4, 512, 0.05)
     assert tuple(cfg.optim.betas) == (0.9, 0.999) and cfg.optim.eps == 1e-8
-    assert (cfg.sched.name, cfg.sched.warmup_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == ("cosine", 20, 5e-7, 5e-6)
+    assert (cfg.sched._target_, cfg.sched.warmup_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == ("vtrain.optim.cosine", 20, 5e-7, 5e-6)
     assert cfg.trainer.max_epochs == 300 and cfg.trainer.gradient_clip_val == 5.0
     assert cfg.data.augment.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.augment.re_prob == 0.25
     assert cfg.data.augment.re_mode == "pixel" and cfg.data.augment.interpolation == "bicubic"

@@ -35,7 +35,7 @@ def test_swin_linear_lr_scaling_applies_to_warmup_and_min_lr():
     model = Tiny()
     opt = build_optimizer(model, ADAMW, total_batch_size=1024)
     assert lr_scale_factor(ADAMW, 1024) == 2.0
-    sched = build_scheduler(opt, {"name": "cosine", "warmup_epochs": 2, "warmup_lr": 5e-7, "min_lr": 5e-6},
+    sched = build_scheduler(opt, {"_target_": "vtrain.optim.cosine", "warmup_epochs": 2, "warmup_lr": 5e-7, "min_lr": 5e-6},
                             total_steps=100, steps_per_epoch=10, lr_scale=2.0)
     lrs = []
     for step in range(101):
@@ -54,7 +54,7 @@ def test_multistep_with_mmdet_warmup_and_backbone_multiplier():
     model = Tiny()
     cfg = {"_target_": "torch.optim.SGD", "lr": 0.02, "weight_decay": 1e-4, "momentum": 0.9, "backbone_lr_mult": 0.1}
     opt = build_optimizer(model, cfg, total_batch_size=16)
-    sched = build_scheduler(opt, {"name": "multistep", "milestones_epochs": [8, 11], "gamma": 0.1, "warmup_steps": 500,
+    sched = build_scheduler(opt, {"_target_": "vtrain.optim.multistep", "milestones_epochs": [8, 11], "gamma": 0.1, "warmup_steps": 500,
                                   "warmup_ratio": 0.001}, total_steps=1200, steps_per_epoch=100)
     head = next(g for g in opt.param_groups if g["lr_scale"] == 1.0)
     body = next(g for g in opt.param_groups if g["lr_scale"] == 0.1)
@@ -75,10 +75,18 @@ def test_poly_decay():
     model = Tiny()
     opt = build_optimizer(model, {"_target_": "torch.optim.SGD", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9},
                           total_batch_size=16)
-    sched = build_scheduler(opt, {"name": "poly", "power": 0.9, "min_lr": 1e-4, "warmup_steps": 0},
+    sched = build_scheduler(opt, {"_target_": "vtrain.optim.poly", "power": 0.9, "min_lr": 1e-4, "warmup_steps": 0},
                             total_steps=1000, steps_per_epoch=10)
     sched.step_update(400)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 + (0.01 - 1e-4) * (1 - 0.4) ** 0.9)
+
+
+def test_a_schedule_option_that_does_not_exist_is_named():
+    from vtrain import ConfigError
+
+    opt = build_optimizer(Tiny(), ADAMW, total_batch_size=512)
+    with pytest.raises(ConfigError, match="sched has no option warmup_epoch for vtrain.optim.cosine"):
+        build_scheduler(opt, {"_target_": "vtrain.optim.cosine", "warmup_epoch": 2}, total_steps=10, steps_per_epoch=1)
 
 
 def test_mmdet_sgd_recipes_decay_every_parameter():

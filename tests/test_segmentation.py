@@ -239,7 +239,7 @@ def test_recipes():
     assert swin.task.head == "upernet" and swin.backbone.drop_path_rate == 0.3 and swin.backbone.embed_dim == 96
     assert (swin.optim._target_, swin.optim.lr, swin.optim.weight_decay, tuple(swin.optim.betas)) == (
         "torch.optim.AdamW", 6e-5, 0.01, (0.9, 0.999))
-    assert (swin.sched.name, swin.sched.power, swin.sched.min_lr, swin.sched.warmup_steps) == ("poly", 1.0, 0.0, 1500)
+    assert (swin.sched._target_, swin.sched.power, swin.sched.min_lr, swin.sched.warmup_steps) == ("vtrain.optim.poly", 1.0, 0.0, 1500)
     assert (swin.trainer.max_steps, swin.trainer.max_epochs, swin.trainer.val_check_interval) == (160000, -1, 16000)
     assert swin.trainer.check_val_every_n_epoch is None and swin.trainer.sync_batchnorm
     assert swin.task.aux_weight == 0.4 and swin.task.aux_head.channels == 256 and swin.task.heads.upernet.channels == 512
@@ -250,7 +250,7 @@ def test_recipes():
         assert cfg.task.head == head and cfg.backbone.depth == 50 and cfg.backbone.output_stride == 8
         assert (cfg.optim._target_, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
             "torch.optim.SGD", 0.01, 0.9, 5e-4)
-        assert (cfg.sched.name, cfg.sched.power, cfg.sched.min_lr, cfg.trainer.max_steps) == ("poly", 0.9, 1e-4, 80000)
+        assert (cfg.sched._target_, cfg.sched.power, cfg.sched.min_lr, cfg.trainer.max_steps) == ("vtrain.optim.poly", 0.9, 1e-4, 80000)
     assert compose("experiment=dnl_r50_ade20k").task.heads.dnl.context.temperature == 0.05
     assert compose("experiment=gcnet_r50_ade20k").task.heads.gc.context.ratio == 0.25
 

@@ -4,15 +4,18 @@ The recipes of the seed papers differ only in values, so one function builds all
 parameter groups without weight decay (1-D tensors, biases, norms, and what the model lists in
 ``no_weight_decay()``: position tables, class tokens), the linear lr scaling of the Swin code
 (``lr * total_batch / base_batch_size``, applied to warm-up and minimum lr too), an optional lr
-multiplier for the backbone (Video Swin uses 0.1), and timm's per-iteration schedulers.
+multiplier for the backbone (Video Swin uses 0.1), and timm's per-iteration schedulers (``sched._target_``:
+:func:`cosine`, :func:`multistep`, :func:`poly`).
 """
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Sequence
 from typing import Any, Mapping
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, get_method
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
@@ -98,48 +101,65 @@ def build_scheduler(
     steps_per_epoch: int,
     lr_scale: float = 1.0,
 ) -> Scheduler:
-    """A timm scheduler stepped once per optimizer update (``t_in_epochs=False``).
+    """The schedule ``sched_cfg._target_`` names (:func:`cosine`, :func:`multistep`, :func:`poly` or any
+    function of the same arguments), given what only the run knows: its length and the lr scaling."""
+    options = {k: v for k, v in dict(sched_cfg).items() if k != "_target_"}
+    factory = get_method(sched_cfg["_target_"])
+    unknown = sorted(set(options) - set(inspect.signature(factory).parameters))
+    if unknown:
+        raise ConfigError(f"sched has no option {', '.join(unknown)} for {sched_cfg['_target_']}")
+    return factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, lr_scale=lr_scale, **options)
 
-    Every duration in the config may be given in epochs (``*_epochs``) or in steps (``*_steps``);
-    epochs are converted with ``steps_per_epoch``, as the Swin code does.
-    """
-    def steps(key: str, default: float = 0) -> int:
-        if sched_cfg.get(f"{key}_steps") is not None:
-            return int(sched_cfg[f"{key}_steps"])
-        return int(round(float(sched_cfg.get(f"{key}_epochs") or default) * steps_per_epoch))
 
-    name = sched_cfg["name"]
-    warmup = steps("warmup")
-    base_lr = optimizer.param_groups[0]["initial_lr"]
-    if sched_cfg.get("warmup_lr") is not None:
-        warmup_lr = float(sched_cfg["warmup_lr"]) * lr_scale
-    else:  # mmcv style: a ratio of the base lr
-        warmup_lr = base_lr * float(sched_cfg.get("warmup_ratio", 0.001))
-    min_lr = float(sched_cfg.get("min_lr", 0.0)) * lr_scale
-    common = dict(warmup_t=warmup, warmup_lr_init=warmup_lr, t_in_epochs=False)
-    if name == "cosine":
-        # Swin: cosine over the steps after warm-up (warmup_prefix), down to min_lr.
-        return CosineLRScheduler(
-            optimizer, t_initial=max(total_steps - warmup, 1), lr_min=min_lr, cycle_limit=1,
-            warmup_prefix=True, **common,
-        )
-    if name == "multistep":
-        if sched_cfg.get("milestones_steps") is not None:
-            milestones = [int(m) for m in sched_cfg["milestones_steps"]]
-        else:
-            milestones = [int(m * steps_per_epoch) for m in sched_cfg["milestones_epochs"]]
-        # mmdet's milestones count from step 0, warm-up included, and apply from the milestone step on; timm
-        # counts them after the warm-up (warmup_prefix) and applies each one step early (bisect on t + 1).
-        return MultiStepLRScheduler(
-            optimizer, decay_t=[m + 1 for m in milestones], decay_rate=float(sched_cfg.get("gamma", 0.1)),
-            warmup_prefix=False, **common,
-        )
-    if name == "poly":
-        return PolyLRScheduler(
-            optimizer, t_initial=max(total_steps, 1), power=float(sched_cfg.get("power", 0.9)), lr_min=min_lr,
-            cycle_limit=1, **common,
-        )
-    raise ConfigError(f"unknown sched.name={name!r}: use one of cosine, multistep, poly")
+def _steps(epochs: float | None, steps: int | None, steps_per_epoch: int) -> int:
+    """A duration given in steps (wins when set) or in epochs (converted, as the Swin code does)."""
+    return int(steps) if steps is not None else int(round(float(epochs or 0) * steps_per_epoch))
+
+
+def _warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_lr: float | None, warmup_ratio: float,
+            lr_scale: float) -> dict[str, Any]:
+    """timm's warm-up arguments: from ``warmup_lr`` (scaled like the lr), or else mmcv's ratio of the base lr."""
+    start = float(warmup_lr) * lr_scale if warmup_lr is not None else (
+        optimizer.param_groups[0]["initial_lr"] * float(warmup_ratio))
+    return dict(warmup_t=steps, warmup_lr_init=start, t_in_epochs=False)
+
+
+# Each schedule is stepped once per optimizer update (``t_in_epochs=False``); every duration may be given in
+# epochs (``*_epochs``) or in steps (``*_steps``).
+def cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
+           min_lr: float = 0.0, warmup_epochs: float = 0, warmup_steps: int | None = None,
+           warmup_lr: float | None = None, warmup_ratio: float = 0.001) -> Scheduler:
+    """Swin: cosine over the steps after the warm-up (``warmup_prefix``), down to ``min_lr`` (scaled)."""
+    warmup = _steps(warmup_epochs, warmup_steps, steps_per_epoch)
+    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=float(min_lr) * lr_scale,
+                             cycle_limit=1, warmup_prefix=True,
+                             **_warmup(optimizer, warmup, warmup_lr, warmup_ratio, lr_scale))
+
+
+def multistep(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
+              milestones_epochs: Sequence[float] = (), milestones_steps: Sequence[int] | None = None,
+              gamma: float = 0.1, warmup_epochs: float = 0, warmup_steps: int | None = None,
+              warmup_lr: float | None = None, warmup_ratio: float = 0.001) -> Scheduler:
+    """mmdet's step decay (the 1x / 3x schedules): times ``gamma`` at each milestone."""
+    if milestones_steps is not None:
+        milestones = [int(m) for m in milestones_steps]
+    else:
+        milestones = [int(m * steps_per_epoch) for m in milestones_epochs]
+    warmup = _steps(warmup_epochs, warmup_steps, steps_per_epoch)
+    # mmdet's milestones count from step 0, warm-up included, and apply from the milestone step on; timm
+    # counts them after the warm-up (warmup_prefix) and applies each one step early (bisect on t + 1).
+    return MultiStepLRScheduler(optimizer, decay_t=[m + 1 for m in milestones], decay_rate=float(gamma),
+                                warmup_prefix=False, **_warmup(optimizer, warmup, warmup_lr, warmup_ratio, lr_scale))
+
+
+def poly(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
+         power: float = 0.9, min_lr: float = 0.0, warmup_epochs: float = 0, warmup_steps: int | None = None,
+         warmup_lr: float | None = None, warmup_ratio: float = 0.001) -> Scheduler:
+    """mmseg's polynomial decay over the whole run, down to ``min_lr`` (scaled)."""
+    warmup = _steps(warmup_epochs, warmup_steps, steps_per_epoch)
+    return PolyLRScheduler(optimizer, t_initial=max(total_steps, 1), power=float(power),
+                           lr_min=float(min_lr) * lr_scale, cycle_limit=1,
+                           **_warmup(optimizer, warmup, warmup_lr, warmup_ratio, lr_scale))
 
 
 def per_step(n_batches: int, accumulate: int) -> int:
