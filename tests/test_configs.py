@@ -68,8 +68,8 @@ def test_config_error_raised_in_a_constructor_is_one_line(tmp_path):
     from tasks.segmentation.synthetic import write
 
     write(tmp_path / "ade", seed=0, train=2, val=1)
-    result = run_cli("task=segmentation", "data=ade20k", "task.head=upernett", f"hydra.run.dir={tmp_path / 'run'}",
+    result = run_cli("task=segmentation", "data=ade20k", "task.head=fcn", f"hydra.run.dir={tmp_path / 'run'}",
                      f"data.root={tmp_path / 'ade'}")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-    assert lines[0].startswith("error: ") and "task.head=upernett is not a head" in lines[0]
+    assert lines[0].startswith("error: ") and "a decode head is a config, not 'fcn': pick one with task/head=" in lines[0]

@@ -26,10 +26,7 @@ TINY_VIT = ["backbone=vit_s16", "backbone.embed_dim=64", "backbone.depth=1", "ba
 RESNET = ["backbone=resnet50"]
 RESNET_D8 = ["backbone=resnet50", "backbone.output_stride=8"]  # the dilated "-D8" of the NL / GC / DNL recipes
 # Narrow heads: the layout is the configs', the widths are CPU-sized.
-NARROW_HEADS = [
-    "task.heads.upernet.channels=32", "task.heads.fcn.channels=32", "task.heads.nl.channels=32",
-    "task.heads.gc.channels=32", "task.heads.dnl.channels=32", "task.aux_head.channels=16",
-]
+NARROW_HEADS = ["task.head.channels=32", "task.aux_head.channels=16"]
 
 
 @pytest.fixture(scope="session")
@@ -178,7 +175,7 @@ def test_every_head_trains_and_infers_at_input_size(backbone):
     if backbone == "cnn":
         cases.append(("dnl", RESNET_D8))
     for head, bb in cases:
-        module = _module(f"task.head={head}", *bb, *NARROW_HEADS, "task.inference.scale=null")
+        module = _module(f"task/head={head}", *bb, *NARROW_HEADS, "task.inference.scale=null")
         module.train()
         losses = module.losses(images, labels)
         assert set(losses) == {"decode", "aux", "loss"} and torch.isfinite(losses["loss"])
@@ -209,11 +206,11 @@ def test_the_backbone_is_built_with_the_levels_the_heads_read():
         ("vit", "upernet"): {"pyramid.to_stride4", "pyramid.to_stride8"},
     }
     for (name, head), modules in expected.items():
-        module = _module(f"task.head={head}", *(TINY_SWIN if name == "swin" else TINY_VIT), *NARROW_HEADS)
+        module = _module(f"task/head={head}", *(TINY_SWIN if name == "swin" else TINY_VIT), *NARROW_HEADS)
         assert module.backbone.out_levels == ((2, 3) if head == "fcn" else (0, 1, 2, 3)), (name, head)
         assert output_modules(module.backbone) == modules, (name, head)
     with pytest.raises(Exception, match="has no in_index"):
-        _module("task.head=upernet", "~task.heads.upernet.in_index", *TINY_SWIN, *NARROW_HEADS)
+        _module("~task.head.in_index", *TINY_SWIN, *NARROW_HEADS)
 
 
 def test_slide_multiscale_and_flip():
@@ -236,28 +233,28 @@ def test_slide_multiscale_and_flip():
 
 def test_recipes():
     swin = compose("experiment=swin_t_upernet_ade20k")
-    assert swin.task.head == "upernet" and swin.backbone.drop_path_rate == 0.3 and swin.backbone.embed_dim == 96
+    assert swin.task.head._target_.endswith("UperNetHead") and swin.backbone.drop_path_rate == 0.3 and swin.backbone.embed_dim == 96
     assert (swin.optim._target_, swin.optim.lr, swin.optim.weight_decay, tuple(swin.optim.betas)) == (
         "torch.optim.AdamW", 6e-5, 0.01, (0.9, 0.999))
     assert (swin.sched._target_, swin.sched.power, swin.sched.min_lr, swin.sched.warmup_steps) == ("vtrain.optim.poly", 1.0, 0.0, 1500)
     assert (swin.trainer.max_steps, swin.trainer.max_epochs, swin.trainer.val_check_interval) == (160000, -1, 16000)
     assert swin.trainer.check_val_every_n_epoch is None and swin.trainer.sync_batchnorm
-    assert swin.task.aux_weight == 0.4 and swin.task.aux_head.channels == 256 and swin.task.heads.upernet.channels == 512
+    assert swin.task.aux_weight == 0.4 and swin.task.aux_head.channels == 256 and swin.task.head.channels == 512
     assert tuple(swin.data.crop_size) == (512, 512) and tuple(swin.data.img_scale) == (2048, 512)
     assert tuple(swin.task.inference.scale) == (2048, 512)
-    for name, head in (("dnl", "dnl"), ("gcnet", "gc"), ("nl", "nl")):
+    for name, head in (("dnl", "DisentangledNonLocalBlock"), ("gcnet", "GlobalContextBlock"), ("nl", ".NonLocalBlock")):
         cfg = compose(f"experiment={name}_r50_ade20k")
-        assert cfg.task.head == head and cfg.backbone.depth == 50 and cfg.backbone.output_stride == 8
+        assert cfg.task.head.context._target_.endswith(head) and cfg.backbone.depth == 50 and cfg.backbone.output_stride == 8
         assert (cfg.optim._target_, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
             "torch.optim.SGD", 0.01, 0.9, 5e-4)
         assert (cfg.sched._target_, cfg.sched.power, cfg.sched.min_lr, cfg.trainer.max_steps) == ("vtrain.optim.poly", 0.9, 1e-4, 80000)
-    assert compose("experiment=dnl_r50_ade20k").task.heads.dnl.context.temperature == 0.05
-    assert compose("experiment=gcnet_r50_ade20k").task.heads.gc.context.ratio == 0.25
+    assert compose("experiment=dnl_r50_ade20k").task.head.context.temperature == 0.05
+    assert compose("experiment=gcnet_r50_ade20k").task.head.context.ratio == 0.25
 
 
 def test_unknown_head_is_a_config_error():
-    with pytest.raises(Exception, match=r"task.head=psp is not a head: use one of upernet, fcn, nl, gc, dnl"):
-        _module(*TINY_SWIN, "task.head=psp")
+    with pytest.raises(Exception, match=r"(?s)Could not find 'task/head/psp'.*Available options in 'task/head':\s+dnl\s+fcn\s+gc\s+nl\s+upernet"):
+        _module(*TINY_SWIN, "task/head=psp")
 
 
 # ------------------------------------------------------------------------------------------------ end to end

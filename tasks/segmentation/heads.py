@@ -47,6 +47,9 @@ class ConvBNReLU(nn.Sequential):
 
 def head_levels(head: Mapping) -> tuple[int, ...]:
     """The backbone levels a head config reads (its ``in_index``), known before anything is built."""
+    if not isinstance(head, Mapping):
+        raise ConfigError(f"a decode head is a config, not {head!r}: pick one with task/head=<name> "
+                          "(upernet, fcn, nl, gc, dnl: the files of conf/task/head/)")
     if head.get("in_index") is None:
         raise ConfigError(f"head {head.get('_target_')} has no in_index: name the backbone levels it reads "
                           "(0..3 = strides 4..32), e.g. in_index: [0, 1, 2, 3]")

@@ -18,7 +18,6 @@ from hydra.utils import instantiate
 from tasks.segmentation.heads import head_levels
 from tasks.segmentation.inference import predict
 from tasks.segmentation.metrics import SegmentationMetrics
-from vtrain import ConfigError
 from vtrain.module import TaskModule
 
 
@@ -28,9 +27,8 @@ class SegmentationTask(TaskModule):
         backbone, optim, sched: configs (``TaskModule``); the backbone is built with the levels the heads
             read (their ``in_index``).
         num_classes: classes (150 on ADE20K), without the ignore index.
-        head: name of the decode head among ``heads``.
-        heads: configs of the available decode heads (``conf/task/head/*.yaml``); the chosen one gets
-            ``in_channels`` (the backbone's) and ``num_classes``.
+        head: config of the decode head (``conf/task/head/*.yaml``); it gets ``in_channels`` (the backbone's,
+            by level) and ``num_classes``.
         aux_head: config of the auxiliary head (same arguments), or None.
         aux_weight: its loss weight (0.4).
         ignore_index: label of pixels that count neither in the loss nor in the metric.
@@ -49,8 +47,7 @@ class SegmentationTask(TaskModule):
         optim: Mapping[str, Any],
         sched: Mapping[str, Any],
         num_classes: int,
-        head: str,
-        heads: Mapping[str, Mapping[str, Any]],
+        head: Mapping[str, Any],
         aux_head: Mapping[str, Any] | None = None,
         aux_weight: float = 0.4,
         ignore_index: int = 255,
@@ -65,12 +62,10 @@ class SegmentationTask(TaskModule):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.aux_weight, self.avg_non_ignore, self.size_divisor = aux_weight, avg_non_ignore, size_divisor
         self.inference_cfg = dict(inference or {})
-        if head not in heads:
-            raise ConfigError(f"task.head={head} is not a head: use one of {', '.join(heads)}")
-        levels = {level for cfg in (heads[head], aux_head) if cfg for level in head_levels(cfg)}
+        levels = {level for cfg in (head, aux_head) if cfg for level in head_levels(cfg)}
         self.backbone = instantiate(backbone, out_levels=sorted(levels))
         channels = {info.level: info.channels for info in self.backbone.feature_info}
-        self.head = instantiate(heads[head], in_channels=channels, num_classes=num_classes)
+        self.head = instantiate(head, in_channels=channels, num_classes=num_classes)
         self.aux_head = instantiate(aux_head, in_channels=channels, num_classes=num_classes) if aux_head else None
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
 
