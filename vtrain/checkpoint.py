@@ -1,18 +1,22 @@
 """Reading weights from local files, safely, and loading them with a readable report.
 
-Files from elsewhere are never unpickled as arbitrary objects: ``.safetensors`` through safetensors,
-everything else through ``torch.load(weights_only=True)``. Supported layouts: this framework's Lightning
-checkpoints (``state_dict`` with ``backbone.*``/``head.*`` keys), official releases (``{'model': sd}``),
-mmcv-style ``{'state_dict': sd}``, and plain state dicts (timm, torchvision).
+Files are never unpickled as arbitrary objects, whoever wrote them: ``.safetensors`` through safetensors, everything
+else through ``torch.load(weights_only=True)`` (:func:`read_checkpoint`), including the checkpoints Lightning
+resumes from (:class:`CheckpointIO`). vtrain's own checkpoints hold tensors and plain values only (no class needs
+allow-listing). Supported layouts: this framework's Lightning checkpoints (``state_dict`` with
+``backbone.*``/``head.*`` keys), official releases (``{'model': sd}``), mmcv-style ``{'state_dict': sd}``, and
+plain state dicts (timm, torchvision).
 """
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from vtrain import ConfigError
@@ -20,7 +24,11 @@ from vtrain import ConfigError
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+class RefusedCheckpoint(ConfigError):
+    """A file whose pickle would build something other than tensors and plain values."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: pass an existing file as ckpt_path= / pretrained=")
@@ -29,10 +37,47 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
         return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - turn any unpickling failure into one readable line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot read checkpoint {path} with weights_only=True ({first}): is it a weights file?") from e
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
+    except pickle.UnpicklingError as e:
+        raise RefusedCheckpoint(
+            f"refused checkpoint {path}: {_refusal(str(e))}; vtrain reads checkpoints with torch.load(weights_only=True) "
+            "only and will not unpickle it"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - turn any other reading failure into one readable line
+        raise ConfigError(
+            f"cannot read checkpoint {path} with weights_only=True ({_first_line(e)}): is it a complete weights file?"
+        ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # without terminal colour codes
+    return lines[0] if lines else type(error).__name__
+
+
+def _refusal(message: str) -> str:
+    """What torch's weights-only unpickler refused, without its advice (which is to switch the check off)."""
+    found = re.search(r"GLOBAL (\S+)", message)
+    if found:
+        return f"its pickle would call {found.group(1)}, which is not a tensor or a plain value"
+    found = re.search(r"Unsupported operand (\d+)", message)
+    if found:
+        return f"its pickle uses an instruction the weights-only reader does not run (opcode {found.group(1)})"
+    return "its pickle holds something other than tensors and plain values"
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's format since 1.6 (the only one that can be memory-mapped)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+class CheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reading and writing, with every load through :func:`read_checkpoint`
+    (``weights_only=True``), whatever the caller asks or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
+
+    def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location)
 
 
 def is_lightning_checkpoint(obj: dict[str, Any]) -> bool:
@@ -118,7 +163,8 @@ def newest_valid_checkpoint(directory: str | Path) -> Path | None:
     """The most advanced readable checkpoint in ``directory`` (``ckpt_path=auto``).
 
     Candidates are ordered by training step (from the file, ``last.ckpt`` and preemption files included), then
-    by modification time; a truncated or unreadable file is skipped with a warning and the one before is taken.
+    by modification time; a truncated or unreadable file, or one the weights-only reader refuses, is skipped with a
+    one-line warning and the one before is taken.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -126,10 +172,13 @@ def newest_valid_checkpoint(directory: str | Path) -> Path | None:
     candidates = []
     for path in directory.glob("*.ckpt"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            obj = read_checkpoint(path, mmap=True)  # memory-mapped: the tensors are not read
             step = int(obj.get("global_step", _step_of(path)))
+        except RefusedCheckpoint as e:
+            log.warning("skipping %s", e)
+            continue
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
-            log.warning("skipping unreadable checkpoint %s (%s)", path, type(e).__name__)
+            log.warning("skipping unreadable checkpoint %s (%s)", path, _first_line(e.__cause__ or e))
             continue
         candidates.append((step, path.stat().st_mtime, path))
     return max(candidates)[2] if candidates else None

@@ -57,7 +57,10 @@ def run(cfg: DictConfig) -> float | None:
     with hydra_ddp_job():
         trainer = build_trainer(cfg)
         if cfg.mode == "train":
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            try:  # weights_only: the resumed checkpoint too (vtrain.checkpoint.CheckpointIO reads it so anyway)
+                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+            except ConfigError as e:  # a checkpoint that cannot be read, or is refused
+                return _fail(e)
             if _final_weights_unvalidated(trainer):
                 trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
         else:

@@ -1,0 +1,101 @@
+"""Checkpoint safety: nothing is unpickled."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import TINY_CLS, run_cli
+from vtrain.checkpoint import RefusedCheckpoint, newest_valid_checkpoint, read_checkpoint
+
+
+class _Payload:
+    """What a hostile checkpoint holds: unpickling it runs a shell command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _plant(path, marker):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": 10**6, "state_dict": {}, "payload": _Payload(f"touch {marker}")}, path)
+
+
+def _lines_naming(output: str, path) -> list[str]:
+    return [line for line in output.splitlines() if "refused checkpoint" in line and str(path) in line]
+
+
+# ---------------------------------------------------------------------------------------------- never unpickled
+def test_refusal_names_what_was_refused_and_never_suggests_switching_the_check_off(tmp_path):
+    marker = tmp_path / "executed"
+    _plant(tmp_path / "hostile.ckpt", marker)
+    (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"model": _Payload(f"touch {marker}")}))
+    for name, refused in [("hostile.ckpt", "its pickle would call posix.system"),
+                          ("legacy.pth", "its pickle uses an instruction the weights-only reader does not run")]:
+        with pytest.raises(RefusedCheckpoint) as error:
+            read_checkpoint(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f"refused checkpoint {tmp_path / name}: {refused}"), message
+        assert message.endswith("vtrain reads checkpoints with torch.load(weights_only=True) only and will not unpickle it")
+        assert "\n" not in message and "\x1b" not in message
+        assert "False" not in message and "add_safe_globals" not in message and "trust" not in message
+    assert not marker.exists()
+
+
+def test_newest_valid_checkpoint_skips_a_refused_pickle(tmp_path, caplog):
+    marker = tmp_path / "executed"
+    torch.save({"global_step": 6, "state_dict": {}}, tmp_path / "epoch000-step0000006.ckpt")
+    _plant(tmp_path / "last.ckpt", marker)
+    assert newest_valid_checkpoint(tmp_path).name == "epoch000-step0000006.ckpt"
+    assert not marker.exists()
+    assert len(_lines_naming(caplog.text, tmp_path / "last.ckpt")) == 1
+
+
+def test_a_planted_pickle_is_never_run_by_training_resume_or_evaluation(imagenet_root, tmp_path):
+    """A hostile last.ckpt in a run directory: ckpt_path=auto (training and python -m vtrain.eval) skips it with one
+    line, and passed explicitly (Lightning's own resume, even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set) it is a
+    one-line error. The command inside never runs."""
+    run, marker = tmp_path / "run", tmp_path / "executed"
+    args = [*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.limit_val_batches=1"]
+    assert run_cli(*args).returncode == 0  # a good checkpoint at step 6
+    hostile = run / "checkpoints" / "last.ckpt"
+    _plant(hostile, marker)
+    unsafe_env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+
+    result = run_cli(*args, f"ckpt_path={hostile}", "trainer.max_epochs=2", env=unsafe_env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and not marker.exists(), output[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: refused checkpoint {hostile}: its pickle would call")
+
+    result = run_cli(*args, "ckpt_path=auto", module="vtrain.eval", env=unsafe_env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and not marker.exists(), output[-3000:]
+    assert len(_lines_naming(output, hostile)) == 1 and "epoch000-step0000006.ckpt" in output
+
+    result = run_cli(*args, "ckpt_path=auto", "trainer.max_epochs=2", env=unsafe_env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and not marker.exists(), output[-3000:]
+    assert len(_lines_naming(output, hostile)) == 1
+    assert "weights_only` set to `False`" not in output and "\x1b[1m" not in output
+
+
+def test_checkpoints_vtrain_writes_need_no_allow_listed_class(imagenet_root, tmp_path):
+    """Everything a real run saves (weights, optimizer and scheduler state, loops, callbacks, the data loader's
+    position) loads with torch.load(weights_only=True) and no add_safe_globals."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    run = tmp_path / "run"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.limit_val_batches=1",
+                     "callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.save_top_k=-1",
+                     "trainer.max_steps=4")  # stops mid-epoch: the loader's position is in the checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert paths
+    for path in paths:
+        assert get_unsafe_globals_in_checkpoint(path) == [], path
+        assert torch.load(path, map_location="cpu", weights_only=True)["global_step"] == 4
