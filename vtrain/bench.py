@@ -44,7 +44,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -58,11 +58,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Dense bf16 tensor-core peaks (vendor datasheets), for the model FLOP utilisation. Matched in order
 # against torch.cuda.get_device_name(): the PCIe H100 before the generic H100 (SXM).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
-
-# timm names of the reference architectures, by (embed_dim, depths) for Swin and embed_dim for ViT.
-_SWIN_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base",
-               (192, (2, 2, 18, 2)): "large"}
-_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -96,39 +91,10 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
 
 
 def timm_reference(backbone_cfg: Mapping) -> tuple[str, dict] | None:
-    """``(timm model name, create_model kwargs)`` building timm's own model of this backbone's architecture,
-    or None where timm has none (context blocks, dilated ResNets, LR-Net). Architecture arguments are passed
-    explicitly, so a shrunk test configuration gets its exact timm twin."""
-    found = _timm_architecture(backbone_cfg)
-    if found is None:
-        return None
-    import timm
-
-    name, kwargs = found
-    if name not in timm.list_models():  # a resized configuration: the family's entry point, all sizes explicit
-        name = {"swin": "swin_tiny_patch4_window7_224", "vit": "vit_base_patch16_224"}[name.split("_")[0]]
-    return name, kwargs
-
-
-def _timm_architecture(backbone_cfg: Mapping) -> tuple[str, dict] | None:
-    target = str(backbone_cfg["_target_"]).rsplit(".", 1)[-1]
-    drop_path = float(backbone_cfg.get("drop_path_rate", 0.0))
-    if target == "ResNet":
-        if any(backbone_cfg.get(k) for k in ("gc", "nl", "dnl")) or backbone_cfg.get("output_stride", 32) != 32:
-            return None
-        return f"resnet{backbone_cfg['depth']}", {"drop_path_rate": drop_path}
-    if target == "SwinTransformer":
-        depths = tuple(backbone_cfg["depths"])
-        size = _SWIN_SIZES.get((backbone_cfg["embed_dim"], depths), "tiny")
-        kwargs = {k: backbone_cfg[k] for k in ("img_size", "embed_dim", "window_size")}
-        kwargs.update(depths=depths, num_heads=tuple(backbone_cfg["num_heads"]), drop_path_rate=drop_path)
-        return f"swin_{size}_patch4_window{kwargs['window_size']}_{kwargs['img_size']}", kwargs
-    if target == "VisionTransformer":
-        size = _VIT_SIZES.get(backbone_cfg["embed_dim"], "base")
-        kwargs = {k: backbone_cfg[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-        kwargs["drop_path_rate"] = drop_path
-        return f"vit_{size}_patch{kwargs['patch_size']}_{kwargs['img_size']}", kwargs
-    return None
+    """``(timm model name, create_model kwargs)`` of timm's own model of this backbone's architecture, as the
+    backbone's class names it (``Backbone.timm_twin``), or None where timm has none."""
+    twin = getattr(get_class(backbone_cfg["_target_"]), "timm_twin", None)
+    return twin(backbone_cfg) if twin is not None else None
 
 
 def _create_timm(name: str, kwargs: dict, num_classes: int) -> nn.Module:

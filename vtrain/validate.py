@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from vtrain import ConfigError
@@ -20,25 +21,20 @@ def validate(cfg: DictConfig, datamodule) -> None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: pass the path of a checkpoint file")
     if cfg.get("pretrained") and not Path(cfg.pretrained).is_file():
         raise ConfigError(f"pretrained={cfg.pretrained} does not exist: pass the path of a weights file")
-    _check_resolution(cfg)
+    _check_input_size(cfg)
     if hasattr(datamodule, "check"):
         datamodule.check()
 
 
-def _check_resolution(cfg: DictConfig) -> None:
-    """Swin classifies at a fixed size: every stage (strides 4..32) must hold whole windows (or fit in one)."""
-    backbone = cfg.backbone
-    if "window_size" not in backbone or "img_size" not in backbone or not str(cfg.task._target_).endswith("ClassificationTask"):
+def _check_input_size(cfg: DictConfig) -> None:
+    """A data module that feeds one size (``data.img_size``: classification) feeds a classifier's trunk; the
+    backbone's class says whether its configuration takes that size (Swin: whole windows at every stage)."""
+    size = cfg.data.get("img_size")
+    if size is None or "_target_" not in cfg.backbone:
         return
-    size, window = int(backbone.img_size), int(backbone.window_size)
-    for stride in (4, 8, 16, 32):
-        side = size / stride
-        if side != int(side) or (side > window and side % window):
-            good = 32 * window
-            raise ConfigError(
-                f"backbone.img_size={size} does not tile into Swin windows of {window} at stride {stride}: "
-                f"use a multiple of {good} (e.g. {good * max(1, round(size / good))}) or change backbone.window_size"
-            )
+    backbone = get_class(cfg.backbone._target_)
+    if hasattr(backbone, "check_input_size"):
+        backbone.check_input_size(cfg.backbone, int(size))
 
 
 def _check_devices(trainer: DictConfig) -> None:

@@ -16,11 +16,17 @@ Besides, a backbone names in ``no_weight_decay()`` the parameters (relative to i
 exclude from weight decay beyond the generic rule (1-D tensors and biases), and converts in
 ``checkpoint_filter(state_dict)`` a reference classification checkpoint (official release, timm, torchvision)
 into its own keys, splitting off the classifier's ``weight``/``bias``.
+
+What a backbone family knows about its configurations is asked of its class, before anything is built:
+``timm_twin(cfg)`` names timm's model of the same architecture (the benchmark's reference) and
+``check_input_size(cfg, img_size)`` refuses an input size its classifier cannot take (``vtrain.validate``).
+A new family answers both in its own file.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -93,6 +99,24 @@ class Backbone(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Return ``(backbone_state_dict, classifier_state_dict)`` from a reference checkpoint."""
         return dict(state_dict), {}
+
+    @classmethod
+    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict[str, Any]] | None:
+        """``(timm model name, create_model kwargs)`` building timm's own classifier of the architecture that
+        ``cfg`` (a config of this class) builds, or None where timm has none. Architecture arguments go in the
+        kwargs, so that a resized configuration gets its exact twin."""
+        return None
+
+    @classmethod
+    def check_input_size(cls, cfg: Mapping, img_size: int) -> None:
+        """Raise a one-line ``ConfigError`` when the classifier's trunk that ``cfg`` builds cannot take
+        ``img_size`` x ``img_size`` inputs. Default: any size."""
+
+    @classmethod
+    def _arguments(cls, cfg: Mapping) -> dict[str, Any]:
+        """The constructor's arguments a config builds with: its values, else the defaults."""
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return {p.name: cfg.get(p.name, p.default) for p in parameters}
 
 
 def require_reductions(backbone: Backbone, needed: Sequence[int], who: str) -> None:

@@ -38,7 +38,7 @@ No pretrained LR-Net checkpoint exists; ``checkpoint_filter`` is ResNet's.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -96,6 +96,11 @@ class LRNet(ResNet):
         self.frozen_stages = frozen_stages
         for module in self._frozen_modules():
             module.requires_grad_(False)
+
+    @classmethod
+    def timm_twin(cls, cfg: Mapping) -> None:
+        """timm has no LR-Net (the ResNet it derives from would be the wrong twin)."""
+        return None
 
 
 def paper_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:

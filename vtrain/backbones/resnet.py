@@ -209,3 +209,12 @@ class ResNet(Backbone):
             else:
                 backbone[key] = value
         return backbone, classifier
+
+    @classmethod
+    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict] | None:
+        """timm's ``resnet<depth>`` (the same v1.5 layout); None with context blocks or dilation, which timm has
+        no model of."""
+        args = cls._arguments(cfg)
+        if args["gc"] or args["nl"] or args["dnl"] or args["output_stride"] != 32 or args["base_width"] != 64:
+            return None
+        return f"resnet{args['depth']}", {"drop_path_rate": float(args["drop_path_rate"])}

@@ -28,7 +28,7 @@ Feature maps (``out_levels=(...)``) follow the official Swin detection / segment
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from timm.models.swin_transformer import SwinTransformer as TimmSwinTransformer
@@ -37,6 +37,10 @@ from torch import nn
 
 from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
+
+# timm's names of the Swin sizes, by (embed_dim, depths) (paper Table 7: T, S, B, L).
+TIMM_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base",
+              (192, (2, 2, 18, 2)): "large"}
 
 
 class SwinTransformer(Backbone):
@@ -159,3 +163,36 @@ class SwinTransformer(Backbone):
             else:
                 backbone[key] = value
         return backbone, classifier
+
+    @classmethod
+    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict]:
+        """timm's Swin of this size (``swin_tiny_patch4_window7_224``); a resized configuration gets the family's
+        entry point with every size argument given."""
+        import timm
+
+        args = cls._arguments(cfg)
+        kwargs = {"img_size": args["img_size"], "embed_dim": args["embed_dim"], "depths": tuple(args["depths"]),
+                  "num_heads": tuple(args["num_heads"]), "window_size": args["window_size"],
+                  "drop_path_rate": float(args["drop_path_rate"])}
+        size = TIMM_SIZES.get((kwargs["embed_dim"], kwargs["depths"]), "tiny")
+        name = f"swin_{size}_patch4_window{kwargs['window_size']}_{kwargs['img_size']}"
+        return (name if timm.is_model(name) else "swin_tiny_patch4_window7_224"), kwargs
+
+    @classmethod
+    def check_input_size(cls, cfg: Mapping, img_size: int) -> None:
+        """A classifier's trunk takes the ``img_size`` its windows are planned for, and every stage (strides
+        4..32) must hold whole windows or fit in one (the module doc)."""
+        args = cls._arguments(cfg)
+        planned, window = int(args["img_size"]), int(args["window_size"])
+        if int(img_size) != planned:
+            raise ConfigError(f"inputs of {img_size}x{img_size} but backbone.img_size={planned}: a Swin classifier "
+                              f"takes the size its windows are planned for; set backbone.img_size={img_size}")
+        for stride in (4, 8, 16, 32):
+            side = planned / stride
+            if side != int(side) or (side > window and side % window):
+                good = 32 * window
+                raise ConfigError(
+                    f"backbone.img_size={planned} does not tile into Swin windows of {window} at stride {stride}: "
+                    f"use a multiple of {good} (e.g. {good * max(1, round(planned / good))}) or change "
+                    "backbone.window_size"
+                )

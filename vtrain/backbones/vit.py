@@ -19,7 +19,7 @@ Table 1: 22M / 4.6G).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,11 @@ from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
+from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
+
+# timm's names of the ViT sizes, by embed_dim.
+TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -153,3 +157,23 @@ class VisionTransformer(Backbone):
                 value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1)
             backbone[key] = value
         return backbone, classifier
+
+    @classmethod
+    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict]:
+        """timm's ViT of this size (``vit_small_patch16_224``); a resized configuration gets the family's entry
+        point with every size argument given."""
+        import timm
+
+        args = cls._arguments(cfg)
+        kwargs = {k: args[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+        kwargs["drop_path_rate"] = float(args["drop_path_rate"])
+        name = f"vit_{TIMM_SIZES.get(kwargs['embed_dim'], 'base')}_patch{kwargs['patch_size']}_{kwargs['img_size']}"
+        return (name if timm.is_model(name) else "vit_base_patch16_224"), kwargs
+
+    @classmethod
+    def check_input_size(cls, cfg: Mapping, img_size: int) -> None:
+        """Any size that is a whole number of patches (the position table is resampled to the grid)."""
+        patch = int(cls._arguments(cfg)["patch_size"])
+        if int(img_size) % patch:
+            raise ConfigError(f"inputs of {img_size}x{img_size} are not whole {patch}x{patch} patches: use a multiple "
+                              f"of {patch} (e.g. {patch * max(1, round(int(img_size) / patch))})")
