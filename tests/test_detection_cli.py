@@ -65,7 +65,7 @@ def test_ddp_evaluation_equals_single_process(fitted, coco_root, tmp_path):
 def test_one_stage_detectors_on_swin_train_under_ddp(coco_root, tmp_path, detector):
     """RetinaNet and FCOS read C3-C5: the Swin is built without a C2 output norm, so plain DDP (no search for
     unused parameters) trains (it stopped with DDP's unused-parameter error when C2's norm existed)."""
-    result = run_cli("experiment=quickstart_det", f"task.detector={detector}", "data.masks=false",
+    result = run_cli("experiment=quickstart_det", f"task/detector={detector}", "data.masks=false",
                      f"data.root={coco_root}", "trainer=ddp_cpu", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.num_workers=0",
                      "callbacks.progress_bar=null", f"hydra.run.dir={tmp_path}")

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import ROOT
 from tasks.detection.evaluation import CocoEvaluator
 from tasks.detection.module import DetectionTask
 
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _task(backbone: dict, detector: str, **kw) -> DetectionTask:
     extra = dict(detector_kwargs=RCNN_SMALL) if "rcnn" in detector else {}
-    return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=2, detector=detector, **SMALL,
+    spec = OmegaConf.load(ROOT / "conf" / "task" / "detector" / f"{detector}.yaml")
+    return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=2, detector=spec, **SMALL,
                          **extra, **kw)
 
 
@@ -94,12 +96,14 @@ def test_train_step_and_evaluation(backbone, detector, ground_truth):
     assert set(summary) >= set(task.spec.iou_types) and 0.0 <= summary["bbox"]["AP"] <= 1.0
 
 
-def test_a_dilated_backbone_is_refused_with_one_line():
+def test_a_dilated_backbone_or_a_detector_name_is_refused_with_one_line():
     from vtrain import ConfigError
 
-    with pytest.raises(ConfigError, match=r"task.detector=retinanet needs backbone outputs at strides \[8, 16, 32\], "
+    with pytest.raises(ConfigError, match=r"RetinaNet needs backbone outputs at strides \[8, 16, 32\], "
                                           r"ResNet gives \[8, 8, 8\]"):
         _task(dict(RESNET50, output_stride=8), "retinanet")
+    with pytest.raises(ConfigError, match=r"task.detector is a config, not 'retinanet': pick one with task/detector="):
+        DetectionTask(OmegaConf.create(TINY_SWIN), OPTIM, SCHED, num_classes=2, detector="retinanet")
 
 
 def test_pyramids_and_keys():

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from hydra.utils import get_class
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from vtrain import ConfigError
 from vtrain.backbones.base import Backbone, require_reductions
 
 
@@ -64,31 +67,37 @@ class FeaturePyramid(nn.Module):
         return self.fpn(OrderedDict((str(level), x) for level, x in zip(self.body.out_levels, self.body(images))))
 
 
-class DetectorSpec(NamedTuple):
-    """How one of torchvision's detectors is put on a backbone."""
+@dataclass(frozen=True)
+class DetectorSpec:
+    """How one of torchvision's detectors is put on a backbone: a file of ``conf/task/detector/``.
 
-    cls: type[nn.Module]
-    levels: tuple[int, ...]  # backbone levels (0 = stride 4) that feed the FPN: what the backbone is built with
-    extra_levels: str  # "maxpool" (P6 = max-pool of P5) | "p6p7_from_c5" | "p6p7_from_p5"
-    masks: bool  # predicts instance masks
+    Args:
+        detector: the torchvision class (``torchvision.models.detection.RetinaNet``).
+        levels: backbone levels (0 = stride 4) that feed the FPN: what the backbone is built with.
+        extra_levels: the pyramid above them: ``maxpool`` (P6 = max-pool of P5), ``p6p7_from_c5`` or ``p6p7_from_p5``.
+        masks: whether it predicts instance masks.
+    """
+
+    detector: str
+    levels: Sequence[int]
+    extra_levels: str
+    masks: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(int(level) for level in self.levels))
+        if self.extra_levels not in EXTRA_LEVELS:
+            raise ConfigError(f"task.detector.extra_levels={self.extra_levels!r}: use one of {', '.join(EXTRA_LEVELS)}")
+
+    @property
+    def cls(self) -> type[nn.Module]:
+        return get_class(self.detector)
 
     @property
     def iou_types(self) -> tuple[str, ...]:
         return ("bbox", "segm") if self.masks else ("bbox",)
 
 
-DETECTORS = {
-    "mask_rcnn": DetectorSpec(MaskRCNN, (0, 1, 2, 3), "maxpool", masks=True),
-    "faster_rcnn": DetectorSpec(FasterRCNN, (0, 1, 2, 3), "maxpool", masks=False),
-    "retinanet": DetectorSpec(RetinaNet, (1, 2, 3), "p6p7_from_c5", masks=False),
-    "fcos": DetectorSpec(FCOS, (1, 2, 3), "p6p7_from_p5", masks=False),
-}
-
-
-def detector_spec(name: str) -> DetectorSpec:
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}: use one of {', '.join(DETECTORS)}")
-    return DETECTORS[name]
+EXTRA_LEVELS = ("maxpool", "p6p7_from_c5", "p6p7_from_p5")
 
 
 def _extra_block(kind: str, c5_channels: int, out_channels: int) -> ExtraFPNBlock:
@@ -100,7 +109,7 @@ def _extra_block(kind: str, c5_channels: int, out_channels: int) -> ExtraFPNBloc
 
 
 def build_detector(
-    name: str,
+    spec: DetectorSpec,
     backbone: Backbone,
     num_classes: int,
     fpn_channels: int = 256,
@@ -108,10 +117,10 @@ def build_detector(
     mask_head_dims: Sequence[int] = (256, 256, 256, 256),
     **detector_kwargs: Any,
 ) -> nn.Module:
-    """A torchvision detector on ``backbone``, built with ``out_levels=detector_spec(name).levels``.
+    """A torchvision detector on ``backbone``, built with ``out_levels=spec.levels``.
 
     Args:
-        name: ``mask_rcnn`` | ``faster_rcnn`` | ``retinanet`` | ``fcos``.
+        spec: which detector, on which levels (``conf/task/detector/*.yaml``).
         num_classes: categories + 1 (background).
         fpn_channels: FPN width (256 in all four papers); RetinaNet's and FCOS's heads have this width too.
         box_head_dim: R-CNN box head width (torchvision's ``TwoMLPHead``, 1024 in the FPN paper).
@@ -120,10 +129,10 @@ def build_detector(
         detector_kwargs: passed to the torchvision constructor (``min_size``, ``rpn_post_nms_top_n_train``,
             ``box_batch_size_per_image``, ``score_thresh``, ...).
     """
-    spec = detector_spec(name)
+    name = spec.cls.__name__
     if backbone.out_levels != spec.levels:
         raise ValueError(f"{name} reads backbone levels {spec.levels}, the backbone gives {backbone.out_levels}")
-    require_reductions(backbone, [4 * 2**level for level in spec.levels], f"task.detector={name}")
+    require_reductions(backbone, [4 * 2**level for level in spec.levels], name)
     pyramid = FeaturePyramid(
         backbone, fpn_channels, _extra_block(spec.extra_levels, backbone.feature_info[-1].channels, fpn_channels)
     )

@@ -11,7 +11,7 @@ from torch import nn
 
 from tasks.detection.data import Batch
 from tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
-from tasks.detection.models import build_detector, detector_spec
+from tasks.detection.models import DetectorSpec, build_detector
 from vtrain import ConfigError
 from vtrain.module import TaskModule
 
@@ -23,7 +23,8 @@ class DetectionTask(TaskModule):
 
     Args:
         num_classes: dataset categories (the detector gets one more, the background).
-        detector: ``mask_rcnn`` | ``faster_rcnn`` | ``retinanet`` | ``fcos``.
+        detector: a :class:`models.DetectorSpec` config (``conf/task/detector/``: ``mask_rcnn``, ``faster_rcnn``,
+            ``retinanet``, ``fcos``; picked with ``task/detector=<name>``).
         batch_norm: the backbone's BatchNorm layers: ``train`` (ordinary), ``eval`` (statistics frozen,
             affine trained: mmdet's ``norm_eval=True`` of the ResNet 1x recipes), ``frozen`` (statistics and
             affine frozen: torchvision's ``FrozenBatchNorm2d``) or ``sync`` (``SyncBatchNorm`` across
@@ -41,7 +42,7 @@ class DetectionTask(TaskModule):
         optim: Mapping[str, Any],
         sched: Mapping[str, Any],
         num_classes: int,
-        detector: str = "mask_rcnn",
+        detector: Mapping[str, Any],
         monitor: str = "val/bbox_AP",
         monitor_mode: str = "max",
         batch_norm: str = "train",
@@ -59,14 +60,14 @@ class DetectionTask(TaskModule):
         self.monitor, self.monitor_mode = monitor, monitor_mode
         if batch_norm not in BATCH_NORM_MODES:
             raise ConfigError(f"task.batch_norm={batch_norm!r}: use one of {', '.join(BATCH_NORM_MODES)}")
-        try:
-            self.spec = detector_spec(detector)
-        except ValueError as e:
-            raise ConfigError(f"task.detector: {e}") from e
+        if not isinstance(detector, Mapping):
+            raise ConfigError(f"task.detector is a config, not {detector!r}: pick one with task/detector=<name> "
+                              "(mask_rcnn, faster_rcnn, retinanet, fcos: the files of conf/task/detector/)")
+        self.spec: DetectorSpec = instantiate(detector)
         self.batch_norm, self.evaluator_backend = batch_norm, evaluator
         self.backbone = _with_batch_norm(instantiate(backbone, out_levels=self.spec.levels), batch_norm)
         self.detector = build_detector(
-            detector,
+            self.spec,
             self.backbone,
             num_classes + 1,
             fpn_channels=fpn_channels,
@@ -96,7 +97,8 @@ class DetectionTask(TaskModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if stage == "fit" and self.spec.masks and datamodule is not None and not getattr(datamodule, "masks", True):
-            raise ConfigError("task.detector predicts masks but data.masks=false: set data.masks=true")
+            raise ConfigError(f"task.detector ({self.spec.cls.__name__}) predicts masks but data.masks=false: "
+                              "set data.masks=true")
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
