@@ -1,13 +1,19 @@
-"""Checkpoint safety: nothing is unpickled."""
+"""Checkpoint safety: nothing is unpickled, and saves are atomic beside their target."""
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 
-from conftest import TINY_CLS, run_cli
+from conftest import ROOT, TINY_CLS, compose, run_cli
 from vtrain.checkpoint import RefusedCheckpoint, newest_valid_checkpoint, read_checkpoint
 
 
@@ -99,3 +105,109 @@ def test_checkpoints_vtrain_writes_need_no_allow_listed_class(imagenet_root, tmp
     for path in paths:
         assert get_unsafe_globals_in_checkpoint(path) == [], path
         assert torch.load(path, map_location="cpu", weights_only=True)["global_step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+def _configured_checkpoint_io(tmp_path):
+    """The checkpoint I/O of the trainer a run builds from conf/trainer."""
+    from hydra.utils import instantiate
+
+    cfg = compose(*TINY_CLS, f"output_dir={tmp_path}")
+    return instantiate(cfg.trainer, logger=False, enable_progress_bar=False).strategy.checkpoint_io
+
+
+@pytest.fixture
+def watched_tmpdir(tmp_path, monkeypatch):
+    """$TMPDIR for this test: it must stay empty."""
+    directory = tmp_path / "tmpdir"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    monkeypatch.setenv("TMPDIR", str(directory))
+    return directory
+
+
+def test_checkpoint_save_writes_its_temporary_file_beside_the_target(tmp_path, monkeypatch, watched_tmpdir):
+    checkpoint_io = _configured_checkpoint_io(tmp_path)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    seen, real_save = [], torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        seen.append(sorted(p.name for p in target.parent.iterdir()))  # where the bytes just went
+
+    monkeypatch.setattr(torch, "save", save)
+    checkpoint_io.save_checkpoint({"w": torch.ones(3)}, target)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(".last.ckpt.") and seen[0][0].endswith(".tmp")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    assert list(watched_tmpdir.iterdir()) == []
+    assert read_checkpoint(target)["w"].sum() == 3
+
+
+def test_a_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch, watched_tmpdir):
+    """The checkpoint directory's filesystem fills up half-way through the save; $TMPDIR is another filesystem (a
+    rename from it fails with EXDEV, so a file written there would have to be copied into place)."""
+    import shutil
+
+    checkpoint_io = _configured_checkpoint_io(tmp_path)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint_io.save_checkpoint({"w": torch.zeros(1000)}, target)
+    good = target.read_bytes()
+
+    real_rename, real_save = os.rename, torch.save
+
+    def rename(src, dst, *args, **kwargs):
+        if os.path.dirname(os.path.abspath(src)) == str(watched_tmpdir):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst, *args, **kwargs)
+
+    def save_until_full(obj, f, *args, **kwargs):
+        if isinstance(f, io.BytesIO):  # an in-memory buffer fills no disk
+            return real_save(obj, f, *args, **kwargs)
+        f.write(good[: len(good) // 2])  # written straight into the checkpoint directory
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def copy_until_full(src, dst, *args, **kwargs):  # copied into the checkpoint directory
+        with open(src, "rb") as source, open(dst, "wb") as destination:
+            destination.write(source.read()[: len(good) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(shutil, "copyfile", copy_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_io.save_checkpoint({"w": torch.ones(1000)}, target)
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    assert list(watched_tmpdir.iterdir()) == []
+
+
+KILLED_MID_WRITE = """
+import sys, time
+from vtrain.atomic import atomic_write
+
+def write(f):
+    f.write(b"x" * 1000)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_sigkill_mid_write_leaves_the_previous_file_whole(tmp_path):
+    """The kill lands while the new bytes are being written: the target is the previous file, and the leftover
+    temporary file sits beside it under a name no reader of checkpoints or metrics picks up."""
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    target.parent.mkdir()
+    torch.save({"global_step": 6, "state_dict": {}}, target)
+    good = target.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(target)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert target.read_bytes() == good
+    leftovers = [p.name for p in target.parent.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
+    assert newest_valid_checkpoint(target.parent) == target

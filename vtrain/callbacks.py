@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from vtrain.atomic import atomic_write_text
 
 
 def _plain(value: Any) -> Any:
@@ -74,10 +75,7 @@ class MetricsJSON(pl.Callback):
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "best_model_path", ""):
             payload["best_checkpoint"] = ckpt.best_model_path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -101,7 +99,7 @@ class MetricsJSON(pl.Callback):
 
 class Preemption(pl.Callback):
     """SIGTERM or SIGUSR1 (what SLURM and most schedulers send before a time limit or a preemption): finish the
-    current batch, save ``last.ckpt`` (atomically, as every Lightning save), and exit.
+    current batch, save ``last.ckpt`` (atomically: :class:`vtrain.checkpoint.CheckpointIO`), and exit.
 
     Under SLURM, Lightning's ``SLURMEnvironment`` (auto-requeue on, the default) handles SIGUSR1 itself: it saves
     ``hpc_ckpt_*.ckpt`` in the run directory, requeues the job, and the requeued job resumes from it; this

@@ -1,4 +1,4 @@
-"""Reading weights from local files, safely, and loading them with a readable report.
+"""Reading weights from local files, safely, and loading them with a readable report; writing checkpoints atomically.
 
 Files are never unpickled as arbitrary objects, whoever wrote them: ``.safetensors`` through safetensors, everything
 else through ``torch.load(weights_only=True)`` (:func:`read_checkpoint`), including the checkpoints Lightning
@@ -20,6 +20,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from vtrain import ConfigError
+from vtrain.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,21 @@ def _is_zip(path: Path) -> bool:
 
 
 class CheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint reading and writing, with every load through :func:`read_checkpoint`
-    (``weights_only=True``), whatever the caller asks or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
+    """Lightning's checkpoint reading and writing, made safe.
+
+    Saving: atomically, next to the target (:func:`vtrain.atomic.atomic_write`), straight from ``torch.save``.
+    Lightning's own save goes through a temporary file from ``tempfile.mkstemp()`` in ``$TMPDIR`` and moves it
+    into place, which is a copy when ``$TMPDIR`` is another filesystem: a SIGKILL mid-copy leaves a truncated
+    checkpoint. Loading: always :func:`read_checkpoint` (``weights_only=True``), whatever the caller asks or
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says. Remote (``s3://`` ...) paths keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
+
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
