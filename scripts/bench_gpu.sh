@@ -12,11 +12,11 @@ BATCH=${BATCH:-128}
 TIMING=(bench.device=cuda bench.warmup=5 bench.iters=10 bench.repeats=5)
 FAST=(bench.batch_size=$BATCH bench.precision=bf16 bench.channels_last=auto "${TIMING[@]}")
 
-$PY -m vtrain.bench -m backbone=swin_t,resnet50,vit_b16 --vs timm bench.reference_settings=timm_defaults \
+$PY -m vtrain.tools.bench -m backbone=swin_t,resnet50,vit_b16 --vs timm bench.reference_settings=timm_defaults \
   bench.compile=true "${FAST[@]}" "$@"
-$PY -m vtrain.bench -m backbone=swin_t,resnet50,vit_b16 --vs timm bench.reference_settings=same \
+$PY -m vtrain.tools.bench -m backbone=swin_t,resnet50,vit_b16 --vs timm bench.reference_settings=same \
   bench.compile=true "${FAST[@]}" "$@"
-$PY -m vtrain.bench -m backbone=lrnet50 --vs resnet50 bench.compile=false,true "${FAST[@]}" "$@"
+$PY -m vtrain.tools.bench -m backbone=lrnet50 --vs resnet50 bench.compile=false,true "${FAST[@]}" "$@"
 LAYER='{_target_:vtrain.layers.local_relation.LocalRelation2d,channels:64,kernel_size:7,implementation:%s}'
-$PY -m vtrain.bench "bench.module=$(printf "$LAYER" fast)" "bench.reference=$(printf "$LAYER" reference)" \
+$PY -m vtrain.tools.bench "bench.module=$(printf "$LAYER" fast)" "bench.reference=$(printf "$LAYER" reference)" \
   'bench.input_shape=[64,56,56]' bench.modes=[train] bench.batch_size=32 "${TIMING[@]}" "$@"

@@ -1,4 +1,4 @@
-"""vtrain.bench: figures of a tiny model against its timm twin, outputs, reference resolution, loader and layers."""
+"""vtrain.tools.bench: figures of a tiny model against its timm twin, outputs, reference resolution, loader and layers."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +9,11 @@ import timm
 import torch
 
 from conftest import run_cli
-from vtrain.bench import _vs_to_override, compose_config, run, timm_reference
+from vtrain import ConfigError
 from vtrain.profiling import count_macs, count_params
+from vtrain.tools.bench.cli import run, vs_to_override
+from vtrain.tools.bench.models import timm_reference
+from vtrain.tools.configs import compose_config
 
 TINY_SWIN = ["backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
              "backbone.window_size=4", "backbone.img_size=64", "backbone.drop_path_rate=0.0"]
@@ -24,7 +27,7 @@ def test_bench_tiny_swin_vs_timm_writes_json_and_csv_rows(tmp_path):
     csv_path = tmp_path / "bench.csv"
     result = run_cli(
         "-m", *TINY_SWIN, "--vs", "timm", "bench.batch_size=2,4", "bench.warmup=1", "bench.iters=2",
-        "bench.repeats=3", f"bench.csv={csv_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}", module="vtrain.bench",
+        "bench.repeats=3", f"bench.csv={csv_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}", module="vtrain.tools.bench",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "timm:swin_tiny_patch4_window7_224" in result.stdout and "ours/ref" in result.stdout
@@ -66,9 +69,19 @@ def test_timm_twin_of_each_backbone(backbone, expected):
     assert (found[0] if found else None) == expected
 
 
+def test_an_input_size_the_backbone_cannot_take_is_one_line_before_any_model_is_built(tmp_path):
+    """The backbone's class decides (``check_input_size``); the former entry point still runs the bench."""
+    with pytest.raises(ConfigError, match=r"^inputs of 240x240 but backbone.img_size=224: .* set backbone.img_size=240$"):
+        run(compose_config("bench", ["backbone=swin_t", "bench.img_size=240"]))
+    result = run_cli("backbone=vit_s16", "bench.img_size=100", f"hydra.run.dir={tmp_path}", module="vtrain.bench")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: inputs of 100x100 are not whole 16x16 patches: use a multiple of 16 (e.g. 96)")
+
+
 def test_vs_flag_becomes_an_override():
-    assert _vs_to_override(["backbone=swin_t", "--vs", "timm", "-m"]) == ["backbone=swin_t", "bench.reference=timm", "-m"]
-    assert _vs_to_override(["--vs=resnet50"]) == ["bench.reference=resnet50"]
+    assert vs_to_override(["backbone=swin_t", "--vs", "timm", "-m"]) == ["backbone=swin_t", "bench.reference=timm", "-m"]
+    assert vs_to_override(["--vs=resnet50"]) == ["bench.reference=resnet50"]
 
 
 def test_loader_throughput_and_bottleneck(imagenet_root, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF, run_cli
-from vtrain.bench import compose_config
+from vtrain.tools.configs import compose_config
 from vtrain.profiling import count_macs, count_params
 from vtrain import ConfigError
 from vtrain.table import fill_table, paper_table_markdown, run

@@ -39,7 +39,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vtrain import ConfigError
-from vtrain.bench import Candidate, Settings, build_classifier, compose_config, device_name, measure, resolve_device
+from vtrain.tools.bench.device import device_name, resolve_device
+from vtrain.tools.bench.models import Candidate, Settings, build_classifier
+from vtrain.tools.bench.timing import measure
+from vtrain.tools.configs import compose_config
 from vtrain.profiling import count_macs, count_params
 
 log = logging.getLogger("vtrain.table")

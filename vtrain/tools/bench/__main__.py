@@ -1,0 +1,3 @@
+from vtrain.tools.bench.cli import main
+
+main()
