@@ -6,6 +6,7 @@ import json
 import yaml
 
 from conftest import TINY_CLS, run_cli
+from vtrain.sweep import finished_points, record_failure, summarize
 
 
 def test_a_failing_point_is_reported_and_the_others_finish(imagenet_root, tmp_path):
@@ -17,6 +18,31 @@ def test_a_failing_point_is_reported_and_the_others_finish(imagenet_root, tmp_pa
     assert "set data.num_classes=4" in rows[0]["error"] and rows[1]["monitor"] == "val/top1"
     assert 0.0 <= rows[1]["best"] <= 1.0
     assert "1/2 points ok" in result.stdout
+
+
+def test_sweep_points_are_read_in_job_order_by_the_summary_and_the_sweep_table(tmp_path):
+    """One reader for both: the summary lists every job (failed, died, ok); the sweep table every metrics.json
+    below a folder, sweeps of sweeps included, numbered directories by number."""
+    sweep = tmp_path / "day" / "10-00-00"
+    metrics = {"monitor": "val/top1", "best": {"val/top1": 0.5}, "final": {"val/top1": 0.4}}
+    for job in (0, 2, 10):
+        (sweep / str(job) / ".hydra").mkdir(parents=True)
+        (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (sweep / str(job) / "metrics.json").write_text(json.dumps(metrics))
+    record_failure(sweep / "1", ValueError("bad value\nmore"))
+    (sweep / "3").mkdir()
+    other = tmp_path / "day" / "11-00-00" / "0"
+    other.mkdir(parents=True)
+    (other / "metrics.json").write_text(json.dumps(metrics))
+
+    rows = summarize(sweep)
+    assert [(r["point"], r["status"]) for r in rows] == [(0, "ok"), (1, "failed"), (2, "ok"), (3, "failed"), (10, "ok")]
+    assert rows[1]["error"] == "ValueError: bad value" and rows[3]["error"].startswith("no metrics.json")
+    assert rows[4]["overrides"] == "seed=10" and rows[4]["best"] == 0.5
+    points = finished_points(tmp_path / "day")
+    assert [p.path.relative_to(tmp_path / "day").parts for p in points] == [
+        ("10-00-00", "0"), ("10-00-00", "2"), ("10-00-00", "10"), ("11-00-00", "0")]
+    assert points[0].overrides == ["seed=0"] and points[-1].overrides is None and points[0].error is None
 
 
 def test_submitit_local_launcher_runs_a_two_point_sweep(imagenet_root, tmp_path):

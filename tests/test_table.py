@@ -1,4 +1,4 @@
-"""vtrain.table: paper tables' params/FLOPs equal the backbones' exact figures; a sweep becomes Markdown + PNG."""
+"""vtrain.tools.table: paper tables' params/FLOPs equal the backbones' exact figures; a sweep becomes Markdown + PNG."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF, run_cli
-from vtrain.tools.configs import compose_config
-from vtrain.profiling import count_macs, count_params
 from vtrain import ConfigError
-from vtrain.table import fill_table, paper_table_markdown, run
+from vtrain.profiling import count_macs, count_params
+from vtrain.tools.configs import compose_config
+from vtrain.tools.table.cli import run
+from vtrain.tools.table.paper import fill_table, paper_table_markdown
 
 # Exact parameter counts with a 1000-class classifier (the backbone issue's figures, tests/test_backbones.py)
 # and GMACs at the table's resolution rounded as the backbones' docstrings give them.
@@ -42,7 +43,8 @@ def load_table(name: str, rows: list[str] | None = None) -> dict:
 
 
 def test_swin_table_cli_prints_paper_and_measured_side_by_side(tmp_path):
-    result = run_cli("table=swin_imagenet", "throughput.enabled=false", f"hydra.run.dir={tmp_path}", module="vtrain.table")
+    result = run_cli("table=swin_imagenet", "throughput.enabled=false", f"hydra.run.dir={tmp_path}",
+                     module="vtrain.tools.table")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert "| Swin-T | 28 | 28.29 | 4.5 | 4.49 | 755.2 | — | 81.3 | — |" in lines

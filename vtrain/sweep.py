@@ -1,8 +1,11 @@
-"""What a sweep (``-m``) reports at its end: each point's status, monitored metric and overrides."""
+"""What a sweep (``-m``) leaves behind, read in one place: each point's overrides, its ``metrics.json`` or the
+reason it failed. The summary at a sweep's end (:class:`SweepSummary`) and the sweep table
+(``vtrain.tools.table.runs``) both read points through :func:`read_point`."""
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +24,57 @@ def record_failure(output_dir: str | Path, error: BaseException) -> None:
     (Path(output_dir) / FAILED_FILE).write_text(f"{type(error).__name__}: {first}\n")
 
 
+@dataclass
+class SweepPoint:
+    """One run directory of a sweep."""
+
+    path: Path
+    overrides: list[str] | None  # the command-line overrides (.hydra/overrides.yaml); None without that file
+    metrics: dict[str, Any] | None  # its metrics.json, once the run wrote one
+    error: str | None  # the line record_failure left, if the run failed
+
+
+def read_point(path: Path) -> SweepPoint:
+    overrides, metrics, failed = path / ".hydra" / "overrides.yaml", path / "metrics.json", path / FAILED_FILE
+    return SweepPoint(
+        path=path,
+        overrides=[str(o) for o in yaml.safe_load(overrides.read_text()) or []] if overrides.is_file() else None,
+        metrics=json.loads(metrics.read_text()) if metrics.is_file() else None,
+        error=failed.read_text().strip() if failed.is_file() else None,
+    )
+
+
+def _job_order(root: Path):
+    """Sort key of directories below ``root``: numbered ones (Hydra's ``${hydra.job.num}``) by number."""
+    def key(path: Path) -> tuple:
+        return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.relative_to(root).parts)
+    return key
+
+
+def job_points(sweep_dir: str | Path) -> list[SweepPoint]:
+    """Every job of one sweep (its numbered directories), finished or not, in job order."""
+    root = Path(sweep_dir)
+    return [read_point(p) for p in sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()),
+                                           key=_job_order(root))]
+
+
+def finished_points(root: str | Path) -> list[SweepPoint]:
+    """Every run with a ``metrics.json`` below ``root`` (a sweep, or a folder of sweeps), in job order."""
+    root = Path(root)
+    return [read_point(p) for p in sorted({m.parent for m in root.rglob("metrics.json")}, key=_job_order(root))]
+
+
 def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
-    points = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()]
-    for point in sorted(points, key=lambda p: int(p.name)):
-        overrides_file = point / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        row: dict[str, Any] = {"point": int(point.name), "overrides": " ".join(overrides), "status": "failed"}
-        metrics_file = point / "metrics.json"
-        if (point / FAILED_FILE).is_file():
-            row["error"] = (point / FAILED_FILE).read_text().strip()
-        elif metrics_file.is_file():
-            metrics = json.loads(metrics_file.read_text())
-            monitor = metrics.get("monitor")
-            row.update(status="ok", monitor=monitor, best=metrics.get("best", {}).get(monitor),
-                       final=metrics.get("final", {}).get(monitor))
+    for point in job_points(sweep_dir):
+        row: dict[str, Any] = {"point": int(point.path.name), "overrides": " ".join(point.overrides or []),
+                               "status": "failed"}
+        if point.error is not None:
+            row["error"] = point.error
+        elif point.metrics is not None:
+            monitor = point.metrics.get("monitor")
+            row.update(status="ok", monitor=monitor, best=point.metrics.get("best", {}).get(monitor),
+                       final=point.metrics.get("final", {}).get(monitor))
         else:
             row["error"] = "no metrics.json (the process died?)"
         rows.append(row)

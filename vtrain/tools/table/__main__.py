@@ -1,0 +1,3 @@
+from vtrain.tools.table.cli import main
+
+main()

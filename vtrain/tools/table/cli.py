@@ -1,0 +1,59 @@
+"""``table=<name>``: a paper's table; ``runs=<multirun dir>``: a sweep's table and plot."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from vtrain import ConfigError
+from vtrain.tools.bench.device import device_name, resolve_device
+from vtrain.tools.configs import CONFIG_DIR, run_or_exit
+from vtrain.tools.table.markdown import write_table
+from vtrain.tools.table.paper import fill_table, paper_table_markdown
+from vtrain.tools.table.runs import aggregate_runs, plot_runs, runs_markdown
+
+
+def run(cfg: DictConfig) -> str:
+    if cfg.get("runs"):
+        return _runs_table(cfg)
+    if not cfg.get("table"):
+        tables = sorted(p.stem for p in (Path(CONFIG_DIR) / "table").glob("*.yaml"))
+        raise ConfigError(f"give table=<name> (one of {', '.join(tables)}) or runs=<multirun dir>")
+    table = OmegaConf.to_container(cfg.table, resolve=True)
+    filled = fill_table(table, cfg)
+    device = resolve_device(cfg.throughput.device) if cfg.throughput.enabled else None
+    context = f"vtrain {datetime.date.today().isoformat()}, torch {torch.__version__}" + (
+        f", throughput on {device_name(device)} ({cfg.throughput.precision})" if device is not None else "")
+    markdown = paper_table_markdown(filled, context)
+    name = HydraConfig.get().runtime.choices.get("table", "table") if HydraConfig.initialized() else "table"
+    out_dir = Path(cfg.out_dir or (HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."))
+    write_table(out_dir, name, markdown, filled)
+    print(markdown)
+    print(f"wrote {out_dir / (name + '.md')}")
+    return markdown
+
+
+def _runs_table(cfg: DictConfig) -> str:
+    root = Path(cfg.runs)
+    if not root.is_dir():
+        raise ConfigError(f"runs={root} is not a directory: pass the directory of a finished sweep")
+    options = cfg.runs_table
+    if options.plot_x not in ("gmacs", "params", "throughput"):
+        raise ConfigError(f"runs_table.plot_x={options.plot_x!r}: use gmacs, params or throughput")
+    summary = aggregate_runs(root, options, cfg.throughput if options.plot_x == "throughput" else None)
+    markdown = runs_markdown(summary)
+    out_dir = Path(cfg.out_dir or root)
+    plot_runs(summary, options.plot_x, out_dir / "table.png")
+    write_table(out_dir, "table", markdown, summary)
+    print(markdown)
+    print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.png'}")
+    return markdown
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="table_main")
+def main(cfg: DictConfig) -> None:
+    run_or_exit(run, cfg)
