@@ -1,4 +1,5 @@
-"""Checkpoint safety: nothing is unpickled, and saves are atomic beside their target."""
+"""Checkpoint safety: nothing is unpickled, saves are atomic beside their target, and last.ckpt is the newest
+state."""
 from __future__ import annotations
 
 import errno
@@ -88,6 +89,7 @@ def test_a_planted_pickle_is_never_run_by_training_resume_or_evaluation(imagenet
     assert result.returncode == 0 and not marker.exists(), output[-3000:]
     assert len(_lines_naming(output, hostile)) == 1
     assert "weights_only` set to `False`" not in output and "\x1b[1m" not in output
+    assert read_checkpoint(hostile)["global_step"] == 12  # resumed from step 6 and replaced the planted file
 
 
 def test_checkpoints_vtrain_writes_need_no_allow_listed_class(imagenet_root, tmp_path):
@@ -211,3 +213,16 @@ def test_sigkill_mid_write_leaves_the_previous_file_whole(tmp_path):
     leftovers = [p.name for p in target.parent.iterdir() if p != target]
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
     assert newest_valid_checkpoint(target.parent) == target
+
+
+# --------------------------------------------------------------------------------------------------- last.ckpt
+def test_last_ckpt_is_the_final_state_when_the_last_validation_is_not_the_best(imagenet_root, tmp_path):
+    """Monitoring the step with mode=min makes the first validation the best and every later one worse."""
+    run = tmp_path / "run"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_epochs=3",
+                     "trainer.limit_val_batches=1", "callbacks.model_checkpoint.monitor=step",
+                     "callbacks.model_checkpoint.mode=min")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["epoch000-step0000006.ckpt", "last.ckpt"]
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert (last["global_step"], last["epoch"]) == (18, 2)
