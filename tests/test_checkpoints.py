@@ -1,7 +1,8 @@
-"""Checkpoint safety: nothing is unpickled, saves are atomic beside their target, and last.ckpt is the newest
-state."""
+"""Checkpoint and run-file safety: nothing is unpickled, saves are atomic beside their target, last.ckpt is the
+newest state, and a resumed run keeps its metrics.csv."""
 from __future__ import annotations
 
+import csv
 import errno
 import io
 import os
@@ -226,3 +227,41 @@ def test_last_ckpt_is_the_final_state_when_the_last_validation_is_not_the_best(i
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["epoch000-step0000006.ckpt", "last.ckpt"]
     last = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert (last["global_step"], last["epoch"]) == (18, 2)
+
+
+# ------------------------------------------------------------------------------------------------- metrics.csv
+def _validated_epochs(path) -> list[int]:
+    with open(path, newline="") as f:
+        return sorted(int(row["epoch"]) for row in csv.DictReader(f) if row["val/top1"])
+
+
+def test_a_resumed_run_appends_to_metrics_csv(imagenet_root, tmp_path):
+    """2 epochs without the learning-rate column, then resumed to 4 with it: all 4 epochs' rows in one table."""
+    run = tmp_path / "run"
+    args = [*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1"]
+    result = run_cli(*args, "trainer.max_epochs=2", "callbacks.lr_monitor=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _validated_epochs(run / "metrics.csv") == [0, 1]
+    result = run_cli(*args, "trainer.max_epochs=4", "ckpt_path=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _validated_epochs(run / "metrics.csv") == [0, 1, 2, 3]
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert "lr-AdamW/pg1" in rows[0] and all(len(row) == len(rows[0]) for row in rows)
+    steps = [int(row[rows[0].index("step")]) for row in rows[1:] if row[rows[0].index("train/loss_step")]]
+    assert steps == list(range(24))  # every training step once, in order
+
+
+def test_metrics_csv_writer_continues_a_file_with_a_torn_last_row(tmp_path):
+    from vtrain.loggers import AppendingMetricsWriter
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,val/top1\r\n0,5,0.5\r\n1,11,0.6\r\n2,1")  # killed mid-append
+    writer = AppendingMetricsWriter(str(tmp_path))
+    writer.log_metrics({"epoch": 2, "val/top1": 0.7, "val/top5": 1.0}, step=17)
+    writer.save()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["step"], r["val/top1"], r["val/top5"]) for r in rows] == [
+        ("0", "5", "0.5", ""), ("1", "11", "0.6", ""), ("2", "17", "0.7", "1.0")]
