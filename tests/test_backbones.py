@@ -14,6 +14,7 @@ from torch import nn
 
 from vtrain import ConfigError
 from vtrain.backbones import LRNet, ResNet, SwinTransformer, VisionTransformer
+from vtrain.backbones.base import Classifier
 from vtrain.backbones.lrnet import paper_macs
 from vtrain.profiling import count_macs, count_params
 
@@ -53,18 +54,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def backbone_config(name: str, *overrides: str):
     with initialize_config_dir(config_dir=str(BACKBONE_CONF), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
-
-
-class Classifier(nn.Module):
-    """What the classification task builds: backbone + ``head`` linear layer."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int = 1000):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
-
-    def forward(self, x):
-        return self.head(self.backbone.forward_pooled(x))
 
 
 ALL_LEVELS = (0, 1, 2, 3)

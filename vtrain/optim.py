@@ -41,7 +41,10 @@ def param_groups(
 ) -> list[dict]:
     """Split trainable parameters into (backbone?, decay?) groups; each group carries its own lr.
 
-    ``filter_bias_and_bn=False`` decays every parameter, as mmdet/mmseg's SGD recipes do (no paramwise config).
+    The decay rule is timm's ``param_groups_weight_decay`` (1-D tensors, biases and ``no_weight_decay()`` names
+    exempt); it is written here because the recipes also need a backbone lr multiplier (Video Swin's 0.1)
+    in the same split, which timm's function does not make. ``filter_bias_and_bn=False`` decays every
+    parameter, as mmdet/mmseg's SGD recipes do (no paramwise config).
     """
     skip = no_weight_decay_names(model) if filter_bias_and_bn else set()
     groups: dict[tuple[bool, bool], dict] = {}

@@ -126,3 +126,16 @@ def require_reductions(backbone: Backbone, needed: Sequence[int], who: str) -> N
     if got != list(needed):
         raise ConfigError(f"{who} needs backbone outputs at strides {list(needed)}, {type(backbone).__name__} "
                           f"gives {got}: use a backbone without dilation (e.g. output_stride=32)")
+
+
+class Classifier(nn.Module):
+    """Backbone (a classifier's trunk) -> pooled embedding -> linear classifier: with a reference backbone exactly
+    the reference classifier, with ``ClassificationTask``'s keys (``backbone.*``, ``head.*``)."""
+
+    def __init__(self, backbone: Backbone, num_classes: int = 1000):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_pooled(x))

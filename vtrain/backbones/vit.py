@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import LayerNorm2d, resample_abs_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
@@ -52,7 +52,7 @@ class SimpleFeaturePyramid(nn.Module):
         if 0 in self.levels:
             self.to_stride4 = nn.Sequential(
                 nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2),
-                LayerNorm2d(channels // 2),
+                LayerNorm2d(channels // 2),  # ViTDet's channel LayerNorm (eps 1e-6)
                 nn.GELU(),
                 nn.ConvTranspose2d(channels // 2, channels // 4, kernel_size=2, stride=2),
             )
@@ -63,13 +63,6 @@ class SimpleFeaturePyramid(nn.Module):
         branches = {0: lambda: self.to_stride4(x), 1: lambda: self.to_stride8(x), 2: lambda: x,
                     3: lambda: F.max_pool2d(x, kernel_size=2, stride=2)}
         return [branches[level]() for level in self.levels]
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map (ViTDet's ``LayerNorm`` in the pyramid)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class VisionTransformer(Backbone):

@@ -13,21 +13,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vtrain import ConfigError
+from vtrain.backbones.base import Classifier
 from vtrain.profiling import count_macs, count_params, prefers_channels_last
 from vtrain.tools.configs import compose_config
-
-
-class Classifier(nn.Module):
-    """Backbone -> pooled embedding -> linear classifier: ``ClassificationTask``'s model (keys ``backbone.*``,
-    ``head.*``), and with a reference backbone exactly the reference classifier."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int = 1000):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.forward_pooled(x))
 
 
 def build_classifier(backbone_cfg: Mapping, num_classes: int = 1000) -> Classifier:
