@@ -11,10 +11,11 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import TINY_CLS, compose, run_cli
-from tasks.classification.data import CorruptImageError, ImageFolderDataModule, ImageFolderDataset, collate_skipping_none
+from tasks.classification.data import ImageFolderDataModule, ImageFolderDataset, collate_skipping_none
 from tasks.classification.synthetic import write
 from vtrain import ConfigError
 from vtrain.checkpoint import load_task_weights
+from vtrain.data import CorruptFileError
 
 
 def test_synthetic_imagenet_layout_is_deterministic(tmp_path):
@@ -78,7 +79,7 @@ def test_corrupt_image_is_named_or_skipped(imagenet_root, tmp_path):
     bad.write_bytes(b"not a jpeg")
     classes = sorted(d.name for d in (root / "train").iterdir())
     strict = ImageFolderDataset(root / "val", classes)
-    with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
+    with pytest.raises(CorruptFileError, match=re.escape(str(bad))):
         strict[1]
     lenient = ImageFolderDataset(root / "val", classes, transform=lambda im: torch.zeros(1), skip_corrupt=True)
     batch = collate_skipping_none([lenient[i] for i in range(4)])

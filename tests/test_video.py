@@ -85,7 +85,8 @@ def datamodule(root: Path, **overrides):
 
 
 def test_corrupt_videos_are_skipped_counted_and_named(kinetics_root, tmp_path, caplog):
-    from tasks.video.data import CorruptVideoError, collate_clips
+    from tasks.video.data import collate_clips
+    from vtrain.data import CorruptFileError
 
     root = tmp_path / "kinetics"
     shutil.copytree(kinetics_root, root)
@@ -105,7 +106,7 @@ def test_corrupt_videos_are_skipped_counted_and_named(kinetics_root, tmp_path, c
 
     strict = datamodule(root, skip_corrupt=False)
     strict.setup("validate")
-    with pytest.raises(CorruptVideoError, match="broken.mp4"):
+    with pytest.raises(CorruptFileError, match="broken.mp4"):
         strict.val_set[names.index("broken.mp4")]
 
 

@@ -37,16 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from tasks.detection.transforms import eval_transform, train_transform
 from vtrain import ConfigError
-from vtrain.data import build_loader
+from vtrain.data import CorruptFileError, DataModule
 
 log = logging.getLogger(__name__)
 LAYOUT = "root/annotations/instances_{train,val}2017.json and root/{train,val}2017/*.jpg"
@@ -54,10 +53,6 @@ LAYOUT = "root/annotations/instances_{train,val}2017.json and root/{train,val}20
 # What the collate function returns: a list of CHW float images (sizes differ) and a list of target dicts
 # (``boxes`` XYXY float, ``labels`` int64 1..K, ``masks`` uint8 NxHxW when trained, ``image_id`` int).
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
-
-
-class CorruptImageError(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------- reading annotation files
@@ -229,9 +224,9 @@ class CocoDetectionDataset(Dataset):
         try:
             image = decode_image(str(path), mode=ImageReadMode.RGB)
         except Exception as e:  # noqa: BLE001 - decoders raise many types for broken files
-            raise CorruptImageError(f"cannot read image {path} ({e}): fix or remove it") from e
+            raise CorruptFileError(f"cannot read image {path} ({e}): fix or remove it") from e
         if tuple(image.shape[-2:]) != (record["height"], record["width"]):
-            raise CorruptImageError(
+            raise CorruptFileError(
                 f"{path} is {image.shape[-1]}x{image.shape[-2]} but {self.annotation_file} says "
                 f"{record['width']}x{record['height']} (image id {record['id']}): fix the annotation file"
             )
@@ -261,7 +256,7 @@ def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> Batch:
 
 
 # ----------------------------------------------------------------------------- data module
-class CocoDataModule(pl.LightningDataModule):
+class CocoDataModule(DataModule):
     """COCO 2017 instances.
 
     Args:
@@ -274,7 +269,10 @@ class CocoDataModule(pl.LightningDataModule):
         filter_empty: skip training images with no target left (mmdet and torchvision do).
         train_sizes, max_size, hflip, crop: the training augmentation (:func:`transforms.train_transform`).
         train_split, val_split: folder / annotation file names (``instances_<split>.json``).
+        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``, ...).
     """
+
+    collate_fn = staticmethod(collate_detection)
 
     def __init__(
         self,
@@ -282,9 +280,6 @@ class CocoDataModule(pl.LightningDataModule):
         num_classes: int = 80,
         batch_size: int = 2,
         val_batch_size: int = 1,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
         masks: bool = True,
         filter_empty: bool = True,
         train_sizes: Sequence[int] = (800,),
@@ -293,14 +288,9 @@ class CocoDataModule(pl.LightningDataModule):
         crop: Mapping[str, Any] | None = None,
         train_split: str = "train2017",
         val_split: str = "val2017",
-        seed: int = 0,
+        **loading: Any,
     ):
-        super().__init__()
-        self.seed = seed
-        self.root = Path(root)
-        self.num_classes, self.batch_size, self.val_batch_size = num_classes, batch_size, val_batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        super().__init__(root, num_classes, batch_size=batch_size, val_batch_size=val_batch_size, **loading)
         self.masks, self.filter_empty = masks, filter_empty
         self.train_sizes, self.max_size, self.hflip = list(train_sizes), max_size, hflip
         self.crop = dict(crop) if crop else None
@@ -368,15 +358,3 @@ class CocoDataModule(pl.LightningDataModule):
         self.val_set = CocoDetectionDataset(
             self.root / self.val_split, index.path, index.records, eval_transform(), targets=False, masks=False
         )
-
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return build_loader(
-            dataset, batch_size=batch_size, train=train, seed=self.seed, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=collate_detection,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, train=False)

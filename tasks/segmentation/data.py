@@ -24,9 +24,9 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.segmentation.inference import rescale_size
 from vtrain import ConfigError
-from vtrain.data import build_loader
+from vtrain.data import DataModule
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,23 @@ def collate_padded(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- data module
-class ADE20KDataModule(pl.LightningDataModule):
-    """ADE20K layout with mmseg's pipelines. The constructor reads nothing; ``check`` inspects ``root``."""
+class ADE20KDataModule(DataModule):
+    """ADE20K layout with mmseg's pipelines. The constructor reads nothing; ``check`` inspects ``root``.
+
+    Args:
+        num_classes: 150 for ADE20K, without the ignore index.
+        img_scale, ratio_range, crop_size, cat_max_ratio, flip_prob, photometric: the training pipeline
+            (module doc; ``flip_prob`` is the flip probability).
+        mean, std: normalisation, on 0-255 pixels.
+        reduce_zero_label: 0 ("other") becomes the ignore index and the rest shift down by one.
+        batch_size: training crops per device (2 in the 16-image recipes on 8 GPUs).
+        val_batch_size: validation images per device (they differ in size: a batch pads them to the largest).
+        skip_unpaired: leave out (and count) an image without annotation and the reverse instead of failing.
+        ignore_invalid_labels: label values above ``num_classes`` (not 255) become ignore instead of failing.
+        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``, ...).
+    """
+
+    collate_fn = staticmethod(collate_padded)
 
     def __init__(
         self,
@@ -284,19 +299,11 @@ class ADE20KDataModule(pl.LightningDataModule):
         reduce_zero_label: bool = True,
         batch_size: int = 2,
         val_batch_size: int = 1,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
         skip_unpaired: bool = False,
         ignore_invalid_labels: bool = False,
-        seed: int = 0,
+        **loading: Any,
     ):
-        super().__init__()
-        self.seed = seed
-        self.root, self.num_classes = Path(root), num_classes
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        super().__init__(root, num_classes, batch_size=batch_size, val_batch_size=val_batch_size, **loading)
         self.skip_unpaired = skip_unpaired
         self.sample_options = dict(
             mean=tuple(mean), std=tuple(std), img_scale=tuple(img_scale), ratio_range=tuple(ratio_range),
@@ -323,16 +330,6 @@ class ADE20KDataModule(pl.LightningDataModule):
             list_pairs(self.root, "val", self.skip_unpaired), self.num_classes, False, **self.sample_options
         )
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool, sampler=None) -> DataLoader:
-        return build_loader(
-            dataset, batch_size=batch_size, train=train, seed=self.seed, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=collate_padded,
-            sampler=sampler,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
-
     def val_dataloader(self) -> DataLoader:
         # Lightning's default DistributedSampler repeats images to even out the ranks, which would count
         # them twice in the dataset-level sums; each rank takes a disjoint share instead (mmseg does the same).
@@ -344,4 +341,4 @@ class ADE20KDataModule(pl.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return self._loader(self.val_set, self.val_batch_size, train=False, sampler=sampler)
+        return self._loader(self.val_set, train=False, sampler=sampler)

@@ -20,52 +20,28 @@ Real Kinetics downloads contain broken, truncated and undecodable files: with
 """
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
 from vtrain import ConfigError
-from vtrain.data import build_loader
+from vtrain.data import (
+    DataModule, LabelledFileDataset, Samples, check_class_folders, class_folder_samples, list_classes,
+)
 
-log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 FOLDERS = "root/train/<class>/*.mp4 and root/val/<class>/*.mp4"
 # ImageNet statistics on 0-255 pixels (mmaction2's Kinetics configs)
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
-class CorruptVideoError(RuntimeError):
-    pass
-
-
-def list_classes(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-
-
-def is_video(name: str) -> bool:
-    return name.lower().endswith(VIDEO_EXTENSIONS)
-
-
-def folder_samples(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
-    samples = []
-    for label, name in enumerate(classes):
-        if (split_dir / name).is_dir():
-            entries = sorted(os.scandir(split_dir / name), key=lambda e: e.name)
-            samples += [(e.path, label) for e in entries if e.is_file() and is_video(e.name)]
-    return samples
-
-
-def read_list_file(root: Path, list_file: Path) -> list[tuple[str, int]]:
+def read_list_file(root: Path, list_file: Path) -> Samples:
     """``path label`` lines (path relative to root, may contain spaces); blank lines ignored."""
     samples = []
     for number, line in enumerate(list_file.read_text().splitlines(), 1):
@@ -78,20 +54,18 @@ def read_list_file(root: Path, list_file: Path) -> list[tuple[str, int]]:
     return samples
 
 
-class VideoClipDataset(Dataset):
+class VideoClipDataset(LabelledFileDataset):
     """Videos -> clips. Training: one clip (C, T, H, W); evaluation: all views (V, C, T, H, W).
     An unreadable video is named in an error, or, with ``skip_corrupt``, warned about and returned as None."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform, clip_len: int, frame_interval: int, short_side: int,
+    kind = "video"
+
+    def __init__(self, samples: Samples, transform, clip_len: int, frame_interval: int, short_side: int,
                  num_clips: int | None = None, skip_corrupt: bool = True):
-        self.samples, self.transform = samples, transform
+        super().__init__(samples, skip_corrupt)
+        self.transform = transform
         self.clip_len, self.frame_interval, self.short_side = clip_len, frame_interval, short_side
         self.num_clips = num_clips  # None: one random training clip
-        self.skip_corrupt = skip_corrupt
-        self.skipped = 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def frame_indices(self, num_frames: int) -> np.ndarray:
         if self.num_clips is None:
@@ -100,19 +74,18 @@ class VideoClipDataset(Dataset):
             return train_clip_indices(num_frames, self.clip_len, self.frame_interval, rng)[None]
         return test_clip_indices(num_frames, self.clip_len, self.frame_interval, self.num_clips)
 
+    def load(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """The sampled frame indices (clips, T) and their frames (clips * T, H, W, 3)."""
+        with VideoReader(path) as video:
+            indices = self.frame_indices(video.num_frames)
+            return indices, video.read(indices.reshape(-1), self.short_side)
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         path, label = self.samples[i]
-        try:
-            with VideoReader(path) as video:
-                indices = self.frame_indices(video.num_frames)
-                frames = video.read(indices.reshape(-1), self.short_side)
-        except Exception as e:  # noqa: BLE001 - FFmpeg reports a broken file in many ways
-            if not self.skip_corrupt:
-                raise CorruptVideoError(f"cannot decode video {path} ({e}): remove it, or set data.skip_corrupt=true") from e
-            self.skipped += 1
-            log.warning("skipped unreadable video %s (%s: %s); %d skipped by this worker", path, type(e).__name__, e,
-                        self.skipped)
+        loaded = self.read(path)
+        if loaded is None:
             return None
+        indices, frames = loaded
         # (clips * T, H, W, 3) -> clips of (T, 3, H, W)
         clips = torch.from_numpy(frames).permute(0, 3, 1, 2).unflatten(0, (len(indices), self.clip_len))
         return {"clips": self.transform(clips), "label": label}
@@ -176,7 +149,23 @@ class TestViewsTransform:
         return torch.stack(views)
 
 
-class KineticsDataModule(pl.LightningDataModule):
+class KineticsDataModule(DataModule):
+    """Kinetics-400 clips (module doc).
+
+    Args:
+        train_list, val_list: list files (relative to ``root``), both or neither (class folders).
+        clip_len, frame_interval: frames per clip and the stride between them.
+        num_test_clips, num_test_crops: validation views of a video, clips times crops (1 or 3).
+        train_short_side, crop_size, scale, flip: training resize, random resized crop and flip probability.
+        eval_short_side, eval_crop_size: validation resize and crop.
+        batch_size: training clips per device.
+        eval_batch_size: validation videos per device (each is ``num_test_clips * num_test_crops`` views).
+        skip_corrupt: skip (and count) unreadable videos instead of failing on the first.
+        **loading: the other :class:`vtrain.data.DataModule` arguments (``seed``, ``pin_memory``, ...).
+    """
+
+    collate_fn = staticmethod(collate_clips)
+
     def __init__(
         self,
         root: str,
@@ -196,24 +185,17 @@ class KineticsDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 1,
         num_workers: int = 8,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
         skip_corrupt: bool = True,
-        seed: int = 0,
+        **loading: Any,
     ):
-        super().__init__()
-        self.root = Path(root)
-        self.num_classes = num_classes
+        super().__init__(root, num_classes, batch_size=batch_size, val_batch_size=eval_batch_size,
+                         num_workers=num_workers, **loading)
         self.train_list, self.val_list = train_list, val_list
         self.clip_len, self.frame_interval = clip_len, frame_interval
         self.num_test_clips, self.num_test_crops = num_test_clips, num_test_crops
         self.train_short_side, self.crop_size, self.scale, self.flip = train_short_side, crop_size, scale, flip
         self.eval_short_side, self.eval_crop_size = eval_short_side, eval_crop_size
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
         self.skip_corrupt = skip_corrupt
-        self.seed = seed
         self.classes: list[str] = []
 
     @property
@@ -249,29 +231,15 @@ class KineticsDataModule(pl.LightningDataModule):
                                   f"data.num_classes={self.num_classes}: set data.num_classes={max(labels) + 1}")
 
     def _check_folders(self) -> None:
-        for split in ("train", "val"):
-            split_dir = self.root / split
-            if not split_dir.is_dir():
-                raise ConfigError(f"data.root={self.root}: no {split}/ folder; expected {FOLDERS}, or data.train_list/val_list")
-            classes = list_classes(split_dir)
-            if not classes:
-                raise ConfigError(f"data.root={self.root}: {split}/ has no class folders; expected {FOLDERS}")
-            if not any(is_video(e.name) for e in os.scandir(split_dir / classes[0])):
-                raise ConfigError(f"data.root={self.root}: {split_dir / classes[0]} holds no video; expected {FOLDERS}")
-        train, val = list_classes(self.root / "train"), list_classes(self.root / "val")
-        if len(train) != self.num_classes:
-            raise ConfigError(f"data.root={self.root} has {len(train)} classes but data.num_classes={self.num_classes}: "
-                              f"set data.num_classes={len(train)}")
-        unknown = sorted(set(val) - set(train))
-        if unknown:
-            raise ConfigError(f"data.root={self.root}: val/ has classes missing from train/ ({', '.join(unknown[:3])}): fix the layout")
+        check_class_folders(self.root, self.num_classes, VIDEO_EXTENSIONS, "video",
+                            f"{FOLDERS}, or data.train_list/val_list")
 
     # ------------------------------------------------------------------ datasets
-    def samples(self, split: str) -> list[tuple[str, int]]:
+    def samples(self, split: str) -> Samples:
         if self.train_list is not None:
             return read_list_file(self.root, self.root / (self.train_list if split == "train" else self.val_list))
         self.classes = list_classes(self.root / "train")
-        return folder_samples(self.root / split, self.classes)
+        return class_folder_samples(self.root / split, self.classes, VIDEO_EXTENSIONS)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -284,16 +252,3 @@ class KineticsDataModule(pl.LightningDataModule):
             self.clip_len, self.frame_interval, self.eval_short_side, num_clips=self.num_test_clips,
             skip_corrupt=self.skip_corrupt,
         )
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return build_loader(
-            dataset, batch_size=self.batch_size if train else self.eval_batch_size, train=train, seed=self.seed,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
-            collate_fn=collate_clips,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
