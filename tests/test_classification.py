@@ -16,6 +16,7 @@ from tasks.classification.synthetic import write
 from vtrain import ConfigError
 from vtrain.checkpoint import load_task_weights
 from vtrain.data import CorruptFileError
+from vtrain.module import build_task
 
 
 def test_synthetic_imagenet_layout_is_deterministic(tmp_path):
@@ -91,7 +92,7 @@ def _tiny_task(*overrides, seed=0):
     base = TINY_CLS if not any(o.startswith("backbone=") for o in overrides) else ["data.num_classes=4"]
     cfg = compose(*base, "output_dir=/tmp/unused", *overrides)
     torch.manual_seed(seed)
-    return instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+    return build_task(cfg).eval()
 
 
 def _to_official_swin(sd):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CLS, run_cli
+from vtrain.module import build_task
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -125,15 +126,14 @@ def test_compile_traces_the_backbone_and_keeps_checkpoint_keys(imagenet_root, tm
     inductor's C++ build, which takes a minute on a CPU): graphs are captured, outputs and gradients are the
     eager ones, and checkpoints keep the plain parameter names."""
     import torch
-    from hydra.utils import instantiate
     from torch._dynamo.utils import counters
 
     from conftest import compose
 
     cfg = compose(*TINY_CLS, f"data.root={imagenet_root}", f"output_dir={tmp_path}")
     torch.manual_seed(0)
-    eager = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
-    compiled = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    eager = build_task(cfg)
+    compiled = build_task(cfg)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_backbone(backend="aot_eager")
     counters.clear()

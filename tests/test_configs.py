@@ -6,6 +6,7 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import CONF, compose, run_cli
+from vtrain.module import build_task
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -15,7 +16,7 @@ def test_experiment_instantiates(experiment, tmp_path):
     cfg = compose(f"experiment={experiment}", "trainer=cpu", f"output_dir={tmp_path}")
     datamodule = instantiate(cfg.data)
     assert hasattr(datamodule, "check") and datamodule.batch_size > 0
-    module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    module = build_task(cfg)
     assert sum(p.numel() for p in module.parameters()) > 0
     assert module.monitor == cfg.task.monitor
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)

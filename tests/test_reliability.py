@@ -242,3 +242,28 @@ def test_progress_bar_reads_logged_values_at_intervals_only(monkeypatch):
     train_reads = [step for step, training in reads if training]
     assert trainer.global_step == 16 and len(train_reads) < 16 / 2
     assert all(b - a >= 3 or b == 8 or b == 16 for a, b in zip(train_reads, train_reads[1:])), train_reads
+
+
+def test_a_second_run_in_the_same_run_directory_stops_with_one_line(imagenet_root, tmp_path):
+    """The first run holds the directory; a second stops before writing anything there, naming the first; once
+    the first is killed (SIGKILL: no clean-up), the directory is free again."""
+    run = tmp_path / "run"
+    args = [*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "vtrain", *args, "trainer.max_epochs=500"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (run / "metrics.json").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        config = (run / ".hydra" / "config.yaml").read_text()
+        second = run_cli(*args, "trainer.max_epochs=1", "optim.lr=0.5")
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
+        assert lines[0].startswith(f"error: run directory {run} is in use by pid {first.pid} ")
+        assert (run / ".hydra" / "config.yaml").read_text() == config  # the first run's config, untouched
+    finally:
+        first.kill()
+        first.wait()
+    again = run_cli(*args, "trainer.max_epochs=1")
+    assert again.returncode == 0, again.stderr[-2000:]

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -17,6 +16,7 @@ from tasks.segmentation.data import ADE20KDataModule, AnnotationError, Segmentat
 from tasks.segmentation.inference import predict, rescale_size, slide
 from tasks.segmentation.metrics import SegmentationMetrics
 from vtrain import ConfigError
+from vtrain.module import build_task
 
 TINY_SWIN = [
     "backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
@@ -162,7 +162,7 @@ def test_bad_input_is_named(ade_root, tmp_path):
 # ------------------------------------------------------------------------------------------------ models
 def _module(*overrides: str):
     cfg = compose("task=segmentation", "data=ade20k", "data.num_classes=6", "output_dir=/tmp/vtrain-test-seg", *overrides)
-    return instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    return build_task(cfg)
 
 
 @pytest.mark.parametrize("backbone", ["cnn", "transformer"])

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import compose, run_cli
 from vtrain import ConfigError
+from vtrain.module import build_task
 
 # The quickstart dataset: 80 training and 20 validation videos per motion class, 32x32, 8-10 frames.
 QUICKSTART_DATA = {"train_per_class": 80, "val_per_class": 20}
@@ -199,7 +200,7 @@ def test_video_swin_inflated_from_2d_swin_matches_it_on_a_still_video(tmp_path, 
                   "video_backbone.depths=[1,1,2,1]", "video_backbone.num_heads=[1,2,4,8]",
                   "video_backbone.window_size=[8,2,2]", "video_backbone.drop_path_rate=0.0", "data.num_classes=5",
                   "output_dir=/tmp/vtrain-test-video")
-    task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+    task = build_task(cfg).eval()
     task.load_pretrained(str(tmp_path / "swin2d.pth"))
 
     image = torch.randn(2, 3, 64, 64)
@@ -218,7 +219,7 @@ def test_i3d_inflated_from_2d_resnet_matches_it_away_from_temporal_borders(tmp_p
     randomise_norms(resnet)
     torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")  # torchvision / timm keys
     cfg = compose("experiment=i3d_r50_nl_k400", "trainer=cpu", "output_dir=/tmp/vtrain-test-video")
-    task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+    task = build_task(cfg).eval()
     with caplog.at_level(logging.INFO, logger="vtrain.checkpoint"):
         task.load_pretrained(str(tmp_path / "resnet50.pth"))
     # every ResNet tensor is used; only the (identity-initialised) non-local blocks are new
@@ -244,7 +245,7 @@ def test_torchvision_swin3d_weights_load_with_their_classifier(tmp_path):
     reference = SwinTransformer3d(patch_size=[2, 4, 4], stochastic_depth_prob=0.0, num_classes=6, **micro).eval()
     torch.save(reference.state_dict(), tmp_path / "swin3d.pth")  # the layout of torchvision's swin3d_t-7615ae03.pth
     cfg = compose("experiment=quickstart_video", "video_backbone=videoswin_micro", "output_dir=/tmp/vtrain-test-video")
-    task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+    task = build_task(cfg).eval()
     task.load_pretrained(str(tmp_path / "swin3d.pth"))
     clips = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
@@ -276,7 +277,7 @@ def test_mmaction2_i3d_nl_checkpoints_load_and_give_the_same_scores(tmp_path):
     nl = "+video_backbone.nl={stages:[false,true,true,false],after_blocks:[1,3,5],sub_sample:true,use_scale:false}"
     cfg = compose("experiment=quickstart_video", "video_backbone=i3d_micro", nl, "output_dir=/tmp/vtrain-test-video")
     torch.manual_seed(0)
-    reference = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    reference = build_task(cfg)
     for name, tensor in reference.state_dict().items():  # every weight and BN statistic away from its init
         if tensor.ndim > 1:  # convolutions and the classifier: He-scaled, so that activations stay varied
             tensor.copy_(torch.randn_like(tensor) * (2 / tensor[0].numel()) ** 0.5)
@@ -288,15 +289,14 @@ def test_mmaction2_i3d_nl_checkpoints_load_and_give_the_same_scores(tmp_path):
     assert "backbone.layer3.1.non_local_block.g.0.conv.weight" in state and "backbone.conv1.bn.running_mean" in state
     torch.save({"meta": {"mmaction2_version": "1.2.0"}, "state_dict": state}, tmp_path / "i3d_nl_mmaction2.pth")
 
-    task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    task = build_task(cfg)
     task.load_pretrained(str(tmp_path / "i3d_nl_mmaction2.pth"))
     clips = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(task.eval()(clips), reference.eval()(clips))
-        plain = instantiate(compose("experiment=quickstart_video", "video_backbone=i3d_micro",
-                                    nl.replace("sub_sample:true", "sub_sample:false"),
-                                    "output_dir=/tmp/vtrain-test-video").task,
-                            backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+        plain = build_task(compose("experiment=quickstart_video", "video_backbone=i3d_micro",
+                                   nl.replace("sub_sample:true", "sub_sample:false"),
+                                   "output_dir=/tmp/vtrain-test-video")).eval()
         plain.load_state_dict(task.state_dict())
         # the pooling changes what NL attends to
         assert not torch.allclose(plain.backbone(clips), task.backbone(clips), atol=1e-3)
@@ -308,7 +308,7 @@ def test_framewise_model_loads_2d_weights_into_its_image_backbone(tmp_path):
     cfg = compose("experiment=quickstart_video", "video_backbone=frames", "output_dir=/tmp/vtrain-test-video")
     swin2d = instantiate(cfg.backbone)
     torch.save({"model": official_swin_keys(swin2d.state_dict())}, tmp_path / "swin2d.pth")
-    task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False).eval()
+    task = build_task(cfg).eval()
     task.load_pretrained(str(tmp_path / "swin2d.pth"))
     frames = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
@@ -336,7 +336,7 @@ def test_video_backbone_trains_and_scores_views(kinetics_root, tmp_path, overrid
                   f"output_dir={tmp_path}")
     data = instantiate(cfg.data)
     data.check()
-    task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    task = build_task(cfg)
     before = {k: v.clone() for k, v in task.backbone.state_dict().items() if v.is_floating_point()}
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -364,7 +364,7 @@ def test_paper_models_have_the_reference_sizes():
     sizes = {}
     for experiment in ("videoswin_t_k400", "i3d_r50_nl_k400", "i3d_r50_dnl_k400"):
         cfg = compose(f"experiment={experiment}", "trainer=cpu", "output_dir=/tmp/vtrain-test-video")
-        task = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+        task = build_task(cfg)
         sizes[experiment] = sum(p.numel() for n, p in task.named_parameters())
     assert sizes["videoswin_t_k400"] == 28_158_070
     assert round(sizes["i3d_r50_nl_k400"] / 1e6, 2) == 35.40

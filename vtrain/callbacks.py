@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from vtrain.atomic import atomic_write_text
+from vtrain.lightning_internals import cluster_environment, stop_after_this_batch
 
 
 def _plain(value: Any) -> Any:
@@ -158,12 +159,12 @@ class Preemption(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = cluster_environment(trainer)
         if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
             previous = signal.getsignal(signal.SIGUSR1)
 
             def on_sigusr1(signum, frame):
-                trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch
+                stop_after_this_batch(trainer)
                 if callable(previous):
                     previous(signum, frame)
 

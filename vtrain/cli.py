@@ -16,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vtrain import ConfigError
 from vtrain.callbacks import MetricsJSON
 from vtrain.checkpoint import load_task_weights, newest_valid_checkpoint
+from vtrain.lightning_internals import check_version
+from vtrain.module import build_task
+from vtrain.rundir import RunDirectoryLock, is_first_process
 from vtrain.sweep import record_failure
 from vtrain.trainer import build_trainer, hydra_ddp_job
 from vtrain.validate import validate
@@ -26,6 +29,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def run(cfg: DictConfig) -> float | None:
     """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric."""
+    check_version()
     datamodule = instantiate(cfg.data)
     if cfg.get("ckpt_path") == "auto":  # resume this run directory's newest valid checkpoint, if any
         with open_dict(cfg):
@@ -36,7 +40,7 @@ def run(cfg: DictConfig) -> float | None:
         validate(cfg, datamodule)  # before any worker or DDP process starts
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d", cfg.seed)
-        module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+        module = build_task(cfg)
         if cfg.mode == "train" and cfg.get("pretrained"):
             module.load_pretrained(cfg.pretrained)
         if cfg.mode == "eval" and cfg.get("ckpt_path"):
@@ -99,13 +103,18 @@ def run_job(cfg: DictConfig) -> float | None:
     """One Hydra job. In a sweep a failing point is recorded and the others go on; the sweep's summary
     (:class:`vtrain.sweep.SweepSummary`) lists each point's status and metric."""
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-        return run(cfg)
+        return run(cfg)  # its directory was locked by vtrain.rundir.LockRunDirectory
+    lock = None
     try:
+        lock = RunDirectoryLock(cfg.output_dir) if is_first_process() else None
         return run(cfg)
     except Exception as e:  # noqa: BLE001 - any failure of one point
         log.exception("sweep point failed: %s", e)
         record_failure(cfg.output_dir, e)
         return float("nan")  # what optimisation sweepers (Optuna) read as a failed trial
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -6,9 +6,12 @@ from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from timm.scheduler.scheduler import Scheduler
 
 from vtrain import ConfigError
+from vtrain.lightning_internals import setup_train_data
 from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ class TaskModule(pl.LightningModule):
             # Iteration-based runs (max_epochs=-1): estimated_stepping_batches is max_steps without loading the
             # data, but durations given in epochs need the batches per epoch. (A loader state from a checkpoint
             # is handed over later by vtrain.reproducibility.ExactResume.)
-            self.trainer.fit_loop.setup_data()
+            setup_train_data(self.trainer)
         steps_per_epoch = per_step(int(self.trainer.num_training_batches), self.trainer.accumulate_grad_batches)
         scheduler = build_scheduler(
             optimizer,
@@ -90,3 +93,9 @@ class TaskModule(pl.LightningModule):
         from vtrain.checkpoint import load_backbone_weights
 
         load_backbone_weights(self.backbone, path)
+
+
+def build_task(cfg: DictConfig) -> TaskModule:
+    """The task module of a composed config: ``cfg.task`` with the run's optimiser and schedule (a task config
+    names its other inputs itself, the backbone among them: ``backbone: ${backbone}``)."""
+    return instantiate(cfg.task, optim=cfg.optim, sched=cfg.sched, _recursive_=False)

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
+from vtrain.lightning_internals import hand_over_train_loader_state
+
 
 def _derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0])
@@ -98,20 +100,15 @@ class ExactResume(pl.Callback):
     """Seeds the model-side random generators by ``(seed, global_step, rank)`` before every training batch, and
     makes sure a resumed run's training loader continues from the checkpoint's position.
 
-    The second part works around an ordering in Lightning: ``configure_optimizers`` needs
-    ``trainer.estimated_stepping_batches`` (the schedule's length), which builds the training loader before the
-    checkpoint's loop state is restored (and makes its iterator), so Lightning never hands that loader its saved
-    state. It is handed over here and the iterator rebuilt, before the first batch is drawn.
+    The second part works around an ordering in Lightning that gives a resumed loader no saved state
+    (:func:`vtrain.lightning_internals.hand_over_train_loader_state`).
     """
 
     def __init__(self, seed: int):
         self.seed = int(seed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        if fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
-            fit_loop._load_combined_loader_states()
-            iter(fit_loop._data_fetcher)  # rebuild the iterator that was made before the state arrived
+        hand_over_train_loader_state(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         seed_all(_derived_seed(self.seed, trainer.global_step, trainer.global_rank, 2))

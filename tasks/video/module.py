@@ -24,7 +24,6 @@ _HEAD_PREFIXES = ("head.", "cls_head.fc_cls.")
 class VideoClassificationTask(TaskModule):
     """Args:
         model: a video backbone config (``conf/video_backbone/*.yaml``); ``frames`` wraps the 2D ``backbone``.
-        backbone: the 2D backbone config (passed by the CLI to every task; used through ``model`` only).
         head_drop: dropout before the classifier (0.5 in the I3D / Video Swin heads).
         label_smoothing: of the training cross-entropy.
     """
@@ -35,7 +34,6 @@ class VideoClassificationTask(TaskModule):
         optim: Mapping[str, Any],
         sched: Mapping[str, Any],
         num_classes: int,
-        backbone: Mapping[str, Any] | None = None,
         monitor: str = "val/top1",
         monitor_mode: str = "max",
         head_drop: float = 0.5,

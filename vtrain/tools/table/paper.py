@@ -13,10 +13,10 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vtrain import ConfigError
+from vtrain.module import build_task
 from vtrain.profiling import count_params
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput
@@ -111,8 +111,7 @@ class Row:
             cfg = self.experiment_config()
             try:
                 with torch.device("meta"):
-                    module = instantiate(cfg.task, backbone=cfg.backbone, optim=cfg.optim, sched=cfg.sched,
-                                         _recursive_=False)
+                    module = build_task(cfg)
             except Exception as e:  # noqa: BLE001
                 raise Unmeasured(f"cannot build the task model ({type(e).__name__}: {e})") from e
             return count_params(module)

@@ -1,0 +1,31 @@
+"""The private Lightning names vtrain relies on (vtrain/lightning_internals.py) still exist: after an upgrade this
+fails first, naming what to re-check."""
+from __future__ import annotations
+
+import inspect
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loops import _FitLoop
+
+from vtrain import lightning_internals
+
+
+def test_the_private_names_vtrain_uses_exist():
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert hasattr(trainer._accelerator_connector, "cluster_environment")
+    assert hasattr(trainer._signal_connector, "received_sigterm")
+    for name in ("_combined_loader_states_to_load", "_data_fetcher", "restarting"):
+        assert hasattr(trainer.fit_loop, name), name
+    assert callable(_FitLoop._load_combined_loader_states) and callable(_FitLoop.setup_data)
+    for name in ("_save_last_checkpoint", "_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end",
+                 "_monitor_candidates"):
+        assert callable(getattr(ModelCheckpoint, name)), name
+    # the override keeps the signature it replaces
+    assert list(inspect.signature(ModelCheckpoint._save_last_checkpoint).parameters) == [
+        "self", "trainer", "monitor_candidates"]
+
+
+def test_the_installed_version_is_a_tested_one(caplog):
+    lightning_internals.check_version()
+    assert pl.__version__.startswith(lightning_internals.TESTED_VERSIONS) and not caplog.records

@@ -1,0 +1,57 @@
+"""Every use of Lightning's private API, in one module.
+
+vtrain needs a few things Lightning has no public API for. Each is a function here, with what it relies on, so
+that upgrading Lightning means reading this file and running ``tests/test_lightning_internals.py`` (which checks
+that each private name still exists). Tested with pytorch-lightning ``TESTED_VERSIONS``; another version gets a
+warning naming this file, once.
+
+Besides these functions, :class:`vtrain.callbacks.ModelCheckpoint` overrides ``ModelCheckpoint``'s private
+``_save_last_checkpoint`` and calls ``_should_skip_saving_checkpoint``, ``_should_save_on_train_epoch_end`` and
+``_monitor_candidates`` (the rule for when ``last.ckpt`` is written lives only there).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
+
+TESTED_VERSIONS = ("2.6",)
+
+
+def check_version() -> None:
+    """A warning when the installed Lightning is not one these functions were tested with."""
+    if not pl.__version__.startswith(TESTED_VERSIONS):
+        log.warning("pytorch-lightning %s: vtrain's uses of its private API (vtrain/lightning_internals.py) were "
+                    "tested with %s; run tests/test_lightning_internals.py", pl.__version__, ", ".join(TESTED_VERSIONS))
+
+
+def cluster_environment(trainer: pl.Trainer):
+    """The cluster environment Lightning detected (SLURM, torchelastic, ...): ``trainer._accelerator_connector``."""
+    return trainer._accelerator_connector.cluster_environment
+
+
+def stop_after_this_batch(trainer: pl.Trainer) -> None:
+    """Make Lightning stop after the current batch as on SIGTERM (it then raises ``SIGTERMException``):
+    ``trainer._signal_connector.received_sigterm``."""
+    trainer._signal_connector.received_sigterm = True
+
+
+def setup_train_data(trainer: pl.Trainer) -> None:
+    """Build the training loader now (``fit_loop.setup_data``), e.g. to know the batches per epoch inside
+    ``configure_optimizers`` of an iteration-based run, before Lightning would."""
+    trainer.fit_loop.setup_data()
+
+
+def hand_over_train_loader_state(trainer: pl.Trainer) -> None:
+    """On resume, give the training loader the position the checkpoint saved, and rebuild its iterator.
+
+    ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, which builds the training loader (and
+    its iterator) before the checkpoint's loop state is restored, so Lightning never hands that loader its saved
+    state (``fit_loop._combined_loader_states_to_load``). Call from ``on_train_start``, before the first batch.
+    """
+    fit_loop = trainer.fit_loop
+    if fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
+        fit_loop._load_combined_loader_states()
+        iter(fit_loop._data_fetcher)  # rebuild the iterator that was made before the state arrived
