@@ -332,7 +332,7 @@ def test_video_backbone_trains_and_scores_views(kinetics_root, tmp_path, overrid
     import pytorch_lightning as pl
 
     cfg = compose("experiment=quickstart_video", *overrides, f"data.root={kinetics_root}", "data.batch_size=2",
-                  "data.eval_batch_size=2", "data.num_test_crops=3", "data.eval_short_side=40",
+                  "data.val_batch_size=2", "data.num_test_crops=3", "data.eval_short_side=40",
                   f"output_dir={tmp_path}")
     data = instantiate(cfg.data)
     data.check()

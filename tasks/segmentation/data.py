@@ -214,13 +214,13 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, pairs: list[tuple[str, str]], num_classes: int, train: bool, *, mean: Sequence[float],
                  std: Sequence[float], img_scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0),
-                 crop_size: Sequence[int] = (512, 512), cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
+                 crop_size: Sequence[int] = (512, 512), cat_max_ratio: float = 0.75, hflip: float = 0.5,
                  photometric: bool = True, reduce_zero_label: bool = True, ignore_invalid_labels: bool = False):
         self.pairs, self.num_classes, self.train = pairs, num_classes, train
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.img_scale, self.ratio_range, self.crop_size = tuple(img_scale), tuple(ratio_range), tuple(crop_size)
-        self.cat_max_ratio, self.flip_prob, self.photometric = cat_max_ratio, flip_prob, photometric
+        self.cat_max_ratio, self.hflip, self.photometric = cat_max_ratio, hflip, photometric
         self.reduce_zero_label, self.ignore_invalid_labels = reduce_zero_label, ignore_invalid_labels
 
     def __len__(self) -> int:
@@ -238,7 +238,7 @@ class SegmentationDataset(Dataset):
         if self.train:
             image, label = random_resize(image, label, self.img_scale, self.ratio_range)
             image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio)
-            if np.random.rand() < self.flip_prob:
+            if np.random.rand() < self.hflip:
                 image, label = image[:, ::-1], label[:, ::-1]
             if self.photometric:
                 image = photometric_distortion(np.ascontiguousarray(image))
@@ -271,8 +271,8 @@ class ADE20KDataModule(DataModule):
 
     Args:
         num_classes: 150 for ADE20K, without the ignore index.
-        img_scale, ratio_range, crop_size, cat_max_ratio, flip_prob, photometric: the training pipeline
-            (module doc; ``flip_prob`` is the flip probability).
+        img_scale, ratio_range, crop_size, cat_max_ratio, hflip, photometric: the training pipeline
+            (module doc; ``hflip`` is the flip probability).
         mean, std: normalisation, on 0-255 pixels.
         reduce_zero_label: 0 ("other") becomes the ignore index and the rest shift down by one.
         batch_size: training crops per device (2 in the 16-image recipes on 8 GPUs).
@@ -292,7 +292,7 @@ class ADE20KDataModule(DataModule):
         ratio_range: Sequence[float] = (0.5, 2.0),
         crop_size: Sequence[int] = (512, 512),
         cat_max_ratio: float = 0.75,
-        flip_prob: float = 0.5,
+        hflip: float = 0.5,
         photometric: bool = True,
         mean: Sequence[float] = (123.675, 116.28, 103.53),
         std: Sequence[float] = (58.395, 57.12, 57.375),
@@ -307,7 +307,7 @@ class ADE20KDataModule(DataModule):
         self.skip_unpaired = skip_unpaired
         self.sample_options = dict(
             mean=tuple(mean), std=tuple(std), img_scale=tuple(img_scale), ratio_range=tuple(ratio_range),
-            crop_size=tuple(crop_size), cat_max_ratio=cat_max_ratio, flip_prob=flip_prob, photometric=photometric,
+            crop_size=tuple(crop_size), cat_max_ratio=cat_max_ratio, hflip=hflip, photometric=photometric,
             reduce_zero_label=reduce_zero_label, ignore_invalid_labels=ignore_invalid_labels,
         )
         self.class_names = (

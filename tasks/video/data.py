@@ -112,10 +112,10 @@ class TrainClipTransform:
     """Random resized crop and horizontal flip, the same for every frame of the clip (mmaction2's
     ``RandomResizedCrop`` + ``Flip``): (1, T, 3, H, W) uint8 -> (3, T, crop, crop) float."""
 
-    def __init__(self, crop_size: int, scale: Sequence[float], flip: float):
+    def __init__(self, crop_size: int, scale: Sequence[float], hflip: float):
         self.augment = v2.Compose([
             v2.RandomResizedCrop(crop_size, scale=tuple(scale), antialias=True),
-            v2.RandomHorizontalFlip(flip),
+            v2.RandomHorizontalFlip(hflip),
         ])
 
     def __call__(self, clips: torch.Tensor) -> torch.Tensor:
@@ -156,10 +156,10 @@ class KineticsDataModule(DataModule):
         train_list, val_list: list files (relative to ``root``), both or neither (class folders).
         clip_len, frame_interval: frames per clip and the stride between them.
         num_test_clips, num_test_crops: validation views of a video, clips times crops (1 or 3).
-        train_short_side, crop_size, scale, flip: training resize, random resized crop and flip probability.
+        train_short_side, crop_size, scale, hflip: training resize, random resized crop and flip probability.
         eval_short_side, eval_crop_size: validation resize and crop.
         batch_size: training clips per device.
-        eval_batch_size: validation videos per device (each is ``num_test_clips * num_test_crops`` views).
+        val_batch_size: validation videos per device (each is ``num_test_clips * num_test_crops`` views).
         skip_corrupt: skip (and count) unreadable videos instead of failing on the first.
         **loading: the other :class:`vtrain.data.DataModule` arguments (``seed``, ``pin_memory``, ...).
     """
@@ -179,21 +179,21 @@ class KineticsDataModule(DataModule):
         train_short_side: int = 256,
         crop_size: int = 224,
         scale: Sequence[float] = (0.08, 1.0),
-        flip: float = 0.5,
+        hflip: float = 0.5,
         eval_short_side: int = 224,
         eval_crop_size: int = 224,
         batch_size: int = 8,
-        eval_batch_size: int = 1,
+        val_batch_size: int = 1,
         num_workers: int = 8,
         skip_corrupt: bool = True,
         **loading: Any,
     ):
-        super().__init__(root, num_classes, batch_size=batch_size, val_batch_size=eval_batch_size,
+        super().__init__(root, num_classes, batch_size=batch_size, val_batch_size=val_batch_size,
                          num_workers=num_workers, **loading)
         self.train_list, self.val_list = train_list, val_list
         self.clip_len, self.frame_interval = clip_len, frame_interval
         self.num_test_clips, self.num_test_crops = num_test_clips, num_test_crops
-        self.train_short_side, self.crop_size, self.scale, self.flip = train_short_side, crop_size, scale, flip
+        self.train_short_side, self.crop_size, self.scale, self.hflip = train_short_side, crop_size, scale, hflip
         self.eval_short_side, self.eval_crop_size = eval_short_side, eval_crop_size
         self.skip_corrupt = skip_corrupt
         self.classes: list[str] = []
@@ -244,7 +244,7 @@ class KineticsDataModule(DataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = VideoClipDataset(
-                self.samples("train"), TrainClipTransform(self.crop_size, self.scale, self.flip),
+                self.samples("train"), TrainClipTransform(self.crop_size, self.scale, self.hflip),
                 self.clip_len, self.frame_interval, self.train_short_side, skip_corrupt=self.skip_corrupt,
             )
         self.val_set = VideoClipDataset(
