@@ -50,11 +50,9 @@ def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout
 
 def compose(*overrides: str):
     """The config ``python -m vtrain overrides...`` would run with, without Hydra's runtime."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from vtrain.config import compose_config
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+    return compose_config("train", list(overrides))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from vtrain import ConfigError
 from vtrain.profiling import count_macs, count_params
 from vtrain.tools.bench.cli import run, vs_to_override
 from vtrain.tools.bench.models import timm_reference
-from vtrain.tools.configs import compose_config
+from vtrain.config import compose_config
 
 TINY_SWIN = ["backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
              "backbone.window_size=4", "backbone.img_size=64", "backbone.drop_path_rate=0.0"]

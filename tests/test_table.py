@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, run_cli
 from vtrain import ConfigError
 from vtrain.profiling import count_macs, count_params
-from vtrain.tools.configs import compose_config
+from vtrain.config import compose_config
 from vtrain.tools.table.cli import run
 from vtrain.tools.table.paper import fill_table, paper_table_markdown
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vtrain import ConfigError
 from vtrain.callbacks import MetricsJSON
 from vtrain.checkpoint import load_task_weights, newest_valid_checkpoint
+from vtrain.config import CONFIG_DIR, fail
 from vtrain.lightning_internals import check_version
 from vtrain.module import build_task
 from vtrain.rundir import RunDirectoryLock, is_first_process
@@ -24,7 +24,6 @@ from vtrain.trainer import build_trainer, hydra_ddp_job
 from vtrain.validate import validate
 
 log = logging.getLogger("vtrain")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -56,7 +55,7 @@ def run(cfg: DictConfig) -> float | None:
             cause = cause.__cause__
         if cause is None:
             raise
-        return _fail(cause)
+        return fail(cause)
 
     with hydra_ddp_job():
         trainer = build_trainer(cfg)
@@ -64,7 +63,7 @@ def run(cfg: DictConfig) -> float | None:
             try:  # weights_only: the resumed checkpoint too (vtrain.checkpoint.CheckpointIO reads it so anyway)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
             except ConfigError as e:  # a checkpoint that cannot be read, or is refused
-                return _fail(e)
+                return fail(e)
             if _final_weights_unvalidated(trainer):
                 trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
         else:
@@ -81,14 +80,6 @@ def _final_weights_unvalidated(trainer: pl.Trainer) -> bool:
         metrics is not None and trainer.global_step > 0 and bool(trainer.limit_val_batches)
         and metrics.validated_step != trainer.global_step and not trainer.interrupted
     )
-
-
-def _fail(error: ConfigError) -> None:
-    """One line on stderr and exit 2; in a sweep, raise so the other points still run."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise error
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _monitored_value(cfg: DictConfig, module: pl.LightningModule) -> float | None:

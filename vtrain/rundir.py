@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vtrain import ConfigError
+from vtrain.config import fail
 
 # Set by launchers for the processes of one run beyond its first (Lightning's DDP workers, torchrun, srun).
 _RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
@@ -60,5 +61,4 @@ class LockRunDirectory(Callback):
             try:
                 self.lock = RunDirectoryLock(config.hydra.run.dir)
             except ConfigError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
+                fail(e)

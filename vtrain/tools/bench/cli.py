@@ -14,7 +14,7 @@ from vtrain.tools.bench.loader import measure_loader
 from vtrain.tools.bench.models import backbone_choice, candidates, module_name
 from vtrain.tools.bench.report import compare, format_report, write_outputs
 from vtrain.tools.bench.timing import measure
-from vtrain.tools.configs import CONFIG_DIR, run_or_exit
+from vtrain.config import CONFIG_DIR, run_or_exit
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

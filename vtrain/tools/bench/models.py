@@ -15,7 +15,7 @@ from torch import nn
 from vtrain import ConfigError
 from vtrain.backbones.base import Classifier
 from vtrain.profiling import count_macs, count_params, prefers_channels_last
-from vtrain.tools.configs import compose_config
+from vtrain.config import compose_config
 
 
 def build_classifier(backbone_cfg: Mapping, num_classes: int = 1000) -> Classifier:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vtrain import ConfigError
 from vtrain.tools.bench.device import device_name, resolve_device
-from vtrain.tools.configs import CONFIG_DIR, run_or_exit
+from vtrain.config import CONFIG_DIR, run_or_exit
 from vtrain.tools.table.markdown import write_table
 from vtrain.tools.table.paper import fill_table, paper_table_markdown
 from vtrain.tools.table.runs import aggregate_runs, plot_runs, runs_markdown

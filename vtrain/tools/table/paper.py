@@ -20,7 +20,7 @@ from vtrain.module import build_task
 from vtrain.profiling import count_params
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput
-from vtrain.tools.configs import compose_config
+from vtrain.config import compose_config
 from vtrain.tools.table.markdown import DASH, number
 
 log = logging.getLogger("vtrain.tools.table")

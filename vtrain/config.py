@@ -1,5 +1,5 @@
-"""The config tree as the tools use it: a config of ``conf/`` composed by name, and a tool's Hydra entry point
-that ends a bad command line with one line."""
+"""The config tree: where it is, a config of ``conf/`` composed by name, and the one way a Hydra entry point
+(training, evaluation, the tools) ends on bad input: one line on stderr, exit status 2."""
 from __future__ import annotations
 
 import sys
@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from vtrain import ConfigError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
@@ -27,13 +27,18 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=config_name, overrides=overrides)
 
 
+def fail(error: ConfigError) -> None:
+    """One line on stderr and exit 2; in a sweep, raise, so that the other points still run and the sweep's
+    summary reports this one."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
-    """``run(cfg)``; a ``ConfigError`` prints its line on stderr and exits with status 2 (in a sweep it is
-    raised, and Hydra reports the point)."""
+    """``run(cfg)``, a ``ConfigError`` ending it through :func:`fail`."""
     try:
         run(cfg)
     except ConfigError as e:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
