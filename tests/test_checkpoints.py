@@ -265,3 +265,72 @@ def test_metrics_csv_writer_continues_a_file_with_a_torn_last_row(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["epoch"], r["step"], r["val/top1"], r["val/top5"]) for r in rows] == [
         ("0", "5", "0.5", ""), ("1", "11", "0.6", ""), ("2", "17", "0.7", "1.0")]
+
+
+# ------------------------------------------------------------------------------------ weights of another model
+TINY_SWIN = dict(img_size=32, embed_dim=16, num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0)
+
+
+def _swin_file(tmp_path, depths, num_classes=4):
+    """A timm-layout Swin classifier file (backbone keys plus ``head.fc.*``)."""
+    from vtrain.backbones import SwinTransformer
+
+    torch.manual_seed(0)
+    state_dict = SwinTransformer(depths=depths, **TINY_SWIN).state_dict()
+    state_dict.update({"head.fc.weight": torch.randn(num_classes, 128), "head.fc.bias": torch.randn(num_classes)})
+    path = tmp_path / f"swin_{'-'.join(map(str, depths))}_{num_classes}.pth"
+    torch.save(state_dict, path)
+    return path
+
+
+def test_weights_of_a_smaller_model_stop_the_run_with_one_line(tmp_path, caplog):
+    """A Swin-T-like file for a Swin-S-like model (a deeper third stage) used to load the tensors that fit and
+    leave the rest at their initialisation, said at INFO; now it stops, unless pretrained_strict=false."""
+    from vtrain import ConfigError
+    from vtrain.checkpoint import load_backbone_weights
+    from vtrain.backbones import SwinTransformer
+
+    path = _swin_file(tmp_path, depths=[1, 1, 2, 1])
+    deeper = SwinTransformer(depths=[1, 1, 4, 1], **TINY_SWIN)
+    with pytest.raises(ConfigError, match=r"^\d+ of the \d+ backbone tensors do not come from .*swin_1-1-2-1_4\.pth "
+                                          r"\(layers\.2\.blocks\.2\..*\): is it a checkpoint of this backbone\? "
+                                          r"pretrained_strict=false loads the \d+ that fit"):
+        load_backbone_weights(deeper, path)
+    with caplog.at_level("WARNING", logger="vtrain.checkpoint"):
+        report = load_backbone_weights(deeper, path, strict=False)
+    assert report["missing"] and all(k.startswith("layers.2.blocks.") for k in report["missing"])
+    assert "keep their initialisation (pretrained_strict=false)" in caplog.text
+    # the same file for the model it was written for, and for that model's feature maps (out_norms.0-2 new)
+    assert load_backbone_weights(SwinTransformer(depths=[1, 1, 2, 1], **TINY_SWIN), path)["missing"] == []
+    dense = SwinTransformer(depths=[1, 1, 2, 1], out_levels=(0, 1, 2, 3), **TINY_SWIN)
+    assert load_backbone_weights(dense, path)["missing"] == []
+
+
+def test_a_classifier_of_another_size_is_a_warning_with_both_shapes(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from tasks.classification.module import ClassificationTask
+
+    path = _swin_file(tmp_path, depths=[1, 1, 2, 1], num_classes=21)  # e.g. an ImageNet-22K release
+    backbone = OmegaConf.create({"_target_": "vtrain.backbones.SwinTransformer", "depths": [1, 1, 2, 1], **TINY_SWIN})
+    task = ClassificationTask(backbone, {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+                              {"_target_": "vtrain.optim.cosine"}, num_classes=4)
+    before = task.head.weight.clone()
+    with caplog.at_level("WARNING", logger="vtrain.checkpoint"):
+        task.load_pretrained(str(path))
+    assert f"the classifier of {path} is (21, 128), this model's (4, 128): it starts from its initialisation" in caplog.text
+    assert torch.equal(task.head.weight, before)
+
+
+def test_resuming_a_checkpoint_of_another_model_is_one_line(imagenet_root, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_steps=2",
+                     "trainer.limit_val_batches=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for mode in ("train", "eval"):
+        other = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / mode}", f"mode={mode}",
+                        "backbone.depths=[1,1,1,1]", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+        lines = [line for line in other.stderr.splitlines() if line.strip()]
+        assert other.returncode == 2 and len(lines) == 1, other.stderr[-3000:]
+        assert lines[0].startswith(f"error: checkpoint {run / 'checkpoints' / 'last.ckpt'} is not of this "
+                                   "experiment's model (0 of its ") and "unexpected" in lines[0]

@@ -110,9 +110,23 @@ def unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, what: str) -> dict[str, list[str]]:
-    """Load the tensors that fit; report missing/unexpected/mismatched keys in one line; fail if nothing fit."""
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, what: str,
+                  strict: bool = True) -> dict[str, list[str]]:
+    """Load reference weights into ``module``.
+
+    Every parameter and BatchNorm statistic of the module must come from the file, except those its
+    ``init_only(key)`` names (added blocks, modules only feature maps need); buffers computed at construction
+    (relative position indices, ``num_batches_tracked``) need not. A tensor missing from the file, or
+    there with another shape, stops the run with one line (a checkpoint of another architecture would otherwise
+    leave part of the model at its initialisation without a word). ``strict=False`` (``pretrained_strict=false``)
+    loads what fits and warns. Tensors of the file the module has no place for are reported.
+    """
     own = module.state_dict()
+    init_only = getattr(module, "init_only", lambda key: False)
     mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     usable = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
     if not usable:
@@ -120,52 +134,82 @@ def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source
         raise ConfigError(
             f"no tensor of {source} matches the {what} (file keys start: {sample}): is it a checkpoint of this architecture?"
         )
-    result = module.load_state_dict(usable, strict=False)
-    report = {
-        "missing": list(result.missing_keys),
-        "unexpected": [k for k in state_dict if k not in own],
-        "mismatched": mismatched,
-    }
+    learned = {n for n, _ in module.named_parameters()} | {
+        n for n, _ in module.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    missing = [k for k in own if k in learned and k not in usable and not init_only(k)]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing:
+        shapes = (f"; {len(mismatched)} with another shape, e.g. {mismatched[0]}: file "
+                  f"{tuple(state_dict[mismatched[0]].shape)}, model {tuple(own[mismatched[0]].shape)}") if mismatched else ""
+        problem = (f"{len(missing)} of the {len(own)} {what} tensors do not come from {source} "
+                   f"({_few(missing)}{shapes})")
+        if strict:
+            raise ConfigError(f"{problem}: is it a checkpoint of this {what}? pretrained_strict=false loads the "
+                              f"{len(usable)} that fit and leaves the rest at their initialisation")
+        log.warning("%s: they keep their initialisation (pretrained_strict=false)", problem)
+    module.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors of %s into the %s; %d of the file's have no place in it%s", len(usable), source, what,
+             len(unexpected), f" ({_few(unexpected)})" if unexpected else "")
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
-    def few(keys: list[str]) -> str:
-        return f"{len(keys)}" + (f" ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "")
 
-    log.info(
-        "loaded %d tensors of %s into the %s; missing %s; unexpected %s; shape mismatch %s",
-        len(usable), source, what, few(report["missing"]), few(report["unexpected"]), few(mismatched),
-    )
-    return report
+def load_classifier(head: nn.Linear, classifier: dict[str, torch.Tensor], source: str) -> None:
+    """A reference classifier into ``head`` when it fits; one that does not (another number of classes, e.g. an
+    ImageNet-22K release for a 1000-class model) is a warning with both shapes, and ``head`` keeps its
+    initialisation."""
+    weight = classifier.get("weight")
+    if weight is None:
+        return
+    if weight.shape != head.weight.shape:
+        log.warning("the classifier of %s is %s, this model's %s: it starts from its initialisation", source,
+                    tuple(weight.shape), tuple(head.weight.shape))
+        return
+    load_matching(head, classifier, source, "classifier")
 
 
 def split_reference(backbone: nn.Module, obj: dict[str, Any]) -> tuple[dict, dict]:
     """(backbone_sd, classifier_sd) of any supported checkpoint object."""
     sd = unwrap_state_dict(obj)
     if is_lightning_checkpoint(obj) or any(k.startswith("backbone.") for k in sd):
-        backbone_sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+        # this framework's: the backbone's own filter still maps a classifier trunk's keys to feature maps' ones
+        backbone_sd, _ = backbone.checkpoint_filter(
+            {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")})
         head_sd = {k.removeprefix("head."): v for k, v in sd.items() if k.startswith("head.")}
         return backbone_sd, head_sd
     return backbone.checkpoint_filter(sd)
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, list[str]]:
+def load_backbone_weights(backbone: nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
     backbone_sd, _ = split_reference(backbone, read_checkpoint(path))
-    return load_matching(backbone, backbone_sd, str(path), "backbone")
+    return load_matching(backbone, backbone_sd, str(path), "backbone", strict=strict)
 
 
-def load_task_weights(module: nn.Module, path: str | Path) -> None:
-    """Weights to evaluate: this framework's checkpoint (every key must match) or a reference release."""
+def require_fit(module: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """One line when a checkpoint of this framework is not of this experiment's model (another backbone or head),
+    where ``load_state_dict`` would print every key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in state_dict if k in own and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or mismatched:
+        example = (missing or unexpected or mismatched)[0]
+        raise ConfigError(
+            f"checkpoint {path} is not of this experiment's model ({len(missing)} of its {len(own)} tensors missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} of another shape; e.g. {example}): use the experiment "
+            "and backbone it was trained with"
+        )
+
+
+def load_task_weights(module: nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Weights to evaluate: this framework's checkpoint (it must fit exactly) or a reference release."""
     obj = read_checkpoint(path)
     if is_lightning_checkpoint(obj):
-        result = module.load_state_dict(unwrap_state_dict(obj), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ConfigError(
-                f"checkpoint {path} does not fit this experiment (missing {len(result.missing_keys)} keys, e.g. "
-                f"{result.missing_keys[:2]}; unexpected {len(result.unexpected_keys)}, e.g. {result.unexpected_keys[:2]}): "
-                "evaluate it with the experiment and backbone it was trained with"
-            )
+        state_dict = unwrap_state_dict(obj)
+        require_fit(module, state_dict, path)
+        module.load_state_dict(state_dict)
         log.info("loaded %s (epoch %s, step %s)", path, obj.get("epoch"), obj.get("global_step"))
         return
-    module.load_pretrained(str(path))
+    module.load_pretrained(str(path), strict=strict)
 
 
 def _step_of(path: Path) -> int:

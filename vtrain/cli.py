@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain import ConfigError
 from vtrain.callbacks import MetricsJSON
-from vtrain.checkpoint import load_task_weights, newest_valid_checkpoint
+from vtrain.checkpoint import (load_task_weights, newest_valid_checkpoint, read_checkpoint, require_fit,
+                               unwrap_state_dict)
 from vtrain.config import CONFIG_DIR, fail
 from vtrain.lightning_internals import check_version
 from vtrain.module import build_task
@@ -40,10 +41,13 @@ def run(cfg: DictConfig) -> float | None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d", cfg.seed)
         module = build_task(cfg)
+        strict = bool(cfg.get("pretrained_strict", True))
         if cfg.mode == "train" and cfg.get("pretrained"):
-            module.load_pretrained(cfg.pretrained)
+            module.load_pretrained(cfg.pretrained, strict=strict)
+        if cfg.mode == "train" and cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():  # one line, not a key list
+            require_fit(module, unwrap_state_dict(read_checkpoint(cfg.ckpt_path)), cfg.ckpt_path)
         if cfg.mode == "eval" and cfg.get("ckpt_path"):
-            load_task_weights(module, cfg.ckpt_path)
+            load_task_weights(module, cfg.ckpt_path, strict=strict)
         if cfg.get("grad_checkpointing"):
             module.set_grad_checkpointing()
         if cfg.get("compile"):  # true, or torch.compile's arguments: {mode: max-autotune}, {backend: ...}

@@ -88,11 +88,12 @@ class TaskModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------- weights
-    def load_pretrained(self, path: str) -> None:
-        """Load reference weights (official/timm/torchvision/this framework) into the backbone."""
+    def load_pretrained(self, path: str, strict: bool = True) -> None:
+        """Load reference weights (official/timm/torchvision/this framework) into the backbone; ``strict``: every
+        backbone tensor must come from the file (:func:`vtrain.checkpoint.load_matching`)."""
         from vtrain.checkpoint import load_backbone_weights
 
-        load_backbone_weights(self.backbone, path)
+        load_backbone_weights(self.backbone, path, strict=strict)
 
 
 def build_task(cfg: DictConfig) -> TaskModule:

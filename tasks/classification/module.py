@@ -10,7 +10,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vtrain.checkpoint import load_matching, read_checkpoint, split_reference
+from vtrain.checkpoint import load_classifier, load_matching, read_checkpoint, split_reference
 from vtrain.module import TaskModule
 
 
@@ -67,9 +67,8 @@ class ClassificationTask(TaskModule):
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=n)
         self.log("val/top5", self.val_top5, batch_size=n)
 
-    def load_pretrained(self, path: str) -> None:
+    def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Backbone weights, plus the classifier when the checkpoint has one of the right shape."""
         backbone_sd, head_sd = split_reference(self.backbone, read_checkpoint(path))
-        load_matching(self.backbone, backbone_sd, path, "backbone")
-        if head_sd and head_sd.get("weight") is not None and head_sd["weight"].shape == self.head.weight.shape:
-            load_matching(self.head, head_sd, path, "classifier")
+        load_matching(self.backbone, backbone_sd, path, "backbone", strict=strict)
+        load_classifier(self.head, head_sd, path)

@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vtrain.checkpoint import is_lightning_checkpoint, load_matching, read_checkpoint, unwrap_state_dict
+from vtrain.checkpoint import (is_lightning_checkpoint, load_classifier, load_matching, read_checkpoint,
+                               unwrap_state_dict)
 from vtrain.module import TaskModule
 
 # the classifier's keys in this framework's checkpoints and in mmaction2's (official Video Swin) ones
@@ -84,7 +85,7 @@ class VideoClassificationTask(TaskModule):
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=n)
         self.log("val/top5", self.val_top5, batch_size=n)
 
-    def load_pretrained(self, path: str) -> None:
+    def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Video backbone weights from a checkpoint of the same video model (this framework's, torchvision's,
         official Video Swin) or inflated from a 2D ImageNet one (official / timm / torchvision / this
         framework's); plus the classifier when the checkpoint has one of the right shape."""
@@ -96,6 +97,5 @@ class VideoClassificationTask(TaskModule):
             backbone_sd, _ = self.backbone.checkpoint_filter(state_dict)
         else:
             backbone_sd, head = self.backbone.checkpoint_filter(state_dict)
-        load_matching(self.backbone, backbone_sd, path, "video backbone")
-        if head.get("weight") is not None and head["weight"].shape == self.head.weight.shape:
-            load_matching(self.head, head, path, "classifier")
+        load_matching(self.backbone, backbone_sd, path, "video backbone", strict=strict)
+        load_classifier(self.head, head, path)

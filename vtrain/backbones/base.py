@@ -88,6 +88,11 @@ class Backbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()
 
+    def init_only(self, key: str) -> bool:
+        """Whether state-dict ``key`` is one no reference release has (an added block, a module only feature maps
+        need), so that it starts from its initialisation when reference weights are loaded, not missing."""
+        return False
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them (timm's name and
         semantics): activation memory of one block per stage, at the cost of a second forward. BatchNorm

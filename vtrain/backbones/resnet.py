@@ -183,6 +183,9 @@ class ResNet(Backbone):
                 x = self.non_local[name](x)
         return x
 
+    def init_only(self, key: str) -> bool:
+        return ".se." in key or key.startswith("non_local.")  # GC blocks, NL / DNL blocks
+
     def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         outputs = []

@@ -129,6 +129,9 @@ class SwinTransformer(Backbone):
         for stage in self.layers:
             stage.grad_checkpointing = enable  # timm's stage checkpoints its blocks
 
+    def init_only(self, key: str) -> bool:
+        return key.startswith("out_norms.") and not key.startswith("out_norms.3.")  # .3 is the final norm
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self._require_levels()
         x = self.patch_embed(x)  # NHWC

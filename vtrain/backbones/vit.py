@@ -128,6 +128,9 @@ class VisionTransformer(Backbone):
             return self.norm(checkpoint_seq(self.blocks, tokens))
         return self.norm(self.blocks(tokens))
 
+    def init_only(self, key: str) -> bool:
+        return key.startswith("pyramid.")
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self._require_levels()
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size

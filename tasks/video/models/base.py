@@ -30,6 +30,10 @@ class VideoBackbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()
 
+    def init_only(self, key: str) -> bool:
+        """As :meth:`vtrain.backbones.base.Backbone.init_only`: keys no reference release has."""
+        return False
+
     def checkpoint_filter(
         self, state_dict: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

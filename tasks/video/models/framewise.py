@@ -28,6 +28,9 @@ class FramewiseBackbone(VideoBackbone):
         frames = clips.transpose(1, 2).reshape(n * t, c, h, w)
         return self.image_backbone.forward_pooled(frames).view(n, t, -1).mean(dim=1)
 
+    def init_only(self, key: str) -> bool:
+        return key.startswith("image_backbone.") and self.image_backbone.init_only(key.removeprefix("image_backbone."))
+
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         if any(k.startswith("image_backbone.") for k in state_dict):  # a checkpoint of this video model
             return dict(state_dict), {}

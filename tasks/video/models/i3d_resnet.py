@@ -137,6 +137,9 @@ class I3DResNet(VideoBackbone):
     def forward_pooled(self, clips: torch.Tensor) -> torch.Tensor:
         return self.forward(clips).mean(dim=(2, 3, 4))
 
+    def init_only(self, key: str) -> bool:
+        return key.startswith("non_local.")  # NL / DNL blocks: identity-initialised, absent from plain ResNets
+
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """2D ResNet checkpoints (torchvision, timm, this framework's ``ResNet`` incl. its NL blocks) are inflated;
         this backbone's own checkpoints and mmaction2's ``ResNet3d`` ones (I3D, I3D-NL; keys converted) load as
