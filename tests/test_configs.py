@@ -1,14 +1,20 @@
-"""Every experiment composes and instantiates (model, data module, trainer) without running."""
+"""Every experiment composes and instantiates (model, data module, trainer) without running; a bad value is one
+line before anything starts."""
 from __future__ import annotations
 
+import os
+from typing import get_args
 
 import pytest
 from hydra.utils import instantiate
 
-from conftest import CONF, compose, run_cli
+from conftest import CONF, TINY_CLS, compose, run_cli
+from vtrain import ConfigError
 from vtrain.module import build_task
+from vtrain.validate import PRECISIONS, check_values, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+CORES = os.cpu_count() or 1
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -74,3 +80,66 @@ def test_config_error_raised_in_a_constructor_is_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: ") and "a decode head is a config, not 'fcn': pick one with task/head=" in lines[0]
+
+
+# (override, what the message says is wrong). END_TO_END runs the CLI, on data it would otherwise train on; the
+# others call validate() on the config the CLI would compose (the same override parser: optim.lr=abc is 'abc'), which
+# raises before it would look at the data module.
+BAD_VALUES = [
+    ("optim.lr=abc", "optim.lr='abc' is not a number > 0"),
+    ("optim.lr=-1", "optim.lr=-1 is not a number > 0"),
+    ("optim.lr=nan", "optim.lr=nan is not a number > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 is not a number >= 0"),
+    ("optim.weight_decay=true", "optim.weight_decay=True is not a number >= 0"),
+    ("data.batch_size=0", "data.batch_size=0 is not a whole number > 0"),
+    ("data.batch_size=2.5", "data.batch_size=2.5 is not a whole number > 0"),
+    ("+data.val_batch_size=0", "data.val_batch_size=0 is not a whole number > 0"),
+    ("data.num_workers=-1", "data.num_workers=-1 is not a whole number >= 0"),
+    ("trainer.max_epochs=-2", "trainer.max_epochs=-2 is not a whole number >= 0, or -1 for no limit"),
+    ("trainer.max_steps=null", "trainer.max_steps=null is not a whole number >= 0, or -1 for no limit"),
+    ("trainer.precision=fp16", "trainer.precision='fp16' is not a precision Lightning knows"),
+    ("trainer.devices=0", "trainer.devices=0 is not a number of processes on the CPU"),
+    (f"trainer.devices={CORES + 1}",
+     f"trainer.devices={CORES + 1} would start {CORES + 1} processes on the CPU but this machine has {CORES} core(s)"),
+]
+END_TO_END = f"trainer.devices={CORES + 1}"
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_a_bad_value_is_one_line_before_anything_starts(override, message, request, tmp_path):
+    key = override.lstrip("+").split("=")[0]
+    if override == END_TO_END:
+        run = tmp_path / "run"
+        imagenet_root = request.getfixturevalue("imagenet_root")
+        result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", override)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        error = lines[0]
+        assert error.startswith(f"error: {key}=")
+        assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
+    else:
+        with pytest.raises(ConfigError) as raised:
+            validate(compose(*TINY_CLS, override), datamodule=None)
+        error = str(raised.value)
+        assert error.startswith(f"{key}=") and "\n" not in error
+    assert message in error and ": use " in error  # what is wrong, then how to fix it
+
+
+@pytest.mark.parametrize("override", [
+    "trainer.max_epochs=-1", "trainer.max_epochs=null", "trainer.max_steps=0", "trainer.precision=16",
+    "trainer.precision=bf16", "optim.lr=1", "optim.weight_decay=0", "+data.val_batch_size=null",
+    "trainer.devices=auto", f"trainer.devices={CORES}",
+])
+def test_valid_edge_values_pass(override):
+    validate(compose(*TINY_CLS, override), datamodule=None)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_recipe_passes_the_value_checks(experiment):
+    check_values(compose(f"experiment={experiment}"))
+
+
+def test_precisions_are_the_ones_lightning_takes():
+    from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT  # private: a drift check only
+
+    assert set(PRECISIONS) == {value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal)}

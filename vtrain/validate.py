@@ -4,18 +4,55 @@ Each failure is a :class:`vtrain.ConfigError` whose message is one line: what is
 """
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vtrain import ConfigError
+
+# What Lightning 2.6's Trainer takes as ``precision`` (``_PRECISION_INPUT`` in
+# lightning_fabric/plugins/precision/precision.py); tests/test_configs.py checks that the two agree.
+PRECISIONS = (
+    "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "32", "bf16", "16", "64", 32, 16, 64,
+)
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# (key, accepted, what it must be, an example): a key that the config does not have is not checked. Hydra hands a
+# value it cannot parse as a number to the config as a string (``optim.lr=abc`` is 'abc'), hence the type checks.
+VALUE_RULES = (
+    ("optim.lr", lambda v: _number(v) and v > 0, "a number > 0", "1e-3"),
+    ("optim.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0", "0.05"),
+    ("data.batch_size", lambda v: _int(v) and v > 0, "a whole number > 0 (samples per device)", "32"),
+    ("data.val_batch_size", lambda v: v is None or _int(v) and v > 0,
+     "a whole number > 0 (samples per device), or null (as data.batch_size)", "32"),
+    ("data.num_workers", lambda v: _int(v) and v >= 0,
+     "a whole number >= 0 (loader processes per device; 0 loads in the main process)", "4"),
+    # Lightning: max_epochs None is 1000 epochs (-1 with max_steps set); -1 is no limit for either
+    ("trainer.max_epochs", lambda v: v is None or _int(v) and v >= -1, "a whole number >= 0, or -1 for no limit",
+     "100"),
+    ("trainer.max_steps", lambda v: _int(v) and v >= -1, "a whole number >= 0, or -1 for no limit", "80000"),
+    ("trainer.precision", lambda v: v is None or isinstance(v, (str, int)) and v in PRECISIONS,
+     "a precision Lightning knows (32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, ...)", "bf16-mixed"),
+)
 
 
 def validate(cfg: DictConfig, datamodule) -> None:
     if cfg.mode not in ("train", "eval"):
         raise ConfigError(f"mode={cfg.mode!r} is not a mode: use mode=train or mode=eval")
+    check_values(cfg)
     _check_devices(cfg.trainer)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: pass the path of a checkpoint file")
@@ -24,6 +61,16 @@ def validate(cfg: DictConfig, datamodule) -> None:
     _check_input_size(cfg)
     if hasattr(datamodule, "check"):
         datamodule.check()
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Each key of :data:`VALUE_RULES` has a value of the right type and range; needs nothing on disk."""
+    absent = object()
+    for key, accepted, what, example in VALUE_RULES:
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is not absent and not accepted(value):
+            shown = "null" if value is None else repr(value)  # as it is written on the command line
+            raise ConfigError(f"{key}={shown} is not {what}: use e.g. {key}={example}")
 
 
 def _check_input_size(cfg: DictConfig) -> None:
@@ -47,4 +94,18 @@ def _check_devices(trainer: DictConfig) -> None:
             raise ConfigError(
                 f"trainer.devices={devices} but only {available} CUDA device(s) are visible: "
                 f"use trainer.devices={available} or more trainer.num_nodes"
+            )
+    if accelerator == "cpu" and devices != "auto":
+        # Lightning starts one process per device on the CPU. The machine's count, not this process's affinity:
+        # under SLURM or torchrun each launched process may be pinned to fewer cores than the node has.
+        cores = os.cpu_count() or 1
+        if isinstance(devices, str) and devices.strip().isdigit():  # Lightning reads "4" as 4
+            devices = int(devices)
+        if not _int(devices) or devices < 1:
+            raise ConfigError(f"trainer.devices={devices!r} is not a number of processes on the CPU: "
+                              f"use trainer.devices=1 (up to {cores}, this machine's cores)")
+        if devices > cores:
+            raise ConfigError(
+                f"trainer.devices={devices} would start {devices} processes on the CPU but this machine has "
+                f"{cores} core(s): use trainer.devices={cores} or fewer"
             )
