@@ -3,7 +3,6 @@ line before anything starts."""
 from __future__ import annotations
 
 import os
-from typing import get_args
 
 import pytest
 from hydra.utils import instantiate
@@ -11,7 +10,7 @@ from hydra.utils import instantiate
 from conftest import CONF, TINY_CLS, compose, run_cli
 from vtrain import ConfigError
 from vtrain.module import build_task
-from vtrain.validate import PRECISIONS, check_values, validate
+from vtrain.validate import check_values, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 CORES = os.cpu_count() or 1
@@ -139,7 +138,8 @@ def test_every_recipe_passes_the_value_checks(experiment):
     check_values(compose(f"experiment={experiment}"))
 
 
-def test_precisions_are_the_ones_lightning_takes():
-    from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT  # private: a drift check only
-
-    assert set(PRECISIONS) == {value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal)}
+def test_a_value_the_data_module_computes_with_is_checked_before_it_is_built(imagenet_root, tmp_path):
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", "data.num_workers=abc", f"hydra.run.dir={tmp_path}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: data.num_workers='abc' is not a whole number >= 0")

@@ -29,3 +29,14 @@ def test_the_private_names_vtrain_uses_exist():
 def test_the_installed_version_is_a_tested_one(caplog):
     lightning_internals.check_version()
     assert pl.__version__.startswith(lightning_internals.TESTED_VERSIONS) and not caplog.records
+
+
+def test_precisions_are_the_ones_lightning_takes():
+    """vtrain.validate lists Lightning's accepted precisions (its own list is private)."""
+    from typing import get_args
+
+    from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    from vtrain.validate import PRECISIONS
+
+    assert set(PRECISIONS) == {value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal)}

@@ -22,7 +22,7 @@ from vtrain.module import build_task
 from vtrain.rundir import RunDirectoryLock, is_first_process
 from vtrain.sweep import record_failure
 from vtrain.trainer import build_trainer, hydra_ddp_job
-from vtrain.validate import validate
+from vtrain.validate import check_values, validate
 
 log = logging.getLogger("vtrain")
 
@@ -30,13 +30,14 @@ log = logging.getLogger("vtrain")
 def run(cfg: DictConfig) -> float | None:
     """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric."""
     check_version()
-    datamodule = instantiate(cfg.data)
-    if cfg.get("ckpt_path") == "auto":  # resume this run directory's newest valid checkpoint, if any
-        with open_dict(cfg):
-            found = newest_valid_checkpoint(Path(cfg.output_dir) / "checkpoints")
-            cfg.ckpt_path = str(found) if found else None
-        log.info("ckpt_path=auto: %s", cfg.ckpt_path or "no checkpoint yet, starting from scratch")
     try:
+        check_values(cfg)  # types and ranges, before anything is built with them
+        datamodule = instantiate(cfg.data)
+        if cfg.get("ckpt_path") == "auto":  # resume this run directory's newest valid checkpoint, if any
+            with open_dict(cfg):
+                found = newest_valid_checkpoint(Path(cfg.output_dir) / "checkpoints")
+                cfg.ckpt_path = str(found) if found else None
+            log.info("ckpt_path=auto: %s", cfg.ckpt_path or "no checkpoint yet, starting from scratch")
         validate(cfg, datamodule)  # before any worker or DDP process starts
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d", cfg.seed)
