@@ -282,3 +282,27 @@ def test_quickstart_fit_then_ddp_eval_matches(ade_root, tmp_path):
     for name in ("val/mIoU", "val/mAcc", "val/aAcc"):
         assert evaluated["final"][name] == pytest.approx(final[name], abs=1e-6), name
     assert evaluated["per_class_IoU"] == metrics["per_class_IoU"]
+
+
+def test_a_checkpoint_with_outputs_no_head_reads_still_evaluates(tmp_path):
+    """Checkpoints written when the backbone built output norms for all four levels: an FCN head on a Swin read
+    C4/C5 only, and C2/C3's norms (never trained) are dropped on load."""
+    from vtrain.checkpoint import load_task_weights
+
+    module = _module("task/head=fcn", *TINY_SWIN, *NARROW_HEADS)
+    old = dict(module.state_dict())
+    for level in (0, 1):
+        channels = module.backbone.feature_info[0].channels // 2 ** (2 - level)
+        old[f"backbone.out_norms.{level}.weight"] = torch.ones(channels)
+        old[f"backbone.out_norms.{level}.bias"] = torch.zeros(channels)
+    old = {k: v + 1 if v.is_floating_point() else v for k, v in old.items()}
+    torch.save({"state_dict": old, "pytorch-lightning_version": "2.6.0", "epoch": 0, "global_step": 1},
+               tmp_path / "old.ckpt")
+    fresh = _module("task/head=fcn", *TINY_SWIN, *NARROW_HEADS)
+    load_task_weights(fresh, tmp_path / "old.ckpt")
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, old[key])
+    old["backbone.layers.0.blocks.0.norm1.weight_extra"] = torch.ones(1)  # anything else still refuses
+    torch.save({"state_dict": old, "pytorch-lightning_version": "2.6.0"}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="is not of this experiment's model"):
+        load_task_weights(fresh, tmp_path / "other.ckpt")

@@ -200,11 +200,25 @@ def require_fit(module: nn.Module, state_dict: dict[str, torch.Tensor], path: st
         )
 
 
+def _without_unbuilt_outputs(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint written when backbones built output modules for all four levels holds those of levels no
+    head read (never trained: they had no gradient); the backbone now builds only what its heads read, so they
+    are dropped."""
+    backbone, own = getattr(module, "backbone", None), module.state_dict()
+    init_only = getattr(backbone, "init_only", None)
+    if init_only is None:
+        return state_dict
+    unbuilt = [k for k in state_dict if k not in own and k.startswith("backbone.") and init_only(k[len("backbone."):])]
+    if unbuilt:
+        log.info("dropped %d tensors of backbone outputs no head reads (%s)", len(unbuilt), _few(unbuilt))
+    return {k: v for k, v in state_dict.items() if k not in unbuilt}
+
+
 def load_task_weights(module: nn.Module, path: str | Path, strict: bool = True) -> None:
     """Weights to evaluate: this framework's checkpoint (it must fit exactly) or a reference release."""
     obj = read_checkpoint(path)
     if is_lightning_checkpoint(obj):
-        state_dict = unwrap_state_dict(obj)
+        state_dict = _without_unbuilt_outputs(module, unwrap_state_dict(obj))
         require_fit(module, state_dict, path)
         module.load_state_dict(state_dict)
         log.info("loaded %s (epoch %s, step %s)", path, obj.get("epoch"), obj.get("global_step"))
