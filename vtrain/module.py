@@ -21,15 +21,16 @@ class TaskModule(pl.LightningModule):
     """Base of every task's LightningModule.
 
     A subclass builds ``self.backbone`` (a :class:`vtrain.backbones.base.Backbone`) and its head(s), and
-    implements ``training_step`` / ``validation_step``. It sets ``monitor`` / ``monitor_mode`` (the metric that
+    implements ``training_step`` / ``validation_step``. It passes ``monitor`` / ``monitor_mode`` (the metric that
     picks the best checkpoint) and may fill ``summary_metrics`` (e.g. per-class IoU) which ``metrics.json`` records.
     """
 
-    monitor: str = "val/loss"
-    monitor_mode: str = "min"
-
-    def __init__(self, optim: Mapping[str, Any], sched: Mapping[str, Any]):
+    def __init__(self, optim: Mapping[str, Any], sched: Mapping[str, Any], monitor: str = "val/loss",
+                 monitor_mode: str = "min"):
         super().__init__()
+        if monitor_mode not in ("min", "max"):
+            raise ConfigError(f"task.monitor_mode={monitor_mode!r}: use min or max")
+        self.monitor, self.monitor_mode = monitor, monitor_mode
         self.optim_cfg = dict(optim)
         self.sched_cfg = dict(sched)
         self.summary_metrics: dict[str, Any] = {}

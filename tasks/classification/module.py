@@ -27,8 +27,7 @@ class ClassificationTask(TaskModule):
         label_smoothing: float = 0.0,
         mixup: Mapping[str, Any] | None = None,
     ):
-        super().__init__(optim, sched)
-        self.monitor, self.monitor_mode = monitor, monitor_mode
+        super().__init__(optim, sched, monitor, monitor_mode)
         self.backbone = instantiate(backbone)  # a classifier's trunk (out_levels=None)
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(self.backbone.num_features, num_classes)

@@ -56,8 +56,7 @@ class DetectionTask(TaskModule):
         detector_kwargs: Mapping[str, Any] | None = None,
         evaluator: str = "pycocotools",
     ):
-        super().__init__(optim, sched)
-        self.monitor, self.monitor_mode = monitor, monitor_mode
+        super().__init__(optim, sched, monitor, monitor_mode)
         if batch_norm not in BATCH_NORM_MODES:
             raise ConfigError(f"task.batch_norm={batch_norm!r}: use one of {', '.join(BATCH_NORM_MODES)}")
         if not isinstance(detector, Mapping):

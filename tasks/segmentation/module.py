@@ -57,8 +57,7 @@ class SegmentationTask(TaskModule):
         monitor: str = "val/mIoU",
         monitor_mode: str = "max",
     ):
-        super().__init__(optim, sched)
-        self.monitor, self.monitor_mode = monitor, monitor_mode
+        super().__init__(optim, sched, monitor, monitor_mode)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.aux_weight, self.avg_non_ignore, self.size_divisor = aux_weight, avg_non_ignore, size_divisor
         self.inference_cfg = dict(inference or {})

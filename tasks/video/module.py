@@ -40,8 +40,7 @@ class VideoClassificationTask(TaskModule):
         head_drop: float = 0.5,
         label_smoothing: float = 0.0,
     ):
-        super().__init__(optim, sched)
-        self.monitor, self.monitor_mode = monitor, monitor_mode
+        super().__init__(optim, sched, monitor, monitor_mode)
         self.backbone = instantiate(model, _recursive_=False)
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(self.backbone.num_features, num_classes)
