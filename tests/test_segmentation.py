@@ -165,13 +165,14 @@ def _module(*overrides: str):
     return build_task(cfg)
 
 
-@pytest.mark.parametrize("backbone", ["cnn", "transformer"])
+@pytest.mark.parametrize("backbone", ["cnn", "swin", "vit"])
 def test_every_head_trains_and_infers_at_input_size(backbone):
     torch.manual_seed(0)
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64))
     labels[:, :8] = 255
     image = torch.randn(1, 3, 50, 70)  # not a multiple of 32: padded for the backbone, cropped back
-    cases = [(head, TINY_SWIN if backbone == "transformer" else RESNET) for head in ("upernet", "fcn", "nl", "gc", "dnl")]
+    bb = {"cnn": RESNET, "swin": TINY_SWIN, "vit": TINY_VIT}[backbone]
+    cases = [(head, bb) for head in ("upernet", "fcn", "nl", "gc", "dnl")]
     if backbone == "cnn":
         cases.append(("dnl", RESNET_D8))
     for head, bb in cases:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from timm.models import clean_state_dict
 from torch import nn
 
 from vtrain import ConfigError
@@ -104,10 +105,8 @@ def unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if any(k.startswith("module.") for k in sd):  # saved from a DDP/DataParallel wrapper
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return sd
+    # timm's clean_state_dict: no DDP ("module.") or torch.compile ("_orig_mod.") wrapper prefixes
+    return clean_state_dict({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
 def _few(keys: list[str]) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import Conv2dNormActivation
 
 from vtrain import ConfigError
 
@@ -34,15 +35,13 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class ConvBNReLU(nn.Sequential):
-    """mmcv ``ConvModule`` with BN and ReLU: bias-free conv, Kaiming-normal (fan_out) init."""
+class ConvBNReLU(Conv2dNormActivation):
+    """mmcv ``ConvModule`` with BN and ReLU (torchvision's ``Conv2dNormActivation``: bias-free conv, "same"
+    padding), with mmcv's Kaiming-normal (fan_out) init of the conv."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
-        conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation, bias=False
-        )
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        super().__init__(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
 
 
 def head_levels(head: Mapping) -> tuple[int, ...]:
