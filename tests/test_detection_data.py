@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 
 import numpy as np
+
 import pytest
 import torch
 from torchvision import tv_tensors
@@ -189,3 +191,19 @@ def test_collate_keeps_sizes():
     a, b = torch.zeros(3, 10, 20), torch.zeros(3, 30, 5)
     images, targets = collate_detection([(a, {"image_id": 1}), (b, {"image_id": 2})])
     assert [i.shape for i in images] == [a.shape, b.shape] and [t["image_id"] for t in targets] == [1, 2]
+
+
+def test_packed_records_read_back_plain_values_and_arrays_only():
+    import collections
+
+    import numpy as np
+
+    from tasks.detection.data import PackedRecords
+
+    records = PackedRecords([{"id": 1, "boxes": np.arange(8, dtype=np.float32).reshape(2, 4), "segmentations": [[1.0]]},
+                             {"id": 2, "extra": collections.Counter(a=1)}])
+    first = records[0]
+    assert first["id"] == 1 and first["segmentations"] == [[1.0]]
+    np.testing.assert_array_equal(first["boxes"], np.arange(8, dtype=np.float32).reshape(2, 4))
+    with pytest.raises(pickle.UnpicklingError, match="not collections.Counter"):
+        records[1]

@@ -27,6 +27,7 @@ Category ids are mapped to labels 1..K in increasing id order (0 is the backgrou
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
@@ -73,10 +74,24 @@ def read_annotation_file(path: Path) -> dict:
     return data
 
 
+# What a packed record may hold besides plain values: numpy arrays (how pickle rebuilds them). Nothing else is
+# ever unpickled, even from this in-memory buffer.
+_ARRAY_GLOBALS = {(module, name) for module in ("numpy", "numpy.core.numeric", "numpy._core.numeric",
+                                                "numpy.core.multiarray", "numpy._core.multiarray")
+                  for name in ("dtype", "ndarray", "_frombuffer", "_reconstruct")}
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"a packed record may hold plain values and numpy arrays, not {module}.{name}")
+        return super().find_class(module, name)
+
+
 class PackedRecords:
     """Records pickled into one numpy buffer. Data-loader workers share it as it is; a list of millions of
     Python objects would be copied page by page as reference counts change (detectron2's
-    ``DatasetFromList(serialize=True)``)."""
+    ``DatasetFromList(serialize=True)``). Read back with an allow-list: plain values and numpy arrays only."""
 
     def __init__(self, records: Sequence[dict]):
         blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
@@ -88,7 +103,7 @@ class PackedRecords:
 
     def __getitem__(self, i: int) -> dict:
         start = int(self._ends[i - 1]) if i > 0 else 0
-        return pickle.loads(self._buffer[start : int(self._ends[i])].tobytes())
+        return _RecordUnpickler(io.BytesIO(self._buffer[start : int(self._ends[i])].tobytes())).load()
 
 
 @dataclass
