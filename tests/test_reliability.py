@@ -41,7 +41,7 @@ def test_sigusr1_saves_a_checkpoint_and_auto_resume_continues(imagenet_root, tmp
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, output[-3000:]
-    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     step, epoch = saved["global_step"], saved["epoch"]
     assert 6 <= step < 500 * 6 and "preempted at step" in output
 
@@ -111,7 +111,7 @@ def test_too_many_nonfinite_steps_stop_with_the_step_named(optimizer):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 # Mixup, drop path and RandAugment on, so that every source of randomness is exercised; a checkpoint every 2 of
@@ -213,7 +213,7 @@ def test_channels_last_trains_a_cnn_in_nhwc(imagenet_root, tmp_path):
                      "trainer.limit_val_batches=1", "task.mixup=null", "callbacks.progress_bar=null",
                      "callbacks.channels_last.enabled=true", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
-    weight = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"][
+    weight = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"][
         "backbone.layer1.0.conv2.weight"]
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
