@@ -38,8 +38,10 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = 10) -
         codec = encoder()
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # near-lossless and single-threaded: small motions survive, and files are reproducible
-        stream.options = {"crf": "14", "threads": "1"} if codec == "libx264" else {"qscale": "2"}
+        # lossless H.264 (qp 0): small motions survive, and the files are byte-identical run to run.
+        # A lossy x264 rate (crf 14, even single-threaded) decoded to frames differing by up to 13 grey
+        # levels between two writes of the same frames, enough to move the quickstart's top-1 by 0.3.
+        stream.options = {"qp": "0", "threads": "1"} if codec == "libx264" else {"qscale": "2"}
         for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")):
                 container.mux(packet)
