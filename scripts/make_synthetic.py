@@ -12,10 +12,10 @@ import importlib
 import json
 
 WRITERS = {
-    "imagenet": "tasks.classification.synthetic",
-    "coco": "tasks.detection.synthetic",
-    "ade20k": "tasks.segmentation.synthetic",
-    "kinetics": "tasks.video.synthetic",
+    "imagenet": "vtrain.tasks.classification.synthetic",
+    "coco": "vtrain.tasks.detection.synthetic",
+    "ade20k": "vtrain.tasks.segmentation.synthetic",
+    "kinetics": "vtrain.tasks.video.synthetic",
 }
 
 

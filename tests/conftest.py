@@ -58,7 +58,7 @@ def compose(*overrides: str):
 @pytest.fixture(scope="session")
 def imagenet_root(tmp_path_factory) -> Path:
     """4 classes x 12 training / 4 validation images of 32x32, in the ImageNet folder layout."""
-    from tasks.classification.synthetic import write
+    from vtrain.tasks.classification.synthetic import write
 
     root = tmp_path_factory.mktemp("imagenet")
     write(root, seed=0, num_classes=4, train_per_class=12, val_per_class=4, size=32)

@@ -309,7 +309,7 @@ def test_weights_of_a_smaller_model_stop_the_run_with_one_line(tmp_path, caplog)
 def test_a_classifier_of_another_size_is_a_warning_with_both_shapes(tmp_path, caplog):
     from omegaconf import OmegaConf
 
-    from tasks.classification.module import ClassificationTask
+    from vtrain.tasks.classification.module import ClassificationTask
 
     path = _swin_file(tmp_path, depths=[1, 1, 2, 1], num_classes=21)  # e.g. an ImageNet-22K release
     backbone = OmegaConf.create({"_target_": "vtrain.backbones.SwinTransformer", "depths": [1, 1, 2, 1], **TINY_SWIN})

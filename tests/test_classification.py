@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import TINY_CLS, compose, run_cli
-from tasks.classification.data import ImageFolderDataModule, ImageFolderDataset, collate_skipping_none
-from tasks.classification.synthetic import write
+from vtrain.tasks.classification.data import ImageFolderDataModule, ImageFolderDataset, collate_skipping_none
+from vtrain.tasks.classification.synthetic import write
 from vtrain import ConfigError
 from vtrain.checkpoint import load_task_weights
 from vtrain.data import CorruptFileError

@@ -3,11 +3,12 @@ line before anything starts."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 
-from conftest import CONF, TINY_CLS, compose, run_cli
+from conftest import CONF, ROOT, TINY_CLS, compose, run_cli
 from vtrain import ConfigError
 from vtrain.module import build_task
 from vtrain.validate import check_values, validate
@@ -71,7 +72,7 @@ def test_mistyped_names_give_hydras_error(override, expected):
 
 def test_config_error_raised_in_a_constructor_is_one_line(tmp_path):
     """Hydra wraps exceptions from constructors; the CLI still prints our one line and exits 2."""
-    from tasks.segmentation.synthetic import write
+    from vtrain.tasks.segmentation.synthetic import write
 
     write(tmp_path / "ade", seed=0, train=2, val=1)
     result = run_cli("task=segmentation", "data=ade20k", "task.head=fcn", f"hydra.run.dir={tmp_path / 'run'}",
@@ -143,3 +144,21 @@ def test_a_value_the_data_module_computes_with_is_checked_before_it_is_built(ima
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: data.num_workers='abc' is not a whole number >= 0")
+
+
+def test_every_package_installs_under_vtrain():
+    """pyproject.toml lists the packages (tasks/ installs as vtrain.tasks): a folder left off the list would be
+    missing from an installed vtrain."""
+    import tomllib
+
+    import vtrain.tasks
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    found = set()
+    for prefix, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((prefix, *parts)))
+    assert found == listed
+    assert "tasks" not in listed and Path(vtrain.tasks.__file__).parent == ROOT / "tasks"

@@ -17,7 +17,7 @@ METRICS = [f"val/{t}_{n}" for t in ("bbox", "segm")
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    from tasks.detection.synthetic import write
+    from vtrain.tasks.detection.synthetic import write
 
     root = tmp_path_factory.mktemp("coco")
     write(root, seed=0, train_images=128, val_images=15)  # 15: the 2-rank sampler repeats one image

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from tasks.detection.data import CocoDataModule, collate_detection, index_annotation_file
-from tasks.detection.transforms import RandomSizeCrop, train_transform
+from vtrain.tasks.detection.data import CocoDataModule, collate_detection, index_annotation_file
+from vtrain.tasks.detection.transforms import RandomSizeCrop, train_transform
 from vtrain import ConfigError
 
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    from tasks.detection.synthetic import write
+    from vtrain.tasks.detection.synthetic import write
 
     root = tmp_path_factory.mktemp("coco")
     summary = write(root, seed=0, train_images=24, val_images=9)
@@ -198,7 +198,7 @@ def test_packed_records_read_back_plain_values_and_arrays_only():
 
     import numpy as np
 
-    from tasks.detection.data import PackedRecords
+    from vtrain.tasks.detection.data import PackedRecords
 
     records = PackedRecords([{"id": 1, "boxes": np.arange(8, dtype=np.float32).reshape(2, 4), "segmentations": [[1.0]]},
                              {"id": 2, "extra": collections.Counter(a=1)}])

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tasks.detection.evaluation import STAT_NAMES, CocoEvaluator, to_coco_results
+from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator, to_coco_results
 
 H = W = 200
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]  # labels 1, 2

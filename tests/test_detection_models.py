@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import ROOT
-from tasks.detection.evaluation import CocoEvaluator
-from tasks.detection.module import DetectionTask
+from vtrain.tasks.detection.evaluation import CocoEvaluator
+from vtrain.tasks.detection.module import DetectionTask
 
 TINY_SWIN = dict(_target_="vtrain.backbones.SwinTransformer", img_size=64, embed_dim=32, depths=[1, 1, 2, 1],
                  num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0)

@@ -7,7 +7,7 @@ from conftest import run_cli
 
 
 def test_quickstart_learns_far_above_chance(tmp_path):
-    from tasks.classification.synthetic import write
+    from vtrain.tasks.classification.synthetic import write
 
     write(tmp_path / "imagenet", seed=0)  # the defaults `make demo` uses: 10 classes, 200 + 20 images each
     run = tmp_path / "run"

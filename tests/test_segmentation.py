@@ -12,9 +12,9 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from conftest import compose, run_cli
-from tasks.segmentation.data import ADE20KDataModule, AnnotationError, SegmentationDataset, collate_padded, list_pairs
-from tasks.segmentation.inference import predict, rescale_size, slide
-from tasks.segmentation.metrics import SegmentationMetrics
+from vtrain.tasks.segmentation.data import ADE20KDataModule, AnnotationError, SegmentationDataset, collate_padded, list_pairs
+from vtrain.tasks.segmentation.inference import predict, rescale_size, slide
+from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 from vtrain import ConfigError
 from vtrain.module import build_task
 
@@ -32,7 +32,7 @@ NARROW_HEADS = ["task.head.channels=32", "task.aux_head.channels=16"]
 @pytest.fixture(scope="session")
 def ade_root(tmp_path_factory) -> Path:
     """6 classes; 48 training / 7 validation images of 64x80 (an odd count, for the DDP split)."""
-    from tasks.segmentation.synthetic import write
+    from vtrain.tasks.segmentation.synthetic import write
 
     root = tmp_path_factory.mktemp("ade20k")
     write(root, seed=0, num_classes=6, train=48, val=7, height=64, width=80)

@@ -23,7 +23,7 @@ QUICKSTART_DATA = {"train_per_class": 80, "val_per_class": 20}
 @pytest.fixture(scope="module")
 def kinetics_root(tmp_path_factory) -> Path:
     """6 motion classes x 3 training / 2 validation videos of 32x32, class folders plus list files."""
-    from tasks.video.synthetic import write
+    from vtrain.tasks.video.synthetic import write
 
     root = tmp_path_factory.mktemp("kinetics")
     write(root, seed=0, train_per_class=3, val_per_class=2)
@@ -32,14 +32,14 @@ def kinetics_root(tmp_path_factory) -> Path:
 
 def gray_video(path: Path, levels: list[int], size: int = 32) -> None:
     """A video whose frame k is a flat gray of ``levels[k]``: the decoded frame says which frame it is."""
-    from tasks.video.synthetic import write_video
+    from vtrain.tasks.video.synthetic import write_video
 
     write_video(path, [np.full((size, size, 3), level, dtype=np.uint8) for level in levels])
 
 
 def test_synthetic_kinetics_is_byte_identical_for_a_seed(tmp_path):
     # a lossy x264 rate wrote different bytes (and frames up to 13 grey levels apart) on every call
-    from tasks.video.synthetic import write
+    from vtrain.tasks.video.synthetic import write
 
     for name in ("a", "b"):
         write(tmp_path / name, seed=0, train_per_class=4, val_per_class=1)
@@ -50,7 +50,7 @@ def test_synthetic_kinetics_is_byte_identical_for_a_seed(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- sampling
 def test_clip_indices_stride_offsets_and_looping():
-    from tasks.video.clips import test_clip_indices, train_clip_indices
+    from vtrain.tasks.video.clips import test_clip_indices, train_clip_indices
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -66,7 +66,7 @@ def test_clip_indices_stride_offsets_and_looping():
 
 
 def test_decoded_frames_follow_the_sampled_indices(tmp_path):
-    from tasks.video.clips import VideoReader, test_clip_indices
+    from vtrain.tasks.video.clips import VideoReader, test_clip_indices
 
     levels = [10 + 18 * k for k in range(12)]
     gray_video(tmp_path / "ramp.mp4", levels)
@@ -97,7 +97,7 @@ def datamodule(root: Path, **overrides):
 
 
 def test_corrupt_videos_are_skipped_counted_and_named(kinetics_root, tmp_path, caplog):
-    from tasks.video.data import collate_clips
+    from vtrain.tasks.video.data import collate_clips
     from vtrain.data import CorruptFileError
 
     root = tmp_path / "kinetics"
@@ -386,7 +386,7 @@ def test_paper_models_have_the_reference_sizes():
 # ---------------------------------------------------------------------------------------------- quickstart
 @pytest.mark.slow
 def test_quickstart_video_beats_a_framewise_model(tmp_path):
-    from tasks.video.synthetic import write
+    from vtrain.tasks.video.synthetic import write
 
     root = tmp_path / "kinetics"
     write(root, seed=0, **QUICKSTART_DATA)

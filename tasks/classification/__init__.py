@@ -1,4 +1,4 @@
 """Image classification (ImageNet-1K layout): backbone -> pooled embedding -> linear classifier."""
-from tasks.classification.module import ClassificationTask
+from vtrain.tasks.classification.module import ClassificationTask
 
 __all__ = ["ClassificationTask"]

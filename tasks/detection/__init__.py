@@ -1,5 +1,5 @@
 """Object detection and instance segmentation (COCO layout): any backbone -> FPN -> torchvision's
 Mask R-CNN, Faster R-CNN, RetinaNet or FCOS, scored by the official COCO API."""
-from tasks.detection.module import DetectionTask
+from vtrain.tasks.detection.module import DetectionTask
 
 __all__ = ["DetectionTask"]

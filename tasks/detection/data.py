@@ -20,7 +20,7 @@ image with no training target left           skipped in training when ``filter_e
 ==========================================  ===============================================================
 
 Evaluation never reads these cleaned targets: it scores against the annotation file itself
-(:mod:`tasks.detection.evaluation`), as the official COCO API does.
+(:mod:`vtrain.tasks.detection.evaluation`), as the official COCO API does.
 
 Category ids are mapped to labels 1..K in increasing id order (0 is the background) and back by
 ``category_ids[label - 1]``.
@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from tasks.detection.transforms import eval_transform, train_transform
+from vtrain.tasks.detection.transforms import eval_transform, train_transform
 from vtrain import ConfigError
 from vtrain.data import CorruptFileError, DataModule
 

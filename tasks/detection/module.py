@@ -9,9 +9,9 @@ from hydra.utils import instantiate
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
-from tasks.detection.data import Batch
-from tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
-from tasks.detection.models import DetectorSpec, build_detector
+from vtrain.tasks.detection.data import Batch
+from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
+from vtrain.tasks.detection.models import DetectorSpec, build_detector
 from vtrain import ConfigError
 from vtrain.module import TaskModule
 

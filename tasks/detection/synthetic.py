@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from tasks.detection.data import annotation_rle
+from vtrain.tasks.detection.data import annotation_rle
 from vtrain.synthetic import COLORS, background, draw_polygon, polygon_mask, shape_polygon
 
 # Shapes that stay distinct under small rotations (a rotated square is not a diamond here).

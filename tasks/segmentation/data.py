@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.segmentation.inference import rescale_size
+from vtrain.tasks.segmentation.inference import rescale_size
 from vtrain import ConfigError
 from vtrain.data import DataModule
 

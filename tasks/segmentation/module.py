@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from tasks.segmentation.heads import head_levels
-from tasks.segmentation.inference import predict
-from tasks.segmentation.metrics import SegmentationMetrics
+from vtrain.tasks.segmentation.heads import head_levels
+from vtrain.tasks.segmentation.inference import predict
+from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 from vtrain.module import TaskModule
 
 

@@ -29,7 +29,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
+from vtrain.tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
 from vtrain import ConfigError
 from vtrain.data import (
     DataModule, LabelledFileDataset, Samples, check_class_folders, class_folder_samples, list_classes,

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from hydra.utils import instantiate
 
-from tasks.video.models.base import VideoBackbone
+from vtrain.tasks.video.models.base import VideoBackbone
 
 
 class FramewiseBackbone(VideoBackbone):

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.video.swin_transformer import SwinTransformer3d
 
-from tasks.video.models.base import VideoBackbone
-from tasks.video.models.inflation import inflate_state_dict
+from vtrain.tasks.video.models.base import VideoBackbone
+from vtrain.tasks.video.models.inflation import inflate_state_dict
 
 
 class VideoSwinTransformer(VideoBackbone):
