@@ -7,6 +7,7 @@ import inspect
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loops import _FitLoop
+from pytorch_lightning.utilities import CombinedLoader
 
 from vtrain import lightning_internals
 
@@ -17,7 +18,8 @@ def test_the_private_names_vtrain_uses_exist():
     assert hasattr(trainer._signal_connector, "received_sigterm")
     for name in ("_combined_loader_states_to_load", "_data_fetcher", "restarting"):
         assert hasattr(trainer.fit_loop, name), name
-    assert callable(_FitLoop._load_combined_loader_states) and callable(_FitLoop.setup_data)
+    assert callable(_FitLoop.setup_data) and hasattr(trainer.fit_loop.epoch_progress.current, "processed")
+    assert callable(CombinedLoader._load_state_dicts)
     for name in ("_save_last_checkpoint", "_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end",
                  "_monitor_candidates"):
         assert callable(getattr(ModelCheckpoint, name)), name

@@ -153,11 +153,14 @@ def busy_cpu():
 
 def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_path, uninterrupted):
     """SIGKILL at named moments, one after another, each resumed with ckpt_path=auto: the run ends with the
-    weights and validation metrics of the uninterrupted one. The first is the moment a busy machine found: after
-    the checkpoint of an epoch's last batch, before that epoch's validation (the resumed loader then had
-    nothing left to give, and the next epoch trained on no batch)."""
+    weights and validation metrics of the uninterrupted one. The first two are moments a busy machine found: after
+    the first epoch's checkpoint (written at the epoch's end, after its validation: Lightning defers it until the
+    monitored metric exists), where the resumed run trained its second epoch on the first epoch's order; and after
+    the checkpoint of an epoch's last batch, before that epoch's validation (the resumed loader then had nothing
+    left to give, and the next epoch trained on no batch)."""
     run = tmp_path / "killed"
-    moments = [("on_validation_start", 12),      # after the end-of-epoch checkpoint, before its validation
+    moments = [("on_train_batch_start", 6),      # after the first epoch's checkpoint, written after its validation
+               ("on_validation_start", 12),      # after the end-of-epoch checkpoint, before its validation
                ("on_train_batch_start", 14),     # mid-epoch, right after a checkpoint
                ("on_train_batch_end", 16),       # after a step, before its checkpoint: that step is redone
                ("on_validation_batch_end", 18)]  # in the last validation, after the last checkpoint

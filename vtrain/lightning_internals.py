@@ -47,11 +47,29 @@ def setup_train_data(trainer: pl.Trainer) -> None:
 def hand_over_train_loader_state(trainer: pl.Trainer) -> None:
     """On resume, give the training loader the position the checkpoint saved, and rebuild its iterator.
 
-    ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, which builds the training loader (and
-    its iterator) before the checkpoint's loop state is restored, so Lightning never hands that loader its saved
-    state (``fit_loop._combined_loader_states_to_load``). Call from ``on_train_start``, before the first batch.
+    Lightning builds the training loader and its iterator before a resumed run trains, and two orderings leave that
+    iterator at the wrong place:
+
+    * ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, which builds the loader (and its
+      iterator) before the checkpoint's loop state is restored, so Lightning never hands the loader its saved state
+      (``fit_loop._combined_loader_states_to_load``);
+    * a checkpoint written at an epoch's end, after its validation (the first epoch's checkpoints wait for the
+      monitored metric): Lightning then does not count the run as restarting (``_FitLoop.restarting``), never hands
+      the state over, and, as it is resuming, does not call ``iter()`` for the next epoch either: that epoch drew
+      the iterator built at set-up, when the sampler still said epoch 0, and replayed the first epoch's order.
+
+    So: every sampler is told the epoch that is about to run, the saved position is handed over (a finished epoch's
+    position means the next epoch's start: :meth:`vtrain.reproducibility.EpochSeededIterator.load_state_dict`), and
+    the iterator is rebuilt. Call from ``on_train_start``, before the first batch.
     """
     fit_loop = trainer.fit_loop
-    if fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
-        fit_loop._load_combined_loader_states()
-        iter(fit_loop._data_fetcher)  # rebuild the iterator that was made before the state arrived
+    loader, states = fit_loop._combined_loader, fit_loop._combined_loader_states_to_load
+    if not states or loader is None or fit_loop._data_fetcher is None:
+        return
+    for dataloader in loader.flattened:
+        sampler = getattr(dataloader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(fit_loop.epoch_progress.current.processed)
+    loader._load_state_dicts(states)
+    fit_loop._combined_loader_states_to_load = []  # handed over (Lightning releases them so too)
+    iter(fit_loop._data_fetcher)  # rebuild the iterator that was made before the state arrived
