@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from conftest import CONF, ROOT, TINY_CLS, compose, run_cli
 from vtrain import ConfigError
 from vtrain.module import build_task
-from vtrain.validate import check_values, validate
+from vtrain.validate import check_pretrained, check_values, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 CORES = os.cpu_count() or 1
@@ -135,8 +135,14 @@ def test_valid_edge_values_pass(override):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_recipe_passes_the_value_checks(experiment):
-    check_values(compose(f"experiment={experiment}"))
+def test_every_recipe_passes_the_value_checks(experiment, tmp_path):
+    """Values, and the reference checkpoint a recipe starts from once it is in the weights directory (a missing
+    one is a one-line error: tests/test_recipes.py)."""
+    cfg = compose(f"experiment={experiment}", f"paths.weights_dir={tmp_path}")
+    check_values(cfg)
+    if cfg.pretrained:
+        (tmp_path / Path(cfg.pretrained).name).write_bytes(b"")
+    check_pretrained(cfg)
 
 
 def test_a_value_the_data_module_computes_with_is_checked_before_it_is_built(imagenet_root, tmp_path):

@@ -1,13 +1,17 @@
-"""Parameter groups, lr scaling and the per-iteration schedules of the recipes."""
+"""Parameter groups, lr scaling, batch per step and the schedules of the recipes."""
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from vtrain import ConfigError
 from vtrain.backbones import SwinTransformer
-from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, param_groups
+from vtrain.optim import (accumulation_for, build_optimizer, build_scheduler, lr_scale_factor, param_groups,
+                          param_multipliers)
 
 ADAMW = {"_target_": "torch.optim.AdamW", "lr": 5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "eps": 1e-8,
          "base_batch_size": 512}
@@ -52,7 +56,8 @@ def test_swin_linear_lr_scaling_applies_to_warmup_and_min_lr():
 
 def test_multistep_with_mmdet_warmup_and_backbone_multiplier():
     model = Tiny()
-    cfg = {"_target_": "torch.optim.SGD", "lr": 0.02, "weight_decay": 1e-4, "momentum": 0.9, "backbone_lr_mult": 0.1}
+    cfg = {"_target_": "torch.optim.SGD", "lr": 0.02, "weight_decay": 1e-4, "momentum": 0.9,
+           "custom_keys": {"backbone": {"lr_mult": 0.1}}}
     opt = build_optimizer(model, cfg, total_batch_size=16)
     sched = build_scheduler(opt, {"_target_": "vtrain.optim.multistep", "milestones_epochs": [8, 11], "gamma": 0.1, "warmup_steps": 500,
                                   "warmup_ratio": 0.001}, total_steps=1200, steps_per_epoch=100)
@@ -91,10 +96,93 @@ def test_a_schedule_option_that_does_not_exist_is_named():
 
 def test_mmdet_sgd_recipes_decay_every_parameter():
     model = Tiny()
-    groups = param_groups(model, 1e-4, 0.02, filter_bias_and_bn=False)
+    groups = param_groups(model, 1e-4, 0.02, exempt_1d_and_listed=False)
     assert [g["weight_decay"] for g in groups] == [1e-4]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    from conftest import compose
 
-    assert compose("experiment=r50_maskrcnn_coco_1x").optim.filter_bias_and_bn is False
-    assert compose("experiment=swin_t_maskrcnn_coco_1x").optim.filter_bias_and_bn is True
+
+def test_custom_keys_apply_the_longest_key_as_mmcv_does():
+    """mmcv's DefaultOptimizerConstructor (paramwise_cfg.custom_keys): keys sorted alphabetically, then by length,
+    longest first; the first key contained in the full name sets lr_mult and decay_mult (default 1), the others
+    are not consulted. Video Swin's keys, worked out by hand for each kind of parameter."""
+    keys = {"absolute_pos_embed": {"decay_mult": 0.0}, "relative_position_bias_table": {"decay_mult": 0.0},
+            "norm": {"decay_mult": 0.0}, "backbone": {"lr_mult": 0.1}}
+    model = Tiny()
+    got = param_multipliers(model, exempt_1d_and_listed=False, custom_keys=keys)
+    assert got["backbone.layers.0.blocks.0.norm1.weight"] == (0.1, 1.0)       # "backbone" (8) is longer than "norm" (4)
+    assert got["backbone.layers.0.blocks.0.attn.qkv.bias"] == (0.1, 1.0)
+    assert got["backbone.layers.0.blocks.0.attn.relative_position_bias_table"] == (1.0, 0.0)  # 28 characters
+    assert got["head.bias"] == (1.0, 1.0) and got["head.weight"] == (1.0, 1.0)  # no key: decayed, lr x1
+    # two keys of one length: the alphabetically first wins
+    ties = param_multipliers(model, exempt_1d_and_listed=False,
+                             custom_keys={"head": {"lr_mult": 2.0}, "bias": {"lr_mult": 3.0}})
+    assert ties["head.bias"] == (3.0, 1.0) and ties["head.weight"] == (2.0, 1.0)
+    # without custom keys, timm's rule: 1-D tensors and no_weight_decay() names exempt
+    timm_rule = param_multipliers(model)
+    assert timm_rule["head.bias"] == (1.0, 0.0) and timm_rule["backbone.layers.0.blocks.0.norm1.weight"] == (1.0, 0.0)
+    assert timm_rule["backbone.layers.0.blocks.0.attn.relative_position_bias_table"] == (1.0, 0.0)
+    assert timm_rule["head.weight"] == (1.0, 1.0)
+    groups = param_groups(model, 0.02, 1e-3, exempt_1d_and_listed=False, custom_keys=keys)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    norm = by_id[id(model.backbone.layers[0].blocks[0].norm1.weight)]
+    assert (norm["lr"], norm["weight_decay"], norm["lr_scale"]) == pytest.approx((1e-4, 0.02, 0.1))
+
+
+def _lr_after(sched, optimizer, update: int) -> float:
+    sched.step_update(update)
+    return optimizer.param_groups[0]["lr"]
+
+
+def test_cosine_epoch_is_deits_loop_over_timms_scheduler():
+    """DeiT's main.py: lr scaled by batch / 512 (warmup_lr and min_lr not), timm's create_scheduler (cosine,
+    t_in_epochs) and ``lr_scheduler.step(epoch)`` after each epoch. The reference is that loop run here with timm's
+    own scheduler; vtrain's lr during each update of an epoch must be the lr DeiT trains that epoch with."""
+    epochs, steps = 300, 3
+    reference_opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=5e-4 * 1024 / 512)
+    reference = CosineLRScheduler(reference_opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=5,
+                                  cycle_limit=1, t_in_epochs=True, cycle_decay=0.1)  # decay_rate in timm 0.3
+    expected = []
+    for epoch in range(epochs):
+        expected.append(reference_opt.param_groups[0]["lr"])
+        reference.step(epoch)
+    opt = build_optimizer(Tiny(), ADAMW, total_batch_size=1024)
+    sched = build_scheduler(opt, {"_target_": "vtrain.optim.cosine_epoch", "warmup_epochs": 5, "warmup_lr": 1e-6,
+                                  "min_lr": 1e-5}, total_steps=epochs * steps, steps_per_epoch=steps,
+                            lr_scale=lr_scale_factor(ADAMW, 1024))
+    got = [opt.param_groups[0]["lr"]]  # before the first update
+    got += [_lr_after(sched, opt, u) for u in range(1, epochs * steps)]
+    for update, lr in enumerate(got):
+        assert lr == pytest.approx(expected[update // steps], rel=1e-12), update
+    assert expected[0] == expected[1] == 1e-6 and expected[6] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 5 / 300)))
+
+
+def test_mmcv_cosine_is_mmcvs_epoch_cosine_with_warmup_by_iterations():
+    """mmcv's CosineAnnealingLrUpdaterHook (by_epoch) with warmup='linear', warmup_by_epoch=True, warmup_iters=2.5,
+    warmup_ratio 0.1 (lr_updater.py), written out: regular(e) = min + (base - min)(1 + cos(pi e / E)) / 2, times
+    1 - (1 - i / W)(1 - ratio) while the iteration i < W = 2.5 epochs."""
+    epochs, steps, base = 30, 10, 1e-3
+    cfg = {"_target_": "torch.optim.AdamW", "lr": base, "weight_decay": 0.02,
+           "custom_keys": {"backbone": {"lr_mult": 0.1}}}
+    opt = build_optimizer(Tiny(), cfg, total_batch_size=256)
+    sched = build_scheduler(opt, {"_target_": "vtrain.optim.mmcv_cosine", "warmup_epochs": 2.5, "warmup_ratio": 0.1,
+                                  "min_lr": 0.0}, total_steps=epochs * steps, steps_per_epoch=steps)
+    head = next(g for g in opt.param_groups if g["lr_scale"] == 1.0)
+    body = next(g for g in opt.param_groups if g["lr_scale"] == 0.1)
+
+    def mmcv(i: int, lr: float) -> float:
+        regular = 0.5 * lr * (1 + math.cos(math.pi * (i // steps) / epochs))
+        return regular * (1 - (1 - i / 25) * 0.9) if i < 25 else regular
+
+    assert head["lr"] == pytest.approx(base * 0.1) and body["lr"] == pytest.approx(base * 0.01)  # update 0
+    for i in (1, 12, 24, 25, 26, 149, 150, 299):
+        sched.step_update(i)
+        assert (head["lr"], body["lr"]) == pytest.approx((mmcv(i, base), mmcv(i, base * 0.1)), rel=1e-12), i
+
+
+def test_batch_per_step_is_made_of_whole_passes_on_any_device_count():
+    # Video Swin-T: 8 clips per GPU x 8 GPUs x update_interval 4 = 256
+    assert [accumulation_for(256, 8, n) for n in (8, 4, 1, 32)] == [4, 8, 32, 1]
+    assert accumulation_for(16, 4, 4) == 1 and accumulation_for(16, 2, 8) == 1  # mmseg's 16 images
+    with pytest.raises(ConfigError, match=r"^optim.batch_per_step=16 is not a whole number of passes of "
+                                          r"data.batch_size=4 on 8 device\(s\) \(32 samples\): use data.batch_size=2$"):
+        accumulation_for(16, 4, 8)

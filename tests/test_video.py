@@ -229,7 +229,9 @@ def test_i3d_inflated_from_2d_resnet_matches_it_away_from_temporal_borders(tmp_p
     resnet = ResNet(depth=50, out_levels=(3,)).eval()
     randomise_norms(resnet)
     torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")  # torchvision / timm keys
-    cfg = compose("experiment=i3d_r50_nl_k400", "trainer=cpu", "output_dir=/tmp/vtrain-test-video")
+    # no temporal stride before c2 (the recipe's conv1 and pool1 stride 2 in time), so that 40 frames keep 20
+    cfg = compose("experiment=i3d_r50_nl_k400", "trainer=cpu", "output_dir=/tmp/vtrain-test-video",
+                  "video_backbone.conv1_stride_t=1", "video_backbone.pool1_stride_t=1")
     task = build_task(cfg).eval()
     with caplog.at_level(logging.INFO, logger="vtrain.checkpoint"):
         task.load_pretrained(str(tmp_path / "resnet50.pth"))

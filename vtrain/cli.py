@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> float | None:
         log.info("seed %d", cfg.seed)
         module = build_task(cfg)
         strict = bool(cfg.get("pretrained_strict", True))
-        if cfg.mode == "train" and cfg.get("pretrained"):
+        if cfg.mode == "train" and cfg.get("pretrained") and not cfg.get("ckpt_path"):  # a resumed run has its weights
             module.load_pretrained(cfg.pretrained, strict=strict)
         if cfg.mode == "train" and cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():  # one line, not a key list
             require_fit(module, unwrap_state_dict(read_checkpoint(cfg.ckpt_path)), cfg.ckpt_path)

@@ -1,7 +1,8 @@
 """What every task's data builds the same way: the data module's loaders, and datasets of labelled files.
 
 Training loaders resume exactly (see :mod:`vtrain.reproducibility`): a ``StatefulDataLoader`` over an
-:class:`~vtrain.reproducibility.EpochSeededSampler`, with each sample's random augmentation seeded by
+:class:`~vtrain.reproducibility.EpochSeededSampler` (or DeiT's repeated augmentation,
+:class:`~vtrain.reproducibility.RepeatedAugmentationSampler`), with each sample's random augmentation seeded by
 ``(seed, epoch, index)`` through :class:`SeededDataset`, whatever the task's dataset is.
 
 Class folders (``root/<split>/<class>/<files>``: ImageNet, Kinetics) are listed, checked and read here once;
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,15 +22,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vtrain import ConfigError
-from vtrain.reproducibility import EpochSeededSampler, seed_sample
+from vtrain.reproducibility import EpochSeededSampler, RepeatedAugmentationSampler, seed_sample
 
 log = logging.getLogger(__name__)
 Samples = list[tuple[str, int]]  # (file path, label)
 
 
 class SeededDataset(Dataset):
-    """``dataset[index]`` for a key ``(epoch, index)`` (or a plain ``index``, as epoch 0), with python/numpy/torch
-    seeded for that sample first."""
+    """``dataset[index]`` for a key ``(epoch, index)`` or ``(epoch, index, repeat)`` (or a plain ``index``, as epoch
+    0), with python/numpy/torch seeded for that draw of the sample first."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -37,10 +38,10 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+    def __getitem__(self, key: tuple[int, ...] | int) -> Any:
         # a plain index comes from a sampler Lightning put in place (``trainer.overfit_batches``): epoch 0's draw
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        seed_sample(self.seed, epoch, index)
+        epoch, index, *repeat = key if isinstance(key, tuple) else (0, key)
+        seed_sample(self.seed, epoch, index, *repeat)
         return self.dataset[index]
 
 
@@ -56,9 +57,12 @@ def build_loader(
     collate_fn: Callable | None = None,
     drop_last: bool | None = None,
     sampler: Sampler | None = None,
+    repeated_augmentation: Mapping[str, Any] | None = None,
 ) -> DataLoader:
-    """Training: seeded order and augmentation, resumable mid-epoch. Evaluation: the dataset in order, or
-    ``sampler`` (otherwise Lightning adds a distributed sampler under DDP)."""
+    """Training: seeded order and augmentation, resumable mid-epoch; ``repeated_augmentation`` (the arguments of
+    :class:`~vtrain.reproducibility.RepeatedAugmentationSampler`, e.g. ``{repeats: 3}``) draws DeiT's repeated
+    copies. Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under
+    DDP)."""
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,
@@ -70,7 +74,11 @@ def build_loader(
     if not train:
         return DataLoader(dataset, shuffle=False, sampler=sampler, **common)
     seeded = SeededDataset(dataset, seed)
-    return StatefulDataLoader(seeded, sampler=EpochSeededSampler(seeded, seed), **common)
+    if repeated_augmentation:
+        train_sampler = RepeatedAugmentationSampler(seeded, seed, **dict(repeated_augmentation))
+    else:
+        train_sampler = EpochSeededSampler(seeded, seed)
+    return StatefulDataLoader(seeded, sampler=train_sampler, **common)
 
 
 class DataModule(pl.LightningDataModule):
@@ -88,6 +96,9 @@ class DataModule(pl.LightningDataModule):
         pin_memory: page-locked batches, for faster copies to a CUDA device (ignored without one).
         persistent_workers: keep the loader processes from one epoch to the next (ignored without workers).
         seed: the training order and each sample's augmentation (:func:`build_loader`, exact resume).
+        repeated_augmentation: DeiT's repeated augmentation, the arguments of
+            :class:`~vtrain.reproducibility.RepeatedAugmentationSampler` (``{repeats: 3}``); None: each sample once
+            per epoch.
     """
 
     collate_fn: Callable | None = None  # a task's batch layout (a staticmethod); None: torch's default
@@ -102,6 +113,7 @@ class DataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
+        repeated_augmentation: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.root, self.num_classes = Path(root), num_classes
@@ -110,12 +122,14 @@ class DataModule(pl.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
+        self.repeated_augmentation = dict(repeated_augmentation) if repeated_augmentation else None
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return build_loader(
             dataset, batch_size=self.batch_size if train else self.val_batch_size, train=train, seed=self.seed,
             num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
             collate_fn=self.collate_fn, sampler=sampler,
+            repeated_augmentation=self.repeated_augmentation if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

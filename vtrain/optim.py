@@ -1,11 +1,18 @@
 """Optimizer and learning-rate schedule shared by every task.
 
-The recipes of the seed papers differ only in values, so one function builds all of them:
-parameter groups without weight decay (1-D tensors, biases, norms, and what the model lists in
-``no_weight_decay()``: position tables, class tokens), the linear lr scaling of the Swin code
-(``lr * total_batch / base_batch_size``, applied to warm-up and minimum lr too), an optional lr
-multiplier for the backbone (Video Swin uses 0.1), and timm's per-iteration schedulers (``sched._target_``:
-:func:`cosine`, :func:`multistep`, :func:`poly`).
+The recipes of the seed papers differ in values and in a few rules, all of them data in ``conf/optim`` and
+``conf/sched``:
+
+* which parameter gets which lr and weight decay (:func:`param_groups`): timm's rule, which the Swin and DeiT
+  code call (1-D tensors and the model's ``no_weight_decay()`` names get no weight decay,
+  ``exempt_1d_and_listed``), mmcv's ``paramwise_cfg.custom_keys`` (the mmdet / mmseg / mmaction2 configs: the
+  longest key found in a parameter's name sets its lr and decay multipliers, ``custom_keys``), or neither: every
+  parameter decayed (torchvision's reference, mmdet / mmseg / mmaction2 SGD configs);
+* the linear lr scaling of the Swin and DeiT code (``lr * total_batch / base_batch_size``);
+* the schedule, stepped once per optimizer update but computed as its reference computes it (``sched._target_``:
+  :func:`cosine` per iteration (Swin), :func:`cosine_epoch` per epoch (timm's scheduler as DeiT steps it),
+  :func:`mmcv_cosine` per epoch with mmcv's warm-up (Video Swin), :func:`multistep` (mmdet, mmaction2,
+  torchvision), :func:`poly` (mmseg)).
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from torch import nn
 
 from vtrain import ConfigError
 
-_OPTIM_ONLY_KEYS = ("_target_", "base_batch_size", "backbone_lr_mult", "fused", "filter_bias_and_bn")
+# keys of conf/optim that vtrain reads itself; the others go to the optimizer's constructor
+_OPTIM_ONLY_KEYS = ("_target_", "base_batch_size", "batch_per_step", "fused", "exempt_1d_and_listed", "custom_keys")
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -36,39 +44,57 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0, filter_bias_and_bn: bool = True
-) -> list[dict]:
-    """Split trainable parameters into (backbone?, decay?) groups; each group carries its own lr.
+def custom_key_of(name: str, custom_keys: Mapping[str, Any]) -> str | None:
+    """The key of mmcv's ``paramwise_cfg.custom_keys`` that applies to parameter ``name``: the longest key
+    contained in the name, ties broken alphabetically (mmcv's ``DefaultOptimizerConstructor`` sorts the keys so
+    and takes the first match)."""
+    for key in sorted(sorted(custom_keys), key=len, reverse=True):
+        if key in name:
+            return key
+    return None
 
-    The decay rule is timm's ``param_groups_weight_decay`` (1-D tensors, biases and ``no_weight_decay()`` names
-    exempt); it is written here because the recipes also need a backbone lr multiplier (Video Swin's 0.1)
-    in the same split, which timm's function does not make. ``filter_bias_and_bn=False`` decays every
-    parameter, as mmdet/mmseg's SGD recipes do (no paramwise config).
+
+def param_multipliers(model: nn.Module, exempt_1d_and_listed: bool = True,
+                      custom_keys: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, tuple[float, float]]:
+    """``{parameter name: (lr multiplier, weight-decay multiplier)}`` for every trainable parameter.
+
+    A parameter whose full name contains a key of ``custom_keys`` gets that key's ``lr_mult`` and ``decay_mult``
+    (default 1; the longest key wins, :func:`custom_key_of`), as mmcv's ``paramwise_cfg.custom_keys``. Any other
+    parameter is decayed, unless ``exempt_1d_and_listed`` and it is a 1-D tensor (norm weights, biases), a bias, or
+    named by a submodule's ``no_weight_decay()`` (timm's ``param_groups_weight_decay``, which the Swin and DeiT
+    code use). With neither, every parameter is decayed at the base rate.
     """
-    skip = no_weight_decay_names(model) if filter_bias_and_bn else set()
-    groups: dict[tuple[bool, bool], dict] = {}
+    custom_keys = dict(custom_keys or {})
+    listed = no_weight_decay_names(model) if exempt_1d_and_listed else set()
+    out = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        in_backbone = name.startswith("backbone.")
-        decay = not filter_bias_and_bn or not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-        key = (in_backbone and backbone_lr_mult != 1.0, decay)
-        group = groups.setdefault(
-            key,
-            {
-                "params": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": backbone_lr_mult if key[0] else 1.0,
-            },
-        )
-        group["params"].append(p)
-    out = list(groups.values())
-    for g in out:
-        # timm's schedulers multiply every value they set by ``lr_scale``; start from the same point.
-        g["lr"] = lr * g["lr_scale"]
-        g["initial_lr"] = lr
+        key = custom_key_of(name, custom_keys)
+        if key is not None:
+            rule = custom_keys[key] or {}
+            out[name] = (float(rule.get("lr_mult", 1.0)), float(rule.get("decay_mult", 1.0)))
+        elif exempt_1d_and_listed and (p.ndim <= 1 or name.endswith(".bias") or name in listed):
+            out[name] = (1.0, 0.0)
+        else:
+            out[name] = (1.0, 1.0)
     return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, exempt_1d_and_listed: bool = True,
+                 custom_keys: Mapping[str, Mapping[str, float]] | None = None) -> list[dict]:
+    """Trainable parameters grouped by their (lr, weight decay) multipliers (:func:`param_multipliers`); each
+    group carries its lr multiplier as ``lr_scale``, which timm's schedulers apply to every lr they set."""
+    parameters = dict(model.named_parameters())
+    groups: dict[tuple[float, float], dict] = {}
+    for name, (lr_mult, decay_mult) in param_multipliers(model, exempt_1d_and_listed, custom_keys).items():
+        group = groups.setdefault((lr_mult, decay_mult), {
+            "params": [], "weight_decay": weight_decay * decay_mult, "lr_scale": lr_mult,
+            # timm's schedulers scale every value they set by lr_scale: start from the same point
+            "lr": lr * lr_mult, "initial_lr": lr,
+        })
+        group["params"].append(parameters[name])
+    return list(groups.values())
 
 
 def lr_scale_factor(optim_cfg: Mapping[str, Any], total_batch_size: int) -> float:
@@ -83,8 +109,8 @@ def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any], total_batch_
     weight_decay = float(kwargs.pop("weight_decay", 0.0))
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    groups = param_groups(model, weight_decay, lr, float(optim_cfg.get("backbone_lr_mult", 1.0)),
-                          bool(optim_cfg.get("filter_bias_and_bn", True)))
+    groups = param_groups(model, weight_decay, lr, bool(optim_cfg.get("exempt_1d_and_listed", True)),
+                          optim_cfg.get("custom_keys"))
     if not groups:
         raise ConfigError("the model has no trainable parameter: check backbone.frozen_stages and the task's freezing options")
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
@@ -96,6 +122,19 @@ def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any], total_batch_
     return cls(groups, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def accumulation_for(batch_per_step: int, batch_size: int, world_size: int) -> int:
+    """The gradient accumulation that makes ``batch_per_step`` samples per optimizer update out of ``batch_size``
+    per device on ``world_size`` devices (mmcv's ``update_interval`` in the Video Swin configs), or one line
+    saying which per-device batch would."""
+    per_pass = batch_size * world_size
+    if batch_per_step % per_pass:
+        fits = [b for b in range(batch_size, 0, -1) if batch_per_step % (b * world_size) == 0]
+        fix = f"data.batch_size={fits[0]}" if fits else f"a device count that divides {batch_per_step}"
+        raise ConfigError(f"optim.batch_per_step={batch_per_step} is not a whole number of passes of "
+                          f"data.batch_size={batch_size} on {world_size} device(s) ({per_pass} samples): use {fix}")
+    return batch_per_step // per_pass
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     sched_cfg: Mapping[str, Any],
@@ -104,8 +143,8 @@ def build_scheduler(
     steps_per_epoch: int,
     lr_scale: float = 1.0,
 ) -> Scheduler:
-    """The schedule ``sched_cfg._target_`` names (:func:`cosine`, :func:`multistep`, :func:`poly` or any
-    function of the same arguments), given what only the run knows: its length and the lr scaling."""
+    """The schedule ``sched_cfg._target_`` names (one of this module's schedules or any function of the same
+    arguments), given what only the run knows: its length and the lr scaling."""
     options = {k: v for k, v in dict(sched_cfg).items() if k != "_target_"}
     factory = get_method(sched_cfg["_target_"])
     unknown = sorted(set(options) - set(inspect.signature(factory).parameters))
@@ -127,16 +166,81 @@ def _warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_lr: float | Non
     return dict(warmup_t=steps, warmup_lr_init=start, t_in_epochs=False)
 
 
-# Each schedule is stepped once per optimizer update (``t_in_epochs=False``); every duration may be given in
-# epochs (``*_epochs``) or in steps (``*_steps``).
+# Each schedule is stepped once per optimizer update (TaskModule.lr_scheduler_step passes the update count);
+# every duration may be given in epochs (``*_epochs``) or in steps (``*_steps``).
 def cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
            min_lr: float = 0.0, warmup_epochs: float = 0, warmup_steps: int | None = None,
            warmup_lr: float | None = None, warmup_ratio: float = 0.001) -> Scheduler:
-    """Swin: cosine over the steps after the warm-up (``warmup_prefix``), down to ``min_lr`` (scaled)."""
+    """Swin (its lr_scheduler.py): cosine per iteration over the steps after the warm-up (``warmup_prefix``), down
+    to ``min_lr``; warm-up and minimum lr scale with the batch as the lr does."""
     warmup = _steps(warmup_epochs, warmup_steps, steps_per_epoch)
     return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=float(min_lr) * lr_scale,
                              cycle_limit=1, warmup_prefix=True,
                              **_warmup(optimizer, warmup, warmup_lr, warmup_ratio, lr_scale))
+
+
+class EpochCosineLRScheduler(CosineLRScheduler):
+    """timm's ``CosineLRScheduler`` with ``t_in_epochs=True``, stepped from the update count: the lr changes once
+    per epoch, to the value of ``epoch - epoch_lag`` (never before 0)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epoch_lag: int, **kwargs: Any):
+        super().__init__(optimizer, t_in_epochs=True, **kwargs)
+        self.steps_per_epoch, self.epoch_lag = max(int(steps_per_epoch), 1), int(epoch_lag)
+        self.step_update(0)
+
+    def step_update(self, num_updates: int, metric: float | None = None) -> None:
+        self.step(max(num_updates // self.steps_per_epoch - self.epoch_lag, 0), metric)
+
+
+def cosine_epoch(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
+                 min_lr: float = 1e-5, warmup_epochs: int = 5, warmup_lr: float = 1e-6,
+                 lr_of_previous_epoch: bool = True) -> Scheduler:
+    """DeiT (main.py with timm's ``create_scheduler``): timm's cosine with ``t_in_epochs=True``, so the lr changes
+    once per epoch; ``warmup_epochs`` linear from ``warmup_lr``, then the cosine over *all* the epochs (no warm-up
+    prefix: at epoch t it is at t / epochs), down to ``min_lr``. Only the lr scales with the batch: ``warmup_lr``
+    and ``min_lr`` are absolute (DeiT scales ``args.lr`` alone). DeiT's loop calls ``lr_scheduler.step(epoch)``
+    after epoch ``epoch``, so epoch e > 0 trains at the schedule's value for e - 1 and epochs 0 and 1 both at
+    ``warmup_lr`` (``lr_of_previous_epoch``; false: epoch e at the value for e, as timm's train.py). The defaults
+    are DeiT's main.py ones."""
+    del lr_scale  # DeiT scales the lr only; it arrives scaled in the optimizer's groups
+    epochs = max(int(round(total_steps / max(steps_per_epoch, 1))), 1)
+    return EpochCosineLRScheduler(optimizer, steps_per_epoch=steps_per_epoch, epoch_lag=int(lr_of_previous_epoch),
+                                  t_initial=epochs, lr_min=float(min_lr), warmup_t=int(warmup_epochs),
+                                  warmup_lr_init=float(warmup_lr), cycle_limit=1)
+
+
+class MMCVCosineScheduler(Scheduler):
+    """mmcv's ``CosineAnnealingLrUpdaterHook`` with ``by_epoch=True`` and linear warm-up (lr_updater.py): the
+    regular lr is the cosine of the epoch, ``min_lr + (lr - min_lr) * (1 + cos(pi * epoch / epochs)) / 2``, and
+    during the first ``warmup_steps`` updates (a float, as mmcv's ``warmup_epochs * epoch_len``) it is multiplied by
+    ``1 - (1 - t / warmup_steps) * (1 - warmup_ratio)``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, min_lr: float,
+                 warmup_steps: float, warmup_ratio: float):
+        super().__init__(optimizer, param_group_field="lr", t_in_epochs=False)
+        self.steps_per_epoch, self.epochs = max(int(steps_per_epoch), 1), max(int(epochs), 1)
+        self.min_lr, self.warmup_steps, self.warmup_ratio = float(min_lr), float(warmup_steps), float(warmup_ratio)
+        self.step_update(0)
+
+    def _get_lr(self, t: int) -> list[float]:
+        progress = min(t // self.steps_per_epoch, self.epochs) / self.epochs
+        factor = 1.0
+        if t < self.warmup_steps:
+            factor = 1 - (1 - t / self.warmup_steps) * (1 - self.warmup_ratio)
+        return [(self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * progress))) * factor
+                for base in self.base_values]
+
+
+def mmcv_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
+                min_lr: float = 0.0, warmup_epochs: float = 0, warmup_ratio: float = 0.1) -> Scheduler:
+    """Video Swin (mmaction2 0.x, mmcv 1.x: ``lr_config = dict(policy='CosineAnnealing', min_lr=0, warmup='linear',
+    warmup_by_epoch=True, warmup_iters=2.5)``): the cosine changes once per epoch, the warm-up per update from
+    ``warmup_ratio`` (mmcv's default 0.1) times the regular lr (:class:`MMCVCosineScheduler`). ``min_lr`` is
+    absolute, as mmcv's."""
+    del lr_scale
+    epochs = max(int(round(total_steps / max(steps_per_epoch, 1))), 1)
+    return MMCVCosineScheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs, min_lr=min_lr,
+                               warmup_steps=float(warmup_epochs) * steps_per_epoch, warmup_ratio=warmup_ratio)
 
 
 def multistep(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,

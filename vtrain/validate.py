@@ -13,6 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from vtrain import ConfigError
+from vtrain.trainer import accumulate_grad_batches
 
 # What Lightning 2.6's Trainer takes as ``precision`` (``_PRECISION_INPUT`` in
 # lightning_fabric/plugins/precision/precision.py); tests/test_configs.py checks that the two agree.
@@ -56,8 +57,9 @@ def validate(cfg: DictConfig, datamodule) -> None:
     _check_devices(cfg.trainer)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: pass the path of a checkpoint file")
-    if cfg.get("pretrained") and not Path(cfg.pretrained).is_file():
-        raise ConfigError(f"pretrained={cfg.pretrained} does not exist: pass the path of a weights file")
+    if cfg.mode == "train":
+        check_pretrained(cfg)
+        accumulate_grad_batches(cfg)  # optim.batch_per_step must be made of whole passes on these devices
     _check_input_size(cfg)
     if hasattr(datamodule, "check"):
         datamodule.check()
@@ -71,6 +73,21 @@ def check_values(cfg: DictConfig) -> None:
         if value is not absent and not accepted(value):
             shown = "null" if value is None else repr(value)  # as it is written on the command line
             raise ConfigError(f"{key}={shown} is not {what}: use e.g. {key}={example}")
+
+
+def check_pretrained(cfg: DictConfig) -> None:
+    """The weights a training run starts from exist (a resumed run takes its weights from ``ckpt_path``). A recipe's
+    reference checkpoint is missing: one line naming the file, where it is published (``pretrained_url``), and that
+    ``pretrained=null`` trains from scratch on purpose."""
+    path = cfg.get("pretrained")
+    if not path or cfg.get("ckpt_path") or Path(path).is_file():
+        return
+    url = cfg.get("pretrained_url")
+    where = (f"download it from {url} into paths.weights_dir="
+             f"{OmegaConf.select(cfg, 'paths.weights_dir')} (or set VTRAIN_WEIGHTS)"
+             if url and Path(url).name == Path(path).name else "pass the path of a weights file")
+    raise ConfigError(f"pretrained={path} does not exist: {where}, or pass pretrained=null to train from scratch "
+                      "on purpose")
 
 
 def _check_input_size(cfg: DictConfig) -> None:

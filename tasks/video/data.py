@@ -9,7 +9,8 @@ Layouts (``data.root``):
 
 A training sample is one clip (``clip_len`` frames ``frame_interval`` apart at a random
 offset), short side resized to ``train_short_side``, a random resized crop of ``crop_size``
-and a horizontal flip: (C, T, H, W). A validation sample is every view of a video,
+(or, with ``crop_scales``, mmaction2's ``MultiScaleCrop`` at fixed corners and centre, the I3D
+configs' crop) and a horizontal flip: (C, T, H, W). A validation sample is every view of a video,
 ``num_test_clips`` clips spread evenly times ``num_test_crops`` crops of ``eval_crop_size``
 (3: both ends and the middle of the long side) after resizing the short side to
 ``eval_short_side``: (views, C, T, H, W). The task averages the views' softmax.
@@ -23,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import random
 
 import numpy as np
 import torch
@@ -108,15 +111,56 @@ def normalize(clip: torch.Tensor) -> torch.Tensor:
     return ((clip.float() - mean) / std).transpose(0, 1).contiguous()
 
 
-class TrainClipTransform:
-    """Random resized crop and horizontal flip, the same for every frame of the clip (mmaction2's
-    ``RandomResizedCrop`` + ``Flip``): (1, T, 3, H, W) uint8 -> (3, T, crop, crop) float."""
+class MultiScaleCrop:
+    """mmaction2's ``MultiScaleCrop`` with ``random_crop=False`` and its five fixed crops, then its
+    ``Resize(scale=(size, size), keep_ratio=False)``, on a whole clip (T, 3, H, W) -> (T, 3, size, size).
 
-    def __init__(self, crop_size: int, scale: Sequence[float], hflip: float):
-        self.augment = v2.Compose([
-            v2.RandomResizedCrop(crop_size, scale=tuple(scale), antialias=True),
-            v2.RandomHorizontalFlip(hflip),
-        ])
+    The crop's sides are ``int(min(H, W) * s)`` for ``s`` in ``scales``, width and height at most
+    ``max_wh_scale_gap`` entries of ``scales`` apart (the I3D configs: ``scales=(1, 0.8)``, gap 0: squares of the
+    short side or 0.8 of it); a side within 2 pixels of ``size`` becomes ``size``. It is placed at one of the four
+    corners or the centre of a grid of quarter steps (``(W - w) // 4``, ``(H - h) // 4``), each with
+    probability 1/5, and resized bilinearly without antialiasing (mmcv's ``imresize``, cv2's INTER_LINEAR).
+    Draws use python's ``random``, as mmaction2's (seeded per sample by the training loader).
+    """
+
+    def __init__(self, size: int, scales: Sequence[float], max_wh_scale_gap: int = 0):
+        self.size, self.scales, self.max_wh_scale_gap = int(size), tuple(float(s) for s in scales), int(max_wh_scale_gap)
+
+    def crop_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The candidate (width, height) of a crop."""
+        sides = [int(min(height, width) * s) for s in self.scales]
+        out = []
+        for i, h in enumerate(sides):
+            for j, w in enumerate(sides):
+                if abs(i - j) <= self.max_wh_scale_gap:
+                    out.append(tuple(self.size if abs(v - self.size) < 3 else v for v in (w, h)))
+        return out
+
+    @staticmethod
+    def offsets(height: int, width: int, crop_w: int, crop_h: int) -> list[tuple[int, int]]:
+        """The candidate (x, y) of a crop's top-left corner: upper left, upper right, lower left, lower right,
+        centre."""
+        w_step, h_step = (width - crop_w) // 4, (height - crop_h) // 4
+        return [(0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step), (2 * w_step, 2 * h_step)]
+
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:
+        height, width = clip.shape[-2:]
+        crop_w, crop_h = random.choice(self.crop_sizes(height, width))
+        x, y = random.choice(self.offsets(height, width, crop_w, crop_h))
+        cropped = clip[..., y:y + crop_h, x:x + crop_w]
+        resized = v2.functional.resize(cropped.as_subclass(torch.Tensor), [self.size, self.size], antialias=False)
+        return tv_tensors.wrap(resized, like=clip) if isinstance(clip, tv_tensors.Video) else resized
+
+
+class TrainClipTransform:
+    """A crop and a horizontal flip, the same for every frame of the clip: mmaction2's ``RandomResizedCrop`` (or,
+    with ``crop_scales``, its :class:`MultiScaleCrop`) + ``Flip``: (1, T, 3, H, W) uint8 -> (3, T, crop, crop)
+    float."""
+
+    def __init__(self, crop_size: int, scale: Sequence[float], hflip: float, crop_scales: Sequence[float] | None = None):
+        crop = (MultiScaleCrop(crop_size, crop_scales) if crop_scales
+                else v2.RandomResizedCrop(crop_size, scale=tuple(scale), antialias=True))
+        self.augment = v2.Compose([crop, v2.RandomHorizontalFlip(hflip)])
 
     def __call__(self, clips: torch.Tensor) -> torch.Tensor:
         return normalize(self.augment(tv_tensors.Video(clips[0])).as_subclass(torch.Tensor))
@@ -157,6 +201,8 @@ class KineticsDataModule(DataModule):
         clip_len, frame_interval: frames per clip and the stride between them.
         num_test_clips, num_test_crops: validation views of a video, clips times crops (1 or 3).
         train_short_side, crop_size, scale, hflip: training resize, random resized crop and flip probability.
+        crop_scales: mmaction2's ``MultiScaleCrop`` with these scales of the short side (:class:`MultiScaleCrop`,
+            the I3D configs' ``(1, 0.8)``) instead of the random resized crop; None: the random resized crop.
         eval_short_side, eval_crop_size: validation resize and crop.
         batch_size: training clips per device.
         val_batch_size: validation videos per device (each is ``num_test_clips * num_test_crops`` views).
@@ -180,6 +226,7 @@ class KineticsDataModule(DataModule):
         crop_size: int = 224,
         scale: Sequence[float] = (0.08, 1.0),
         hflip: float = 0.5,
+        crop_scales: Sequence[float] | None = None,
         eval_short_side: int = 224,
         eval_crop_size: int = 224,
         batch_size: int = 8,
@@ -194,6 +241,7 @@ class KineticsDataModule(DataModule):
         self.clip_len, self.frame_interval = clip_len, frame_interval
         self.num_test_clips, self.num_test_crops = num_test_clips, num_test_crops
         self.train_short_side, self.crop_size, self.scale, self.hflip = train_short_side, crop_size, scale, hflip
+        self.crop_scales = crop_scales
         self.eval_short_side, self.eval_crop_size = eval_short_side, eval_crop_size
         self.skip_corrupt = skip_corrupt
         self.classes: list[str] = []
@@ -244,7 +292,7 @@ class KineticsDataModule(DataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = VideoClipDataset(
-                self.samples("train"), TrainClipTransform(self.crop_size, self.scale, self.hflip),
+                self.samples("train"), TrainClipTransform(self.crop_size, self.scale, self.hflip, self.crop_scales),
                 self.clip_len, self.frame_interval, self.train_short_side, skip_corrupt=self.skip_corrupt,
             )
         self.val_set = VideoClipDataset(

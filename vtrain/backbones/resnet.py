@@ -5,6 +5,12 @@ layout: stride in the 3x3 conv, 7x7 stem), whose modules are adopted as this
 backbone's own so that the keys are timm's and torchvision's (``conv1``, ``bn1``,
 ``layer1..4``; the classifier ``fc`` is split off by ``checkpoint_filter``).
 
+``deep_stem=True`` is ResNetV1c (Bag of Tricks, He et al. 2019, "ResNet-C"; mmseg's ``ResNetV1c``, timm's
+``resnet50c``): the 7x7 stem conv becomes three 3x3 convs of 32, 32 and 64 channels, each followed by BN + ReLU
+(timm keys ``conv1.0/1/3/4/6`` and ``bn1``). mmseg's R50-D8 models start from its ``resnet50_v1c`` weights,
+whose stem keys (``stem.0 .. stem.7``) ``checkpoint_filter`` converts. ResNet-50-C: 25.58M params with a
+1000-class classifier, as timm's ``resnet50c``.
+
 Sizes with a 1000-class linear classifier at 224x224 (``vtrain.profiling``):
 ResNet-50 25.56M params / 4.09 GMACs, ResNet-101 44.55M / 7.80 GMACs, as the
 torchvision/timm references. The ResNet paper's Table 1 gives 3.8 / 7.6 GFLOPs
@@ -93,8 +99,8 @@ class ResNet(Backbone):
             and 4 keep stride 1 and use dilation 2 and 4 (timm's dilation rule, as
             mmseg's ``strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)``; the first block of
             a dilated stage keeps the previous dilation, as torchvision's
-            ``replace_stride_with_dilation`` and mmseg's ``contract_dilation``); the stem
-            stays the plain 7x7 one. ``feature_info`` reports the real strides.
+            ``replace_stride_with_dilation`` and mmseg's ``contract_dilation``); the stem is
+            unchanged. ``feature_info`` reports the real strides.
         frozen_stages: -1 none; 0 the stem; N the stem and stages 1..N (mmdet): their
             parameters stop requiring grad and their BatchNorms stay in eval mode.
         gc: ``{stages: [4 bools], ratio: float}`` or None.
@@ -105,6 +111,10 @@ class ResNet(Backbone):
             past the deepest level are not built.
         base_width: inner width of the stage-1 bottleneck, doubling per stage
             (timm's ``base_width``): 64 gives ResNet's 64/128/256/512, LR-Net uses 100.
+        deep_stem: the ResNetV1c stem of three 3x3 convs (32, 32, 64 channels) instead of the 7x7 conv.
+        zero_init_last: start each bottleneck's last BN at weight 0, so that every residual block starts as the
+            identity (timm's default, Goyal et al. 2017); torchvision's ``resnet50()`` and its classification
+            reference leave it at 1 (``zero_init_residual=False``). Pretrained weights overwrite it either way.
     """
 
     def __init__(
@@ -118,6 +128,8 @@ class ResNet(Backbone):
         dnl: Mapping | None = None,
         out_levels: Sequence[int] | None = None,
         base_width: int = 64,
+        deep_stem: bool = False,
+        zero_init_last: bool = True,
     ):
         super().__init__()
         depths = DEPTHS[depth]
@@ -128,6 +140,9 @@ class ResNet(Backbone):
             num_classes=0,
             output_stride=output_stride,
             drop_path_rate=drop_path_rate,
+            stem_type="deep" if deep_stem else "",
+            stem_width=32 if deep_stem else 64,
+            zero_init_last=zero_init_last,
         )
         self.conv1, self.bn1, self.act1, self.maxpool = resnet.conv1, resnet.bn1, resnet.act1, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
@@ -203,21 +218,37 @@ class ResNet(Backbone):
         return self._stage_outputs(x)[-1].mean(dim=(2, 3))
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """timm and torchvision ResNet checkpoints share keys; ``fc.*`` is the classifier."""
+        """timm and torchvision ResNet checkpoints share keys; ``fc.*`` is the classifier. mmseg / mmcv ResNetV1c
+        checkpoints (``open-mmlab://resnet50_v1c``: ``stem.0 .. stem.7``, otherwise torchvision's keys) get timm's
+        stem keys."""
         state_dict = state_dict.get("state_dict", state_dict)
         backbone, classifier = {}, {}
         for key, value in state_dict.items():
             if key.startswith("fc."):
                 classifier[key[len("fc."):]] = value
             else:
-                backbone[key] = value
+                backbone[_timm_stem_key(key)] = value
         return backbone, classifier
 
     @classmethod
     def timm_twin(cls, cfg: Mapping) -> tuple[str, dict] | None:
-        """timm's ``resnet<depth>`` (the same v1.5 layout); None with context blocks or dilation, which timm has
-        no model of."""
+        """timm's ``resnet<depth>`` (the same v1.5 layout; ``resnet<depth>c`` with the deep stem); None with context
+        blocks or dilation, which timm has no model of."""
         args = cls._arguments(cfg)
         if args["gc"] or args["nl"] or args["dnl"] or args["output_stride"] != 32 or args["base_width"] != 64:
             return None
-        return f"resnet{args['depth']}", {"drop_path_rate": float(args["drop_path_rate"])}
+        return (f"resnet{args['depth']}{'c' if args['deep_stem'] else ''}",
+                {"drop_path_rate": float(args["drop_path_rate"]), "zero_init_last": bool(args["zero_init_last"])})
+
+
+# mmseg's ResNetV1c stem (nn.Sequential of conv, BN, ReLU x 3) -> timm's deep stem (conv1 = the first 7 modules,
+# bn1 the last BN): stem.<index>. -> <timm module>.
+_MMSEG_STEM = {"0": "conv1.0.", "1": "conv1.1.", "3": "conv1.3.", "4": "conv1.4.", "6": "conv1.6.", "7": "bn1."}
+
+
+def _timm_stem_key(key: str) -> str:
+    """``stem.7.running_mean`` -> ``bn1.running_mean``; any other key unchanged."""
+    if not key.startswith("stem."):
+        return key
+    _, index, rest = key.split(".", 2)
+    return _MMSEG_STEM[index] + rest

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from vtrain import ConfigError
 from vtrain.module import build_task
-from vtrain.profiling import count_params
+from vtrain.profiling import count_macs, count_params
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput
 from vtrain.config import compose_config
@@ -25,7 +25,7 @@ from vtrain.tools.table.markdown import DASH, number
 
 log = logging.getLogger("vtrain.tools.table")
 DIFFERS = "†"
-UNIT_SCALE = {"params": 1e-6, "task_params": 1e-6, "macs": 1e-9, "throughput": 1.0, "metric": 1.0}
+UNIT_SCALE = {"params": 1e-6, "task_params": 1e-6, "macs": 1e-9, "task_macs": 1e-9, "throughput": 1.0, "metric": 1.0}
 
 
 class Unmeasured(Exception):
@@ -106,16 +106,28 @@ class Row:
     def size(self) -> tuple[int, int]:
         return self._once("size", lambda: model_size(self._build, self.input_shape()))
 
-    def task_params(self) -> int:
-        def compute() -> int:
+    def task_module(self) -> torch.nn.Module:
+        """The experiment's whole task model (backbone and heads), built on the meta device."""
+        def build() -> torch.nn.Module:
             cfg = self.experiment_config()
             try:
                 with torch.device("meta"):
-                    module = build_task(cfg)
+                    return build_task(cfg)
             except Exception as e:  # noqa: BLE001
                 raise Unmeasured(f"cannot build the task model ({type(e).__name__}: {e})") from e
-            return count_params(module)
-        return self._once("task_params", compute)
+        return self._once("task_module", build)
+
+    def task_params(self) -> int:
+        return self._once("task_params", lambda: count_params(self.task_module()))
+
+    def task_macs(self) -> int:
+        """MACs of the task model's evaluation forward on one input of the table's ``task_input_shape``."""
+        def compute() -> int:
+            shape = self.spec.get("task_input_shape") or self.table.get("task_input_shape")
+            if not shape:
+                raise Unmeasured("no task_input_shape for the task model's FLOPs")
+            return count_macs(self.task_module(), (1, *shape))
+        return self._once("task_macs", compute)
 
     def throughput(self) -> float:
         def compute() -> float:
@@ -159,13 +171,15 @@ class Row:
                 value = self.size()[1]
             elif kind == "task_params":
                 value = self.task_params()
+            elif kind == "task_macs":
+                value = self.task_macs()
             elif kind == "throughput":
                 value = self.throughput()
             elif kind == "metric":
                 value = self.metric(column["metric"]) * float(column.get("scale", 1.0))
             else:
                 raise ConfigError(
-                    f"column measure={kind!r}: use params, macs, task_params, throughput, metric or null")
+                    f"column measure={kind!r}: use params, macs, task_params, task_macs, throughput, metric or null")
         except Unmeasured:
             return None
         return value * UNIT_SCALE[kind]
@@ -223,14 +237,14 @@ def fill_table(table: Mapping, settings: DictConfig) -> dict[str, Any]:
             "columns": columns, "rows": rows}
 
 
-_DIGITS = {"params": 2, "task_params": 2, "macs": 2, "throughput": 1, "metric": 2}
+_DIGITS = {"params": 2, "task_params": 2, "macs": 2, "task_macs": 2, "throughput": 1, "metric": 2}
 
 
 def paper_table_markdown(filled: Mapping, context: str) -> str:
     columns = filled["columns"]
     header, align = ["model"], ["---"]
     for column in columns.values():
-        header.append(f"{column['label']} paper")
+        header.append(f"{column['label']} {column.get('reference', 'paper')}")  # whose figure the column quotes
         align.append("--:")
         if column.get("measure"):
             header.append(f"{column['label']} vtrain")

@@ -1,0 +1,487 @@
+"""Every recipe against a transcription of its reference (docs/recipes.md is the table of the same comparison).
+
+For each experiment the reference's effective values are written out here from its own files: the lr and weight
+decay each kind of parameter gets (on the real model, built on the meta device), the lr at points of the schedule
+(the reference's formula), the samples per optimizer step on several device counts, the clip sampling and the
+model options that change results. The pieces the recipes rely on are checked against their references too:
+ResNetV1c against timm's resnet50c and mmseg's checkpoint keys, DeiT's repeated-augmentation sampler against its
+samplers.py, mmaction2's MultiScaleCrop against its crop sizes and fixed positions.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import timm
+import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import ROOT, compose
+from vtrain import ConfigError
+from vtrain.module import build_task
+from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor
+from vtrain.trainer import accumulate_grad_batches
+from vtrain.validate import validate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------ the references' schedules
+# Each: (update, updates per epoch) -> the lr of a parameter with lr multiplier 1, as the reference computes it.
+def swin_cosine(u: int, s: int) -> float:
+    """Swin lr_scheduler.py (timm CosineLRScheduler, t_in_epochs=False, warmup_prefix) at 1024 images: lr 1e-3,
+    warm-up 1e-6 over 20 epochs, cosine over the other 280 down to 1e-5 (all three scaled by 1024 / 512)."""
+    warm, total = 20 * s, 300 * s
+    if u < warm:
+        return 1e-6 + u * (1e-3 - 1e-6) / warm
+    return 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (u - warm) / (total - warm)))
+
+
+def deit_cosine(u: int, s: int) -> float:
+    """DeiT main.py at 1024 images: lr 5e-4 * 1024 / 512; timm's cosine in epochs (warm-up 5 from 1e-6, min 1e-5,
+    t_initial 300, no prefix); ``lr_scheduler.step(epoch)`` after each epoch, so epoch e trains at t = e - 1."""
+    t = max(u // s - 1, 0)
+    if t < 5:
+        return 1e-6 + t * (1e-3 - 1e-6) / 5
+    return 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * t / 300))
+
+
+def torchvision_step(u: int, s: int) -> float:
+    """references/classification/train.py: StepLR(step_size=30, gamma=0.1) stepped per epoch, lr 0.1."""
+    return 0.1 * 0.1 ** (u // s // 30)
+
+
+def mmcv_step(lr: float, milestones: tuple[int, ...], warmup: int | None = None, ratio: float = 0.001):
+    """mmcv StepLrUpdaterHook by epoch (lr x0.1 from each milestone epoch on) and its linear warm-up by iterations:
+    regular lr x (1 - (1 - i / warmup)(1 - ratio)) while i < warmup (mmdet schedule_1x.py: 500, 0.001)."""
+    def schedule(u: int, s: int) -> float:
+        regular = lr * 0.1 ** sum(u // s >= m for m in milestones)
+        if warmup and u < warmup:
+            return regular * (1 - (1 - u / warmup) * (1 - ratio))
+        return regular
+    return schedule
+
+
+def mmcv_poly(lr: float, power: float, min_lr: float, total: int, warmup: int = 0, ratio: float = 0.0):
+    """mmcv PolyLrUpdaterHook by iteration: (lr - min) (1 - i / total)^power + min, times the linear warm-up factor."""
+    def schedule(u: int, s: int) -> float:
+        regular = (lr - min_lr) * (1 - u / total) ** power + min_lr
+        return regular * (1 - (1 - u / warmup) * (1 - ratio)) if u < warmup else regular
+    return schedule
+
+
+def mmcv_cosine_by_epoch(u: int, s: int) -> float:
+    """Video Swin lr_config: CosineAnnealing by epoch over 30 epochs (min 0), linear warm-up over 2.5 epochs of
+    iterations from warmup_ratio 0.1 (mmcv's default) times the regular lr; lr 1e-3."""
+    regular = 0.5 * 1e-3 * (1 + math.cos(math.pi * (u // s) / 30))
+    warm = 2.5 * s
+    return regular * (1 - (1 - u / warm) * 0.9) if u < warm else regular
+
+
+@dataclass
+class Reference:
+    """What a recipe's reference does, transcribed from its files (``source``)."""
+
+    source: str
+    batch: int                                   # samples per optimizer step in the reference run
+    params: dict[str, tuple[float, float]]       # vtrain parameter -> (lr, weight decay) of its counterpart
+    schedule: Callable[[int, int], float]
+    points: tuple[int, ...]                      # updates at which the schedule is compared
+    epochs: int = 0                              # 0: iteration-based (values.trainer.max_steps)
+    update_interval: tuple[int, int] | None = None  # (devices, accumulation) of the reference run
+    values: dict[str, Any] = field(default_factory=dict)  # config key -> the reference's value
+    pretrained: str | None = None                # the reference's ImageNet checkpoint
+    rtol_before: int = 0                         # updates below this compared at 1% (see swin_t_upernet_ade20k)
+    steps_per_epoch: int = 10                    # of the schedule check (iteration-based: 1000)
+
+
+SWIN_RULE = {  # Swin main.py set_weight_decay: 1-D, .bias, skip absolute_pos_embed, keyword relative_position_bias_table
+    "backbone.layers.0.blocks.0.norm1.weight": (1e-3, 0.0),
+    "backbone.layers.0.blocks.0.attn.qkv.bias": (1e-3, 0.0),
+    "backbone.layers.0.blocks.0.attn.qkv.weight": (1e-3, 0.05),
+    "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (1e-3, 0.0),  # 2-D: exempt by its name
+    "head.weight": (1e-3, 0.05), "head.bias": (1e-3, 0.0),
+}
+RESNET_V1C = "resnet50_v1c-2cccc1ad.pth"
+TORCHVISION_R50 = "resnet50-0676ba61.pth"
+SWIN_T_IN1K = "swin_tiny_patch4_window7_224.pth"
+
+REFERENCES = {
+    "swin_t_imagenet": Reference(
+        source="Swin-Transformer configs/swin/swin_tiny_patch4_window7_224.yaml, config.py, lr_scheduler.py, optimizer.py",
+        batch=1024, params=SWIN_RULE, schedule=swin_cosine, epochs=300,
+        points=(0, 5, 199, 200, 201, 1500, 2999),
+        values={"backbone.drop_path_rate": 0.2, "trainer.gradient_clip_val": 5.0, "data.augment.re_prob": 0.25}),
+    "vit_s16_imagenet": Reference(
+        source="deit main.py (first release) with timm create_optimizer / create_scheduler, samplers.py",
+        batch=1024, epochs=300, schedule=deit_cosine, points=(0, 9, 10, 19, 20, 49, 50, 60, 1500, 2999),
+        params={  # timm add_weight_decay(skip_list=model.no_weight_decay() = {pos_embed, cls_token})
+            "backbone.pos_embed": (1e-3, 0.0), "backbone.cls_token": (1e-3, 0.0),
+            "backbone.blocks.0.norm1.weight": (1e-3, 0.0), "backbone.blocks.0.attn.qkv.bias": (1e-3, 0.0),
+            "backbone.blocks.0.attn.qkv.weight": (1e-3, 0.05), "head.weight": (1e-3, 0.05)},
+        values={"data.repeated_augmentation.repeats": 3, "backbone.drop_path_rate": 0.1,
+                "trainer.gradient_clip_val": None, "data.augment.auto_augment": "rand-m9-mstd0.5-inc1",
+                "data.augment.re_prob": 0.25, "task.mixup.mixup_alpha": 0.8, "task.mixup.cutmix_alpha": 1.0,
+                "task.mixup.switch_prob": 0.5, "task.label_smoothing": 0.1, "data.eval_crop_pct": 0.875}),
+    "resnet50_imagenet": Reference(
+        source="torchvision references/classification/train.py defaults (norm_weight_decay=None), resnet50()",
+        batch=256, epochs=90, schedule=torchvision_step, points=(0, 299, 300, 599, 600, 899),
+        params={"backbone.conv1.weight": (0.1, 1e-4), "backbone.bn1.weight": (0.1, 1e-4),
+                "backbone.layer1.0.bn3.bias": (0.1, 1e-4), "head.bias": (0.1, 1e-4)},
+        values={"backbone.zero_init_last": False, "data.augment.auto_augment": None, "task.mixup": None,
+                "trainer.precision": "32-true",
+                "task.label_smoothing": 0.0, "data.eval_interpolation": "bilinear"}),
+    "r50_maskrcnn_coco_1x": Reference(
+        source="mmdetection v2 configs/mask_rcnn/mask_rcnn_r50_fpn_1x_coco.py and _base_/schedules/schedule_1x.py",
+        batch=16, epochs=12, schedule=mmcv_step(0.02, (8, 11), warmup=500), points=(0, 250, 499, 500, 799, 800, 1100),
+        steps_per_epoch=100,
+        params={"backbone.layer2.0.conv1.weight": (0.02, 1e-4), "backbone.layer2.0.conv2.weight": (0.02, 1e-4),
+                "detector.roi_heads.box_predictor.cls_score.bias": (0.02, 1e-4)},
+        pretrained=TORCHVISION_R50, values={"backbone.frozen_stages": 1, "task.batch_norm": "eval"}),
+    "swin_t_maskrcnn_coco_1x": Reference(
+        source="Swin-Transformer-Object-Detection configs/swin/mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_adamw_1x_coco.py",
+        batch=16, epochs=12, schedule=mmcv_step(1e-4, (8, 11), warmup=500), points=(0, 250, 500, 800, 1100),
+        steps_per_epoch=100,
+        params={  # paramwise_cfg custom_keys absolute_pos_embed, relative_position_bias_table, norm: decay_mult 0
+            "backbone.layers.0.blocks.0.norm1.weight": (1e-4, 0.0), "backbone.out_norms.0.weight": (1e-4, 0.0),
+            "backbone.layers.0.blocks.0.attn.qkv.bias": (1e-4, 0.05),
+            "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (1e-4, 0.0),
+            "detector.backbone.fpn.inner_blocks.0.0.bias": (1e-4, 0.05),  # mmdet: neck.lateral_convs.0.conv.bias
+            "detector.roi_heads.box_predictor.cls_score.bias": (1e-4, 0.05)},
+        pretrained=SWIN_T_IN1K, values={"backbone.drop_path_rate": 0.1}),
+    "r50_ade20k": Reference(
+        source="mmsegmentation configs/fcn/fcn_r50-d8_512x512_80k_ade20k.py, _base_/models/fcn_r50-d8.py, "
+               "_base_/schedules/schedule_80k.py, _base_/datasets/ade20k.py",
+        batch=16, update_interval=(4, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 80000), points=(0, 1, 40000, 79999),
+        params={"backbone.conv1.1.weight": (0.01, 5e-4), "backbone.layer1.0.bn1.bias": (0.01, 5e-4),
+                "head.convs.0.1.weight": (0.01, 5e-4), "head.classifier.bias": (0.01, 5e-4),
+                "aux_head.classifier.bias": (0.01, 5e-4)},
+        pretrained=RESNET_V1C,
+        values={"backbone.deep_stem": True, "backbone.output_stride": 8, "trainer.max_steps": 80000,
+                "trainer.precision": "32-true",
+                "trainer.sync_batchnorm": True, "task.aux_weight": 0.4, "data.crop_size": [512, 512]}),
+    "swin_t_upernet_ade20k": Reference(
+        source="Swin-Transformer-Semantic-Segmentation configs/swin/upernet_swin_tiny_patch4_window7_512x512_160k_ade20k.py",
+        batch=16, update_interval=(8, 1), schedule=mmcv_poly(6e-5, 1.0, 0.0, 160000, warmup=1500, ratio=1e-6),
+        points=(0, 750, 1499, 1500, 80000, 159999), rtol_before=1500,
+        params={
+            "backbone.layers.0.blocks.0.norm1.weight": (6e-5, 0.0), "backbone.out_norms.0.weight": (6e-5, 0.0),
+            "backbone.layers.0.blocks.0.attn.qkv.bias": (6e-5, 0.01),
+            "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (6e-5, 0.0),
+            "head.ppm.stages.0.1.1.weight": (6e-5, 0.01),  # mmseg: decode_head.psp_modules.0.1.bn.weight
+            "head.classifier.bias": (6e-5, 0.01)},  # decode_head.conv_seg.bias
+        pretrained=SWIN_T_IN1K,
+        values={"backbone.drop_path_rate": 0.3, "trainer.max_steps": 160000, "optim.betas": [0.9, 0.999],
+                "trainer.precision": "32-true"}),
+    "videoswin_t_k400": Reference(
+        source="Video-Swin-Transformer configs/recognition/swin/swin_tiny_patch244_window877_kinetics400_1k.py",
+        batch=256, update_interval=(8, 4), epochs=30, schedule=mmcv_cosine_by_epoch,
+        points=(0, 1, 12, 24, 25, 26, 100, 150, 299),
+        params={  # custom_keys, the longest key contained in the name applies (mmcv)
+            "backbone.features.0.0.norm1.weight": (1e-4, 0.02),   # "backbone" beats "norm"
+            "backbone.features.0.0.attn.qkv.bias": (1e-4, 0.02),
+            "backbone.features.0.0.attn.relative_position_bias_table": (1e-3, 0.0),
+            "backbone.patch_embed.proj.weight": (1e-4, 0.02),
+            "head.weight": (1e-3, 0.02), "head.bias": (1e-3, 0.02)},
+        pretrained=SWIN_T_IN1K,
+        values={"data.clip_len": 32, "data.frame_interval": 2, "data.num_test_clips": 4, "data.num_test_crops": 3,
+                "data.eval_short_side": 224, "data.crop_size": 224, "data.scale": [0.08, 1.0],
+                "data.crop_scales": None, "task.head_drop": 0.5, "video_backbone.drop_path_rate": 0.1,
+                "trainer.gradient_clip_val": None}),
+    "i3d_r50_k400": Reference(
+        source="mmaction2 configs/recognition/i3d/i3d_imagenet-pretrained-r50_8xb8-32x2x1-100e_kinetics400-rgb.py, "
+               "_base_/models/i3d_r50.py, _base_/schedules/sgd_100e.py",
+        batch=64, update_interval=(8, 1), epochs=100, schedule=mmcv_step(0.01, (40, 80)), points=(0, 399, 400, 800, 999),
+        params={"backbone.bn1.weight": (0.01, 1e-4), "backbone.layer1.0.conv1.weight": (0.01, 1e-4),
+                "head.bias": (0.01, 1e-4)},
+        pretrained=TORCHVISION_R50,
+        values={"data.clip_len": 32, "data.frame_interval": 2, "data.crop_scales": [1.0, 0.8], "data.crop_size": 224,
+                "data.num_test_clips": 10, "data.num_test_crops": 3, "data.eval_short_side": 256,
+                "data.eval_crop_size": 256, "video_backbone.conv1_temporal_kernel": 5,
+                "video_backbone.conv1_stride_t": 2, "video_backbone.pool1_stride_t": 2,
+                "video_backbone.pool1_temporal_kernel": 1, "video_backbone.pool2_stride_t": 2,
+                "trainer.gradient_clip_val": 40.0, "task.head_drop": 0.5, "optim.momentum": 0.9,
+                "trainer.precision": "32-true"}),
+}
+
+# Recipes that are another recipe with a few values changed, as their references are: (parent, the differences).
+DERIVED = {
+    "resnet26_imagenet": ("resnet50_imagenet", {"backbone.depth": 26}),
+    "resnet101_imagenet": ("resnet50_imagenet", {"backbone.depth": 101}),
+    "lrnet26_imagenet": ("resnet50_imagenet", {"backbone.depth": 26}),
+    "lrnet50_imagenet": ("resnet50_imagenet", {"backbone.depth": 50}),
+    "swin_s_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.3}),
+    "swin_b_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.5}),
+    "vit_b16_imagenet": ("vit_s16_imagenet", {"backbone.embed_dim": 768}),
+    "gcnet_r50_maskrcnn_coco_1x": ("r50_maskrcnn_coco_1x", {"task.batch_norm": "sync"}),
+    "swin_t_maskrcnn_coco_3x": ("swin_t_maskrcnn_coco_1x", {"trainer.max_epochs": 36, "sched.milestones_epochs": [27, 33],
+                                                            "backbone.drop_path_rate": 0.2}),
+    "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
+    "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
+    "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
+    # swin_small/base_patch244_window877_kinetics400_1k.py: update_interval 8 (512 clips); Swin-B decay 0.05
+    "videoswin_s_k400": ("videoswin_t_k400", {"optim.batch_per_step": 512, "optim.weight_decay": 0.02,
+                                              "pretrained_url": "swin_small_patch4_window7_224.pth"}),
+    "videoswin_b_k400": ("videoswin_t_k400", {"optim.batch_per_step": 512, "optim.weight_decay": 0.05,
+                                              "video_backbone.drop_path_rate": 0.3,
+                                              "pretrained_url": "swin_base_patch4_window7_224.pth"}),
+    "i3d_r50_nl_k400": ("i3d_r50_k400", {"video_backbone.nl.after_blocks": [1, 3, 5]}),
+    "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
+}
+# Demo recipes for synthetic data on a CPU: no reference.
+DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video"}
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# keys a derived recipe must share with its parent: the optimizer, the schedule, the batch and the start
+SHARED = ("optim", "sched", "data.batch_size", "trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val")
+
+
+def _value(cfg, key: str):
+    """The effective value of ``key``: the config's, or else the default of the constructor its group names."""
+    value = OmegaConf.select(cfg, key, default="<absent>")
+    if value == "<absent>" and "." in key:
+        group, name = key.rsplit(".", 1)
+        target = OmegaConf.select(cfg, f"{group}._target_")
+        if target:
+            parameter = inspect.signature(get_class(target)).parameters.get(name)
+            value = parameter.default if parameter is not None else value
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def test_every_experiment_has_a_reference_and_a_table_in_docs():
+    assert set(EXPERIMENTS) == set(REFERENCES) | set(DERIVED) | DEMOS
+    docs = (ROOT / "docs" / "recipes.md").read_text()
+    for name in EXPERIMENTS:
+        assert f"\n## `{name}`" in docs, name
+
+
+@pytest.mark.parametrize("experiment", sorted(REFERENCES))
+def test_recipe_equals_its_reference(experiment):
+    ref = REFERENCES[experiment]
+    cfg = compose(f"experiment={experiment}", "output_dir=/tmp/vtrain-test-recipes")
+    for key, expected in ref.values.items():
+        assert _value(cfg, key) == expected, key
+    assert (Path(cfg.pretrained).name if cfg.pretrained else None) == ref.pretrained
+    if ref.pretrained:
+        assert Path(cfg.pretrained_url).name == ref.pretrained and cfg.pretrained_url.startswith("https://")
+
+    # samples per optimizer step: the reference's on its devices, the same on others
+    if cfg.optim.batch_per_step:
+        assert cfg.optim.batch_per_step == ref.batch and not cfg.optim.base_batch_size
+        devices, interval = ref.update_interval
+
+        def accumulation(n: int) -> int:
+            run = OmegaConf.merge(cfg, {"trainer": {"accelerator": "gpu", "devices": n}})
+            return accumulate_grad_batches(run)
+
+        for n in sorted({1, 2, 4, 8, devices}):
+            if ref.batch % (cfg.data.batch_size * n) == 0:
+                assert cfg.data.batch_size * n * accumulation(n) == ref.batch
+        assert accumulation(devices) == interval
+    else:  # linear scaling from base_batch_size (Swin, DeiT, Goyal et al.): the reference's lr at its batch
+        assert ref.update_interval is None
+
+    # lr and weight decay of each kind of parameter, on the recipe's own model
+    with torch.device("meta"):
+        module = build_task(cfg)
+    optimizer = build_optimizer(module, cfg.optim, total_batch_size=ref.batch)
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parameters = dict(module.named_parameters())
+    for name, (lr, weight_decay) in ref.params.items():
+        group = groups[id(parameters[name])]
+        assert (group["lr"], group["weight_decay"]) == pytest.approx((lr, weight_decay), rel=1e-12), name
+
+    # the schedule at the reference's points
+    steps = ref.steps_per_epoch if ref.epochs else 1000
+    total = ref.epochs * steps if ref.epochs else cfg.trainer.max_steps
+    scheduler = build_scheduler(optimizer, cfg.sched, total_steps=total, steps_per_epoch=steps,
+                                lr_scale=lr_scale_factor(cfg.optim, ref.batch))
+    plain = next(g for g in optimizer.param_groups if g["lr_scale"] == 1.0)
+    for update in ref.points:
+        scheduler.step_update(update)
+        expected = ref.schedule(update, steps)
+        tolerance = 0.0096 if update < ref.rtol_before else 1e-9  # see swin_t_upernet_ade20k's comment
+        assert plain["lr"] == pytest.approx(expected, rel=tolerance), update
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(experiment: str):
+    return compose(f"experiment={experiment}")
+
+
+@pytest.mark.parametrize("experiment", sorted(DERIVED))
+def test_derived_recipe_differs_from_its_parent_where_its_reference_does(experiment):
+    parent, differences = DERIVED[experiment]
+    cfg, base = _composed(experiment), _composed(parent)
+    for key, expected in differences.items():
+        got = _value(cfg, key)
+        assert (Path(got).name if key == "pretrained_url" else got) == expected, key
+    for key in SHARED:
+        if key not in differences and not any(k.startswith(key + ".") for k in differences):
+            assert _value(cfg, key) == _value(base, key), key
+    assert Path(cfg.pretrained or "").name == Path(cfg.pretrained_url or "").name
+
+
+def test_i3d_recipe_strides_time_as_mmaction2():
+    """mmaction2's ResNet3d with conv1_stride_t=2, pool1_stride_t=2 (pool of temporal extent 1) and pool2: 32 frames
+    leave 4 at C5 (32 / 2 / 2 / 2), 224 pixels 7."""
+    cfg = compose("experiment=i3d_r50_k400", "output_dir=/tmp/vtrain-test-recipes")
+    with torch.device("meta"):
+        module = build_task(cfg)
+        c5 = module.backbone(torch.zeros(1, 3, 32, 224, 224))
+    assert tuple(c5.shape) == (1, 2048, 4, 7, 7)
+    assert module.backbone.maxpool.kernel_size == (1, 3, 3) and module.backbone.maxpool.stride == (2, 2, 2)
+
+
+def test_a_missing_reference_checkpoint_is_one_line_before_anything_starts(tmp_path):
+    """The file, where it is published, and that pretrained=null trains from scratch on purpose; raised by
+    ``validate``, which the command line runs before any worker or DDP process (its one-line exit:
+    tests/test_configs.py)."""
+    weights = tmp_path / "weights"
+    expected = (f"pretrained={weights}/{RESNET_V1C} does not exist: download it from "
+                f"https://download.openmmlab.com/pretrain/third_party/{RESNET_V1C} into paths.weights_dir={weights} "
+                "(or set VTRAIN_WEIGHTS), or pass pretrained=null to train from scratch on purpose")
+    with pytest.raises(ConfigError) as raised:
+        validate(compose("experiment=r50_ade20k", "trainer=cpu", f"paths.weights_dir={weights}"), datamodule=None)
+    assert str(raised.value) == expected
+    # on purpose from scratch, evaluating, or resuming (the weights come from the checkpoint): no weights file needed
+    validate(compose("experiment=r50_ade20k", "trainer=cpu", "pretrained=null"), datamodule=None)
+    validate(compose("experiment=r50_ade20k", "trainer=cpu", "mode=eval", f"paths.weights_dir={weights}"), datamodule=None)
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"")
+    validate(compose("experiment=r50_ade20k", "trainer=cpu", f"ckpt_path={checkpoint}",
+                     f"paths.weights_dir={weights}"), datamodule=None)
+
+
+# ------------------------------------------------------------------------------------ ResNetV1c
+def _randomise(module: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean):
+                t.data = torch.randn(t.shape, generator=generator) * 0.1 + (1.0 if t is m.weight else 0.0)
+            m.running_var.data = torch.rand(m.running_var.shape, generator=generator) + 0.5
+
+
+def test_resnet_v1c_is_timms_resnet50c_and_loads_mmseg_resnet50_v1c_keys(tmp_path):
+    """The deep stem of mmseg's ResNetV1c (stem.0 conv 3->32 s2, .1 BN, .3 conv 32->32, .4 BN, .6 conv 32->64, .7 BN)
+    and timm's resnet50c: same size, and a state dict in mmseg's naming (``{'state_dict': ...}`` with ``stem.*`` and
+    torchvision's other keys, as open-mmlab://resnet50_v1c) gives the network timm's outputs."""
+    from vtrain.backbones import ResNet
+    from vtrain.backbones.base import Classifier
+    from vtrain.checkpoint import load_backbone_weights
+
+    reference = timm.create_model("resnet50c", num_classes=1000).eval()
+    _randomise(reference)
+    ours = ResNet(depth=50, deep_stem=True)
+    assert sum(p.numel() for p in Classifier(ours).parameters()) == sum(p.numel() for p in reference.parameters()) == 25_576_264
+    mmseg = {}
+    for key, value in reference.state_dict().items():
+        for timm_prefix, mmseg_prefix in (("conv1.0.", "stem.0."), ("conv1.1.", "stem.1."), ("conv1.3.", "stem.3."),
+                                          ("conv1.4.", "stem.4."), ("conv1.6.", "stem.6."), ("bn1.", "stem.7.")):
+            if key.startswith(timm_prefix):
+                key = mmseg_prefix + key[len(timm_prefix):]
+        mmseg[key] = value
+    assert {"stem.7.running_var", "layer1.0.downsample.0.weight", "fc.weight"} <= set(mmseg)
+    torch.save({"meta": {}, "state_dict": mmseg}, tmp_path / RESNET_V1C)
+    load_backbone_weights(ours, tmp_path / RESNET_V1C)  # strict: every tensor must come from the file
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval().forward_pooled(x), reference.forward_head(reference.forward_features(x),
+                                                                                        pre_logits=True))
+    # the init option: timm zero-inits each bottleneck's last BN, torchvision's resnet50() does not
+    assert ResNet(depth=50).layer1[0].bn3.weight.abs().sum() == 0
+    assert torch.equal(ResNet(depth=50, zero_init_last=False).layer1[0].bn3.weight, torch.ones(256))
+
+
+# ------------------------------------------------------------------------------------ DeiT's repeated augmentation
+def deit_ra_sampler(length: int, num_replicas: int, rank: int, epoch: int, seed: int = 0) -> list[int]:
+    """deit samplers.py RASampler.__iter__, transcribed (its generator is seeded by the epoch; vtrain's by
+    seed + epoch, equal at seed 0)."""
+    num_samples = int(math.ceil(length * 3.0 / num_replicas))
+    total_size = num_samples * num_replicas
+    num_selected_samples = int(math.floor(length // 256 * 256 / num_replicas))
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    indices = torch.randperm(length, generator=g).tolist()
+    indices = [ele for ele in indices for i in range(3)]
+    indices += indices[:(total_size - len(indices))]
+    indices = indices[rank:total_size:num_replicas]
+    return indices[:num_selected_samples]
+
+
+class _Draws(torch.utils.data.Dataset):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[int, float]:
+        return index, torch.rand(()).item()  # an "augmentation": whatever the seeded generator draws
+
+
+def test_repeated_augmentation_sampler_is_deits_and_resumes_exactly():
+    from vtrain.data import SeededDataset
+    from vtrain.reproducibility import EpochSeededIterator, RepeatedAugmentationSampler
+
+    dataset = SeededDataset(_Draws(700), seed=0)
+    for replicas in (1, 4):
+        for rank in range(replicas):
+            sampler = RepeatedAugmentationSampler(dataset, seed=0, num_replicas=replicas, rank=rank)
+            assert len(sampler) == 700 // 256 * 256 // replicas
+            for epoch in (0, 3):
+                assert sampler.indices(epoch) == deit_ra_sampler(700, replicas, rank, epoch), (replicas, rank, epoch)
+    one = RepeatedAugmentationSampler(dataset, seed=0)
+    assert len(one) == 512  # 700 // 256 * 256 on one process: 170 or 171 images, each 3 times in a row
+    one.set_epoch(2)
+    draws = [dataset[key] for key in EpochSeededIterator(one)]
+    assert [index for index, _ in draws][:6] == [draws[0][0]] * 3 + [draws[3][0]] * 3
+    copies = [value for index, value in draws if index == draws[0][0]]
+    assert len(set(copies)) == 3  # the three copies of a sample are augmented apart
+    # exact resume: an iterator restored from a mid-epoch state continues with the same draws
+    iterator = EpochSeededIterator(one)
+    first = [next(iterator) for _ in range(100)]
+    resumed = EpochSeededIterator(RepeatedAugmentationSampler(dataset, seed=0))
+    resumed.load_state_dict(iterator.state_dict())
+    assert list(resumed) == list(iterator) and first[0] == (2, draws[0][0], 0)
+    assert [dataset[key] for key in first] == draws[:100]
+    with pytest.raises(ConfigError, match="none on each of 1 rank"):
+        RepeatedAugmentationSampler(SeededDataset(_Draws(100), seed=0), seed=0)
+
+
+# ------------------------------------------------------------------------------------ mmaction2's MultiScaleCrop
+def test_multi_scale_crop_takes_mmaction2s_sizes_at_its_five_fixed_places():
+    """MultiScaleCrop(input_size=224, scales=(1, 0.8), random_crop=False, max_wh_scale_gap=0) on a 256x340 frame
+    (short side 256): square crops of 256 or int(256 * 0.8) = 204, at (x, y) = upper left, upper right, lower
+    left, lower right or centre on quarter steps of (340 - w) // 4 and (256 - h) // 4; then resized to 224."""
+    from vtrain.tasks.video.data import MultiScaleCrop
+
+    crop = MultiScaleCrop(224, (1.0, 0.8))
+    assert crop.crop_sizes(256, 340) == [(256, 256), (204, 204)]
+    assert crop.offsets(256, 340, 256, 256) == [(0, 0), (84, 0), (0, 0), (84, 0), (42, 0)]
+    assert crop.offsets(256, 340, 204, 204) == [(0, 0), (136, 0), (0, 52), (136, 52), (68, 26)]
+    ys, xs = torch.meshgrid(torch.arange(256), torch.arange(340), indexing="ij")
+    frame = torch.stack([xs % 256, ys, xs // 256]).to(torch.uint8)  # each pixel holds its own position
+    clip = torch.stack([frame, frame.flip(-1)])  # two different frames
+    seen = set()
+    random.seed(0)
+    for _ in range(60):
+        out = crop(clip)
+        assert out.shape == (2, 3, 224, 224) and out.dtype == torch.uint8
+        # the corner output pixels sample the crop's corners: read the crop back from the first frame
+        x, y = int(out[0, 0, 0, 0]) + 256 * int(out[0, 2, 0, 0]), int(out[0, 1, 0, 0])
+        side = int(out[0, 1, -1, -1]) - y + 1
+        seen.add((side, x, y))
+        expected = torch.nn.functional.interpolate(clip[..., y:y + side, x:x + side].float(), size=(224, 224),
+                                                   mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out.float(), expected, atol=1, rtol=0)  # the same crop of both frames
+    assert seen == {(256, 0, 0), (256, 84, 0), (256, 42, 0),
+                    (204, 0, 0), (204, 136, 0), (204, 0, 52), (204, 136, 52), (204, 68, 26)}
