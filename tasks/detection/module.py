@@ -32,6 +32,10 @@ class DetectionTask(TaskModule):
         test_size, test_max_size: the test-time resize, done by the detector so that detections come back
             in original image coordinates (training sizes are the data pipeline's).
         fpn_channels, box_head_dim, mask_head_dims: widths (see :func:`models.build_detector`).
+        box_head: the R-CNN box head config (``conf/task/box_head/``: ``two_fc``, torchvision's; ``relation``,
+            Relation Networks' 2fc+RM); built with ``in_channels`` and ``representation_size``.
+        nms: the duplicate removal config (``conf/task/nms/``: ``nms``, ``soft_nms``, ``learned``).
+        rcnn: R-CNN details as torchvision or mmdet v2 has them (``conf/task/rcnn/``: ``torchvision``, ``mmdet``).
         detector_kwargs: anything else torchvision's constructor takes (e.g. ``rpn_post_nms_top_n_train``).
         evaluator: ``pycocotools`` (official) or ``faster_coco_eval`` (same numbers, faster).
     """
@@ -55,6 +59,9 @@ class DetectionTask(TaskModule):
         mask_head_dims: Sequence[int] = (256, 256, 256, 256),
         detector_kwargs: Mapping[str, Any] | None = None,
         evaluator: str = "pycocotools",
+        box_head: Mapping[str, Any] | None = None,
+        nms: Mapping[str, Any] | None = None,
+        rcnn: Mapping[str, Any] | None = None,
     ):
         super().__init__(optim, sched, monitor, monitor_mode)
         if batch_norm not in BATCH_NORM_MODES:
@@ -62,6 +69,10 @@ class DetectionTask(TaskModule):
         if not isinstance(detector, Mapping):
             raise ConfigError(f"task.detector is a config, not {detector!r}: pick one with task/detector=<name> "
                               "(mask_rcnn, faster_rcnn, retinanet, fcos: the files of conf/task/detector/)")
+        for group, value in (("box_head", box_head), ("nms", nms), ("rcnn", rcnn)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"task.{group} is a config, not {value!r}: pick one with task/{group}=<name> "
+                                  f"(the files of conf/task/{group}/)")
         self.spec: DetectorSpec = instantiate(detector)
         self.batch_norm, self.evaluator_backend = batch_norm, evaluator
         self.backbone = _with_batch_norm(instantiate(backbone, out_levels=self.spec.levels), batch_norm)
@@ -72,6 +83,9 @@ class DetectionTask(TaskModule):
             fpn_channels=fpn_channels,
             box_head_dim=box_head_dim,
             mask_head_dims=mask_head_dims,
+            **({"box_head": instantiate(box_head, _partial_=True)} if box_head else {}),
+            duplicate_removal=instantiate(nms) if nms else None,
+            rcnn=instantiate(rcnn) if rcnn else None,
             min_size=test_size,
             max_size=test_max_size,
             image_mean=list(image_mean),
