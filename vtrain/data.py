@@ -57,8 +57,9 @@ def build_loader(
     drop_last: bool | None = None,
     sampler: Sampler | None = None,
 ) -> DataLoader:
-    """Training: seeded order and augmentation, resumable mid-epoch. Evaluation: the dataset in order, or
-    ``sampler`` (otherwise Lightning adds a distributed sampler under DDP)."""
+    """Training: seeded order and augmentation, resumable mid-epoch (``sampler``, if given, must be an
+    :class:`~vtrain.reproducibility.EpochSeededSampler`: it yields ``(epoch, index)``). Evaluation: the dataset in
+    order, or ``sampler`` (otherwise Lightning adds a distributed sampler under DDP)."""
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,
@@ -70,7 +71,7 @@ def build_loader(
     if not train:
         return DataLoader(dataset, shuffle=False, sampler=sampler, **common)
     seeded = SeededDataset(dataset, seed)
-    return StatefulDataLoader(seeded, sampler=EpochSeededSampler(seeded, seed), **common)
+    return StatefulDataLoader(seeded, sampler=sampler or EpochSeededSampler(seeded, seed), **common)
 
 
 class DataModule(pl.LightningDataModule):
