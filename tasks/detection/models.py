@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from hydra.utils import get_class
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -174,3 +175,35 @@ def build_detector(
     elif not (isinstance(removal, HardNMS) and removal.is_detectors_own):
         raise ConfigError(f"task/nms: {name} has no class-wise NMS to replace; leave task/nms=nms")
     return spec.cls(pyramid, num_classes=num_classes, **detector_kwargs)
+
+
+@torch.no_grad()
+def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one test image of ``image_shape`` (C, H, W, as the detector pads it), counted as
+    :mod:`vtrain.profiling` counts (matrix products and convolutions; RoIAlign, NMS and box decoding are not):
+    the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
+    RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
+    ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class.
+    Works on the meta device."""
+    device = next(detector.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())
+        if not isinstance(detector, FasterRCNN):
+            detector.head(features)
+            return counter.get_total_flops() // 2
+        detector.rpn.head(features)
+        heads, channels = detector.roi_heads, features[0].shape[1]
+        num_rois = detector.rpn._post_nms_top_n["testing"]
+        corner = torch.arange(num_rois, device=device, dtype=torch.float32)[:, None] % 100
+        boxes = torch.cat([corner, corner, corner + 32, corner + 32], dim=1)
+        pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
+        box_features = heads.box_head(pooled, [boxes]) if heads.relates_objects else heads.box_head(pooled)
+        class_logits, _ = heads.box_predictor(box_features)
+        if heads.learns_duplicate_removal:
+            num_classes = class_logits.shape[1]
+            heads.duplicate_removal.rescore(class_logits.softmax(-1), boxes[:, None].expand(-1, num_classes, 4),
+                                            box_features, torch.arange(1, num_classes, device=device))
+        if heads.has_mask():
+            masks = torch.zeros(heads.detections_per_img, channels, *heads.mask_roi_pool.output_size, device=device)
+            heads.mask_predictor(heads.mask_head(masks))
+    return counter.get_total_flops() // 2

@@ -11,7 +11,7 @@ from torch import nn
 
 from vtrain.tasks.detection.data import Batch
 from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
-from vtrain.tasks.detection.models import DetectorSpec, build_detector
+from vtrain.tasks.detection.models import DetectorSpec, build_detector, detector_macs
 from vtrain import ConfigError
 from vtrain.module import TaskModule
 
@@ -105,6 +105,10 @@ class DetectionTask(TaskModule):
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         return self.detector(images, targets)
+
+    def count_macs(self, input_shape: Sequence[int]) -> int:
+        """The detector's MACs on one test image of ``input_shape`` (:func:`models.detector_macs`)."""
+        return detector_macs(self.detector, input_shape[-3:])
 
     # ----------------------------------------------------------------- training
     def setup(self, stage: str) -> None:

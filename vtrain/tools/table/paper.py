@@ -25,7 +25,7 @@ from vtrain.tools.table.markdown import DASH, number
 
 log = logging.getLogger("vtrain.tools.table")
 DIFFERS = "†"
-UNIT_SCALE = {"params": 1e-6, "task_params": 1e-6, "macs": 1e-9, "throughput": 1.0, "metric": 1.0}
+UNIT_SCALE = {"params": 1e-6, "task_params": 1e-6, "macs": 1e-9, "task_macs": 1e-9, "throughput": 1.0, "metric": 1.0}
 
 
 class Unmeasured(Exception):
@@ -117,6 +117,21 @@ class Row:
             return count_params(module)
         return self._once("task_params", compute)
 
+    def task_macs(self) -> int:
+        """The task model's own count (its ``count_macs(input_shape)``, e.g. a detector's at a test image size),
+        built on the meta device."""
+        def compute() -> int:
+            cfg = self.experiment_config()
+            try:
+                with torch.device("meta"):
+                    module = build_task(cfg)
+            except Exception as e:  # noqa: BLE001
+                raise Unmeasured(f"cannot build the task model ({type(e).__name__}: {e})") from e
+            if not hasattr(module, "count_macs"):
+                raise Unmeasured(f"{type(module).__name__} does not count its MACs")
+            return int(module.count_macs(self.input_shape()))
+        return self._once("task_macs", compute)
+
     def throughput(self) -> float:
         def compute() -> float:
             options = self.settings.throughput
@@ -159,13 +174,15 @@ class Row:
                 value = self.size()[1]
             elif kind == "task_params":
                 value = self.task_params()
+            elif kind == "task_macs":
+                value = self.task_macs()
             elif kind == "throughput":
                 value = self.throughput()
             elif kind == "metric":
                 value = self.metric(column["metric"]) * float(column.get("scale", 1.0))
             else:
                 raise ConfigError(
-                    f"column measure={kind!r}: use params, macs, task_params, throughput, metric or null")
+                    f"column measure={kind!r}: use params, macs, task_params, task_macs, throughput, metric or null")
         except Unmeasured:
             return None
         return value * UNIT_SCALE[kind]
@@ -223,7 +240,7 @@ def fill_table(table: Mapping, settings: DictConfig) -> dict[str, Any]:
             "columns": columns, "rows": rows}
 
 
-_DIGITS = {"params": 2, "task_params": 2, "macs": 2, "throughput": 1, "metric": 2}
+_DIGITS = {"params": 2, "task_params": 2, "macs": 2, "task_macs": 1, "throughput": 1, "metric": 2}
 
 
 def paper_table_markdown(filled: Mapping, context: str) -> str:
