@@ -159,3 +159,26 @@ def test_mmdet_settings_and_initialisation():
     task.train()
     losses = task(images, targets)
     assert torch.isfinite(sum(losses.values()))
+
+
+def test_r_cnn_options_on_a_one_stage_detector_are_refused_in_one_line():
+    from vtrain import ConfigError
+
+    groups = {g: OmegaConf.load(ROOT / "conf" / "task" / g / f"{name}.yaml")
+              for g, name in (("box_head", "relation"), ("nms", "learned"), ("rcnn", "mmdet"))}
+    groups["nms"].feature_dim = 64
+    for group, message in (("box_head", "task/box_head relates RoIs, RetinaNet has none"),
+                           ("nms", "task/nms=learned needs R-CNN RoI features, RetinaNet has none"),
+                           ("rcnn", "task/rcnn sets R-CNN details, RetinaNet is not one")):
+        with pytest.raises(ConfigError, match=message):
+            _task(TINY_SWIN, "retinanet", **{group: groups[group]})
+    with pytest.raises(ConfigError, match=r"task.nms is a config, not 'soft_nms': pick one with task/nms=<name>"):
+        _task(TINY_SWIN, "retinanet", nms="soft_nms")
+    # a key left from another choice of the group (Hydra keeps it when task/<group>=... switches): one line
+    with pytest.raises(ConfigError, match=r"task.box_head.num_heads: torchvision.models.detection.faster_rcnn."
+                                          r"TwoMLPHead does not take it .* drop it with ~task.box_head.num_heads"):
+        _task(TINY_SWIN, "faster_rcnn", box_head=OmegaConf.create(
+            {"_target_": "torchvision.models.detection.faster_rcnn.TwoMLPHead", "num_heads": 16}))
+    with pytest.raises(ConfigError, match=r"task.nms \(vtrain.tasks.detection.relation.LearnedNMS\): .*'sigma'"):
+        _task(TINY_SWIN, "faster_rcnn", nms=OmegaConf.create(
+            {"_target_": "vtrain.tasks.detection.relation.LearnedNMS", "feature_dim": 64, "sigma": 0.6}))

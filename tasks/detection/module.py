@@ -1,11 +1,13 @@
 """Detection / instance segmentation: backbone -> FPN -> a torchvision detector, COCO AP on validation."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
@@ -83,9 +85,9 @@ class DetectionTask(TaskModule):
             fpn_channels=fpn_channels,
             box_head_dim=box_head_dim,
             mask_head_dims=mask_head_dims,
-            **({"box_head": instantiate(box_head, _partial_=True)} if box_head else {}),
-            duplicate_removal=instantiate(nms) if nms else None,
-            rcnn=instantiate(rcnn) if rcnn else None,
+            **({"box_head": _instantiate_group("box_head", box_head, _partial_=True)} if box_head else {}),
+            duplicate_removal=_instantiate_group("nms", nms) if nms else None,
+            rcnn=_instantiate_group("rcnn", rcnn) if rcnn else None,
             min_size=test_size,
             max_size=test_max_size,
             image_mean=list(image_mean),
@@ -156,6 +158,26 @@ class DetectionTask(TaskModule):
         self.summary_metrics["coco_per_category_AP"] = summary["per_category"]
         self.summary_metrics["coco_num_images"] = summary["num_images"]
         self.evaluator.reset()
+
+
+def _instantiate_group(group: str, config: Mapping[str, Any], **kwargs: Any) -> Any:
+    """``instantiate`` of a ``task/<group>`` choice, with one line for a key the class does not take: a key an
+    experiment set for another choice stays when ``task/<group>=...`` switches it (Hydra merges, never drops)."""
+    if kwargs.get("_partial_"):  # a stray key would only fail when the partial is called: check it now
+        accepted = inspect.signature(get_class(config["_target_"])).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            stray = sorted(k for k in config if not k.startswith("_") and k not in accepted)
+            if stray:
+                raise ConfigError(f"task.{group}.{stray[0]}: {config['_target_']} does not take it (a key set for "
+                                  f"another task/{group} choice?): drop it with ~task.{group}.{stray[0]}")
+        return instantiate(config, **kwargs)
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        if not isinstance(e.__cause__, TypeError):
+            raise
+        raise ConfigError(f"task.{group} ({config['_target_']}): {e.__cause__} (a key set for another task/{group} "
+                          f"choice?): drop it with ~task.{group}.<key>") from e
 
 
 def _with_batch_norm(backbone: nn.Module, mode: str) -> nn.Module:
