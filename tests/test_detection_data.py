@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 
 import numpy as np
@@ -207,3 +208,57 @@ def test_packed_records_read_back_plain_values_and_arrays_only():
     np.testing.assert_array_equal(first["boxes"], np.arange(8, dtype=np.float32).reshape(2, 4))
     with pytest.raises(pickle.UnpicklingError, match="not collections.Counter"):
         records[1]
+
+
+def mmdet_group_order(groups, batch_size, replicas, seed, epoch):
+    """mmdet v2's DistributedGroupSampler.__iter__, transcribed (numpy indices, torch generator): every rank's list."""
+    g = torch.Generator().manual_seed(epoch + seed)
+    flag, spg = np.asarray(groups), batch_size
+    sizes = np.bincount(flag)
+    num_samples = sum(int(math.ceil(s / spg / replicas)) * spg for s in sizes)
+    indices = []
+    for i, size in enumerate(sizes):
+        if size > 0:
+            indice = np.where(flag == i)[0]
+            indice = indice[list(torch.randperm(int(size), generator=g).numpy())].tolist()
+            extra = int(math.ceil(size / spg / replicas)) * spg * replicas - len(indice)
+            tmp = indice.copy()
+            for _ in range(extra // size):
+                indice.extend(tmp)
+            indice.extend(tmp[:extra % size])
+            indices.extend(indice)
+    indices = [indices[j] for i in list(torch.randperm(len(indices) // spg, generator=g))
+               for j in range(i * spg, (i + 1) * spg)]
+    return [indices[num_samples * r: num_samples * (r + 1)] for r in range(replicas)]
+
+
+def test_aspect_ratio_groups_are_mmdets_and_resume_exactly():
+    """The grouped order equals mmdet's DistributedGroupSampler (1 and 2 ranks, two epochs); every batch is one
+    group; every image appears; a stopped iterator's state resumes the same remainder."""
+    from vtrain.tasks.detection.data import AspectRatioGroupedSampler, aspect_ratio_groups
+
+    records = [{"width": w, "height": h} for w, h in [(64, 48), (48, 64), (80, 60), (50, 50), (90, 40), (30, 70),
+                                                       (60, 45), (40, 41), (100, 20), (33, 44), (70, 50)]]
+    groups = aspect_ratio_groups(records)
+    assert groups == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+    dataset = list(range(len(records)))
+    for replicas in (1, 2):
+        samplers = [AspectRatioGroupedSampler(dataset, groups, 2, seed=5, num_replicas=replicas, rank=rank)
+                    for rank in range(replicas)]
+        for epoch in (0, 3):
+            expected = mmdet_group_order(groups, 2, replicas, 5, epoch)
+            for rank, sampler in enumerate(samplers):
+                order = sampler.indices(epoch)
+                assert order == expected[rank] and len(sampler) == len(order)
+                assert all(len({groups[i] for i in order[b: b + 2]}) == 1 for b in range(0, len(order), 2))
+            assert set().union(*expected) == set(dataset)
+    sampler = AspectRatioGroupedSampler(dataset, groups, batch_size=2, seed=5)
+    assert len(sampler) == 12  # 6 wide -> 6, 5 others -> 6 (one repeated)
+    sampler.set_epoch(2)
+    iterator = iter(sampler)
+    first = [next(iterator) for _ in range(5)]
+    resumed = iter(sampler)
+    resumed.load_state_dict(iterator.state_dict())
+    rest = list(resumed)
+    assert {epoch for epoch, _ in first + rest} == {2}
+    assert [i for _, i in first + rest] == sampler.indices(2) != sampler.indices(3)

@@ -28,10 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _task(backbone: dict, detector: str, **kw) -> DetectionTask:
-    extra = dict(detector_kwargs=RCNN_SMALL) if "rcnn" in detector else {}
+    detector_kwargs = {**(RCNN_SMALL if "rcnn" in detector else {}), **kw.pop("detector_kwargs", {})}
     spec = OmegaConf.load(ROOT / "conf" / "task" / "detector" / f"{detector}.yaml")
     return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=2, detector=spec, **SMALL,
-                         **extra, **kw)
+                         detector_kwargs=detector_kwargs, **kw)
 
 
 def _batch():

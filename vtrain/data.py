@@ -59,10 +59,11 @@ def build_loader(
     sampler: Sampler | None = None,
     repeated_augmentation: Mapping[str, Any] | None = None,
 ) -> DataLoader:
-    """Training: seeded order and augmentation, resumable mid-epoch; ``repeated_augmentation`` (the arguments of
-    :class:`~vtrain.reproducibility.RepeatedAugmentationSampler`, e.g. ``{repeats: 3}``) draws DeiT's repeated
-    copies. Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under
-    DDP)."""
+    """Training: seeded order and augmentation, resumable mid-epoch: ``sampler`` if given (an
+    :class:`~vtrain.reproducibility.EpochSeededSampler`, e.g. detection's aspect-ratio groups), else DeiT's repeated
+    copies when ``repeated_augmentation`` is set (the arguments of
+    :class:`~vtrain.reproducibility.RepeatedAugmentationSampler`, e.g. ``{repeats: 3}``), else the seeded order.
+    Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under DDP)."""
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,
@@ -74,11 +75,10 @@ def build_loader(
     if not train:
         return DataLoader(dataset, shuffle=False, sampler=sampler, **common)
     seeded = SeededDataset(dataset, seed)
-    if repeated_augmentation:
-        train_sampler = RepeatedAugmentationSampler(seeded, seed, **dict(repeated_augmentation))
-    else:
-        train_sampler = EpochSeededSampler(seeded, seed)
-    return StatefulDataLoader(seeded, sampler=train_sampler, **common)
+    if sampler is None:
+        sampler = (RepeatedAugmentationSampler(seeded, seed, **dict(repeated_augmentation)) if repeated_augmentation
+                   else EpochSeededSampler(seeded, seed))
+    return StatefulDataLoader(seeded, sampler=sampler, **common)
 
 
 class DataModule(pl.LightningDataModule):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import pickle
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,7 @@ from torchvision.io import ImageReadMode, decode_image
 from vtrain.tasks.detection.transforms import eval_transform, train_transform
 from vtrain import ConfigError
 from vtrain.data import CorruptFileError, DataModule
+from vtrain.reproducibility import EpochSeededSampler
 
 log = logging.getLogger(__name__)
 LAYOUT = "root/annotations/instances_{train,val}2017.json and root/{train,val}2017/*.jpg"
@@ -270,6 +272,61 @@ def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> Batch:
     return [image for image, _ in batch], [target for _, target in batch]
 
 
+# ----------------------------------------------------------------------------- aspect-ratio groups
+class AspectRatioGroupedSampler(EpochSeededSampler):
+    """mmdet's ``DistributedGroupSampler`` (``GroupSampler`` on one process) on vtrain's resumable sampler: every
+    batch holds images of one aspect-ratio group, so a padded batch wastes little.
+
+    Per epoch, with a generator seeded by ``seed + epoch`` (mmdet's): each group's indices shuffled and padded by
+    repeating its own (shuffled) indices to a multiple of ``batch_size x replicas``, the groups concatenated, the
+    ``batch_size`` blocks shuffled, and this rank's contiguous share taken. The order is a function of
+    ``(seed, epoch, rank)`` only, so :class:`~vtrain.reproducibility.EpochSeededIterator` resumes it exactly.
+
+    Args:
+        dataset: the training set (its length).
+        groups: each sample's group (mmdet: 1 when width / height > 1, else 0).
+        batch_size: images per batch and device.
+        seed: the run's seed.
+        num_replicas, rank: the split (default: the process group's, as ``DistributedSampler``).
+    """
+
+    def __init__(self, dataset, groups: Sequence[int], batch_size: int, seed: int, num_replicas: int | None = None,
+                 rank: int | None = None):
+        super().__init__(dataset, seed, shuffle=True, drop_last=False)
+        if num_replicas is not None:
+            self.num_replicas, self.rank = int(num_replicas), int(rank or 0)
+        self.groups = torch.as_tensor(list(groups), dtype=torch.long)
+        if len(self.groups) != len(dataset):
+            raise ValueError(f"{len(self.groups)} groups for {len(dataset)} samples")
+        self.batch_size = int(batch_size)
+        block = self.batch_size * self.num_replicas
+        sizes = torch.bincount(self.groups).tolist() if len(self.groups) else []
+        self.num_samples = sum(math.ceil(size / block) * self.batch_size for size in sizes)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def indices(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        block = self.batch_size * self.num_replicas
+        parts = []
+        for group in range(int(self.groups.max()) + 1 if len(self.groups) else 0):
+            members = torch.where(self.groups == group)[0]
+            size = len(members)
+            if size == 0:
+                continue
+            members = members[torch.randperm(size, generator=generator)]
+            extra = math.ceil(size / block) * block - size
+            parts += [members] + [members] * (extra // size) + [members[: extra % size]]
+        order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        batches = order.view(-1, self.batch_size)[torch.randperm(len(order) // self.batch_size, generator=generator)]
+        start = self.num_samples * self.rank
+        return batches.flatten()[start: start + self.num_samples].tolist()
+
+
+def aspect_ratio_groups(records: Sequence[dict]) -> list[int]:
+    """mmdet's ``flag``: 1 for an image wider than high, else 0."""
+    return [int(r["width"] / r["height"] > 1) for r in records]
+
+
 # ----------------------------------------------------------------------------- data module
 class CocoDataModule(DataModule):
     """COCO 2017 instances.
@@ -283,6 +340,8 @@ class CocoDataModule(DataModule):
         masks: decode instance masks for training (Mask R-CNN); box-only detectors may switch it off.
         filter_empty: skip training images with no target left (mmdet and torchvision do).
         train_sizes, max_size, hflip, crop: the training augmentation (:func:`transforms.train_transform`).
+        group_by_aspect_ratio: batches of images that are all wider than high or all not
+            (:class:`AspectRatioGroupedSampler`, mmdet's ``GroupSampler``; torchvision's references group too).
         train_split, val_split: folder / annotation file names (``instances_<split>.json``).
         **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``, ...).
     """
@@ -301,6 +360,7 @@ class CocoDataModule(DataModule):
         max_size: int = 1333,
         hflip: float = 0.5,
         crop: Mapping[str, Any] | None = None,
+        group_by_aspect_ratio: bool = False,
         train_split: str = "train2017",
         val_split: str = "val2017",
         **loading: Any,
@@ -309,6 +369,7 @@ class CocoDataModule(DataModule):
         self.masks, self.filter_empty = masks, filter_empty
         self.train_sizes, self.max_size, self.hflip = list(train_sizes), max_size, hflip
         self.crop = dict(crop) if crop else None
+        self.group_by_aspect_ratio = group_by_aspect_ratio
         self.train_split, self.val_split = train_split, val_split
         self._indexes: dict[str, CocoIndex] = {}
 
@@ -369,7 +430,14 @@ class CocoDataModule(DataModule):
                 self.root / self.train_split, index.path, PackedRecords(records),
                 train_transform(self.train_sizes, self.max_size, self.hflip, self.crop), targets=True, masks=self.masks,
             )
+            self.train_groups = aspect_ratio_groups(records)
         index = self.index(self.val_split)
         self.val_set = CocoDetectionDataset(
             self.root / self.val_split, index.path, index.records, eval_transform(), targets=False, masks=False
         )
+
+    def train_dataloader(self):
+        sampler = None
+        if self.group_by_aspect_ratio:
+            sampler = AspectRatioGroupedSampler(self.train_set, self.train_groups, self.batch_size, self.seed)
+        return self._loader(self.train_set, train=True, sampler=sampler)

@@ -20,14 +20,15 @@ positive target, as torchvision's own COCO models do.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hydra.utils import get_class
 from torch import nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
@@ -35,6 +36,9 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 from vtrain import ConfigError
 from vtrain.backbones.base import Backbone, require_reductions
+from vtrain.tasks.detection.nms import HardNMS
+from vtrain.tasks.detection.one_stage import RemovesDuplicates
+from vtrain.tasks.detection.roi_heads import RCNNSettings, build_rcnn_heads, roi_pools
 
 
 class P6P7(LastLevelP6P7):
@@ -115,6 +119,9 @@ def build_detector(
     fpn_channels: int = 256,
     box_head_dim: int = 1024,
     mask_head_dims: Sequence[int] = (256, 256, 256, 256),
+    box_head: Callable[..., nn.Module] = TwoMLPHead,
+    duplicate_removal: Any = None,
+    rcnn: RCNNSettings | None = None,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector on ``backbone``, built with ``out_levels=spec.levels``.
@@ -126,6 +133,10 @@ def build_detector(
         box_head_dim: R-CNN box head width (torchvision's ``TwoMLPHead``, 1024 in the FPN paper).
         mask_head_dims: Mask R-CNN mask head convs (four 256-channel 3x3 convs in the paper, Fig. 4 right);
             the last one is also the width of the 2x up-sampling deconvolution.
+        box_head: the R-CNN box head, called as ``box_head(in_channels=..., representation_size=box_head_dim)``
+            (``conf/task/box_head/``: torchvision's 2fc ``TwoMLPHead`` or :class:`relation.RelationBoxHead`).
+        duplicate_removal: what replaces the detector's NMS (``conf/task/nms/``); None: the detector's own NMS.
+        rcnn: torchvision's or mmdet v2's R-CNN settings (``conf/task/rcnn/``); None: torchvision's.
         detector_kwargs: passed to the torchvision constructor (``min_size``, ``rpn_post_nms_top_n_train``,
             ``box_batch_size_per_image``, ``score_thresh``, ...).
     """
@@ -133,15 +144,66 @@ def build_detector(
     if backbone.out_levels != spec.levels:
         raise ValueError(f"{name} reads backbone levels {spec.levels}, the backbone gives {backbone.out_levels}")
     require_reductions(backbone, [4 * 2**level for level in spec.levels], name)
+    removal = HardNMS() if duplicate_removal is None else duplicate_removal
+    rcnn = RCNNSettings() if rcnn is None else rcnn
     pyramid = FeaturePyramid(
         backbone, fpn_channels, _extra_block(spec.extra_levels, backbone.feature_info[-1].channels, fpn_channels)
     )
-    if spec.cls in (MaskRCNN, FasterRCNN):
+    if issubclass(spec.cls, FasterRCNN):  # Mask R-CNN is one
         resolution = 7  # torchvision's MultiScaleRoIAlign output for boxes
-        detector_kwargs["box_head"] = TwoMLPHead(fpn_channels * resolution**2, box_head_dim)
+        detector_kwargs["box_head"] = box_head(in_channels=fpn_channels * resolution**2,
+                                               representation_size=box_head_dim)
         detector_kwargs["box_predictor"] = FastRCNNPredictor(box_head_dim, num_classes)
+        detector_kwargs.update(roi_pools(rcnn, spec.masks))
         if spec.masks:
             detector_kwargs["mask_head"] = MaskRCNNHeads(fpn_channels, list(mask_head_dims), 1)
             detector_kwargs["mask_predictor"] = MaskRCNNPredictor(mask_head_dims[-1], mask_head_dims[-1], num_classes)
-        return spec.cls(pyramid, num_classes=None, **detector_kwargs)
+        detector = spec.cls(pyramid, num_classes=None, **detector_kwargs)
+        build_rcnn_heads(detector, rcnn, removal)
+        return detector
+    # the options below are R-CNN's: say so rather than ignore them
+    if getattr(getattr(box_head, "func", box_head), "relates_objects", False):
+        raise ConfigError(f"task/box_head relates RoIs, {name} has none: use it with task/detector=faster_rcnn or "
+                          "mask_rcnn")
+    if getattr(removal, "learned", False):
+        raise ConfigError(f"task/nms=learned needs R-CNN RoI features, {name} has none: use task/nms=nms or "
+                          "soft_nms, or task/detector=faster_rcnn / mask_rcnn")
+    if not rcnn.is_torchvision:
+        raise ConfigError(f"task/rcnn sets R-CNN details, {name} is not one: leave task/rcnn=torchvision")
+    if issubclass(spec.cls, RemovesDuplicates):
+        detector_kwargs["duplicate_removal"] = removal
+    elif not (isinstance(removal, HardNMS) and removal.is_detectors_own):
+        raise ConfigError(f"task/nms: {name} has no class-wise NMS to replace; leave task/nms=nms")
     return spec.cls(pyramid, num_classes=num_classes, **detector_kwargs)
+
+
+@torch.no_grad()
+def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one test image of ``image_shape`` (C, H, W, as the detector pads it), counted as
+    :mod:`vtrain.profiling` counts (matrix products and convolutions; RoIAlign, NMS and box decoding are not):
+    the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
+    RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
+    ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class.
+    Works on the meta device."""
+    device = next(detector.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())
+        if not isinstance(detector, FasterRCNN):
+            detector.head(features)
+            return counter.get_total_flops() // 2
+        detector.rpn.head(features)
+        heads, channels = detector.roi_heads, features[0].shape[1]
+        num_rois = detector.rpn._post_nms_top_n["testing"]
+        corner = torch.arange(num_rois, device=device, dtype=torch.float32)[:, None] % 100
+        boxes = torch.cat([corner, corner, corner + 32, corner + 32], dim=1)
+        pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
+        box_features = heads.box_head(pooled, [boxes]) if heads.relates_objects else heads.box_head(pooled)
+        class_logits, _ = heads.box_predictor(box_features)
+        if heads.learns_duplicate_removal:
+            num_classes = class_logits.shape[1]
+            heads.duplicate_removal.rescore(class_logits.softmax(-1), boxes[:, None].expand(-1, num_classes, 4),
+                                            box_features, torch.arange(1, num_classes, device=device))
+        if heads.has_mask():
+            masks = torch.zeros(heads.detections_per_img, channels, *heads.mask_roi_pool.output_size, device=device)
+            heads.mask_predictor(heads.mask_head(masks))
+    return counter.get_total_flops() // 2

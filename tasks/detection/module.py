@@ -1,17 +1,19 @@
 """Detection / instance segmentation: backbone -> FPN -> a torchvision detector, COCO AP on validation."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from vtrain.tasks.detection.data import Batch
 from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
-from vtrain.tasks.detection.models import DetectorSpec, build_detector
+from vtrain.tasks.detection.models import DetectorSpec, build_detector, detector_macs
 from vtrain import ConfigError
 from vtrain.module import TaskModule
 
@@ -32,6 +34,10 @@ class DetectionTask(TaskModule):
         test_size, test_max_size: the test-time resize, done by the detector so that detections come back
             in original image coordinates (training sizes are the data pipeline's).
         fpn_channels, box_head_dim, mask_head_dims: widths (see :func:`models.build_detector`).
+        box_head: the R-CNN box head config (``conf/task/box_head/``: ``two_fc``, torchvision's; ``relation``,
+            Relation Networks' 2fc+RM); built with ``in_channels`` and ``representation_size``.
+        nms: the duplicate removal config (``conf/task/nms/``: ``nms``, ``soft_nms``, ``learned``).
+        rcnn: R-CNN details as torchvision or mmdet v2 has them (``conf/task/rcnn/``: ``torchvision``, ``mmdet``).
         detector_kwargs: anything else torchvision's constructor takes (e.g. ``rpn_post_nms_top_n_train``).
         evaluator: ``pycocotools`` (official) or ``faster_coco_eval`` (same numbers, faster).
     """
@@ -55,6 +61,9 @@ class DetectionTask(TaskModule):
         mask_head_dims: Sequence[int] = (256, 256, 256, 256),
         detector_kwargs: Mapping[str, Any] | None = None,
         evaluator: str = "pycocotools",
+        box_head: Mapping[str, Any] | None = None,
+        nms: Mapping[str, Any] | None = None,
+        rcnn: Mapping[str, Any] | None = None,
     ):
         super().__init__(optim, sched, monitor, monitor_mode)
         if batch_norm not in BATCH_NORM_MODES:
@@ -62,6 +71,10 @@ class DetectionTask(TaskModule):
         if not isinstance(detector, Mapping):
             raise ConfigError(f"task.detector is a config, not {detector!r}: pick one with task/detector=<name> "
                               "(mask_rcnn, faster_rcnn, retinanet, fcos: the files of conf/task/detector/)")
+        for group, value in (("box_head", box_head), ("nms", nms), ("rcnn", rcnn)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"task.{group} is a config, not {value!r}: pick one with task/{group}=<name> "
+                                  f"(the files of conf/task/{group}/)")
         self.spec: DetectorSpec = instantiate(detector)
         self.batch_norm, self.evaluator_backend = batch_norm, evaluator
         self.backbone = _with_batch_norm(instantiate(backbone, out_levels=self.spec.levels), batch_norm)
@@ -72,6 +85,9 @@ class DetectionTask(TaskModule):
             fpn_channels=fpn_channels,
             box_head_dim=box_head_dim,
             mask_head_dims=mask_head_dims,
+            **({"box_head": _instantiate_group("box_head", box_head, _partial_=True)} if box_head else {}),
+            duplicate_removal=_instantiate_group("nms", nms) if nms else None,
+            rcnn=_instantiate_group("rcnn", rcnn) if rcnn else None,
             min_size=test_size,
             max_size=test_max_size,
             image_mean=list(image_mean),
@@ -91,6 +107,10 @@ class DetectionTask(TaskModule):
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         return self.detector(images, targets)
+
+    def count_macs(self, input_shape: Sequence[int]) -> int:
+        """The detector's MACs on one test image of ``input_shape`` (:func:`models.detector_macs`)."""
+        return detector_macs(self.detector, input_shape[-3:])
 
     # ----------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -138,6 +158,26 @@ class DetectionTask(TaskModule):
         self.summary_metrics["coco_per_category_AP"] = summary["per_category"]
         self.summary_metrics["coco_num_images"] = summary["num_images"]
         self.evaluator.reset()
+
+
+def _instantiate_group(group: str, config: Mapping[str, Any], **kwargs: Any) -> Any:
+    """``instantiate`` of a ``task/<group>`` choice, with one line for a key the class does not take: a key an
+    experiment set for another choice stays when ``task/<group>=...`` switches it (Hydra merges, never drops)."""
+    if kwargs.get("_partial_"):  # a stray key would only fail when the partial is called: check it now
+        accepted = inspect.signature(get_class(config["_target_"])).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            stray = sorted(k for k in config if not k.startswith("_") and k not in accepted)
+            if stray:
+                raise ConfigError(f"task.{group}.{stray[0]}: {config['_target_']} does not take it (a key set for "
+                                  f"another task/{group} choice?): drop it with ~task.{group}.{stray[0]}")
+        return instantiate(config, **kwargs)
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        if not isinstance(e.__cause__, TypeError):
+            raise
+        raise ConfigError(f"task.{group} ({config['_target_']}): {e.__cause__} (a key set for another task/{group} "
+                          f"choice?): drop it with ~task.{group}.<key>") from e
 
 
 def _with_batch_norm(backbone: nn.Module, mode: str) -> nn.Module:

@@ -121,12 +121,15 @@ class Row:
         return self._once("task_params", lambda: count_params(self.task_module()))
 
     def task_macs(self) -> int:
-        """MACs of the task model's evaluation forward on one input of the table's ``task_input_shape``."""
+        """MACs of the task model's evaluation forward on one input of ``task_input_shape`` (the row's or the
+        table's, else ``input_shape``): its own ``count_macs(input_shape)`` where it has one (a detector, at a test
+        image size), else the count of its forward."""
         def compute() -> int:
-            shape = self.spec.get("task_input_shape") or self.table.get("task_input_shape")
-            if not shape:
-                raise Unmeasured("no task_input_shape for the task model's FLOPs")
-            return count_macs(self.task_module(), (1, *shape))
+            shape = tuple(self.spec.get("task_input_shape") or self.table.get("task_input_shape") or self.input_shape())
+            module = self.task_module()
+            if hasattr(module, "count_macs"):
+                return int(module.count_macs(shape))
+            return count_macs(module, (1, *shape))
         return self._once("task_macs", compute)
 
     def throughput(self) -> float:
