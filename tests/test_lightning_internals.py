@@ -18,6 +18,11 @@ def test_the_private_names_vtrain_uses_exist():
     for name in ("_combined_loader_states_to_load", "_data_fetcher", "restarting"):
         assert hasattr(trainer.fit_loop, name), name
     assert callable(_FitLoop._load_combined_loader_states) and callable(_FitLoop.setup_data)
+    # rerun_validation_on_resume: the validation loop's progress, and the restart stage Lightning reads from it
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    for tracker in (val_loop.batch_progress.total, val_loop.batch_progress.current):
+        assert {"ready", "started", "processed", "completed"} <= set(vars(tracker)), tracker
+    assert hasattr(val_loop.batch_progress, "is_last_batch") and hasattr(type(val_loop), "restarted_mid_evaluation")
     for name in ("_save_last_checkpoint", "_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end",
                  "_monitor_candidates"):
         assert callable(getattr(ModelCheckpoint, name)), name

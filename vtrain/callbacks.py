@@ -10,10 +10,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from vtrain.atomic import atomic_write_text
-from vtrain.lightning_internals import cluster_environment, stop_after_this_batch
+from vtrain.lightning_internals import cluster_environment, rerun_validation_on_resume, stop_after_this_batch
 
 
 def _plain(value: Any) -> Any:
@@ -152,6 +153,11 @@ class Preemption(pl.Callback):
     ``hpc_ckpt_*.ckpt`` in the run directory, requeues the job, and the requeued job resumes from it; this
     callback then only covers SIGTERM. Elsewhere the process exits with status 143 (128 + SIGTERM), which
     launchers read as "terminated", after the checkpoint is safely on disk; ``ckpt_path=auto`` resumes it.
+
+    A signal during a validation stops it after its current batch; the checkpoint is then written so that the
+    resumed run runs that validation again, whole, before it trains on
+    (:func:`vtrain.lightning_internals.rerun_validation_on_resume`): its metrics, ``metrics.json``'s best and the
+    top-k checkpoint are those of a run never stopped.
     """
 
     exit_code = 143
@@ -176,8 +182,12 @@ class Preemption(pl.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
             return
         path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        during = ""
+        if trainer.validating and trainer.state.fn == TrainerFn.FITTING:
+            rerun_validation_on_resume(trainer)
+            during = " during a validation, which the resumed run runs again"
         trainer.save_checkpoint(path)
-        rank_zero_info(f"preempted at step {trainer.global_step}: saved {path}; resume with ckpt_path=auto")
+        rank_zero_info(f"preempted at step {trainer.global_step}{during}: saved {path}; resume with ckpt_path=auto")
         exception.code = self.exit_code
 
 
