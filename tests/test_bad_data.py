@@ -144,6 +144,21 @@ def test_16_bit_images_are_read_as_8_bit_not_white(tmp_path):
         read_rgb(tmp_path / "float.tiff")
 
 
+def test_16_bit_annotations_are_read_as_they_are_or_refused(tmp_path):
+    """Class indices in a 16-bit PNG are the values themselves; one above 255 cannot be a class (8-bit labels)."""
+    from vtrain.tasks.segmentation.data import AnnotationError, read_label
+
+    labels = np.arange(20, dtype=np.uint16).reshape(4, 5) % 7  # 0 ("other") and 1..6
+    Image.fromarray(labels).save(tmp_path / "label16.png")
+    assert Image.open(tmp_path / "label16.png").mode == "I;16"
+    read = read_label(str(tmp_path / "label16.png"), "image.jpg", (4, 5), 6, True, False)
+    np.testing.assert_array_equal(read, np.where(labels == 0, 255, labels - 1))
+    labels[1, 2] = 300
+    Image.fromarray(labels).save(tmp_path / "label16.png")
+    with pytest.raises(AnnotationError, match=r"label16\.png has values above 255: class indices must fit in 8 bits"):
+        read_label(str(tmp_path / "label16.png"), "image.jpg", (4, 5), 6, True, False)
+
+
 # ------------------------------------------------------------------------------------------------ in a run
 def _fit(*overrides, root):
     """A run of the composed experiment in this process (the CLI's flow without its exit), with the default
