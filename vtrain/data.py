@@ -174,8 +174,6 @@ class DataModule(pl.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
-        if not 0 <= max_skipped_fraction <= 1:
-            raise ConfigError(f"data.max_skipped_fraction={max_skipped_fraction} is not a fraction: use e.g. 0.01")
         self.skip_corrupt, self.max_skipped_fraction = skip_corrupt, max_skipped_fraction
         self.skipped_in_training = 0  # over the whole run (in checkpoints)
         # per stage: (which epoch or validation, samples drawn, samples skipped)
