@@ -3,12 +3,10 @@ checkpoint compatibility. Big models are built on the meta device (shapes only).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
@@ -16,9 +14,9 @@ from vtrain import ConfigError
 from vtrain.backbones import LRNet, ResNet, SwinTransformer, VisionTransformer
 from vtrain.backbones.base import Classifier
 from vtrain.backbones.lrnet import paper_macs
+from vtrain.config import compose_config
 from vtrain.profiling import count_macs, count_params
 
-BACKBONE_CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
 # Parameters with a 1000-class linear classifier, exact to this implementation.
 PARAMS = {
@@ -52,8 +50,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone_config(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(BACKBONE_CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+    """conf/backbone/<name>.yaml as a run composes it (a backbone file may choose its weights' preprocessing)."""
+    return compose_config("bench", [f"backbone={name}", *(f"backbone.{o}" for o in overrides)]).backbone
 
 
 ALL_LEVELS = (0, 1, 2, 3)

@@ -334,3 +334,87 @@ def test_resuming_a_checkpoint_of_another_model_is_one_line(imagenet_root, tmp_p
         assert other.returncode == 2 and len(lines) == 1, other.stderr[-3000:]
         assert lines[0].startswith(f"error: checkpoint {run / 'checkpoints' / 'last.ckpt'} is not of this "
                                    "experiment's model (0 of its ") and "unexpected" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ corrupt files
+def _one_line_error(path, call):
+    from vtrain import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        call(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+def test_a_cut_or_foreign_safetensors_file_is_one_line(tmp_path):
+    """Like a .pth file that does not read: one line naming the file, whatever safetensors says."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1000)}, tmp_path / "good.safetensors")
+    good = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "zip.safetensors")  # a .pth renamed
+    torch.save({"w": torch.zeros(3)}, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    for name in ("cut", "empty"):
+        message = _one_line_error(tmp_path / f"{name}.safetensors", read_checkpoint)
+        assert message.startswith(f"cannot read checkpoint {tmp_path / name}.safetensors as safetensors (")
+        assert message.endswith("is it a complete weights file?")
+    for name in ("zip", "legacy"):
+        message = _one_line_error(tmp_path / f"{name}.safetensors", read_checkpoint)
+        assert message.startswith(f"cannot read checkpoint {tmp_path / name}.safetensors: it is a torch.save file, "
+                                  "not safetensors") and message.endswith("rename it .pth")
+
+
+def _official_swin(depths, embed_dim=16, num_heads=(1, 2, 4, 8)):
+    """A tiny Swin classifier in the official release's layout: ``{'model': ...}``, each stage's patch merging at its
+    end (timm puts it at the next stage's start), classifier ``head.*``."""
+    import re
+
+    from vtrain.backbones import SwinTransformer
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(depths=depths, **{**TINY_SWIN, "embed_dim": embed_dim, "num_heads": list(num_heads)})
+    official = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
+                for k, v in swin.state_dict().items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    official.update({"head.weight": torch.randn(4, swin.num_features), "head.bias": torch.randn(4)})
+    return {"model": official}
+
+
+def test_reference_files_of_another_model_are_one_line(tmp_path):
+    """An official Swin-S-layout file (stage 2 deeper) for a Swin-T-layout model used to stop inside timm's filter
+    (AttributeError looking up a block the model lacks); a Swin-B-like one (wider, more heads) went through a
+    resize of its position tables; a ResNet-50 file for a ResNet-26 loaded its first blocks. Each is now one line,
+    and the file of the model itself still loads."""
+    from omegaconf import OmegaConf
+
+    from vtrain.backbones import ResNet
+    from vtrain.checkpoint import load_backbone_weights, load_task_weights
+    from vtrain.tasks.classification.module import ClassificationTask
+
+    backbone = OmegaConf.create({"_target_": "vtrain.backbones.SwinTransformer", "depths": [1, 1, 2, 1], **TINY_SWIN})
+    task = ClassificationTask(backbone, {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+                              {"_target_": "vtrain.optim.cosine"}, num_classes=4)
+    files = {}
+    for name, depths, width, heads in [("swin_s", [1, 1, 4, 1], 16, (1, 2, 4, 8)), ("swin_b", [1, 1, 2, 1], 24, (2, 3, 6, 12)),
+                                        ("swin_t", [1, 1, 2, 1], 16, (1, 2, 4, 8))]:
+        files[name] = tmp_path / f"{name}.pth"
+        torch.save(_official_swin(depths, width, heads), files[name])
+
+    message = _one_line_error(files["swin_s"], lambda path: load_task_weights(task, path))
+    assert message.startswith(f"26 tensors of {files['swin_s']} are of blocks the backbone does not have "
+                              "(layers.2.blocks.2.norm1.weight, ") and "is it a checkpoint of this backbone?" in message
+    message = _one_line_error(files["swin_b"], lambda path: load_task_weights(task, path))
+    assert "is it a checkpoint of this architecture?" in message or "is it a checkpoint of this backbone?" in message
+    load_task_weights(task, files["swin_t"])
+    torch.testing.assert_close(task.head.weight, torch.load(files["swin_t"], weights_only=True)["model"]["head.weight"])
+    # feature maps up to level 2 only: the file's stage 3 is left out, not looked up in a model that does not build it
+    from vtrain.backbones import SwinTransformer
+
+    shallow = SwinTransformer(depths=[1, 1, 2, 1], out_levels=(0, 1, 2), **TINY_SWIN)
+    assert load_backbone_weights(shallow, files["swin_t"]) == {"missing": [], "unexpected": [], "mismatched": []}
+
+    torch.save(ResNet(depth=50).state_dict(), tmp_path / "r50.pth")
+    message = _one_line_error(tmp_path / "r50.pth", lambda path: load_backbone_weights(ResNet(depth=26), path))
+    assert "are of blocks the backbone does not have (layer1.2." in message

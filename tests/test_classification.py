@@ -11,11 +11,11 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import TINY_CLS, compose, run_cli
-from vtrain.tasks.classification.data import ImageFolderDataModule, ImageFolderDataset, collate_skipping_none
+from vtrain.tasks.classification.data import ImageFolderDataModule, ImageFolderDataset
 from vtrain.tasks.classification.synthetic import write
 from vtrain import ConfigError
 from vtrain.checkpoint import load_task_weights
-from vtrain.data import CorruptFileError
+from vtrain.data import CorruptFileError, ReadableCollate
 from vtrain.module import build_task
 
 
@@ -34,7 +34,7 @@ def test_datamodule_reads_folders_with_train_class_index(imagenet_root):
     dm.check()
     dm.setup("fit")
     assert len(dm.train_set) == 48 and len(dm.val_set) == 16
-    images, labels = next(iter(dm.val_dataloader()))
+    images, labels = next(iter(dm.val_dataloader())).batch  # a vtrain.data.CountedBatch
     assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 0, 0]
     assert sorted({t for _, t in dm.val_set.samples}) == [0, 1, 2, 3]
 
@@ -79,12 +79,12 @@ def test_corrupt_image_is_named_or_skipped(imagenet_root, tmp_path):
     bad = sorted((root / "val").rglob("*.JPEG"))[1]
     bad.write_bytes(b"not a jpeg")
     classes = sorted(d.name for d in (root / "train").iterdir())
-    strict = ImageFolderDataset(root / "val", classes)
+    strict = ImageFolderDataset(root / "val", classes, skip_corrupt=False)
     with pytest.raises(CorruptFileError, match=re.escape(str(bad))):
         strict[1]
     lenient = ImageFolderDataset(root / "val", classes, transform=lambda im: torch.zeros(1), skip_corrupt=True)
-    batch = collate_skipping_none([lenient[i] for i in range(4)])
-    assert batch[0].shape[0] == 3 and lenient.skipped == 1
+    batch = ReadableCollate()([lenient[i] for i in range(4)])
+    assert batch.batch[0].shape[0] == 3 and (batch.samples, batch.skipped) == (4, 1)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -95,6 +95,7 @@ BAD_VALUES = [
     ("data.batch_size=2.5", "data.batch_size=2.5 is not a whole number > 0"),
     ("+data.val_batch_size=0", "data.val_batch_size=0 is not a whole number > 0"),
     ("data.num_workers=-1", "data.num_workers=-1 is not a whole number >= 0"),
+    ("data.max_skipped_fraction=5", "data.max_skipped_fraction=5 is not a fraction from 0 to 1"),
     ("trainer.max_epochs=-2", "trainer.max_epochs=-2 is not a whole number >= 0, or -1 for no limit"),
     ("trainer.max_steps=null", "trainer.max_steps=null is not a whole number >= 0, or -1 for no limit"),
     ("trainer.precision=fp16", "trainer.precision='fp16' is not a precision Lightning knows"),

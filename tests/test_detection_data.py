@@ -42,7 +42,7 @@ def test_synthetic_layout_and_mapping(coco_root):
     with_targets = {a["image_id"] for a in train["annotations"] if not a["iscrowd"]}
     assert len(dm.train_set) == len(with_targets) < len(train["images"])  # empty (and crowd-only) images skipped
     assert len(dm.val_set) == 9  # every image is evaluated
-    images, targets = next(iter(dm.train_dataloader()))
+    images, targets = next(iter(dm.train_dataloader())).batch  # a vtrain.data.CountedBatch
     assert len(images) == 3 and {tuple(i.shape[-2:]) for i in images} != {(64, 64)}  # sizes differ, no padding yet
     for image, target in zip(images, targets):
         assert image.dtype == torch.float32 and min(image.shape[-2:]) == 64
@@ -57,7 +57,7 @@ def test_synthetic_layout_and_mapping(coco_root):
         if not a["iscrowd"]:
             by_image[a["image_id"]] = by_image.get(a["image_id"], 0) + 1
     assert all(len(t["labels"]) == by_image[t["image_id"]] for t in targets)
-    val_images, val_targets = next(iter(dm.val_dataloader()))
+    val_images, val_targets = next(iter(dm.val_dataloader())).batch
     assert set(val_targets[0]) == {"image_id"} and val_images[0].max() <= 1.0
 
 

@@ -20,6 +20,11 @@ def test_the_private_names_vtrain_uses_exist():
         assert hasattr(trainer.fit_loop, name), name
     assert callable(_FitLoop.setup_data) and hasattr(trainer.fit_loop.epoch_progress.current, "processed")
     assert callable(CombinedLoader._load_state_dicts)
+    # rerun_validation_on_resume: the validation loop's progress, and the restart stage Lightning reads from it
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    for tracker in (val_loop.batch_progress.total, val_loop.batch_progress.current):
+        assert {"ready", "started", "processed", "completed"} <= set(vars(tracker)), tracker
+    assert hasattr(val_loop.batch_progress, "is_last_batch") and hasattr(type(val_loop), "restarted_mid_evaluation")
     for name in ("_save_last_checkpoint", "_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end",
                  "_monitor_candidates"):
         assert callable(getattr(ModelCheckpoint, name)), name

@@ -175,6 +175,44 @@ def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_pa
     _assert_ends_like(run, uninterrupted)
 
 
+def _validated_epochs(run) -> list[int]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f) if row.get("val/top1")]
+
+
+def test_sigterm_during_a_validation_reruns_it_after_resume(imagenet_root, tmp_path, uninterrupted):
+    """SIGTERM in epoch 0's validation, after the first of its two batches (not the last validation; the signal is
+    sent from inside the run at that hook, so the moment does not depend on timing). The run saves and exits 143;
+    resumed with ckpt_path=auto it runs that validation again, whole, and ends as the uninterrupted run: every
+    epoch validated once, metrics.json's best and final, the top-k checkpoint and last.ckpt. The preemption
+    checkpoint used to resume past that validation (Lightning read it as saved after it), so epoch 0 was never
+    validated and the best val/top1 was epoch 2's."""
+    run = tmp_path / "preempted"
+    args = [*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "ckpt_path=auto"]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli(*args, "+callbacks.kill._target_=kill_switch.KillAt", "+callbacks.kill.hook=on_validation_batch_end",
+                     "+callbacks.kill.step=6", "+callbacks.kill.signal=SIGTERM", env=env)
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "preempted at step 6 during a validation, which the resumed run runs again" in result.stderr
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert _validated_epochs(run) == _validated_epochs(uninterrupted) == [0, 1, 2]
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, uninterrupted))
+    # (measured: the preempted validation is the uninterrupted run's best val/top1, best_epoch 0)
+    for key in ("best", "best_epoch", "final", "global_step", "epoch"):
+        assert got[key] == want[key], key
+    top_k = sorted(p.name for p in (run / "checkpoints").glob("epoch*.ckpt"))
+    assert top_k == sorted(p.name for p in (uninterrupted / "checkpoints").glob("epoch*.ckpt"))
+    assert got["best_checkpoint"] == str(run / "checkpoints" / top_k[0])
+    for name in (*top_k, "last.ckpt"):
+        final, expected = _weights(run / "checkpoints" / name), _weights(uninterrupted / "checkpoints" / name)
+        for key in expected:
+            torch.testing.assert_close(final[key], expected[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
 def test_killed_at_random_moments_under_load_resumes_exactly(imagenet_root, tmp_path, uninterrupted, busy_cpu):
     """SIGKILL at random moments (mid-epoch included) with a busy process beside the run, resume with
     ckpt_path=auto each time: same weights and validation metrics as a run never interrupted."""

@@ -98,7 +98,7 @@ def datamodule(root: Path, **overrides):
 
 def test_corrupt_videos_are_skipped_counted_and_named(kinetics_root, tmp_path, caplog):
     from vtrain.tasks.video.data import collate_clips
-    from vtrain.data import CorruptFileError
+    from vtrain.data import CorruptFileError, ReadableCollate
 
     root = tmp_path / "kinetics"
     shutil.copytree(kinetics_root, root)
@@ -110,8 +110,9 @@ def test_corrupt_videos_are_skipped_counted_and_named(kinetics_root, tmp_path, c
     data.setup("validate")
     names = [Path(p).name for p, _ in data.val_set.samples]
     with caplog.at_level(logging.WARNING):
-        batch = collate_clips([data.val_set[i] for i in range(len(names))])
-    assert batch["skipped"] == 2 and data.val_set.skipped == 2
+        counted = ReadableCollate(collate_clips)([data.val_set[i] for i in range(len(names))])
+    batch = counted.batch
+    assert (counted.samples, counted.skipped) == (len(names), 2)
     assert len(batch["labels"]) == len(names) - 2 == 12
     assert batch["clips"].shape == (12, 2, 3, 8, 32, 32)  # videos, views (2 clips x 1 crop), C, T, H, W
     assert "broken.mp4" in caplog.text and "truncated.mp4" in caplog.text
@@ -130,7 +131,7 @@ def test_training_clips_follow_the_seed_and_resume_mid_epoch(kinetics_root):
         if state is not None:
             loader.load_state_dict(state)
         it = iter(loader)
-        out = [next(it) for _ in range(count)]
+        out = [next(it).batch for _ in range(count)]
         return out, loader.state_dict()
 
     first, _ = batches(0)
@@ -357,11 +358,11 @@ def test_video_backbone_trains_and_scores_views(kinetics_root, tmp_path, overrid
     changed = [k for k, v in task.backbone.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert len(changed) > len(before) // 2, "one training step should update most backbone tensors"
     (metrics,) = trainer.validate(task, datamodule=data, verbose=False)
-    assert {"val/top1", "val/top5", "val/loss", "val/skipped_videos"} <= set(metrics)
-    assert metrics["val/top5"] >= metrics["val/top1"] and metrics["val/skipped_videos"] == 0
+    assert {"val/top1", "val/top5", "val/loss"} <= set(metrics)
+    assert metrics["val/top5"] >= metrics["val/top1"]
 
     # views: 2 clips x 3 crops; the video score is the mean of the six views' softmax
-    batch = next(iter(data.val_dataloader()))
+    batch = next(iter(data.val_dataloader())).batch
     assert batch["clips"].shape == (2, 6, 3, 8, 32, 32)
     task.eval()
     with torch.no_grad():

@@ -10,10 +10,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from vtrain.atomic import atomic_write_text
-from vtrain.lightning_internals import cluster_environment, stop_after_this_batch
+from vtrain.data import CorruptFileError
+from vtrain.lightning_internals import cluster_environment, rerun_validation_on_resume, stop_after_this_batch
 
 
 def _plain(value: Any) -> Any:
@@ -53,8 +55,8 @@ class MetricsJSON(pl.Callback):
             if not isinstance(value, (int, float)) or math.isnan(value):
                 continue
             self.final[name] = value
-            if name.startswith("lr-") or name.endswith("_step"):
-                continue  # a learning rate or a single step's value has no "best"
+            if name.startswith("lr-") or name.endswith(("_step", "skipped_samples")):
+                continue  # a learning rate, a single step's value or a count has no "best"
             better = max if self._direction(name, pl_module) == "max" else min
             if name not in self.best or better(value, self.best[name]) != self.best[name]:
                 self.best[name] = value
@@ -152,6 +154,11 @@ class Preemption(pl.Callback):
     ``hpc_ckpt_*.ckpt`` in the run directory, requeues the job, and the requeued job resumes from it; this
     callback then only covers SIGTERM. Elsewhere the process exits with status 143 (128 + SIGTERM), which
     launchers read as "terminated", after the checkpoint is safely on disk; ``ckpt_path=auto`` resumes it.
+
+    A signal during a validation stops it after its current batch; the checkpoint is then written so that the
+    resumed run runs that validation again, whole, before it trains on
+    (:func:`vtrain.lightning_internals.rerun_validation_on_resume`): its metrics, ``metrics.json``'s best and the
+    top-k checkpoint are those of a run never stopped.
     """
 
     exit_code = 143
@@ -176,9 +183,42 @@ class Preemption(pl.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
             return
         path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        during = ""
+        if trainer.validating and trainer.state.fn == TrainerFn.FITTING:
+            rerun_validation_on_resume(trainer)
+            during = " during a validation, which the resumed run runs again"
         trainer.save_checkpoint(path)
-        rank_zero_info(f"preempted at step {trainer.global_step}: saved {path}; resume with ckpt_path=auto")
+        rank_zero_info(f"preempted at step {trainer.global_step}{during}: saved {path}; resume with ckpt_path=auto")
         exception.code = self.exit_code
+
+
+class SkippedSamples(pl.Callback):
+    """Shows how many samples the data module skipped as unreadable (``data.skip_corrupt``; :mod:`vtrain.data`):
+    ``train/skipped_samples`` (over the run, in the progress bar at every step) and ``val/skipped_samples`` (in
+    each validation, summed over the processes); both land in ``metrics.csv`` and ``metrics.json``. A validation
+    none of whose samples could be read stops the run with one line, before a missing metric would."""
+
+    @staticmethod
+    def _datamodule(trainer: pl.Trainer):
+        datamodule = trainer.datamodule
+        return datamodule if datamodule is not None and hasattr(datamodule, "skipped") else None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        datamodule = self._datamodule(trainer)
+        if datamodule is not None:
+            pl_module.log("train/skipped_samples", float(datamodule.skipped_in_training), on_step=True,
+                          on_epoch=False, prog_bar=True, batch_size=1)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = self._datamodule(trainer)
+        if datamodule is None or trainer.sanity_checking:
+            return
+        samples, skipped = datamodule.skipped("val")
+        if samples and skipped == samples:
+            raise CorruptFileError(f"none of the {samples} validation samples of {datamodule.root} could be read "
+                                   "(the log names each file): fix the validation set")
+        pl_module.log("val/skipped_samples", float(skipped), prog_bar=True, reduce_fx="sum", sync_dist=True,
+                      batch_size=1)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

@@ -37,7 +37,14 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors' errors for a cut or foreign file, as one line
+            if _is_zip(path) or _is_pickle(path):
+                raise ConfigError(f"cannot read checkpoint {path}: it is a torch.save file, not safetensors "
+                                  f"({_first_line(e)}): rename it .pth") from e
+            raise ConfigError(f"cannot read checkpoint {path} as safetensors ({_first_line(e)}): is it a complete "
+                              "weights file?") from e
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
     except pickle.UnpicklingError as e:
@@ -71,6 +78,13 @@ def _is_zip(path: Path) -> bool:
     """torch.save's format since 1.6 (the only one that can be memory-mapped)."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
+
+
+def _is_pickle(path: Path) -> bool:
+    """torch.save's format before 1.6 (``_use_new_zipfile_serialization=False``): a pickle, protocol 2 or later."""
+    with open(path, "rb") as f:
+        start = f.read(2)
+    return len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5
 
 
 class CheckpointIO(TorchCheckpointIO):
@@ -121,8 +135,9 @@ def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source
     ``init_only(key)`` names (added blocks, modules only feature maps need); buffers computed at construction
     (relative position indices, ``num_batches_tracked``) need not. A tensor missing from the file, or
     there with another shape, stops the run with one line (a checkpoint of another architecture would otherwise
-    leave part of the model at its initialisation without a word). ``strict=False`` (``pretrained_strict=false``)
-    loads what fits and warns. Tensors of the file the module has no place for are reported.
+    leave part of the model at its initialisation without a word), and so do blocks of the file past the module's
+    last (:func:`_beyond_depth`: a deeper model's). ``strict=False`` (``pretrained_strict=false``) loads what fits
+    and warns. Other tensors of the file the module has no place for are reported.
     """
     own = module.state_dict()
     init_only = getattr(module, "init_only", lambda key: False)
@@ -137,19 +152,43 @@ def load_matching(module: nn.Module, state_dict: dict[str, torch.Tensor], source
         n for n, _ in module.named_buffers() if n.endswith(("running_mean", "running_var"))}
     missing = [k for k in own if k in learned and k not in usable and not init_only(k)]
     unexpected = [k for k in state_dict if k not in own]
+    deeper = _beyond_depth(unexpected, own)
+    problems = []
     if missing:
         shapes = (f"; {len(mismatched)} with another shape, e.g. {mismatched[0]}: file "
                   f"{tuple(state_dict[mismatched[0]].shape)}, model {tuple(own[mismatched[0]].shape)}") if mismatched else ""
-        problem = (f"{len(missing)} of the {len(own)} {what} tensors do not come from {source} "
-                   f"({_few(missing)}{shapes})")
+        problems.append(f"{len(missing)} of the {len(own)} {what} tensors do not come from {source} "
+                        f"({_few(missing)}{shapes})")
+    if deeper:
+        problems.append(f"{len(deeper)} tensors of {source} are of blocks the {what} does not have ({_few(deeper)})")
+    if problems:
+        problem = "; ".join(problems)
+        rest = " and leaves the rest at their initialisation" if missing else ""
         if strict:
             raise ConfigError(f"{problem}: is it a checkpoint of this {what}? pretrained_strict=false loads the "
-                              f"{len(usable)} that fit and leaves the rest at their initialisation")
-        log.warning("%s: they keep their initialisation (pretrained_strict=false)", problem)
+                              f"{len(usable)} that fit{rest}")
+        log.warning("%s: %s (pretrained_strict=false)", problem,
+                    "they keep their initialisation" if missing else "they are left out")
     module.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors of %s into the %s; %d of the file's have no place in it%s", len(usable), source, what,
              len(unexpected), f" ({_few(unexpected)})" if unexpected else "")
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def _beyond_depth(keys: list[str], own: dict[str, Any]) -> list[str]:
+    """The ``keys`` of numbered blocks past the last of their sequence in ``own`` (``layers.2.blocks.6.*`` for a
+    model whose ``layers.2.blocks`` ends at 5): the file is of a deeper model (Swin-S for Swin-T, ResNet-101 for
+    ResNet-50), whose first blocks would load and leave a model that is neither."""
+    prefixes = {".".join(parts[:i]) for parts in (k.split(".") for k in own) for i in range(1, len(parts))}
+    deeper = []
+    for key in keys:
+        parts = key.split(".")
+        for i, part in enumerate(parts[1:-1], 1):
+            sequence = ".".join(parts[:i])
+            if part.isdigit() and f"{sequence}.0" in prefixes and f"{sequence}.{part}" not in prefixes:
+                deeper.append(key)
+                break
+    return deeper
 
 
 def load_classifier(head: nn.Linear, classifier: dict[str, torch.Tensor], source: str) -> None:

@@ -64,15 +64,16 @@ def run(cfg: DictConfig) -> float | None:
 
     with hydra_ddp_job():
         trainer = build_trainer(cfg)
-        if cfg.mode == "train":
-            try:  # weights_only: the resumed checkpoint too (vtrain.checkpoint.CheckpointIO reads it so anyway)
+        try:  # a checkpoint that cannot be read or is refused, data files that cannot be read: one line
+            if cfg.mode == "train":
+                # weights_only: the resumed checkpoint too (vtrain.checkpoint.CheckpointIO reads it so anyway)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-            except ConfigError as e:  # a checkpoint that cannot be read, or is refused
-                return fail(e)
-            if _final_weights_unvalidated(trainer):
-                trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
-        else:
-            trainer.validate(module, datamodule=datamodule)
+                if _final_weights_unvalidated(trainer):
+                    trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
+            else:
+                trainer.validate(module, datamodule=datamodule)
+        except ConfigError as e:
+            return fail(e)
     return _monitored_value(cfg, module)
 
 

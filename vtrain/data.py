@@ -5,20 +5,36 @@ Training loaders resume exactly (see :mod:`vtrain.reproducibility`): a ``Statefu
 :class:`~vtrain.reproducibility.RepeatedAugmentationSampler`), with each sample's random augmentation seeded by
 ``(seed, epoch, index)`` through :class:`SeededDataset`, whatever the task's dataset is.
 
-Class folders (``root/<split>/<class>/<files>``: ImageNet, Kinetics) are listed, checked and read here once;
-a file that cannot be read is a :class:`CorruptFileError` naming it, or is skipped and counted.
+Class folders (``root/<split>/<class>/<files>``: ImageNet, Kinetics) are listed, checked and read here once.
+
+Unreadable files, one policy for every task (``data.skip_corrupt``, ``data.max_skipped_fraction``):
+
+* ``skip_corrupt=true`` (default): a file that cannot be read is named in a warning and skipped
+  (:func:`read_or_skip`). In training the sample is replaced by another one drawn from its seed
+  (:class:`SeededDataset`, mmengine's ``BaseDataset`` refetch), so batches keep their size and DDP processes
+  their step; in evaluation it is left out (a batch with none left is None, which the task's validation step
+  passes over). Each loader's batch comes with how many samples it had and how many were skipped
+  (:class:`ReadableCollate`); the data module counts them (:meth:`DataModule.on_before_batch_transfer`), and
+  :class:`vtrain.callbacks.SkippedSamples` logs them (``train/skipped_samples``, ``val/skipped_samples``: the
+  progress bar, ``metrics.csv``, ``metrics.json``).
+* More than ``max_skipped_fraction`` of a training epoch's or a validation's samples skipped stops the run with
+  one line, and so does a validation none of whose samples could be read.
+* ``skip_corrupt=false``: the first unreadable file stops the run with one line naming it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vtrain import ConfigError
@@ -28,9 +44,24 @@ log = logging.getLogger(__name__)
 Samples = list[tuple[str, int]]  # (file path, label)
 
 
+class Read(NamedTuple):
+    """A training sample as :class:`SeededDataset` hands it to the collate: the sample (None if none could be read)
+    and how many unreadable samples were passed over to get it."""
+
+    sample: Any
+    skipped: int
+
+
 class SeededDataset(Dataset):
     """``dataset[index]`` for a key ``(epoch, index)`` or ``(epoch, index, repeat)`` (or a plain ``index``, as epoch
-    0), with python/numpy/torch seeded for that draw of the sample first."""
+    0), with python/numpy/torch seeded for that draw of the sample first.
+
+    A sample the dataset skipped (None: an unreadable file) is replaced by another index drawn from the same seeded
+    generator, up to ``max_refetch`` times (mmengine's ``BaseDataset.__getitem__``): a training batch keeps its
+    size, and every DDP process a batch to step on. The result is a :class:`Read`.
+    """
+
+    max_refetch = 10
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -38,11 +69,38 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, ...] | int) -> Any:
+    def __getitem__(self, key: tuple[int, ...] | int) -> Read:
         # a plain index comes from a sampler Lightning put in place (``trainer.overfit_batches``): epoch 0's draw
         epoch, index, *repeat = key if isinstance(key, tuple) else (0, key)
         seed_sample(self.seed, epoch, index, *repeat)
-        return self.dataset[index]
+        sample, skipped = self.dataset[index], 0
+        while sample is None and skipped < self.max_refetch:
+            skipped += 1
+            sample = self.dataset[random.randrange(len(self.dataset))]
+        return Read(sample, skipped + (sample is None))
+
+
+class CountedBatch(NamedTuple):
+    """What a loader of :func:`build_loader` yields: the task's batch of the samples that could be read (None if
+    none could), how many samples the batch was drawn for, and how many unreadable ones were skipped."""
+
+    batch: Any
+    samples: int
+    skipped: int
+
+
+class ReadableCollate:
+    """The task's collate function (``collate``; torch's default if None) over the samples that could be read: a
+    dataset returns None for one it skipped, :class:`SeededDataset` a :class:`Read`. Returns a
+    :class:`CountedBatch`; the task's collate never sees an empty list."""
+
+    def __init__(self, collate: Callable | None = None):
+        self.collate = collate or default_collate
+
+    def __call__(self, samples: list[Any]) -> CountedBatch:
+        reads = [s if isinstance(s, Read) else Read(s, int(s is None)) for s in samples]
+        kept = [r.sample for r in reads if r.sample is not None]
+        return CountedBatch(self.collate(kept) if kept else None, len(reads), sum(r.skipped for r in reads))
 
 
 def build_loader(
@@ -63,13 +121,14 @@ def build_loader(
     :class:`~vtrain.reproducibility.EpochSeededSampler`, e.g. detection's aspect-ratio groups), else DeiT's repeated
     copies when ``repeated_augmentation`` is set (the arguments of
     :class:`~vtrain.reproducibility.RepeatedAugmentationSampler`, e.g. ``{repeats: 3}``), else the seeded order.
-    Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under DDP)."""
+    Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under DDP). Either yields
+    :class:`CountedBatch` es of ``collate_fn``'s batches (:class:`ReadableCollate`)."""
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         persistent_workers=persistent_workers and num_workers > 0,
-        collate_fn=collate_fn,
+        collate_fn=ReadableCollate(collate_fn),
         drop_last=train if drop_last is None else drop_last,
     )
     if not train:
@@ -99,6 +158,9 @@ class DataModule(pl.LightningDataModule):
         repeated_augmentation: DeiT's repeated augmentation, the arguments of
             :class:`~vtrain.reproducibility.RepeatedAugmentationSampler` (``{repeats: 3}``); None: each sample once
             per epoch.
+        skip_corrupt: skip (and count) an unreadable file instead of stopping at it (the module doc).
+        max_skipped_fraction: stop when more than this fraction of a training epoch's or a validation's samples
+            were skipped.
     """
 
     collate_fn: Callable | None = None  # a task's batch layout (a staticmethod); None: torch's default
@@ -114,6 +176,8 @@ class DataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
         repeated_augmentation: Mapping[str, Any] | None = None,
+        skip_corrupt: bool = True,
+        max_skipped_fraction: float = 0.01,
     ):
         super().__init__()
         self.root, self.num_classes = Path(root), num_classes
@@ -123,6 +187,10 @@ class DataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
         self.repeated_augmentation = dict(repeated_augmentation) if repeated_augmentation else None
+        self.skip_corrupt, self.max_skipped_fraction = skip_corrupt, max_skipped_fraction
+        self.skipped_in_training = 0  # over the whole run (in checkpoints)
+        # per stage: (which epoch or validation, samples drawn, samples skipped)
+        self.read_counts: dict[str, tuple[Any, int, int]] = {}
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return build_loader(
@@ -138,10 +206,96 @@ class DataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
+    # ------------------------------------------------------------------ unreadable samples
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a :class:`CountedBatch`'s skipped samples, stop when there are too many, hand the task its batch."""
+        if not isinstance(batch, CountedBatch):
+            return batch
+        trainer = self.trainer
+        if trainer is not None:
+            if trainer.training:
+                stage, moment, dataset = "train", trainer.current_epoch, self.train_set
+                self.skipped_in_training += batch.skipped
+            else:  # a validation: the step it is at, sanity check or not, in fit or alone
+                stage, moment, dataset = "val", (trainer.global_step, trainer.sanity_checking, trainer.state.fn), self.val_set
+            previous, samples, skipped = self.read_counts.get(stage, (None, 0, 0))
+            if previous != moment:
+                samples, skipped = 0, 0
+            samples, skipped = samples + batch.samples, skipped + batch.skipped
+            self.read_counts[stage] = (moment, samples, skipped)
+            share = len(dataset) / max(trainer.world_size, 1)  # what this process reads of it
+            if skipped > self.max_skipped_fraction * share:
+                what = "training epoch" if stage == "train" else "validation"
+                of = (f"of {len(dataset)}" if trainer.world_size == 1
+                      else f"of the {round(share)} of {len(dataset)} that this process reads")
+                raise CorruptFileError(
+                    f"{skipped} samples of this {what} could not be read ({of} in {self.root}), more than "
+                    f"data.max_skipped_fraction={self.max_skipped_fraction} allows; the log names each file: fix or "
+                    "remove them, or raise data.max_skipped_fraction"
+                )
+        return batch.batch
+
+    def skipped(self, stage: str) -> tuple[int, int]:
+        """(samples drawn, samples skipped) in the current training epoch (``train``) or the last validation
+        (``val``) of this process."""
+        _, samples, skipped = self.read_counts.get(stage, (None, 0, 0))
+        return samples, skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_in_training": self.skipped_in_training}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_in_training = int(state_dict.get("skipped_in_training", 0))
+
 
 # ----------------------------------------------------------------------------- files, one class per folder
-class CorruptFileError(RuntimeError):
-    """A dataset file that cannot be read or decoded; the message names it."""
+class DataFileError(ConfigError):
+    """A dataset file that cannot be used; the message (one line) names it and says what to do.
+
+    Raised in a loader worker, it comes back to the main process as the same type built from a message that holds
+    the worker's traceback (``torch.utils.data._utils.ExceptionWrapper``); the message keeps its own last line.
+    """
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if last.startswith(f"{type(self).__module__}.") else last
+        super().__init__(message)
+
+
+class CorruptFileError(DataFileError):
+    """A dataset file that cannot be read or decoded."""
+
+
+def read_or_skip(kind: str, path: str | Path, load: Callable[[], Any], skip: bool) -> Any | None:
+    """``load()``, the reading of file ``path`` (a ``kind``: image, video, ...). If it fails: with ``skip``, a warning
+    naming the file and None; otherwise a :class:`CorruptFileError` naming it."""
+    try:
+        return load()
+    except DataFileError:
+        raise  # already says what is wrong with the file
+    except Exception as e:  # noqa: BLE001 - decoders report a broken file in many ways
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if not skip:
+            raise CorruptFileError(
+                f"cannot read {kind} {path} ({reason}): fix or remove it, or set data.skip_corrupt=true to skip "
+                "(and count) unreadable files"
+            ) from e
+        log.warning("skipped unreadable %s %s (%s)", kind, path, reason)
+        return None
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB. A 16-bit greyscale PNG is scaled to 8 bits (its high byte, as OpenCV's
+    ``IMREAD_COLOR`` reads it for mmcv), where PIL's ``convert("RGB")`` would clip every value above 255 to white;
+    32-bit integer and floating-point images are refused."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I;16"):
+            return Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8), "L").convert("RGB")
+        if im.mode in ("I", "F"):
+            raise CorruptFileError(f"image {path} is a {'32-bit integer' if im.mode == 'I' else 'floating-point'} "
+                                   "image (PIL mode " + im.mode + "): save it as an 8-bit (or 16-bit) RGB or greyscale file")
+        return im.convert("RGB")
 
 
 def list_classes(split_dir: Path) -> list[str]:
@@ -185,18 +339,14 @@ def check_class_folders(root: Path, num_classes: int, extensions: tuple[str, ...
 
 
 class LabelledFileDataset(Dataset):
-    """``samples`` of ``(path, label)``, one file each, read by a subclass's ``load(path)`` through :meth:`read`.
-
-    A file that cannot be read is named in a :class:`CorruptFileError`, or, with ``skip_corrupt``, named in a
-    warning, counted (``skipped``, per worker) and read as None, for the task's collate function to leave out.
-    Real downloads hold broken files; a long run should not die on one of them when asked not to.
-    """
+    """``samples`` of ``(path, label)``, one file each, read by a subclass's ``load(path)`` through :meth:`read`:
+    a file that cannot be read is named in a :class:`CorruptFileError`, or, with ``skip_corrupt``, in a warning,
+    and read as None (:func:`read_or_skip`)."""
 
     kind = "file"  # what a file holds, in messages
 
-    def __init__(self, samples: Samples, skip_corrupt: bool = False):
+    def __init__(self, samples: Samples, skip_corrupt: bool = True):
         self.samples, self.skip_corrupt = samples, skip_corrupt
-        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -205,14 +355,4 @@ class LabelledFileDataset(Dataset):
         raise NotImplementedError
 
     def read(self, path: str) -> Any | None:
-        try:
-            return self.load(path)
-        except Exception as e:  # noqa: BLE001 - decoders report a broken file in many ways
-            if not self.skip_corrupt:
-                raise CorruptFileError(
-                    f"cannot read {self.kind} {path} ({e}): fix or remove it, or set data.skip_corrupt=true"
-                ) from e
-            self.skipped += 1
-            log.warning("skipped unreadable %s %s (%s: %s); %d skipped by this worker", self.kind, path,
-                        type(e).__name__, e, self.skipped)
-            return None
+        return read_or_skip(self.kind, path, lambda: self.load(path), self.skip_corrupt)

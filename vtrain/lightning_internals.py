@@ -38,6 +38,25 @@ def stop_after_this_batch(trainer: pl.Trainer) -> None:
     trainer._signal_connector.received_sigterm = True
 
 
+def rerun_validation_on_resume(trainer: pl.Trainer) -> None:
+    """Make a checkpoint saved now, in the middle of a validation of ``fit``, resume by running that validation again
+    from its first batch.
+
+    Left as it is, the validation loop's progress (``fit_loop.epoch_loop.val_loop.batch_progress``) says that the
+    batches seen so far are done, and the training loop's that its last batch is done: Lightning reads that as a
+    checkpoint saved after the validation (``RestartStage.RESTARTED_ON_LAST``) and skips it on resume, so the
+    epoch's metrics, its best and top-k checkpoints, are never computed. Set back to "inside the first batch"
+    (started, not processed), it is Lightning's ``restarted_mid_evaluation``, which runs the validation before
+    training goes on; the batches already seen count for nothing (their metric states are not in the checkpoint).
+    """
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    seen = progress.current.completed
+    for tracker in (progress.total, progress.current):
+        tracker.completed = tracker.processed = tracker.completed - seen
+        tracker.started = tracker.ready = tracker.completed + 1
+    progress.is_last_batch = False
+
+
 def setup_train_data(trainer: pl.Trainer) -> None:
     """Build the training loader now (``fit_loop.setup_data``), e.g. to know the batches per epoch inside
     ``configure_optimizers`` of an iteration-based run, before Lightning would."""

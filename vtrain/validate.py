@@ -39,6 +39,8 @@ VALUE_RULES = (
     ("data.batch_size", lambda v: _int(v) and v > 0, "a whole number > 0 (samples per device)", "32"),
     ("data.val_batch_size", lambda v: v is None or _int(v) and v > 0,
      "a whole number > 0 (samples per device), or null (as data.batch_size)", "32"),
+    ("data.max_skipped_fraction", lambda v: _number(v) and 0 <= v <= 1,
+     "a fraction from 0 to 1 (of an epoch's or a validation's samples that may be skipped as unreadable)", "0.01"),
     ("data.num_workers", lambda v: _int(v) and v >= 0,
      "a whole number >= 0 (loader processes per device; 0 loads in the main process)", "4"),
     # Lightning: max_epochs None is 1000 epochs (-1 with max_steps set); -1 is no limit for either

@@ -1,32 +1,35 @@
 """ImageNet-1K folder layout: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Mapping
 
 from PIL import Image
-from timm.data import create_transform
-from torch.utils.data import default_collate
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from vtrain.data import DataModule, LabelledFileDataset, check_class_folders, class_folder_samples, list_classes
+from vtrain import ConfigError
+from vtrain.data import (
+    DataModule, LabelledFileDataset, check_class_folders, class_folder_samples, list_classes, read_rgb,
+)
 
 LAYOUT = "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"
+EVAL_CROP_MODES = ("center", "squash")  # timm's crop_mode values whose reference evaluations vtrain's recipes use
 
 
 class ImageFolderDataset(LabelledFileDataset):
     """``torchvision.datasets.ImageFolder`` semantics with a class index fixed by the training split, and
-    unreadable files either named in an error or skipped (returned as ``None``, dropped by the collate)."""
+    unreadable files either named in an error or skipped (returned as ``None``: :mod:`vtrain.data`)."""
 
     kind = "image"
 
-    def __init__(self, split_dir: Path, classes: list[str], transform=None, skip_corrupt: bool = False):
+    def __init__(self, split_dir: Path, classes: list[str], transform=None, skip_corrupt: bool = True):
         super().__init__(class_folder_samples(split_dir, classes, IMG_EXTENSIONS), skip_corrupt)
         self.transform = transform
 
     def load(self, path: str) -> Image.Image:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return read_rgb(path)
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
@@ -36,23 +39,21 @@ class ImageFolderDataset(LabelledFileDataset):
         return (self.transform(image) if self.transform else image), target
 
 
-def collate_skipping_none(batch: list[Any]):
-    return default_collate([b for b in batch if b is not None])
-
-
 class ImageFolderDataModule(DataModule):
     """ImageNet-1K in class folders, with timm's transforms.
 
     Args:
         img_size: the training crop and evaluation size.
         batch_size: training images per device (validation's too, unless ``val_batch_size``).
-        skip_corrupt: skip unreadable images (each one named in the log) instead of failing.
         augment: the training augmentation, as ``timm.data.create_transform`` takes it.
-        eval_crop_pct, eval_interpolation: evaluation resizes to ``img_size / eval_crop_pct`` then center-crops.
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``val_batch_size``, ``seed``, ...).
+        mean, std: normalisation, on 0-1 pixels (training and evaluation).
+        eval_crop_pct, eval_crop_mode, eval_interpolation: evaluation's resize and crop (timm's ``crop_pct``,
+            ``crop_mode``): ``center`` resizes the short side to ``img_size / eval_crop_pct`` and crops the centre,
+            ``squash`` resizes both sides to it (``img_size`` at 1.0: no crop).
+        The configs take mean, std and the evaluation rule from ``conf/preprocessing/`` (what the weights expect).
+        **loading: the other :class:`vtrain.data.DataModule` arguments (``val_batch_size``, ``seed``,
+            ``skip_corrupt``, ...).
     """
-
-    collate_fn = staticmethod(collate_skipping_none)
 
     def __init__(
         self,
@@ -61,16 +62,21 @@ class ImageFolderDataModule(DataModule):
         img_size: int = 224,
         batch_size: int = 128,
         num_workers: int = 8,
-        skip_corrupt: bool = False,
         augment: Mapping[str, Any] | None = None,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
         eval_crop_pct: float = 0.875,
+        eval_crop_mode: str = "center",
         eval_interpolation: str = "bicubic",
         **loading: Any,
     ):
         super().__init__(root, num_classes, batch_size=batch_size, num_workers=num_workers, **loading)
-        self.img_size, self.skip_corrupt = img_size, skip_corrupt
+        self.img_size = img_size
         self.augment = dict(augment or {})
-        self.eval_crop_pct, self.eval_interpolation = eval_crop_pct, eval_interpolation
+        self.mean, self.std = tuple(mean), tuple(std)
+        if eval_crop_mode not in EVAL_CROP_MODES:
+            raise ConfigError(f"data.eval_crop_mode={eval_crop_mode!r}: use one of {', '.join(EVAL_CROP_MODES)}")
+        self.eval_crop_pct, self.eval_crop_mode, self.eval_interpolation = eval_crop_pct, eval_crop_mode, eval_interpolation
         self.classes: list[str] = []
 
     # ------------------------------------------------------------------ checks before anything starts
@@ -80,11 +86,12 @@ class ImageFolderDataModule(DataModule):
 
     # ------------------------------------------------------------------ datasets
     def train_transform(self):
-        return create_transform(self.img_size, is_training=True, **self.augment)
+        return create_transform(self.img_size, is_training=True, mean=self.mean, std=self.std, **self.augment)
 
     def eval_transform(self):
         return create_transform(
-            self.img_size, is_training=False, interpolation=self.eval_interpolation, crop_pct=self.eval_crop_pct
+            self.img_size, is_training=False, interpolation=self.eval_interpolation, crop_pct=self.eval_crop_pct,
+            crop_mode=self.eval_crop_mode, mean=self.mean, std=self.std,
         )
 
     def setup(self, stage: str | None = None) -> None:

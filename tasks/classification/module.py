@@ -56,7 +56,9 @@ class ClassificationTask(TaskModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
+        if batch is None:
+            return  # none of its images could be read (vtrain.data.ReadableCollate)
         images, targets = batch
         logits = self(images)
         n = images.shape[0]

@@ -17,6 +17,9 @@ crowd (``iscrowd=1``)                        not a training target (torchvision'
                                              regions); kept for evaluation
 image with no training target left           skipped in training when ``filter_empty`` (default); every
                                              image is evaluated
+image file that cannot be read               skipped and counted, or a ``CorruptFileError`` naming it
+                                             (``data.skip_corrupt``: :mod:`vtrain.data`)
+image whose size is not the annotation's     ``CorruptFileError`` naming the image and the annotation file
 ==========================================  ===============================================================
 
 Evaluation never reads these cleaned targets: it scores against the annotation file itself
@@ -47,7 +50,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from vtrain.tasks.detection.transforms import eval_transform, train_transform
 from vtrain import ConfigError
-from vtrain.data import CorruptFileError, DataModule
+from vtrain.data import CorruptFileError, DataModule, read_or_skip
 from vtrain.reproducibility import EpochSeededSampler
 
 log = logging.getLogger(__name__)
@@ -226,22 +229,25 @@ def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- datasets
 class CocoDetectionDataset(Dataset):
-    """Images of one split; with ``targets``, their cleaned training targets through ``transform``."""
+    """Images of one split; with ``targets``, their cleaned training targets through ``transform``. An image that
+    cannot be read is named in an error, or skipped (None) with ``skip_corrupt`` (:mod:`vtrain.data`)."""
 
-    def __init__(self, image_dir: Path, annotation_file: Path, records: PackedRecords, transform, targets: bool, masks: bool):
+    def __init__(self, image_dir: Path, annotation_file: Path, records: PackedRecords, transform, targets: bool,
+                 masks: bool, skip_corrupt: bool = True):
         self.image_dir, self.annotation_file = image_dir, annotation_file
         self.records, self.transform = records, transform
-        self.targets, self.masks = targets, masks
+        self.targets, self.masks, self.skip_corrupt = targets, masks, skip_corrupt
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def read_image(self, record: dict) -> torch.Tensor:
+    def read_image(self, record: dict) -> torch.Tensor | None:
         path = self.image_dir / record["file_name"]
-        try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except Exception as e:  # noqa: BLE001 - decoders raise many types for broken files
-            raise CorruptFileError(f"cannot read image {path} ({e}): fix or remove it") from e
+        image = read_or_skip("image", path, lambda: decode_image(str(path), mode=ImageReadMode.RGB), self.skip_corrupt)
+        if image is None:
+            return None
+        if image.dtype == torch.uint16:  # a 16-bit PNG: its high byte, as 8-bit readers (OpenCV, PIL for RGB) keep
+            image = (image.to(torch.int32) >> 8).to(torch.uint8)
         if tuple(image.shape[-2:]) != (record["height"], record["width"]):
             raise CorruptFileError(
                 f"{path} is {image.shape[-1]}x{image.shape[-2]} but {self.annotation_file} says "
@@ -249,9 +255,12 @@ class CocoDetectionDataset(Dataset):
             )
         return image
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
         record = self.records[i]
-        image = tv_tensors.Image(self.read_image(record))
+        image = self.read_image(record)
+        if image is None:
+            return None
+        image = tv_tensors.Image(image)
         if not self.targets:
             return self.transform(image).as_subclass(torch.Tensor), {"image_id": record["id"]}
         h, w = record["height"], record["width"]
@@ -343,7 +352,8 @@ class CocoDataModule(DataModule):
         group_by_aspect_ratio: batches of images that are all wider than high or all not
             (:class:`AspectRatioGroupedSampler`, mmdet's ``GroupSampler``; torchvision's references group too).
         train_split, val_split: folder / annotation file names (``instances_<split>.json``).
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``, ...).
+        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``,
+            ``skip_corrupt``, ...).
     """
 
     collate_fn = staticmethod(collate_detection)
@@ -429,11 +439,13 @@ class CocoDataModule(DataModule):
             self.train_set = CocoDetectionDataset(
                 self.root / self.train_split, index.path, PackedRecords(records),
                 train_transform(self.train_sizes, self.max_size, self.hflip, self.crop), targets=True, masks=self.masks,
+                skip_corrupt=self.skip_corrupt,
             )
             self.train_groups = aspect_ratio_groups(records)
         index = self.index(self.val_split)
         self.val_set = CocoDetectionDataset(
-            self.root / self.val_split, index.path, index.records, eval_transform(), targets=False, masks=False
+            self.root / self.val_split, index.path, index.records, eval_transform(), targets=False, masks=False,
+            skip_corrupt=self.skip_corrupt,
         )
 
     def train_dataloader(self):

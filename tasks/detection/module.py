@@ -142,7 +142,9 @@ class DetectionTask(TaskModule):
             )
         self.evaluator.reset()
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch | None, batch_idx: int) -> None:
+        if batch is None:
+            return  # none of its images could be read (vtrain.data.ReadableCollate)
         images, targets = batch
         self.evaluator.update([t["image_id"] for t in targets], self(images))
 

@@ -12,6 +12,8 @@ resize keeping the aspect ratio into ``img_scale`` (2048, 512) times a ratio dra
 label 255). Validation sample: the image at its original size, normalised, and its label; the task's
 inference resizes it (short side 512) and resizes the logits back, so the metric sees original-size labels.
 
+An image or annotation file that cannot be read is skipped and counted, or named in an error
+(``data.skip_corrupt``: :mod:`vtrain.data`); a 16-bit image is read as 8 bits (:func:`vtrain.data.read_rgb`).
 Bad input is named before or when it is read: an image without its annotation or the reverse
 (``check``; or leave them out with ``skip_unpaired=true``, the count is logged), an annotation whose size
 differs from its image's, an annotation that is not single-channel, and label values above
@@ -34,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vtrain.tasks.segmentation.inference import rescale_size
 from vtrain import ConfigError
-from vtrain.data import DataModule
+from vtrain.data import DataFileError, DataModule, read_or_skip, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ ADE20K_CLASSES = (
 )
 
 
-class AnnotationError(ValueError):
+class AnnotationError(DataFileError):
     """An annotation that cannot be used as it is; the message names the file and the fix."""
 
 
@@ -101,8 +103,7 @@ def list_pairs(root: Path, split: str, skip_unpaired: bool = False) -> list[tupl
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_image(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
+    return np.array(read_rgb(path))
 
 
 def read_label(path: str, image_path: str, image_size: tuple[int, int], num_classes: int, reduce_zero_label: bool,
@@ -215,26 +216,37 @@ class SegmentationDataset(Dataset):
     def __init__(self, pairs: list[tuple[str, str]], num_classes: int, train: bool, *, mean: Sequence[float],
                  std: Sequence[float], img_scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0),
                  crop_size: Sequence[int] = (512, 512), cat_max_ratio: float = 0.75, hflip: float = 0.5,
-                 photometric: bool = True, reduce_zero_label: bool = True, ignore_invalid_labels: bool = False):
+                 photometric: bool = True, reduce_zero_label: bool = True, ignore_invalid_labels: bool = False,
+                 skip_corrupt: bool = True):
         self.pairs, self.num_classes, self.train = pairs, num_classes, train
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # on 0-1 pixels, as in every task (conf/preprocessing/); these images are 0-255 (mmseg's 123.675 = 0.485 * 255)
+        self.mean = torch.tensor(mean, dtype=torch.float64).mul(255).float().view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float64).mul(255).float().view(3, 1, 1)
         self.img_scale, self.ratio_range, self.crop_size = tuple(img_scale), tuple(ratio_range), tuple(crop_size)
         self.cat_max_ratio, self.hflip, self.photometric = cat_max_ratio, hflip, photometric
         self.reduce_zero_label, self.ignore_invalid_labels = reduce_zero_label, ignore_invalid_labels
+        self.skip_corrupt = skip_corrupt
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The image and its class map; None when either file cannot be read and ``skip_corrupt`` (an annotation
+        that reads but does not fit is an :class:`AnnotationError`)."""
         image_path, label_path = self.pairs[i]
-        image = read_image(image_path)
-        label = read_label(label_path, image_path, image.shape[:2], self.num_classes, self.reduce_zero_label,
-                           self.ignore_invalid_labels)
-        return image, label
+        image = read_or_skip("image", image_path, lambda: read_image(image_path), self.skip_corrupt)
+        if image is None:
+            return None
+        label = read_or_skip("annotation", label_path, lambda: read_label(
+            label_path, image_path, image.shape[:2], self.num_classes, self.reduce_zero_label,
+            self.ignore_invalid_labels), self.skip_corrupt)
+        return None if label is None else (image, label)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image, label = self.load(i)
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
+        loaded = self.load(i)
+        if loaded is None:
+            return None
+        image, label = loaded
         if self.train:
             image, label = random_resize(image, label, self.img_scale, self.ratio_range)
             image, label = random_crop(image, label, self.crop_size, self.cat_max_ratio)
@@ -273,13 +285,14 @@ class ADE20KDataModule(DataModule):
         num_classes: 150 for ADE20K, without the ignore index.
         img_scale, ratio_range, crop_size, cat_max_ratio, hflip, photometric: the training pipeline
             (module doc; ``hflip`` is the flip probability).
-        mean, std: normalisation, on 0-255 pixels.
+        mean, std: normalisation, on 0-1 pixels (the configs read ``conf/preprocessing/``).
         reduce_zero_label: 0 ("other") becomes the ignore index and the rest shift down by one.
         batch_size: training crops per device (2 in the 16-image recipes on 8 GPUs).
         val_batch_size: validation images per device (they differ in size: a batch pads them to the largest).
         skip_unpaired: leave out (and count) an image without annotation and the reverse instead of failing.
         ignore_invalid_labels: label values above ``num_classes`` (not 255) become ignore instead of failing.
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``, ...).
+        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``,
+            ``skip_corrupt``, ...).
     """
 
     collate_fn = staticmethod(collate_padded)
@@ -294,8 +307,8 @@ class ADE20KDataModule(DataModule):
         cat_max_ratio: float = 0.75,
         hflip: float = 0.5,
         photometric: bool = True,
-        mean: Sequence[float] = (123.675, 116.28, 103.53),
-        std: Sequence[float] = (58.395, 57.12, 57.375),
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
         reduce_zero_label: bool = True,
         batch_size: int = 2,
         val_batch_size: int = 1,
@@ -309,6 +322,7 @@ class ADE20KDataModule(DataModule):
             mean=tuple(mean), std=tuple(std), img_scale=tuple(img_scale), ratio_range=tuple(ratio_range),
             crop_size=tuple(crop_size), cat_max_ratio=cat_max_ratio, hflip=hflip, photometric=photometric,
             reduce_zero_label=reduce_zero_label, ignore_invalid_labels=ignore_invalid_labels,
+            skip_corrupt=self.skip_corrupt,
         )
         self.class_names = (
             list(ADE20K_CLASSES) if num_classes == len(ADE20K_CLASSES) else [f"class_{i}" for i in range(num_classes)]

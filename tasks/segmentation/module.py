@@ -125,7 +125,9 @@ class SegmentationTask(TaskModule):
                 self.log(f"train/loss_{name}", losses[name], on_step=True, on_epoch=False, batch_size=n)
         return losses["loss"]
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
+        if batch is None:
+            return  # none of its images could be read (vtrain.data.ReadableCollate)
         for image, label, (h, w) in zip(batch["images"], batch["labels"], batch["sizes"].tolist()):
             probs = self.predict_probs(image[None, :, :h, :w])
             self.val_metrics.update(probs.argmax(dim=1)[0], label[:h, :w])

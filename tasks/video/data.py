@@ -17,7 +17,7 @@ configs' crop) and a horizontal flip: (C, T, H, W). A validation sample is every
 
 Real Kinetics downloads contain broken, truncated and undecodable files: with
 ``skip_corrupt`` (default) each one is skipped with a warning naming it and counted
-(``train/skipped_videos``, ``val/skipped_videos``), and the run goes on.
+(``train/skipped_samples``, ``val/skipped_samples``: :mod:`vtrain.data`), and the run goes on.
 """
 from __future__ import annotations
 
@@ -40,8 +40,6 @@ from vtrain.data import (
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 FOLDERS = "root/train/<class>/*.mp4 and root/val/<class>/*.mp4"
-# ImageNet statistics on 0-255 pixels (mmaction2's Kinetics configs)
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
 def read_list_file(root: Path, list_file: Path) -> Samples:
@@ -94,21 +92,27 @@ class VideoClipDataset(LabelledFileDataset):
         return {"clips": self.transform(clips), "label": label}
 
 
-def collate_clips(batch: list[dict | None]) -> dict[str, Any]:
-    """Stack the readable samples; ``skipped`` counts the unreadable ones (``clips`` is None if none was readable)."""
-    kept = [b for b in batch if b is not None]
+def collate_clips(batch: list[dict]) -> dict[str, Any]:
+    """Stack the samples (the readable ones: :class:`vtrain.data.ReadableCollate` leaves out the others)."""
     return {
-        "clips": torch.stack([b["clips"] for b in kept]) if kept else None,
-        "labels": torch.tensor([b["label"] for b in kept], dtype=torch.long),
-        "skipped": len(batch) - len(kept),
+        "clips": torch.stack([b["clips"] for b in batch]),
+        "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
     }
 
 
-def normalize(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> normalised float (3, T, H, W)."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return ((clip.float() - mean) / std).transpose(0, 1).contiguous()
+class Normalize:
+    """uint8 (T, 3, H, W) -> normalised float (3, T, H, W); ``mean`` and ``std`` on 0-1 pixels, as in every task
+    (mmaction2's Kinetics configs write ImageNet's times 255: 123.675, ...)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float64).mul(255).float().view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float64).mul(255).float().view(1, 3, 1, 1)
+
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:
+        return ((clip.float() - self.mean) / self.std).transpose(0, 1).contiguous()
+
+
+IMAGENET = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class MultiScaleCrop:
@@ -157,23 +161,25 @@ class TrainClipTransform:
     with ``crop_scales``, its :class:`MultiScaleCrop`) + ``Flip``: (1, T, 3, H, W) uint8 -> (3, T, crop, crop)
     float."""
 
-    def __init__(self, crop_size: int, scale: Sequence[float], hflip: float, crop_scales: Sequence[float] | None = None):
+    def __init__(self, crop_size: int, scale: Sequence[float], hflip: float, crop_scales: Sequence[float] | None = None,
+                 normalize: Normalize = IMAGENET):
         crop = (MultiScaleCrop(crop_size, crop_scales) if crop_scales
                 else v2.RandomResizedCrop(crop_size, scale=tuple(scale), antialias=True))
         self.augment = v2.Compose([crop, v2.RandomHorizontalFlip(hflip)])
+        self.normalize = normalize
 
     def __call__(self, clips: torch.Tensor) -> torch.Tensor:
-        return normalize(self.augment(tv_tensors.Video(clips[0])).as_subclass(torch.Tensor))
+        return self.normalize(self.augment(tv_tensors.Video(clips[0])).as_subclass(torch.Tensor))
 
 
 class TestViewsTransform:
     """Every clip times ``num_crops`` crops (1: centre; 3: both ends and the middle of the long side, mmaction2's
     ``ThreeCrop``): (clips, T, 3, H, W) uint8 -> (clips * crops, 3, T, crop, crop) float, clip-major."""
 
-    def __init__(self, crop_size: int, num_crops: int):
+    def __init__(self, crop_size: int, num_crops: int, normalize: Normalize = IMAGENET):
         if num_crops not in (1, 3):
             raise ConfigError(f"data.num_test_crops={num_crops}: use 1 (centre) or 3 (three crops)")
-        self.crop_size, self.num_crops = crop_size, num_crops
+        self.crop_size, self.num_crops, self.normalize = crop_size, num_crops, normalize
 
     def crop_offsets(self, height: int, width: int) -> list[tuple[int, int]]:
         c = self.crop_size
@@ -189,7 +195,7 @@ class TestViewsTransform:
         if min(height, width) < self.crop_size:
             raise ConfigError(f"eval crops of {self.crop_size} from {height}x{width} frames: data.eval_short_side must be >= data.eval_crop_size")
         c = self.crop_size
-        views = [normalize(clip[..., y:y + c, x:x + c]) for clip in clips for y, x in self.crop_offsets(height, width)]
+        views = [self.normalize(clip[..., y:y + c, x:x + c]) for clip in clips for y, x in self.crop_offsets(height, width)]
         return torch.stack(views)
 
 
@@ -204,10 +210,10 @@ class KineticsDataModule(DataModule):
         crop_scales: mmaction2's ``MultiScaleCrop`` with these scales of the short side (:class:`MultiScaleCrop`,
             the I3D configs' ``(1, 0.8)``) instead of the random resized crop; None: the random resized crop.
         eval_short_side, eval_crop_size: validation resize and crop.
+        mean, std: normalisation, on 0-1 pixels (the configs read ``conf/preprocessing/``).
         batch_size: training clips per device.
         val_batch_size: validation videos per device (each is ``num_test_clips * num_test_crops`` views).
-        skip_corrupt: skip (and count) unreadable videos instead of failing on the first.
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``seed``, ``pin_memory``, ...).
+        **loading: the other :class:`vtrain.data.DataModule` arguments (``seed``, ``skip_corrupt``, ...).
     """
 
     collate_fn = staticmethod(collate_clips)
@@ -229,10 +235,11 @@ class KineticsDataModule(DataModule):
         crop_scales: Sequence[float] | None = None,
         eval_short_side: int = 224,
         eval_crop_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
         batch_size: int = 8,
         val_batch_size: int = 1,
         num_workers: int = 8,
-        skip_corrupt: bool = True,
         **loading: Any,
     ):
         super().__init__(root, num_classes, batch_size=batch_size, val_batch_size=val_batch_size,
@@ -243,7 +250,7 @@ class KineticsDataModule(DataModule):
         self.train_short_side, self.crop_size, self.scale, self.hflip = train_short_side, crop_size, scale, hflip
         self.crop_scales = crop_scales
         self.eval_short_side, self.eval_crop_size = eval_short_side, eval_crop_size
-        self.skip_corrupt = skip_corrupt
+        self.normalize = Normalize(mean, std)
         self.classes: list[str] = []
 
     @property
@@ -292,11 +299,12 @@ class KineticsDataModule(DataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = VideoClipDataset(
-                self.samples("train"), TrainClipTransform(self.crop_size, self.scale, self.hflip, self.crop_scales),
+                self.samples("train"),
+                TrainClipTransform(self.crop_size, self.scale, self.hflip, self.crop_scales, self.normalize),
                 self.clip_len, self.frame_interval, self.train_short_side, skip_corrupt=self.skip_corrupt,
             )
         self.val_set = VideoClipDataset(
-            self.samples("val"), TestViewsTransform(self.eval_crop_size, self.num_test_crops),
+            self.samples("val"), TestViewsTransform(self.eval_crop_size, self.num_test_crops, self.normalize),
             self.clip_len, self.frame_interval, self.eval_short_side, num_clips=self.num_test_clips,
             skip_corrupt=self.skip_corrupt,
         )

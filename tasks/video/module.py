@@ -60,21 +60,13 @@ class VideoClassificationTask(TaskModule):
         return self(views.flatten(0, 1)).softmax(dim=-1).view(n, v, -1).mean(dim=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self.log("train/skipped_videos", float(batch["skipped"]), on_step=False, on_epoch=True, reduce_fx="sum",
-                 sync_dist=True, batch_size=1)
-        if batch["clips"] is None:
-            # every video of the batch was unreadable: a zero loss that touches every parameter keeps
-            # DDP's gradient all-reduce in step with the other processes
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         loss = self.train_loss(self(batch["clips"]), batch["labels"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/skipped_videos", float(batch["skipped"]), on_step=False, on_epoch=True, reduce_fx="sum",
-                 sync_dist=True, batch_size=1)
-        if batch["clips"] is None:
-            return
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return  # none of its videos could be read (vtrain.data.ReadableCollate)
         probabilities, labels = self.video_probabilities(batch["clips"]), batch["labels"]
         n = len(labels)
         self.val_top1(probabilities, labels)

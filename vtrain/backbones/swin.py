@@ -155,14 +155,28 @@ class SwinTransformer(Backbone):
         stage, drops the non-persistent buffers and resizes relative position bias
         tables when the window size differs (e.g. a window-7 checkpoint into the
         window-12 Swin-B 384).
+
+        That filter looks up the block of every relative position table: tables of blocks this model does not
+        have (a Swin-S file has 18 blocks in stage 2, a Swin-T 6) or with another number of heads (Swin-B's for
+        a Swin-T) go past it unchanged, for :func:`vtrain.checkpoint.load_matching` to report as not fitting.
+        Stages this backbone does not build (past its deepest output level) are left out of the result.
         """
-        state_dict = checkpoint_filter_fn(state_dict, self)
+        own = self.state_dict()
+        table = "relative_position_bias_table"
+        not_fitting = {k: v for k, v in state_dict.items()
+                       if k.endswith(table) and (k not in own or own[k].shape[-1] != v.shape[-1])}
+        state_dict = checkpoint_filter_fn({k: v for k, v in state_dict.items() if k not in not_fitting}, self)
+        state_dict.update(not_fitting)
         backbone, classifier = {}, {}
         for key, value in state_dict.items():
+            stage = re.match(r"layers\.(\d+)\.", key)
+            if stage and self.out_levels is not None and int(stage.group(1)) >= self.num_stages:
+                continue  # a stage that is not built
             if key.startswith("head.fc."):
                 classifier[key[len("head.fc."):]] = value
             elif self.out_levels is not None and re.match(r"norm\.(weight|bias)$", key):
-                backbone["out_norms.3." + key[len("norm."):]] = value
+                if "3" in self.out_norms:  # otherwise the final norm of a stage that is not built
+                    backbone["out_norms.3." + key[len("norm."):]] = value
             else:
                 backbone[key] = value
         return backbone, classifier

@@ -36,10 +36,10 @@ def measure_loader(cfg: DictConfig, device: torch.device, batch_size: int, img_s
     def next_batch() -> int:
         nonlocal batches
         try:
-            images, targets = next(batches)
+            images, targets = next(batches).batch  # a vtrain.data.CountedBatch
         except StopIteration:
             batches = iter(loader)
-            images, targets = next(batches)
+            images, targets = next(batches).batch
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
