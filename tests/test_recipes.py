@@ -224,6 +224,19 @@ DERIVED = {
     "gcnet_r50_maskrcnn_coco_1x": ("r50_maskrcnn_coco_1x", {"task.batch_norm": "sync"}),
     "swin_t_maskrcnn_coco_3x": ("swin_t_maskrcnn_coco_1x", {"trainer.max_epochs": 36, "sched.milestones_epochs": [27, 33],
                                                             "backbone.drop_path_rate": 0.2}),
+    # Relation Networks (arXiv:1711.11575v2, Table 5) on mmdet's faster_rcnn_r50_fpn_1x_coco recipe (the R-CNN of
+    # r50_maskrcnn_coco_1x without masks); the R-101 rows start from torchvision's ResNet-101, mmdet's
+    # faster_rcnn_r101_fpn_1x_coco (torchvision://resnet101)
+    "r50_fpn_2fc_softnms_coco_1x": ("r50_maskrcnn_coco_1x", {"data.masks": False, "task.nms.sigma": 0.6}),
+    "relation_r50_fpn_coco_1x": ("r50_fpn_2fc_softnms_coco_1x", {"task.box_head.num_heads": 16}),
+    "relation_r50_fpn_e2e_coco_1x": ("r50_maskrcnn_coco_1x", {"data.masks": False, "task.box_head.num_heads": 16,
+                                                              "task.nms.thresholds": [0.5, 0.6, 0.7, 0.8, 0.9]}),
+    "r101_fpn_2fc_softnms_coco_1x": ("r50_fpn_2fc_softnms_coco_1x", {"backbone.depth": 101,
+                                                                     "pretrained_url": "resnet101-63fe2227.pth"}),
+    "relation_r101_fpn_coco_1x": ("relation_r50_fpn_coco_1x", {"backbone.depth": 101,
+                                                               "pretrained_url": "resnet101-63fe2227.pth"}),
+    "relation_r101_fpn_e2e_coco_1x": ("relation_r50_fpn_e2e_coco_1x", {"backbone.depth": 101,
+                                                                       "pretrained_url": "resnet101-63fe2227.pth"}),
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
@@ -237,7 +250,7 @@ DERIVED = {
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
 }
 # Demo recipes for synthetic data on a CPU: no reference.
-DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video"}
+DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation"}
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # keys a derived recipe must share with its parent: the optimizer, the schedule, the batch and the start
 SHARED = ("optim", "sched", "data.batch_size", "trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val")
@@ -442,7 +455,7 @@ def test_repeated_augmentation_sampler_is_deits_and_resumes_exactly():
     one = RepeatedAugmentationSampler(dataset, seed=0)
     assert len(one) == 512  # 700 // 256 * 256 on one process: 170 or 171 images, each 3 times in a row
     one.set_epoch(2)
-    draws = [dataset[key] for key in EpochSeededIterator(one)]
+    draws = [dataset[key].sample for key in EpochSeededIterator(one)]
     assert [index for index, _ in draws][:6] == [draws[0][0]] * 3 + [draws[3][0]] * 3
     copies = [value for index, value in draws if index == draws[0][0]]
     assert len(set(copies)) == 3  # the three copies of a sample are augmented apart
@@ -452,7 +465,7 @@ def test_repeated_augmentation_sampler_is_deits_and_resumes_exactly():
     resumed = EpochSeededIterator(RepeatedAugmentationSampler(dataset, seed=0))
     resumed.load_state_dict(iterator.state_dict())
     assert list(resumed) == list(iterator) and first[0] == (2, draws[0][0], 0)
-    assert [dataset[key] for key in first] == draws[:100]
+    assert [dataset[key].sample for key in first] == draws[:100]
     with pytest.raises(ConfigError, match="none on each of 1 rank"):
         RepeatedAugmentationSampler(SeededDataset(_Draws(100), seed=0), seed=0)
 
