@@ -32,7 +32,10 @@ class MetricsJSON(pl.Callback):
 
     "Best" follows each metric's direction: the module's ``monitor_mode`` for its monitored metric, ``min``
     for names containing ``loss``, ``max`` otherwise (accuracies, AP, IoU). The file is rewritten after each
-    validation, atomically, so a run stopped at any point leaves a complete file.
+    validation, atomically, so a run stopped at any point leaves a complete file. ``final_epoch`` is the epoch of
+    the last validation, ``best_epoch`` each metric's best one (0-based, as checkpoint names count). Its
+    ``best_checkpoint`` names a file that exists at every moment: :class:`ModelCheckpoint` rewrites it after
+    writing a new best and before removing the old one.
     """
 
     def __init__(self, dirpath: str, filename: str = "metrics.json"):
@@ -41,6 +44,9 @@ class MetricsJSON(pl.Callback):
         self.best: dict[str, Any] = {}
         self.best_epoch: dict[str, int] = {}
         self.validated_step: int | None = None  # global step of the last validation
+        self.validated_epoch: int | None = None
+        self.best_checkpoint: str | None = None
+        self.payload: dict[str, Any] | None = None  # the file's content
 
     def _direction(self, name: str, pl_module: pl.LightningModule) -> str:
         if name == getattr(pl_module, "monitor", None):
@@ -63,9 +69,10 @@ class MetricsJSON(pl.Callback):
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._collect(trainer, pl_module)
-        payload = {
+        self.payload = {
             "stage": stage,
             "epoch": trainer.current_epoch,
+            "final_epoch": self.validated_epoch,
             "global_step": trainer.global_step,
             "monitor": getattr(pl_module, "monitor", None),
             "final": self.final,
@@ -74,13 +81,22 @@ class MetricsJSON(pl.Callback):
             **{k: _plain(v) for k, v in getattr(pl_module, "summary_metrics", {}).items()},
         }
         ckpt = trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-            payload["best_checkpoint"] = ckpt.best_model_path
-        atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True))
+        self.record_best_checkpoint(getattr(ckpt, "best_model_path", "") if ckpt is not None else "")
+
+    @rank_zero_only
+    def record_best_checkpoint(self, path: str) -> None:
+        """(Re)write the file with ``path`` as the best checkpoint when that file exists, else the last one that did."""
+        if path and Path(path).is_file():
+            self.best_checkpoint = path
+        if self.payload is None:
+            return
+        if self.best_checkpoint:
+            self.payload["best_checkpoint"] = self.best_checkpoint
+        atomic_write_text(self.path, json.dumps(self.payload, indent=2, sort_keys=True))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.validated_step = trainer.global_step
+            self.validated_step, self.validated_epoch = trainer.global_step, trainer.current_epoch
             self._write(trainer, pl_module, "validate" if trainer.state.fn == "validate" else "fit")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -89,13 +105,14 @@ class MetricsJSON(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         # "final" too: a run resumed after its last validation still reports it
         return {"final": self.final, "best": self.best, "best_epoch": self.best_epoch,
-                "validated_step": self.validated_step}
+                "validated_step": self.validated_step, "validated_epoch": self.validated_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.final = dict(state_dict.get("final", {}))
         self.best = dict(state_dict.get("best", {}))
         self.best_epoch = dict(state_dict.get("best_epoch", {}))
         self.validated_step = state_dict.get("validated_step")
+        self.validated_epoch = state_dict.get("validated_epoch")
 
 
 class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
@@ -121,6 +138,13 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_written_step = trainer.global_step
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # a new best exists now: metrics.json names it before _remove_checkpoint deletes the previous one
+        for callback in trainer.callbacks:
+            if isinstance(callback, MetricsJSON):
+                callback.record_best_checkpoint(self.best_model_path)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last is True and trainer.global_step > 0 and self._last_written_step != trainer.global_step:

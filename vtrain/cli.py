@@ -16,11 +16,12 @@ from vtrain import ConfigError
 from vtrain.callbacks import MetricsJSON
 from vtrain.checkpoint import (load_task_weights, newest_valid_checkpoint, read_checkpoint, require_fit,
                                unwrap_state_dict)
-from vtrain.config import CONFIG_DIR, fail
+from vtrain.config import CONFIG_DIR, ensure_output_dir, fail
 from vtrain.lightning_internals import check_version
 from vtrain.module import build_task
 from vtrain.rundir import RunDirectoryLock, is_first_process
 from vtrain.sweep import record_failure
+from vtrain.terminal import quiet_third_parties, summary_table
 from vtrain.trainer import build_trainer, hydra_ddp_job
 from vtrain.validate import check_values, validate
 
@@ -28,8 +29,32 @@ log = logging.getLogger("vtrain")
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric."""
+    """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric.
+
+    Called by ``python -m vtrain`` (Hydra's app) or from Python with a config of :func:`vtrain.compose`: then the
+    run directory is ``cfg.output_dir`` (``outputs/runs/<date>/<time>`` unless set), locked and given the config
+    as ``.hydra/config.yaml``, and bad input raises :class:`vtrain.ConfigError` instead of ending the process.
+    """
     check_version()
+    quiet_third_parties()
+    if not HydraConfig.initialized():
+        return _run_outside_hydra(cfg)
+    return _run(cfg)
+
+
+def _run_outside_hydra(cfg: DictConfig) -> float | None:
+    output_dir = ensure_output_dir(cfg)
+    lock = RunDirectoryLock(output_dir) if is_first_process() else None
+    try:
+        (output_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")
+        return _run(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig) -> float | None:
     try:
         check_values(cfg)  # types and ranges, before anything is built with them
         datamodule = instantiate(cfg.data)
@@ -58,7 +83,7 @@ def run(cfg: DictConfig) -> float | None:
         cause = e
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__
-        if cause is None:
+        if cause is None or not HydraConfig.initialized():
             raise
         return fail(cause)
 
@@ -68,11 +93,17 @@ def run(cfg: DictConfig) -> float | None:
             try:  # weights_only: the resumed checkpoint too (vtrain.checkpoint.CheckpointIO reads it so anyway)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
             except ConfigError as e:  # a checkpoint that cannot be read, or is refused
+                if not HydraConfig.initialized():
+                    raise
                 return fail(e)
             if _final_weights_unvalidated(trainer):
                 trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
         else:
             trainer.validate(module, datamodule=datamodule)
+        if trainer.is_global_zero:
+            summary = summary_table(cfg.output_dir, evaluated=cfg.get("ckpt_path") if cfg.mode == "eval" else None)
+            if summary:
+                print(summary, flush=True)
     return _monitored_value(cfg, module)
 
 

@@ -46,7 +46,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from vtrain.tasks.detection.transforms import eval_transform, train_transform
 from vtrain import ConfigError
-from vtrain.data import CorruptFileError, DataModule
+from vtrain.data import CorruptFileError, DataModule, PredictionInputs
 
 log = logging.getLogger(__name__)
 LAYOUT = "root/annotations/instances_{train,val}2017.json and root/{train,val}2017/*.jpg"
@@ -335,6 +335,25 @@ class CocoDataModule(DataModule):
     @property
     def category_names(self) -> list[str]:
         return self.index(self.val_split).category_names
+
+    # ------------------------------------------------------------------ classes and predictions
+    @property
+    def class_ids(self) -> list[int]:
+        return self.category_ids
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.category_names
+
+    def predict_set(self, paths: list[str]) -> PredictionInputs:
+        transform = eval_transform()
+        return PredictionInputs(paths, lambda path: decode_image(path, mode=ImageReadMode.RGB),
+                                lambda image: transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
+                                from_array=lambda array: torch.from_numpy(array).permute(2, 0, 1).contiguous())
+
+    def example_files(self, count: int) -> list[str]:
+        val_set = self.validation_set()
+        return [str(val_set.image_dir / val_set.records[i]["file_name"]) for i in range(min(count, len(val_set)))]
 
     # ------------------------------------------------------------------ checks before anything starts
     def check(self) -> None:
