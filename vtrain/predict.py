@@ -47,14 +47,14 @@ OPTIONS = {"run", "ckpt_path", "experiment", "inputs", "out", "device", "batch_s
            "score_threshold", "max_detections", "mask_threshold", "pictures"}
 
 
-def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``key=value`` arguments: this command's options, and the overrides of the model's config."""
+def parse(argv: list[str], known: set[str] = OPTIONS) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` arguments: the command's options (``known``), and the overrides of the model's config."""
     options, overrides = {}, []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise ConfigError(f"{arg!r} is not key=value: see python -m vtrain.predict --help")
-        if key in OPTIONS:
+            raise ConfigError(f"{arg!r} is not key=value: see --help")
+        if key in known:
             options[key] = value
         else:
             overrides.append(arg)
