@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import RichModelSummary, RichProgressBar
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from vtrain.atomic import atomic_write_text
@@ -354,3 +354,28 @@ class ProgressBar(RichProgressBar):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics = None  # the epoch's values, read now
         super().on_train_epoch_end(trainer, pl_module)
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without its FLOPs column and total: Lightning counts FLOPs only for a
+    module with an ``example_input_array``, which no vtrain task has, and printed 0 for every model
+    (``vtrain.tools.bench`` measures MACs). :func:`vtrain.trainer.build_trainer` puts it in place of Lightning's."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int = 0,
+                  **summarize_kwargs: Any) -> None:
+        from pytorch_lightning.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name if name else " ", justify="right" if name == "Params" else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        console.print(f"Params: {get_human_readable_count(int(trainable_parameters))} trainable, "
+                      f"{get_human_readable_count(int(total_parameters))} in all ({get_formatted_model_size(model_size)} MB)")

@@ -55,7 +55,7 @@ def summary_table(output_dir: str | Path, evaluated: str | None = None) -> str |
     final, best = metrics.get("final", {}).get(monitor), metrics.get("best", {}).get(monitor)
     rows = [("run directory", str(output_dir))]
     if monitor is not None and final is not None:
-        rows.append(("monitored", monitor))
+        rows.append(("monitored", f"{monitor} ({'lower' if 'loss' in monitor else 'higher'} is better)"))
         epoch = metrics.get("final_epoch")
         rows.append(("final", _value(final) + (f"  (epoch {epoch})" if epoch is not None else "")))
         if best is not None and evaluated is None:

@@ -30,10 +30,22 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _replace_model_summary(trainer)
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(config)
     return trainer
+
+
+def _replace_model_summary(trainer: pl.Trainer) -> None:
+    """Lightning's default model summary (added when ``trainer.enable_model_summary``) without its FLOPs column."""
+    from pytorch_lightning.callbacks import ModelSummary as LightningModelSummary
+
+    from vtrain.callbacks import ModelSummary
+
+    trainer.callbacks = [ModelSummary() if type(c).__name__ in ("ModelSummary", "RichModelSummary")
+                         and isinstance(c, LightningModelSummary) and not isinstance(c, ModelSummary) else c
+                         for c in trainer.callbacks]
 
 
 @contextlib.contextmanager
