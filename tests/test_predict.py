@@ -51,7 +51,8 @@ def one_step_run(task: str, root: Path) -> Path:
     run_dir = root / "run"
     cfg = vtrain.compose(experiment, [f"data.root={root / kind}", f"output_dir={run_dir}", *TINY_SWIN, *overrides,
                                       "trainer.max_epochs=1", "trainer.max_steps=1", "trainer.limit_train_batches=1",
-                                      "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"])
+                                      "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
+                                      "logger=[csv,tensorboard]"])
     run(cfg)
     return run_dir
 
@@ -125,7 +126,9 @@ def test_a_checkpoint_describes_its_model_with_plain_values(trained):
     assert described["config"]["data"]["root"] == str(run_dir.parent / RUNS[task][1])  # the composed config, resolved
 
     # load_from_checkpoint needs the file alone, reads it weights-only, and gives the same weights
-    cls = type(vtrain.load(checkpoint))
+    from hydra.utils import get_class
+
+    cls = get_class(described["config"]["task"]["_target_"])
     loaded = cls.load_from_checkpoint(checkpoint)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert loaded.label_names() == names
@@ -158,3 +161,31 @@ def test_pictures_are_written_and_show_the_prediction(trained, tmp_path):
         if task == "detection":
             assert 0 < len(record["instances"]) <= 5
             assert all("counts" in d["mask"] and d["category_id"] in (1, 4, 7, 10) for d in record["instances"])
+
+
+def test_training_logs_pictures_of_validation_predictions_to_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = trained
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert sorted(events.Tags()["images"]) == [f"predictions/{k}" for k in range(4)]
+    picture = np.asarray(Image.open(__import__("io").BytesIO(events.Images("predictions/0")[0].encoded_image_string)))
+    assert max(picture.shape[:2]) >= 384 and picture.std() > 10  # enlarged to a readable size, not blank
+
+
+def test_a_box_is_drawn_on_its_border_and_nowhere_else():
+    """A hand-made detection on a flat grey image: the picture is the input enlarged (nearest), except on the box's
+    border and caption, and inside its mask (tinted)."""
+    from vtrain.visualize import draw_detections, enlargement
+
+    image = torch.full((3, 48, 64), 128, dtype=torch.uint8)
+    mask = torch.zeros(1, 48, 64, dtype=torch.bool)
+    mask[0, 30:40, 40:50] = True
+    picture = draw_detections(image, torch.tensor([[20.0, 24.0, 52.0, 44.0]]), ["circle 0.90"], [(255, 0, 0)], mask)
+    factor = enlargement(48, 64)
+    assert factor == 6 and picture.shape == (3, 48 * factor, 64 * factor)
+    changed = (picture != 128).any(dim=0)
+    assert changed[24 * factor, 30 * factor] and changed[35 * factor, 52 * factor]  # top and right edges
+    assert changed[35 * factor, 45 * factor]  # inside the mask
+    assert not changed[:20 * factor].any() and not changed[:, :18 * factor].any()  # above the caption, left of the box
+    assert not changed[35 * factor, 25 * factor]  # inside the box, outside the mask
