@@ -130,7 +130,7 @@ class SegmentationTask(TaskModule):
         self.log_dict({f"val/{k}": result[k].float() for k in ("mIoU", "mAcc", "aAcc")}, prog_bar=True, sync_dist=True)
         names = self._class_names()
         self.summary_metrics = {
-            f"per_class_{k}": {n: (None if v != v else round(v, 4)) for n, v in zip(names, result[k].tolist())}
+            f"per_class_{k}": {n: (None if v != v else round(v, 6)) for n, v in zip(names, result[k].tolist())}
             for k in ("IoU", "Acc")
         }
 
