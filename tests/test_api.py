@@ -35,7 +35,7 @@ def test_run_outside_hydra_raises_what_the_command_line_prints(tmp_path):
     cfg = vtrain.compose("quickstart", [f"data.root={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'run'}"])
     from vtrain.cli import run
 
-    with pytest.raises(ConfigError, match="no train/ folder"):
+    with pytest.raises(ConfigError, match="no train/ folder.*write it with python scripts/make_synthetic.py imagenet --out"):
         run(cfg)
 
 
