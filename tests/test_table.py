@@ -181,3 +181,17 @@ def test_runs_of_a_missing_directory_is_a_config_error(tmp_path):
         run(settings(f"runs={tmp_path / 'nope'}"))
     with pytest.raises(ConfigError, match="no metrics.json below it"):
         run(settings(f"runs={tmp_path}"))
+
+
+def test_sweep_rows_are_named_by_the_keys_that_vary(tmp_path):
+    from vtrain.tools.table.runs import aggregate_runs, runs_markdown
+
+    for job, (lr, seed, value) in enumerate([("1e-3", 0, 0.5), ("1e-3", 1, 0.6), ("3e-3", 0, 0.7)]):
+        write_run(tmp_path / str(job), [], value)
+        (tmp_path / str(job) / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(["experiment=quickstart", f"optim.lr={lr}", f"seed={seed}"]),
+                       tmp_path / str(job) / ".hydra" / "overrides.yaml")
+    summary = aggregate_runs(tmp_path, OmegaConf.create({"metric": None, "ignore": ["seed"]}))
+    assert [g["label"] for g in summary["groups"]] == ["optim.lr=1e-3", "optim.lr=3e-3"]
+    assert summary["fixed"] == ["experiment=quickstart"]
+    assert "All runs: experiment=quickstart." in runs_markdown(summary).splitlines()
