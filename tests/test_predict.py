@@ -12,7 +12,6 @@ from PIL import Image
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
 import vtrain
-from conftest import run_cli
 from vtrain import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,6 @@ model's cost, one point per run, as the papers' figures do. The runs are read by
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
