@@ -188,3 +188,22 @@ def test_a_box_is_drawn_on_its_border_and_nowhere_else():
     assert changed[35 * factor, 45 * factor]  # inside the mask
     assert not changed[:20 * factor].any() and not changed[:, :18 * factor].any()  # above the caption, left of the box
     assert not changed[35 * factor, 25 * factor]  # inside the box, outside the mask
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_evaluation_needs_the_checkpoint_alone(trained, task, tmp_path):
+    """``python -m vtrain.eval ckpt_path=FILE``: the model and data come from the checkpoint, not from the default
+    experiment, and the evaluation gives the run's final numbers."""
+    run_task, run_dir = trained
+    if run_task != task:
+        pytest.skip("one evaluation per parametrised run")
+    from vtrain.cli import model_from_checkpoint, run
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = vtrain.compose(None, [f"ckpt_path={metrics['best_checkpoint']}", "mode=eval", f"output_dir={tmp_path}",
+                                "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"])
+    assert cfg.task._target_.endswith("ClassificationTask") and cfg.data.num_classes == 1000  # the defaults
+    model_from_checkpoint(cfg, [f"ckpt_path={metrics['best_checkpoint']}", "data.num_workers=0"])
+    run(cfg)
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    assert evaluated["final"][metrics["monitor"]] == pytest.approx(metrics["final"][metrics["monitor"]], abs=1e-6)

@@ -18,7 +18,7 @@ from vtrain.checkpoint import (load_task_weights, newest_valid_checkpoint, read_
                                unwrap_state_dict)
 from vtrain.config import CONFIG_DIR, ensure_output_dir, fail
 from vtrain.lightning_internals import check_version
-from vtrain.module import build_task
+from vtrain.module import TaskModule, build_task
 from vtrain.rundir import RunDirectoryLock, is_first_process
 from vtrain.sweep import record_failure
 from vtrain.terminal import quiet_third_parties, summary_table
@@ -153,4 +153,31 @@ def main(cfg: DictConfig) -> float | None:
 def evaluate(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.mode = "eval"
+    try:
+        model_from_checkpoint(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        return fail(e)
     return run_job(cfg)
+
+
+MODEL_KEYS = ("task", "data", "backbone", "video_backbone")  # what a checkpoint's config says about its model
+
+
+def model_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
+    """``python -m vtrain.eval ckpt_path=FILE`` without ``experiment=``: the model and data the checkpoint describes
+    (its stored config's task, data and backbone), with the command line's changes to them (``data.root=...``)."""
+    path = cfg.get("ckpt_path")
+    if not path or path == "auto" or not Path(path).is_file() or any(o.startswith("experiment=") for o in overrides):
+        return
+    stored = (read_checkpoint(path, mmap=True).get(TaskModule.CHECKPOINT_KEY) or {}).get("config")
+    if not stored:
+        return
+    described = OmegaConf.create(stored)
+    changes = [o.lstrip("+~") for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in MODEL_KEYS
+               and "." in o.split("=", 1)[0]]
+    with open_dict(cfg):
+        for key in MODEL_KEYS:
+            if key in described:
+                cfg[key] = described[key]
+        cfg.merge_with_dotlist(changes)
+    log.info("evaluating the model and data %s describes (experiment= would replace them)", path)
