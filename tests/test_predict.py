@@ -207,3 +207,24 @@ def test_evaluation_needs_the_checkpoint_alone(trained, task, tmp_path):
     run(cfg)
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     assert evaluated["final"][metrics["monitor"]] == pytest.approx(metrics["final"][metrics["monitor"]], abs=1e-6)
+
+
+def test_a_timm_weight_file_predicts_with_an_experiment_as_timm_does(imagenet_root, tmp_path):
+    """A file that describes nothing (timm's state dict) with ``experiment=``: the classes are the data's, the
+    scores timm's own model gives on the same preprocessed image."""
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(1, 1, 1, 1),
+                                  num_heads=(1, 1, 2, 2), window_size=4, num_classes=4).eval()
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    predictor = vtrain.Predictor(tmp_path / "timm.pth", experiment="quickstart", top_k=4, overrides=[
+        f"data.root={imagenet_root}", "backbone.img_size=32", "data.num_classes=4", *TINY_SWIN])
+    file = predictor.datamodule.example_files(1)[0]
+    record = predictor(file)[0]
+    with torch.no_grad():
+        expected = reference(predictor.datamodule.predict_set([file])[0]["input"][None]).softmax(-1)[0]
+    names = [line.split()[1] for line in (imagenet_root / "classes.txt").read_text().splitlines()]
+    assert [c["name"] for c in sorted(record["top_k"], key=lambda c: c["label"])] == names
+    scores = torch.tensor([c["score"] for c in sorted(record["top_k"], key=lambda c: c["label"])])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
