@@ -388,7 +388,7 @@ class PredictionPictures(pl.Callback):
     keeps images (``logger=tensorboard`` or ``logger=wandb``; the CSV logger does not).
 
     Args:
-        every_n_epochs: validations between two sets of pictures (the first validation logs one).
+        every_n_epochs: epochs between two sets of pictures (logged at the first validation of epochs 0, N, 2N...).
         num_images: the first validation files drawn, the same ones each time.
         score_threshold, max_detections, top_k: what a picture shows (:class:`vtrain.prediction.PredictOptions`).
     """
@@ -399,7 +399,7 @@ class PredictionPictures(pl.Callback):
 
         self.every_n_epochs, self.num_images = max(1, every_n_epochs), num_images
         self.options = PredictOptions(top_k=top_k, score_threshold=score_threshold, max_detections=max_detections)
-        self._validations = 0
+        self._logged_epoch: int | None = None
 
     @staticmethod
     def image_loggers(trainer: pl.Trainer) -> list[Any]:
@@ -410,10 +410,11 @@ class PredictionPictures(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.image_loggers(trainer):
             return
-        due = self._validations % self.every_n_epochs == 0
-        self._validations += 1
-        if due and trainer.datamodule is not None:
-            self.log_pictures(trainer, pl_module)
+        epoch = trainer.current_epoch
+        if epoch % self.every_n_epochs or epoch == self._logged_epoch or trainer.datamodule is None:
+            return
+        self._logged_epoch = epoch
+        self.log_pictures(trainer, pl_module)
 
     def pictures(self, datamodule: Any, pl_module: pl.LightningModule) -> list[tuple[str, torch.Tensor]]:
         """(file name, picture) of the first ``num_images`` validation files, the model in eval mode."""

@@ -40,11 +40,11 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 def _replace_model_summary(trainer: pl.Trainer) -> None:
     """Lightning's default model summary (added when ``trainer.enable_model_summary``) without its FLOPs column."""
     from pytorch_lightning.callbacks import ModelSummary as LightningModelSummary
+    from pytorch_lightning.callbacks import RichModelSummary
 
     from vtrain.callbacks import ModelSummary
 
-    trainer.callbacks = [ModelSummary() if type(c).__name__ in ("ModelSummary", "RichModelSummary")
-                         and isinstance(c, LightningModelSummary) and not isinstance(c, ModelSummary) else c
+    trainer.callbacks = [ModelSummary() if type(c) in (LightningModelSummary, RichModelSummary) else c
                          for c in trainer.callbacks]
 
 
