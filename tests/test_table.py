@@ -105,7 +105,7 @@ def test_missing_models_print_a_dash_and_measured_metrics_are_marked(tmp_path):
         },
     }
     filled = fill_table(table, settings("throughput.enabled=true", "throughput.warmup=1", "throughput.iters=1",
-                                        "throughput.repeats=1"))
+                                        "throughput.repeats=3"))
     markdown = paper_table_markdown(filled, "test")
     with torch.device("meta"):
         twin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, embed_dim=32, depths=(1, 1, 2, 1),
@@ -120,6 +120,19 @@ def test_missing_models_print_a_dash_and_measured_metrics_are_marked(tmp_path):
     assert "[1] experiment no_such_experiment does not exist (yet)" in markdown
     assert "[2] no checkpoint given (rows.<key>.checkpoint=<path>)" in markdown
     assert "| 0.02 † |" in markdown  # the tiny model's 0.02 GMACs against a paper value of 0.5
+    # throughput: the median block's images/s and the quartiles of the blocks, as vtrain.tools.bench reports
+    q1, q3 = tiny["throughput"]["quartiles"]
+    assert q1 <= tiny["throughput"]["measured"] <= q3
+    tiny_line = next(line for line in markdown.splitlines() if line.startswith("| tiny Swin"))
+    assert f"{tiny['throughput']['measured']:.1f} [{q1:.1f}, {q3:.1f}]" in tiny_line
+
+
+def test_throughput_is_on_by_default_on_cuda_only():
+    from vtrain.tools.bench.timing import throughput_enabled
+
+    default = compose_config("table_main", []).throughput
+    assert default.enabled == "auto" and throughput_enabled(default) == torch.cuda.is_available()
+    assert throughput_enabled({**default, "enabled": True}) and not throughput_enabled({**default, "enabled": False})
 
 
 def write_run(job_dir, overrides: list[str], value: float | None, backbone: dict | None = None) -> None:
