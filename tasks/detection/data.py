@@ -319,8 +319,9 @@ class CocoDataModule(DataModule):
         """The checked annotation file of ``split``, read once per process."""
         if split not in self._indexes:
             index = index_annotation_file(self.annotation_file(split), masks=self.masks and split == self.train_split)
-            if split == self.train_split and index.cleanup:
-                log.warning("%s: %s", index.path, ", ".join(f"{n} {what}" for what, n in sorted(index.cleanup.items())))
+            cleaned = +index.cleanup  # the clean-ups that happened (a Counter keeps keys counted 0 times)
+            if split == self.train_split and cleaned:
+                log.warning("%s: %s", index.path, ", ".join(f"{n} {what}" for what, n in sorted(cleaned.items())))
             self._indexes[split] = index
         return self._indexes[split]
 
