@@ -13,16 +13,15 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev]'
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev,export]'
 	touch $@
 
 data: install
 	$(PY) scripts/make_synthetic.py imagenet --out $(DATA)/imagenet
 
+# ends with the run's summary (run directory, final and best top-1 with their epochs, best checkpoint)
 demo: data
 	$(PY) -m vtrain experiment=quickstart data.root=$(DATA)/imagenet hydra.run.dir=outputs/quickstart
-	@echo "metrics: outputs/quickstart/metrics.json"
-	@cat outputs/quickstart/metrics.json
 
 test: install
 	$(PY) -m pytest -q -n 2

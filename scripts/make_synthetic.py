@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Write a small synthetic dataset in a real dataset's on-disk layout.
 
-    python scripts/make_synthetic.py imagenet --out data/synthetic/imagenet [--seed 0]
+    python scripts/make_synthetic.py imagenet --out data/synthetic/imagenet [--seed 0] [--set num_classes=5]
+    python scripts/make_synthetic.py coco --help        # the --set keys of one kind, with their defaults
 
-Each kind's writer lives with its task (``tasks/<task>/synthetic.py``, a ``write(root, seed, **kw)``).
+Each kind's writer lives with its task (``tasks/<task>/synthetic.py``, a ``write(root, seed, **kw)``); ``--set`` takes
+its keyword arguments.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 
 WRITERS = {
@@ -19,14 +22,29 @@ WRITERS = {
 }
 
 
+def writer_options(kind: str) -> dict[str, int]:
+    """The ``--set`` keys of a kind and their defaults: the writer's keyword arguments after ``root`` and ``seed``."""
+    signature = inspect.signature(importlib.import_module(WRITERS[kind]).write)
+    return {name: p.default for name, p in signature.parameters.items() if name not in ("root", "seed")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=sorted(WRITERS))
-    parser.add_argument("--out", required=True, help="dataset root to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=INT", help="writer options, e.g. num_classes=5")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{" + ",".join(sorted(WRITERS)) + "}")
+    for kind in sorted(WRITERS):
+        keys = "  ".join(f"{k}={v}" for k, v in writer_options(kind).items())
+        sub = kinds.add_parser(kind, help=f"the {kind} layout", description=f"--set keys (defaults): {keys}")
+        sub.add_argument("--out", required=True, help="dataset root to write")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--set", nargs="*", default=[], metavar="KEY=INT", help=f"writer options: {keys}")
     args = parser.parse_args()
-    options = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    known = writer_options(args.kind)
+    options = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known or not value.lstrip("-").isdigit():
+            parser.error(f"--set {item}: use KEY=INT with KEY one of {', '.join(known)}")
+        options[key] = int(value)
     summary = importlib.import_module(WRITERS[args.kind]).write(args.out, seed=args.seed, **options)
     print(json.dumps(summary))
 

@@ -69,7 +69,8 @@ def test_cli_bad_data_root_exits_before_training(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"error: data.root={tmp_path / 'nowhere'}: no train/ folder; expected the ImageNet layout "
-                     "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"]
+                     "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG; this experiment trains on synthetic data: "
+                     f"write it with python scripts/make_synthetic.py imagenet --out {tmp_path / 'nowhere'}"]
     assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
 
 

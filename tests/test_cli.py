@@ -27,7 +27,24 @@ def fitted(imagenet_root, tmp_path_factory) -> Path:
     result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_epochs=3",
                      "sched.warmup_epochs=1", "callbacks.model_checkpoint.save_top_k=-1", "trainer.log_every_n_steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
+    (run.parent / "terminal.txt").write_text(result.stdout + result.stderr)
     return run
+
+
+def test_fit_ends_with_a_summary_and_without_third_party_noise(fitted):
+    terminal = (fitted.parent / "terminal.txt").read_text()
+    metrics = _metrics(fitted)
+    summary = terminal[terminal.index("── training summary"):].splitlines()
+    best_epoch = metrics["best_epoch"]["val/top1"]
+    assert summary[1:6] == [
+        f"  run directory    {fitted}",
+        "  monitored        val/top1 (higher is better)",
+        f"  final            {metrics['final']['val/top1']:.4f}  (epoch 2)",
+        f"  best             {metrics['best']['val/top1']:.4f}  (epoch {best_epoch})",
+        f"  best checkpoint  {fitted / 'checkpoints' / f'epoch{best_epoch:03d}-step{6 * (best_epoch + 1):07d}.ckpt'}",
+    ]
+    for noise in ("litlogger", "set_vital", "LeafSpec", "FLOPs", "exists and is not empty"):
+        assert noise not in terminal, noise
 
 
 def test_fit_writes_metrics_checkpoints_and_logs(fitted):

@@ -121,7 +121,7 @@ def test_missing_models_print_a_dash_and_measured_metrics_are_marked(tmp_path):
         },
     }
     filled = fill_table(table, settings("throughput.enabled=true", "throughput.warmup=1", "throughput.iters=1",
-                                        "throughput.repeats=1"))
+                                        "throughput.repeats=3"))
     markdown = paper_table_markdown(filled, "test")
     with torch.device("meta"):
         twin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, embed_dim=32, depths=(1, 1, 2, 1),
@@ -136,6 +136,19 @@ def test_missing_models_print_a_dash_and_measured_metrics_are_marked(tmp_path):
     assert "[1] experiment no_such_experiment does not exist (yet)" in markdown
     assert "[2] no checkpoint given (rows.<key>.checkpoint=<path>)" in markdown
     assert "| 0.02 † |" in markdown  # the tiny model's 0.02 GMACs against a paper value of 0.5
+    # throughput: the median block's images/s and the quartiles of the blocks, as vtrain.tools.bench reports
+    q1, q3 = tiny["throughput"]["quartiles"]
+    assert q1 <= tiny["throughput"]["measured"] <= q3
+    tiny_line = next(line for line in markdown.splitlines() if line.startswith("| tiny Swin"))
+    assert f"{tiny['throughput']['measured']:.1f} [{q1:.1f}, {q3:.1f}]" in tiny_line
+
+
+def test_throughput_is_on_by_default_on_cuda_only():
+    from vtrain.tools.bench.timing import throughput_enabled
+
+    default = compose_config("table_main", []).throughput
+    assert default.enabled == "auto" and throughput_enabled(default) == torch.cuda.is_available()
+    assert throughput_enabled({**default, "enabled": True}) and not throughput_enabled({**default, "enabled": False})
 
 
 def write_run(job_dir, overrides: list[str], value: float | None, backbone: dict | None = None) -> None:
@@ -197,3 +210,17 @@ def test_runs_of_a_missing_directory_is_a_config_error(tmp_path):
         run(settings(f"runs={tmp_path / 'nope'}"))
     with pytest.raises(ConfigError, match="no metrics.json below it"):
         run(settings(f"runs={tmp_path}"))
+
+
+def test_sweep_rows_are_named_by_the_keys_that_vary(tmp_path):
+    from vtrain.tools.table.runs import aggregate_runs, runs_markdown
+
+    for job, (lr, seed, value) in enumerate([("1e-3", 0, 0.5), ("1e-3", 1, 0.6), ("3e-3", 0, 0.7)]):
+        write_run(tmp_path / str(job), [], value)
+        (tmp_path / str(job) / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(["experiment=quickstart", f"optim.lr={lr}", f"seed={seed}"]),
+                       tmp_path / str(job) / ".hydra" / "overrides.yaml")
+    summary = aggregate_runs(tmp_path, OmegaConf.create({"metric": None, "ignore": ["seed"]}))
+    assert [g["label"] for g in summary["groups"]] == ["optim.lr=1e-3", "optim.lr=3e-3"]
+    assert summary["fixed"] == ["experiment=quickstart"]
+    assert "All runs: experiment=quickstart." in runs_markdown(summary).splitlines()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import RichModelSummary, RichProgressBar
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
@@ -34,7 +34,10 @@ class MetricsJSON(pl.Callback):
 
     "Best" follows each metric's direction: the module's ``monitor_mode`` for its monitored metric, ``min``
     for names containing ``loss``, ``max`` otherwise (accuracies, AP, IoU). The file is rewritten after each
-    validation, atomically, so a run stopped at any point leaves a complete file.
+    validation, atomically, so a run stopped at any point leaves a complete file. ``final_epoch`` is the epoch of
+    the last validation, ``best_epoch`` each metric's best one (0-based, as checkpoint names count). Its
+    ``best_checkpoint`` names a file that exists at every moment: :class:`ModelCheckpoint` rewrites it after
+    writing a new best and before removing the old one.
     """
 
     def __init__(self, dirpath: str, filename: str = "metrics.json"):
@@ -43,6 +46,9 @@ class MetricsJSON(pl.Callback):
         self.best: dict[str, Any] = {}
         self.best_epoch: dict[str, int] = {}
         self.validated_step: int | None = None  # global step of the last validation
+        self.validated_epoch: int | None = None
+        self.best_checkpoint: str | None = None
+        self.payload: dict[str, Any] | None = None  # the file's content
 
     def _direction(self, name: str, pl_module: pl.LightningModule) -> str:
         if name == getattr(pl_module, "monitor", None):
@@ -65,9 +71,10 @@ class MetricsJSON(pl.Callback):
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._collect(trainer, pl_module)
-        payload = {
+        self.payload = {
             "stage": stage,
             "epoch": trainer.current_epoch,
+            "final_epoch": self.validated_epoch,
             "global_step": trainer.global_step,
             "monitor": getattr(pl_module, "monitor", None),
             "final": self.final,
@@ -76,13 +83,22 @@ class MetricsJSON(pl.Callback):
             **{k: _plain(v) for k, v in getattr(pl_module, "summary_metrics", {}).items()},
         }
         ckpt = trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-            payload["best_checkpoint"] = ckpt.best_model_path
-        atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True))
+        self.record_best_checkpoint(getattr(ckpt, "best_model_path", "") if ckpt is not None else "")
+
+    @rank_zero_only
+    def record_best_checkpoint(self, path: str) -> None:
+        """(Re)write the file with ``path`` as the best checkpoint when that file exists, else the last one that did."""
+        if path and Path(path).is_file():
+            self.best_checkpoint = path
+        if self.payload is None:
+            return
+        if self.best_checkpoint:
+            self.payload["best_checkpoint"] = self.best_checkpoint
+        atomic_write_text(self.path, json.dumps(self.payload, indent=2, sort_keys=True))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.validated_step = trainer.global_step
+            self.validated_step, self.validated_epoch = trainer.global_step, trainer.current_epoch
             self._write(trainer, pl_module, "validate" if trainer.state.fn == "validate" else "fit")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -91,13 +107,14 @@ class MetricsJSON(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         # "final" too: a run resumed after its last validation still reports it
         return {"final": self.final, "best": self.best, "best_epoch": self.best_epoch,
-                "validated_step": self.validated_step}
+                "validated_step": self.validated_step, "validated_epoch": self.validated_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.final = dict(state_dict.get("final", {}))
         self.best = dict(state_dict.get("best", {}))
         self.best_epoch = dict(state_dict.get("best_epoch", {}))
         self.validated_step = state_dict.get("validated_step")
+        self.validated_epoch = state_dict.get("validated_epoch")
 
 
 class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
@@ -123,6 +140,13 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_written_step = trainer.global_step
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # a new best exists now: metrics.json names it before _remove_checkpoint deletes the previous one
+        for callback in trainer.callbacks:
+            if isinstance(callback, MetricsJSON):
+                callback.record_best_checkpoint(self.best_model_path)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last is True and trainer.global_step > 0 and self._last_written_step != trainer.global_step:
@@ -370,3 +394,92 @@ class ProgressBar(RichProgressBar):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics = None  # the epoch's values, read now
         super().on_train_epoch_end(trainer, pl_module)
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without its FLOPs column and total: Lightning counts FLOPs only for a
+    module with an ``example_input_array``, which no vtrain task has, and printed 0 for every model
+    (``vtrain.tools.bench`` measures MACs). :func:`vtrain.trainer.build_trainer` puts it in place of Lightning's."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int = 0,
+                  **summarize_kwargs: Any) -> None:
+        from pytorch_lightning.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name if name else " ", justify="right" if name == "Params" else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        console.print(f"Params: {get_human_readable_count(int(trainable_parameters))} trainable, "
+                      f"{get_human_readable_count(int(total_parameters))} in all ({get_formatted_model_size(model_size)} MB)")
+
+
+class PredictionPictures(pl.Callback):
+    """A few validation inputs' predictions as pictures, logged to TensorBoard and wandb every ``every_n_epochs``
+    validations: the pictures ``python -m vtrain.predict`` draws (boxes and masks with names and scores, the
+    segmentation overlay with its legend, the top-5 bars, a video's frames). Inactive unless one of the run's loggers
+    keeps images (``logger=tensorboard`` or ``logger=wandb``; the CSV logger does not).
+
+    Args:
+        every_n_epochs: epochs between two sets of pictures (logged at the first validation of epochs 0, N, 2N...).
+        num_images: the first validation files drawn, the same ones each time.
+        score_threshold, max_detections, top_k: what a picture shows (:class:`vtrain.prediction.PredictOptions`).
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 4, score_threshold: float = 0.3,
+                 max_detections: int = 20, top_k: int = 5):
+        from vtrain.prediction import PredictOptions
+
+        self.every_n_epochs, self.num_images = max(1, every_n_epochs), num_images
+        self.options = PredictOptions(top_k=top_k, score_threshold=score_threshold, max_detections=max_detections)
+        self._logged_epoch: int | None = None
+
+    @staticmethod
+    def image_loggers(trainer: pl.Trainer) -> list[Any]:
+        from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+        return [logger for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, WandbLogger))]
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.image_loggers(trainer):
+            return
+        epoch = trainer.current_epoch
+        if epoch % self.every_n_epochs or epoch == self._logged_epoch or trainer.datamodule is None:
+            return
+        self._logged_epoch = epoch
+        self.log_pictures(trainer, pl_module)
+
+    def pictures(self, datamodule: Any, pl_module: pl.LightningModule) -> list[tuple[str, torch.Tensor]]:
+        """(file name, picture) of the first ``num_images`` validation files, the model in eval mode."""
+        dataset = datamodule.predict_set(datamodule.example_files(self.num_images))
+        items = [dataset[i] for i in range(len(dataset))]
+        training = pl_module.training
+        pl_module.eval()
+        try:
+            outputs = pl_module.predict_batch([item["input"] for item in items])
+        finally:
+            pl_module.train(training)
+        return [(Path(item["path"]).name,
+                 pl_module.draw_prediction(item["original"], pl_module.prediction_record(output, self.options),
+                                           self.options))
+                for item, output in zip(items, outputs)]
+
+    def log_pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        pictures = self.pictures(trainer.datamodule, pl_module)
+        for logger in self.image_loggers(trainer):
+            if isinstance(logger, TensorBoardLogger):
+                for k, (name, picture) in enumerate(pictures):
+                    logger.experiment.add_image(f"predictions/{k}", picture, global_step=trainer.global_step,
+                                                dataformats="CHW")
+            else:  # wandb
+                logger.log_image(key="predictions", images=[p.permute(1, 2, 0).numpy() for _, p in pictures],
+                                 caption=[name for name, _ in pictures])

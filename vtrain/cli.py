@@ -16,11 +16,12 @@ from vtrain import ConfigError
 from vtrain.callbacks import MetricsJSON
 from vtrain.checkpoint import (load_task_weights, newest_valid_checkpoint, read_checkpoint, require_fit,
                                unwrap_state_dict)
-from vtrain.config import CONFIG_DIR, fail
+from vtrain.config import CONFIG_DIR, ensure_output_dir, fail
 from vtrain.lightning_internals import check_version
-from vtrain.module import build_task
+from vtrain.module import TaskModule, build_task
 from vtrain.rundir import RunDirectoryLock, is_first_process
 from vtrain.sweep import record_failure
+from vtrain.terminal import quiet_third_parties, summary_table
 from vtrain.trainer import build_trainer, hydra_ddp_job
 from vtrain.validate import check_values, validate
 
@@ -28,8 +29,32 @@ log = logging.getLogger("vtrain")
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric."""
+    """Train (``mode=train``) or evaluate (``mode=eval``) the composed experiment; return the monitored metric.
+
+    Called by ``python -m vtrain`` (Hydra's app) or from Python with a config of :func:`vtrain.compose`: then the
+    run directory is ``cfg.output_dir`` (``outputs/runs/<date>/<time>`` unless set), locked and given the config
+    as ``.hydra/config.yaml``, and bad input raises :class:`vtrain.ConfigError` instead of ending the process.
+    """
     check_version()
+    quiet_third_parties()
+    if not HydraConfig.initialized():
+        return _run_outside_hydra(cfg)
+    return _run(cfg)
+
+
+def _run_outside_hydra(cfg: DictConfig) -> float | None:
+    output_dir = ensure_output_dir(cfg)
+    lock = RunDirectoryLock(output_dir) if is_first_process() else None
+    try:
+        (output_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")
+        return _run(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig) -> float | None:
     try:
         check_values(cfg)  # types and ranges, before anything is built with them
         datamodule = instantiate(cfg.data)
@@ -58,7 +83,7 @@ def run(cfg: DictConfig) -> float | None:
         cause = e
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__
-        if cause is None:
+        if cause is None or not HydraConfig.initialized():
             raise
         return fail(cause)
 
@@ -73,7 +98,13 @@ def run(cfg: DictConfig) -> float | None:
             else:
                 trainer.validate(module, datamodule=datamodule)
         except ConfigError as e:
+            if not HydraConfig.initialized():
+                raise
             return fail(e)
+        if trainer.is_global_zero:
+            summary = summary_table(cfg.output_dir, evaluated=cfg.get("ckpt_path") if cfg.mode == "eval" else None)
+            if summary:
+                print(summary, flush=True)
     return _monitored_value(cfg, module)
 
 
@@ -123,4 +154,31 @@ def main(cfg: DictConfig) -> float | None:
 def evaluate(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.mode = "eval"
+    try:
+        model_from_checkpoint(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        return fail(e)
     return run_job(cfg)
+
+
+MODEL_KEYS = ("task", "data", "backbone", "video_backbone")  # what a checkpoint's config says about its model
+
+
+def model_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
+    """``python -m vtrain.eval ckpt_path=FILE`` without ``experiment=``: the model and data the checkpoint describes
+    (its stored config's task, data and backbone), with the command line's changes to them (``data.root=...``)."""
+    path = cfg.get("ckpt_path")
+    if not path or path == "auto" or not Path(path).is_file() or any(o.startswith("experiment=") for o in overrides):
+        return
+    stored = (read_checkpoint(path, mmap=True).get(TaskModule.CHECKPOINT_KEY) or {}).get("config")
+    if not stored:
+        return
+    described = OmegaConf.create(stored)
+    changes = [o.lstrip("+~") for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in MODEL_KEYS
+               and "." in o.split("=", 1)[0]]
+    with open_dict(cfg):
+        for key in MODEL_KEYS:
+            if key in described:
+                cfg[key] = described[key]
+        cfg.merge_with_dotlist(changes)
+    log.info("evaluating the model and data %s describes (experiment= would replace them)", path)

@@ -164,6 +164,8 @@ class DataModule(pl.LightningDataModule):
     """
 
     collate_fn: Callable | None = None  # a task's batch layout (a staticmethod); None: torch's default
+    # the files predictions read from a folder (vtrain.predict): images, unless the task reads videos
+    input_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
     def __init__(
         self,
@@ -246,6 +248,66 @@ class DataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_in_training = int(state_dict.get("skipped_in_training", 0))
+
+    # ------------------------------------------------------------------ what a prediction needs
+    @property
+    def class_names(self) -> list[str]:
+        """A readable name per label (what checkpoints store and predictions show); a task's data module gives the
+        dataset's own names where it has them."""
+        return [f"class_{i}" for i in range(self.num_classes)]
+
+    @property
+    def class_ids(self) -> list | None:
+        """The dataset's own identifier per label where it has one (ImageNet wnids, COCO category ids)."""
+        return None
+
+    def predict_set(self, paths: Sequence[str]) -> "PredictionInputs":
+        """The files ``paths`` read and transformed as validation reads its own samples (a task's data module)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read files for predictions")
+
+    def example_files(self, count: int) -> list[str]:
+        """The first ``count`` validation files (pictures of predictions during training)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its validation files")
+
+    def validation_set(self) -> Dataset:
+        """``val_set``, set up first if it is not yet."""
+        if getattr(self, "val_set", None) is None:
+            self.setup("validate")
+        return self.val_set
+
+
+class PredictionInputs(Dataset):
+    """Inputs to predict on: each item is ``{"path", "original", "input"}``, the decoded input and the model's input
+    made from it by the validation transform. A path is decoded by ``read(path)``, an RGB uint8 (H, W, 3) array by
+    ``from_array(array)`` (None: files only); ``transform(original)`` makes the model's input."""
+
+    def __init__(self, items: Sequence[Any], read: Callable[[str], Any], transform: Callable[[Any], Any],
+                 from_array: Callable[[Any], Any] | None = None):
+        self.items, self.read, self.transform, self.from_array = list(items), read, transform, from_array
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        if not isinstance(item, (str, Path)):
+            if self.from_array is None:
+                raise ConfigError("this task predicts on files only: give paths")
+            return {"path": None, "original": self.from_array(item), "input": self.transform(self.from_array(item))}
+        try:
+            original = self.read(str(item))
+        except Exception as e:  # noqa: BLE001 - decoders report a broken file in many ways
+            raise CorruptFileError(f"cannot read {item} ({type(e).__name__}: {e}): is it an image (or video)?") from e
+        return {"path": str(item), "original": original, "input": self.transform(original)}
+
+
+def read_names_file(path: Path) -> dict[str, str]:
+    """``<id> <name>`` lines (ImageNet's ``LOC_synset_mapping.txt`` / ``synset_words.txt``, the synthetic datasets'
+    ``classes.txt``) as {id: name}; an absent file is an empty mapping."""
+    if not path.is_file():
+        return {}
+    pairs = (line.strip().split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+    return {p[0]: (p[1] if len(p) > 1 else p[0]) for p in pairs}
 
 
 # ----------------------------------------------------------------------------- files, one class per folder

@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from timm.scheduler.scheduler import Scheduler
+from torch import nn
 
-from vtrain import ConfigError
+from vtrain import ConfigError, __version__
+from vtrain.config import plain_config
 from vtrain.lightning_internals import setup_train_data
 from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
+
+if TYPE_CHECKING:
+    from vtrain.prediction import PredictOptions
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +29,14 @@ class TaskModule(pl.LightningModule):
     A subclass builds ``self.backbone`` (a :class:`vtrain.backbones.base.Backbone`) and its head(s), and
     implements ``training_step`` / ``validation_step``. It passes ``monitor`` / ``monitor_mode`` (the metric that
     picks the best checkpoint) and may fill ``summary_metrics`` (e.g. per-class IoU) which ``metrics.json`` records.
+
+    Every checkpoint it is saved in describes it (:meth:`on_save_checkpoint`): the composed config it was built
+    from and the names of its classes, plain values only, so that :meth:`load_from_checkpoint`, ``python -m
+    vtrain.predict`` and ``vtrain.load`` need the file alone. For predictions a task implements
+    :meth:`predict_batch`, :meth:`prediction_record` and :meth:`draw_prediction`; for export, :meth:`export_module`.
     """
+
+    CHECKPOINT_KEY = "vtrain"  # the checkpoint entry that describes the model
 
     def __init__(self, optim: Mapping[str, Any], sched: Mapping[str, Any], monitor: str = "val/loss",
                  monitor_mode: str = "min"):
@@ -34,6 +47,9 @@ class TaskModule(pl.LightningModule):
         self.optim_cfg = dict(optim)
         self.sched_cfg = dict(sched)
         self.summary_metrics: dict[str, Any] = {}
+        self.run_config: dict[str, Any] | None = None  # the composed config (plain), set by build_task
+        self.class_names: list[str] | None = None  # a name per label; from the data module when not given
+        self.class_ids: list | None = None  # the dataset's own identifiers (wnids, COCO category ids)
 
     # ----------------------------------------------------------------- model
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -88,6 +104,66 @@ class TaskModule(pl.LightningModule):
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
+    # ----------------------------------------------------------------- what a checkpoint says about the model
+    def label_names(self) -> list[str]:
+        """A name per label: the checkpoint's, else the attached data module's (read once), else ``class_<i>``."""
+        if self.class_names is None:
+            datamodule = self._trainer.datamodule if self._trainer is not None else None
+            if datamodule is not None and hasattr(datamodule, "class_names"):
+                self.class_names = [str(n) for n in datamodule.class_names]
+                ids = getattr(datamodule, "class_ids", None)
+                self.class_ids = None if ids is None else [i if isinstance(i, int) else str(i) for i in ids]
+        num_classes = self.run_config["data"].get("num_classes") if self.run_config else None
+        return self.class_names or [f"class_{i}" for i in range(num_classes or 0)]
+
+    def description(self) -> dict[str, Any]:
+        """What a checkpoint stores beside the weights: plain values only (``torch.load(weights_only=True)`` reads
+        them with no allow-listed class)."""
+        names = self.label_names()
+        return {"version": __version__, "config": self.run_config, "class_names": names or None,
+                "class_ids": self.class_ids}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.CHECKPOINT_KEY] = self.description()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        described = checkpoint.get(self.CHECKPOINT_KEY) or {}
+        self.class_names = self.class_names or described.get("class_names")
+        self.class_ids = self.class_ids or described.get("class_ids")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = True, **kwargs: Any):
+        """The task a vtrain checkpoint describes, built from the config it stores (``weights_only=True``, always:
+        :func:`vtrain.checkpoint.read_checkpoint`) with its weights; ``kwargs`` replace task arguments
+        (``test_size=1000``), as Lightning's ``load_from_checkpoint`` does with hyper-parameters."""
+        from vtrain.api import load
+
+        module = load(checkpoint_path, overrides=[f"task.{k}={v}" for k, v in kwargs.items()],
+                      map_location=map_location, strict=strict is not False, eval_mode=False)
+        if not isinstance(module, cls):
+            raise ConfigError(f"{checkpoint_path} holds a {type(module).__name__}, not a {cls.__name__}: load it "
+                              f"with {type(module).__name__}.load_from_checkpoint or vtrain.load")
+        return module
+
+    # ----------------------------------------------------------------- predictions and export
+    @torch.no_grad()
+    def predict_batch(self, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+        """The validation path's outputs for model inputs made by the data module's ``predict_set``, one per input."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict")
+
+    def prediction_record(self, output: dict[str, torch.Tensor], options: "PredictOptions") -> dict[str, Any]:
+        """One output as plain values (what ``python -m vtrain.predict`` writes as JSON); a label map stays a tensor."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict")
+
+    def draw_prediction(self, original: Any, record: dict[str, Any], options: "PredictOptions") -> torch.Tensor:
+        """A picture of one prediction on its input (``original``: the decoded file), uint8 (3, H, W)."""
+        raise NotImplementedError(f"{type(self).__name__} does not draw its predictions")
+
+    def export_module(self) -> nn.Module:
+        """A plain ``nn.Module`` of the evaluation model: a normalised batch in, logits (or maps) out."""
+        raise ConfigError(f"{type(self).__name__} cannot be exported")
+
     # ----------------------------------------------------------------- weights
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Load reference weights (official/timm/torchvision/this framework) into the backbone; ``strict``: every
@@ -100,4 +176,6 @@ class TaskModule(pl.LightningModule):
 def build_task(cfg: DictConfig) -> TaskModule:
     """The task module of a composed config: ``cfg.task`` with the run's optimiser and schedule (a task config
     names its other inputs itself, the backbone among them: ``backbone: ${backbone}``)."""
-    return instantiate(cfg.task, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    module = instantiate(cfg.task, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    module.run_config = plain_config(cfg)
+    return module

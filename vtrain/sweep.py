@@ -82,7 +82,7 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: a table in the log and ``summary.json`` in the sweep directory."""
+    """At the end of a multirun: a table on the terminal and ``summary.json`` in the sweep directory."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -94,5 +94,4 @@ class SweepSummary(Callback):
         for r in rows:
             result = f"{r['monitor']} best {r['best']:.4f}" if r["status"] == "ok" and r.get("best") is not None else r.get("error", "")
             lines.append(f"  [{r['point']}] {r['status']:6s} {result}  ({r['overrides']})")
-        log.info("\n".join(lines))
-        print("\n".join(lines))
+        print("\n".join(lines))  # once: Hydra's log of the sweep would print it a second time on the terminal

@@ -65,10 +65,22 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           accumulate_grad_batches=accumulate_grad_batches(cfg))
+    _replace_model_summary(trainer)
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(config)
     return trainer
+
+
+def _replace_model_summary(trainer: pl.Trainer) -> None:
+    """Lightning's default model summary (added when ``trainer.enable_model_summary``) without its FLOPs column."""
+    from pytorch_lightning.callbacks import ModelSummary as LightningModelSummary
+    from pytorch_lightning.callbacks import RichModelSummary
+
+    from vtrain.callbacks import ModelSummary
+
+    trainer.callbacks = [ModelSummary() if type(c) in (LightningModelSummary, RichModelSummary) else c
+                         for c in trainer.callbacks]
 
 
 @contextlib.contextmanager

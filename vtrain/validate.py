@@ -64,7 +64,14 @@ def validate(cfg: DictConfig, datamodule) -> None:
         accumulate_grad_batches(cfg)  # optim.batch_per_step must be made of whole passes on these devices
     _check_input_size(cfg)
     if hasattr(datamodule, "check"):
-        datamodule.check()
+        try:
+            datamodule.check()
+        except ConfigError as e:
+            root = Path(str(cfg.data.get("root", "")))
+            if cfg.get("synthetic") and not root.exists():  # a quickstart before its data was written
+                raise ConfigError(f"{e}; this experiment trains on synthetic data: write it with python "
+                                  f"scripts/make_synthetic.py {cfg.synthetic} --out {root}") from None
+            raise
 
 
 def check_values(cfg: DictConfig) -> None:

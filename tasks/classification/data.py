@@ -11,7 +11,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vtrain import ConfigError
 from vtrain.data import (
-    DataModule, LabelledFileDataset, check_class_folders, class_folder_samples, list_classes, read_rgb,
+    DataModule, LabelledFileDataset, PredictionInputs, check_class_folders, class_folder_samples, list_classes, read_names_file,
+    read_rgb,
 )
 
 LAYOUT = "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"
@@ -93,6 +94,38 @@ class ImageFolderDataModule(DataModule):
             self.img_size, is_training=False, interpolation=self.eval_interpolation, crop_pct=self.eval_crop_pct,
             crop_mode=self.eval_crop_mode, mean=self.mean, std=self.std,
         )
+
+    # ------------------------------------------------------------------ classes and predictions
+    @property
+    def class_ids(self) -> list[str]:
+        """The class folders (ImageNet wnids), in label order; without the dataset at hand, ImageNet-1K's 1000
+        wnids in their sorted order (official and timm weights for ``experiment=..._imagenet``)."""
+        if self.classes or (self.root / "train").is_dir():
+            return self.classes or list_classes(self.root / "train")
+        from timm.data import ImageNetInfo
+
+        wnids = list(ImageNetInfo().label_names())
+        return wnids if len(wnids) == self.num_classes else [f"class_{i}" for i in range(self.num_classes)]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Each wnid's readable name (its first synonym): from ``classes.txt`` (the synthetic data's),
+        ``LOC_synset_mapping.txt`` or ``synset_words.txt`` in ``root``, else timm's ImageNet table, else the wnid."""
+        from timm.data import ImageNetInfo
+
+        names: dict[str, str] = {}
+        for file in ("synset_words.txt", "LOC_synset_mapping.txt", "classes.txt"):
+            names.update(read_names_file(self.root / file))
+        imagenet = ImageNetInfo()
+        known = set(imagenet.label_names())
+        return [(names.get(w) or (imagenet.label_name_to_description(w) if w in known else w)).split(",")[0]
+                for w in self.class_ids]
+
+    def predict_set(self, paths: list[str]) -> PredictionInputs:
+        return PredictionInputs(paths, read_rgb, self.eval_transform(), from_array=Image.fromarray)
+
+    def example_files(self, count: int) -> list[str]:
+        return [path for path, _ in self.validation_set().samples[:count]]
 
     def setup(self, stage: str | None = None) -> None:
         self.classes = list_classes(self.root / "train")

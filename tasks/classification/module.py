@@ -12,6 +12,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vtrain.checkpoint import load_classifier, load_matching, read_checkpoint, split_reference
 from vtrain.module import TaskModule
+from vtrain.prediction import PredictOptions, top_k
+from vtrain.visualize import draw_top_k, to_uint8_image
 
 
 class ClassificationTask(TaskModule):
@@ -68,8 +70,35 @@ class ClassificationTask(TaskModule):
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=n)
         self.log("val/top5", self.val_top5, batch_size=n)
 
+    # ------------------------------------------------------------------ predictions and export
+    @torch.no_grad()
+    def predict_batch(self, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        probabilities = self(torch.stack(inputs).to(self.device)).softmax(dim=-1)
+        return [{"probabilities": p} for p in probabilities]
+
+    def prediction_record(self, output: dict[str, torch.Tensor], options: PredictOptions) -> dict[str, Any]:
+        return {"top_k": top_k(output["probabilities"], self.label_names(), self.class_ids, options.top_k)}
+
+    def draw_prediction(self, original: Any, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
+        return draw_top_k(to_uint8_image(original), [(c["name"], c["score"]) for c in record["top_k"][:5]])
+
+    def export_module(self) -> nn.Module:
+        return Classifier(self.backbone, self.head).eval()
+
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Backbone weights, plus the classifier when the checkpoint has one of the right shape."""
         backbone_sd, head_sd = split_reference(self.backbone, read_checkpoint(path))
         load_matching(self.backbone, backbone_sd, path, "backbone", strict=strict)
         load_classifier(self.head, head_sd, path)
+
+
+class Classifier(nn.Module):
+    """The evaluation model alone (what export writes): a normalised (N, 3, H, W) batch -> (N, classes) logits, as
+    :meth:`ClassificationTask.forward` in eval mode (its dropout is the identity there)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_pooled(images))

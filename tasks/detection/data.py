@@ -50,7 +50,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from vtrain.tasks.detection.transforms import eval_transform, train_transform
 from vtrain import ConfigError
-from vtrain.data import CorruptFileError, DataModule, read_or_skip
+from vtrain.data import CorruptFileError, DataModule, PredictionInputs, read_or_skip
 from vtrain.reproducibility import EpochSeededSampler
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,9 @@ class CocoDataModule(DataModule):
         """The checked annotation file of ``split``, read once per process."""
         if split not in self._indexes:
             index = index_annotation_file(self.annotation_file(split), masks=self.masks and split == self.train_split)
-            if split == self.train_split and index.cleanup:
-                log.warning("%s: %s", index.path, ", ".join(f"{n} {what}" for what, n in sorted(index.cleanup.items())))
+            cleaned = +index.cleanup  # the clean-ups that happened (a Counter keeps keys counted 0 times)
+            if split == self.train_split and cleaned:
+                log.warning("%s: %s", index.path, ", ".join(f"{n} {what}" for what, n in sorted(cleaned.items())))
             self._indexes[split] = index
         return self._indexes[split]
 
@@ -406,6 +407,25 @@ class CocoDataModule(DataModule):
     @property
     def category_names(self) -> list[str]:
         return self.index(self.val_split).category_names
+
+    # ------------------------------------------------------------------ classes and predictions
+    @property
+    def class_ids(self) -> list[int]:
+        return self.category_ids
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.category_names
+
+    def predict_set(self, paths: list[str]) -> PredictionInputs:
+        transform = eval_transform()
+        return PredictionInputs(paths, lambda path: decode_image(path, mode=ImageReadMode.RGB),
+                                lambda image: transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
+                                from_array=lambda array: torch.from_numpy(array).permute(2, 0, 1).contiguous())
+
+    def example_files(self, count: int) -> list[str]:
+        val_set = self.validation_set()
+        return [str(val_set.image_dir / val_set.records[i]["file_name"]) for i in range(min(count, len(val_set)))]
 
     # ------------------------------------------------------------------ checks before anything starts
     def check(self) -> None:

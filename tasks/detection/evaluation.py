@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from pycocotools import mask as mask_utils
 
+from vtrain.terminal import FILE_ONLY
+
 log = logging.getLogger(__name__)
 
 # The 12 numbers of COCOeval.summarize(), in its order.
@@ -209,7 +211,12 @@ class CocoEvaluator:
                 os.replace(tmp, path)
             restrict = image_ids if len(image_ids) < len(all_ids) else None
             stats, coco_eval, printed = evaluate(self._gt, results, iou_type, restrict, self.backend)
-            log.info("COCO %s (%d detections on %d images):\n%s", iou_type, len(results), len(image_ids), printed)
+            # the full table to the run's log file; the terminal gets the one line below
+            log.info("COCO %s (%d detections on %d images):\n%s", iou_type, len(results), len(image_ids), printed,
+                     extra=FILE_ONLY)
             summary[iou_type] = stats
             summary["per_category"][iou_type] = per_category_ap(coco_eval, self.category_names)
+        log.info("COCO AP on %d images: %s", len(image_ids), " | ".join(
+            f"{t} AP {summary[t]['AP']:.3f} AP50 {summary[t]['AP50']:.3f} AP75 {summary[t]['AP75']:.3f}"
+            for t in self.iou_types))
         return summary

@@ -5,9 +5,11 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from pycocotools import mask as mask_utils
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
@@ -16,6 +18,8 @@ from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
 from vtrain.tasks.detection.models import DetectorSpec, build_detector, detector_macs
 from vtrain import ConfigError
 from vtrain.module import TaskModule
+from vtrain.prediction import PredictOptions
+from vtrain.visualize import draw_detections, palette, to_uint8_image
 
 BATCH_NORM_MODES = ("train", "eval", "frozen", "sync")
 
@@ -160,6 +164,54 @@ class DetectionTask(TaskModule):
         self.summary_metrics["coco_per_category_AP"] = summary["per_category"]
         self.summary_metrics["coco_num_images"] = summary["num_images"]
         self.evaluator.reset()
+
+    # ----------------------------------------------------------------- predictions
+    @torch.no_grad()
+    def predict_batch(self, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """torchvision's detections (original image coordinates), as validation computes them."""
+        return [{k: v.cpu() for k, v in output.items()} for output in self([x.to(self.device) for x in inputs])]
+
+    def prediction_record(self, output: dict[str, torch.Tensor], options: PredictOptions) -> dict[str, Any]:
+        """The detections scoring at least ``score_threshold``, the best ``max_detections``: box (XYXY pixels), score,
+        label (0-based, the index of ``class_names``), name, the dataset's category id, and the mask as COCO RLE
+        (pycocotools, probability > ``mask_threshold``, as the COCO evaluation encodes it)."""
+        names, ids = self.label_names(), self.class_ids
+        labels = output["labels"]
+        keep = (labels >= 1) & (labels <= len(names)) & (output["scores"] >= options.score_threshold)
+        order = output["scores"][keep].argsort(descending=True, stable=True)[: options.max_detections]
+        index = keep.nonzero().flatten()[order]
+        rles = []
+        if "masks" in output and len(index):
+            masks = (output["masks"][index, 0] > options.mask_threshold).numpy().astype(np.uint8)
+            rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        instances = []
+        for k, i in enumerate(index.tolist()):
+            label = int(labels[i]) - 1
+            instance = {"box": [float(v) for v in output["boxes"][i]], "score": float(output["scores"][i]),
+                        "label": label, "name": names[label]}
+            if ids:
+                instance["category_id"] = ids[label]
+            if rles:
+                instance["mask"] = {"size": list(rles[k]["size"]), "counts": rles[k]["counts"].decode("ascii")}
+            instances.append(instance)
+        return {"instances": instances}
+
+    def draw_prediction(self, original: torch.Tensor, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
+        instances = record["instances"]
+        colors = palette(len(self.label_names()))
+        boxes = torch.tensor([d["box"] for d in instances], dtype=torch.float32).reshape(-1, 4)
+        masks = None
+        if instances and "mask" in instances[0]:
+            rles = [{"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode("ascii")} for d in instances]
+            masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool()
+        return draw_detections(to_uint8_image(original), boxes, [f"{d['name']} {d['score']:.2f}" for d in instances],
+                               [colors[d["label"]] for d in instances], masks)
+
+    def export_module(self) -> nn.Module:
+        raise ConfigError("export of detection models is not supported yet: torchvision's detectors take lists of "
+                          "images of any size and resize and normalise them inside, which ONNX, TorchScript tracing "
+                          "and torch.export do not capture for this backbone wrapper; export classification, "
+                          "segmentation or video models")
 
 
 def _instantiate_group(group: str, config: Mapping[str, Any], **kwargs: Any) -> Any:

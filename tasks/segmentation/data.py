@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vtrain.tasks.segmentation.inference import rescale_size
 from vtrain import ConfigError
-from vtrain.data import DataFileError, DataModule, read_or_skip, read_rgb
+from vtrain.data import DataFileError, DataModule, PredictionInputs, read_names_file, read_or_skip, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class SegmentationDataset(Dataset):
                 image, label = image[:, ::-1], label[:, ::-1]
             if self.photometric:
                 image = photometric_distortion(np.ascontiguousarray(image))
-        image = (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() - self.mean) / self.std
+        image = normalize(image, self.mean, self.std)
         label = torch.from_numpy(np.ascontiguousarray(label)).long()
         if self.train:  # mmseg Pad(size=crop_size, pad_val=0, seg_pad_val=255), after Normalize
             pad_h, pad_w = self.crop_size[0] - label.shape[0], self.crop_size[1] - label.shape[1]
@@ -262,6 +262,11 @@ class SegmentationDataset(Dataset):
                 image = F.pad(image, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=0.0)
                 label = F.pad(label, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=IGNORE_INDEX)
         return {"image": image, "label": label}
+
+
+def normalize(image: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float, ``(x - mean) / std`` on 0-255 pixels (mmseg ``Normalize``)."""
+    return (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() - mean) / std
 
 
 def collate_padded(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -324,9 +329,25 @@ class ADE20KDataModule(DataModule):
             reduce_zero_label=reduce_zero_label, ignore_invalid_labels=ignore_invalid_labels,
             skip_corrupt=self.skip_corrupt,
         )
-        self.class_names = (
-            list(ADE20K_CLASSES) if num_classes == len(ADE20K_CLASSES) else [f"class_{i}" for i in range(num_classes)]
-        )
+        self.reduce_zero_label = reduce_zero_label
+
+    @property
+    def class_names(self) -> list[str]:
+        """ADE20K's 150 names (mmseg's order); otherwise the dataset's ``classes.txt`` (``<annotation value>
+        <name>`` lines, as the synthetic data writes), else ``class_<label>``."""
+        if self.num_classes == len(ADE20K_CLASSES):
+            return list(ADE20K_CLASSES)
+        names = read_names_file(self.root / "classes.txt")
+        shift = 1 if self.reduce_zero_label else 0  # annotation value of label 0
+        return [names.get(str(label + shift), f"class_{label}") for label in range(self.num_classes)]
+
+    def predict_set(self, paths: list[str]) -> PredictionInputs:
+        val = SegmentationDataset([], self.num_classes, False, **self.sample_options)  # validation's settings
+        return PredictionInputs(paths, read_image, lambda image: normalize(image, val.mean, val.std),
+                                from_array=np.asarray)
+
+    def example_files(self, count: int) -> list[str]:
+        return [image for image, _ in self.validation_set().pairs[:count]]
 
     def check(self) -> None:
         """Fail in one line when ``root`` is missing, not laid out as ADE20K, or has unpaired files."""

@@ -9,8 +9,8 @@ and mIoU / mAcc are the means over the classes whose denominator is not zero (mm
 This is not an average of per-image IoUs (torchmetrics' ``segmentation.MeanIoU``); it equals
 torchmetrics' ``MulticlassJaccardIndex(ignore_index=255, average="macro")`` (tested). The four areas are
 integer states summed across processes, so a DDP evaluation gives exactly the single-process numbers
-(provided each image is seen once: see ``ADE20KDataModule.val_dataloader``). Values are in percent, as
-the papers' tables and mmseg's logs.
+(provided each image is seen once: see ``ADE20KDataModule.val_dataloader``). Values are fractions in [0, 1],
+the scale of every metric vtrain logs (accuracy, COCO AP); the papers and mmseg's logs print them in percent.
 """
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ class SegmentationMetrics(Metric):
         self.area_label += torch.bincount(target, minlength=k)[:k]
 
     def per_class(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(IoU, Acc) per class in percent; NaN where the class has no union / no labelled pixel."""
+        """(IoU, Acc) per class, fractions; NaN where the class has no union / no labelled pixel."""
         intersect = self.area_intersect.double()
         union = (self.area_pred + self.area_label - self.area_intersect).double()
         label = self.area_label.double()
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=intersect.device)
-        iou = torch.where(union > 0, intersect / union.clamp(min=1), nan) * 100
-        acc = torch.where(label > 0, intersect / label.clamp(min=1), nan) * 100
+        iou = torch.where(union > 0, intersect / union.clamp(min=1), nan)
+        acc = torch.where(label > 0, intersect / label.clamp(min=1), nan)
         return iou, acc
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -54,7 +54,7 @@ class SegmentationMetrics(Metric):
         return {
             "mIoU": iou.nanmean(),
             "mAcc": acc.nanmean(),
-            "aAcc": self.area_intersect.sum().double() / total * 100,
+            "aAcc": self.area_intersect.sum().double() / total,
             "IoU": iou,
             "Acc": acc,
         }

@@ -14,11 +14,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from torch import nn
 
 from vtrain.tasks.segmentation.heads import head_levels
 from vtrain.tasks.segmentation.inference import predict
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 from vtrain.module import TaskModule
+from vtrain.prediction import PredictOptions
+from vtrain.visualize import draw_segmentation, to_uint8_image
 
 
 class SegmentationTask(TaskModule):
@@ -74,17 +77,8 @@ class SegmentationTask(TaskModule):
         return self._logits(images)[0]
 
     def _logits(self, images: torch.Tensor, with_aux: bool = False) -> list[torch.Tensor]:
-        h, w = images.shape[-2:]
-        d = self.size_divisor
-        pad_h, pad_w = (-h) % d, (-w) % d
-        x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-        features = dict(zip(self.backbone.out_levels, self.backbone(x)))
         heads = [self.head, self.aux_head] if with_aux and self.aux_head is not None else [self.head]
-        outputs = []
-        for head in heads:
-            logits = F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            outputs.append(logits[..., :h, :w])
-        return outputs
+        return encode(self.backbone, heads, images, self.size_divisor)
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none")
@@ -138,11 +132,58 @@ class SegmentationTask(TaskModule):
         self.log_dict({f"val/{k}": result[k].float() for k in ("mIoU", "mAcc", "aAcc")}, prog_bar=True, sync_dist=True)
         names = self._class_names()
         self.summary_metrics = {
-            f"per_class_{k}": {n: (None if v != v else round(v, 4)) for n, v in zip(names, result[k].tolist())}
+            f"per_class_{k}": {n: (None if v != v else round(v, 6)) for n, v in zip(names, result[k].tolist())}
             for k in ("IoU", "Acc")
         }
 
     def _class_names(self) -> Sequence[str]:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        names = getattr(datamodule, "class_names", None)
+        names = self.label_names()
         return names if names and len(names) == self.num_classes else [f"class_{i}" for i in range(self.num_classes)]
+
+    # ------------------------------------------------------------------ predictions and export
+    @torch.no_grad()
+    def predict_batch(self, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each normalised (3, H, W) image through the test-time pipeline (``predict_probs``), as validation."""
+        return [{"label_map": self.predict_probs(image[None].to(self.device))[0].argmax(dim=0)} for image in inputs]
+
+    def prediction_record(self, output: dict[str, torch.Tensor], options: PredictOptions) -> dict[str, Any]:
+        """The label map (a tensor; ``python -m vtrain.predict`` writes it as a PNG of label values) and each present
+        class's share of the pixels, largest first."""
+        label_map = output["label_map"].cpu()
+        counts = torch.bincount(label_map.flatten(), minlength=self.num_classes)
+        names = self._class_names()
+        shares = [{"label": label, "name": names[label], "share": count / label_map.numel()}
+                  for label, count in enumerate(counts.tolist()) if count]
+        return {"label_map": label_map.to(torch.uint8 if self.num_classes <= 256 else torch.int32),
+                "image_size": list(label_map.shape), "classes": sorted(shares, key=lambda c: -c["share"])}
+
+    def draw_prediction(self, original: Any, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
+        shares = {c["label"]: c["share"] for c in record["classes"]}
+        return draw_segmentation(to_uint8_image(original), record["label_map"].long(), self._class_names(), shares)
+
+    def export_module(self) -> nn.Module:
+        return Segmenter(self.backbone, self.head, self.size_divisor).eval()
+
+
+def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor, size_divisor: int
+           ) -> list[torch.Tensor]:
+    """Each head's logits at the input's size: the input zero-padded to a multiple of ``size_divisor``, the logits
+    resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``)."""
+    h, w = images.shape[-2:]
+    pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
+    x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+    features = dict(zip(backbone.out_levels, backbone(x)))
+    return [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+            for head in heads]
+
+
+class Segmenter(nn.Module):
+    """The evaluation model alone (what export writes): a normalised (N, 3, H, W) batch -> (N, classes, H, W) logits
+    (:meth:`SegmentationTask.forward`; the test-time resize and softmax are the caller's)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, size_divisor: int):
+        super().__init__()
+        self.backbone, self.head, self.size_divisor = backbone, head, size_divisor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return encode(self.backbone, [self.head], images, self.size_divisor)[0]

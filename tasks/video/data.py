@@ -35,7 +35,8 @@ from torchvision.transforms import v2
 from vtrain.tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
 from vtrain import ConfigError
 from vtrain.data import (
-    DataModule, LabelledFileDataset, Samples, check_class_folders, class_folder_samples, list_classes,
+    DataModule, LabelledFileDataset, PredictionInputs, Samples, check_class_folders, class_folder_samples,
+    list_classes, read_names_file,
 )
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -75,20 +76,26 @@ class VideoClipDataset(LabelledFileDataset):
             return train_clip_indices(num_frames, self.clip_len, self.frame_interval, rng)[None]
         return test_clip_indices(num_frames, self.clip_len, self.frame_interval, self.num_clips)
 
-    def load(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, path: str) -> torch.Tensor:
+        return self.clips(path)
+
+    def frames(self, path: str) -> tuple[np.ndarray, np.ndarray]:
         """The sampled frame indices (clips, T) and their frames (clips * T, H, W, 3)."""
         with VideoReader(path) as video:
             indices = self.frame_indices(video.num_frames)
             return indices, video.read(indices.reshape(-1), self.short_side)
 
+    def clips(self, path: str) -> torch.Tensor:
+        """The sampled clips of one video, uint8 (clips, T, 3, H, W)."""
+        indices, frames = self.frames(path)
+        # (clips * T, H, W, 3) -> clips of (T, 3, H, W)
+        return torch.from_numpy(frames).permute(0, 3, 1, 2).unflatten(0, (len(indices), self.clip_len))
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         path, label = self.samples[i]
-        loaded = self.read(path)
-        if loaded is None:
+        clips = self.read(path)
+        if clips is None:
             return None
-        indices, frames = loaded
-        # (clips * T, H, W, 3) -> clips of (T, 3, H, W)
-        clips = torch.from_numpy(frames).permute(0, 3, 1, 2).unflatten(0, (len(indices), self.clip_len))
         return {"clips": self.transform(clips), "label": label}
 
 
@@ -217,6 +224,7 @@ class KineticsDataModule(DataModule):
     """
 
     collate_fn = staticmethod(collate_clips)
+    input_extensions = VIDEO_EXTENSIONS
 
     def __init__(
         self,
@@ -296,6 +304,31 @@ class KineticsDataModule(DataModule):
         self.classes = list_classes(self.root / "train")
         return class_folder_samples(self.root / split, self.classes, VIDEO_EXTENSIONS)
 
+    # ------------------------------------------------------------------ classes and predictions
+    @property
+    def class_names(self) -> list[str]:
+        """The class folders' names (Kinetics' labels), or with list files the lines of ``root/classes.txt``
+        (one name per label, as the synthetic data and mmaction2's label maps write them), else ``class_<label>``."""
+        if self.train_list is None and (self.root / "train").is_dir():
+            return list_classes(self.root / "train")
+        names = list(read_names_file(self.root / "classes.txt"))
+        return names if len(names) == self.num_classes else [f"class_{i}" for i in range(self.num_classes)]
+
+    def eval_set(self, samples: Samples) -> VideoClipDataset:
+        """Every view of each video, as validation scores it."""
+        return VideoClipDataset(
+            samples, TestViewsTransform(self.eval_crop_size, self.num_test_crops, self.normalize), self.clip_len,
+            self.frame_interval,
+            self.eval_short_side, num_clips=self.num_test_clips, skip_corrupt=self.skip_corrupt,
+        )
+
+    def predict_set(self, paths: list[str]) -> PredictionInputs:
+        videos = self.eval_set([])
+        return PredictionInputs(paths, videos.clips, videos.transform)
+
+    def example_files(self, count: int) -> list[str]:
+        return [path for path, _ in self.validation_set().samples[:count]]
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = VideoClipDataset(
@@ -303,8 +336,4 @@ class KineticsDataModule(DataModule):
                 TrainClipTransform(self.crop_size, self.scale, self.hflip, self.crop_scales, self.normalize),
                 self.clip_len, self.frame_interval, self.train_short_side, skip_corrupt=self.skip_corrupt,
             )
-        self.val_set = VideoClipDataset(
-            self.samples("val"), TestViewsTransform(self.eval_crop_size, self.num_test_crops, self.normalize),
-            self.clip_len, self.frame_interval, self.eval_short_side, num_clips=self.num_test_clips,
-            skip_corrupt=self.skip_corrupt,
-        )
+        self.val_set = self.eval_set(self.samples("val"))

@@ -17,6 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from vtrain.checkpoint import (is_lightning_checkpoint, load_classifier, load_matching, read_checkpoint,
                                unwrap_state_dict)
 from vtrain.module import TaskModule
+from vtrain.prediction import PredictOptions, top_k
+from vtrain.visualize import draw_top_k, frame_strip
 
 # the classifier's keys in this framework's checkpoints and in mmaction2's (official Video Swin) ones
 _HEAD_PREFIXES = ("head.", "cls_head.fc_cls.")
@@ -76,6 +78,25 @@ class VideoClassificationTask(TaskModule):
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=n)
         self.log("val/top5", self.val_top5, batch_size=n)
 
+    # ------------------------------------------------------------------ predictions and export
+    @torch.no_grad()
+    def predict_batch(self, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each video's (V, C, T, H, W) views -> the softmax averaged over them, as validation scores a video."""
+        probabilities = self.video_probabilities(torch.stack(inputs).to(self.device))
+        return [{"probabilities": p, "views": torch.tensor(len(v))} for p, v in zip(probabilities, inputs)]
+
+    def prediction_record(self, output: dict[str, torch.Tensor], options: PredictOptions) -> dict[str, Any]:
+        return {"top_k": top_k(output["probabilities"], self.label_names(), self.class_ids, options.top_k),
+                "views": int(output["views"])}
+
+    def draw_prediction(self, original: torch.Tensor, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
+        """The frames of the first sampled clip (``original``: (clips, T, 3, H, W)) beside the top-5 over the views."""
+        entries = [(c["name"], c["score"]) for c in record["top_k"][:5]]
+        return draw_top_k(frame_strip(original[0]), entries, title=f"over {record['views']} views")
+
+    def export_module(self) -> nn.Module:
+        return VideoClassifier(self.backbone, self.head).eval()
+
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Video backbone weights from a checkpoint of the same video model (this framework's, torchvision's,
         official Video Swin) or inflated from a 2D ImageNet one (official / timm / torchvision / this
@@ -90,3 +111,15 @@ class VideoClassificationTask(TaskModule):
             backbone_sd, head = self.backbone.checkpoint_filter(state_dict)
         load_matching(self.backbone, backbone_sd, path, "video backbone", strict=strict)
         load_classifier(self.head, head, path)
+
+
+class VideoClassifier(nn.Module):
+    """The evaluation model alone (what export writes): normalised (N, C, T, H, W) clips -> (N, classes) logits of
+    each clip (a video's score averages the softmax of its views)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_pooled(clips))

@@ -125,12 +125,29 @@ def measure(candidates: list[Candidate], cfg: DictConfig, optim_cfg: Mapping, de
 
 
 def inference_throughput(name: str, build: Callable[[], nn.Module], sample_shape: tuple[int, ...],
-                         num_classes: int, options: Mapping) -> float:
+                         num_classes: int, options: Mapping) -> dict[str, Any]:
     """Inference images/s of one model alone (a table's throughput column; ``options``: ``conf/table_main.yaml``'s
-    ``throughput``: device, precision, batch_size (null: 64 on CUDA, 1 on CPU), warmup, iters, repeats)."""
+    ``throughput``: device, precision, batch_size (null: 64 on CUDA, 1 on CPU), warmup, iters, repeats): the median
+    block's (``ips``) and the quartiles over the blocks (``quartiles``), as ``vtrain.tools.bench`` reports."""
     device = resolve_device(options["device"])
     timing = OmegaConf.create({"batch_size": options["batch_size"] or (64 if device.type == "cuda" else 1),
                                "modes": ["inference"], "warmup": options["warmup"], "iters": options["iters"],
                                "repeats": options["repeats"]})
     candidate = Candidate(name, build, Settings(precision=options["precision"]))
-    return measure([candidate], timing, {}, device, sample_shape, num_classes)[0]["inference_ips"]
+    result = measure([candidate], timing, {}, device, sample_shape, num_classes)[0]
+    per_block = sorted(timing.batch_size * timing.iters / seconds for seconds in result["inference_blocks_s"])
+    if len(per_block) < 2:
+        quartiles = [per_block[0], per_block[0]]
+    else:
+        q1, _, q3 = statistics.quantiles(per_block, n=4, method="inclusive")
+        quartiles = [q1, q3]
+    return {"ips": result["inference_ips"], "quartiles": quartiles}
+
+
+def throughput_enabled(options: Mapping) -> bool:
+    """``throughput.enabled``: true, false, or ``auto``, on CUDA only (the papers' throughputs are GPU figures; a CPU's
+    says nothing beside them)."""
+    enabled = options.get("enabled", "auto")
+    if enabled == "auto":
+        return resolve_device(options.get("device", "auto")).type == "cuda"
+    return bool(enabled)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vtrain import ConfigError
 from vtrain.tools.bench.device import device_name, resolve_device
+from vtrain.tools.bench.timing import throughput_enabled
 from vtrain.config import CONFIG_DIR, run_or_exit
 from vtrain.tools.table.markdown import write_table
 from vtrain.tools.table.paper import fill_table, paper_table_markdown
@@ -25,7 +26,7 @@ def run(cfg: DictConfig) -> str:
         raise ConfigError(f"give table=<name> (one of {', '.join(tables)}) or runs=<multirun dir>")
     table = OmegaConf.to_container(cfg.table, resolve=True)
     filled = fill_table(table, cfg)
-    device = resolve_device(cfg.throughput.device) if cfg.throughput.enabled else None
+    device = resolve_device(cfg.throughput.device) if throughput_enabled(cfg.throughput) else None
     context = f"vtrain {datetime.date.today().isoformat()}, torch {torch.__version__}" + (
         f", throughput on {device_name(device)} ({cfg.throughput.precision})" if device is not None else "")
     markdown = paper_table_markdown(filled, context)
@@ -44,6 +45,9 @@ def _runs_table(cfg: DictConfig) -> str:
     options = cfg.runs_table
     if options.plot_x not in ("gmacs", "params", "throughput"):
         raise ConfigError(f"runs_table.plot_x={options.plot_x!r}: use gmacs, params or throughput")
+    if options.plot_x == "throughput" and not throughput_enabled(cfg.throughput):
+        raise ConfigError("runs_table.plot_x=throughput measures images/s, which throughput.enabled=auto does on CUDA "
+                          "only: add throughput.enabled=true to time the models on this CPU")
     summary = aggregate_runs(root, options, cfg.throughput if options.plot_x == "throughput" else None)
     markdown = runs_markdown(summary)
     out_dir = Path(cfg.out_dir or root)
@@ -52,6 +56,11 @@ def _runs_table(cfg: DictConfig) -> str:
     print(markdown)
     print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.png'}")
     return markdown
+
+
+# conf/table_main.yaml's run directory: the first of its arguments that is set
+OmegaConf.register_new_resolver("vtrain.first", lambda *values: next((v for v in values if v is not None), None),
+                                replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="table_main")

@@ -19,7 +19,7 @@ from vtrain import ConfigError
 from vtrain.module import build_task
 from vtrain.profiling import count_macs, count_params
 from vtrain.tools.bench.models import build_classifier, model_size
-from vtrain.tools.bench.timing import inference_throughput
+from vtrain.tools.bench.timing import inference_throughput, throughput_enabled
 from vtrain.config import compose_config
 from vtrain.tools.table.markdown import DASH, number
 
@@ -132,11 +132,12 @@ class Row:
             return count_macs(module, (1, *shape))
         return self._once("task_macs", compute)
 
-    def throughput(self) -> float:
-        def compute() -> float:
+    def throughput(self) -> dict[str, Any]:
+        def compute() -> dict[str, Any]:
             options = self.settings.throughput
-            if not options.enabled:
-                raise Unmeasured("throughput not measured (throughput.enabled=false)")
+            if not throughput_enabled(options):
+                raise Unmeasured(f"throughput not measured (throughput.enabled={str(options.enabled).lower()}"
+                                 + (": on CUDA only" if options.enabled == "auto" else "") + ")")
             self.size()  # fail early (as a footnote) when the model cannot be built
             return inference_throughput(self.label, self._build, self.input_shape(), self.num_classes(), options)
         return self._once("throughput", compute)
@@ -177,7 +178,7 @@ class Row:
             elif kind == "task_macs":
                 value = self.task_macs()
             elif kind == "throughput":
-                value = self.throughput()
+                value = self.throughput()["ips"]
             elif kind == "metric":
                 value = self.metric(column["metric"]) * float(column.get("scale", 1.0))
             else:
@@ -235,6 +236,8 @@ def fill_table(table: Mapping, settings: DictConfig) -> dict[str, Any]:
                 "measured": measured,
                 "differs": measured is not None and _differs(measured, paper.get(name), column),
             }
+            if measured is not None and column.get("measure") == "throughput":
+                cells[name]["quartiles"] = row.throughput()["quartiles"]
         rows.append({"key": key, "label": row.label, "cells": cells, "notes": row.notes})
     return {"title": table.get("title", ""), "source": table.get("source", ""), "verified": table.get("verified", True),
             "columns": columns, "rows": rows}
@@ -273,10 +276,14 @@ def paper_table_markdown(filled: Mapping, context: str) -> str:
             cells.append(_paper(cell["paper"]))
             if column.get("measure"):
                 text = number(cell["measured"], _DIGITS[column["measure"]])
+                if cell.get("quartiles"):  # the spread of the timed blocks, as vtrain.tools.bench gives it
+                    text += " [{:.1f}, {:.1f}]".format(*cell["quartiles"])
                 cells.append(text + (f" {DIFFERS}" if cell["differs"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{DIFFERS} differs from the paper by more than the column's tolerance. {DASH}: not measured here.")
+    lines.append(f"{DIFFERS} differs from the paper by more than the column's tolerance. {DASH}: not measured here."
+                 + (" Throughput: median images/s [quartiles] of the timed blocks." if any(
+                     "quartiles" in cell for row in filled["rows"] for cell in row["cells"].values()) else ""))
     if not filled.get("verified", True):
         lines.append("Some paper values were transcribed without access to the paper; check them against it.")
     lines += [f"All rows: {note}." for note in shared]

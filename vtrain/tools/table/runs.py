@@ -4,7 +4,6 @@ model's cost, one point per run, as the papers' figures do. The runs are read by
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ def aggregate_runs(root: Path, options: Mapping, throughput: DictConfig | None =
     if not points:
         raise ConfigError(f"runs={root}: no metrics.json below it; pass the directory of a finished sweep")
     metric = options.get("metric")
+    ignore = list(options.get("ignore", []))
+    varying, fixed = _varying_keys(points, ignore)
     groups: dict[str, dict[str, Any]] = {}
     for point in points:
         name = metric or point.metrics.get("monitor")
@@ -34,7 +35,7 @@ def aggregate_runs(root: Path, options: Mapping, throughput: DictConfig | None =
         if name is None or name not in values:
             log.warning("skipped %s: no %s in its metrics.json", point.path, name or "monitored metric")
             continue
-        label = _label(point, list(options.get("ignore", [])))
+        label = _label(point, varying)
         group = groups.setdefault(label, {"label": label, "metric": name, "values": [], "runs": []})
         if group["metric"] != name:
             raise ConfigError(f"runs={root}: runs monitor different metrics ({group['metric']}, {name}): "
@@ -53,15 +54,29 @@ def aggregate_runs(root: Path, options: Mapping, throughput: DictConfig | None =
     all_values = [v for g in groups.values() for v in g["values"]]
     # Accuracies, AP and IoU are logged as fractions; shown in % as the papers do (losses as they are).
     scale = 100.0 if "loss" not in name and all(0.0 <= v <= 1.0 for v in all_values) else 1.0
-    return {"root": str(root), "metric": name, "scale": scale, "groups": list(groups.values())}
+    return {"root": str(root), "metric": name, "scale": scale, "fixed": fixed, "groups": list(groups.values())}
 
 
-def _label(point: SweepPoint, ignore: list[str]) -> str:
-    """The run's overrides without the ignored keys; a run without ``.hydra`` is named by its directory."""
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _varying_keys(points: list[SweepPoint], ignore: list[str]) -> tuple[set[str], list[str]]:
+    """The override keys whose value differs between runs (or that some runs lack), and the overrides every run
+    shares (``experiment=quickstart``): labels name the first, the title the second."""
+    described = [dict((_override_key(o), o) for o in p.overrides if _override_key(o) not in ignore)
+                 for p in points if p.overrides is not None]
+    keys = {k for overrides in described for k in overrides}
+    varying = {k for k in keys if len({overrides.get(k) for overrides in described}) > 1}
+    fixed = [o for o in (described[0].values() if described else []) if _override_key(o) not in varying]
+    return varying, fixed
+
+
+def _label(point: SweepPoint, varying: set[str]) -> str:
+    """The run's overrides of the keys that vary; a run without ``.hydra`` is named by its directory."""
     if point.overrides is None:
         return point.path.name
-    kept = [o for o in point.overrides if o.split("=", 1)[0].lstrip("+~") not in ignore]
-    return " ".join(kept) or "(defaults)"
+    return " ".join(o for o in point.overrides if _override_key(o) in varying) or "(all runs)"
 
 
 def _model_figures(point: SweepPoint, throughput: DictConfig | None) -> dict[str, Any]:
@@ -76,7 +91,8 @@ def _model_figures(point: SweepPoint, throughput: DictConfig | None) -> dict[str
         log.warning("no model size for %s (%s: %s)", point.path, type(e).__name__, e)
         return figures
     if throughput is not None and model is not None:
-        figures["throughput"] = inference_throughput("run", *model, throughput)
+        measured = inference_throughput("run", *model, throughput)
+        figures["throughput"], figures["throughput_quartiles"] = measured["ips"], measured["quartiles"]
     return figures
 
 
@@ -96,23 +112,31 @@ def runs_markdown(summary: Mapping) -> str:
     has_throughput = any("throughput" in g for g in summary["groups"])
     header = ["run", "seeds", "params (M)", "GMACs"] + (["img/s"] if has_throughput else []) + [
         f"{summary['metric']}{unit}"]
-    lines = [f"### {summary['root']}", "", "| " + " | ".join(header) + " |",
-             "|---|" + "|".join("--:" for _ in header[1:]) + "|"]
+    lines = [f"### {summary['root']}", ""]
+    if summary.get("fixed"):
+        lines += [f"All runs: {' '.join(summary['fixed'])}.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "|".join("--:" for _ in header[1:]) + "|"]
     for group in summary["groups"]:
         values = [v * summary["scale"] for v in group["values"]]
         params = None if group["params"] is None else group["params"] * 1e-6
         macs = None if group["macs"] is None else group["macs"] * 1e-9
         cells = [group["label"], str(len(values)), number(params, 2), number(macs, 2)]
         if has_throughput:
-            cells.append(number(group.get("throughput"), 1))
+            quartiles = group.get("throughput_quartiles")
+            cells.append(number(group.get("throughput"), 1)
+                         + (" [{:.1f}, {:.1f}]".format(*quartiles) if quartiles else ""))
         cells.append(mean_std(values, 2))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "mean ± sample standard deviation over the runs that differ only in their seed."]
+    lines += ["", "mean ± sample standard deviation over the runs that differ only in their seed."
+              + (" img/s: median [quartiles] of the timed blocks." if has_throughput else "")]
     return "\n".join(lines) + "\n"
 
 
 def plot_runs(summary: Mapping, x_axis: str, path: Path) -> None:
-    """The metric against model cost, one point per run, one colour per configuration."""
+    """The metric against model cost, one point per run, one colour per configuration (named in the legend by the
+    keys that vary); the title names the metric, the sweep and what every run shares."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,22 +145,28 @@ def plot_runs(summary: Mapping, x_axis: str, path: Path) -> None:
     x_key, x_label, x_scale = {
         "gmacs": ("macs", "GMACs", 1e-9),
         "params": ("params", "params (M)", 1e-6),
-        "throughput": ("throughput", "images/s", 1.0),
+        "throughput": ("throughput", "inference images/s", 1.0),
     }[x_axis]
     unit = " (%)" if summary["scale"] == 100.0 else ""
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    measured = any(g.get(x_key) is not None for g in summary["groups"])
     for index, group in enumerate(summary["groups"]):
         x = group.get(x_key)
-        # Without a model size (hand-made or unknown config), runs are placed by their configuration index.
+        if measured and x is None:
+            continue  # no model size (a hand-made config): in the table, not on a cost axis
+        # Without any model size, runs are placed by their configuration index.
         x_value = index if x is None else x * x_scale
         ys = [v * summary["scale"] for v in group["values"]]
-        ax.scatter([x_value] * len(ys), ys, label=group["label"], s=28)
-        ax.annotate(group["label"], (x_value, statistics.fmean(ys)), textcoords="offset points", xytext=(5, 5),
-                    fontsize=7)
-    ax.set_xlabel(x_label if any(g.get(x_key) is not None for g in summary["groups"]) else "configuration")
+        ax.scatter([x_value] * len(ys), ys, label=textwrap.shorten(group["label"], 60), s=28)
+    ax.set_xlabel(x_label if measured else "configuration")
     ax.set_ylabel(summary["metric"] + unit)
+    title = f"{summary['metric']} against {x_label if measured else 'configuration'}\n{Path(summary['root']).name}"
+    if summary.get("fixed"):
+        title += "\n" + textwrap.shorten("all runs: " + " ".join(summary["fixed"]), 80)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    columns = 1 if len(summary["groups"]) < 4 else 2
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=columns, fontsize=7, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend below the axes stays in the picture
     plt.close(fig)

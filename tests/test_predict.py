@@ -1,0 +1,230 @@
+"""Predictions of a trained model (``vtrain.predict``, ``vtrain.Predictor``): the validation path's scores on the same
+files, self-describing checkpoints, pictures, and the one-step runs (``vtrain.cli.run`` in this process) they use."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.serialization import get_unsafe_globals_in_checkpoint
+
+import vtrain
+from vtrain import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_SWIN = ["backbone.embed_dim=16", "backbone.depths=[1,1,1,1]", "backbone.num_heads=[1,1,2,2]",
+             "backbone.window_size=4"]
+# One optimizer step and one validation of every task's quickstart on a few synthetic files.
+RUNS = {
+    "classification": ("quickstart", "imagenet", ["backbone.img_size=32", "data.num_classes=4", "data.batch_size=8",
+                                                  "data.num_workers=0"]),
+    "detection": ("quickstart_det", "coco", ["data.num_workers=0", "data.batch_size=2", "data.val_batch_size=2",
+                                             "task.fpn_channels=32", "task.box_head_dim=32", "task.mask_head_dims=[16]",
+                                             "task.test_size=64"]),
+    "segmentation": ("quickstart_seg", "ade20k", ["data.num_workers=0", "data.batch_size=2", "data.val_batch_size=2",
+                                                  "task.head.channels=16", "task.aux_head.channels=8"]),
+    "video": ("quickstart_video", "kinetics", ["data.batch_size=4", "data.val_batch_size=4"]),
+}
+WRITERS = {
+    "imagenet": ("vtrain.tasks.classification.synthetic", dict(num_classes=4, train_per_class=2, val_per_class=3,
+                                                               size=32)),
+    "coco": ("vtrain.tasks.detection.synthetic", dict(train_images=4, val_images=4)),
+    "ade20k": ("vtrain.tasks.segmentation.synthetic", dict(num_classes=6, train=4, val=4, height=64, width=80)),
+    "kinetics": ("vtrain.tasks.video.synthetic", dict(num_classes=6, train_per_class=1, val_per_class=1)),
+}
+
+
+def one_step_run(task: str, root: Path) -> Path:
+    """``vtrain.cli.run`` of the task's quickstart for one step, outside ``@hydra.main``; its run directory."""
+    import importlib
+
+    from vtrain.cli import run
+
+    experiment, kind, overrides = RUNS[task]
+    module, options = WRITERS[kind]
+    importlib.import_module(module).write(root / kind, seed=0, **options)
+    run_dir = root / "run"
+    cfg = vtrain.compose(experiment, [f"data.root={root / kind}", f"output_dir={run_dir}", *TINY_SWIN, *overrides,
+                                      "trainer.max_epochs=1", "trainer.max_steps=1", "trainer.limit_train_batches=1",
+                                      "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
+                                      "logger=[csv,tensorboard]"])
+    run(cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def trained(request, tmp_path_factory):
+    return request.param, one_step_run(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def validation_outputs(model, datamodule, count: int) -> list[dict[str, torch.Tensor]]:
+    """What each task's ``validation_step`` computes for the first ``count`` validation samples, batch by batch."""
+    datamodule.setup("validate")
+    outputs = []
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            if isinstance(batch, dict) and "clips" in batch:  # video: softmax averaged over the views
+                outputs += [{"probabilities": p} for p in model.video_probabilities(batch["clips"])]
+            elif isinstance(batch, dict):  # segmentation: each image at its size through the test pipeline
+                for image, (h, w) in zip(batch["images"], batch["sizes"].tolist()):
+                    outputs.append({"label_map": model.predict_probs(image[None, :, :h, :w])[0].argmax(0)})
+            elif isinstance(batch[0], list):  # detection
+                outputs += model(batch[0])
+            else:
+                outputs += [{"probabilities": p} for p in model(batch[0]).softmax(-1)]
+            if len(outputs) >= count:
+                return outputs[:count]
+    return outputs
+
+
+def test_predictions_equal_the_validation_path_on_the_same_files(trained):
+    task, run_dir = trained
+    # batches of another size than validation's where images are independent; the detector pads a batch to its
+    # largest image, which moves detections: there predict batches as validation does (data.val_batch_size)
+    batch_size = None if task == "detection" else 3
+    predictor = vtrain.Predictor(run_dir, score_threshold=0.0, top_k=100, batch_size=batch_size)
+    files = predictor.datamodule.example_files(4)
+    expected = validation_outputs(predictor.model, vtrain.api.datamodule_of(predictor.model), len(files))
+    records = predictor(files)
+    assert len(records) == len(files) == 4
+    for record, reference in zip(records, expected):
+        if task in ("classification", "video"):
+            probabilities = torch.tensor([c["score"] for c in sorted(record["top_k"], key=lambda c: c["label"])])
+            torch.testing.assert_close(probabilities, reference["probabilities"], atol=1e-5, rtol=1e-4)
+        elif task == "segmentation":
+            assert torch.equal(record["label_map"].long(), reference["label_map"])
+        else:
+            keep = (reference["labels"] >= 1) & (reference["labels"] <= 4)
+            assert len(record["instances"]) == int(keep.sum()) > 0  # threshold 0: every detection of validation
+            boxes = torch.tensor([d["box"] for d in record["instances"]])
+            torch.testing.assert_close(boxes, reference["boxes"][keep], atol=1e-4, rtol=1e-5)
+            assert [d["score"] for d in record["instances"]] == pytest.approx(reference["scores"][keep].tolist())
+
+
+def test_a_checkpoint_describes_its_model_with_plain_values(trained):
+    task, run_dir = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    checkpoint = Path(metrics["best_checkpoint"])
+    assert checkpoint.is_file() and checkpoint.parent == run_dir / "checkpoints"
+    assert get_unsafe_globals_in_checkpoint(checkpoint) == []
+    described = torch.load(checkpoint, map_location="cpu", weights_only=True)["vtrain"]
+    names = {"classification": ["triangle_cyan", "circle_yellow", "star_red", "circle_red"],  # classes.txt
+             "detection": ["square", "triangle", "circle", "star"],  # the annotation file's categories
+             "segmentation": ["square_red", "triangle_green", "circle_blue", "diamond_yellow", "hexagon_magenta",
+                              "star_cyan"],
+             "video": ["grow", "move_down", "move_left", "move_right", "move_up", "shrink"]}[task]
+    assert described["class_names"] == names
+    if task == "classification":
+        assert described["class_ids"] == ["n09000000", "n09000001", "n09000002", "n09000003"]
+    if task == "detection":
+        assert described["class_ids"] == [1, 4, 7, 10]  # COCO ids, not contiguous
+    assert described["config"]["data"]["root"] == str(run_dir.parent / RUNS[task][1])  # the composed config, resolved
+
+    # load_from_checkpoint needs the file alone, reads it weights-only, and gives the same weights
+    from hydra.utils import get_class
+
+    cls = get_class(described["config"]["task"]["_target_"])
+    loaded = cls.load_from_checkpoint(checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert loaded.label_names() == names
+    assert set(loaded.state_dict()) == set(state)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    from vtrain.tasks.classification import ClassificationTask
+    from vtrain.tasks.detection import DetectionTask
+
+    other = DetectionTask if cls is not DetectionTask else ClassificationTask
+    with pytest.raises(ConfigError, match=f"holds a {cls.__name__}, not a {other.__name__}"):
+        other.load_from_checkpoint(checkpoint)
+
+
+def test_pictures_are_written_and_show_the_prediction(trained, tmp_path):
+    task, run_dir = trained
+    files = vtrain.Predictor(run_dir).datamodule.example_files(2)
+    from vtrain.predict import main
+
+    main([f"run={run_dir}", f"inputs={','.join(files)}", f"out={tmp_path}", "score_threshold=0.0",
+          "max_detections=5"])
+    for file in files:
+        stem = Path(file).stem
+        record = json.loads((tmp_path / f"{stem}.json").read_text())
+        picture = np.asarray(Image.open(tmp_path / f"{stem}.png"))
+        assert record["source"] == file and picture.ndim == 3 and picture.std() > 10  # not blank
+        if task == "segmentation":
+            label_map = np.asarray(Image.open(tmp_path / record["label_map"]))
+            assert label_map.shape == tuple(record["image_size"]) and label_map.max() < 6
+            assert sum(c["share"] for c in record["classes"]) == pytest.approx(1.0)
+        if task == "detection":
+            assert 0 < len(record["instances"]) <= 5
+            assert all("counts" in d["mask"] and d["category_id"] in (1, 4, 7, 10) for d in record["instances"])
+
+
+def test_training_logs_pictures_of_validation_predictions_to_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = trained
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert sorted(events.Tags()["images"]) == [f"predictions/{k}" for k in range(4)]
+    picture = np.asarray(Image.open(__import__("io").BytesIO(events.Images("predictions/0")[0].encoded_image_string)))
+    assert max(picture.shape[:2]) >= 384 and picture.std() > 10  # enlarged to a readable size, not blank
+
+
+def test_a_box_is_drawn_on_its_border_and_nowhere_else():
+    """A hand-made detection on a flat grey image: the picture is the input enlarged (nearest), except on the box's
+    border and caption, and inside its mask (tinted)."""
+    from vtrain.visualize import draw_detections, enlargement
+
+    image = torch.full((3, 48, 64), 128, dtype=torch.uint8)
+    mask = torch.zeros(1, 48, 64, dtype=torch.bool)
+    mask[0, 30:40, 40:50] = True
+    picture = draw_detections(image, torch.tensor([[20.0, 24.0, 52.0, 44.0]]), ["circle 0.90"], [(255, 0, 0)], mask)
+    factor = enlargement(48, 64)
+    assert factor == 6 and picture.shape == (3, 48 * factor, 64 * factor)
+    changed = (picture != 128).any(dim=0)
+    assert changed[24 * factor, 30 * factor] and changed[35 * factor, 52 * factor]  # top and right edges
+    assert changed[35 * factor, 45 * factor]  # inside the mask
+    assert not changed[:20 * factor].any() and not changed[:, :18 * factor].any()  # above the caption, left of the box
+    assert not changed[35 * factor, 25 * factor]  # inside the box, outside the mask
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_evaluation_needs_the_checkpoint_alone(trained, task, tmp_path):
+    """``python -m vtrain.eval ckpt_path=FILE``: the model and data come from the checkpoint, not from the default
+    experiment, and the evaluation gives the run's final numbers."""
+    run_task, run_dir = trained
+    if run_task != task:
+        pytest.skip("one evaluation per parametrised run")
+    from vtrain.cli import model_from_checkpoint, run
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = vtrain.compose(None, [f"ckpt_path={metrics['best_checkpoint']}", "mode=eval", f"output_dir={tmp_path}",
+                                "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"])
+    assert cfg.task._target_.endswith("ClassificationTask") and cfg.data.num_classes == 1000  # the defaults
+    model_from_checkpoint(cfg, [f"ckpt_path={metrics['best_checkpoint']}", "data.num_workers=0"])
+    run(cfg)
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    assert evaluated["final"][metrics["monitor"]] == pytest.approx(metrics["final"][metrics["monitor"]], abs=1e-6)
+
+
+def test_a_timm_weight_file_predicts_with_an_experiment_as_timm_does(imagenet_root, tmp_path):
+    """A file that describes nothing (timm's state dict) with ``experiment=``: the classes are the data's, the
+    scores timm's own model gives on the same preprocessed image."""
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(1, 1, 1, 1),
+                                  num_heads=(1, 1, 2, 2), window_size=4, num_classes=4).eval()
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    predictor = vtrain.Predictor(tmp_path / "timm.pth", experiment="quickstart", top_k=4, overrides=[
+        f"data.root={imagenet_root}", "backbone.img_size=32", "data.num_classes=4", *TINY_SWIN])
+    file = predictor.datamodule.example_files(1)[0]
+    record = predictor(file)[0]
+    with torch.no_grad():
+        expected = reference(predictor.datamodule.predict_set([file])[0]["input"][None]).softmax(-1)[0]
+    names = [line.split()[1] for line in (imagenet_root / "classes.txt").read_text().splitlines()]
+    assert [c["name"] for c in sorted(record["top_k"], key=lambda c: c["label"])] == names
+    scores = torch.tensor([c["score"] for c in sorted(record["top_k"], key=lambda c: c["label"])])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)

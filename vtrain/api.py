@@ -1,0 +1,143 @@
+"""vtrain from Python: the configs, models and checkpoints the command line uses (docs/python.md).
+
+    cfg = vtrain.compose("quickstart", ["data.root=data/synthetic/imagenet"])
+    task, datamodule = vtrain.build(cfg)          # as ``python -m vtrain`` builds them
+    vtrain.cli.run(cfg)                           # train (or evaluate, mode=eval), as ``python -m vtrain`` does
+    task = vtrain.load("outputs/runs/.../")       # a run directory or a checkpoint, ready to evaluate
+    results = vtrain.Predictor(task)(["image.jpg"])
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vtrain import ConfigError
+from vtrain.checkpoint import is_lightning_checkpoint, load_task_weights, newest_valid_checkpoint, read_checkpoint
+from vtrain.config import compose_config, ensure_output_dir
+from vtrain.module import TaskModule, build_task
+from vtrain.validate import check_values
+
+log = logging.getLogger("vtrain")
+
+
+def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python -m vtrain experiment=<experiment> <overrides>`` runs with. Its ``output_dir`` (Hydra's run
+    directory on the command line) is ``outputs/runs/<date>/<time>`` unless an override sets it."""
+    cfg = compose_config("train", ([f"experiment={experiment}"] if experiment else []) + list(overrides))
+    ensure_output_dir(cfg)
+    return cfg
+
+
+def build(cfg: DictConfig) -> tuple[TaskModule, Any]:
+    """The task module and the data module of a composed config, as the command line builds them (nothing is read
+    from the dataset until the data module's ``setup``)."""
+    check_values(cfg)
+    return build_task(cfg), instantiate(cfg.data)
+
+
+def checkpoint_of_run(run_dir: str | Path) -> Path:
+    """The checkpoint a run directory is used through: its best (``metrics.json``'s ``best_checkpoint``), else
+    ``checkpoints/last.ckpt``, else its newest readable one."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        best = json.loads(metrics.read_text()).get("best_checkpoint")
+        if best and Path(best).is_file():
+            return Path(best)
+        if best and (run_dir / "checkpoints" / Path(best).name).is_file():  # a run directory that was moved
+            return run_dir / "checkpoints" / Path(best).name
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return run_dir / "checkpoints" / "last.ckpt"
+    found = newest_valid_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise ConfigError(f"run={run_dir} has no checkpoint (checkpoints/*.ckpt): pass a run directory of a run that "
+                          "saved one, or ckpt_path=<file>")
+    return found
+
+
+def model_config(source: str | Path, experiment: str | None = None, overrides: Sequence[str] = ()
+                 ) -> tuple[DictConfig, Path, dict[str, Any]]:
+    """(config, checkpoint file, what the checkpoint says about the model) for a run directory or a checkpoint.
+
+    The config is the one the checkpoint stores, or the run directory's ``.hydra/config.yaml`` for checkpoints
+    written before vtrain stored it; ``experiment=`` composes a config instead (official, timm or torchvision weight
+    files, which describe nothing). ``overrides`` (``key=value``) change it either way.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist: pass a run directory or a checkpoint file")
+    path = checkpoint_of_run(source) if source.is_dir() else source
+    obj = read_checkpoint(path, mmap=True)
+    described = obj.get(TaskModule.CHECKPOINT_KEY) if is_lightning_checkpoint(obj) else None
+    described = described or {}
+    if experiment:
+        cfg = compose(experiment, overrides)
+    else:
+        stored = described.get("config")
+        run_config = (source if source.is_dir() else path.parent.parent) / ".hydra" / "config.yaml"
+        if stored is None and run_config.is_file():
+            stored = OmegaConf.to_container(OmegaConf.load(run_config))
+        if stored is None:
+            raise ConfigError(f"{path} does not say which model it holds (not a vtrain checkpoint, or one written "
+                              "before checkpoints stored their config): add experiment=<the experiment it was "
+                              "trained with>")
+        cfg = OmegaConf.merge(OmegaConf.create(stored), OmegaConf.from_dotlist(list(overrides)))
+    with open_dict(cfg):
+        cfg.mode, cfg.ckpt_path, cfg.pretrained = "eval", None, None
+        cfg.output_dir = str(source if source.is_dir() else path.parent)
+    return cfg, path, described
+
+
+def load(source: str | Path, experiment: str | None = None, overrides: Sequence[str] = (),
+         map_location: Any = "cpu", strict: bool = True, eval_mode: bool = True) -> TaskModule:
+    """The model of a run directory (its best checkpoint) or of a checkpoint file, weights loaded, in eval mode;
+    ``model.class_names`` names its labels and ``model.run_config`` is its config. Checkpoints are read with
+    ``torch.load(weights_only=True)`` only. Official, timm and torchvision files need ``experiment=``."""
+    cfg, path, described = model_config(source, experiment, overrides)
+    check_values(cfg)
+    module = build_task(cfg)
+    load_task_weights(module, path, strict=strict)
+    if described.get("class_names"):
+        module.class_names, module.class_ids = described["class_names"], described.get("class_ids")
+    else:
+        module.class_names, module.class_ids = _dataset_classes(cfg)
+    if map_location is not None:
+        module = module.to(map_location if not callable(map_location) else "cpu")
+    return module.eval() if eval_mode else module
+
+
+def _dataset_classes(cfg: DictConfig) -> tuple[list[str] | None, list | None]:
+    """The data module's names and ids when a checkpoint stores none (a reference release): its dataset's, where the
+    data is at hand (ImageNet-1K's from timm's table without it)."""
+    try:
+        datamodule = instantiate(cfg.data)
+        ids = datamodule.class_ids
+        return [str(n) for n in datamodule.class_names], None if ids is None else list(ids)
+    except Exception as e:  # noqa: BLE001 - no dataset here: labels keep generic names
+        log.info("no class names for this model (%s): labels are named class_<i>",
+                 (str(e).splitlines() or [type(e).__name__])[0])
+        return None, None
+
+
+def datamodule_of(module: TaskModule) -> Any:
+    """The data module of a loaded or built task, from the config it carries (its preprocessing for predictions)."""
+    if module.run_config is None:
+        raise ConfigError(f"this {type(module).__name__} carries no config: build it with vtrain.build or vtrain.load")
+    cfg = OmegaConf.create(module.run_config)
+    return instantiate(cfg.data)
+
+
+def device_of(name: str | torch.device) -> torch.device:
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible: use device=cpu")
+    return device

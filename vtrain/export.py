@@ -1,0 +1,142 @@
+"""``python -m vtrain.export run=<run dir>|ckpt_path=<file> format=onnx|torchscript|exported [out=DIR]``
+
+The evaluation model of a run as a file other runtimes load: the task's ``export_module()``, a plain ``nn.Module``
+that takes a normalised batch and returns logits (classification, video: per clip) or maps (segmentation: logits
+at the input's size). Preprocessing (resize, crop, normalisation) and post-processing (softmax, the segmentation
+test-time resize) stay the caller's, as in timm's and torchvision's exported models.
+
+Formats: ``onnx`` (``torch.onnx.export``, torch.export-based; checked with onnxruntime), ``torchscript``
+(``torch.jit.trace``), ``exported`` (``torch.export``, a ``.pt2`` file). The batch dimension is dynamic; the
+spatial (and temporal) size is the validation input's (``size=H,W`` changes it). Every file is loaded back, run on
+a batch of another size than the one it was traced with, and compared with the PyTorch model (``atol``, ``rtol``):
+a difference beyond them ends the command with an error. ``model.json`` beside it says what goes in and out.
+
+Options (``key=value``): run=DIR | ckpt_path=FILE, experiment=NAME (weight files that do not describe their model),
+format=onnx, out=DIR (default: <run dir or checkpoint folder>/export), size=H,W, atol=1e-4, rtol=1e-3; any other
+key=value changes the model's config.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtrain import ConfigError
+from vtrain.config import fail
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "exported": "model.pt2"}
+OPTIONS = {"run", "ckpt_path", "experiment", "format", "out", "size", "atol", "rtol"}
+
+
+def example_input(module: Any, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A normalised batch of the validation input's shape: (N, 3, H, W), or (N, 3, T, H, W) clips."""
+    data = module.run_config["data"]
+    if "clip_len" in data:  # video: clips of the validation views
+        side = size or (data["eval_crop_size"], data["eval_crop_size"])
+        return torch.randn(batch, 3, data["clip_len"], *side)
+    if size is None:
+        size = (data["img_size"],) * 2 if data.get("img_size") else tuple(data.get("crop_size") or (512, 512))
+    return torch.randn(batch, 3, *size)
+
+
+def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn.Module:
+    """Write ``module.export_module()`` to ``path`` in format ``fmt``; the model as written, loaded back."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt}: use one of {', '.join(FORMATS)}")
+    model = module.export_module().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        if fmt == "onnx":
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["output"], dynamic_shapes=({0: batch},), verbose=False)
+            return OnnxModel(path)
+        if fmt == "torchscript":
+            with warnings.catch_warnings():  # the backbones' shape checks, constant for a traced input size
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(model, example, check_trace=False)
+            traced.save(str(path))
+            return torch.jit.load(str(path))
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(path))
+        return torch.export.load(str(path)).module()
+
+
+class OnnxModel:
+    """An ONNX file run by onnxruntime on the CPU, called like the PyTorch model."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.session.get_inputs()[0].name
+        return torch.from_numpy(self.session.run(None, {name: x.detach().cpu().numpy()})[0])
+
+
+def check(module: Any, exported: Any, example: torch.Tensor, atol: float, rtol: float) -> float:
+    """The largest difference between the exported model and the PyTorch one on ``example``; a ConfigError beyond
+    the tolerance."""
+    with torch.no_grad():
+        expected = module.export_module().eval()(example)
+        got = exported(example)
+    difference = float((got.float() - expected.float()).abs().max())
+    if not torch.allclose(got.float(), expected.float(), atol=atol, rtol=rtol):
+        raise ConfigError(f"the exported model differs from the PyTorch model by up to {difference:.3g} "
+                          f"(atol={atol}, rtol={rtol}): do not use it")
+    return difference
+
+
+def run(options: dict[str, str], overrides: list[str]) -> Path:
+    from vtrain.api import load
+
+    source = options.get("run") or options.get("ckpt_path")
+    if not source or (options.get("run") and options.get("ckpt_path")):
+        raise ConfigError("give the model as run=<run directory> or ckpt_path=<checkpoint file> (one of them)")
+    fmt = options.get("format", "onnx")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt}: use one of {', '.join(FORMATS)}")
+    size = tuple(int(v) for v in options["size"].split(",")) if options.get("size") else None
+    module = load(source, options.get("experiment"), overrides)
+    out = Path(options.get("out") or (Path(source) if Path(source).is_dir() else Path(source).parent) / "export")
+    path = out / FORMATS[fmt]
+    exported = export(module, fmt, path, example_input(module, 2, size))
+    check_input = example_input(module, 3, size)  # another batch size than the traced one
+    difference = check(module, exported, check_input, float(options.get("atol", 1e-4)),
+                       float(options.get("rtol", 1e-3)))
+    (out / "model.json").write_text(json.dumps({
+        "file": path.name, "format": fmt, "task": type(module).__name__,
+        "input": {"shape": ["batch", *check_input.shape[1:]], "layout": "NCTHW" if check_input.dim() == 5 else "NCHW",
+                  "normalised": "as the run's validation transform does"},
+        "output": "logits (classes)" if check_input.dim() == 5 or "img_size" in module.run_config["data"]
+        else "logits (classes, H, W)",
+        "class_names": module.label_names(), "max_difference_to_pytorch": difference,
+    }, indent=1))
+    print(f"wrote {path} ({fmt}); it matches the PyTorch model within {difference:.2g} on a batch of "
+          f"{len(check_input)}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vtrain.predict import parse
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    try:
+        options, overrides = parse(argv, OPTIONS)
+        run(options, overrides)
+    except ConfigError as e:
+        fail(e)
+
+
+if __name__ == "__main__":
+    main()

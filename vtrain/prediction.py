@@ -1,0 +1,164 @@
+"""Predictions of a trained model on files or images: the run's own preprocessing (the data module's validation
+transform), batched, on the CPU or a GPU; results as plain values and pictures.
+
+The task decides what a prediction is (its ``predict_batch``, ``prediction_record`` and ``draw_prediction``), the
+data module how a file becomes the model's input (its ``predict_set``); this module only runs them. Used by
+``python -m vtrain.predict``, :class:`Predictor` (the Python API) and the pictures logged during training
+(:class:`vtrain.callbacks.PredictionPictures`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from vtrain import ConfigError
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What a prediction keeps.
+
+    Args:
+        top_k: classes listed per image or video (classification).
+        score_threshold: detections scoring below are left out (mmdetection's ``pred_score_thr``).
+        max_detections: at most this many detections per image, the best first.
+        mask_threshold: a detection's mask is where its probability exceeds this (COCO evaluation's 0.5).
+        pictures: draw a picture of each prediction.
+    """
+
+    top_k: int = 5
+    score_threshold: float = 0.3
+    max_detections: int = 100
+    mask_threshold: float = 0.5
+    pictures: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k}: use a whole number >= 1")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ConfigError(f"score_threshold={self.score_threshold}: use a score in [0, 1]")
+        if self.max_detections < 1:
+            raise ConfigError(f"max_detections={self.max_detections}: use a whole number >= 1")
+
+
+@dataclass
+class Prediction:
+    """One input's prediction: where it came from, its record (plain values; a label map as a tensor) and its
+    picture (uint8 (3, H, W), or None)."""
+
+    source: str
+    record: dict[str, Any]
+    picture: torch.Tensor | None = None
+
+
+def top_k(probabilities: torch.Tensor, names: Sequence[str], ids: Sequence | None, k: int) -> list[dict[str, Any]]:
+    """The ``k`` most probable classes: label, name, the dataset's id where it has one, and probability."""
+    scores, labels = probabilities.float().cpu().topk(min(k, probabilities.numel()))
+    return [{"label": int(label), "name": names[label] if label < len(names) else f"class_{label}",
+             **({"id": ids[label]} if ids else {}), "score": float(score)}
+            for score, label in zip(scores.tolist(), labels.tolist())]
+
+
+def as_array(image: Any) -> np.ndarray:
+    """A PIL image, a (3, H, W) tensor or an (H, W, 3) array as an RGB uint8 (H, W, 3) array."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ConfigError(f"an image tensor is (3, H, W), not {tuple(image.shape)}")
+        if image.is_floating_point():
+            image = (image.clamp(0, 1) * 255).round()
+        return image.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+        return image.astype(np.uint8)
+    raise ConfigError(f"cannot read {type(image).__name__} as an image: give a file path, a PIL image, a (3, H, W) "
+                      "tensor or an (H, W, 3) array")
+
+
+class Predictor:
+    """Predictions of one model, with the preprocessing of the run that trained it.
+
+        predictor = vtrain.Predictor("outputs/runs/2026-12-01/10-00-00", device="cuda", top_k=3)
+        records = predictor(["cat.jpg", "dog.jpg"])     # one dict per image: plain values (a label map: a tensor)
+        for p in predictor.predict(paths):              # with pictures: p.source, p.record, p.picture
+            ...
+
+    Args:
+        model: a task module (``vtrain.load``, ``vtrain.build``), a run directory or a checkpoint file.
+        experiment, overrides: for files that do not describe their model (official, timm, torchvision weights),
+            and changes to the stored config (``task.test_size=1000``).
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:1``.
+        batch_size: inputs per forward pass; None: the data module's validation batch size.
+        num_workers: processes reading and transforming the inputs.
+        **options: :class:`PredictOptions` (``top_k``, ``score_threshold``, ``max_detections``, ...).
+    """
+
+    def __init__(self, model: Any, experiment: str | None = None, overrides: Sequence[str] = (),
+                 device: str | torch.device = "auto", batch_size: int | None = None, num_workers: int = 0,
+                 **options: Any):
+        from vtrain.api import datamodule_of, device_of, load
+        from vtrain.module import TaskModule
+
+        self.options = PredictOptions(**options)
+        self.device = device_of(device)
+        self.model = model if isinstance(model, TaskModule) else load(model, experiment, overrides)
+        self.model.to(self.device).eval()
+        self.datamodule = datamodule_of(self.model)
+        self.batch_size = int(batch_size or getattr(self.datamodule, "val_batch_size", None) or 1)
+        self.num_workers = num_workers
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.label_names()
+
+    def __call__(self, images: Any) -> list[dict[str, Any]]:
+        """Records of ``images``: file paths (images or videos), PIL images, (3, H, W) tensors or (H, W, 3) arrays,
+        one or a list."""
+        return [p.record for p in self.predict(images, pictures=False)]
+
+    def predict(self, images: Any, pictures: bool | None = None) -> Iterator[Prediction]:
+        """Each input's :class:`Prediction`, in order, batch by batch."""
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        inputs = [str(i) if isinstance(i, (str, Path)) else as_array(i) for i in items]
+        dataset = self.datamodule.predict_set(inputs)
+        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=list)
+        draw = self.options.pictures if pictures is None else pictures
+        index = 0
+        for batch in loader:
+            outputs = self.model.predict_batch([item["input"] for item in batch])
+            for item, output in zip(batch, outputs):
+                record = self.model.prediction_record(output, self.options)
+                picture = self.model.draw_prediction(item["original"], record, self.options) if draw else None
+                source = item["path"] if isinstance(items[index], (str, Path)) else f"<image {index}>"
+                yield Prediction(source, record, picture)
+                index += 1
+
+
+def collect_inputs(spec: str | Iterable[str], extensions: Sequence[str]) -> list[str]:
+    """Files named by ``spec``: a file, a folder (its files with one of ``extensions``, sorted, not recursive), a glob
+    pattern, or a comma-separated list of those."""
+    import glob
+
+    parts = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()]
+    files: list[str] = []
+    for part in parts:
+        path = Path(str(part).strip()).expanduser()
+        if path.is_dir():
+            files += sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+        elif path.is_file():
+            files.append(str(path))
+        elif any(c in str(path) for c in "*?["):
+            files += sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        else:
+            raise ConfigError(f"inputs={part}: no such file or folder; give an image, a video, a folder or a glob "
+                              "pattern (quoted: inputs='photos/*.jpg')")
+    if not files:
+        raise ConfigError(f"inputs={spec}: no file with one of the extensions {', '.join(extensions)} found")
+    return files

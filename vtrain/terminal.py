@@ -1,0 +1,69 @@
+"""What a run shows on the terminal: the summary it ends with, and less of what third parties print.
+
+Long reports (pycocotools' evaluation tables) go to the run's log file only: a record logged with
+``extra=FILE_ONLY`` is kept out of the console by :class:`ConsoleFilter` (``conf/hydra/default.yaml`` puts it on
+Hydra's console handler).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+FILE_ONLY = {"file_only": True}
+
+
+class ConsoleFilter(logging.Filter):
+    """Keeps records logged with ``extra=FILE_ONLY`` off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+class _DropLightningTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_third_parties() -> None:
+    """Messages of libraries that say nothing about this run: Lightning's advertisement for its cloud logger, the
+    deprecations torchdata and Lightning trigger inside themselves (nothing a user of vtrain can change)."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTip) for f in logger.filters):
+            logger.addFilter(_DropLightningTip())
+    # torchdata's StatefulDataLoader calls torch.set_vital, deprecated in torch 2.10
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+    # Lightning 2.6's utilities/_pytree.py tests isinstance(treespec, LeafSpec), deprecated in torch 2.10
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def summary_table(output_dir: str | Path, evaluated: str | None = None) -> str | None:
+    """The run's ending as a small table, from its ``metrics.json``: the run directory, the monitored metric's final
+    and best value with their epochs, and the best checkpoint (or the evaluated one); None without the file."""
+    path = Path(output_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    monitor = metrics.get("monitor")
+    final, best = metrics.get("final", {}).get(monitor), metrics.get("best", {}).get(monitor)
+    rows = [("run directory", str(output_dir))]
+    if monitor is not None and final is not None:
+        rows.append(("monitored", f"{monitor} ({'lower' if 'loss' in monitor else 'higher'} is better)"))
+        epoch = metrics.get("final_epoch")
+        rows.append(("final", _value(final) + (f"  (epoch {epoch})" if epoch is not None else "")))
+        if best is not None and evaluated is None:
+            rows.append(("best", _value(best) + f"  (epoch {metrics.get('best_epoch', {}).get(monitor, '?')})"))
+    if evaluated is not None:
+        rows.append(("evaluated", str(evaluated)))
+    elif metrics.get("best_checkpoint"):
+        rows.append(("best checkpoint", metrics["best_checkpoint"]))
+    width = max(len(name) for name, _ in rows)
+    title = "evaluation" if evaluated is not None else "training"
+    return "\n".join([f"── {title} summary " + "─" * 40] + [f"  {name.ljust(width)}  {value}" for name, value in rows])
