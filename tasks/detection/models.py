@@ -96,6 +96,15 @@ class DetectorSpec:
     def iou_types(self) -> tuple[str, ...]:
         return ("bbox", "segm") if self.masks else ("bbox",)
 
+    def build(self, backbone: Backbone, num_classes: int, **options: Any) -> nn.Module:
+        """The detector on ``backbone`` (:func:`build_detector`); every detector config has this method."""
+        return build_detector(self, backbone, num_classes, **options)
+
+    def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
+        """Load a whole-detector release into ``task`` if ``path`` is one this detector reads; none here (the file
+        then holds backbone weights)."""
+        return False
+
 
 EXTRA_LEVELS = ("maxpool", "p6p7_from_c5", "p6p7_from_p5")
 
