@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from vtrain import ConfigError
 from vtrain.module import build_task
-from vtrain.profiling import count_params
+from vtrain.profiling import count_macs, count_params
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput
 from vtrain.config import compose_config
@@ -25,7 +25,7 @@ from vtrain.tools.table.markdown import DASH, number
 
 log = logging.getLogger("vtrain.tools.table")
 DIFFERS = "†"
-UNIT_SCALE = {"params": 1e-6, "task_params": 1e-6, "macs": 1e-9, "throughput": 1.0, "metric": 1.0}
+UNIT_SCALE = {"params": 1e-6, "task_params": 1e-6, "macs": 1e-9, "task_macs": 1e-9, "throughput": 1.0, "metric": 1.0}
 
 
 class Unmeasured(Exception):
@@ -117,6 +117,17 @@ class Row:
             return count_params(module)
         return self._once("task_params", compute)
 
+    def task_macs(self) -> int:
+        def compute() -> int:
+            cfg = self.experiment_config()
+            try:
+                with torch.device("meta"):
+                    module = build_task(cfg)
+                return count_macs(module, (1, *self.input_shape()))
+            except Exception as e:  # noqa: BLE001 - e.g. an operation without a meta-device kernel
+                raise Unmeasured(f"cannot count the task model's MACs ({type(e).__name__}: {e})") from e
+        return self._once("task_macs", compute)
+
     def throughput(self) -> float:
         def compute() -> float:
             options = self.settings.throughput
@@ -159,13 +170,15 @@ class Row:
                 value = self.size()[1]
             elif kind == "task_params":
                 value = self.task_params()
+            elif kind == "task_macs":
+                value = self.task_macs()
             elif kind == "throughput":
                 value = self.throughput()
             elif kind == "metric":
                 value = self.metric(column["metric"]) * float(column.get("scale", 1.0))
             else:
                 raise ConfigError(
-                    f"column measure={kind!r}: use params, macs, task_params, throughput, metric or null")
+                    f"column measure={kind!r}: use params, macs, task_params, task_macs, throughput, metric or null")
         except Unmeasured:
             return None
         return value * UNIT_SCALE[kind]
@@ -223,7 +236,7 @@ def fill_table(table: Mapping, settings: DictConfig) -> dict[str, Any]:
             "columns": columns, "rows": rows}
 
 
-_DIGITS = {"params": 2, "task_params": 2, "macs": 2, "throughput": 1, "metric": 2}
+_DIGITS = {"params": 2, "task_params": 2, "macs": 2, "task_macs": 1, "throughput": 1, "metric": 2}
 
 
 def paper_table_markdown(filled: Mapping, context: str) -> str:
