@@ -157,6 +157,17 @@ REFERENCES = {
             "detector.backbone.fpn.inner_blocks.0.0.bias": (1e-4, 0.05),  # mmdet: neck.lateral_convs.0.conv.bias
             "detector.roi_heads.box_predictor.cls_score.bias": (1e-4, 0.05)},
         pretrained=SWIN_T_IN1K, values={"backbone.drop_path_rate": 0.1}),
+    "detr_r50_coco": Reference(
+        source="facebookresearch/detr main.py (defaults, param_dicts), README (--epochs 500 --lr_drop 400), "
+               "models/backbone.py",
+        batch=64, update_interval=(16, 1), epochs=500, schedule=mmcv_step(1e-4, (400,)), points=(0, 3999, 4000, 4999),
+        params={  # two AdamW groups: "backbone" in the name at lr_backbone 1e-5, the rest at 1e-4; decay 1e-4 on all
+            "backbone.layer2.0.conv1.weight": (1e-5, 1e-4), "backbone.layer4.2.conv3.weight": (1e-5, 1e-4),
+            "detector.class_embed.bias": (1e-4, 1e-4),
+            "detector.transformer.encoder.layers.0.norm1.weight": (1e-4, 1e-4)},
+        pretrained=TORCHVISION_R50,
+        values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.gradient_clip_val": 0.1,
+                "trainer.precision": "32-true", "data.masks": False}),
     "r50_ade20k": Reference(
         source="mmsegmentation configs/fcn/fcn_r50-d8_512x512_80k_ade20k.py, _base_/models/fcn_r50-d8.py, "
                "_base_/schedules/schedule_80k.py, _base_/datasets/ade20k.py",
@@ -237,6 +248,9 @@ DERIVED = {
                                                                "pretrained_url": "resnet101-63fe2227.pth"}),
     "relation_r101_fpn_e2e_coco_1x": ("relation_r50_fpn_e2e_coco_1x", {"backbone.depth": 101,
                                                                        "pretrained_url": "resnet101-63fe2227.pth"}),
+    # the README's 150-epoch run: one machine (8 GPUs x 2), lr drop at 100
+    "detr_r50_coco_150e": ("detr_r50_coco", {"trainer.max_epochs": 150, "sched.milestones_epochs": [100],
+                                             "optim.batch_per_step": 16, "data.batch_size": 2}),
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
@@ -250,7 +264,7 @@ DERIVED = {
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
 }
 # Demo recipes for synthetic data on a CPU: no reference.
-DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation"}
+DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr"}
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # keys a derived recipe must share with its parent: the optimizer, the schedule, the batch and the start
 SHARED = ("optim", "sched", "data.batch_size", "trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val")

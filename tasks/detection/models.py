@@ -35,6 +35,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from vtrain import ConfigError
+from vtrain.profiling import count_macs
 from vtrain.backbones.base import Backbone, require_reductions
 from vtrain.tasks.detection.nms import HardNMS
 from vtrain.tasks.detection.one_stage import RemovesDuplicates
@@ -100,6 +101,15 @@ class DetectorSpec:
     def iou_types(self) -> tuple[str, ...]:
         return ("bbox", "segm") if self.masks else ("bbox",)
 
+    def build(self, backbone: Backbone, num_classes: int, **options: Any) -> nn.Module:
+        """The detector on ``backbone`` (:func:`build_detector`); every detector config has this method."""
+        return build_detector(self, backbone, num_classes, **options)
+
+    def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
+        """Load a whole-detector release into ``task`` if ``path`` is one this detector reads; none here (the file
+        then holds backbone weights)."""
+        return False
+
 
 EXTRA_LEVELS = ("maxpool", "p6p7_from_c5", "p6p7_from_p5")
 
@@ -161,15 +171,7 @@ def build_detector(
         detector = spec.cls(pyramid, num_classes=None, **detector_kwargs)
         build_rcnn_heads(detector, rcnn, removal)
         return detector
-    # the options below are R-CNN's: say so rather than ignore them
-    if getattr(getattr(box_head, "func", box_head), "relates_objects", False):
-        raise ConfigError(f"task/box_head relates RoIs, {name} has none: use it with task/detector=faster_rcnn or "
-                          "mask_rcnn")
-    if getattr(removal, "learned", False):
-        raise ConfigError(f"task/nms=learned needs R-CNN RoI features, {name} has none: use task/nms=nms or "
-                          "soft_nms, or task/detector=faster_rcnn / mask_rcnn")
-    if not rcnn.is_torchvision:
-        raise ConfigError(f"task/rcnn sets R-CNN details, {name} is not one: leave task/rcnn=torchvision")
+    refuse_rcnn_options(name, box_head, removal, rcnn)
     if issubclass(spec.cls, RemovesDuplicates):
         detector_kwargs["duplicate_removal"] = removal
     elif not (isinstance(removal, HardNMS) and removal.is_detectors_own):
@@ -178,13 +180,28 @@ def build_detector(
 
 
 @torch.no_grad()
+def refuse_rcnn_options(name: str, box_head: Any, removal: Any, rcnn: RCNNSettings | None) -> None:
+    """One line for an R-CNN choice (``task/box_head``, ``task/nms=learned``, ``task/rcnn``: config groups every
+    detector is given) made for a detector without an R-CNN, rather than ignoring it."""
+    if getattr(getattr(box_head, "func", box_head), "relates_objects", False):
+        raise ConfigError(f"task/box_head relates RoIs, {name} has none: use it with task/detector=faster_rcnn or "
+                          "mask_rcnn")
+    if getattr(removal, "learned", False):
+        raise ConfigError(f"task/nms=learned needs R-CNN RoI features, {name} has none: use task/nms=nms or "
+                          "soft_nms, or task/detector=faster_rcnn / mask_rcnn")
+    if rcnn is not None and not rcnn.is_torchvision:
+        raise ConfigError(f"task/rcnn sets R-CNN details, {name} is not one: leave task/rcnn=torchvision")
+
+
 def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one test image of ``image_shape`` (C, H, W, as the detector pads it), counted as
     :mod:`vtrain.profiling` counts (matrix products and convolutions; RoIAlign, NMS and box decoding are not):
     the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
     RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
     ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class.
-    Works on the meta device."""
+    Another detector (DETR): its whole evaluation forward on the image. Works on the meta device."""
+    if not hasattr(detector, "head") and not isinstance(detector, FasterRCNN):  # not torchvision's (DETR)
+        return count_macs(detector, (1, *image_shape))
     device = next(detector.parameters()).device
     with FlopCounterMode(display=False) as counter:
         features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())

@@ -15,7 +15,7 @@ from torch import nn
 
 from vtrain.tasks.detection.data import Batch
 from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
-from vtrain.tasks.detection.models import DetectorSpec, build_detector, detector_macs
+from vtrain.tasks.detection.models import DetectorSpec, detector_macs
 from vtrain import ConfigError
 from vtrain.module import TaskModule
 from vtrain.prediction import PredictOptions
@@ -30,7 +30,7 @@ class DetectionTask(TaskModule):
     Args:
         num_classes: dataset categories (the detector gets one more, the background).
         detector: a :class:`models.DetectorSpec` config (``conf/task/detector/``: ``mask_rcnn``, ``faster_rcnn``,
-            ``retinanet``, ``fcos``; picked with ``task/detector=<name>``).
+            ``retinanet``, ``fcos``; picked with ``task/detector=<name>``) or :class:`detr.DETRSpec` (``detr``).
         batch_norm: the backbone's BatchNorm layers: ``train`` (ordinary), ``eval`` (statistics frozen,
             affine trained: mmdet's ``norm_eval=True`` of the ResNet 1x recipes), ``frozen`` (statistics and
             affine frozen: torchvision's ``FrozenBatchNorm2d``) or ``sync`` (``SyncBatchNorm`` across
@@ -74,7 +74,7 @@ class DetectionTask(TaskModule):
             raise ConfigError(f"task.batch_norm={batch_norm!r}: use one of {', '.join(BATCH_NORM_MODES)}")
         if not isinstance(detector, Mapping):
             raise ConfigError(f"task.detector is a config, not {detector!r}: pick one with task/detector=<name> "
-                              "(mask_rcnn, faster_rcnn, retinanet, fcos: the files of conf/task/detector/)")
+                              "(mask_rcnn, faster_rcnn, retinanet, fcos, detr: the files of conf/task/detector/)")
         for group, value in (("box_head", box_head), ("nms", nms), ("rcnn", rcnn)):
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"task.{group} is a config, not {value!r}: pick one with task/{group}=<name> "
@@ -82,8 +82,7 @@ class DetectionTask(TaskModule):
         self.spec: DetectorSpec = instantiate(detector)
         self.batch_norm, self.evaluator_backend = batch_norm, evaluator
         self.backbone = _with_batch_norm(instantiate(backbone, out_levels=self.spec.levels), batch_norm)
-        self.detector = build_detector(
-            self.spec,
+        self.detector = self.spec.build(
             self.backbone,
             num_classes + 1,
             fpn_channels=fpn_channels,
@@ -115,6 +114,11 @@ class DetectionTask(TaskModule):
     def count_macs(self, input_shape: Sequence[int]) -> int:
         """The detector's MACs on one test image of ``input_shape`` (:func:`models.detector_macs`)."""
         return detector_macs(self.detector, input_shape[-3:])
+
+    def load_pretrained(self, path: str, strict: bool = True) -> None:
+        """Backbone weights, or a whole detector's release that its config reads (DETR's official checkpoints)."""
+        if not self.spec.load_release(self, path, strict):
+            super().load_pretrained(path, strict)
 
     # ----------------------------------------------------------------- training
     def setup(self, stage: str) -> None:

@@ -1,0 +1,133 @@
+"""DETR's set prediction loss (Carion et al., ECCV 2020, Sec. 3.1, Eq. 1-2; facebookresearch/detr
+``models/matcher.py`` and ``SetCriterion`` in ``models/detr.py``).
+
+Each image's predictions are matched one-to-one to its ground-truth objects by the Hungarian algorithm
+(``scipy.optimize.linear_sum_assignment``) on the cost
+``class_cost * (-p(class)) + bbox_cost * L1(boxes) + giou_cost * (-GIoU(boxes))`` (the official 1 / 5 / 2);
+the unmatched predictions are "no object". The loss then is cross-entropy over the classes plus no-object (whose
+weight is ``no_object_weight``, 0.1), plus the L1 and generalized-IoU losses of the matched boxes, with the same
+weights as the cost. Boxes are ``(cx, cy, w, h)`` relative to the image (padding excluded).
+
+With auxiliary decoding losses (Sec. 3.2) every decoder layer's predictions are matched and scored the same
+way. The box losses are divided by the number of ground-truth boxes averaged over the processes (at least 1),
+so that every process's loss has the same scale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+# One image's targets: ``labels`` (int64, class indices 0..K-1) and ``boxes`` (float, cxcywh in [0, 1]).
+Target = dict[str, torch.Tensor]
+# One image's matching: (prediction indices, target indices), both int64, pairwise in order.
+Match = tuple[torch.Tensor, torch.Tensor]
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+class HungarianMatcher(nn.Module):
+    """The minimum-cost one-to-one matching of predictions and targets, image by image (``models/matcher.py``).
+
+    The class term is ``-p(target class)``: the official code's approximation of the negative log-likelihood
+    (``1 - p`` without the constant).
+    """
+
+    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
+        super().__init__()
+        if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
+            raise ValueError("HungarianMatcher: at least one cost weight must be non-zero")
+        self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+
+    @torch.no_grad()
+    def cost(self, logits: torch.Tensor, boxes: torch.Tensor, target: Target) -> torch.Tensor:
+        """``(queries, targets)`` cost matrix of one image: ``logits`` ``(Q, K + 1)``, ``boxes`` ``(Q, 4)``."""
+        probabilities = logits.float().softmax(-1)
+        boxes = boxes.float()
+        target_boxes = target["boxes"].float()
+        class_cost = -probabilities[:, target["labels"]]
+        bbox_cost = torch.cdist(boxes, target_boxes, p=1)
+        giou_cost = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes))
+        return self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
+
+    @torch.no_grad()
+    def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target]) -> list[Match]:
+        """``logits`` ``(N, Q, K + 1)``, ``boxes`` ``(N, Q, 4)``: one match per image, predictions in increasing
+        order, ``min(Q, targets)`` pairs."""
+        matches = []
+        for image_logits, image_boxes, target in zip(logits, boxes, targets):
+            if len(target["labels"]) == 0:
+                empty = torch.zeros(0, dtype=torch.int64)
+                matches.append((empty, empty))
+                continue
+            rows, cols = linear_sum_assignment(self.cost(image_logits, image_boxes, target).cpu().numpy())
+            matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return matches
+
+
+def average_box_count(targets: list[Target], device: torch.device) -> float:
+    """The number of target boxes per process, averaged over the processes, at least 1 (``SetCriterion.forward``)."""
+    count = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        world_size = dist.get_world_size()
+    return max(count.item() / world_size, 1.0)
+
+
+class SetCriterion(nn.Module):
+    """The Hungarian loss of every decoder layer, each term already weighted: ``loss_ce``, ``loss_bbox``,
+    ``loss_giou`` for the last layer and ``loss_ce_0`` ... for the layers before it (the official names).
+
+    Args:
+        num_classes: object categories K; class index K is "no object".
+        matcher: the :class:`HungarianMatcher`.
+        class_weight, bbox_weight, giou_weight: the loss weights (official 1 / 5 / 2).
+        no_object_weight: the cross-entropy weight of the no-object class (``eos_coef``, 0.1).
+        aux_loss: score every decoder layer, not only the last.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, class_weight: float = 1.0,
+                 bbox_weight: float = 5.0, giou_weight: float = 2.0, no_object_weight: float = 0.1,
+                 aux_loss: bool = True):
+        super().__init__()
+        self.num_classes, self.matcher, self.aux_loss = num_classes, matcher, aux_loss
+        self.class_weight, self.bbox_weight, self.giou_weight = class_weight, bbox_weight, giou_weight
+        class_weights = torch.ones(num_classes + 1)
+        class_weights[-1] = no_object_weight
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def layer_losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target], num_boxes: float
+                     ) -> dict[str, torch.Tensor]:
+        """One decoder layer's weighted losses: ``logits`` ``(N, Q, K + 1)``, ``boxes`` ``(N, Q, 4)``."""
+        matches = self.matcher(logits, boxes, targets)
+        image_index = torch.cat([torch.full_like(rows, i) for i, (rows, _) in enumerate(matches)]).to(logits.device)
+        query_index = torch.cat([rows for rows, _ in matches]).to(logits.device)
+        matched_labels = torch.cat([t["labels"][cols.to(t["labels"].device)] for t, (_, cols) in zip(targets, matches)])
+        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        classes[image_index, query_index] = matched_labels.to(logits.device)
+        loss_ce = F.cross_entropy(logits.float().transpose(1, 2), classes, self.class_weights)
+
+        predicted = boxes[image_index, query_index].float()
+        target_boxes = torch.cat([t["boxes"][cols.to(t["boxes"].device)] for t, (_, cols) in zip(targets, matches)])
+        target_boxes = target_boxes.to(predicted)
+        loss_bbox = F.l1_loss(predicted, target_boxes, reduction="none").sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(target_boxes)))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {"loss_ce": self.class_weight * loss_ce, "loss_bbox": self.bbox_weight * loss_bbox,
+                "loss_giou": self.giou_weight * loss_giou}
+
+    def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target]) -> dict[str, torch.Tensor]:
+        """``logits`` ``(layers, N, Q, K + 1)`` and ``boxes`` ``(layers, N, Q, 4)``, the last layer last."""
+        num_boxes = average_box_count(targets, logits.device)
+        losses = self.layer_losses(logits[-1], boxes[-1], targets, num_boxes)
+        if self.aux_loss:
+            for layer in range(len(logits) - 1):
+                for name, value in self.layer_losses(logits[layer], boxes[layer], targets, num_boxes).items():
+                    losses[f"{name}_{layer}"] = value
+        return losses
