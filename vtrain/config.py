@@ -73,6 +73,35 @@ def fail(error: ConfigError) -> None:
     sys.exit(2)
 
 
+def key_value_command(doc: str, options: set[str], run: Callable[[dict[str, str], list[str]], Any],
+                      argv: list[str] | None = None) -> None:
+    """A ``python -m vtrain.<tool> key=value ...`` command (predict, export): ``doc`` on ``--help`` or no argument;
+    the arguments named in ``options`` go to ``run`` as its options, the others as overrides of the model's config;
+    bad input ends it through :func:`fail`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(doc)
+        return
+    try:
+        run(*split_key_values(argv, options))
+    except ConfigError as e:
+        fail(e)
+
+
+def split_key_values(argv: list[str], options: set[str]) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` arguments: the command's ``options``, and the overrides of the model's config."""
+    known, overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"{arg!r} is not key=value: see --help")
+        if key in options:
+            known[key] = value
+        else:
+            overrides.append(arg)
+    return known, overrides
+
+
 def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
     """``run(cfg)``, a ``ConfigError`` ending it through :func:`fail`."""
     try:

@@ -18,7 +18,6 @@ key=value changes the model's config.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from vtrain import ConfigError
-from vtrain.config import fail
+from vtrain.config import key_value_command
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "exported": "model.pt2"}
 OPTIONS = {"run", "ckpt_path", "experiment", "format", "out", "size", "atol", "rtol"}
@@ -101,7 +100,7 @@ def run(options: dict[str, str], overrides: list[str]) -> Path:
     if not source or (options.get("run") and options.get("ckpt_path")):
         raise ConfigError("give the model as run=<run directory> or ckpt_path=<checkpoint file> (one of them)")
     fmt = options.get("format", "onnx")
-    if fmt not in FORMATS:
+    if fmt not in FORMATS:  # before the model is loaded
         raise ConfigError(f"format={fmt}: use one of {', '.join(FORMATS)}")
     size = tuple(int(v) for v in options["size"].split(",")) if options.get("size") else None
     module = load(source, options.get("experiment"), overrides)
@@ -125,17 +124,7 @@ def run(options: dict[str, str], overrides: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vtrain.predict import parse
-
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    try:
-        options, overrides = parse(argv, OPTIONS)
-        run(options, overrides)
-    except ConfigError as e:
-        fail(e)
+    key_value_command(__doc__, OPTIONS, run, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +37,13 @@ import torch
 from PIL import Image
 
 from vtrain import ConfigError
-from vtrain.config import fail
+from vtrain.config import key_value_command
 from vtrain.prediction import PredictOptions, Prediction, Predictor, collect_inputs
 from vtrain.visualize import save_picture
 
 log = logging.getLogger("vtrain")
 OPTIONS = {"run", "ckpt_path", "experiment", "inputs", "out", "device", "batch_size", "num_workers", "top_k",
            "score_threshold", "max_detections", "mask_threshold", "pictures"}
-
-
-def parse(argv: list[str], known: set[str] = OPTIONS) -> tuple[dict[str, str], list[str]]:
-    """``key=value`` arguments: the command's options (``known``), and the overrides of the model's config."""
-    options, overrides = {}, []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"{arg!r} is not key=value: see --help")
-        if key in known:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    return options, overrides
 
 
 def _number(options: dict[str, str], key: str, kind: type, default: Any) -> Any:
@@ -137,15 +122,8 @@ def run(options: dict[str, str], overrides: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(*parse(argv))
-    except ConfigError as e:
-        fail(e)
+    key_value_command(__doc__, OPTIONS, run, argv)
 
 
 if __name__ == "__main__":
