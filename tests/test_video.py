@@ -419,3 +419,15 @@ def test_grad_checkpointing_on_a_video_model_is_a_one_line_error(kinetics_root, 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: grad_checkpointing: I3DResNet does not support it; the 2D backbones (ResNet, LR-Net, Swin, ViT) do")
+
+
+def test_class_names_of_list_files_are_the_lines_of_classes_txt(tmp_path):
+    """With list files, ``root/classes.txt`` holds one Kinetics label per line; labels have spaces and share words
+    ("playing guitar", "playing piano"), so a line is a name, not an ``<id> <name>`` pair."""
+    from vtrain.tasks.video.data import KineticsDataModule
+
+    (tmp_path / "classes.txt").write_text("abseiling\nair drumming\nplaying guitar\nplaying piano\n")
+    datamodule = KineticsDataModule(root=str(tmp_path), num_classes=4, train_list="train.txt", val_list="val.txt")
+    assert datamodule.class_names == ["abseiling", "air drumming", "playing guitar", "playing piano"]
+    assert KineticsDataModule(root=str(tmp_path), num_classes=5, train_list="train.txt",
+                              val_list="val.txt").class_names == [f"class_{i}" for i in range(5)]

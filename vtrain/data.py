@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vtrain import ConfigError
 from vtrain.reproducibility import EpochSeededSampler, RepeatedAugmentationSampler, seed_sample
@@ -165,7 +166,7 @@ class DataModule(pl.LightningDataModule):
 
     collate_fn: Callable | None = None  # a task's batch layout (a staticmethod); None: torch's default
     # the files predictions read from a folder (vtrain.predict): images, unless the task reads videos
-    input_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+    input_extensions: tuple[str, ...] = IMG_EXTENSIONS
 
     def __init__(
         self,
@@ -235,6 +236,10 @@ class DataModule(pl.LightningDataModule):
                     f"data.max_skipped_fraction={self.max_skipped_fraction} allows; the log names each file: fix or "
                     "remove them, or raise data.max_skipped_fraction"
                 )
+            if stage == "train" and batch.batch is None:  # every draw of every sample failed: nothing to step on
+                raise CorruptFileError(f"no sample of a training batch could be read in {self.root}, even after "
+                                       f"{SeededDataset.max_refetch} other draws each; the log names each file: fix or "
+                                       "remove them")
         return batch.batch
 
     def skipped(self, stage: str) -> tuple[int, int]:

@@ -102,9 +102,6 @@ class RepeatedAugmentationSampler(EpochSeededSampler):
     def indices(self, epoch: int) -> list[int]:
         return [index for index, _ in self.draws(epoch)]
 
-    def __len__(self) -> int:
-        return self.num_samples
-
 
 class EpochSeededIterator:
     """One epoch of an :class:`EpochSeededSampler`, with its position as state.

@@ -243,11 +243,9 @@ class CocoDetectionDataset(Dataset):
 
     def read_image(self, record: dict) -> torch.Tensor | None:
         path = self.image_dir / record["file_name"]
-        image = read_or_skip("image", path, lambda: decode_image(str(path), mode=ImageReadMode.RGB), self.skip_corrupt)
+        image = read_or_skip("image", path, lambda: decode_rgb(path), self.skip_corrupt)
         if image is None:
             return None
-        if image.dtype == torch.uint16:  # a 16-bit PNG: its high byte, as 8-bit readers (OpenCV, PIL for RGB) keep
-            image = (image.to(torch.int32) >> 8).to(torch.uint8)
         if tuple(image.shape[-2:]) != (record["height"], record["width"]):
             raise CorruptFileError(
                 f"{path} is {image.shape[-1]}x{image.shape[-2]} but {self.annotation_file} says "
@@ -276,6 +274,15 @@ class CocoDetectionDataset(Dataset):
         return image.as_subclass(torch.Tensor), target
 
 
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """An image file as uint8 RGB (3, H, W); a 16-bit PNG keeps its high byte, as 8-bit readers (OpenCV, PIL for
+    RGB) do."""
+    image = decode_image(str(path), mode=ImageReadMode.RGB)
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
 def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> Batch:
     """Images keep their own sizes; the detector pads them (to a multiple of 32)."""
     return [image for image, _ in batch], [target for _, target in batch]
@@ -301,9 +308,7 @@ class AspectRatioGroupedSampler(EpochSeededSampler):
 
     def __init__(self, dataset, groups: Sequence[int], batch_size: int, seed: int, num_replicas: int | None = None,
                  rank: int | None = None):
-        super().__init__(dataset, seed, shuffle=True, drop_last=False)
-        if num_replicas is not None:
-            self.num_replicas, self.rank = int(num_replicas), int(rank or 0)
+        super().__init__(dataset, seed, shuffle=True, drop_last=False, num_replicas=num_replicas, rank=rank)
         self.groups = torch.as_tensor(list(groups), dtype=torch.long)
         if len(self.groups) != len(dataset):
             raise ValueError(f"{len(self.groups)} groups for {len(dataset)} samples")
@@ -419,7 +424,7 @@ class CocoDataModule(DataModule):
 
     def predict_set(self, paths: list[str]) -> PredictionInputs:
         transform = eval_transform()
-        return PredictionInputs(paths, lambda path: decode_image(path, mode=ImageReadMode.RGB),
+        return PredictionInputs(paths, decode_rgb,
                                 lambda image: transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
                                 from_array=lambda array: torch.from_numpy(array).permute(2, 0, 1).contiguous())
 

@@ -36,7 +36,7 @@ from vtrain.tasks.video.clips import VideoReader, test_clip_indices, train_clip_
 from vtrain import ConfigError
 from vtrain.data import (
     DataModule, LabelledFileDataset, PredictionInputs, Samples, check_class_folders, class_folder_samples,
-    list_classes, read_names_file,
+    list_classes,
 )
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -311,8 +311,9 @@ class KineticsDataModule(DataModule):
         (one name per label, as the synthetic data and mmaction2's label maps write them), else ``class_<label>``."""
         if self.train_list is None and (self.root / "train").is_dir():
             return list_classes(self.root / "train")
-        names = list(read_names_file(self.root / "classes.txt"))
-        return names if len(names) == self.num_classes else [f"class_{i}" for i in range(self.num_classes)]
+        listed = self.root / "classes.txt"
+        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()] if listed.is_file() else []
+        return names if len(names) == self.num_classes else super().class_names
 
     def eval_set(self, samples: Samples) -> VideoClipDataset:
         """Every view of each video, as validation scores it."""
