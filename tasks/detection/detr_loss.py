@@ -58,14 +58,21 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target]) -> list[Match]:
         """``logits`` ``(N, Q, K + 1)``, ``boxes`` ``(N, Q, 4)``: one match per image, predictions in increasing
-        order, ``min(Q, targets)`` pairs."""
+        order, ``min(Q, targets)`` pairs. The costs of the whole batch are computed at once and brought to the
+        host once, as the official matcher does."""
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.zeros(0, dtype=torch.int64)
+        if not sum(sizes):
+            return [(empty, empty) for _ in targets]
+        batch, queries = logits.shape[:2]
+        everything = {"labels": torch.cat([t["labels"] for t in targets]), "boxes": torch.cat([t["boxes"] for t in targets])}
+        cost = self.cost(logits.flatten(0, 1), boxes.flatten(0, 1), everything).view(batch, queries, -1).cpu()
         matches = []
-        for image_logits, image_boxes, target in zip(logits, boxes, targets):
-            if len(target["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
+        for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
+            if sizes[image] == 0:
                 matches.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(self.cost(image_logits, image_boxes, target).cpu().numpy())
+            rows, cols = linear_sum_assignment(image_cost[image].numpy())
             matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return matches
 

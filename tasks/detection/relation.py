@@ -250,22 +250,21 @@ class LearnedNMS(nn.Module):
     @torch.no_grad()
     def targets(self, s0: Tensor, top_boxes: Tensor, classes: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> Tensor:
         """``(C, n, thresholds)``: 1 where the detection is the highest-scoring one among those whose
-        best-overlapping ground truth of the class is g, with IoU above the threshold, for some g."""
-        targets = s0.new_zeros(*s0.shape, len(self.thresholds))
-        for row, label in enumerate(classes.tolist()):
-            gt = gt_boxes[gt_labels == label]
-            if len(gt) == 0:
-                continue
-            iou = box_iou(top_boxes[row], gt)  # (n, G)
-            best_gt = iou.argmax(dim=1)
-            is_best = F.one_hot(best_gt, len(gt)).bool()  # (n, G)
-            for t, threshold in enumerate(self.thresholds):
-                candidate = is_best & (iou > threshold)
-                ranked = torch.where(candidate, s0[row, :, None], torch.full_like(iou, -1.0))
-                best_score, best_det = ranked.max(dim=0)  # per ground truth
-                matched = best_score >= 0
-                targets[row, best_det[matched], t] = 1.0
-        return targets
+        best-overlapping ground truth of the class is g, with IoU above the threshold, for some g. Every class at
+        once, on the device (a training step makes no host round trip here)."""
+        num_classes, n = s0.shape
+        targets = s0.new_zeros(num_classes, n, len(self.thresholds))
+        if gt_boxes.shape[0] == 0:
+            return targets
+        of_class = gt_labels[None, :] == classes[:, None]  # (C, G): the ground truth a class's detections match
+        iou = box_iou(top_boxes.reshape(-1, 4), gt_boxes).view(num_classes, n, -1)
+        iou = torch.where(of_class[:, None, :], iou, -1.0)  # another class's ground truth is never the best
+        is_best = F.one_hot(iou.argmax(dim=-1), iou.shape[-1]).bool() & of_class[:, None, :]  # (C, n, G)
+        thresholds = self.thresholds.to(iou)
+        candidate = is_best[..., None] & (iou[..., None] > thresholds)  # (C, n, G, T)
+        ranked = torch.where(candidate, s0[:, :, None, None], -1.0)
+        best_score, best_det = ranked.max(dim=1)  # (C, G, T): per ground truth and threshold, the best detection
+        return targets.scatter_reduce_(1, best_det, (best_score >= 0).to(targets.dtype), reduce="amax")
 
     @torch.no_grad()
     def detect(self, scores: Tensor, boxes: Tensor, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
