@@ -23,15 +23,13 @@ from conftest import ROOT, run_cli
 from vtrain import ConfigError
 from vtrain.tasks.detection.detr import COCO_CATEGORY_IDS, convert_official_state_dict
 from vtrain.tasks.detection.detr_loss import HungarianMatcher, SetCriterion, average_box_count
+from test_detection_models import RESNET50, TINY_SWIN
 from vtrain.tasks.detection.module import DetectionTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTIM = dict(_target_="torch.optim.AdamW", lr=1e-4, weight_decay=1e-4)
 SCHED = dict(_target_="vtrain.optim.multistep", milestones_epochs=[400])
-RESNET50 = dict(_target_="vtrain.backbones.ResNet", depth=50, frozen_stages=1)
-TINY_SWIN = dict(_target_="vtrain.backbones.SwinTransformer", img_size=64, embed_dim=32, depths=[1, 1, 2, 1],
-                 num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0)
 TINY_DETR = dict(hidden_dim=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
                  num_queries=6)
 

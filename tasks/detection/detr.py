@@ -34,6 +34,7 @@ from torchvision.ops import box_convert
 
 from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
+from vtrain.profiling import count_macs
 from vtrain.checkpoint import load_matching, read_checkpoint, unwrap_state_dict
 from vtrain.tasks.detection.detr_loss import HungarianMatcher, SetCriterion, Target
 from vtrain.tasks.detection.detr_transformer import DETRTransformer, SinePositionEncoding
@@ -251,6 +252,10 @@ class DETRSpec:
             raise ConfigError(f"task.detector_kwargs: DETR has no option {', '.join(unknown)} (it takes "
                               f"{', '.join(sorted(known))})")
         return DETR(backbone, num_classes - 1, **detector_kwargs)
+
+    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
+        """Multiply-accumulates of DETR's whole evaluation forward on one image (attention products included)."""
+        return count_macs(detector, (1, *image_shape))
 
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
         """Load an official DETR checkpoint into ``task`` (backbone and detector) and return True; False when the

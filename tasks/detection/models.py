@@ -35,7 +35,6 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from vtrain import ConfigError
-from vtrain.profiling import count_macs
 from vtrain.backbones.base import Backbone, require_reductions
 from vtrain.tasks.detection.nms import HardNMS
 from vtrain.tasks.detection.one_stage import RemovesDuplicates
@@ -104,6 +103,10 @@ class DetectorSpec:
     def build(self, backbone: Backbone, num_classes: int, **options: Any) -> nn.Module:
         """The detector on ``backbone`` (:func:`build_detector`); every detector config has this method."""
         return build_detector(self, backbone, num_classes, **options)
+
+    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
+        """Multiply-accumulates of one test image (:func:`detector_macs`)."""
+        return detector_macs(detector, image_shape)
 
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
         """Load a whole-detector release into ``task`` if ``path`` is one this detector reads; none here (the file
@@ -179,7 +182,6 @@ def build_detector(
     return spec.cls(pyramid, num_classes=num_classes, **detector_kwargs)
 
 
-@torch.no_grad()
 def refuse_rcnn_options(name: str, box_head: Any, removal: Any, rcnn: RCNNSettings | None) -> None:
     """One line for an R-CNN choice (``task/box_head``, ``task/nms=learned``, ``task/rcnn``: config groups every
     detector is given) made for a detector without an R-CNN, rather than ignoring it."""
@@ -199,9 +201,7 @@ def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
     the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
     RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
     ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class.
-    Another detector (DETR): its whole evaluation forward on the image. Works on the meta device."""
-    if not hasattr(detector, "head") and not isinstance(detector, FasterRCNN):  # not torchvision's (DETR)
-        return count_macs(detector, (1, *image_shape))
+    Works on the meta device."""
     device = next(detector.parameters()).device
     with FlopCounterMode(display=False) as counter:
         features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())

@@ -15,7 +15,7 @@ from torch import nn
 
 from vtrain.tasks.detection.data import Batch
 from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
-from vtrain.tasks.detection.models import DetectorSpec, detector_macs
+from vtrain.tasks.detection.models import DetectorSpec
 from vtrain import ConfigError
 from vtrain.module import TaskModule
 from vtrain.prediction import PredictOptions
@@ -112,8 +112,9 @@ class DetectionTask(TaskModule):
         return self.detector(images, targets)
 
     def count_macs(self, input_shape: Sequence[int]) -> int:
-        """The detector's MACs on one test image of ``input_shape`` (:func:`models.detector_macs`)."""
-        return detector_macs(self.detector, input_shape[-3:])
+        """The detector's MACs on one test image of ``input_shape``, counted as its config says
+        (:meth:`models.DetectorSpec.macs`)."""
+        return self.spec.macs(self.detector, input_shape[-3:])
 
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Backbone weights, or a whole detector's release that its config reads (DETR's official checkpoints)."""
