@@ -19,9 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain import ConfigError
-from vtrain.checkpoint import is_lightning_checkpoint, load_task_weights, newest_valid_checkpoint, read_checkpoint
+from vtrain.checkpoint import description, load_task_weights, newest_valid_checkpoint, read_checkpoint
 from vtrain.config import compose_config, ensure_output_dir
 from vtrain.module import TaskModule, build_task
+from vtrain.stored_config import read_config_file, trusted_config
 from vtrain.validate import check_values
 
 log = logging.getLogger("vtrain")
@@ -49,10 +50,12 @@ def checkpoint_of_run(run_dir: str | Path) -> Path:
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
         best = json.loads(metrics.read_text()).get("best_checkpoint")
-        if best and Path(best).is_file():
-            return Path(best)
-        if best and (run_dir / "checkpoints" / Path(best).name).is_file():  # a run directory that was moved
-            return run_dir / "checkpoints" / Path(best).name
+        best = Path(best) if isinstance(best, str) and best else None
+        # metrics.json is data too: only a file inside the run directory is followed
+        if best is not None and best.is_file() and _inside(best, run_dir):
+            return best
+        if best is not None and _inside(run_dir / "checkpoints" / best.name, run_dir):  # a run directory moved
+            return run_dir / "checkpoints" / best.name
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         return run_dir / "checkpoints" / "last.ckpt"
     found = newest_valid_checkpoint(run_dir / "checkpoints")
@@ -60,6 +63,11 @@ def checkpoint_of_run(run_dir: str | Path) -> Path:
         raise ConfigError(f"run={run_dir} has no checkpoint (checkpoints/*.ckpt): pass a run directory of a run that "
                           "saved one, or ckpt_path=<file>")
     return found
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """``path`` is a file within ``directory`` once links are followed."""
+    return path.is_file() and path.resolve().is_relative_to(directory.resolve())
 
 
 def model_config(source: str | Path, experiment: str | None = None, overrides: Sequence[str] = ()
@@ -74,21 +82,20 @@ def model_config(source: str | Path, experiment: str | None = None, overrides: S
     if not source.exists():
         raise ConfigError(f"{source} does not exist: pass a run directory or a checkpoint file")
     path = checkpoint_of_run(source) if source.is_dir() else source
-    obj = read_checkpoint(path, mmap=True)
-    described = obj.get(TaskModule.CHECKPOINT_KEY) if is_lightning_checkpoint(obj) else None
-    described = described or {}
+    described = description(read_checkpoint(path, mmap=True), path)
     if experiment:
         cfg = compose(experiment, overrides)
     else:
-        stored = described.get("config")
         run_config = (source if source.is_dir() else path.parent.parent) / ".hydra" / "config.yaml"
-        if stored is None and run_config.is_file():
-            stored = OmegaConf.to_container(OmegaConf.load(run_config))
-        if stored is None:
+        if described.get("config") is not None:
+            stored = trusted_config(described["config"], path)  # data: it does not choose what runs
+        elif run_config.is_file():
+            stored = read_config_file(run_config)
+        else:
             raise ConfigError(f"{path} does not say which model it holds (not a vtrain checkpoint, or one written "
                               "before checkpoints stored their config): add experiment=<the experiment it was "
                               "trained with>")
-        cfg = OmegaConf.merge(OmegaConf.create(stored), OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(stored, OmegaConf.from_dotlist(list(overrides)))
     with open_dict(cfg):
         cfg.mode, cfg.ckpt_path, cfg.pretrained = "eval", None, None
         cfg.output_dir = str(source if source.is_dir() else path.parent)

@@ -113,6 +113,19 @@ def is_lightning_checkpoint(obj: dict[str, Any]) -> bool:
     return isinstance(obj, dict) and "state_dict" in obj and "pytorch-lightning_version" in obj
 
 
+DESCRIPTION_KEY = "vtrain"  # the checkpoint entry in which vtrain describes the model (config, class names)
+
+
+def description(obj: Any, path: str | Path) -> dict[str, Any]:
+    """What a checkpoint says about its model (its ``DESCRIPTION_KEY`` entry): a mapping, empty for files that are
+    not vtrain's; anything else is one line."""
+    described = obj.get(DESCRIPTION_KEY) if is_lightning_checkpoint(obj) else None
+    if described is not None and not isinstance(described, dict):
+        raise ConfigError(f"{path}: its '{DESCRIPTION_KEY}' entry is a {type(described).__name__}, not a mapping: "
+                          "is it a vtrain checkpoint? experiment=<name> composes the config instead")
+    return described or {}
+
+
 def unwrap_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint, whatever container the releasing project used."""
     for key in ("state_dict", "model", "module", "model_ema"):

@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain import ConfigError
 from vtrain.callbacks import MetricsJSON
-from vtrain.checkpoint import (load_task_weights, newest_valid_checkpoint, read_checkpoint, require_fit,
+from vtrain.checkpoint import (description, load_task_weights, newest_valid_checkpoint, read_checkpoint, require_fit,
                                unwrap_state_dict)
 from vtrain.config import CONFIG_DIR, ensure_output_dir, fail
 from vtrain.lightning_internals import check_version
 from vtrain.module import TaskModule, build_task
+from vtrain.stored_config import trusted_config
 from vtrain.rundir import RunDirectoryLock, is_first_process
 from vtrain.sweep import record_failure
 from vtrain.terminal import quiet_third_parties, summary_table
@@ -170,10 +171,10 @@ def model_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
     path = cfg.get("ckpt_path")
     if not path or path == "auto" or not Path(path).is_file() or any(o.startswith("experiment=") for o in overrides):
         return
-    stored = (read_checkpoint(path, mmap=True).get(TaskModule.CHECKPOINT_KEY) or {}).get("config")
+    stored = description(read_checkpoint(path, mmap=True), Path(path)).get("config")
     if not stored:
         return
-    described = OmegaConf.create(stored)
+    described = trusted_config(stored, path)  # data: it does not choose what runs
     changes = [o.lstrip("+~") for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in MODEL_KEYS
                and "." in o.split("=", 1)[0]]
     with open_dict(cfg):

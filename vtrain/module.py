@@ -13,6 +13,7 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from vtrain import ConfigError, __version__
+from vtrain.checkpoint import DESCRIPTION_KEY
 from vtrain.config import plain_config
 from vtrain.lightning_internals import setup_train_data
 from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
@@ -36,7 +37,7 @@ class TaskModule(pl.LightningModule):
     :meth:`predict_batch`, :meth:`prediction_record` and :meth:`draw_prediction`; for export, :meth:`export_module`.
     """
 
-    CHECKPOINT_KEY = "vtrain"  # the checkpoint entry that describes the model
+    CHECKPOINT_KEY = DESCRIPTION_KEY  # the checkpoint entry that describes the model
 
     def __init__(self, optim: Mapping[str, Any], sched: Mapping[str, Any], monitor: str = "val/loss",
                  monitor_mode: str = "min"):

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vtrain import ConfigError
+from vtrain.stored_config import read_config_file
 from vtrain.sweep import SweepPoint, finished_points
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput
@@ -101,7 +102,7 @@ def _run_model(run_dir: Path) -> tuple[Callable[[], nn.Module], tuple[int, int, 
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         return None
-    cfg = OmegaConf.load(config_file)
+    cfg = read_config_file(config_file)  # data: it does not choose what is built
     num_classes = int(OmegaConf.select(cfg, "task.num_classes", default=None) or 1000)
     size = int(OmegaConf.select(cfg, "data.img_size", default=None) or cfg.backbone.get("img_size", 224))
     return (lambda: build_classifier(cfg.backbone, num_classes)), (3, size, size), num_classes
