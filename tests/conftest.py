@@ -50,7 +50,7 @@ def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout
 
 def compose(*overrides: str):
     """The config ``python -m vtrain overrides...`` would run with, without Hydra's runtime."""
-    from vtrain.config import compose_config
+    from vtrain.config.compose import compose_config
 
     return compose_config("train", list(overrides))
 

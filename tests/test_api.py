@@ -12,7 +12,7 @@ import pytest
 
 import vtrain
 from conftest import ROOT
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,18 +49,18 @@ def test_import_vtrain_does_not_import_torch():
 def test_metrics_json_names_an_existing_best_checkpoint_at_every_moment(imagenet_root, tmp_path, monkeypatch):
     """With save_top_k=1 each new best replaces the previous file: metrics.json names the new one before the old
     one is deleted."""
-    import vtrain.callbacks
+    import vtrain.training.callbacks.model_checkpoint
     from vtrain.cli import run
 
     named_after_removal = []
-    remove = vtrain.callbacks.ModelCheckpoint._remove_checkpoint
+    remove = vtrain.training.callbacks.model_checkpoint.ModelCheckpoint._remove_checkpoint
 
     def checked_remove(self, trainer, filepath):
         remove(self, trainer, filepath)
         named = json.loads((tmp_path / "run" / "metrics.json").read_text())["best_checkpoint"]
         named_after_removal.append((Path(named).name, Path(named).is_file()))
 
-    monkeypatch.setattr(vtrain.callbacks.ModelCheckpoint, "_remove_checkpoint", checked_remove)
+    monkeypatch.setattr(vtrain.training.callbacks.model_checkpoint.ModelCheckpoint, "_remove_checkpoint", checked_remove)
     cfg = vtrain.compose("quickstart", [f"data.root={imagenet_root}", "backbone.img_size=32", "data.num_classes=4",
                                         "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=3",
                                         "trainer.limit_train_batches=2", "callbacks.progress_bar=null",

@@ -10,11 +10,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 from vtrain.backbones import LRNet, ResNet, SwinTransformer, VisionTransformer
 from vtrain.backbones.base import Classifier
 from vtrain.backbones.lrnet import paper_macs
-from vtrain.config import compose_config
+from vtrain.config.compose import compose_config
 from vtrain.profiling import count_macs, count_params
 
 
@@ -333,7 +333,7 @@ def test_swin_official_checkpoint_converts_back_exactly():
 
 
 def test_unknown_relation_block_options_are_named():
-    from vtrain import ConfigError
+    from vtrain.config import ConfigError
     from vtrain.backbones.resnet import non_local_blocks
 
     with pytest.raises(ConfigError, match=r"^dnl has no option sub_sample: its options are .*temperature$"):

@@ -1,4 +1,4 @@
-"""Unreadable data, one policy for the four tasks (vtrain.data): skipped and counted where users see it, or named in
+"""Unreadable data, one policy for the four tasks (vtrain.data.datamodule): skipped and counted where users see it, or named in
 one line; a run stops with one line when too much of an epoch or a validation is unreadable."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import TINY_CLS, compose
-from vtrain.data import CorruptFileError, DataModule, Read, ReadableCollate, SeededDataset, read_rgb
+from vtrain.data.datamodule import CorruptFileError, DataModule, Read, ReadableCollate, SeededDataset, read_rgb
 
 TASK_DATA = ["imagenet", "coco", "ade20k", "kinetics400"]
 
@@ -163,8 +163,8 @@ def test_16_bit_annotations_are_read_as_they_are_or_refused(tmp_path):
 def _fit(*overrides, root):
     """A run of the composed experiment in this process (the CLI's flow without its exit), with the default
     callbacks: the data module's counts, SkippedSamples, MetricsJSON."""
-    from vtrain.module import build_task
-    from vtrain.trainer import build_trainer
+    from vtrain.training.build import build_task
+    from vtrain.training.trainer import build_trainer
 
     cfg = compose(*overrides, f"data.root={root}", f"output_dir={root.parent / 'run'}")
     datamodule = instantiate(cfg.data)

@@ -9,11 +9,11 @@ import timm
 import torch
 
 from conftest import run_cli
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 from vtrain.profiling import count_macs, count_params
 from vtrain.tools.bench.cli import run, vs_to_override
 from vtrain.tools.bench.models import timm_reference
-from vtrain.config import compose_config
+from vtrain.config.compose import compose_config
 
 TINY_SWIN = ["backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
              "backbone.window_size=4", "backbone.img_size=64", "backbone.drop_path_rate=0.0"]
@@ -73,7 +73,7 @@ def test_an_input_size_the_backbone_cannot_take_is_one_line_before_any_model_is_
     """The backbone's class decides (``check_input_size``); the former entry point still runs the bench."""
     with pytest.raises(ConfigError, match=r"^inputs of 240x240 but backbone.img_size=224: .* set backbone.img_size=240$"):
         run(compose_config("bench", ["backbone=swin_t", "bench.img_size=240"]))
-    result = run_cli("backbone=vit_s16", "bench.img_size=100", f"hydra.run.dir={tmp_path}", module="vtrain.bench")
+    result = run_cli("backbone=vit_s16", "bench.img_size=100", f"hydra.run.dir={tmp_path}", module="vtrain.tools.bench")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: inputs of 100x100 are not whole 16x16 patches: use a multiple of 16 (e.g. 96)")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_CLS, compose, run_cli
-from vtrain.checkpoint import RefusedCheckpoint, newest_valid_checkpoint, read_checkpoint
+from vtrain.training.checkpoint import RefusedCheckpoint, newest_valid_checkpoint, read_checkpoint
 
 
 class _Payload:
@@ -186,7 +186,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch,
 
 KILLED_MID_WRITE = """
 import sys, time
-from vtrain.atomic import atomic_write
+from vtrain.training.atomic import atomic_write
 
 def write(f):
     f.write(b"x" * 1000)
@@ -254,7 +254,7 @@ def test_a_resumed_run_appends_to_metrics_csv(imagenet_root, tmp_path):
 
 
 def test_metrics_csv_writer_continues_a_file_with_a_torn_last_row(tmp_path):
-    from vtrain.loggers import AppendingMetricsWriter
+    from vtrain.training.loggers import AppendingMetricsWriter
 
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,val/top1\r\n0,5,0.5\r\n1,11,0.6\r\n2,1")  # killed mid-append
@@ -286,8 +286,8 @@ def _swin_file(tmp_path, depths, num_classes=4):
 def test_weights_of_a_smaller_model_stop_the_run_with_one_line(tmp_path, caplog):
     """A Swin-T-like file for a Swin-S-like model (a deeper third stage) used to load the tensors that fit and
     leave the rest at their initialisation, said at INFO; now it stops, unless pretrained_strict=false."""
-    from vtrain import ConfigError
-    from vtrain.checkpoint import load_backbone_weights
+    from vtrain.config import ConfigError
+    from vtrain.training.checkpoint import load_backbone_weights
     from vtrain.backbones import SwinTransformer
 
     path = _swin_file(tmp_path, depths=[1, 1, 2, 1])
@@ -296,7 +296,7 @@ def test_weights_of_a_smaller_model_stop_the_run_with_one_line(tmp_path, caplog)
                                           r"\(layers\.2\.blocks\.2\..*\): is it a checkpoint of this backbone\? "
                                           r"pretrained_strict=false loads the \d+ that fit"):
         load_backbone_weights(deeper, path)
-    with caplog.at_level("WARNING", logger="vtrain.checkpoint"):
+    with caplog.at_level("WARNING", logger="vtrain.training.checkpoint"):
         report = load_backbone_weights(deeper, path, strict=False)
     assert report["missing"] and all(k.startswith("layers.2.blocks.") for k in report["missing"])
     assert "keep their initialisation (pretrained_strict=false)" in caplog.text
@@ -314,9 +314,9 @@ def test_a_classifier_of_another_size_is_a_warning_with_both_shapes(tmp_path, ca
     path = _swin_file(tmp_path, depths=[1, 1, 2, 1], num_classes=21)  # e.g. an ImageNet-22K release
     backbone = OmegaConf.create({"_target_": "vtrain.backbones.SwinTransformer", "depths": [1, 1, 2, 1], **TINY_SWIN})
     task = ClassificationTask(backbone, {"_target_": "torch.optim.AdamW", "lr": 1e-3},
-                              {"_target_": "vtrain.optim.cosine"}, num_classes=4)
+                              {"_target_": "vtrain.training.optim.cosine"}, num_classes=4)
     before = task.head.weight.clone()
-    with caplog.at_level("WARNING", logger="vtrain.checkpoint"):
+    with caplog.at_level("WARNING", logger="vtrain.training.checkpoint"):
         task.load_pretrained(str(path))
     assert f"the classifier of {path} is (21, 128), this model's (4, 128): it starts from its initialisation" in caplog.text
     assert torch.equal(task.head.weight, before)
@@ -338,7 +338,7 @@ def test_resuming_a_checkpoint_of_another_model_is_one_line(imagenet_root, tmp_p
 
 # ------------------------------------------------------------------------------------------------ corrupt files
 def _one_line_error(path, call):
-    from vtrain import ConfigError
+    from vtrain.config import ConfigError
 
     with pytest.raises(ConfigError) as error:
         call(path)
@@ -390,12 +390,12 @@ def test_reference_files_of_another_model_are_one_line(tmp_path):
     from omegaconf import OmegaConf
 
     from vtrain.backbones import ResNet
-    from vtrain.checkpoint import load_backbone_weights, load_task_weights
+    from vtrain.training.checkpoint import load_backbone_weights, load_task_weights
     from vtrain.tasks.classification.module import ClassificationTask
 
     backbone = OmegaConf.create({"_target_": "vtrain.backbones.SwinTransformer", "depths": [1, 1, 2, 1], **TINY_SWIN})
     task = ClassificationTask(backbone, {"_target_": "torch.optim.AdamW", "lr": 1e-3},
-                              {"_target_": "vtrain.optim.cosine"}, num_classes=4)
+                              {"_target_": "vtrain.training.optim.cosine"}, num_classes=4)
     files = {}
     for name, depths, width, heads in [("swin_s", [1, 1, 4, 1], 16, (1, 2, 4, 8)), ("swin_b", [1, 1, 2, 1], 24, (2, 3, 6, 12)),
                                         ("swin_t", [1, 1, 2, 1], 16, (1, 2, 4, 8))]:

@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 from conftest import TINY_CLS, compose, run_cli
 from vtrain.tasks.classification.data import ImageFolderDataModule, ImageFolderDataset
 from vtrain.tasks.classification.synthetic import write
-from vtrain import ConfigError
-from vtrain.checkpoint import load_task_weights
-from vtrain.data import CorruptFileError, ReadableCollate
-from vtrain.module import build_task
+from vtrain.config import ConfigError
+from vtrain.training.checkpoint import load_task_weights
+from vtrain.data.datamodule import CorruptFileError, ReadableCollate
+from vtrain.training.build import build_task
 
 
 def test_synthetic_imagenet_layout_is_deterministic(tmp_path):
@@ -34,7 +34,7 @@ def test_datamodule_reads_folders_with_train_class_index(imagenet_root):
     dm.check()
     dm.setup("fit")
     assert len(dm.train_set) == 48 and len(dm.val_set) == 16
-    images, labels = next(iter(dm.val_dataloader())).batch  # a vtrain.data.CountedBatch
+    images, labels = next(iter(dm.val_dataloader())).batch  # a vtrain.data.datamodule.CountedBatch
     assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 0, 0]
     assert sorted({t for _, t in dm.val_set.samples}) == [0, 1, 2, 3]
 
@@ -152,7 +152,7 @@ def test_safetensors_and_unsafe_pickles(tmp_path):
 
 
 def test_swin_resolution_that_does_not_tile_is_refused_up_front(imagenet_root):
-    from vtrain.validate import validate
+    from vtrain.config.validate import validate
 
     cfg = compose("experiment=swin_t_imagenet", "trainer=cpu", "backbone.img_size=240", "output_dir=/tmp/unused",
                   f"data.root={imagenet_root}", "data.num_classes=4")
@@ -209,7 +209,7 @@ def test_swin_recipe_randaugment_survives_its_strongest_draws():
     ],
 )
 def test_every_validator_message(imagenet_root, override, message):
-    from vtrain.validate import validate
+    from vtrain.config.validate import validate
 
     cfg = compose(*TINY_CLS, f"data.root={imagenet_root}", "output_dir=/tmp/unused", override)
     if torch.cuda.is_available() and override == "trainer=gpu":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CLS, run_cli
-from vtrain.module import build_task
+from vtrain.training.build import build_task
 
 
 def _metrics(run_dir: Path) -> dict:

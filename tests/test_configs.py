@@ -9,9 +9,9 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import CONF, ROOT, TINY_CLS, compose, run_cli
-from vtrain import ConfigError
-from vtrain.module import build_task
-from vtrain.validate import check_pretrained, check_values, validate
+from vtrain.config import ConfigError
+from vtrain.training.build import build_task
+from vtrain.config.validate import check_pretrained, check_values, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 CORES = os.cpu_count() or 1
@@ -34,7 +34,7 @@ def test_swin_t_imagenet_is_the_paper_recipe():
     assert cfg.backbone._target_.endswith("SwinTransformer") and cfg.backbone.drop_path_rate == 0.2
     assert (cfg.optim.lr, cfg.optim.base_batch_size, cfg.optim.weight_decay) == (5e-4, 512, 0.05)
     assert tuple(cfg.optim.betas) == (0.9, 0.999) and cfg.optim.eps == 1e-8
-    assert (cfg.sched._target_, cfg.sched.warmup_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == ("vtrain.optim.cosine", 20, 5e-7, 5e-6)
+    assert (cfg.sched._target_, cfg.sched.warmup_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == ("vtrain.training.optim.cosine", 20, 5e-7, 5e-6)
     assert cfg.trainer.max_epochs == 300 and cfg.trainer.gradient_clip_val == 5.0
     assert cfg.data.augment.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.augment.re_prob == 0.25
     assert cfg.data.augment.re_mode == "pixel" and cfg.data.augment.interpolation == "bicubic"
@@ -153,19 +153,20 @@ def test_a_value_the_data_module_computes_with_is_checked_before_it_is_built(ima
     assert lines[0].startswith("error: data.num_workers='abc' is not a whole number >= 0")
 
 
-def test_every_package_installs_under_vtrain():
-    """pyproject.toml lists the packages (tasks/ installs as vtrain.tasks): a folder left off the list would be
-    missing from an installed vtrain."""
-    import tomllib
+def test_every_package_installs_under_vtrain(tmp_path):
+    """The wheel holds every package of vtrain/ and of tasks/ (as vtrain.tasks), found by setup.py's discovery: a
+    new folder is installed without being listed anywhere."""
+    import subprocess
+    import sys
+    import zipfile
 
     import vtrain.tasks
 
-    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(setup["packages"])
-    found = set()
-    for prefix, folder in setup["package-dir"].items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            parts = init.parent.relative_to(ROOT / folder).parts
-            found.add(".".join((prefix, *parts)))
-    assert found == listed
-    assert "tasks" not in listed and Path(vtrain.tasks.__file__).parent == ROOT / "tasks"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(tmp_path.glob("vtrain-*.whl"))
+    packed = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith("__init__.py")}
+    expected = {f"vtrain/{p.relative_to(ROOT / 'vtrain').as_posix()}" for p in (ROOT / "vtrain").rglob("__init__.py")}
+    expected |= {f"vtrain/tasks/{p.relative_to(ROOT / 'tasks').as_posix()}" for p in (ROOT / "tasks").rglob("__init__.py")}
+    assert packed == expected and "vtrain/training/callbacks/__init__.py" in packed
+    assert Path(vtrain.tasks.__file__).parent == ROOT / "tasks"

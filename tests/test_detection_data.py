@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 
 from vtrain.tasks.detection.data import CocoDataModule, collate_detection, index_annotation_file
 from vtrain.tasks.detection.transforms import RandomSizeCrop, train_transform
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_synthetic_layout_and_mapping(coco_root):
     with_targets = {a["image_id"] for a in train["annotations"] if not a["iscrowd"]}
     assert len(dm.train_set) == len(with_targets) < len(train["images"])  # empty (and crowd-only) images skipped
     assert len(dm.val_set) == 9  # every image is evaluated
-    images, targets = next(iter(dm.train_dataloader())).batch  # a vtrain.data.CountedBatch
+    images, targets = next(iter(dm.train_dataloader())).batch  # a vtrain.data.datamodule.CountedBatch
     assert len(images) == 3 and {tuple(i.shape[-2:]) for i in images} != {(64, 64)}  # sizes differ, no padding yet
     for image, target in zip(images, targets):
         assert image.dtype == torch.float32 and min(image.shape[-2:]) == 64

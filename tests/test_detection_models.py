@@ -19,7 +19,7 @@ TINY_VIT = dict(_target_="vtrain.backbones.VisionTransformer", img_size=64, patc
                 num_heads=2, drop_path_rate=0.0)
 RESNET50 = dict(_target_="vtrain.backbones.ResNet", depth=50, frozen_stages=1)
 OPTIM = dict(_target_="torch.optim.AdamW", lr=1e-4, weight_decay=0.05)
-SCHED = dict(_target_="vtrain.optim.multistep", milestones_epochs=[8, 11])
+SCHED = dict(_target_="vtrain.training.optim.multistep", milestones_epochs=[8, 11])
 SMALL = dict(test_size=64, test_max_size=96, fpn_channels=32, box_head_dim=64, mask_head_dims=[32])
 RCNN_SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, box_batch_size_per_image=32)
 
@@ -97,7 +97,7 @@ def test_train_step_and_evaluation(backbone, detector, ground_truth):
 
 
 def test_a_dilated_backbone_or_a_detector_name_is_refused_with_one_line():
-    from vtrain import ConfigError
+    from vtrain.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"RetinaNet needs backbone outputs at strides \[8, 16, 32\], "
                                           r"ResNet gives \[8, 8, 8\]"):

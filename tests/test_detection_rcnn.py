@@ -162,7 +162,7 @@ def test_mmdet_settings_and_initialisation():
 
 
 def test_r_cnn_options_on_a_one_stage_detector_are_refused_in_one_line():
-    from vtrain import ConfigError
+    from vtrain.config import ConfigError
 
     groups = {g: OmegaConf.load(ROOT / "conf" / "task" / g / f"{name}.yaml")
               for g, name in (("box_head", "relation"), ("nms", "learned"), ("rcnn", "mmdet"))}

@@ -340,7 +340,7 @@ def test_relationnet_table_sizes():
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     from conftest import CONF, ROOT
-    from vtrain.config import compose_config
+    from vtrain.config.compose import compose_config
     from vtrain.tasks.detection.module import DetectionTask
     from vtrain.tools.table.paper import fill_table
 

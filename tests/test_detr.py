@@ -20,7 +20,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d, box_convert, box_iou
 
 from conftest import ROOT, run_cli
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 from vtrain.tasks.detection.detr import COCO_CATEGORY_IDS, convert_official_state_dict
 from vtrain.tasks.detection.detr_loss import HungarianMatcher, SetCriterion, average_box_count
 from test_detection_models import RESNET50, TINY_SWIN
@@ -29,7 +29,7 @@ from vtrain.tasks.detection.module import DetectionTask
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTIM = dict(_target_="torch.optim.AdamW", lr=1e-4, weight_decay=1e-4)
-SCHED = dict(_target_="vtrain.optim.multistep", milestones_epochs=[400])
+SCHED = dict(_target_="vtrain.training.optim.multistep", milestones_epochs=[400])
 TINY_DETR = dict(hidden_dim=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
                  num_queries=6)
 
@@ -357,9 +357,9 @@ def test_unknown_detr_options_are_one_line():
 
 # ----------------------------------------------------------------------------------------------- the table
 def test_table_sizes_are_the_models_at_the_papers_input():
-    """python -m vtrain.table table=detr_coco: params of the experiment's model (80 categories) and its MACs on
+    """python -m vtrain.tools.table table=detr_coco: params of the experiment's model (80 categories) and its MACs on
     one 800x1066 image, which equal torchvision's ResNet-50 trunk plus the transformer counted by hand."""
-    from vtrain.config import compose_config
+    from vtrain.config.compose import compose_config
     from vtrain.profiling import count_macs
     from vtrain.tools.table.paper import fill_table
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import vtrain
-from vtrain import ConfigError
-from vtrain.export import FORMATS, main
+from vtrain.config import ConfigError
+from vtrain.inference.export import FORMATS
+from vtrain.export import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The private Lightning names vtrain relies on (vtrain/lightning_internals.py) still exist: after an upgrade this
+"""The private Lightning names vtrain relies on (vtrain/training/lightning_internals.py) still exist: after an upgrade this
 fails first, naming what to re-check."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loops import _FitLoop
 from pytorch_lightning.utilities import CombinedLoader
 
-from vtrain import lightning_internals
+from vtrain.training import lightning_internals
 
 
 def test_the_private_names_vtrain_uses_exist():
@@ -39,11 +39,11 @@ def test_the_installed_version_is_a_tested_one(caplog):
 
 
 def test_precisions_are_the_ones_lightning_takes():
-    """vtrain.validate lists Lightning's accepted precisions (its own list is private)."""
+    """vtrain.config.validate lists Lightning's accepted precisions (its own list is private)."""
     from typing import get_args
 
     from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
 
-    from vtrain.validate import PRECISIONS
+    from vtrain.config.validate import PRECISIONS
 
     assert set(PRECISIONS) == {value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal)}

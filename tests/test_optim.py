@@ -8,10 +8,10 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 from vtrain.backbones import SwinTransformer
-from vtrain.optim import (accumulation_for, build_optimizer, build_scheduler, lr_scale_factor, param_groups,
-                          param_multipliers)
+from vtrain.config.validate import accumulation_for
+from vtrain.training.optim import build_optimizer, build_scheduler, lr_scale_factor, param_groups, param_multipliers
 
 ADAMW = {"_target_": "torch.optim.AdamW", "lr": 5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "eps": 1e-8,
          "base_batch_size": 512}
@@ -39,7 +39,7 @@ def test_swin_linear_lr_scaling_applies_to_warmup_and_min_lr():
     model = Tiny()
     opt = build_optimizer(model, ADAMW, total_batch_size=1024)
     assert lr_scale_factor(ADAMW, 1024) == 2.0
-    sched = build_scheduler(opt, {"_target_": "vtrain.optim.cosine", "warmup_epochs": 2, "warmup_lr": 5e-7, "min_lr": 5e-6},
+    sched = build_scheduler(opt, {"_target_": "vtrain.training.optim.cosine", "warmup_epochs": 2, "warmup_lr": 5e-7, "min_lr": 5e-6},
                             total_steps=100, steps_per_epoch=10, lr_scale=2.0)
     lrs = []
     for step in range(101):
@@ -59,7 +59,7 @@ def test_multistep_with_mmdet_warmup_and_backbone_multiplier():
     cfg = {"_target_": "torch.optim.SGD", "lr": 0.02, "weight_decay": 1e-4, "momentum": 0.9,
            "custom_keys": {"backbone": {"lr_mult": 0.1}}}
     opt = build_optimizer(model, cfg, total_batch_size=16)
-    sched = build_scheduler(opt, {"_target_": "vtrain.optim.multistep", "milestones_epochs": [8, 11], "gamma": 0.1, "warmup_steps": 500,
+    sched = build_scheduler(opt, {"_target_": "vtrain.training.optim.multistep", "milestones_epochs": [8, 11], "gamma": 0.1, "warmup_steps": 500,
                                   "warmup_ratio": 0.001}, total_steps=1200, steps_per_epoch=100)
     head = next(g for g in opt.param_groups if g["lr_scale"] == 1.0)
     body = next(g for g in opt.param_groups if g["lr_scale"] == 0.1)
@@ -80,18 +80,18 @@ def test_poly_decay():
     model = Tiny()
     opt = build_optimizer(model, {"_target_": "torch.optim.SGD", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9},
                           total_batch_size=16)
-    sched = build_scheduler(opt, {"_target_": "vtrain.optim.poly", "power": 0.9, "min_lr": 1e-4, "warmup_steps": 0},
+    sched = build_scheduler(opt, {"_target_": "vtrain.training.optim.poly", "power": 0.9, "min_lr": 1e-4, "warmup_steps": 0},
                             total_steps=1000, steps_per_epoch=10)
     sched.step_update(400)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 + (0.01 - 1e-4) * (1 - 0.4) ** 0.9)
 
 
 def test_a_schedule_option_that_does_not_exist_is_named():
-    from vtrain import ConfigError
+    from vtrain.config import ConfigError
 
     opt = build_optimizer(Tiny(), ADAMW, total_batch_size=512)
-    with pytest.raises(ConfigError, match="sched has no option warmup_epoch for vtrain.optim.cosine"):
-        build_scheduler(opt, {"_target_": "vtrain.optim.cosine", "warmup_epoch": 2}, total_steps=10, steps_per_epoch=1)
+    with pytest.raises(ConfigError, match="sched has no option warmup_epoch for vtrain.training.optim.cosine"):
+        build_scheduler(opt, {"_target_": "vtrain.training.optim.cosine", "warmup_epoch": 2}, total_steps=10, steps_per_epoch=1)
 
 
 def test_mmdet_sgd_recipes_decay_every_parameter():
@@ -146,7 +146,7 @@ def test_cosine_epoch_is_deits_loop_over_timms_scheduler():
         expected.append(reference_opt.param_groups[0]["lr"])
         reference.step(epoch)
     opt = build_optimizer(Tiny(), ADAMW, total_batch_size=1024)
-    sched = build_scheduler(opt, {"_target_": "vtrain.optim.cosine_epoch", "warmup_epochs": 5, "warmup_lr": 1e-6,
+    sched = build_scheduler(opt, {"_target_": "vtrain.training.optim.cosine_epoch", "warmup_epochs": 5, "warmup_lr": 1e-6,
                                   "min_lr": 1e-5}, total_steps=epochs * steps, steps_per_epoch=steps,
                             lr_scale=lr_scale_factor(ADAMW, 1024))
     got = [opt.param_groups[0]["lr"]]  # before the first update
@@ -164,7 +164,7 @@ def test_mmcv_cosine_is_mmcvs_epoch_cosine_with_warmup_by_iterations():
     cfg = {"_target_": "torch.optim.AdamW", "lr": base, "weight_decay": 0.02,
            "custom_keys": {"backbone": {"lr_mult": 0.1}}}
     opt = build_optimizer(Tiny(), cfg, total_batch_size=256)
-    sched = build_scheduler(opt, {"_target_": "vtrain.optim.mmcv_cosine", "warmup_epochs": 2.5, "warmup_ratio": 0.1,
+    sched = build_scheduler(opt, {"_target_": "vtrain.training.optim.mmcv_cosine", "warmup_epochs": 2.5, "warmup_ratio": 0.1,
                                   "min_lr": 0.0}, total_steps=epochs * steps, steps_per_epoch=steps)
     head = next(g for g in opt.param_groups if g["lr_scale"] == 1.0)
     body = next(g for g in opt.param_groups if g["lr_scale"] == 0.1)

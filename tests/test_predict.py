@@ -12,7 +12,7 @@ from PIL import Image
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
 import vtrain
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +66,7 @@ def validation_outputs(model, datamodule, count: int) -> list[dict[str, torch.Te
     datamodule.setup("validate")
     outputs = []
     with torch.no_grad():
-        for counted in datamodule.val_dataloader():  # vtrain.data.CountedBatch: the batch, with its read counts
+        for counted in datamodule.val_dataloader():  # vtrain.data.datamodule.CountedBatch: the batch, with its read counts
             batch = counted.batch
             if isinstance(batch, dict) and "clips" in batch:  # video: softmax averaged over the views
                 outputs += [{"probabilities": p} for p in model.video_probabilities(batch["clips"])]
@@ -89,7 +89,7 @@ def test_predictions_equal_the_validation_path_on_the_same_files(trained):
     batch_size = None if task == "detection" else 3
     predictor = vtrain.Predictor(run_dir, score_threshold=0.0, top_k=100, batch_size=batch_size)
     files = predictor.datamodule.example_files(4)
-    expected = validation_outputs(predictor.model, vtrain.api.datamodule_of(predictor.model), len(files))
+    expected = validation_outputs(predictor.model, vtrain.training.build.datamodule_of(predictor.model), len(files))
     records = predictor(files)
     assert len(records) == len(files) == 4
     for record, reference in zip(records, expected):
@@ -176,7 +176,7 @@ def test_training_logs_pictures_of_validation_predictions_to_tensorboard(trained
 def test_a_box_is_drawn_on_its_border_and_nowhere_else():
     """A hand-made detection on a flat grey image: the picture is the input enlarged (nearest), except on the box's
     border and caption, and inside its mask (tinted)."""
-    from vtrain.visualize import draw_detections, enlargement
+    from vtrain.inference.visualize import draw_detections, enlargement
 
     image = torch.full((3, 48, 64), 128, dtype=torch.uint8)
     mask = torch.zeros(1, 48, 64, dtype=torch.bool)

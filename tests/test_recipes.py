@@ -25,11 +25,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import ROOT, compose
-from vtrain import ConfigError
-from vtrain.module import build_task
-from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor
-from vtrain.trainer import accumulate_grad_batches
-from vtrain.validate import validate
+from vtrain.config import ConfigError
+from vtrain.training.build import build_task
+from vtrain.training.optim import build_optimizer, build_scheduler, lr_scale_factor
+from vtrain.config.validate import accumulate_grad_batches
+from vtrain.config.validate import validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -403,7 +403,7 @@ def test_resnet_v1c_is_timms_resnet50c_and_loads_mmseg_resnet50_v1c_keys(tmp_pat
     torchvision's other keys, as open-mmlab://resnet50_v1c) gives the network timm's outputs."""
     from vtrain.backbones import ResNet
     from vtrain.backbones.base import Classifier
-    from vtrain.checkpoint import load_backbone_weights
+    from vtrain.training.checkpoint import load_backbone_weights
 
     reference = timm.create_model("resnet50c", num_classes=1000).eval()
     _randomise(reference)
@@ -456,8 +456,8 @@ class _Draws(torch.utils.data.Dataset):
 
 
 def test_repeated_augmentation_sampler_is_deits_and_resumes_exactly():
-    from vtrain.data import SeededDataset
-    from vtrain.reproducibility import EpochSeededIterator, RepeatedAugmentationSampler
+    from vtrain.data.datamodule import SeededDataset
+    from vtrain.data.samplers import EpochSeededIterator, RepeatedAugmentationSampler
 
     dataset = SeededDataset(_Draws(700), seed=0)
     for replicas in (1, 4):

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from conftest import ROOT, TINY_CLS, run_cli
-from vtrain.callbacks import NonFiniteGuard
-from vtrain.checkpoint import newest_valid_checkpoint
+from vtrain.training.callbacks.non_finite import NonFiniteGuard
+from vtrain.training.checkpoint import newest_valid_checkpoint
 
 
 def test_newest_valid_checkpoint_skips_truncated_files(tmp_path):
@@ -264,7 +264,7 @@ def test_progress_bar_reads_logged_values_at_intervals_only(monkeypatch):
     validation and epoch ends, not after each of the 8 batches of an epoch."""
     from pytorch_lightning.callbacks import RichProgressBar
 
-    from vtrain.callbacks import ProgressBar
+    from vtrain.training.callbacks.display import ProgressBar
 
     reads = []
     original = RichProgressBar.get_metrics

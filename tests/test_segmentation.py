@@ -15,8 +15,8 @@ from conftest import compose, run_cli
 from vtrain.tasks.segmentation.data import ADE20KDataModule, AnnotationError, SegmentationDataset, collate_padded, list_pairs
 from vtrain.tasks.segmentation.inference import predict, rescale_size, slide
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
-from vtrain import ConfigError
-from vtrain.module import build_task
+from vtrain.config import ConfigError
+from vtrain.training.build import build_task
 
 TINY_SWIN = [
     "backbone=swin_t", "backbone.embed_dim=32", "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]",
@@ -236,7 +236,7 @@ def test_recipes():
     assert swin.task.head._target_.endswith("UperNetHead") and swin.backbone.drop_path_rate == 0.3 and swin.backbone.embed_dim == 96
     assert (swin.optim._target_, swin.optim.lr, swin.optim.weight_decay, tuple(swin.optim.betas)) == (
         "torch.optim.AdamW", 6e-5, 0.01, (0.9, 0.999))
-    assert (swin.sched._target_, swin.sched.power, swin.sched.min_lr, swin.sched.warmup_steps) == ("vtrain.optim.poly", 1.0, 0.0, 1500)
+    assert (swin.sched._target_, swin.sched.power, swin.sched.min_lr, swin.sched.warmup_steps) == ("vtrain.training.optim.poly", 1.0, 0.0, 1500)
     assert (swin.trainer.max_steps, swin.trainer.max_epochs, swin.trainer.val_check_interval) == (160000, -1, 16000)
     assert swin.trainer.check_val_every_n_epoch is None and swin.trainer.sync_batchnorm
     assert swin.task.aux_weight == 0.4 and swin.task.aux_head.channels == 256 and swin.task.head.channels == 512
@@ -247,7 +247,7 @@ def test_recipes():
         assert cfg.task.head.context._target_.endswith(head) and cfg.backbone.depth == 50 and cfg.backbone.output_stride == 8
         assert (cfg.optim._target_, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
             "torch.optim.SGD", 0.01, 0.9, 5e-4)
-        assert (cfg.sched._target_, cfg.sched.power, cfg.sched.min_lr, cfg.trainer.max_steps) == ("vtrain.optim.poly", 0.9, 1e-4, 80000)
+        assert (cfg.sched._target_, cfg.sched.power, cfg.sched.min_lr, cfg.trainer.max_steps) == ("vtrain.training.optim.poly", 0.9, 1e-4, 80000)
     assert compose("experiment=dnl_r50_ade20k").task.head.context.temperature == 0.05
     assert compose("experiment=gcnet_r50_ade20k").task.head.context.ratio == 0.25
 
@@ -288,7 +288,7 @@ def test_quickstart_fit_then_ddp_eval_matches(ade_root, tmp_path):
 def test_a_checkpoint_with_outputs_no_head_reads_still_evaluates(tmp_path):
     """Checkpoints written when the backbone built output norms for all four levels: an FCN head on a Swin read
     C4/C5 only, and C2/C3's norms (never trained) are dropped on load."""
-    from vtrain.checkpoint import load_task_weights
+    from vtrain.training.checkpoint import load_task_weights
 
     module = _module("task/head=fcn", *TINY_SWIN, *NARROW_HEADS)
     old = dict(module.state_dict())

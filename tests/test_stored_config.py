@@ -1,5 +1,5 @@
 """A stored config is data: a checkpoint's config or a run directory's ``.hydra/config.yaml`` never chooses what runs
-(vtrain.stored_config). Every entry point that builds a model from a file (vtrain.load, load_from_checkpoint, predict,
+(vtrain.config.stored). Every entry point that builds a model from a file (vtrain.load, load_from_checkpoint, predict,
 eval, export, the sweep table) refuses a ``_target_`` that vtrain's config tree does not name, and a resolver call it
 does not write, in one line; the marker files the payloads would write never appear."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 import vtrain
 from conftest import CONF, compose, run_cli
 from test_predict import one_step_run
-from vtrain import ConfigError
-from vtrain.stored_config import read_config_file, trusted_config
+from vtrain.config import ConfigError
+from vtrain.config.stored import read_config_file, trusted_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,25 +154,25 @@ def test_metrics_json_is_followed_only_inside_the_run_directory(copy, tmp_path):
     outside = tmp_path / "elsewhere.ckpt"
     shutil.copy(copy / "checkpoints" / "last.ckpt", outside)
     (copy / "metrics.json").write_text(json.dumps({"best_checkpoint": str(outside)}))
-    assert vtrain.api.checkpoint_of_run(copy) == copy / "checkpoints" / "last.ckpt"
+    assert vtrain.training.build.checkpoint_of_run(copy) == copy / "checkpoints" / "last.ckpt"
     (copy / "checkpoints" / "link.ckpt").symlink_to(outside)
     (copy / "metrics.json").write_text(json.dumps({"best_checkpoint": str(copy / "checkpoints" / "link.ckpt")}))
-    assert vtrain.api.checkpoint_of_run(copy) == copy / "checkpoints" / "last.ckpt"
+    assert vtrain.training.build.checkpoint_of_run(copy) == copy / "checkpoints" / "last.ckpt"
     shutil.copy(outside, copy / "checkpoints" / "best.ckpt")
     (copy / "metrics.json").write_text(json.dumps({"best_checkpoint": "/moved/away/checkpoints/best.ckpt"}))
-    assert vtrain.api.checkpoint_of_run(copy) == copy / "checkpoints" / "best.ckpt"  # a moved run directory
+    assert vtrain.training.build.checkpoint_of_run(copy) == copy / "checkpoints" / "best.ckpt"  # a moved run directory
 
 
 def test_every_experiment_stores_a_config_the_check_accepts():
     """The allow-list is derived from conf/: every experiment's composed config passes it as stored."""
-    from vtrain.config import plain_config
+    from vtrain.config.compose import plain_config
 
     for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
         trusted_config(plain_config(compose(f"experiment={experiment}")), experiment)
 
 
 def test_the_sweep_table_does_not_build_a_tampered_run_config(copy, tmp_path):
-    from vtrain.sweep import SweepPoint
+    from vtrain.training.sweep import SweepPoint
     from vtrain.tools.table.runs import _model_figures
 
     marker = tmp_path / "marker"

@@ -6,7 +6,7 @@ import json
 import yaml
 
 from conftest import TINY_CLS, run_cli
-from vtrain.sweep import finished_points, record_failure, summarize
+from vtrain.training.sweep import finished_points, record_failure, summarize
 
 
 def test_a_failing_point_is_reported_and_the_others_finish(imagenet_root, tmp_path):

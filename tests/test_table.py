@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF, run_cli
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 from vtrain.profiling import count_macs, count_params
-from vtrain.config import compose_config
+from vtrain.config.compose import compose_config
 from vtrain.tools.table.cli import run
 from vtrain.tools.table.paper import fill_table, paper_table_markdown
 
@@ -176,7 +176,7 @@ def test_multirun_directory_becomes_markdown_and_png(tmp_path):
             job += 1
     write_run(sweep / "10", [], 0.3)  # a run without .hydra: its own row, no size, after job 4..9 by number
 
-    result = run_cli(f"runs={sweep}", module="vtrain.table")
+    result = run_cli(f"runs={sweep}", module="vtrain.tools.table")
     assert result.returncode == 0, result.stderr[-2000:]
 
     sizes = []

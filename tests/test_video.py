@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose, run_cli
-from vtrain import ConfigError
-from vtrain.module import build_task
+from vtrain.config import ConfigError
+from vtrain.training.build import build_task
 
 # The quickstart dataset: 80 training and 20 validation videos per motion class, 32x32, 8-10 frames.
 QUICKSTART_DATA = {"train_per_class": 80, "val_per_class": 20}
@@ -98,7 +98,7 @@ def datamodule(root: Path, **overrides):
 
 def test_corrupt_videos_are_skipped_counted_and_named(kinetics_root, tmp_path, caplog):
     from vtrain.tasks.video.data import collate_clips
-    from vtrain.data import CorruptFileError, ReadableCollate
+    from vtrain.data.datamodule import CorruptFileError, ReadableCollate
 
     root = tmp_path / "kinetics"
     shutil.copytree(kinetics_root, root)
@@ -234,7 +234,7 @@ def test_i3d_inflated_from_2d_resnet_matches_it_away_from_temporal_borders(tmp_p
     cfg = compose("experiment=i3d_r50_nl_k400", "trainer=cpu", "output_dir=/tmp/vtrain-test-video",
                   "video_backbone.conv1_stride_t=1", "video_backbone.pool1_stride_t=1")
     task = build_task(cfg).eval()
-    with caplog.at_level(logging.INFO, logger="vtrain.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="vtrain.training.checkpoint"):
         task.load_pretrained(str(tmp_path / "resnet50.pth"))
     # every ResNet tensor is used; only the (identity-initialised) non-local blocks are new
     assert "0 of the file's have no place in it" in caplog.text

@@ -9,15 +9,14 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["ConfigError", "__version__", "compose", "build", "load", "Predictor"]
 
-
-class ConfigError(ValueError):
-    """Bad input found before training starts; the message is one line saying what and how to fix it."""
-
+from vtrain.config.errors import ConfigError  # noqa: E402 - the error every layer raises, re-exported for users
 
 # name -> the module that defines it
-_LAZY = {"compose": "vtrain.api", "build": "vtrain.api", "load": "vtrain.api", "Predictor": "vtrain.prediction"}
-_SUBMODULES = {"api", "cli", "export", "prediction", "visualize", "checkpoint", "config", "module"}
+_LAZY = {"compose": "vtrain.config.compose", "build": "vtrain.training.build", "load": "vtrain.training.build",
+         "Predictor": "vtrain.inference.predictor"}
+_SUBMODULES = {"cli", "config", "data", "training", "inference", "backbones", "layers"}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,19 +12,26 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vtrain import ConfigError
-from vtrain.callbacks import MetricsJSON
-from vtrain.checkpoint import (description, load_task_weights, newest_valid_checkpoint, read_checkpoint, require_fit,
-                               unwrap_state_dict)
-from vtrain.config import CONFIG_DIR, ensure_output_dir, fail
-from vtrain.lightning_internals import check_version
-from vtrain.module import TaskModule, build_task
-from vtrain.stored_config import trusted_config
-from vtrain.rundir import RunDirectoryLock, is_first_process
-from vtrain.sweep import record_failure
-from vtrain.terminal import quiet_third_parties, summary_table
-from vtrain.trainer import build_trainer, hydra_ddp_job
-from vtrain.validate import check_values, validate
+from vtrain.config import ConfigError
+from vtrain.config.command import fail
+from vtrain.config.compose import CONFIG_DIR, ensure_output_dir
+from vtrain.config.stored import trusted_config
+from vtrain.config.validate import check_values, validate
+from vtrain.training.build import build_task
+from vtrain.training.callbacks.metrics_json import MetricsJSON
+from vtrain.training.checkpoint import (
+    description,
+    load_task_weights,
+    newest_valid_checkpoint,
+    read_checkpoint,
+    require_fit,
+    unwrap_state_dict,
+)
+from vtrain.training.lightning_internals import check_version
+from vtrain.training.rundir import RunDirectoryLock, is_first_process
+from vtrain.training.sweep import record_failure
+from vtrain.training.terminal import quiet_third_parties, summary_table
+from vtrain.training.trainer import build_trainer, hydra_ddp_job
 
 log = logging.getLogger("vtrain")
 
@@ -92,7 +99,7 @@ def _run(cfg: DictConfig) -> float | None:
         trainer = build_trainer(cfg)
         try:  # a checkpoint that cannot be read or is refused, data files that cannot be read: one line
             if cfg.mode == "train":
-                # weights_only: the resumed checkpoint too (vtrain.checkpoint.CheckpointIO reads it so anyway)
+                # weights_only: the resumed checkpoint too (vtrain.training.checkpoint.CheckpointIO reads it so anyway)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
                 if _final_weights_unvalidated(trainer):
                     trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
@@ -130,9 +137,9 @@ def _monitored_value(cfg: DictConfig, module: pl.LightningModule) -> float | Non
 
 def run_job(cfg: DictConfig) -> float | None:
     """One Hydra job. In a sweep a failing point is recorded and the others go on; the sweep's summary
-    (:class:`vtrain.sweep.SweepSummary`) lists each point's status and metric."""
+    (:class:`vtrain.training.sweep.SweepSummary`) lists each point's status and metric."""
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-        return run(cfg)  # its directory was locked by vtrain.rundir.LockRunDirectory
+        return run(cfg)  # its directory was locked by vtrain.training.rundir.LockRunDirectory
     lock = None
     try:
         lock = RunDirectoryLock(cfg.output_dir) if is_first_process() else None

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vtrain import ConfigError
-from vtrain.config import key_value_command
-from vtrain.prediction import PredictOptions, Prediction, Predictor, collect_inputs
-from vtrain.visualize import save_picture
+from vtrain.config import ConfigError
+from vtrain.config.command import key_value_command
+from vtrain.inference.predictor import Prediction, Predictor, collect_inputs
+from vtrain.inference.visualize import save_picture
+from vtrain.training.module import PredictOptions
 
 log = logging.getLogger("vtrain")
 OPTIONS = {"run", "ckpt_path", "experiment", "inputs", "out", "device", "batch_size", "num_workers", "top_k",

@@ -9,9 +9,15 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from vtrain import ConfigError
-from vtrain.data import (
-    DataModule, LabelledFileDataset, PredictionInputs, check_class_folders, class_folder_samples, list_classes, read_names_file,
+from vtrain.config import ConfigError
+from vtrain.data.datamodule import (
+    DataModule,
+    LabelledFileDataset,
+    PredictionInputs,
+    check_class_folders,
+    class_folder_samples,
+    list_classes,
+    read_names_file,
     read_rgb,
 )
 
@@ -21,7 +27,7 @@ EVAL_CROP_MODES = ("center", "squash")  # timm's crop_mode values whose referenc
 
 class ImageFolderDataset(LabelledFileDataset):
     """``torchvision.datasets.ImageFolder`` semantics with a class index fixed by the training split, and
-    unreadable files either named in an error or skipped (returned as ``None``: :mod:`vtrain.data`)."""
+    unreadable files either named in an error or skipped (returned as ``None``: :mod:`vtrain.data.datamodule`)."""
 
     kind = "image"
 
@@ -52,7 +58,7 @@ class ImageFolderDataModule(DataModule):
             ``crop_mode``): ``center`` resizes the short side to ``img_size / eval_crop_pct`` and crops the centre,
             ``squash`` resizes both sides to it (``img_size`` at 1.0: no crop).
         The configs take mean, std and the evaluation rule from ``conf/preprocessing/`` (what the weights expect).
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``val_batch_size``, ``seed``,
+        **loading: the other :class:`vtrain.data.datamodule.DataModule` arguments (``val_batch_size``, ``seed``,
             ``skip_corrupt``, ...).
     """
 

@@ -10,10 +10,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vtrain.checkpoint import load_classifier, load_matching, read_checkpoint, split_reference
-from vtrain.module import TaskModule
-from vtrain.prediction import PredictOptions, top_k
-from vtrain.visualize import draw_top_k, to_uint8_image
+from vtrain.inference.visualize import draw_top_k, to_uint8_image
+from vtrain.training.checkpoint import (
+    load_classifier,
+    load_matching,
+    read_checkpoint,
+    split_reference,
+)
+from vtrain.training.module import PredictOptions, TaskModule, top_k
 
 
 class ClassificationTask(TaskModule):
@@ -60,7 +64,7 @@ class ClassificationTask(TaskModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
         if batch is None:
-            return  # none of its images could be read (vtrain.data.ReadableCollate)
+            return  # none of its images could be read (vtrain.data.datamodule.ReadableCollate)
         images, targets = batch
         logits = self(images)
         n = images.shape[0]

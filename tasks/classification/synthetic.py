@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vtrain.synthetic import COLORS, SHAPES, background, draw_polygon, shape_polygon
+from vtrain.data.synthetic import (
+    COLORS,
+    SHAPES,
+    background,
+    draw_polygon,
+    shape_polygon,
+)
 
 
 def class_names(num_classes: int) -> list[tuple[str, str, str]]:

@@ -18,7 +18,7 @@ crowd (``iscrowd=1``)                        not a training target (torchvision'
 image with no training target left           skipped in training when ``filter_empty`` (default); every
                                              image is evaluated
 image file that cannot be read               skipped and counted, or a ``CorruptFileError`` naming it
-                                             (``data.skip_corrupt``: :mod:`vtrain.data`)
+                                             (``data.skip_corrupt``: :mod:`vtrain.data.datamodule`)
 image whose size is not the annotation's     ``CorruptFileError`` naming the image and the annotation file
 ==========================================  ===============================================================
 
@@ -47,11 +47,16 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
-
 from vtrain.tasks.detection.transforms import eval_transform, train_transform
-from vtrain import ConfigError
-from vtrain.data import CorruptFileError, DataModule, PredictionInputs, read_or_skip
-from vtrain.reproducibility import EpochSeededSampler
+
+from vtrain.config import ConfigError
+from vtrain.data.datamodule import (
+    CorruptFileError,
+    DataModule,
+    PredictionInputs,
+    read_or_skip,
+)
+from vtrain.data.samplers import EpochSeededSampler
 
 log = logging.getLogger(__name__)
 LAYOUT = "root/annotations/instances_{train,val}2017.json and root/{train,val}2017/*.jpg"
@@ -230,7 +235,7 @@ def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- datasets
 class CocoDetectionDataset(Dataset):
     """Images of one split; with ``targets``, their cleaned training targets through ``transform``. An image that
-    cannot be read is named in an error, or skipped (None) with ``skip_corrupt`` (:mod:`vtrain.data`)."""
+    cannot be read is named in an error, or skipped (None) with ``skip_corrupt`` (:mod:`vtrain.data.datamodule`)."""
 
     def __init__(self, image_dir: Path, annotation_file: Path, records: PackedRecords, transform, targets: bool,
                  masks: bool, skip_corrupt: bool = True):
@@ -296,7 +301,7 @@ class AspectRatioGroupedSampler(EpochSeededSampler):
     Per epoch, with a generator seeded by ``seed + epoch`` (mmdet's): each group's indices shuffled and padded by
     repeating its own (shuffled) indices to a multiple of ``batch_size x replicas``, the groups concatenated, the
     ``batch_size`` blocks shuffled, and this rank's contiguous share taken. The order is a function of
-    ``(seed, epoch, rank)`` only, so :class:`~vtrain.reproducibility.EpochSeededIterator` resumes it exactly.
+    ``(seed, epoch, rank)`` only, so :class:`~vtrain.data.samplers.EpochSeededIterator` resumes it exactly.
 
     Args:
         dataset: the training set (its length).
@@ -357,7 +362,7 @@ class CocoDataModule(DataModule):
         group_by_aspect_ratio: batches of images that are all wider than high or all not
             (:class:`AspectRatioGroupedSampler`, mmdet's ``GroupSampler``; torchvision's references group too).
         train_split, val_split: folder / annotation file names (``instances_<split>.json``).
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``,
+        **loading: the other :class:`vtrain.data.datamodule.DataModule` arguments (``num_workers``, ``seed``,
             ``skip_corrupt``, ...).
     """
 

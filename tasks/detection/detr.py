@@ -31,14 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert
-
-from vtrain import ConfigError
-from vtrain.backbones.base import Backbone
-from vtrain.profiling import count_macs
-from vtrain.checkpoint import load_matching, read_checkpoint, unwrap_state_dict
 from vtrain.tasks.detection.detr_loss import HungarianMatcher, SetCriterion, Target
-from vtrain.tasks.detection.detr_transformer import DETRTransformer, SinePositionEncoding
+from vtrain.tasks.detection.detr_transformer import (
+    DETRTransformer,
+    SinePositionEncoding,
+)
 from vtrain.tasks.detection.models import refuse_rcnn_options
+
+from vtrain.backbones.base import Backbone
+from vtrain.config import ConfigError
+from vtrain.profiling import count_macs
+from vtrain.training.checkpoint import load_matching, read_checkpoint, unwrap_state_dict
 
 
 class MLP(nn.Module):

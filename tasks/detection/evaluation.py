@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from pycocotools import mask as mask_utils
 
-from vtrain.terminal import FILE_ONLY
+from vtrain.training.terminal import FILE_ONLY
 
 log = logging.getLogger(__name__)
 

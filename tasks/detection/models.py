@@ -32,13 +32,17 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
-
-from vtrain import ConfigError
-from vtrain.backbones.base import Backbone, require_reductions
+from torchvision.ops.feature_pyramid_network import (
+    ExtraFPNBlock,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
 from vtrain.tasks.detection.nms import HardNMS
 from vtrain.tasks.detection.one_stage import RemovesDuplicates
 from vtrain.tasks.detection.roi_heads import RCNNSettings, build_rcnn_heads, roi_pools
+
+from vtrain.backbones.base import Backbone, require_reductions
+from vtrain.config import ConfigError
 
 
 class P6P7(LastLevelP6P7):

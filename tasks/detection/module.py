@@ -12,14 +12,13 @@ from hydra.utils import get_class, instantiate
 from pycocotools import mask as mask_utils
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
-
 from vtrain.tasks.detection.data import Batch
 from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
 from vtrain.tasks.detection.models import DetectorSpec
-from vtrain import ConfigError
-from vtrain.module import TaskModule
-from vtrain.prediction import PredictOptions
-from vtrain.visualize import draw_detections, palette, to_uint8_image
+
+from vtrain.config import ConfigError
+from vtrain.inference.visualize import draw_detections, palette, to_uint8_image
+from vtrain.training.module import PredictOptions, TaskModule
 
 BATCH_NORM_MODES = ("train", "eval", "frozen", "sync")
 
@@ -153,7 +152,7 @@ class DetectionTask(TaskModule):
 
     def validation_step(self, batch: Batch | None, batch_idx: int) -> None:
         if batch is None:
-            return  # none of its images could be read (vtrain.data.ReadableCollate)
+            return  # none of its images could be read (vtrain.data.datamodule.ReadableCollate)
         images, targets = batch
         self.evaluator.update([t["image_id"] for t in targets], self(images))
 

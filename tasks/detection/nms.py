@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 SOFT_NMS_METHODS = ("linear", "gaussian", "hard")
 

@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 from torchvision.models import detection
-
 from vtrain.tasks.detection.nms import HardNMS
 
 

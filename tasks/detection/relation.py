@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 PRIOR_FLOOR = 1e-6  # official: log(max(w_G, 1e-6)) + appearance logits (Eq. 5 taken to the softmax's log domain)
 OFFSET_FLOOR = 1e-3  # official: log(max(|dx| / w, 1e-3)) -- the log of a zero offset is clipped

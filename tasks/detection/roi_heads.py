@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    maskrcnn_inference,
+    maskrcnn_loss,
+)
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
-
 from vtrain.tasks.detection.nms import HardNMS
 
 

@@ -14,9 +14,15 @@ from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
-
 from vtrain.tasks.detection.data import annotation_rle
-from vtrain.synthetic import COLORS, background, draw_polygon, polygon_mask, shape_polygon
+
+from vtrain.data.synthetic import (
+    COLORS,
+    background,
+    draw_polygon,
+    polygon_mask,
+    shape_polygon,
+)
 
 # Shapes that stay distinct under small rotations (a rotated square is not a diamond here).
 CATEGORY_SHAPES = ("square", "triangle", "circle", "star", "hexagon")

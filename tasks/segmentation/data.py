@@ -13,7 +13,7 @@ label 255). Validation sample: the image at its original size, normalised, and i
 inference resizes it (short side 512) and resizes the logits back, so the metric sees original-size labels.
 
 An image or annotation file that cannot be read is skipped and counted, or named in an error
-(``data.skip_corrupt``: :mod:`vtrain.data`); a 16-bit image is read as 8 bits (:func:`vtrain.data.read_rgb`).
+(``data.skip_corrupt``: :mod:`vtrain.data.datamodule`); a 16-bit image is read as 8 bits (:func:`vtrain.data.datamodule.read_rgb`).
 Bad input is named before or when it is read: an image without its annotation or the reverse
 (``check``; or leave them out with ``skip_unpaired=true``, the count is logged), an annotation whose size
 differs from its image's, an annotation that is not single-channel, and label values above
@@ -33,10 +33,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-
 from vtrain.tasks.segmentation.inference import rescale_size
-from vtrain import ConfigError
-from vtrain.data import DataFileError, DataModule, PredictionInputs, read_names_file, read_or_skip, read_rgb
+
+from vtrain.config import ConfigError
+from vtrain.data.datamodule import (
+    DataFileError,
+    DataModule,
+    PredictionInputs,
+    read_names_file,
+    read_or_skip,
+    read_rgb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +303,7 @@ class ADE20KDataModule(DataModule):
         val_batch_size: validation images per device (they differ in size: a batch pads them to the largest).
         skip_unpaired: leave out (and count) an image without annotation and the reverse instead of failing.
         ignore_invalid_labels: label values above ``num_classes`` (not 255) become ignore instead of failing.
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``num_workers``, ``seed``,
+        **loading: the other :class:`vtrain.data.datamodule.DataModule` arguments (``num_workers``, ``seed``,
             ``skip_corrupt``, ...).
     """
 
@@ -371,7 +378,9 @@ class ADE20KDataModule(DataModule):
         sampler = None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
-            from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+            from pytorch_lightning.overrides.distributed import (
+                UnrepeatedDistributedSampler,
+            )
 
             sampler = UnrepeatedDistributedSampler(
                 self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-
 from vtrain.tasks.segmentation.heads import head_levels
 from vtrain.tasks.segmentation.inference import predict
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
-from vtrain.module import TaskModule
-from vtrain.prediction import PredictOptions
-from vtrain.visualize import draw_segmentation, to_uint8_image
+
+from vtrain.inference.visualize import draw_segmentation, to_uint8_image
+from vtrain.training.module import PredictOptions, TaskModule
 
 
 class SegmentationTask(TaskModule):
@@ -121,7 +120,7 @@ class SegmentationTask(TaskModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
         if batch is None:
-            return  # none of its images could be read (vtrain.data.ReadableCollate)
+            return  # none of its images could be read (vtrain.data.datamodule.ReadableCollate)
         for image, label, (h, w) in zip(batch["images"], batch["labels"], batch["sizes"].tolist()):
             probs = self.predict_probs(image[None, :, :h, :w])
             self.val_metrics.update(probs.argmax(dim=1)[0], label[:h, :w])

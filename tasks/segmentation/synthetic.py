@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vtrain.synthetic import COLORS, SHAPES, background, draw_polygon, polygon_mask, shape_polygon
+from vtrain.data.synthetic import (
+    COLORS,
+    SHAPES,
+    background,
+    draw_polygon,
+    polygon_mask,
+    shape_polygon,
+)
 
 
 def class_pairs(num_classes: int) -> list[tuple[str, str]]:

@@ -17,25 +17,29 @@ configs' crop) and a horizontal flip: (C, T, H, W). A validation sample is every
 
 Real Kinetics downloads contain broken, truncated and undecodable files: with
 ``skip_corrupt`` (default) each one is skipped with a warning naming it and counted
-(``train/skipped_samples``, ``val/skipped_samples``: :mod:`vtrain.data`), and the run goes on.
+(``train/skipped_samples``, ``val/skipped_samples``: :mod:`vtrain.data.datamodule`), and the run goes on.
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import random
 
 import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-
 from vtrain.tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
-from vtrain import ConfigError
-from vtrain.data import (
-    DataModule, LabelledFileDataset, PredictionInputs, Samples, check_class_folders, class_folder_samples,
+
+from vtrain.config import ConfigError
+from vtrain.data.datamodule import (
+    DataModule,
+    LabelledFileDataset,
+    PredictionInputs,
+    Samples,
+    check_class_folders,
+    class_folder_samples,
     list_classes,
 )
 
@@ -71,7 +75,7 @@ class VideoClipDataset(LabelledFileDataset):
 
     def frame_indices(self, num_frames: int) -> np.ndarray:
         if self.num_clips is None:
-            # torch's generator is seeded per sample by the training loader (vtrain.data.SeededDataset)
+            # torch's generator is seeded per sample by the training loader (vtrain.data.datamodule.SeededDataset)
             rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
             return train_clip_indices(num_frames, self.clip_len, self.frame_interval, rng)[None]
         return test_clip_indices(num_frames, self.clip_len, self.frame_interval, self.num_clips)
@@ -100,7 +104,7 @@ class VideoClipDataset(LabelledFileDataset):
 
 
 def collate_clips(batch: list[dict]) -> dict[str, Any]:
-    """Stack the samples (the readable ones: :class:`vtrain.data.ReadableCollate` leaves out the others)."""
+    """Stack the samples (the readable ones: :class:`vtrain.data.datamodule.ReadableCollate` leaves out the others)."""
     return {
         "clips": torch.stack([b["clips"] for b in batch]),
         "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
@@ -220,7 +224,7 @@ class KineticsDataModule(DataModule):
         mean, std: normalisation, on 0-1 pixels (the configs read ``conf/preprocessing/``).
         batch_size: training clips per device.
         val_batch_size: validation videos per device (each is ``num_test_clips * num_test_crops`` views).
-        **loading: the other :class:`vtrain.data.DataModule` arguments (``seed``, ``skip_corrupt``, ...).
+        **loading: the other :class:`vtrain.data.datamodule.DataModule` arguments (``seed``, ``skip_corrupt``, ...).
     """
 
     collate_fn = staticmethod(collate_clips)

@@ -14,11 +14,15 @@ from hydra.utils import instantiate
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vtrain.checkpoint import (is_lightning_checkpoint, load_classifier, load_matching, read_checkpoint,
-                               unwrap_state_dict)
-from vtrain.module import TaskModule
-from vtrain.prediction import PredictOptions, top_k
-from vtrain.visualize import draw_top_k, frame_strip
+from vtrain.inference.visualize import draw_top_k, frame_strip
+from vtrain.training.checkpoint import (
+    is_lightning_checkpoint,
+    load_classifier,
+    load_matching,
+    read_checkpoint,
+    unwrap_state_dict,
+)
+from vtrain.training.module import PredictOptions, TaskModule, top_k
 
 # the classifier's keys in this framework's checkpoints and in mmaction2's (official Video Swin) ones
 _HEAD_PREFIXES = ("head.", "cls_head.fc_cls.")
@@ -68,7 +72,7 @@ class VideoClassificationTask(TaskModule):
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         if batch is None:
-            return  # none of its videos could be read (vtrain.data.ReadableCollate)
+            return  # none of its videos could be read (vtrain.data.datamodule.ReadableCollate)
         probabilities, labels = self.video_probabilities(batch["clips"]), batch["labels"]
         n = len(labels)
         self.val_top1(probabilities, labels)

@@ -21,7 +21,13 @@ import av
 import numpy as np
 from PIL import Image
 
-from vtrain.synthetic import COLORS, SHAPES, background, draw_polygon, shape_polygon
+from vtrain.data.synthetic import (
+    COLORS,
+    SHAPES,
+    background,
+    draw_polygon,
+    shape_polygon,
+)
 
 MOTIONS = ("move_left", "move_right", "move_up", "move_down", "grow", "shrink")
 

@@ -19,7 +19,7 @@ into its own keys, splitting off the classifier's ``weight``/``bias``.
 
 What a backbone family knows about its configurations is asked of its class, before anything is built:
 ``timm_twin(cfg)`` names timm's model of the same architecture (the benchmark's reference) and
-``check_input_size(cfg, img_size)`` refuses an input size its classifier cannot take (``vtrain.validate``).
+``check_input_size(cfg, img_size)`` refuses an input size its classifier cannot take (``vtrain.config.validate``).
 A new family answers both in its own file.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 LEVELS = (0, 1, 2, 3)
 

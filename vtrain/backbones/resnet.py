@@ -41,13 +41,13 @@ import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from timm.models.resnet import Bottleneck
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
+from vtrain.config import ConfigError
 from vtrain.layers.global_context import GlobalContextBlock
 from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
 

@@ -35,8 +35,8 @@ from timm.models.swin_transformer import SwinTransformer as TimmSwinTransformer
 from timm.models.swin_transformer import WindowAttention, checkpoint_filter_fn
 from torch import nn
 
-from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
+from vtrain.config import ConfigError
 
 # timm's names of the Swin sizes, by (embed_dim, depths) (paper Table 7: T, S, B, L).
 TIMM_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base",
@@ -158,7 +158,7 @@ class SwinTransformer(Backbone):
 
         That filter looks up the block of every relative position table: tables of blocks this model does not
         have (a Swin-S file has 18 blocks in stage 2, a Swin-T 6) or with another number of heads (Swin-B's for
-        a Swin-T) go past it unchanged, for :func:`vtrain.checkpoint.load_matching` to report as not fitting.
+        a Swin-T) go past it unchanged, for :func:`vtrain.training.checkpoint.load_matching` to report as not fitting.
         Stages this backbone does not build (past its deepest output level) are left out of the result.
         """
         own = self.state_dict()

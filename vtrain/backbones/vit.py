@@ -29,8 +29,8 @@ from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
-from vtrain import ConfigError
 from vtrain.backbones.base import Backbone
+from vtrain.config import ConfigError
 
 # timm's names of the ViT sizes, by embed_dim.
 TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}

@@ -11,7 +11,6 @@ from typing import Any, Mapping
 
 import torch
 from hydra.utils import instantiate
-
 from vtrain.tasks.video.models.base import VideoBackbone
 
 

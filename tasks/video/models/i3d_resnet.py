@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-
 from vtrain.tasks.video.models.base import VideoBackbone
 from vtrain.tasks.video.models.inflation import inflate_state_dict
+
 from vtrain.backbones.resnet import DEPTHS, non_local_blocks
 
 I3D_INFLATE = ((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0))

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torchvision.models.video.swin_transformer import SwinTransformer3d
-
 from vtrain.tasks.video.models.base import VideoBackbone
 from vtrain.tasks.video.models.inflation import inflate_state_dict
 

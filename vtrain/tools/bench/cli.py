@@ -9,12 +9,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vtrain.config.command import run_or_exit
+from vtrain.config.compose import CONFIG_DIR
 from vtrain.tools.bench.device import device_name, resolve_device
 from vtrain.tools.bench.loader import measure_loader
 from vtrain.tools.bench.models import backbone_choice, candidates, module_name
 from vtrain.tools.bench.report import compare, format_report, write_outputs
 from vtrain.tools.bench.timing import measure
-from vtrain.config import CONFIG_DIR, run_or_exit
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

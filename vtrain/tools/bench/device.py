@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 # Dense bf16 tensor-core peaks (vendor datasheets), for the model FLOP utilisation. Matched in order
 # against torch.cuda.get_device_name(): the PCIe H100 before the generic H100 (SXM).

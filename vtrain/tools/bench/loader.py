@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 from vtrain.tools.bench.device import synchronize
 
 
@@ -36,7 +36,7 @@ def measure_loader(cfg: DictConfig, device: torch.device, batch_size: int, img_s
     def next_batch() -> int:
         nonlocal batches
         try:
-            images, targets = next(batches).batch  # a vtrain.data.CountedBatch
+            images, targets = next(batches).batch  # a vtrain.data.datamodule.CountedBatch
         except StopIteration:
             batches = iter(loader)
             images, targets = next(batches).batch

@@ -12,10 +12,10 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from vtrain import ConfigError
 from vtrain.backbones.base import Classifier
+from vtrain.config import ConfigError
+from vtrain.config.compose import compose_config
 from vtrain.profiling import count_macs, count_params, prefers_channels_last
-from vtrain.config import compose_config
 
 
 def build_classifier(backbone_cfg: Mapping, num_classes: int = 1000) -> Classifier:

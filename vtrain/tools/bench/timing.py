@@ -13,10 +13,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vtrain import ConfigError
-from vtrain.optim import build_optimizer
-from vtrain.tools.bench.device import PeakMemory, peak_bf16_flops, resolve_device, synchronize, tensor_bytes
+from vtrain.config import ConfigError
+from vtrain.tools.bench.device import (
+    PeakMemory,
+    peak_bf16_flops,
+    resolve_device,
+    synchronize,
+    tensor_bytes,
+)
 from vtrain.tools.bench.models import Candidate, Settings, model_size
+from vtrain.training.optim import build_optimizer
 
 
 def prepare(model: nn.Module, settings: Settings, device: torch.device) -> nn.Module:

@@ -9,10 +9,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
+from vtrain.config.command import run_or_exit
+from vtrain.config.compose import CONFIG_DIR
 from vtrain.tools.bench.device import device_name, resolve_device
 from vtrain.tools.bench.timing import throughput_enabled
-from vtrain.config import CONFIG_DIR, run_or_exit
 from vtrain.tools.table.markdown import write_table
 from vtrain.tools.table.paper import fill_table, paper_table_markdown
 from vtrain.tools.table.runs import aggregate_runs, plot_runs, runs_markdown

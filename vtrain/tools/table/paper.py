@@ -15,13 +15,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from vtrain import ConfigError
-from vtrain.module import build_task
+from vtrain.config import ConfigError
+from vtrain.config.compose import compose_config
 from vtrain.profiling import count_macs, count_params
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput, throughput_enabled
-from vtrain.config import compose_config
 from vtrain.tools.table.markdown import DASH, number
+from vtrain.training.build import build_task
 
 log = logging.getLogger("vtrain.tools.table")
 DIFFERS = "†"

@@ -1,6 +1,6 @@
 """A sweep as a table (``runs=<multirun dir>``): runs that differ only in their seed form one row (mean ± sample
 std of the metric, the model's params and GMACs from the run's config), and a plot of the metric against the
-model's cost, one point per run, as the papers' figures do. The runs are read by ``vtrain.sweep``."""
+model's cost, one point per run, as the papers' figures do. The runs are read by ``vtrain.training.sweep``."""
 from __future__ import annotations
 
 import logging
@@ -11,12 +11,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vtrain import ConfigError
-from vtrain.stored_config import read_config_file
-from vtrain.sweep import SweepPoint, finished_points
+from vtrain.config import ConfigError
+from vtrain.config.stored import read_config_file
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput
 from vtrain.tools.table.markdown import mean_std, number
+from vtrain.training.sweep import SweepPoint, finished_points
 
 log = logging.getLogger("vtrain.tools.table")
 

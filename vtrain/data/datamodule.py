@@ -1,8 +1,8 @@
 """What every task's data builds the same way: the data module's loaders, and datasets of labelled files.
 
 Training loaders resume exactly (see :mod:`vtrain.reproducibility`): a ``StatefulDataLoader`` over an
-:class:`~vtrain.reproducibility.EpochSeededSampler` (or DeiT's repeated augmentation,
-:class:`~vtrain.reproducibility.RepeatedAugmentationSampler`), with each sample's random augmentation seeded by
+:class:`~vtrain.data.samplers.EpochSeededSampler` (or DeiT's repeated augmentation,
+:class:`~vtrain.data.samplers.RepeatedAugmentationSampler`), with each sample's random augmentation seeded by
 ``(seed, epoch, index)`` through :class:`SeededDataset`, whatever the task's dataset is.
 
 Class folders (``root/<split>/<class>/<files>``: ImageNet, Kinetics) are listed, checked and read here once.
@@ -15,7 +15,7 @@ Unreadable files, one policy for every task (``data.skip_corrupt``, ``data.max_s
   their step; in evaluation it is left out (a batch with none left is None, which the task's validation step
   passes over). Each loader's batch comes with how many samples it had and how many were skipped
   (:class:`ReadableCollate`); the data module counts them (:meth:`DataModule.on_before_batch_transfer`), and
-  :class:`vtrain.callbacks.SkippedSamples` logs them (``train/skipped_samples``, ``val/skipped_samples``: the
+  :class:`vtrain.training.callbacks.skipped_samples.SkippedSamples` logs them (``train/skipped_samples``, ``val/skipped_samples``: the
   progress bar, ``metrics.csv``, ``metrics.json``).
 * More than ``max_skipped_fraction`` of a training epoch's or a validation's samples skipped stops the run with
   one line, and so does a validation none of whose samples could be read.
@@ -38,8 +38,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from vtrain import ConfigError
-from vtrain.reproducibility import EpochSeededSampler, RepeatedAugmentationSampler, seed_sample
+from vtrain.config import ConfigError
+from vtrain.data.samplers import (
+    EpochSeededSampler,
+    RepeatedAugmentationSampler,
+    seed_sample,
+)
 
 log = logging.getLogger(__name__)
 Samples = list[tuple[str, int]]  # (file path, label)
@@ -119,9 +123,9 @@ def build_loader(
     repeated_augmentation: Mapping[str, Any] | None = None,
 ) -> DataLoader:
     """Training: seeded order and augmentation, resumable mid-epoch: ``sampler`` if given (an
-    :class:`~vtrain.reproducibility.EpochSeededSampler`, e.g. detection's aspect-ratio groups), else DeiT's repeated
+    :class:`~vtrain.data.samplers.EpochSeededSampler`, e.g. detection's aspect-ratio groups), else DeiT's repeated
     copies when ``repeated_augmentation`` is set (the arguments of
-    :class:`~vtrain.reproducibility.RepeatedAugmentationSampler`, e.g. ``{repeats: 3}``), else the seeded order.
+    :class:`~vtrain.data.samplers.RepeatedAugmentationSampler`, e.g. ``{repeats: 3}``), else the seeded order.
     Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under DDP). Either yields
     :class:`CountedBatch` es of ``collate_fn``'s batches (:class:`ReadableCollate`)."""
     common = dict(
@@ -157,7 +161,7 @@ class DataModule(pl.LightningDataModule):
         persistent_workers: keep the loader processes from one epoch to the next (ignored without workers).
         seed: the training order and each sample's augmentation (:func:`build_loader`, exact resume).
         repeated_augmentation: DeiT's repeated augmentation, the arguments of
-            :class:`~vtrain.reproducibility.RepeatedAugmentationSampler` (``{repeats: 3}``); None: each sample once
+            :class:`~vtrain.data.samplers.RepeatedAugmentationSampler` (``{repeats: 3}``); None: each sample once
             per epoch.
         skip_corrupt: skip (and count) an unreadable file instead of stopping at it (the module doc).
         max_skipped_fraction: stop when more than this fraction of a training epoch's or a validation's samples

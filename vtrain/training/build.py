@@ -1,11 +1,5 @@
-"""vtrain from Python: the configs, models and checkpoints the command line uses (docs/python.md).
-
-    cfg = vtrain.compose("quickstart", ["data.root=data/synthetic/imagenet"])
-    task, datamodule = vtrain.build(cfg)          # as ``python -m vtrain`` builds them
-    vtrain.cli.run(cfg)                           # train (or evaluate, mode=eval), as ``python -m vtrain`` does
-    task = vtrain.load("outputs/runs/.../")       # a run directory or a checkpoint, ready to evaluate
-    results = vtrain.Predictor(task)(["image.jpg"])
-"""
+"""A task and its data from a composed config, and from a run directory or checkpoint (``vtrain.build``,
+``vtrain.load``): below the task module, which loads through it, and below prediction, which uses it."""
 from __future__ import annotations
 
 import json
@@ -14,29 +8,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vtrain import ConfigError
-from vtrain.checkpoint import description, load_task_weights, newest_valid_checkpoint, read_checkpoint
-from vtrain.config import compose_config, ensure_output_dir
-from vtrain.module import TaskModule, build_task
-from vtrain.stored_config import read_config_file, trusted_config
-from vtrain.validate import check_values
+from vtrain.config import ConfigError
+from vtrain.config.compose import compose, plain_config
+from vtrain.config.stored import read_config_file, trusted_config
+from vtrain.config.validate import check_values
+from vtrain.training.checkpoint import (
+    description,
+    load_task_weights,
+    newest_valid_checkpoint,
+    read_checkpoint,
+)
 
 log = logging.getLogger("vtrain")
 
 
-def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``python -m vtrain experiment=<experiment> <overrides>`` runs with. Its ``output_dir`` (Hydra's run
-    directory on the command line) is ``outputs/runs/<date>/<time>`` unless an override sets it."""
-    cfg = compose_config("train", ([f"experiment={experiment}"] if experiment else []) + list(overrides))
-    ensure_output_dir(cfg)
-    return cfg
+def build_task(cfg: DictConfig) -> Any:
+    """The task module of a composed config: ``cfg.task`` with the run's optimiser and schedule (a task config
+    names its other inputs itself, the backbone among them: ``backbone: ${backbone}``)."""
+    module = instantiate(cfg.task, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
+    module.run_config = plain_config(cfg)
+    return module
 
 
-def build(cfg: DictConfig) -> tuple[TaskModule, Any]:
+def build(cfg: DictConfig) -> tuple[Any, Any]:
     """The task module and the data module of a composed config, as the command line builds them (nothing is read
     from the dataset until the data module's ``setup``)."""
     check_values(cfg)
@@ -103,7 +100,7 @@ def model_config(source: str | Path, experiment: str | None = None, overrides: S
 
 
 def load(source: str | Path, experiment: str | None = None, overrides: Sequence[str] = (),
-         map_location: Any = "cpu", strict: bool = True, eval_mode: bool = True) -> TaskModule:
+         map_location: Any = "cpu", strict: bool = True, eval_mode: bool = True) -> Any:
     """The model of a run directory (its best checkpoint) or of a checkpoint file, weights loaded, in eval mode;
     ``model.class_names`` names its labels and ``model.run_config`` is its config. Checkpoints are read with
     ``torch.load(weights_only=True)`` only. Official, timm and torchvision files need ``experiment=``."""
@@ -133,18 +130,9 @@ def _dataset_classes(cfg: DictConfig) -> tuple[list[str] | None, list | None]:
         return None, None
 
 
-def datamodule_of(module: TaskModule) -> Any:
+def datamodule_of(module: Any) -> Any:
     """The data module of a loaded or built task, from the config it carries (its preprocessing for predictions)."""
     if module.run_config is None:
         raise ConfigError(f"this {type(module).__name__} carries no config: build it with vtrain.build or vtrain.load")
     cfg = OmegaConf.create(module.run_config)
     return instantiate(cfg.data)
-
-
-def device_of(name: str | torch.device) -> torch.device:
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is visible: use device=cpu")
-    return device

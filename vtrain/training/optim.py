@@ -27,7 +27,7 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRSchedu
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from vtrain import ConfigError
+from vtrain.config import ConfigError
 
 # keys of conf/optim that vtrain reads itself; the others go to the optimizer's constructor
 _OPTIM_ONLY_KEYS = ("_target_", "base_batch_size", "batch_per_step", "fused", "exempt_1d_and_listed", "custom_keys")
@@ -120,19 +120,6 @@ def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any], total_batch_
     if fused:
         kwargs["fused"] = True
     return cls(groups, lr=lr, weight_decay=weight_decay, **kwargs)
-
-
-def accumulation_for(batch_per_step: int, batch_size: int, world_size: int) -> int:
-    """The gradient accumulation that makes ``batch_per_step`` samples per optimizer update out of ``batch_size``
-    per device on ``world_size`` devices (mmcv's ``update_interval`` in the Video Swin configs), or one line
-    saying which per-device batch would."""
-    per_pass = batch_size * world_size
-    if batch_per_step % per_pass:
-        fits = [b for b in range(batch_size, 0, -1) if batch_per_step % (b * world_size) == 0]
-        fix = f"data.batch_size={fits[0]}" if fits else f"a device count that divides {batch_per_step}"
-        raise ConfigError(f"optim.batch_per_step={batch_per_step} is not a whole number of passes of "
-                          f"data.batch_size={batch_size} on {world_size} device(s) ({per_pass} samples): use {fix}")
-    return batch_per_step // per_pass
 
 
 def build_scheduler(

@@ -20,8 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vtrain import ConfigError
-from vtrain.config import CONFIG_DIR
+from vtrain.config import ConfigError
+from vtrain.config.compose import CONFIG_DIR
 
 # ${a.b}, ${..a}, ${a[0]}: a reference to another value of the same config (reads nothing else)
 _NODE_REFERENCE = re.compile(r"\$\{\.*[A-Za-z_][\w\-]*(?:(?:\.[\w\-]+)|(?:\[\d+\]))*\}")

@@ -5,7 +5,7 @@ that upgrading Lightning means reading this file and running ``tests/test_lightn
 that each private name still exists). Tested with pytorch-lightning ``TESTED_VERSIONS``; another version gets a
 warning naming this file, once.
 
-Besides these functions, :class:`vtrain.callbacks.ModelCheckpoint` overrides ``ModelCheckpoint``'s private
+Besides these functions, :class:`vtrain.training.callbacks.model_checkpoint.ModelCheckpoint` overrides ``ModelCheckpoint``'s private
 ``_save_last_checkpoint`` and calls ``_should_skip_saving_checkpoint``, ``_should_save_on_train_epoch_end`` and
 ``_monitor_candidates`` (the rule for when ``last.ckpt`` is written lives only there).
 """
@@ -23,7 +23,7 @@ TESTED_VERSIONS = ("2.6",)
 def check_version() -> None:
     """A warning when the installed Lightning is not one these functions were tested with."""
     if not pl.__version__.startswith(TESTED_VERSIONS):
-        log.warning("pytorch-lightning %s: vtrain's uses of its private API (vtrain/lightning_internals.py) were "
+        log.warning("pytorch-lightning %s: vtrain's uses of its private API (vtrain/training/lightning_internals.py) were "
                     "tested with %s; run tests/test_lightning_internals.py", pl.__version__, ", ".join(TESTED_VERSIONS))
 
 
@@ -78,7 +78,7 @@ def hand_over_train_loader_state(trainer: pl.Trainer) -> None:
       the iterator built at set-up, when the sampler still said epoch 0, and replayed the first epoch's order.
 
     So: every sampler is told the epoch that is about to run, the saved position is handed over (a finished epoch's
-    position means the next epoch's start: :meth:`vtrain.reproducibility.EpochSeededIterator.load_state_dict`), and
+    position means the next epoch's start: :meth:`vtrain.data.samplers.EpochSeededIterator.load_state_dict`), and
     the iterator is rebuilt. Call from ``on_train_start``, before the first batch.
     """
     fit_loop = trainer.fit_loop

@@ -2,26 +2,64 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from vtrain import ConfigError, __version__
-from vtrain.checkpoint import DESCRIPTION_KEY
-from vtrain.config import plain_config
-from vtrain.lightning_internals import setup_train_data
-from vtrain.optim import build_optimizer, build_scheduler, lr_scale_factor, per_step
-
-if TYPE_CHECKING:
-    from vtrain.prediction import PredictOptions
+from vtrain import __version__
+from vtrain.config import ConfigError
+from vtrain.training.build import load
+from vtrain.training.checkpoint import DESCRIPTION_KEY, load_backbone_weights
+from vtrain.training.lightning_internals import setup_train_data
+from vtrain.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    lr_scale_factor,
+    per_step,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What a prediction keeps.
+
+    Args:
+        top_k: classes listed per image or video (classification).
+        score_threshold: detections scoring below are left out (mmdetection's ``pred_score_thr``).
+        max_detections: at most this many detections per image, the best first.
+        mask_threshold: a detection's mask is where its probability exceeds this (COCO evaluation's 0.5).
+        pictures: draw a picture of each prediction.
+    """
+
+    top_k: int = 5
+    score_threshold: float = 0.3
+    max_detections: int = 100
+    mask_threshold: float = 0.5
+    pictures: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k}: use a whole number >= 1")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ConfigError(f"score_threshold={self.score_threshold}: use a score in [0, 1]")
+        if self.max_detections < 1:
+            raise ConfigError(f"max_detections={self.max_detections}: use a whole number >= 1")
+
+
+def top_k(probabilities: torch.Tensor, names: Sequence[str], ids: Sequence | None, k: int) -> list[dict[str, Any]]:
+    """The ``k`` most probable classes: label, name, the dataset's id where it has one, and probability."""
+    scores, labels = probabilities.float().cpu().topk(min(k, probabilities.numel()))
+    return [{"label": int(label), "name": names[label] if label < len(names) else f"class_{label}",
+             **({"id": ids[label]} if ids else {}), "score": float(score)}
+            for score, label in zip(scores.tolist(), labels.tolist())]
 
 
 class TaskModule(pl.LightningModule):
@@ -86,7 +124,7 @@ class TaskModule(pl.LightningModule):
         if self.trainer.train_dataloader is None:
             # Iteration-based runs (max_epochs=-1): estimated_stepping_batches is max_steps without loading the
             # data, but durations given in epochs need the batches per epoch. (A loader state from a checkpoint
-            # is handed over later by vtrain.reproducibility.ExactResume.)
+            # is handed over later by vtrain.training.callbacks.exact_resume.ExactResume.)
             setup_train_data(self.trainer)
         steps_per_epoch = per_step(int(self.trainer.num_training_batches), self.trainer.accumulate_grad_batches)
         scheduler = build_scheduler(
@@ -136,9 +174,8 @@ class TaskModule(pl.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
                              strict: bool | None = None, weights_only: bool | None = True, **kwargs: Any):
         """The task a vtrain checkpoint describes, built from the config it stores (``weights_only=True``, always:
-        :func:`vtrain.checkpoint.read_checkpoint`) with its weights; ``kwargs`` replace task arguments
+        :func:`vtrain.training.checkpoint.read_checkpoint`) with its weights; ``kwargs`` replace task arguments
         (``test_size=1000``), as Lightning's ``load_from_checkpoint`` does with hyper-parameters."""
-        from vtrain.api import load
 
         module = load(checkpoint_path, overrides=[f"task.{k}={v}" for k, v in kwargs.items()],
                       map_location=map_location, strict=strict is not False, eval_mode=False)
@@ -168,15 +205,8 @@ class TaskModule(pl.LightningModule):
     # ----------------------------------------------------------------- weights
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Load reference weights (official/timm/torchvision/this framework) into the backbone; ``strict``: every
-        backbone tensor must come from the file (:func:`vtrain.checkpoint.load_matching`)."""
-        from vtrain.checkpoint import load_backbone_weights
+        backbone tensor must come from the file (:func:`vtrain.training.checkpoint.load_matching`)."""
 
         load_backbone_weights(self.backbone, path, strict=strict)
 
 
-def build_task(cfg: DictConfig) -> TaskModule:
-    """The task module of a composed config: ``cfg.task`` with the run's optimiser and schedule (a task config
-    names its other inputs itself, the backbone among them: ``backbone: ${backbone}``)."""
-    module = instantiate(cfg.task, optim=cfg.optim, sched=cfg.sched, _recursive_=False)
-    module.run_config = plain_config(cfg)
-    return module

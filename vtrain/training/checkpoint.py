@@ -20,8 +20,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from timm.models import clean_state_dict
 from torch import nn
 
-from vtrain import ConfigError
-from vtrain.atomic import atomic_write
+from vtrain.config import ConfigError
+from vtrain.training.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _is_pickle(path: Path) -> bool:
 class CheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint reading and writing, made safe.
 
-    Saving: atomically, next to the target (:func:`vtrain.atomic.atomic_write`), straight from ``torch.save``.
+    Saving: atomically, next to the target (:func:`vtrain.training.atomic.atomic_write`), straight from ``torch.save``.
     Lightning's own save goes through a temporary file from ``tempfile.mkstemp()`` in ``$TMPDIR`` and moves it
     into place, which is a copy when ``$TMPDIR`` is another filesystem: a SIGKILL mid-copy leaves a truncated
     checkpoint. Loading: always :func:`read_checkpoint` (``weights_only=True``), whatever the caller asks or

@@ -17,8 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vtrain import ConfigError
-from vtrain.config import fail
+from vtrain.config import ConfigError
+from vtrain.config.command import fail
 
 # Set by launchers for the processes of one run beyond its first (Lightning's DDP workers, torchrun, srun).
 _RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")

@@ -4,7 +4,7 @@ transform), batched, on the CPU or a GPU; results as plain values and pictures.
 The task decides what a prediction is (its ``predict_batch``, ``prediction_record`` and ``draw_prediction``), the
 data module how a file becomes the model's input (its ``predict_set``); this module only runs them. Used by
 ``python -m vtrain.predict``, :class:`Predictor` (the Python API) and the pictures logged during training
-(:class:`vtrain.callbacks.PredictionPictures`).
+(:class:`vtrain.inference.pictures.PredictionPictures`).
 """
 from __future__ import annotations
 
@@ -18,34 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vtrain import ConfigError
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    """What a prediction keeps.
-
-    Args:
-        top_k: classes listed per image or video (classification).
-        score_threshold: detections scoring below are left out (mmdetection's ``pred_score_thr``).
-        max_detections: at most this many detections per image, the best first.
-        mask_threshold: a detection's mask is where its probability exceeds this (COCO evaluation's 0.5).
-        pictures: draw a picture of each prediction.
-    """
-
-    top_k: int = 5
-    score_threshold: float = 0.3
-    max_detections: int = 100
-    mask_threshold: float = 0.5
-    pictures: bool = True
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ConfigError(f"top_k={self.top_k}: use a whole number >= 1")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ConfigError(f"score_threshold={self.score_threshold}: use a score in [0, 1]")
-        if self.max_detections < 1:
-            raise ConfigError(f"max_detections={self.max_detections}: use a whole number >= 1")
+from vtrain.config import ConfigError
+from vtrain.training.build import datamodule_of, load
+from vtrain.training.module import PredictOptions, TaskModule
 
 
 @dataclass
@@ -56,14 +31,6 @@ class Prediction:
     source: str
     record: dict[str, Any]
     picture: torch.Tensor | None = None
-
-
-def top_k(probabilities: torch.Tensor, names: Sequence[str], ids: Sequence | None, k: int) -> list[dict[str, Any]]:
-    """The ``k`` most probable classes: label, name, the dataset's id where it has one, and probability."""
-    scores, labels = probabilities.float().cpu().topk(min(k, probabilities.numel()))
-    return [{"label": int(label), "name": names[label] if label < len(names) else f"class_{label}",
-             **({"id": ids[label]} if ids else {}), "score": float(score)}
-            for score, label in zip(scores.tolist(), labels.tolist())]
 
 
 def as_array(image: Any) -> np.ndarray:
@@ -103,9 +70,6 @@ class Predictor:
     def __init__(self, model: Any, experiment: str | None = None, overrides: Sequence[str] = (),
                  device: str | torch.device = "auto", batch_size: int | None = None, num_workers: int = 0,
                  **options: Any):
-        from vtrain.api import datamodule_of, device_of, load
-        from vtrain.module import TaskModule
-
         self.options = PredictOptions(**options)
         self.device = device_of(device)
         self.model = model if isinstance(model, TaskModule) else load(model, experiment, overrides)
@@ -162,3 +126,12 @@ def collect_inputs(spec: str | Iterable[str], extensions: Sequence[str]) -> list
     if not files:
         raise ConfigError(f"inputs={spec}: no file with one of the extensions {', '.join(extensions)} found")
     return files
+
+
+def device_of(name: str | torch.device) -> torch.device:
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible: use device=cpu")
+    return device

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from vtrain.atomic import atomic_write
+from vtrain.training.atomic import atomic_write
 
 
 class CSVLogger(pl.loggers.CSVLogger):

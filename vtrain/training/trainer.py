@@ -13,8 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from vtrain import ConfigError
-from vtrain.optim import accumulation_for
+from vtrain.config.validate import accumulate_grad_batches
+from vtrain.training.callbacks.display import ModelSummary
 
 log = logging.getLogger(__name__)
 
@@ -26,37 +26,6 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
-
-
-def device_count(trainer_cfg: DictConfig) -> int:
-    """The processes a trainer config trains on: ``devices`` (a number, a list, or auto/-1 for every visible GPU,
-    one CPU process) times ``num_nodes``, as Lightning counts them."""
-    devices = trainer_cfg.get("devices", "auto")
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        count = len(devices)
-    elif devices in ("auto", -1):
-        count = torch.cuda.device_count() if trainer_cfg.get("accelerator", "auto") in ("gpu", "cuda", "auto") else 1
-    else:
-        count = int(devices)
-    return max(count, 1) * int(trainer_cfg.get("num_nodes", 1) or 1)
-
-
-def accumulate_grad_batches(cfg: DictConfig) -> int:
-    """Batches per optimizer update: ``trainer.accumulate_grad_batches``, or, when the recipe fixes the samples per
-    update (``optim.batch_per_step``, e.g. Video Swin's 8 clips x 8 GPUs x update_interval 4 = 256), what makes
-    that batch on this run's devices (:func:`vtrain.optim.accumulation_for`)."""
-    configured = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
-    batch_per_step = OmegaConf.select(cfg, "optim.batch_per_step", default=None)
-    if not batch_per_step:
-        return configured
-    needed = accumulation_for(int(batch_per_step), int(cfg.data.batch_size), device_count(cfg.trainer))
-    if configured not in (1, needed):
-        raise ConfigError(f"trainer.accumulate_grad_batches={configured} but optim.batch_per_step={batch_per_step} "
-                          f"needs {needed} here: leave trainer.accumulate_grad_batches at 1, or set "
-                          "optim.batch_per_step=null to choose it yourself")
-    return needed
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -76,8 +45,6 @@ def _replace_model_summary(trainer: pl.Trainer) -> None:
     """Lightning's default model summary (added when ``trainer.enable_model_summary``) without its FLOPs column."""
     from pytorch_lightning.callbacks import ModelSummary as LightningModelSummary
     from pytorch_lightning.callbacks import RichModelSummary
-
-    from vtrain.callbacks import ModelSummary
 
     trainer.callbacks = [ModelSummary() if type(c) in (LightningModelSummary, RichModelSummary) else c
                          for c in trainer.callbacks]

@@ -2,18 +2,13 @@
 (training, evaluation, the tools) ends on bad input: one line on stderr, exit status 2."""
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from vtrain import ConfigError
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
@@ -64,47 +59,9 @@ def ensure_output_dir(cfg: DictConfig) -> Path:
     return Path(output_dir)
 
 
-def fail(error: ConfigError) -> None:
-    """One line on stderr and exit 2; in a sweep, raise, so that the other points still run and the sweep's
-    summary reports this one."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise error
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
-def key_value_command(doc: str, options: set[str], run: Callable[[dict[str, str], list[str]], Any],
-                      argv: list[str] | None = None) -> None:
-    """A ``python -m vtrain.<tool> key=value ...`` command (predict, export): ``doc`` on ``--help`` or no argument;
-    the arguments named in ``options`` go to ``run`` as its options, the others as overrides of the model's config;
-    bad input ends it through :func:`fail`."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(doc)
-        return
-    try:
-        run(*split_key_values(argv, options))
-    except ConfigError as e:
-        fail(e)
-
-
-def split_key_values(argv: list[str], options: set[str]) -> tuple[dict[str, str], list[str]]:
-    """``key=value`` arguments: the command's ``options``, and the overrides of the model's config."""
-    known, overrides = {}, []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"{arg!r} is not key=value: see --help")
-        if key in options:
-            known[key] = value
-        else:
-            overrides.append(arg)
-    return known, overrides
-
-
-def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
-    """``run(cfg)``, a ``ConfigError`` ending it through :func:`fail`."""
-    try:
-        run(cfg)
-    except ConfigError as e:
-        fail(e)
+def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python -m vtrain experiment=<experiment> <overrides>`` runs with. Its ``output_dir`` (Hydra's run
+    directory on the command line) is ``outputs/runs/<date>/<time>`` unless an override sets it."""
+    cfg = compose_config("train", ([f"experiment={experiment}"] if experiment else []) + list(overrides))
+    ensure_output_dir(cfg)
+    return cfg

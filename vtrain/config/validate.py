@@ -12,8 +12,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from vtrain import ConfigError
-from vtrain.trainer import accumulate_grad_batches
+from vtrain.config import ConfigError
 
 # What Lightning 2.6's Trainer takes as ``precision`` (``_PRECISION_INPUT`` in
 # lightning_fabric/plugins/precision/precision.py); tests/test_configs.py checks that the two agree.
@@ -135,3 +134,47 @@ def _check_devices(trainer: DictConfig) -> None:
                 f"trainer.devices={devices} would start {devices} processes on the CPU but this machine has "
                 f"{cores} core(s): use trainer.devices={cores} or fewer"
             )
+
+
+def accumulation_for(batch_per_step: int, batch_size: int, world_size: int) -> int:
+    """The gradient accumulation that makes ``batch_per_step`` samples per optimizer update out of ``batch_size``
+    per device on ``world_size`` devices (mmcv's ``update_interval`` in the Video Swin configs), or one line
+    saying which per-device batch would."""
+    per_pass = batch_size * world_size
+    if batch_per_step % per_pass:
+        fits = [b for b in range(batch_size, 0, -1) if batch_per_step % (b * world_size) == 0]
+        fix = f"data.batch_size={fits[0]}" if fits else f"a device count that divides {batch_per_step}"
+        raise ConfigError(f"optim.batch_per_step={batch_per_step} is not a whole number of passes of "
+                          f"data.batch_size={batch_size} on {world_size} device(s) ({per_pass} samples): use {fix}")
+    return batch_per_step // per_pass
+
+
+def device_count(trainer_cfg: DictConfig) -> int:
+    """The processes a trainer config trains on: ``devices`` (a number, a list, or auto/-1 for every visible GPU,
+    one CPU process) times ``num_nodes``, as Lightning counts them."""
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        count = len(devices)
+    elif devices in ("auto", -1):
+        count = torch.cuda.device_count() if trainer_cfg.get("accelerator", "auto") in ("gpu", "cuda", "auto") else 1
+    else:
+        count = int(devices)
+    return max(count, 1) * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
+def accumulate_grad_batches(cfg: DictConfig) -> int:
+    """Batches per optimizer update: ``trainer.accumulate_grad_batches``, or, when the recipe fixes the samples per
+    update (``optim.batch_per_step``, e.g. Video Swin's 8 clips x 8 GPUs x update_interval 4 = 256), what makes
+    that batch on this run's devices (:func:`vtrain.config.validate.accumulation_for`)."""
+    configured = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    batch_per_step = OmegaConf.select(cfg, "optim.batch_per_step", default=None)
+    if not batch_per_step:
+        return configured
+    needed = accumulation_for(int(batch_per_step), int(cfg.data.batch_size), device_count(cfg.trainer))
+    if configured not in (1, needed):
+        raise ConfigError(f"trainer.accumulate_grad_batches={configured} but optim.batch_per_step={batch_per_step} "
+                          f"needs {needed} here: leave trainer.accumulate_grad_batches at 1, or set "
+                          "optim.batch_per_step=null to choose it yourself")
+    return needed

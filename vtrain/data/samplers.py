@@ -19,16 +19,14 @@ import math
 import random
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from vtrain import ConfigError
-from vtrain.lightning_internals import hand_over_train_loader_state
+from vtrain.config import ConfigError
 
 
-def _derived_seed(*keys: int) -> int:
+def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0])
 
 
@@ -41,7 +39,7 @@ def seed_all(seed: int) -> None:
 def seed_sample(seed: int, epoch: int, index: int, repeat: int = 0) -> None:
     """Seed python, numpy and torch for one sample's augmentation (worker-local inside a DataLoader worker);
     ``repeat`` tells apart the copies of a sample that repeated augmentation draws in one epoch."""
-    seed_all(_derived_seed(seed, epoch, index, 1) if repeat == 0 else _derived_seed(seed, epoch, index, 1, repeat))
+    seed_all(derived_seed(seed, epoch, index, 1) if repeat == 0 else derived_seed(seed, epoch, index, 1, repeat))
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -139,19 +137,3 @@ class EpochSeededIterator:
         self._start(epoch, yielded)
 
 
-class ExactResume(pl.Callback):
-    """Seeds the model-side random generators by ``(seed, global_step, rank)`` before every training batch, and
-    makes sure a resumed run's training loader continues from the checkpoint's position.
-
-    The second part works around an ordering in Lightning that gives a resumed loader no saved state
-    (:func:`vtrain.lightning_internals.hand_over_train_loader_state`).
-    """
-
-    def __init__(self, seed: int):
-        self.seed = int(seed)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        hand_over_train_loader_state(trainer)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        seed_all(_derived_seed(self.seed, trainer.global_step, trainer.global_rank, 2))

@@ -1,0 +1,1 @@
+"""Data plumbing every task shares: the data module, exact-resume samplers, synthetic images."""

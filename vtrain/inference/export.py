@@ -1,0 +1,75 @@
+"""The evaluation model of a task as a file other runtimes load (ONNX, TorchScript, torch.export), checked
+against the PyTorch model."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtrain.config import ConfigError
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "exported": "model.pt2"}
+
+
+def example_input(module: Any, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A normalised batch of the validation input's shape: (N, 3, H, W), or (N, 3, T, H, W) clips."""
+    data = module.run_config["data"]
+    if "clip_len" in data:  # video: clips of the validation views
+        side = size or (data["eval_crop_size"], data["eval_crop_size"])
+        return torch.randn(batch, 3, data["clip_len"], *side)
+    if size is None:
+        size = (data["img_size"],) * 2 if data.get("img_size") else tuple(data.get("crop_size") or (512, 512))
+    return torch.randn(batch, 3, *size)
+
+
+def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn.Module:
+    """Write ``module.export_module()`` to ``path`` in format ``fmt``; the model as written, loaded back."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt}: use one of {', '.join(FORMATS)}")
+    model = module.export_module().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        if fmt == "onnx":
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["output"], dynamic_shapes=({0: batch},), verbose=False)
+            return OnnxModel(path)
+        if fmt == "torchscript":
+            with warnings.catch_warnings():  # the backbones' shape checks, constant for a traced input size
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(model, example, check_trace=False)
+            traced.save(str(path))
+            return torch.jit.load(str(path))
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(path))
+        return torch.export.load(str(path)).module()
+
+
+class OnnxModel:
+    """An ONNX file run by onnxruntime on the CPU, called like the PyTorch model."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.session.get_inputs()[0].name
+        return torch.from_numpy(self.session.run(None, {name: x.detach().cpu().numpy()})[0])
+
+
+def check(module: Any, exported: Any, example: torch.Tensor, atol: float, rtol: float) -> float:
+    """The largest difference between the exported model and the PyTorch one on ``example``; a ConfigError beyond
+    the tolerance."""
+    with torch.no_grad():
+        expected = module.export_module().eval()(example)
+        got = exported(example)
+    difference = float((got.float() - expected.float()).abs().max())
+    if not torch.allclose(got.float(), expected.float(), atol=atol, rtol=rtol):
+        raise ConfigError(f"the exported model differs from the PyTorch model by up to {difference:.3g} "
+                          f"(atol={atol}, rtol={rtol}): do not use it")
+    return difference

@@ -1,0 +1,62 @@
+"""Lightning's ModelCheckpoint with checkpoints written whole and ``metrics.json`` naming a file that exists."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from vtrain.training.callbacks.metrics_json import MetricsJSON
+
+
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, with ``last.ckpt`` always the newest state.
+
+    Lightning 2.6 rewrites ``last.ckpt`` after a validation (or at a training epoch's end) only when a top-k
+    checkpoint was written at the same step (``_last_global_step_saved == trainer.global_step`` in
+    ``on_validation_end`` / ``on_train_epoch_end``), and at the end of training only when nothing was ever saved.
+    With ``save_top_k=1`` a validation that is not the best so far leaves ``last.ckpt`` at the best epoch, and a
+    run resumed with ``ckpt_path=auto`` after a crash would redo everything since. Here each of those moments, and
+    the end of training, rewrites ``last.ckpt`` unless it already holds the current step. And a run resumed from
+    another file than ``last.ckpt`` (it was truncated, or refused) overwrites ``last.ckpt``, where Lightning
+    would leave it and write ``last-v1.ckpt`` beside it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._last_written_step: int | None = None
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self.save_last is True:  # the directory is this run's: its last.ckpt is this run's to replace
+            self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_step = trainer.global_step
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # a new best exists now: metrics.json names it before _remove_checkpoint deletes the previous one
+        for callback in trainer.callbacks:
+            if isinstance(callback, MetricsJSON):
+                callback.record_best_checkpoint(self.best_model_path)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        if self.save_last is True and trainer.global_step > 0 and self._last_written_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        if due:
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        if due:
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not trainer.fast_dev_run and not trainer.interrupted:  # steps after the last validation, if any
+            self._refresh_last(trainer)

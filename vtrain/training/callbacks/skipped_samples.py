@@ -1,0 +1,37 @@
+"""Skipped (unreadable) samples counted where users see them, and a run stopped past the allowed fraction."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+from vtrain.data.datamodule import CorruptFileError
+
+
+class SkippedSamples(pl.Callback):
+    """Shows how many samples the data module skipped as unreadable (``data.skip_corrupt``; :mod:`vtrain.data`):
+    ``train/skipped_samples`` (over the run, in the progress bar at every step) and ``val/skipped_samples`` (in
+    each validation, summed over the processes); both land in ``metrics.csv`` and ``metrics.json``. A validation
+    none of whose samples could be read stops the run with one line, before a missing metric would."""
+
+    @staticmethod
+    def _datamodule(trainer: pl.Trainer):
+        datamodule = trainer.datamodule
+        return datamodule if datamodule is not None and hasattr(datamodule, "skipped") else None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        datamodule = self._datamodule(trainer)
+        if datamodule is not None:
+            pl_module.log("train/skipped_samples", float(datamodule.skipped_in_training), on_step=True,
+                          on_epoch=False, prog_bar=True, batch_size=1)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = self._datamodule(trainer)
+        if datamodule is None or trainer.sanity_checking:
+            return
+        samples, skipped = datamodule.skipped("val")
+        if samples and skipped == samples:
+            raise CorruptFileError(f"none of the {samples} validation samples of {datamodule.root} could be read "
+                                   "(the log names each file): fix the validation set")
+        pl_module.log("val/skipped_samples", float(skipped), prog_bar=True, reduce_fx="sum", sync_dist=True,
+                      batch_size=1)
