@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import ROOT
+from conftest import compose
 from vtrain.tasks.detection.evaluation import CocoEvaluator
 from vtrain.tasks.detection.module import DetectionTask
 
@@ -20,18 +20,28 @@ TINY_VIT = dict(_target_="vtrain.backbones.VisionTransformer", img_size=64, patc
 RESNET50 = dict(_target_="vtrain.backbones.ResNet", depth=50, frozen_stages=1)
 OPTIM = dict(_target_="torch.optim.AdamW", lr=1e-4, weight_decay=0.05)
 SCHED = dict(_target_="vtrain.training.optim.multistep", milestones_epochs=[8, 11])
-SMALL = dict(test_size=64, test_max_size=96, fpn_channels=32, box_head_dim=64, mask_head_dims=[32])
-RCNN_SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, box_batch_size_per_image=32)
+SMALL = dict(test_size=64, test_max_size=96)
+# small parts: the pyramid's width for every detector; an R-CNN's box and mask heads and its RoI counts
+SMALL_PARTS = ["task.detector.neck.out_channels=32"]
+RCNN_SMALL = ["task.detector.box_head_dim=64", "+task.detector.model.rpn_pre_nms_top_n_train=100",
+              "+task.detector.model.rpn_post_nms_top_n_train=50", "+task.detector.model.box_batch_size_per_image=32"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _task(backbone: dict, detector: str, **kw) -> DetectionTask:
-    detector_kwargs = {**(RCNN_SMALL if "rcnn" in detector else {}), **kw.pop("detector_kwargs", {})}
-    spec = OmegaConf.load(ROOT / "conf" / "task" / "detector" / f"{detector}.yaml")
-    return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=2, detector=spec, **SMALL,
-                         detector_kwargs=detector_kwargs, **kw)
+def detector_config(name: str, *overrides: str):
+    """``task.detector`` of ``task/detector=<name> overrides...``, composed as the command line composes it."""
+    return compose("task=detection", f"task/detector={name}", *overrides).task.detector
+
+
+def _task(backbone: dict, detector: str, *overrides: str, **kw) -> DetectionTask:
+    """A small ``detector`` on ``backbone``; ``overrides`` change its parts (``task/detector/nms=soft_nms``,
+    ``+task.detector.model.box_score_thresh=0.0``), ``kw`` the task's own arguments."""
+    small = SMALL_PARTS + (RCNN_SMALL if "rcnn" in detector else []) + (
+        ["task.detector.mask_head_dims=[32]"] if detector == "mask_rcnn" else [])
+    return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=2,
+                         detector=detector_config(detector, *small, *overrides), **SMALL, **kw)
 
 
 def _batch():
@@ -107,8 +117,8 @@ def test_a_dilated_backbone_or_a_detector_name_is_refused_with_one_line():
 
 
 def test_pyramids_and_keys():
-    """R-CNN: P2-P6 (P6 max-pooled); RetinaNet: P3-P7 with P6 from C5; FCOS: P6 from P5. The backbone's
-    parameters appear once, under ``backbone.*``."""
+    """R-CNN: P2-P6 (P6 max-pooled); RetinaNet: P3-P7 with P6 from C5; FCOS: P6 from P5; the maps are named by the
+    backbone's levels. The backbone's parameters appear once, under ``backbone.*``."""
     x = torch.rand(1, 3, 64, 64)
     shapes = {}
     for detector in ("mask_rcnn", "retinanet", "fcos"):
@@ -133,3 +143,18 @@ def test_batch_norm_modes():
     assert norms and not any(m.training for m in norms) and all(m.weight.requires_grad for m in norms[-3:])
     sync = _task(RESNET50, "faster_rcnn", batch_norm="sync")
     assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.backbone.modules())
+
+
+def test_the_anchor_generators_of_the_configs_are_torchvisions():
+    """The configs write torchvision's default anchor generators out as parts (so that a config can swap them): the
+    anchors are the ones torchvision builds when it is given none."""
+    from torchvision.models.detection import faster_rcnn, fcos, retinanet
+
+    references = {"mask_rcnn": faster_rcnn._default_anchorgen(), "faster_rcnn": faster_rcnn._default_anchorgen(),
+                  "retinanet": retinanet._default_anchorgen(),
+                  "fcos": fcos.AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)}
+    for detector, reference in references.items():
+        built = _task(TINY_SWIN, detector).detector
+        anchors = built.rpn.anchor_generator if hasattr(built, "rpn") else built.anchor_generator
+        assert len(anchors.cell_anchors) == 5, detector
+        assert all(torch.equal(a, b) for a, b in zip(anchors.cell_anchors, reference.cell_anchors)), detector

@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torchvision.ops import batched_nms, box_iou
 
-from conftest import ROOT
 from vtrain.tasks.detection.nms import HardNMS, SoftNMS, soft_nms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,23 +83,25 @@ def test_soft_nms_of_no_box_and_one_class_per_box():
     assert keep.tolist() == [0, 1] and scores.tolist() == pytest.approx([0.9, 0.8])  # different classes: untouched
 
 
-def _retinanet_and_rcnn(nms_config):
+def _retinanet_and_rcnn(*nms: str):
     from test_detection_models import TINY_SWIN, _task
 
     torch.manual_seed(0)
-    return [_task(TINY_SWIN, name, nms=nms_config, detector_kwargs=dict(score_thresh=0.0) if name == "retinanet"
-                  else dict(box_score_thresh=0.0, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=30))
-            for name in ("retinanet", "faster_rcnn")]
+    options = {"retinanet": ["+task.detector.model.score_thresh=0.0"],
+               "faster_rcnn": ["+task.detector.model.box_score_thresh=0.0",
+                               "+task.detector.model.rpn_pre_nms_top_n_test=50",
+                               "+task.detector.model.rpn_post_nms_top_n_test=30"]}
+    return [_task(TINY_SWIN, name, *nms, *options[name]) for name in ("retinanet", "faster_rcnn")]
 
 
 def test_every_detector_removes_duplicates_of_its_own_candidates():
-    """RetinaNet (one stage) and Faster R-CNN under task/nms=soft_nms: the detections equal Soft-NMS applied to
-    the detector's candidates, which are the detections of the same weights with NMS switched off."""
-    soft = OmegaConf.load(ROOT / "conf" / "task" / "nms" / "soft_nms.yaml")
-    none = {"_target_": "vtrain.tasks.detection.nms.SoftNMS", "method": "hard", "iou_threshold": 2.0,
-            "score_threshold": 0.0}
+    """RetinaNet (one stage) and Faster R-CNN under task/detector/nms=soft_nms: the detections equal Soft-NMS applied
+    to the detector's candidates, which are the detections of the same weights with NMS switched off."""
+    soft = ["task/detector/nms=soft_nms"]
+    none = ["task/detector/nms=soft_nms", "task.detector.nms.method=hard", "task.detector.nms.iou_threshold=2.0",
+            "task.detector.nms.score_threshold=0.0"]
     image = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
-    for with_soft, without in zip(_retinanet_and_rcnn(soft), _retinanet_and_rcnn(OmegaConf.create(none))):
+    for with_soft, without in zip(_retinanet_and_rcnn(*soft), _retinanet_and_rcnn(*none)):
         for task in (with_soft, without):
             task.eval()
             getattr(task.detector, "roi_heads", task.detector).detections_per_img = 10_000

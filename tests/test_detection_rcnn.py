@@ -1,5 +1,5 @@
 """R-CNN heads: vtrain's RPN / RoI-head classes compute what torchvision's do with the defaults, and each of
-mmdetection v2's settings (task/rcnn=mmdet) against a hand-computed or reference case."""
+mmdetection v2's settings (task/detector/rcnn=mmdet) against a hand-computed or reference case."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,7 @@ from vtrain.tasks.detection.roi_heads import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MMDET = OmegaConf.load(ROOT / "conf" / "task" / "rcnn" / "mmdet.yaml")
+MMDET = OmegaConf.load(ROOT / "conf" / "task" / "detector" / "rcnn" / "mmdet.yaml")
 
 
 def torchvision_heads(heads) -> RoIHeads:
@@ -32,10 +32,10 @@ def torchvision_heads(heads) -> RoIHeads:
 
 
 def test_the_default_heads_compute_what_torchvisions_do():
-    """Mask R-CNN with task/rcnn=torchvision, two_fc, nms: the RoI heads' training losses (same random sampling) and
+    """Mask R-CNN with task/detector/rcnn=torchvision, two_fc, nms: the RoI heads' training losses (same random sampling) and
     detections equal torchvision's RoIHeads on the same modules; the RPN's losses equal torchvision's."""
     torch.manual_seed(0)
-    task = _task(TINY_SWIN, "mask_rcnn", detector_kwargs=dict(box_score_thresh=0.0))
+    task = _task(TINY_SWIN, "mask_rcnn", "+task.detector.model.box_score_thresh=0.0")
     detector = task.detector
     images, targets = _batch()
     image_list, targets = detector.transform(images, targets)
@@ -124,11 +124,11 @@ def test_rpn_low_quality_matches_at_min_pos_iou_by_hand():
 
 
 def test_mmdet_settings_and_initialisation():
-    """task/rcnn=mmdet builds the aligned, adaptive RoIAlign, L1 losses, the min_pos_iou matcher, and mmdet's
+    """task/detector/rcnn=mmdet builds the aligned, adaptive RoIAlign, L1 losses, the min_pos_iou matcher, and mmdet's
     initialisation: Xavier-uniform FPN convs and fc layers (std sqrt(2 / (fan_in + fan_out)), inside the uniform
     bound), N(0, 0.01) classifier, N(0, 0.001) regressor, zero biases; the RPN head is N(0, 0.01) in both."""
     torch.manual_seed(0)
-    task = _task(TINY_SWIN, "mask_rcnn", rcnn=MMDET)
+    task = _task(TINY_SWIN, "mask_rcnn", "task/detector/rcnn=mmdet")
     detector = task.detector
     assert detector.roi_heads.box_roi_pool.aligned and detector.roi_heads.box_roi_pool.sampling_ratio == 0
     assert detector.roi_heads.mask_roi_pool.aligned and detector.roi_heads.mask_roi_pool.output_size == (14, 14)
@@ -161,24 +161,33 @@ def test_mmdet_settings_and_initialisation():
     assert torch.isfinite(sum(losses.values()))
 
 
-def test_r_cnn_options_on_a_one_stage_detector_are_refused_in_one_line():
+def test_parts_another_detector_has_are_refused_in_one_line():
+    """A detector config lists its own parts: an R-CNN part named for RetinaNet is no part of it (Hydra says so),
+    the learned duplicate removal needs RoI features, and a key left from another choice of a part (Hydra keeps it
+    when the choice switches) is one line naming it."""
+    from hydra.errors import ConfigCompositionException
+
+    from test_detection_models import detector_config
     from vtrain.config import ConfigError
 
-    groups = {g: OmegaConf.load(ROOT / "conf" / "task" / g / f"{name}.yaml")
-              for g, name in (("box_head", "relation"), ("nms", "learned"), ("rcnn", "mmdet"))}
-    groups["nms"].feature_dim = 64
-    for group, message in (("box_head", "task/box_head relates RoIs, RetinaNet has none"),
-                           ("nms", "task/nms=learned needs R-CNN RoI features, RetinaNet has none"),
-                           ("rcnn", "task/rcnn sets R-CNN details, RetinaNet is not one")):
-        with pytest.raises(ConfigError, match=message):
-            _task(TINY_SWIN, "retinanet", **{group: groups[group]})
-    with pytest.raises(ConfigError, match=r"task.nms is a config, not 'soft_nms': pick one with task/nms=<name>"):
-        _task(TINY_SWIN, "retinanet", nms="soft_nms")
-    # a key left from another choice of the group (Hydra keeps it when task/<group>=... switches): one line
-    with pytest.raises(ConfigError, match=r"task.box_head.num_heads: torchvision.models.detection.faster_rcnn."
-                                          r"TwoMLPHead does not take it .* drop it with ~task.box_head.num_heads"):
-        _task(TINY_SWIN, "faster_rcnn", box_head=OmegaConf.create(
-            {"_target_": "torchvision.models.detection.faster_rcnn.TwoMLPHead", "num_heads": 16}))
-    with pytest.raises(ConfigError, match=r"task.nms \(vtrain.tasks.detection.relation.LearnedNMS\): .*'sigma'"):
-        _task(TINY_SWIN, "faster_rcnn", nms=OmegaConf.create(
-            {"_target_": "vtrain.tasks.detection.relation.LearnedNMS", "feature_dim": 64, "sigma": 0.6}))
+    for part in ("box_head=relation", "rcnn=mmdet"):
+        with pytest.raises(ConfigCompositionException, match=f"Could not override 'task/detector/{part.split('=')[0]}'"):
+            detector_config("retinanet", f"task/detector/{part}")
+    with pytest.raises(ConfigError, match="task/detector/nms=learned needs R-CNN RoI features, RetinaNet has none"):
+        _task(TINY_SWIN, "retinanet", "task/detector/nms=learned", "task.detector.nms.feature_dim=64")
+    with pytest.raises(ConfigError, match=r"task.detector is a config, not 'soft_nms': pick one with task/detector="):
+        from vtrain.tasks.detection.detector import build_spec
+
+        build_spec("soft_nms")
+    with pytest.raises(ConfigError, match=r"task.detector.box_head.num_heads: torchvision.models.detection.faster_rcnn."
+                                          r"TwoMLPHead does not take it .* drop it with ~task.detector.box_head.num_heads"):
+        _task(TINY_SWIN, "faster_rcnn", "+task.detector.box_head.num_heads=16")
+    with pytest.raises(ConfigError, match=r"task.detector.nms.sigma: vtrain.tasks.detection.relation.LearnedNMS does "
+                                          r"not take it"):
+        _task(TINY_SWIN, "faster_rcnn", "task/detector/nms=learned", "+task.detector.nms.sigma=0.6")
+    # what the quickstart sets for its Mask R-CNN, left when the detector switches: every stray key in one line
+    with pytest.raises(ConfigError, match=r"OneStageSpec does not take it .*: drop them with "
+                                          r"~task.detector.box_head_dim ~task.detector.mask_head_dims$"):
+        from vtrain.tasks.detection.detector import build_spec
+
+        build_spec(detector_config("retinanet", "+task.detector.box_head_dim=64", "+task.detector.mask_head_dims=[8]"))

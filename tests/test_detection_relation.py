@@ -294,18 +294,13 @@ def test_relation_detector_trains_every_parameter_and_is_evaluated(backbone, tmp
     go through the COCO evaluator."""
     import json
 
-    from omegaconf import OmegaConf
 
-    from conftest import ROOT
     from test_detection_models import RESNET50, TINY_SWIN, _batch, _task
     from vtrain.tasks.detection.evaluation import CocoEvaluator
 
-    groups = {g: OmegaConf.load(ROOT / "conf" / "task" / g / f"{name}.yaml")
-              for g, name in (("box_head", "relation"), ("nms", "learned"))}
-    groups["nms"].feature_dim = 64  # the small box head of these tests
     torch.manual_seed(0)
-    task = _task(RESNET50 if backbone == "resnet50" else TINY_SWIN, "faster_rcnn", **groups,
-                 detector_kwargs=dict(box_score_thresh=0.001))
+    task = _task(RESNET50 if backbone == "resnet50" else TINY_SWIN, "faster_rcnn", "task/detector/box_head=relation",
+                 "task/detector/nms=learned", "+task.detector.model.box_score_thresh=0.001")
     images, targets = _batch()
     task.train()
     losses = task(images, [{k: t[k] for k in ("boxes", "labels")} for t in targets])
@@ -339,7 +334,8 @@ def test_relationnet_table_sizes():
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-    from conftest import CONF, ROOT
+    from conftest import CONF
+    from test_detection_models import detector_config
     from vtrain.config.compose import compose_config
     from vtrain.tasks.detection.module import DetectionTask
     from vtrain.tools.table.paper import fill_table
@@ -351,7 +347,7 @@ def test_relationnet_table_sizes():
         backbone = resnet_fpn_backbone(backbone_name="resnet101", weights=None, norm_layer=nn.BatchNorm2d)
         torchvision_count = sum(p.numel() for p in FasterRCNN(backbone, num_classes=81).parameters())
         two_fc = DetectionTask(OmegaConf.load(CONF / "backbone" / "resnet101.yaml"), {}, {}, num_classes=80,
-                               detector=OmegaConf.load(ROOT / "conf" / "task" / "detector" / "faster_rcnn.yaml"))
+                               detector=detector_config("faster_rcnn"))
     assert torchvision_count == 60_749_284
     assert round(cells["params"]["measured"] * 1e6) == torchvision_count + 2 * 3_149_840
     assert cells["flops"]["measured"] - two_fc.count_macs((3, 800, 1024)) / 1e9 == pytest.approx(12.0, rel=0.05)

@@ -23,7 +23,7 @@ from conftest import ROOT, run_cli
 from vtrain.config import ConfigError
 from vtrain.tasks.detection.detr import COCO_CATEGORY_IDS, convert_official_state_dict
 from vtrain.tasks.detection.detr_loss import HungarianMatcher, SetCriterion, average_box_count
-from test_detection_models import RESNET50, TINY_SWIN
+from test_detection_models import RESNET50, TINY_SWIN, detector_config
 from vtrain.tasks.detection.module import DetectionTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,8 +34,10 @@ TINY_DETR = dict(hidden_dim=32, num_heads=2, num_encoder_layers=1, num_decoder_l
                  num_queries=6)
 
 
-def detr_task(backbone: dict, num_classes: int, **kwargs) -> DetectionTask:
-    spec = OmegaConf.load(ROOT / "conf" / "task" / "detector" / "detr.yaml")
+def detr_task(backbone: dict, num_classes: int, model: dict | None = None, **kwargs) -> DetectionTask:
+    """DETR of ``conf/task/detector/detr.yaml`` on ``backbone``; ``model``: DETR's options
+    (``task.detector.model.<key>``), ``kwargs`` the task's arguments."""
+    spec = detector_config("detr", *(f"+task.detector.model.{k}={v}" for k, v in (model or {}).items()))
     return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=num_classes, detector=spec, **kwargs)
 
 
@@ -220,7 +222,7 @@ def ours91():
     """The detr_r50_coco model with the official COCO classifier's 91 ids as categories, batches padded as the
     official pads them."""
     return detr_task(RESNET50, num_classes=91, batch_norm="frozen", test_size=96,
-                     detector_kwargs=dict(size_divisible=1)).eval()
+                     model=dict(size_divisible=1)).eval()
 
 
 def test_parameter_count_equals_the_official_detr_r50(official, ours91):
@@ -264,7 +266,7 @@ def test_an_official_checkpoint_loads_and_gives_the_official_detections(official
         torch.testing.assert_close(out["boxes"], b, rtol=1e-4, atol=1e-3)
 
     coco = detr_task(RESNET50, num_classes=80, batch_norm="frozen", test_size=96,
-                     detector_kwargs=dict(size_divisible=1)).eval()
+                     model=dict(size_divisible=1)).eval()
     coco.load_pretrained(str(path))
     with torch.no_grad():
         outputs = coco(images)
@@ -297,7 +299,7 @@ def test_every_parameter_gets_a_gradient(backbone):
     output norms on a Swin), and the recipe's frozen ResNet stem and layer1 get none."""
     torch.manual_seed(0)
     task = detr_task(backbone, num_classes=2, batch_norm="frozen" if backbone is RESNET50 else "train",
-                     test_size=64, detector_kwargs=TINY_DETR).train()
+                     test_size=64, model=TINY_DETR).train()
     losses = task(*fixed_batch())
     assert len(losses) == 3 * TINY_DETR["num_decoder_layers"] and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -315,7 +317,7 @@ def test_loss_decreases_on_a_fixed_batch():
     best-scored box of its class lands on it, in original image coordinates (measured: loss 10.2 at step 0,
     0.71 after 60 AdamW steps at lr 1e-3; IoUs 0.98, 0.90, 0.96)."""
     torch.manual_seed(0)
-    task = detr_task(TINY_SWIN, num_classes=2, test_size=64, detector_kwargs=dict(TINY_DETR, dropout=0.0)).train()
+    task = detr_task(TINY_SWIN, num_classes=2, test_size=64, model=dict(TINY_DETR, dropout=0.0)).train()
     optimizer = torch.optim.AdamW(task.parameters(), lr=1e-3)
     images, targets = fixed_batch()
     history = []
@@ -351,8 +353,9 @@ def test_box_count_is_averaged_over_processes(monkeypatch):
 
 
 def test_unknown_detr_options_are_one_line():
-    with pytest.raises(ConfigError, match=r"task.detector_kwargs: DETR has no option rpn_batch_size_per_image"):
-        detr_task(TINY_SWIN, num_classes=2, detector_kwargs=dict(rpn_batch_size_per_image=64))
+    with pytest.raises(ConfigError, match=r"task.detector.model.rpn_batch_size_per_image: vtrain.tasks.detection.detr."
+                                          r"DETR does not take it .* drop it with ~task.detector.model.rpn_batch"):
+        detr_task(TINY_SWIN, num_classes=2, model=dict(rpn_batch_size_per_image=64))
 
 
 # ----------------------------------------------------------------------------------------------- the table

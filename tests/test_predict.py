@@ -23,7 +23,7 @@ RUNS = {
     "classification": ("quickstart", "imagenet", ["backbone.img_size=32", "data.num_classes=4", "data.batch_size=8",
                                                   "data.num_workers=0"]),
     "detection": ("quickstart_det", "coco", ["data.num_workers=0", "data.batch_size=2", "data.val_batch_size=2",
-                                             "task.fpn_channels=32", "task.box_head_dim=32", "task.mask_head_dims=[16]",
+                                             "task.detector.neck.out_channels=32", "task.detector.box_head_dim=32", "task.detector.mask_head_dims=[16]",
                                              "task.test_size=64"]),
     "segmentation": ("quickstart_seg", "ade20k", ["data.num_workers=0", "data.batch_size=2", "data.val_batch_size=2",
                                                   "task.head.channels=16", "task.aux_head.channels=8"]),

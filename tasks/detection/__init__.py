@@ -1,5 +1,6 @@
-"""Object detection and instance segmentation (COCO layout): any backbone -> FPN -> torchvision's
-Mask R-CNN, Faster R-CNN, RetinaNet or FCOS, scored by the official COCO API."""
+"""Object detection and instance segmentation (COCO layout): any backbone under a detector built from the parts of
+its config (R-CNN family: Mask / Faster R-CNN, Relation Networks' heads; one-stage: RetinaNet, FCOS; DETR), scored by
+the official COCO API."""
 from vtrain.tasks.detection.module import DetectionTask
 
 __all__ = ["DetectionTask"]

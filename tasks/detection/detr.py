@@ -21,10 +21,8 @@ Differences from the official code, none of which changes the model: images are 
 """
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,6 @@ from vtrain.tasks.detection.detr_transformer import (
     DETRTransformer,
     SinePositionEncoding,
 )
-from vtrain.tasks.detection.models import refuse_rcnn_options
 
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
@@ -216,45 +213,26 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], num_classes
 
 
 # ------------------------------------------------------------------------------------------- the detector config
-@dataclass(frozen=True)
 class DETRSpec:
-    """``conf/task/detector/detr.yaml``: how ``DetectionTask`` puts DETR on its backbone.
-
-    DETR's own options (``hidden_dim``, ``num_queries``, the costs and loss weights: :class:`DETR`'s arguments) go
-    in ``task.detector_kwargs``, as torchvision's detectors take theirs. The task's ``fpn_channels``,
-    ``box_head_dim`` and ``mask_head_dims`` size torchvision's FPN and R-CNN heads, which DETR has none of.
+    """``conf/task/detector/detr.yaml``: DETR on the task's backbone (a :class:`detector.DetectorSpec`).
 
     Args:
+        model: :class:`DETR` with its options (a partial: ``hidden_dim``, ``num_queries``, the costs and loss
+            weights; the official values by default).
         release_category_ids: the category ids, in label order, whose rows an official checkpoint's classifier
             holds (None: COCO's, for the official COCO models).
     """
 
-    release_category_ids: Sequence[int] | None = None
-    levels: ClassVar[tuple[int, ...]] = (3,)  # C5 only
-    masks: ClassVar[bool] = False
-    iou_types: ClassVar[tuple[str, ...]] = ("bbox",)
+    levels = (3,)  # C5 only
+    iou_types = ("bbox",)
 
-    @property
-    def cls(self) -> type[nn.Module]:
-        return DETR
+    def __init__(self, model: Callable[..., DETR] = DETR, release_category_ids: Sequence[int] | None = None):
+        self.model, self.release_category_ids = model, release_category_ids
 
-    def build(self, backbone: Backbone, num_classes: int, fpn_channels: int = 256, box_head_dim: int = 1024,
-              mask_head_dims: Sequence[int] = (), _skip_resize: bool = True, box_head: Any = None,
-              duplicate_removal: Any = None, rcnn: Any = None, **detector_kwargs: Any) -> DETR:
+    def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> DETR:
         """DETR on ``backbone``; ``num_classes`` counts categories + 1 (what the task gives every detector: their
-        background, here "no object"). ``box_head``, ``duplicate_removal`` and ``rcnn`` (``task/box_head``,
-        ``task/nms``, ``task/rcnn``) are R-CNN and NMS choices: DETR predicts a set, without NMS, so only their
-        defaults are taken."""
-        refuse_rcnn_options("DETR", box_head, duplicate_removal, rcnn)
-        if duplicate_removal is not None and not getattr(duplicate_removal, "is_detectors_own", False):
-            raise ConfigError("task/nms: DETR has no NMS to replace (its set loss trains one prediction per object); "
-                              "leave task/nms=nms")
-        known = set(inspect.signature(DETR.__init__).parameters) - {"self", "backbone", "num_classes"}
-        unknown = sorted(set(detector_kwargs) - known)
-        if unknown:
-            raise ConfigError(f"task.detector_kwargs: DETR has no option {', '.join(unknown)} (it takes "
-                              f"{', '.join(sorted(known))})")
-        return DETR(backbone, num_classes - 1, **detector_kwargs)
+        background, here "no object")."""
+        return self.model(backbone, num_classes - 1, **transform)
 
     def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
         """Multiply-accumulates of DETR's whole evaluation forward on one image (attention products included)."""

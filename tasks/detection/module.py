@@ -1,20 +1,18 @@
-"""Detection / instance segmentation: backbone -> FPN -> a torchvision detector, COCO AP on validation."""
+"""Detection / instance segmentation: backbone -> a detector built from the parts of its config, COCO AP on validation."""
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from pycocotools import mask as mask_utils
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 from vtrain.tasks.detection.data import Batch
 from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
-from vtrain.tasks.detection.models import DetectorSpec
+from vtrain.tasks.detection.detector import DetectorSpec, build_spec
 
 from vtrain.config import ConfigError
 from vtrain.inference.visualize import draw_detections, palette, to_uint8_image
@@ -24,24 +22,21 @@ BATCH_NORM_MODES = ("train", "eval", "frozen", "sync")
 
 
 class DetectionTask(TaskModule):
-    """Any backbone with an FPN into torchvision's Mask R-CNN, Faster R-CNN, RetinaNet or FCOS.
+    """Any backbone under any detector: a family's detector built from the parts its config names.
 
     Args:
         num_classes: dataset categories (the detector gets one more, the background).
-        detector: a :class:`models.DetectorSpec` config (``conf/task/detector/``: ``mask_rcnn``, ``faster_rcnn``,
-            ``retinanet``, ``fcos``; picked with ``task/detector=<name>``) or :class:`detr.DETRSpec` (``detr``).
+        detector: a detector config (``conf/task/detector/``: ``mask_rcnn``, ``faster_rcnn``, ``retinanet``,
+            ``fcos``, ``detr``; ``task/detector=<name>``), instantiated recursively into a
+            :class:`detector.DetectorSpec` whose parts (pyramid, anchor generator, heads, duplicate removal) are
+            ``_target_`` objects; the task knows none of them.
         batch_norm: the backbone's BatchNorm layers: ``train`` (ordinary), ``eval`` (statistics frozen,
             affine trained: mmdet's ``norm_eval=True`` of the ResNet 1x recipes), ``frozen`` (statistics and
             affine frozen: torchvision's ``FrozenBatchNorm2d``) or ``sync`` (``SyncBatchNorm`` across
             devices, the GCNet recipe; needs GPUs under DDP).
         test_size, test_max_size: the test-time resize, done by the detector so that detections come back
             in original image coordinates (training sizes are the data pipeline's).
-        fpn_channels, box_head_dim, mask_head_dims: widths (see :func:`models.build_detector`).
-        box_head: the R-CNN box head config (``conf/task/box_head/``: ``two_fc``, torchvision's; ``relation``,
-            Relation Networks' 2fc+RM); built with ``in_channels`` and ``representation_size``.
-        nms: the duplicate removal config (``conf/task/nms/``: ``nms``, ``soft_nms``, ``learned``).
-        rcnn: R-CNN details as torchvision or mmdet v2 has them (``conf/task/rcnn/``: ``torchvision``, ``mmdet``).
-        detector_kwargs: anything else torchvision's constructor takes (e.g. ``rpn_post_nms_top_n_train``).
+        image_mean, image_std: the normalisation the detector applies to 0-1 pixels (what the weights expect).
         evaluator: ``pycocotools`` (official) or ``faster_coco_eval`` (same numbers, faster).
     """
 
@@ -59,44 +54,17 @@ class DetectionTask(TaskModule):
         test_max_size: int = 1333,
         image_mean: Sequence[float] = (0.485, 0.456, 0.406),
         image_std: Sequence[float] = (0.229, 0.224, 0.225),
-        fpn_channels: int = 256,
-        box_head_dim: int = 1024,
-        mask_head_dims: Sequence[int] = (256, 256, 256, 256),
-        detector_kwargs: Mapping[str, Any] | None = None,
         evaluator: str = "pycocotools",
-        box_head: Mapping[str, Any] | None = None,
-        nms: Mapping[str, Any] | None = None,
-        rcnn: Mapping[str, Any] | None = None,
     ):
         super().__init__(optim, sched, monitor, monitor_mode)
         if batch_norm not in BATCH_NORM_MODES:
             raise ConfigError(f"task.batch_norm={batch_norm!r}: use one of {', '.join(BATCH_NORM_MODES)}")
-        if not isinstance(detector, Mapping):
-            raise ConfigError(f"task.detector is a config, not {detector!r}: pick one with task/detector=<name> "
-                              "(mask_rcnn, faster_rcnn, retinanet, fcos, detr: the files of conf/task/detector/)")
-        for group, value in (("box_head", box_head), ("nms", nms), ("rcnn", rcnn)):
-            if value is not None and not isinstance(value, Mapping):
-                raise ConfigError(f"task.{group} is a config, not {value!r}: pick one with task/{group}=<name> "
-                                  f"(the files of conf/task/{group}/)")
-        self.spec: DetectorSpec = instantiate(detector)
+        self.spec: DetectorSpec = build_spec(detector)
         self.batch_norm, self.evaluator_backend = batch_norm, evaluator
         self.backbone = _with_batch_norm(instantiate(backbone, out_levels=self.spec.levels), batch_norm)
-        self.detector = self.spec.build(
-            self.backbone,
-            num_classes + 1,
-            fpn_channels=fpn_channels,
-            box_head_dim=box_head_dim,
-            mask_head_dims=mask_head_dims,
-            **({"box_head": _instantiate_group("box_head", box_head, _partial_=True)} if box_head else {}),
-            duplicate_removal=_instantiate_group("nms", nms) if nms else None,
-            rcnn=_instantiate_group("rcnn", rcnn) if rcnn else None,
-            min_size=test_size,
-            max_size=test_max_size,
-            image_mean=list(image_mean),
-            image_std=list(image_std),
-            _skip_resize=True,  # torchvision's switch: no resize in training, the data pipeline did it
-            **dict(detector_kwargs or {}),
-        )
+        transform = {"min_size": test_size, "max_size": test_max_size, "image_mean": list(image_mean),
+                     "image_std": list(image_std)}
+        self.detector = self.spec.build(self.backbone, num_classes + 1, transform)
         self.evaluator: CocoEvaluator | None = None
 
     def train(self, mode: bool = True) -> "DetectionTask":
@@ -112,7 +80,7 @@ class DetectionTask(TaskModule):
 
     def count_macs(self, input_shape: Sequence[int]) -> int:
         """The detector's MACs on one test image of ``input_shape``, counted as its config says
-        (:meth:`models.DetectorSpec.macs`)."""
+        (:meth:`detector.DetectorSpec.macs`)."""
         return self.spec.macs(self.detector, input_shape[-3:])
 
     def load_pretrained(self, path: str, strict: bool = True) -> None:
@@ -123,13 +91,14 @@ class DetectionTask(TaskModule):
     # ----------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self.trainer is not None else None
-        if stage == "fit" and self.spec.masks and datamodule is not None and not getattr(datamodule, "masks", True):
-            raise ConfigError(f"task.detector ({self.spec.cls.__name__}) predicts masks but data.masks=false: "
-                              "set data.masks=true")
+        masks = "segm" in self.spec.iou_types
+        if stage == "fit" and masks and datamodule is not None and not getattr(datamodule, "masks", True):
+            raise ConfigError(f"task.detector ({type(self.spec).__name__}) predicts masks but data.masks=false: "
+                              "set data.masks=true, or use a detector without masks (task/detector=faster_rcnn)")
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        keys = ("boxes", "labels", "masks") if self.spec.masks else ("boxes", "labels")
+        keys = ("boxes", "labels", "masks") if "segm" in self.spec.iou_types else ("boxes", "labels")
         losses = self(images, [{k: t[k] for k in keys} for t in targets])
         loss = sum(losses.values())
         n = len(images)
@@ -216,26 +185,6 @@ class DetectionTask(TaskModule):
                           "images of any size and resize and normalise them inside, which ONNX, TorchScript tracing "
                           "and torch.export do not capture for this backbone wrapper; export classification, "
                           "segmentation or video models")
-
-
-def _instantiate_group(group: str, config: Mapping[str, Any], **kwargs: Any) -> Any:
-    """``instantiate`` of a ``task/<group>`` choice, with one line for a key the class does not take: a key an
-    experiment set for another choice stays when ``task/<group>=...`` switches it (Hydra merges, never drops)."""
-    if kwargs.get("_partial_"):  # a stray key would only fail when the partial is called: check it now
-        accepted = inspect.signature(get_class(config["_target_"])).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-            stray = sorted(k for k in config if not k.startswith("_") and k not in accepted)
-            if stray:
-                raise ConfigError(f"task.{group}.{stray[0]}: {config['_target_']} does not take it (a key set for "
-                                  f"another task/{group} choice?): drop it with ~task.{group}.{stray[0]}")
-        return instantiate(config, **kwargs)
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as e:
-        if not isinstance(e.__cause__, TypeError):
-            raise
-        raise ConfigError(f"task.{group} ({config['_target_']}): {e.__cause__} (a key set for another task/{group} "
-                          f"choice?): drop it with ~task.{group}.<key>") from e
 
 
 def _with_batch_norm(backbone: nn.Module, mode: str) -> nn.Module:

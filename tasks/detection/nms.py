@@ -1,6 +1,6 @@
 """Duplicate removal after a detector's scoring: hard NMS and Soft-NMS, per class, for every detector.
 
-``task/nms=<name>`` (``conf/task/nms/``) picks one; the detector calls it on each image's candidates
+``task/detector/nms=<name>`` (``conf/task/detector/nms/``) picks one; the detector calls it on each image's candidates
 (boxes, scores, labels, after its score threshold) and keeps the first ``detections_per_img`` of what it
 returns, highest score first:
 
@@ -57,9 +57,9 @@ class SoftNMS:
     def __init__(self, method: str = "gaussian", sigma: float = 0.5, iou_threshold: float = 0.3,
                  score_threshold: float = 0.001):
         if method not in SOFT_NMS_METHODS:
-            raise ConfigError(f"task.nms.method={method!r}: use one of {', '.join(SOFT_NMS_METHODS)}")
+            raise ConfigError(f"task.detector.nms.method={method!r}: use one of {', '.join(SOFT_NMS_METHODS)}")
         if method == "gaussian" and sigma <= 0:
-            raise ConfigError(f"task.nms.sigma={sigma}: the Gaussian's width must be positive")
+            raise ConfigError(f"task.detector.nms.sigma={sigma}: the Gaussian's width must be positive")
         self.method, self.sigma = method, float(sigma)
         self.iou_threshold, self.score_threshold = float(iou_threshold), float(score_threshold)
 

@@ -1,4 +1,5 @@
-"""torchvision's one-stage detectors with the duplicate removal of ``task/nms`` (:mod:`nms`).
+"""The one-stage family: torchvision's RetinaNet and FCOS with the duplicate removal of ``task/detector/nms``
+(:mod:`nms`), and :class:`OneStageSpec`, which puts them on a backbone.
 
 The candidates are torchvision's own (per level: score threshold, top-k, decoding, clipping); only the
 class-wise NMS at the end is replaced. With the default (``HardNMS(iou_threshold=None)``) nothing changes.
@@ -6,10 +7,16 @@ class-wise NMS at the end is replaced. With the default (``HardNMS(iou_threshold
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from torch import nn
 from torchvision.models import detection
+from vtrain.tasks.detection.detector import detector_macs, torchvision_transform
 from vtrain.tasks.detection.nms import HardNMS
+
+from vtrain.backbones.base import Backbone, require_reductions
+from vtrain.config import ConfigError
 
 
 class RemovesDuplicates:
@@ -48,3 +55,42 @@ class RetinaNet(RemovesDuplicates, detection.RetinaNet):
 
 class FCOS(RemovesDuplicates, detection.FCOS):
     """torchvision's FCOS with ``duplicate_removal``."""
+
+
+class OneStageSpec:
+    """RetinaNet or FCOS on a backbone (a :class:`detector.DetectorSpec`): ``conf/task/detector/retinanet.yaml``,
+    ``fcos.yaml``.
+
+    Args:
+        model: the detector class with its options (a partial of :class:`RetinaNet` or :class:`FCOS`:
+            ``anchor_generator``, ``head``, ``score_thresh``, ``nms_thresh``, ...).
+        levels: backbone levels (0 = stride 4) that feed the pyramid (C3-C5 in both papers).
+        neck: the pyramid on the backbone, with the paper's P6/P7 (:class:`neck.FeaturePyramid`).
+        nms: the duplicate removal after torchvision's candidates (``task/detector/nms``: NMS or Soft-NMS).
+    """
+
+    iou_types = ("bbox",)
+
+    def __init__(self, model: Callable[..., nn.Module], levels: Sequence[int], neck: Callable[[Backbone], Any],
+                 nms: Any = None):
+        self.model, self.levels, self.neck = model, tuple(int(level) for level in levels), neck
+        self.nms = HardNMS() if nms is None else nms
+        cls = getattr(model, "func", model)
+        if not (isinstance(cls, type) and issubclass(cls, RemovesDuplicates)):
+            raise ConfigError(f"task.detector.model: {cls} is not a one-stage detector of this module (RetinaNet, "
+                              "FCOS)")
+        if getattr(self.nms, "learned", False):
+            raise ConfigError(f"task/detector/nms=learned needs R-CNN RoI features, {cls.__name__} has none: use "
+                              "nms or soft_nms, or task/detector=faster_rcnn / mask_rcnn")
+        self.name = cls.__name__
+
+    def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
+        require_reductions(backbone, [4 * 2**level for level in self.levels], self.name)
+        return self.model(self.neck(backbone), num_classes=num_classes, duplicate_removal=self.nms,
+                          **torchvision_transform(transform))
+
+    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
+        return detector_macs(detector, image_shape)
+
+    def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
+        return False  # the file holds backbone weights

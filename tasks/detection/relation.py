@@ -209,7 +209,7 @@ class LearnedNMS(nn.Module):
                  positive_weight: float = 4.0, loss_weight: float = 1.0):
         super().__init__()
         if not thresholds:
-            raise ConfigError("task.nms.thresholds is empty: give the IoU thresholds, e.g. [0.5, 0.6, 0.7, 0.8, 0.9]")
+            raise ConfigError("task.detector.nms.thresholds is empty: give the IoU thresholds, e.g. [0.5, 0.6, 0.7, 0.8, 0.9]")
         self.register_buffer("thresholds", torch.tensor([float(t) for t in thresholds]), persistent=False)
         self.first_n, self.class_score_threshold = int(first_n), float(class_score_threshold)
         self.positive_weight, self.loss_weight = float(positive_weight), float(loss_weight)

@@ -2,10 +2,10 @@
 
 * a box head that sees the RoIs' boxes (the relation head, :class:`relation.RelationBoxHead`), run on all of an
   image's RoIs in training with the loss on torchvision's sampled ones (the official Relation Networks code);
-* any duplicate removal (``task/nms``: :mod:`nms`, or the learned one, trained with the detector);
-* mmdetection v2's settings where torchvision's differ (:class:`RCNNSettings`, ``task/rcnn=mmdet``).
+* any duplicate removal (``task/detector/nms``: :mod:`nms`, or the learned one, trained with the detector);
+* mmdetection v2's settings where torchvision's differ (:class:`RCNNSettings`, ``task/detector/rcnn=mmdet``).
 
-With the defaults (``task/rcnn=torchvision``, ``task/box_head=two_fc``, ``task/nms=nms``) the classes compute
+With the defaults (``task/detector/rcnn=torchvision``, ``task/detector/box_head=two_fc``, ``task/detector/nms=nms``) the classes compute
 exactly what torchvision's do (held by a test on the same weights and inputs).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from vtrain.tasks.detection.nms import HardNMS
 
 @dataclass(frozen=True)
 class RCNNSettings:
-    """Where an R-CNN follows torchvision or mmdetection v2 (``conf/task/rcnn/``: ``torchvision``, ``mmdet``).
+    """Where an R-CNN follows torchvision or mmdetection v2 (``conf/task/detector/rcnn/``: ``torchvision``, ``mmdet``).
 
     mmdet v2's values are those of ``configs/_base_/models/mask_rcnn_r50_fpn.py`` and its heads' ``init_cfg``.
 
@@ -336,8 +336,9 @@ def init_like_mmdet(detector: nn.Module) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def roi_pools(settings: RCNNSettings, masks: bool, levels: Sequence[str] = ("0", "1", "2", "3")) -> dict[str, Any]:
-    """The box (7x7) and mask (14x14) RoI pools torchvision builds by default, with the settings' RoIAlign."""
+def roi_pools(settings: RCNNSettings, masks: bool, levels: Sequence[str]) -> dict[str, Any]:
+    """The box (7x7) and mask (14x14) RoI pools torchvision builds by default, with the settings' RoIAlign, over the
+    pyramid's maps named ``levels``."""
     def pool(size: int) -> PyramidRoIAlign:
         return PyramidRoIAlign(list(levels), size, settings.roi_align_sampling_ratio, settings.roi_align_aligned)
     return {"box_roi_pool": pool(7), **({"mask_roi_pool": pool(14)} if masks else {})}

@@ -1,0 +1,131 @@
+"""What every detector config builds, and the checks and counts they share.
+
+``task.detector`` is a file of ``conf/task/detector/`` (``task/detector=mask_rcnn``) whose parts (neck, anchor
+generator, heads, duplicate removal, R-CNN settings) are ``_target_`` objects, instantiated recursively: any part is
+swapped from a config (``task/detector/nms=soft_nms``, ``task.detector.model.rpn_anchor_generator={_target_: ...}``).
+It instantiates to a :class:`DetectorSpec`, which builds the detector on the task's backbone. A family is its
+module(s) (:mod:`rcnn`, :mod:`one_stage`, :mod:`detr`) and its config files; the task holds none of its keys.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_method, instantiate
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import FasterRCNN
+
+from vtrain.backbones.base import Backbone
+from vtrain.config import ConfigError
+
+
+@runtime_checkable
+class DetectorSpec(Protocol):
+    """A detector config, instantiated: how one detector is put on a backbone.
+
+    Forward contract of what :meth:`build` returns (torchvision's): ``detector(images, targets)`` with ``images`` a
+    list of (3, H, W) tensors in [0, 1] and, in training, ``targets`` a list of ``{"boxes": (N, 4) XYXY pixels,
+    "labels": (N,) 1..K, "masks": (N, H, W)}`` -> a dict of losses; in evaluation ``detector(images)`` -> one
+    ``{"boxes", "labels", "scores"[, "masks"]}`` per image, in its original coordinates.
+    """
+
+    levels: tuple[int, ...]  # the backbone levels it reads (0 = stride 4): what the task builds the backbone with
+    iou_types: tuple[str, ...]  # what COCO evaluates of its output: ("bbox",) or ("bbox", "segm")
+
+    def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
+        """The detector on ``backbone`` (built with ``out_levels=levels``); ``num_classes`` counts the categories
+        and the background; ``transform``: the test-time resize and the normalisation (``min_size``, ``max_size``,
+        ``image_mean``, ``image_std``), which every detector does inside, torchvision's way."""
+
+    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
+        """Multiply-accumulates of one test image of ``image_shape`` (C, H, W)."""
+
+    def load_release(self, task: nn.Module, path: str, strict: bool) -> bool:
+        """Load a whole-detector release into ``task`` and return True, if ``path`` is one this detector reads;
+        False: the file holds backbone weights."""
+
+
+def build_spec(config: Mapping[str, Any]) -> DetectorSpec:
+    """``task.detector`` instantiated (recursively: its parts are objects), with one line for a key that a part does
+    not take: Hydra merges a part's keys, so a key an experiment set for one choice stays when
+    ``task/detector/<part>=...`` switches it."""
+    if not isinstance(config, Mapping) or "_target_" not in config:
+        raise ConfigError(f"task.detector is a config, not {config!r}: pick one with task/detector=<name> "
+                          "(mask_rcnn, faster_rcnn, retinanet, fcos, detr: the files of conf/task/detector/)")
+    _check_arguments(config, "task.detector")
+    try:
+        spec = instantiate(config, _convert_="all")  # plain lists and dicts for every part (torchvision checks types)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if not isinstance(cause, TypeError):
+            raise
+        where = str(e).rsplit("full_key: ", 1)[-1].strip() if "full_key: " in str(e) else ""
+        raise ConfigError(f"task.detector{'.' + where if where else ''}: {cause} (a key set for another choice of "
+                          "that part?): drop it with ~task.detector.<key>") from None
+    if not isinstance(spec, DetectorSpec):
+        raise ConfigError(f"task.detector ({config['_target_']}) is not a detector config: it has no "
+                          "levels / iou_types / build (tasks/detection/detector.py, DetectorSpec)")
+    return spec
+
+
+def _stray_keys(config: Mapping[str, Any], path: str) -> list[tuple[str, str]]:
+    """(key path, class) of every key a part's class does not take (a ``_partial_`` part is called later, with the
+    rest of its arguments, so Hydra would not find out now)."""
+    stray = [found for key, value in config.items() if isinstance(value, Mapping)
+             for found in _stray_keys(value, f"{path}.{key}")]
+    if "_target_" in config:
+        parameters = inspect.signature(get_method(config["_target_"])).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            stray += [(f"{path}.{k}", config["_target_"]) for k in sorted(config)
+                      if not str(k).startswith("_") and k not in parameters]
+    return stray
+
+
+def _check_arguments(config: Mapping[str, Any], path: str) -> None:
+    stray = _stray_keys(config, path)
+    if stray:
+        raise ConfigError(f"{stray[0][0]}: {stray[0][1]} does not take it (a key set for another choice?): drop "
+                          f"{'it' if len(stray) == 1 else 'them'} with {' '.join('~' + key for key, _ in stray)}")
+
+
+def torchvision_transform(transform: Mapping[str, Any]) -> dict[str, Any]:
+    """The task's transform as torchvision's detectors take it: no resize in training (the data pipeline did it)."""
+    return {**transform, "image_mean": list(transform["image_mean"]), "image_std": list(transform["image_std"]),
+            "_skip_resize": True}
+
+
+def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one test image of ``image_shape`` (C, H, W, as the detector pads it), counted as
+    :mod:`vtrain.profiling` counts (matrix products and convolutions; RoIAlign, NMS and box decoding are not):
+    the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
+    RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
+    ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class.
+    Works on the meta device."""
+    device = next(detector.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())
+        if not isinstance(detector, FasterRCNN):
+            detector.head(features)
+            return counter.get_total_flops() // 2
+        detector.rpn.head(features)
+        heads, channels = detector.roi_heads, features[0].shape[1]
+        num_rois = detector.rpn._post_nms_top_n["testing"]
+        corner = torch.arange(num_rois, device=device, dtype=torch.float32)[:, None] % 100
+        boxes = torch.cat([corner, corner, corner + 32, corner + 32], dim=1)
+        pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
+        box_features = heads.box_head(pooled, [boxes]) if heads.relates_objects else heads.box_head(pooled)
+        class_logits, _ = heads.box_predictor(box_features)
+        if heads.learns_duplicate_removal:
+            num_classes = class_logits.shape[1]
+            heads.duplicate_removal.rescore(class_logits.softmax(-1), boxes[:, None].expand(-1, num_classes, 4),
+                                            box_features, torch.arange(1, num_classes, device=device))
+        if heads.has_mask():
+            masks = torch.zeros(heads.detections_per_img, channels, *heads.mask_roi_pool.output_size, device=device)
+            heads.mask_predictor(heads.mask_head(masks))
+    return counter.get_total_flops() // 2

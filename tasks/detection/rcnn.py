@@ -1,0 +1,89 @@
+"""The R-CNN family (Faster R-CNN, Ren et al. 2015; Mask R-CNN, He et al. 2017) on an FPN: torchvision's classes,
+composed by constructor arguments from the parts of ``conf/task/detector/faster_rcnn.yaml`` / ``mask_rcnn.yaml``.
+
+Parts: the pyramid (``neck``), the box head (``task/detector/box_head``: torchvision's 2fc or Relation Networks'
+2fc+RM), the duplicate removal (``task/detector/nms``: NMS, Soft-NMS or the learned one), torchvision's or mmdet v2's
+R-CNN details (``task/detector/rcnn``), and torchvision's class with its own options (``model``: anchor generator,
+RPN and RoI sampling sizes, thresholds). The RPN and RoI heads become :mod:`roi_heads`' subclasses, which compute
+what torchvision's do with the defaults.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from vtrain.tasks.detection.detector import detector_macs, torchvision_transform
+from vtrain.tasks.detection.neck import FeaturePyramid
+from vtrain.tasks.detection.nms import HardNMS
+from vtrain.tasks.detection.roi_heads import RCNNSettings, build_rcnn_heads, roi_pools
+
+from vtrain.backbones.base import Backbone, require_reductions
+from vtrain.config import ConfigError
+
+ROI_SIZE = 7  # torchvision's MultiScaleRoIAlign output for boxes (14 for masks)
+
+
+class RCNNSpec:
+    """Faster / Mask R-CNN on a backbone (a :class:`detector.DetectorSpec`).
+
+    Args:
+        model: torchvision's ``FasterRCNN`` or ``MaskRCNN`` with its options (a partial: ``rpn_anchor_generator``,
+            ``rpn_post_nms_top_n_train``, ``box_batch_size_per_image``, ``box_score_thresh``, ...); the backbone,
+            heads and RoI pools come from the parts below.
+        levels: backbone levels (0 = stride 4) that feed the pyramid; RoIs are pooled from all of them.
+        neck: the pyramid on the backbone (:class:`neck.FeaturePyramid`, called with the backbone).
+        box_head: called with ``in_channels`` (the pooled RoI's size) and ``representation_size`` (``box_head_dim``).
+        box_head_dim: the box head's width (1024 in the FPN paper), the predictor's input.
+        nms: the duplicate removal replacing torchvision's class-wise NMS (:mod:`nms`, :class:`relation.LearnedNMS`).
+        rcnn: torchvision's or mmdetection v2's R-CNN details.
+        mask_head_dims: Mask R-CNN's mask head convs (four 256-channel 3x3 convs, Fig. 4 right); the last is also the
+            up-sampling deconvolution's width. Only for ``MaskRCNN``.
+    """
+
+    def __init__(self, model: Callable[..., FasterRCNN], levels: Sequence[int], neck: Callable[[Backbone], FeaturePyramid],
+                 box_head: Callable[..., nn.Module], box_head_dim: int = 1024, nms: Any = None,
+                 rcnn: RCNNSettings | None = None, mask_head_dims: Sequence[int] | None = None):
+        self.model, self.levels, self.neck = model, tuple(int(level) for level in levels), neck
+        self.box_head, self.box_head_dim = box_head, int(box_head_dim)
+        self.nms = HardNMS() if nms is None else nms
+        self.rcnn = RCNNSettings() if rcnn is None else rcnn
+        cls = getattr(model, "func", model)
+        if not (isinstance(cls, type) and issubclass(cls, FasterRCNN)):
+            raise ConfigError(f"task.detector.model: {cls} is not torchvision's FasterRCNN or MaskRCNN (RCNNSpec "
+                              "builds those)")
+        self.masks = issubclass(cls, MaskRCNN)
+        if self.masks and not mask_head_dims:
+            raise ConfigError("task.detector.mask_head_dims is empty: Mask R-CNN's mask head needs its conv widths, "
+                              "e.g. [256, 256, 256, 256]")
+        self.mask_head_dims = [int(d) for d in mask_head_dims] if self.masks else None
+        self.name = cls.__name__
+
+    @property
+    def iou_types(self) -> tuple[str, ...]:
+        return ("bbox", "segm") if self.masks else ("bbox",)
+
+    def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
+        require_reductions(backbone, [4 * 2**level for level in self.levels], self.name)
+        pyramid = self.neck(backbone)
+        width = pyramid.out_channels
+        parts: dict[str, Any] = {
+            "box_head": self.box_head(in_channels=width * ROI_SIZE**2, representation_size=self.box_head_dim),
+            "box_predictor": FastRCNNPredictor(self.box_head_dim, num_classes),
+            **roi_pools(self.rcnn, self.masks, pyramid.level_names),
+        }
+        if self.masks:
+            parts["mask_head"] = MaskRCNNHeads(width, list(self.mask_head_dims), 1)
+            parts["mask_predictor"] = MaskRCNNPredictor(self.mask_head_dims[-1], self.mask_head_dims[-1], num_classes)
+        detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
+        build_rcnn_heads(detector, self.rcnn, self.nms)
+        return detector
+
+    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
+        return detector_macs(detector, image_shape)
+
+    def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
+        return False  # the file holds backbone weights
