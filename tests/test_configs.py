@@ -170,3 +170,15 @@ def test_every_package_installs_under_vtrain(tmp_path):
     expected |= {f"vtrain/tasks/{p.relative_to(ROOT / 'tasks').as_posix()}" for p in (ROOT / "tasks").rglob("__init__.py")}
     assert packed == expected and "vtrain/training/callbacks/__init__.py" in packed
     assert Path(vtrain.tasks.__file__).parent == ROOT / "tasks"
+
+
+def test_keys_an_experiment_set_for_another_choice_are_named_in_one_line(imagenet_root, tmp_path):
+    """experiment=quickstart backbone=resnet26 keeps the quickstart's Swin keys: one line naming each, not Hydra's
+    traceback."""
+    result = run_cli("experiment=quickstart", "backbone=resnet26", f"data.root={imagenet_root}", "data.num_classes=4",
+                     f"hydra.run.dir={tmp_path}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: backbone: ResNet.__init__() got an unexpected keyword argument 'img_size'")
+    assert lines[0].endswith("drop them with ~backbone.img_size ~backbone.embed_dim ~backbone.depths "
+                             "~backbone.num_heads ~backbone.window_size")

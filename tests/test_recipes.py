@@ -380,9 +380,10 @@ def test_a_missing_reference_checkpoint_is_one_line_before_anything_starts(tmp_p
     assert str(raised.value) == expected
     # on purpose from scratch, evaluating, or resuming (the weights come from the checkpoint): no weights file needed
     validate(compose("experiment=r50_ade20k", "trainer=cpu", "pretrained=null"), datamodule=None)
-    validate(compose("experiment=r50_ade20k", "trainer=cpu", "mode=eval", f"paths.weights_dir={weights}"), datamodule=None)
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.write_bytes(b"")
+    validate(compose("experiment=r50_ade20k", "trainer=cpu", "mode=eval", f"ckpt_path={checkpoint}",
+                     f"paths.weights_dir={weights}"), datamodule=None)
     validate(compose("experiment=r50_ade20k", "trainer=cpu", f"ckpt_path={checkpoint}",
                      f"paths.weights_dir={weights}"), datamodule=None)
 

@@ -151,19 +151,28 @@ def busy_cpu():
     proc.wait()
 
 
-def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_path, uninterrupted):
+MOMENTS = {
+    "through_a_run": [("on_train_batch_start", 6),       # after the first epoch's checkpoint, written after its validation
+                      ("on_validation_start", 12),       # after an epoch's last batch, before its validation
+                      ("on_train_batch_start", 14),      # mid-epoch, right after a checkpoint
+                      ("on_train_batch_end", 16),        # after a step, before its checkpoint: that step is redone
+                      ("on_validation_batch_end", 18)],  # in the last validation, after the last checkpoint
+    # a run killed for the first time before an epoch's validation, then before the last one (the end of the run)
+    "before_validations": [("on_validation_start", 12), ("on_validation_start", 18)],
+}
+
+
+@pytest.mark.parametrize("moments", list(MOMENTS.values()), ids=list(MOMENTS))
+def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_path, uninterrupted, moments):
     """SIGKILL at named moments, one after another, each resumed with ckpt_path=auto: the run ends with the
     weights and validation metrics of the uninterrupted one. The first two are moments a busy machine found: after
     the first epoch's checkpoint (written at the epoch's end, after its validation: Lightning defers it until the
     monitored metric exists), where the resumed run trained its second epoch on the first epoch's order; and after
-    the checkpoint of an epoch's last batch, before that epoch's validation (the resumed loader then had nothing
-    left to give, and the next epoch trained on no batch)."""
+    an epoch's last batch, before that epoch's validation (a checkpoint written there resumed past the validation,
+    never run, with the epochs counted one short: resuming the finished run again trained one more epoch; none is
+    written there now). The log is the uninterrupted run's, row for row; the finished run resumed once more is a
+    no-op that says so and changes no file."""
     run = tmp_path / "killed"
-    moments = [("on_train_batch_start", 6),      # after the first epoch's checkpoint, written after its validation
-               ("on_validation_start", 12),      # after the end-of-epoch checkpoint, before its validation
-               ("on_train_batch_start", 14),     # mid-epoch, right after a checkpoint
-               ("on_train_batch_end", 16),       # after a step, before its checkpoint: that step is redone
-               ("on_validation_batch_end", 18)]  # in the last validation, after the last checkpoint
     args = [*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "ckpt_path=auto"]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     for hook, step in moments:
@@ -173,6 +182,25 @@ def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_pa
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_ends_like(run, uninterrupted)
+    assert _log_rows(run) == _log_rows(uninterrupted)
+
+    files = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    files.update({name: (run / name).read_bytes() for name in ("metrics.json", "metrics.csv")})
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is the end of a finished run (step 18): nothing to train" in result.stdout + result.stderr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == {
+        k: v for k, v in files.items() if k.endswith(".ckpt")}
+    assert all((run / name).read_bytes() == files[name] for name in ("metrics.json", "metrics.csv"))
+
+
+def _log_rows(run) -> list[tuple]:
+    """metrics.csv's rows that a resume must not drop or repeat: each validation and each epoch's training loss."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return [(row["epoch"], row["step"], "val" if row.get("val/top1") else "train_epoch")
+                for row in csv.DictReader(f) if row.get("val/top1") or row.get("train/loss_epoch")]
 
 
 def _validated_epochs(run) -> list[int]:
@@ -287,7 +315,8 @@ def test_progress_bar_reads_logged_values_at_intervals_only(monkeypatch):
 
 def test_a_second_run_in_the_same_run_directory_stops_with_one_line(imagenet_root, tmp_path):
     """The first run holds the directory; a second stops before writing anything there, naming the first; once
-    the first is killed (SIGKILL: no clean-up), the directory is free again."""
+    the first is killed (SIGKILL: no clean-up), the directory is free again, and a new run (not a resume) there is
+    one line instead of appending to the first run's log and writing checkpoints beside its own."""
     run = tmp_path / "run"
     args = [*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -306,5 +335,33 @@ def test_a_second_run_in_the_same_run_directory_stops_with_one_line(imagenet_roo
     finally:
         first.kill()
         first.wait()
+    log = (run / "metrics.csv").read_bytes()
     again = run_cli(*args, "trainer.max_epochs=1")
-    assert again.returncode == 0, again.stderr[-2000:]
+    lines = [line for line in again.stderr.splitlines() if line.strip()]
+    assert again.returncode == 2 and len(lines) == 1, again.stderr[-2000:]
+    assert lines[0] == (f"error: {run} holds a run already (metrics.json, checkpoints): resume it with "
+                        "ckpt_path=auto, or start the new run in another directory (hydra.run.dir=... / output_dir=...)")
+    assert (run / "metrics.csv").read_bytes() == log
+
+
+def test_evaluation_with_no_checkpoint_is_one_line(imagenet_root, tmp_path):
+    """python -m vtrain.eval ckpt_path=auto in a directory without a checkpoint evaluated random weights and exited
+    0; it is one line and exit status 2."""
+    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path}", "ckpt_path=auto",
+                     module="vtrain.eval")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0] == ("error: nothing to evaluate: give the weights as ckpt_path=<checkpoint file>, or "
+                        f"ckpt_path=auto in a run directory that has a checkpoint ({tmp_path}/checkpoints has none)")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_resuming_past_max_epochs_is_one_line(imagenet_root, tmp_path, uninterrupted):
+    """Lightning's MisconfigurationException (a traceback) for a checkpoint at a later epoch than max_epochs."""
+    last = uninterrupted / "checkpoints" / "last.ckpt"
+    result = run_cli(*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path}", f"ckpt_path={last}",
+                     "trainer.max_epochs=1")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0] == (f"error: ckpt_path={last} is at epoch 2, past trainer.max_epochs=1: give "
+                        "trainer.max_epochs=3 or more to resume it")

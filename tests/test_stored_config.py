@@ -200,3 +200,22 @@ def test_the_command_line_entry_points_refuse_a_tampered_config(copy, tmp_path, 
         assert last.startswith("error: ") and "refused task.backbone._target_='torch.load'" in last, (module, last)
         assert "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_class_names_that_do_not_fit_the_model_are_one_line(copy):
+    """A checkpoint naming fewer classes than its model has predicted 'class_2' for the rest: one line now."""
+    config = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["vtrain"]
+    path = copy / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["vtrain"]["class_names"] = config["class_names"][:2]
+    torch.save(checkpoint, path)
+    with pytest.raises(ConfigError, match=r"its class_names has 2 names for its 4 classes"):
+        vtrain.load(path)
+
+
+def test_an_override_of_a_key_the_model_does_not_have_is_one_line(copy):
+    with pytest.raises(ConfigError, match=r"backbone.embed_dimm=8: the model's config has no key backbone.embed_dimm "
+                                          r"\(did you mean backbone.embed_dim\? \+backbone.embed_dimm=... adds one\)"):
+        vtrain.load(copy, overrides=["backbone.embed_dimm=8"])
+    model = vtrain.load(copy, overrides=["backbone.drop_path_rate=0.3"])
+    assert model.run_config["backbone"]["drop_path_rate"] == 0.3

@@ -16,7 +16,7 @@ from vtrain.config import ConfigError
 from vtrain.config.command import fail
 from vtrain.config.compose import CONFIG_DIR, ensure_output_dir
 from vtrain.config.stored import trusted_config
-from vtrain.config.validate import check_values, validate
+from vtrain.config.validate import check_values, keys_not_taken, validate
 from vtrain.training.build import build_task
 from vtrain.training.callbacks.metrics_json import MetricsJSON
 from vtrain.training.checkpoint import (
@@ -66,6 +66,8 @@ def _run(cfg: DictConfig) -> float | None:
     try:
         check_values(cfg)  # types and ranges, before anything is built with them
         datamodule = instantiate(cfg.data)
+        if cfg.mode == "train" and not cfg.get("ckpt_path"):
+            _refuse_a_finished_run(Path(cfg.output_dir))
         if cfg.get("ckpt_path") == "auto":  # resume this run directory's newest valid checkpoint, if any
             with open_dict(cfg):
                 found = newest_valid_checkpoint(Path(cfg.output_dir) / "checkpoints")
@@ -78,8 +80,15 @@ def _run(cfg: DictConfig) -> float | None:
         strict = bool(cfg.get("pretrained_strict", True))
         if cfg.mode == "train" and cfg.get("pretrained") and not cfg.get("ckpt_path"):  # a resumed run has its weights
             module.load_pretrained(cfg.pretrained, strict=strict)
+        resumed_step = None
         if cfg.mode == "train" and cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():  # one line, not a key list
-            require_fit(module, unwrap_state_dict(read_checkpoint(cfg.ckpt_path)), cfg.ckpt_path)
+            resumed = read_checkpoint(cfg.ckpt_path)
+            require_fit(module, unwrap_state_dict(resumed), cfg.ckpt_path)
+            resumed_step = resumed.get("global_step")
+            max_epochs, epoch = cfg.trainer.get("max_epochs"), resumed.get("epoch")
+            if max_epochs not in (None, -1) and isinstance(epoch, int) and epoch > max_epochs:  # Lightning's condition
+                raise ConfigError(f"ckpt_path={cfg.ckpt_path} is at epoch {epoch}, past trainer.max_epochs={max_epochs}:"
+                                  f" give trainer.max_epochs={epoch + 1} or more to resume it")
         if cfg.mode == "eval" and cfg.get("ckpt_path"):
             load_task_weights(module, cfg.ckpt_path, strict=strict)
         if cfg.get("grad_checkpointing"):
@@ -88,9 +97,7 @@ def _run(cfg: DictConfig) -> float | None:
             options = OmegaConf.to_container(cfg.compile) if isinstance(cfg.compile, DictConfig) else {}
             module.compile_backbone(**options)
     except Exception as e:  # noqa: BLE001 - Hydra wraps errors raised in constructors: find ours inside
-        cause = e
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
+        cause = _config_error_inside(e, cfg)
         if cause is None or not HydraConfig.initialized():
             raise
         return fail(cause)
@@ -101,6 +108,9 @@ def _run(cfg: DictConfig) -> float | None:
             if cfg.mode == "train":
                 # weights_only: the resumed checkpoint too (vtrain.training.checkpoint.CheckpointIO reads it so anyway)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+                if resumed_step is not None and trainer.global_step == resumed_step and not trainer.interrupted:
+                    log.warning("%s is the end of a finished run (step %d): nothing to train (raise trainer.max_epochs "
+                                "or trainer.max_steps to train longer)", cfg.ckpt_path, resumed_step)
                 if _final_weights_unvalidated(trainer):
                     trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
             else:
@@ -114,6 +124,33 @@ def _run(cfg: DictConfig) -> float | None:
             if summary:
                 print(summary, flush=True)
     return _monitored_value(cfg, module)
+
+
+def _config_error_inside(error: BaseException, cfg: DictConfig) -> ConfigError | None:
+    """The ``ConfigError`` an exception wraps (Hydra wraps what constructors raise), or one for a constructor given a
+    key it does not take (a key an experiment set for another choice of a group: ``experiment=quickstart
+    backbone=resnet26`` keeps the quickstart's ``backbone.img_size``)."""
+    cause: BaseException | None = error
+    where = None  # the key of the innermost config being instantiated (Hydra's full_key)
+    while cause is not None and not isinstance(cause, ConfigError):
+        if "\nfull_key: " in str(cause):
+            where = str(cause).rsplit("\nfull_key: ", 1)[-1].strip() or where
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause) and where:
+            stray = keys_not_taken(OmegaConf.select(cfg, where)) or [str(cause).rsplit("argument ", 1)[-1].strip("'")]
+            return ConfigError(f"{where}: {cause} (set for another choice of that group, by the experiment?): drop "
+                               f"{'it' if len(stray) == 1 else 'them'} with {' '.join(f'~{where}.{k}' for k in stray)}")
+        cause = cause.__cause__
+    return cause
+
+
+def _refuse_a_finished_run(output_dir: Path) -> None:
+    """A new run (no ``ckpt_path``) in a directory that holds another run would append to its log and write its
+    checkpoints beside the other's: one line instead."""
+    held = [name for name in ("metrics.json", "checkpoints") if (output_dir / name).exists()
+            and (name != "checkpoints" or any((output_dir / name).glob("*.ckpt")))]
+    if held:
+        raise ConfigError(f"{output_dir} holds a run already ({', '.join(held)}): resume it with ckpt_path=auto, or "
+                          "start the new run in another directory (hydra.run.dir=... / output_dir=...)")
 
 
 def _final_weights_unvalidated(trainer: pl.Trainer) -> bool:

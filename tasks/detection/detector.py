@@ -8,19 +8,19 @@ module(s) (:mod:`rcnn`, :mod:`one_stage`, :mod:`detr`) and its config files; the
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import FasterRCNN
 
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
+from vtrain.config.validate import keys_not_taken
 
 
 @runtime_checkable
@@ -79,12 +79,7 @@ def _stray_keys(config: Mapping[str, Any], path: str) -> list[tuple[str, str]]:
     rest of its arguments, so Hydra would not find out now)."""
     stray = [found for key, value in config.items() if isinstance(value, Mapping)
              for found in _stray_keys(value, f"{path}.{key}")]
-    if "_target_" in config:
-        parameters = inspect.signature(get_method(config["_target_"])).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            stray += [(f"{path}.{k}", config["_target_"]) for k in sorted(config)
-                      if not str(k).startswith("_") and k not in parameters]
-    return stray
+    return stray + [(f"{path}.{k}", config["_target_"]) for k in keys_not_taken(config)]
 
 
 def _check_arguments(config: Mapping[str, Any], path: str) -> None:

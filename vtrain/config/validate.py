@@ -4,12 +4,15 @@ Each failure is a :class:`vtrain.ConfigError` whose message is one line: what is
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 
 from vtrain.config import ConfigError
@@ -58,6 +61,9 @@ def validate(cfg: DictConfig, datamodule) -> None:
     _check_devices(cfg.trainer)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist: pass the path of a checkpoint file")
+    if cfg.mode == "eval" and not cfg.get("ckpt_path"):  # ckpt_path=auto that found none arrives here as null
+        raise ConfigError("nothing to evaluate: give the weights as ckpt_path=<checkpoint file>, or ckpt_path=auto in a "
+                          f"run directory that has a checkpoint ({cfg.get('output_dir')}/checkpoints has none)")
     if cfg.mode == "train":
         check_pretrained(cfg)
         accumulate_grad_batches(cfg)  # optim.batch_per_step must be made of whole passes on these devices
@@ -178,3 +184,14 @@ def accumulate_grad_batches(cfg: DictConfig) -> int:
                           f"needs {needed} here: leave trainer.accumulate_grad_batches at 1, or set "
                           "optim.batch_per_step=null to choose it yourself")
     return needed
+
+
+def keys_not_taken(node: Any) -> list[str]:
+    """The keys of a ``_target_`` config that its callable does not take (none when it takes ``**kwargs``): what a
+    key an experiment set for one choice of a group leaves behind when the choice changes."""
+    if not isinstance(node, Mapping) or "_target_" not in node:
+        return []
+    parameters = inspect.signature(get_method(node["_target_"])).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return []
+    return [str(k) for k in node if not str(k).startswith("_") and k not in parameters]

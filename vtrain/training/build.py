@@ -92,11 +92,33 @@ def model_config(source: str | Path, experiment: str | None = None, overrides: S
             raise ConfigError(f"{path} does not say which model it holds (not a vtrain checkpoint, or one written "
                               "before checkpoints stored their config): add experiment=<the experiment it was "
                               "trained with>")
-        cfg = OmegaConf.merge(stored, OmegaConf.from_dotlist(list(overrides)))
+        cfg = with_overrides(stored, overrides)
     with open_dict(cfg):
         cfg.mode, cfg.ckpt_path, cfg.pretrained = "eval", None, None
         cfg.output_dir = str(source if source.is_dir() else path.parent)
     return cfg, path, described
+
+
+def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``cfg`` with ``key=value`` overrides as the command line takes them: a key it does not have is one line (with
+    the nearest key it has) unless written ``+key=value``, which adds it."""
+    import difflib
+
+    missing = object()
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"{override!r} is not key=value")
+        add, key = key.startswith("+"), key.lstrip("+")
+        if not add and OmegaConf.select(cfg, key, default=missing) is missing:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            near = difflib.get_close_matches(leaf, list(node) if isinstance(node, DictConfig) else [], n=1)
+            hint = f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
+            raise ConfigError(f"{key}={value}: the model's config has no key {key} ({hint}+{key}=... adds one)")
+        with open_dict(cfg):
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+    return cfg
 
 
 def load(source: str | Path, experiment: str | None = None, overrides: Sequence[str] = (),
@@ -109,12 +131,26 @@ def load(source: str | Path, experiment: str | None = None, overrides: Sequence[
     module = build_task(cfg)
     load_task_weights(module, path, strict=strict)
     if described.get("class_names"):
-        module.class_names, module.class_ids = described["class_names"], described.get("class_ids")
+        module.class_names, module.class_ids = _checked_names(described, cfg, path)
     else:
         module.class_names, module.class_ids = _dataset_classes(cfg)
     if map_location is not None:
         module = module.to(map_location if not callable(map_location) else "cpu")
     return module.eval() if eval_mode else module
+
+
+def _checked_names(described: dict[str, Any], cfg: DictConfig, path: Path) -> tuple[list[str], list | None]:
+    """A checkpoint's class names and ids, one per class of its model, or one line."""
+    names, ids = described["class_names"], described.get("class_ids")
+    count = OmegaConf.select(cfg, "data.num_classes", default=None)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: its class_names is not a list of names")
+    if count is not None and len(names) != int(count):
+        raise ConfigError(f"{path}: its class_names has {len(names)} names for its {count} classes: is the file "
+                          "whole? experiment=<name> with the dataset at hand names them from the data instead")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(names)):
+        raise ConfigError(f"{path}: its class_ids does not give one id per class ({len(names)})")
+    return names, ids
 
 
 def _dataset_classes(cfg: DictConfig) -> tuple[list[str] | None, list | None]:

@@ -6,8 +6,9 @@ that each private name still exists). Tested with pytorch-lightning ``TESTED_VER
 warning naming this file, once.
 
 Besides these functions, :class:`vtrain.training.callbacks.model_checkpoint.ModelCheckpoint` overrides ``ModelCheckpoint``'s private
-``_save_last_checkpoint`` and calls ``_should_skip_saving_checkpoint``, ``_should_save_on_train_epoch_end`` and
-``_monitor_candidates`` (the rule for when ``last.ckpt`` is written lives only there).
+``_save_last_checkpoint`` and ``_save_checkpoint`` and calls ``_should_skip_saving_checkpoint``,
+``_should_save_on_train_epoch_end`` and ``_monitor_candidates`` (the rule for when ``last.ckpt`` is written lives only
+there).
 """
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ def rerun_validation_on_resume(trainer: pl.Trainer) -> None:
         tracker.completed = tracker.processed = tracker.completed - seen
         tracker.started = tracker.ready = tracker.completed + 1
     progress.is_last_batch = False
+
+
+def validation_follows_this_batch(trainer: pl.Trainer) -> bool:
+    """In ``on_train_batch_end``: whether a validation runs right after this batch (the epoch's end, or a
+    ``val_check_interval``), as Lightning decides it right after the hook
+    (``fit_loop.epoch_loop._should_check_val_fx``)."""
+    if not trainer.enable_validation:
+        return False
+    return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
 
 
 def setup_train_data(trainer: pl.Trainer) -> None:

@@ -1,12 +1,14 @@
 """Lightning's ModelCheckpoint with checkpoints written whole and ``metrics.json`` naming a file that exists."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from vtrain.training.callbacks.metrics_json import MetricsJSON
+from vtrain.training.lightning_internals import validation_follows_this_batch
 
 
 class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
@@ -20,11 +22,29 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
     the end of training, rewrites ``last.ckpt`` unless it already holds the current step. And a run resumed from
     another file than ``last.ckpt`` (it was truncated, or refused) overwrites ``last.ckpt``, where Lightning
     would leave it and write ``last-v1.ckpt`` beside it.
+
+    No ``every_n_train_steps`` checkpoint is written at a batch that a validation follows (an epoch's last batch,
+    a ``val_check_interval``): Lightning resumes such a checkpoint past that validation, never run (its metrics,
+    best and log rows missing), and, when it ended an epoch, with the epochs counted one short, so that resuming the
+    finished run again trained one more epoch. The checkpoint written after the validation takes its place; a kill
+    in between resumes from the one before and redoes those steps, exactly.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._last_written_step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        resumed = trainer.ckpt_path
+        if resumed and self.dirpath and Path(resumed).resolve() == (Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}"
+                                                                      f"{self.FILE_EXTENSION}").resolve():
+            self._last_written_step = trainer.global_step  # last.ckpt holds this step: a finished run stays as it is
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if validation_follows_this_batch(trainer):
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if self.save_last is True:  # the directory is this run's: its last.ckpt is this run's to replace
