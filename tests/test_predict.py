@@ -163,6 +163,38 @@ def test_pictures_are_written_and_show_the_prediction(trained, tmp_path):
             assert all("counts" in d["mask"] and d["category_id"] in (1, 4, 7, 10) for d in record["instances"])
 
 
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory) -> Path:
+    return one_step_run("classification", tmp_path_factory.mktemp("classifier"))
+
+
+def test_an_unreadable_input_is_skipped_and_counted_and_the_rest_predicted(classifier_run, tmp_path, capsys):
+    """One broken file in a folder stopped the whole command: it is skipped, counted on the last line, and the other
+    files are predicted. A mistyped option and an out= that is a file are one line each."""
+    run_dir = classifier_run  # the skipping is the predictor's, the same for every task
+    from vtrain.predict import main
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    files = vtrain.Predictor(run_dir).datamodule.example_files(2)
+    for file in files:
+        (folder / Path(file).name).write_bytes(Path(file).read_bytes())
+    (folder / "broken.JPEG").write_bytes(b"not an image")
+    main([f"run={run_dir}", f"inputs={folder}", f"out={tmp_path / 'out'}", "pictures=false"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == sorted(f"{Path(f).stem}.json" for f in files)
+    assert printed[-1].endswith(f"; skipped 1 unreadable input ({folder / 'broken.JPEG'})")
+
+    for argv, message in (([f"run={run_dir}", f"inputs={folder}", "scor_threshold=0.1"],
+                           "error: scor_threshold=0.1: no such option (did you mean score_threshold?)"),
+                          ([f"run={run_dir}", f"inputs={folder}", f"out={folder / 'broken.JPEG'}"],
+                           f"error: out={folder / 'broken.JPEG'} is a file: give a folder")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+
+
 def test_training_logs_pictures_of_validation_predictions_to_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -13,7 +13,7 @@ a difference beyond them ends the command with an error. ``model.json`` beside i
 
 Options (``key=value``): run=DIR | ckpt_path=FILE, experiment=NAME (weight files that do not describe their model),
 format=onnx, out=DIR (default: <run dir or checkpoint folder>/export), size=H,W, atol=1e-4, rtol=1e-3; any other
-key=value changes the model's config.
+<group>.<key>=value changes the model's config (a key it does not have, or an option mistyped, is one line).
 """
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ Options (``key=value``):
   max_detections=100  detections per image, the best first
   mask_threshold=0.5  a detection's mask is where its probability exceeds this
   pictures=true       false: JSON only
-Any other key=value changes the model's config (task.test_size=1000, data.eval_crop_pct=1.0).
+Any other <group>.<key>=value changes the model's config (task.test_size=1000, data.eval_crop_pct=1.0): a key
+it does not have is one line (+key=value adds one), and so is an option mistyped. An input that cannot be read is
+skipped, named and counted on the last line; the others are predicted.
 
 What each JSON holds: classification and video, the top-k classes (label, name, dataset id such as the ImageNet
 wnid, probability; video: over every view of the clip sampling validation uses); detection, each instance's box
@@ -107,18 +109,23 @@ def run(options: dict[str, str], overrides: list[str]) -> list[Path]:
     predictor = build_predictor(options, overrides)
     files = collect_inputs(options["inputs"], predictor.datamodule.input_extensions)
     out = Path(options.get("out", "predictions"))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file: give a folder for the predictions (it is made if missing)")
     out.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
     written = []
-    for prediction in predictor.predict(files):
+    for prediction in predictor.predict(files, skip_unreadable=True):
         stem = Path(prediction.source).stem
         name = stem if stem not in names else next(f"{stem}_{k}" for k in range(2, len(names) + 3)
                                                      if f"{stem}_{k}" not in names)
         names.add(name)
         written.append(write_prediction(prediction, out, name))
         print(f"{prediction.source}: {summary_line(prediction.record)}")
+    skipped = predictor.skipped
     print(f"wrote {len(written)} prediction{'s' if len(written) != 1 else ''} to {out} (JSON"
-          f"{' and pictures' if predictor.options.pictures else ''}), model on {predictor.device}")
+          f"{' and pictures' if predictor.options.pictures else ''}), model on {predictor.device}"
+          + (f"; skipped {len(skipped)} unreadable input{'s' if len(skipped) != 1 else ''} ({', '.join(skipped[:3])}"
+             f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""))
     return written
 
 

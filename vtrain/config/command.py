@@ -2,6 +2,7 @@
 (predict, export)."""
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,11 @@ def split_key_values(argv: list[str], options: set[str]) -> tuple[dict[str, str]
             raise ConfigError(f"{arg!r} is not key=value: see --help")
         if key in options:
             known[key] = value
+        elif "." not in key and not key.startswith(("+", "~")):  # an option's name, mistyped: not ignored
+            near = difflib.get_close_matches(key, sorted(options), n=1)
+            raise ConfigError(f"{key}={value}: no such option{f' (did you mean {near[0]}?)' if near else ''}; the "
+                              f"options are {', '.join(sorted(options))}, and a change to the model's config is "
+                              "<group>.<key>=value")
         else:
             overrides.append(arg)
     return known, overrides

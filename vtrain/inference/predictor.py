@@ -8,6 +8,8 @@ data module how a file becomes the model's input (its ``predict_set``); this mod
 """
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from vtrain.config import ConfigError
+from vtrain.data.datamodule import CorruptFileError
 from vtrain.training.build import datamodule_of, load
 from vtrain.training.module import PredictOptions, TaskModule
+
+log = logging.getLogger("vtrain")
 
 
 @dataclass
@@ -87,22 +92,49 @@ class Predictor:
         one or a list."""
         return [p.record for p in self.predict(images, pictures=False)]
 
-    def predict(self, images: Any, pictures: bool | None = None) -> Iterator[Prediction]:
-        """Each input's :class:`Prediction`, in order, batch by batch."""
+    def predict(self, images: Any, pictures: bool | None = None, skip_unreadable: bool = False
+                ) -> Iterator[Prediction]:
+        """Each input's :class:`Prediction`, in order, batch by batch. ``skip_unreadable``: a file that cannot be
+        decoded is left out with a warning and listed in ``self.skipped`` (the others are predicted), as training
+        skips and counts unreadable samples; otherwise it stops with one line naming it."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = [str(i) if isinstance(i, (str, Path)) else as_array(i) for i in items]
         dataset = self.datamodule.predict_set(inputs)
+        if skip_unreadable:
+            dataset = SkipUnreadable(dataset)
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=list)
         draw = self.options.pictures if pictures is None else pictures
+        self.skipped: list[str] = []
         index = 0
         for batch in loader:
-            outputs = self.model.predict_batch([item["input"] for item in batch])
-            for item, output in zip(batch, outputs):
-                record = self.model.prediction_record(output, self.options)
-                picture = self.model.draw_prediction(item["original"], record, self.options) if draw else None
-                source = item["path"] if isinstance(items[index], (str, Path)) else f"<image {index}>"
-                yield Prediction(source, record, picture)
+            readable = [item for item in batch if "unreadable" not in item]
+            outputs = iter(self.model.predict_batch([item["input"] for item in readable]) if readable else [])
+            for item in batch:
                 index += 1
+                if "unreadable" in item:
+                    log.warning("skipped %s", item["unreadable"])
+                    self.skipped.append(item["path"])
+                    continue
+                record = self.model.prediction_record(next(outputs), self.options)
+                picture = self.model.draw_prediction(item["original"], record, self.options) if draw else None
+                source = item["path"] if isinstance(items[index - 1], (str, Path)) else f"<image {index - 1}>"
+                yield Prediction(source, record, picture)
+
+
+class SkipUnreadable(Dataset):
+    """A prediction set whose unreadable files come out as ``{"path", "unreadable": <the one-line reason>}``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self.dataset[i]
+        except CorruptFileError as e:
+            return {"path": str(self.dataset.items[i]), "unreadable": str(e)}
 
 
 def collect_inputs(spec: str | Iterable[str], extensions: Sequence[str]) -> list[str]:
