@@ -416,3 +416,18 @@ def test_quickstart_detr_learns_under_ddp(quickstart):
     assert len(losses) == 60 and losses[-1] < losses[0] / 4, losses[::10]
     results = json.loads((run_dir / "detections_bbox.json").read_text())
     assert len(results) == 16 * 8 and {r["category_id"] for r in results} <= {1, 4}  # 8 queries per image
+
+
+def test_the_evaluation_resize_is_the_official_rule():
+    """The official get_size_with_aspect_ratio rounds a capped short side (torchvision's detectors floor it): a 45x170
+    image is 353x1333; a 480x640 one 800x1066; a square one 800x800; a portrait one as the landscape, transposed."""
+    from vtrain.tasks.detection.detr import official_size
+
+    assert official_size(45, 170, 800, 1333) == (353, 1333)
+    assert official_size(170, 45, 800, 1333) == (1333, 353)
+    assert official_size(480, 640, 800, 1333) == (800, 1066)
+    assert official_size(500, 500, 800, 1333) == (800, 800)
+    assert official_size(800, 1200, 800, 1333) == (800, 1200)  # already at size: unchanged
+    task = detr_task(TINY_SWIN, num_classes=2, test_size=800, model=dict(TINY_DETR, size_divisible=1)).eval()
+    batch, _ = task.detector.transform([torch.rand(3, 45, 170)])
+    assert batch.image_sizes == [(353, 1333)]

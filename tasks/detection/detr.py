@@ -55,6 +55,32 @@ class MLP(nn.Module):
         return x
 
 
+def official_size(height: int, width: int, size: int, max_size: int) -> tuple[int, int]:
+    """The official evaluation size (``datasets/transforms.py``, ``get_size_with_aspect_ratio``): the short side
+    ``size`` unless the long side would pass ``max_size``, then the short side ``round(max_size * short / long)``
+    (torchvision's detectors floor it: a 45x170 image is 353x1333 here, 352x1333 there); the long side floored."""
+    short, long = float(min(height, width)), float(max(height, width))
+    if long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+class OfficialTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform (normalise, batch, pad) with the official DETR evaluation resize
+    (:func:`official_size`, bilinear); training images keep the data pipeline's size."""
+
+    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None):
+        if self.training:
+            return super().resize(image, target)
+        size = official_size(*image.shape[-2:], int(self.min_size[-1]), int(self.max_size))
+        resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        return resized, target
+
+
 class DETR(nn.Module):
     """DETR on a backbone built with ``out_levels=(3,)``.
 
@@ -103,8 +129,8 @@ class DETR(nn.Module):
             raise ValueError(f"DETR reads backbone level {DETRSpec.levels}, the backbone gives {backbone.out_levels}")
         object.__setattr__(self, "body", backbone)  # not a submodule: the task registers it (as FeaturePyramid)
         self.num_classes, self.num_queries = num_classes, num_queries
-        self.transform = GeneralizedRCNNTransform(min_size, max_size, list(image_mean), list(image_std),
-                                                  size_divisible=size_divisible, _skip_resize=True)
+        self.transform = OfficialTransform(min_size, max_size, list(image_mean), list(image_std),
+                                           size_divisible=size_divisible, _skip_resize=True)
         self.position_encoding = SinePositionEncoding(hidden_dim // 2)
         self.transformer = DETRTransformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers,
                                            dim_feedforward, dropout)
