@@ -37,12 +37,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------------------------------ the references' schedules
 # Each: (update, updates per epoch) -> the lr of a parameter with lr multiplier 1, as the reference computes it.
 def swin_cosine(u: int, s: int) -> float:
-    """Swin lr_scheduler.py (timm CosineLRScheduler, t_in_epochs=False, warmup_prefix) at 1024 images: lr 1e-3,
-    warm-up 1e-6 over 20 epochs, cosine over the other 280 down to 1e-5 (all three scaled by 1024 / 512)."""
+    """Swin lr_scheduler.py as the paper's Table 1 and the released weights were trained (timm CosineLRScheduler,
+    t_in_epochs=False, ``t_initial=num_steps``, no warm-up prefix: the repository's WARMUP_PREFIX came in October
+    2022) at 1024 images: lr 1e-3, warm-up 1e-6 over 20 epochs, then the cosine of the step over all 300 epochs down
+    to 1e-5 (all three scaled by 1024 / 512)."""
     warm, total = 20 * s, 300 * s
     if u < warm:
         return 1e-6 + u * (1e-3 - 1e-6) / warm
-    return 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (u - warm) / (total - warm)))
+    return 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * u / total))
 
 
 def deit_cosine(u: int, s: int) -> float:

@@ -157,12 +157,14 @@ def _warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_lr: float | Non
 # every duration may be given in epochs (``*_epochs``) or in steps (``*_steps``).
 def cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
            min_lr: float = 0.0, warmup_epochs: float = 0, warmup_steps: int | None = None,
-           warmup_lr: float | None = None, warmup_ratio: float = 0.001) -> Scheduler:
-    """Swin (its lr_scheduler.py): cosine per iteration over the steps after the warm-up (``warmup_prefix``), down
-    to ``min_lr``; warm-up and minimum lr scale with the batch as the lr does."""
+           warmup_lr: float | None = None, warmup_ratio: float = 0.001, warmup_prefix: bool = True) -> Scheduler:
+    """Swin (its lr_scheduler.py): cosine per iteration down to ``min_lr`` after a linear warm-up; warm-up and
+    minimum lr scale with the batch as the lr does. ``warmup_prefix``: the cosine runs over the steps after the
+    warm-up (the repository since October 2022, ``WARMUP_PREFIX=True``); false: over all the steps, the warm-up's
+    included (``t_initial=num_steps``: the code of the paper's Table 1 and of the released weights)."""
     warmup = _steps(warmup_epochs, warmup_steps, steps_per_epoch)
-    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=float(min_lr) * lr_scale,
-                             cycle_limit=1, warmup_prefix=True,
+    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup if warmup_prefix else total_steps, 1),
+                             lr_min=float(min_lr) * lr_scale, cycle_limit=1, warmup_prefix=bool(warmup_prefix),
                              **_warmup(optimizer, warmup, warmup_lr, warmup_ratio, lr_scale))
 
 
