@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CLS, run_cli
+from conftest import TINY_CLS, compose, run_cli
 from vtrain.training.build import build_task
 
 
@@ -168,3 +168,20 @@ def test_compile_traces_the_backbone_and_keeps_checkpoint_keys(imagenet_root, tm
     assert "torch.compile({'backend': 'aot_eager'}) of the backbone's forward, forward_pooled" in (run / "cli.log").read_text()
     keys = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert "backbone.patch_embed.proj.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_evaluation_of_a_gpu_recipe_runs_on_the_cpu_when_there_is_no_gpu(monkeypatch):
+    """python -m vtrain.eval experiment=<a recipe with trainer=ddp> failed on a CPU-only machine; it evaluates on the
+    CPU unless the command line chose a trainer."""
+    import torch
+
+    from vtrain.cli import evaluate_on_available_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose("experiment=swin_t_imagenet")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.strategy == "ddp"
+    evaluate_on_available_device(cfg, ["experiment=swin_t_imagenet", "ckpt_path=x.pth"])
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 1 and cfg.trainer.get("strategy") != "ddp"
+    chosen = compose("experiment=swin_t_imagenet", "trainer=gpu")
+    evaluate_on_available_device(chosen, ["experiment=swin_t_imagenet", "trainer=gpu"])
+    assert chosen.trainer.accelerator == "gpu"  # asked for: validate() then says no CUDA device is visible

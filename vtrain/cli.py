@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain.config import ConfigError
 from vtrain.config.command import fail
-from vtrain.config.compose import CONFIG_DIR, ensure_output_dir
+from vtrain.config.compose import CONFIG_DIR, compose_config, ensure_output_dir
 from vtrain.config.stored import trusted_config
 from vtrain.config.validate import check_values, keys_not_taken, validate
 from vtrain.training.build import build_task
@@ -199,11 +199,26 @@ def main(cfg: DictConfig) -> float | None:
 def evaluate(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.mode = "eval"
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        model_from_checkpoint(cfg, list(HydraConfig.get().overrides.task))
+        model_from_checkpoint(cfg, overrides)
     except ConfigError as e:
         return fail(e)
+    evaluate_on_available_device(cfg, overrides)
     return run_job(cfg)
+
+
+def evaluate_on_available_device(cfg: DictConfig, overrides: list[str]) -> None:
+    """A recipe's GPU trainer (``trainer=ddp``) on a machine without CUDA, for an evaluation whose command line
+    chose no trainer: ``trainer=cpu`` instead (an evaluation gives the same numbers on either)."""
+    import torch
+
+    chosen = any(o.lstrip("+~").split("=", 1)[0].split(".")[0] in ("trainer", "trainer/") for o in overrides)
+    if chosen or cfg.trainer.get("accelerator") not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    with open_dict(cfg):
+        cfg.trainer = compose_config("train", ["trainer=cpu"]).trainer
+    log.info("no CUDA device: evaluating on the CPU (trainer=cpu; trainer=... chooses another)")
 
 
 MODEL_KEYS = ("task", "data", "backbone", "video_backbone")  # what a checkpoint's config says about its model
