@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from vtrain.inference.visualize import draw_top_k, frame_strip
 from vtrain.training.checkpoint import (
@@ -22,13 +21,14 @@ from vtrain.training.checkpoint import (
     read_checkpoint,
     unwrap_state_dict,
 )
-from vtrain.training.module import PredictOptions, TaskModule, top_k
+from vtrain.training.classifier import ClassifierTask
+from vtrain.training.module import PredictOptions
 
 # the classifier's keys in this framework's checkpoints and in mmaction2's (official Video Swin) ones
 _HEAD_PREFIXES = ("head.", "cls_head.fc_cls.")
 
 
-class VideoClassificationTask(TaskModule):
+class VideoClassificationTask(ClassifierTask):
     """Args:
         model: a video backbone config (``conf/video_backbone/*.yaml``); ``frames`` wraps the 2D ``backbone``.
         head_drop: dropout before the classifier (0.5 in the I3D / Video Swin heads).
@@ -46,19 +46,11 @@ class VideoClassificationTask(TaskModule):
         head_drop: float = 0.5,
         label_smoothing: float = 0.0,
     ):
-        super().__init__(optim, sched, monitor, monitor_mode)
-        self.backbone = instantiate(model, _recursive_=False)
-        self.head_drop = nn.Dropout(head_drop)
-        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        super().__init__(instantiate(model, _recursive_=False), num_classes, optim, sched, monitor, monitor_mode,
+                         head_drop)
         nn.init.normal_(self.head.weight, std=0.01)  # mmaction2's I3DHead init
         nn.init.zeros_(self.head.bias)
         self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
-
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        """(N, C, T, H, W) clips -> (N, classes) logits."""
-        return self.head(self.head_drop(self.backbone.forward_pooled(clips)))
 
     def video_probabilities(self, views: torch.Tensor) -> torch.Tensor:
         """(N, V, C, T, H, W) views of N videos -> (N, classes): the softmax averaged over the V views."""
@@ -74,13 +66,7 @@ class VideoClassificationTask(TaskModule):
         if batch is None:
             return  # none of its videos could be read (vtrain.data.datamodule.ReadableCollate)
         probabilities, labels = self.video_probabilities(batch["clips"]), batch["labels"]
-        n = len(labels)
-        self.val_top1(probabilities, labels)
-        self.val_top5(probabilities, labels)
-        loss = F.nll_loss(probabilities.clamp_min(1e-8).log(), labels)
-        self.log("val/loss", loss, sync_dist=True, batch_size=n)
-        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=n)
-        self.log("val/top5", self.val_top5, batch_size=n)
+        self.log_accuracy(probabilities, labels, F.nll_loss(probabilities.clamp_min(1e-8).log(), labels))
 
     # ------------------------------------------------------------------ predictions and export
     @torch.no_grad()
@@ -90,16 +76,12 @@ class VideoClassificationTask(TaskModule):
         return [{"probabilities": p, "views": torch.tensor(len(v))} for p, v in zip(probabilities, inputs)]
 
     def prediction_record(self, output: dict[str, torch.Tensor], options: PredictOptions) -> dict[str, Any]:
-        return {"top_k": top_k(output["probabilities"], self.label_names(), self.class_ids, options.top_k),
-                "views": int(output["views"])}
+        return {**super().prediction_record(output, options), "views": int(output["views"])}
 
     def draw_prediction(self, original: torch.Tensor, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
         """The frames of the first sampled clip (``original``: (clips, T, 3, H, W)) beside the top-5 over the views."""
         entries = [(c["name"], c["score"]) for c in record["top_k"][:5]]
         return draw_top_k(frame_strip(original[0]), entries, title=f"over {record['views']} views")
-
-    def export_module(self) -> nn.Module:
-        return VideoClassifier(self.backbone, self.head).eval()
 
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Video backbone weights from a checkpoint of the same video model (this framework's, torchvision's,
@@ -115,15 +97,3 @@ class VideoClassificationTask(TaskModule):
             backbone_sd, head = self.backbone.checkpoint_filter(state_dict)
         load_matching(self.backbone, backbone_sd, path, "video backbone", strict=strict)
         load_classifier(self.head, head, path)
-
-
-class VideoClassifier(nn.Module):
-    """The evaluation model alone (what export writes): normalised (N, C, T, H, W) clips -> (N, classes) logits of
-    each clip (a video's score averages the softmax of its views)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.forward_pooled(clips))

@@ -134,13 +134,14 @@ def require_reductions(backbone: Backbone, needed: Sequence[int], who: str) -> N
 
 
 class Classifier(nn.Module):
-    """Backbone (a classifier's trunk) -> pooled embedding -> linear classifier: with a reference backbone exactly
-    the reference classifier, with ``ClassificationTask``'s keys (``backbone.*``, ``head.*``)."""
+    """Backbone (a classifier's trunk, image or video) -> pooled embedding -> linear classifier: with a reference
+    backbone exactly the reference classifier, with the classification tasks' keys (``backbone.*``, ``head.*``). It is
+    also what their export writes (``head``: the task's own classifier; its dropout is the identity in evaluation)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int = 1000):
+    def __init__(self, backbone: nn.Module, num_classes: int = 1000, head: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.head = head if head is not None else nn.Linear(backbone.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.forward_pooled(x))
