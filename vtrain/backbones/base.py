@@ -55,7 +55,26 @@ def parse_levels(out_levels: Sequence[int] | int | None) -> tuple[int, ...] | No
     return tuple(sorted(levels))
 
 
-class Backbone(nn.Module):
+class WeightContract:
+    """What the optimiser and the weight loading ask of any backbone, image or video (defaults: nothing special)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to the backbone) the recipes exclude from weight decay beyond 1-D tensors."""
+        return set()
+
+    def init_only(self, key: str) -> bool:
+        """Whether state-dict ``key`` is one no reference release has (an added block, a module only feature maps
+        need), so that it starts from its initialisation when reference weights are loaded, not missing."""
+        return False
+
+    def checkpoint_filter(
+        self, state_dict: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Return ``(backbone_state_dict, classifier_state_dict)`` from a reference checkpoint."""
+        return dict(state_dict), {}
+
+
+class Backbone(WeightContract, nn.Module):
     out_levels: tuple[int, ...] | None = None
     feature_info: list[FeatureInfo]
     num_features: int
@@ -85,25 +104,29 @@ class Backbone(nn.Module):
                               "out_levels=(...) for feature maps")
         return self.out_levels
 
-    def no_weight_decay(self) -> set[str]:
-        return set()
+    # ----------------------------------------------------------------- frozen stages (mmdet's ``frozen_stages``)
+    def _frozen_modules(self) -> list[nn.Module]:
+        """The modules of the first ``frozen_stages`` stages, as the family numbers them (none by default)."""
+        return []
 
-    def init_only(self, key: str) -> bool:
-        """Whether state-dict ``key`` is one no reference release has (an added block, a module only feature maps
-        need), so that it starts from its initialisation when reference weights are loaded, not missing."""
-        return False
+    def freeze_stages(self, frozen_stages: int) -> None:
+        """Freeze the stem and the first ``frozen_stages`` stages (-1: none; 0: the stem): no gradient, and
+        evaluation mode whatever :meth:`train` is asked (their BatchNorm statistics stay)."""
+        self.frozen_stages = frozen_stages
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them (timm's name and
         semantics): activation memory of one block per stage, at the cost of a second forward. BatchNorm
         layers see the recomputation too (their running statistics update twice per step)."""
         self.grad_checkpointing = enable
-
-    def checkpoint_filter(
-        self, state_dict: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Return ``(backbone_state_dict, classifier_state_dict)`` from a reference checkpoint."""
-        return dict(state_dict), {}
 
     @classmethod
     def timm_twin(cls, cfg: Mapping) -> tuple[str, dict[str, Any]] | None:

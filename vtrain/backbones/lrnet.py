@@ -94,9 +94,7 @@ class LRNet(ResNet):
                     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.kaiming_normal_(self.conv1[0].weight, mode="fan_out", nonlinearity="relu")
 
-        self.frozen_stages = frozen_stages
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
+        self.freeze_stages(frozen_stages)
 
     @classmethod
     def timm_twin(cls, cfg: Mapping) -> None:

@@ -160,9 +160,7 @@ class ResNet(Backbone):
         self.non_local = non_local_blocks(nl, dnl, depths, channels)
         self._prune_stages()
 
-        self.frozen_stages = frozen_stages
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
+        self.freeze_stages(frozen_stages)
 
     @property
     def stages(self) -> list[nn.Sequential]:
@@ -182,12 +180,6 @@ class ResNet(Backbone):
         modules += self.stages[: self.frozen_stages]
         modules += [m for name, m in self.non_local.items() if int(name[5]) <= self.frozen_stages]
         return modules
-
-    def train(self, mode: bool = True) -> "ResNet":
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()
-        return self
 
     def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         recompute = self.grad_checkpointing and torch.is_grad_enabled()

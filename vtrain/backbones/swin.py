@@ -98,9 +98,7 @@ class SwinTransformer(Backbone):
         else:
             self.norm = swin.norm
 
-        self.frozen_stages = frozen_stages
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
+        self.freeze_stages(frozen_stages)
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
@@ -114,12 +112,6 @@ class SwinTransformer(Backbone):
             if str(i) in getattr(self, "out_norms", {}):
                 modules.append(self.out_norms[str(i)])
         return modules
-
-    def train(self, mode: bool = True) -> "SwinTransformer":
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()
-        return self
 
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if "relative_position_bias_table" in name}

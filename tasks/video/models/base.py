@@ -20,21 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtrain.backbones.base import WeightContract
 
-class VideoBackbone(nn.Module):
+
+class VideoBackbone(WeightContract, nn.Module):
     num_features: int
 
     def forward_pooled(self, clips: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    def init_only(self, key: str) -> bool:
-        """As :meth:`vtrain.backbones.base.Backbone.init_only`: keys no reference release has."""
-        return False
-
-    def checkpoint_filter(
-        self, state_dict: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return dict(state_dict), {}
