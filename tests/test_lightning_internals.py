@@ -25,9 +25,14 @@ def test_the_private_names_vtrain_uses_exist():
     for tracker in (val_loop.batch_progress.total, val_loop.batch_progress.current):
         assert {"ready", "started", "processed", "completed"} <= set(vars(tracker)), tracker
     assert hasattr(val_loop.batch_progress, "is_last_batch") and hasattr(type(val_loop), "restarted_mid_evaluation")
-    for name in ("_save_last_checkpoint", "_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end",
-                 "_monitor_candidates"):
+    for name in ("_save_last_checkpoint", "_save_checkpoint", "_should_skip_saving_checkpoint",
+                 "_should_save_on_train_epoch_end", "_monitor_candidates"):
         assert callable(getattr(ModelCheckpoint, name)), name
+    # validation_follows_this_batch: the epoch loop's own decision; is_local_path: Lightning's checkpoint I/O's
+    assert callable(trainer.fit_loop.epoch_loop._should_check_val_fx) and hasattr(trainer.fit_loop, "_data_fetcher")
+    from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
+
+    assert _is_local_file_protocol("/tmp/x.ckpt") and not _is_local_file_protocol("s3://bucket/x.ckpt")
     # the override keeps the signature it replaces
     assert list(inspect.signature(ModelCheckpoint._save_last_checkpoint).parameters) == [
         "self", "trainer", "monitor_candidates"]

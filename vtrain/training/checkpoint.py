@@ -22,6 +22,7 @@ from torch import nn
 
 from vtrain.config import ConfigError
 from vtrain.training.atomic import atomic_write
+from vtrain.training.lightning_internals import is_local_path
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,7 @@ class CheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
-
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not is_local_path(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 

@@ -13,6 +13,7 @@ there).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytorch_lightning as pl
 
@@ -65,6 +66,14 @@ def validation_follows_this_batch(trainer: pl.Trainer) -> bool:
     if not trainer.enable_validation:
         return False
     return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+def is_local_path(path: Any) -> bool:
+    """A path on this machine (not ``s3://`` and the like), as Lightning's checkpoint I/O tells them apart
+    (``lightning_fabric.utilities.cloud_io._is_local_file_protocol``)."""
+    from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
+
+    return _is_local_file_protocol(path)
 
 
 def setup_train_data(trainer: pl.Trainer) -> None:
