@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vtrain.config import ConfigError
 from vtrain.config.command import key_value_command
-from vtrain.inference.export import FORMATS, check, example_input, export
+from vtrain.inference.export import FORMATS, check, export
 from vtrain.training.build import load
 
 OPTIONS = {"run", "ckpt_path", "experiment", "format", "out", "size", "atol", "rtol"}
@@ -40,16 +40,15 @@ def run(options: dict[str, str], overrides: list[str]) -> Path:
     module = load(source, options.get("experiment"), overrides)
     out = Path(options.get("out") or (Path(source) if Path(source).is_dir() else Path(source).parent) / "export")
     path = out / FORMATS[fmt]
-    exported = export(module, fmt, path, example_input(module, 2, size))
-    check_input = example_input(module, 3, size)  # another batch size than the traced one
+    exported = export(module, fmt, path, module.example_input(2, size))
+    check_input = module.example_input(3, size)  # another batch size than the traced one
     difference = check(module, exported, check_input, float(options.get("atol", 1e-4)),
                        float(options.get("rtol", 1e-3)))
     (out / "model.json").write_text(json.dumps({
         "file": path.name, "format": fmt, "task": type(module).__name__,
         "input": {"shape": ["batch", *check_input.shape[1:]], "layout": "NCTHW" if check_input.dim() == 5 else "NCHW",
                   "normalised": "as the run's validation transform does"},
-        "output": "logits (classes)" if check_input.dim() == 5 or "img_size" in module.run_config["data"]
-        else "logits (classes, H, W)",
+        "output": module.export_output,
         "class_names": module.label_names(), "max_difference_to_pytorch": difference,
     }, indent=1))
     print(f"wrote {path} ({fmt}); it matches the PyTorch model within {difference:.2g} on a batch of "

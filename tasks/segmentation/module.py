@@ -160,6 +160,12 @@ class SegmentationTask(TaskModule):
         shares = {c["label"]: c["share"] for c in record["classes"]}
         return draw_segmentation(to_uint8_image(original), record["label_map"].long(), self._class_names(), shares)
 
+    export_output = "logits (classes, H, W)"
+
+    def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Images of the training crop's size (the exported model takes others: it pads and crops as mmseg does)."""
+        return torch.randn(batch, 3, *(size or tuple(self.run_config["data"]["crop_size"])))
+
     def export_module(self) -> nn.Module:
         return Segmenter(self.backbone, self.head, self.size_divisor).eval()
 

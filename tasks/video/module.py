@@ -83,6 +83,12 @@ class VideoClassificationTask(ClassifierTask):
         entries = [(c["name"], c["score"]) for c in record["top_k"][:5]]
         return draw_top_k(frame_strip(original[0]), entries, title=f"over {record['views']} views")
 
+    def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Clips of the validation views: (N, 3, T, H, W)."""
+        data = self.run_config["data"]
+        side = int(data["eval_crop_size"])
+        return torch.randn(batch, 3, int(data["clip_len"]), *(size or (side, side)))
+
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Video backbone weights from a checkpoint of the same video model (this framework's, torchvision's,
         official Video Swin) or inflated from a 2D ImageNet one (official / timm / torchvision / this

@@ -14,17 +14,6 @@ from vtrain.config import ConfigError
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "exported": "model.pt2"}
 
 
-def example_input(module: Any, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A normalised batch of the validation input's shape: (N, 3, H, W), or (N, 3, T, H, W) clips."""
-    data = module.run_config["data"]
-    if "clip_len" in data:  # video: clips of the validation views
-        side = size or (data["eval_crop_size"], data["eval_crop_size"])
-        return torch.randn(batch, 3, data["clip_len"], *side)
-    if size is None:
-        size = (data["img_size"],) * 2 if data.get("img_size") else tuple(data.get("crop_size") or (512, 512))
-    return torch.randn(batch, 3, *size)
-
-
 def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn.Module:
     """Write ``module.export_module()`` to ``path`` in format ``fmt``; the model as written, loaded back."""
     if fmt not in FORMATS:

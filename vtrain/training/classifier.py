@@ -42,6 +42,12 @@ class ClassifierTask(TaskModule):
     def prediction_record(self, output: dict[str, torch.Tensor], options: PredictOptions) -> dict[str, Any]:
         return {"top_k": top_k(output["probabilities"], self.label_names(), self.class_ids, options.top_k)}
 
+    export_output = "logits (classes)"
+
+    def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        side = int(self.run_config["data"]["img_size"])
+        return torch.randn(batch, 3, *(size or (side, side)))
+
     def export_module(self) -> nn.Module:
         """The evaluation model alone: a normalised batch -> logits (a video's score averages its views' softmax)."""
         return Classifier(self.backbone, head=self.head).eval()

@@ -202,6 +202,13 @@ class TaskModule(pl.LightningModule):
         """A plain ``nn.Module`` of the evaluation model: a normalised batch in, logits (or maps) out."""
         raise ConfigError(f"{type(self).__name__} cannot be exported")
 
+    export_output = "logits"  # what export_module returns, in words (export's model.json)
+
+    def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """A normalised batch of what :meth:`export_module` takes, at the validation input's size (``size``: (H, W)
+        instead): what export traces and checks with."""
+        raise ConfigError(f"{type(self).__name__} cannot be exported")
+
     # ----------------------------------------------------------------- weights
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Load reference weights (official/timm/torchvision/this framework) into the backbone; ``strict``: every
