@@ -2,5 +2,8 @@
 (pyproject.toml holds everything else)."""
 from setuptools import find_packages, setup
 
-setup(packages=[*find_packages(include=["vtrain", "vtrain.*"]),
-                *(f"vtrain.tasks{'.' if name else ''}{name}" for name in ["", *find_packages("tasks")])])
+PACKAGES = [*find_packages(include=["vtrain", "vtrain.*"]),
+            *(f"vtrain.tasks{'.' if name else ''}{name}" for name in ["", *find_packages("tasks")])]
+
+if __name__ == "__main__":
+    setup(packages=PACKAGES)

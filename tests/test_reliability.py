@@ -153,11 +153,11 @@ def busy_cpu():
 
 MOMENTS = {
     "through_a_run": [("on_train_batch_start", 6),       # after the first epoch's checkpoint, written after its validation
-                      ("on_validation_start", 12),       # after an epoch's last batch, before its validation
                       ("on_train_batch_start", 14),      # mid-epoch, right after a checkpoint
                       ("on_train_batch_end", 16),        # after a step, before its checkpoint: that step is redone
                       ("on_validation_batch_end", 18)],  # in the last validation, after the last checkpoint
-    # a run killed for the first time before an epoch's validation, then before the last one (the end of the run)
+    # a run killed for the first time after an epoch's last batch, before its validation (a resumed run did not
+    # reach that state: it wrote no checkpoint there), then before the last validation (the end of the run)
     "before_validations": [("on_validation_start", 12), ("on_validation_start", 18)],
 }
 
