@@ -4,7 +4,7 @@ vtrain's own config tree (``conf/``) names, and every interpolation that calls a
 ``${oc.decode:...}``, a resolver registered by any imported package) must be one written in that tree.
 
 Hydra's ``instantiate`` calls whatever a ``_target_`` names, and its block-list stops ``os.system`` but not
-``numpy.savetxt``, ``shutil.copyfile`` or ``torch.load(weights_only=False)``: a checkpoint or a run directory from
+``numpy.savetxt``, ``shutil.copyfile`` or ``torch.load`` with its weights-only check off: a checkpoint or a run directory from
 someone else would choose what runs. The allow-list is derived from the installed tree, never kept by hand, so a
 new config file is trusted as soon as it exists and a stored value nothing in the tree could produce is refused
 with one line naming its key. A config of your own classes (``backbone._target_=mypkg.MyNet`` on the command line)
