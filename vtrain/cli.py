@@ -80,15 +80,7 @@ def _run(cfg: DictConfig) -> float | None:
         strict = bool(cfg.get("pretrained_strict", True))
         if cfg.mode == "train" and cfg.get("pretrained") and not cfg.get("ckpt_path"):  # a resumed run has its weights
             module.load_pretrained(cfg.pretrained, strict=strict)
-        resumed_step = None
-        if cfg.mode == "train" and cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():  # one line, not a key list
-            resumed = read_checkpoint(cfg.ckpt_path)
-            require_fit(module, unwrap_state_dict(resumed), cfg.ckpt_path)
-            resumed_step = resumed.get("global_step")
-            max_epochs, epoch = cfg.trainer.get("max_epochs"), resumed.get("epoch")
-            if max_epochs not in (None, -1) and isinstance(epoch, int) and epoch > max_epochs:  # Lightning's condition
-                raise ConfigError(f"ckpt_path={cfg.ckpt_path} is at epoch {epoch}, past trainer.max_epochs={max_epochs}:"
-                                  f" give trainer.max_epochs={epoch + 1} or more to resume it")
+        resumed_step = _resumed_step(cfg, module) if cfg.mode == "train" else None
         if cfg.mode == "eval" and cfg.get("ckpt_path"):
             load_task_weights(module, cfg.ckpt_path, strict=strict)
         if cfg.get("grad_checkpointing"):
@@ -124,6 +116,20 @@ def _run(cfg: DictConfig) -> float | None:
             if summary:
                 print(summary, flush=True)
     return _monitored_value(cfg, module)
+
+
+def _resumed_step(cfg: DictConfig, module: pl.LightningModule) -> int | None:
+    """The step a resumed training run starts from (None: not a resume), once its checkpoint is found to fit the
+    model and ``trainer.max_epochs``: one line each, not Lightning's list of keys or its traceback."""
+    if not cfg.get("ckpt_path") or not Path(cfg.ckpt_path).is_file():
+        return None
+    resumed = read_checkpoint(cfg.ckpt_path)
+    require_fit(module, unwrap_state_dict(resumed), cfg.ckpt_path)
+    max_epochs, epoch = cfg.trainer.get("max_epochs"), resumed.get("epoch")
+    if max_epochs not in (None, -1) and isinstance(epoch, int) and epoch > max_epochs:  # Lightning's condition
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is at epoch {epoch}, past trainer.max_epochs={max_epochs}: "
+                          f"give trainer.max_epochs={epoch + 1} or more to resume it")
+    return resumed.get("global_step")
 
 
 def _config_error_inside(error: BaseException, cfg: DictConfig) -> ConfigError | None:
