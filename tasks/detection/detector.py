@@ -50,24 +50,19 @@ class DetectorSpec(Protocol):
 
 
 def build_spec(config: Mapping[str, Any]) -> DetectorSpec:
-    """``task.detector`` instantiated (recursively: its parts are objects), with one line for a key that a part does
-    not take: Hydra merges a part's keys, so a key an experiment set for one choice stays when
-    ``task/detector/<part>=...`` switches it."""
+    """``task.detector`` instantiated (recursively: its parts are objects), after one line for every key a part does
+    not take (Hydra merges a part's keys, so a key an experiment set for one choice stays when
+    ``task/detector/<part>=...`` switches it; a ``_partial_`` part would find out only when called)."""
     if not isinstance(config, Mapping) or "_target_" not in config:
         raise ConfigError(f"task.detector is a config, not {config!r}: pick one with task/detector=<name> "
                           "(mask_rcnn, faster_rcnn, retinanet, fcos, detr: the files of conf/task/detector/)")
     _check_arguments(config, "task.detector")
     try:
         spec = instantiate(config, _convert_="all")  # plain lists and dicts for every part (torchvision checks types)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        if not isinstance(cause, TypeError):
-            raise
-        where = str(e).rsplit("full_key: ", 1)[-1].strip() if "full_key: " in str(e) else ""
-        raise ConfigError(f"task.detector{'.' + where if where else ''}: {cause} (a key set for another choice of "
-                          "that part?): drop it with ~task.detector.<key>") from None
+    except InstantiationException as e:  # a part's own one-line error, out of Hydra's wrapping
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
     if not isinstance(spec, DetectorSpec):
         raise ConfigError(f"task.detector ({config['_target_']}) is not a detector config: it has no "
                           "levels / iou_types / build (tasks/detection/detector.py, DetectorSpec)")

@@ -82,6 +82,7 @@ class Predictor:
         self.datamodule = datamodule_of(self.model)
         self.batch_size = int(batch_size or getattr(self.datamodule, "val_batch_size", None) or 1)
         self.num_workers = num_workers
+        self.skipped: list[str] = []  # the unreadable inputs the last predict(..., skip_unreadable=True) left out
 
     @property
     def class_names(self) -> list[str]:
@@ -104,7 +105,7 @@ class Predictor:
             dataset = SkipUnreadable(dataset)
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=list)
         draw = self.options.pictures if pictures is None else pictures
-        self.skipped: list[str] = []
+        self.skipped = []
         index = 0
         for batch in loader:
             readable = [item for item in batch if "unreadable" not in item]
