@@ -168,7 +168,7 @@ def _fit(*overrides, root):
 
     cfg = compose(*overrides, f"data.root={root}", f"output_dir={root.parent / 'run'}")
     datamodule = instantiate(cfg.data)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg).trainer
     trainer.fit(build_task(cfg), datamodule=datamodule)
     return trainer, cfg
 

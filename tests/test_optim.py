@@ -186,3 +186,64 @@ def test_batch_per_step_is_made_of_whole_passes_on_any_device_count():
     with pytest.raises(ConfigError, match=r"^optim.batch_per_step=16 is not a whole number of passes of "
                                           r"data.batch_size=4 on 8 device\(s\) \(32 samples\): use data.batch_size=2$"):
         accumulation_for(16, 4, 8)
+
+
+@pytest.mark.parametrize("trainer_kwargs, data_overrides", [
+    (dict(max_epochs=3), []),
+    (dict(max_epochs=2, limit_train_batches=5, accumulate_grad_batches=2), []),
+    (dict(max_epochs=4, limit_train_batches=0.5, max_steps=7), []),
+    (dict(max_epochs=-1, max_steps=11), []),
+    (dict(max_epochs=2, accumulate_grad_batches=4), ["+data.repeated_augmentation.repeats=3",
+                                                     "+data.repeated_augmentation.epoch_multiple=20"]),
+])
+def test_training_steps_equal_lightnings_count_without_building_the_loader(imagenet_root, trainer_kwargs,
+                                                                          data_overrides):
+    """The command line gives the task its length (vtrain.training.steps); Lightning's own count, which builds the
+    training loader to know it, must agree: steps per epoch and total steps."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from conftest import TINY_CLS, compose
+    from vtrain.training.steps import training_steps
+
+    cfg = compose(*TINY_CLS, f"data.root={imagenet_root}", "data.batch_size=3", *data_overrides)
+    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, **trainer_kwargs)
+    counted = training_steps(pl.Trainer(**kwargs), instantiate(cfg.data))
+
+    class Counted(Exception):
+        pass
+
+    class Lightnings(pl.LightningModule):  # Lightning's count, as a module asks it in configure_optimizers
+        def training_step(self, batch, batch_idx):
+            raise AssertionError("never reached")
+
+        def configure_optimizers(self):
+            self.total = self.trainer.estimated_stepping_batches  # builds the training loader to know it
+            self.batches = self.trainer.num_training_batches
+            raise Counted
+
+    lightning = Lightnings()
+    with pytest.raises(Counted):
+        pl.Trainer(**kwargs).fit(lightning, datamodule=instantiate(cfg.data))
+    assert counted.total == lightning.total
+    accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)
+    if trainer_kwargs["max_epochs"] == -1:  # Lightning counts no epoch then; the schedule's epochs still need one
+        assert lightning.batches == float("inf") and counted.per_epoch == 48 // 3
+    else:
+        assert counted.per_epoch == math.ceil(lightning.batches / accumulate)
+    assert counted.batch_size == 3 * accumulate
+
+
+def test_training_steps_count_each_process_share(imagenet_root):
+    """Under DDP each process draws ceil(N / processes) samples (DistributedSampler's padding), in whole batches."""
+    from hydra.utils import instantiate
+
+    from conftest import TINY_CLS, compose
+
+    cfg = compose(*TINY_CLS, f"data.root={imagenet_root}", "data.batch_size=5")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    samples = len(datamodule.train_set)
+    for world_size in (1, 2, 3, 7):
+        assert datamodule.train_batches_per_epoch(world_size) == math.ceil(samples / world_size) // 5

@@ -29,6 +29,7 @@ from vtrain.training.checkpoint import (
 )
 from vtrain.training.lightning_internals import check_version
 from vtrain.training.rundir import RunDirectoryLock, is_first_process
+from vtrain.training.steps import training_steps
 from vtrain.training.sweep import record_failure
 from vtrain.training.terminal import quiet_third_parties, summary_table
 from vtrain.training.trainer import build_trainer, hydra_ddp_job
@@ -77,6 +78,7 @@ def _run(cfg: DictConfig) -> float | None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d", cfg.seed)
         module = build_task(cfg)
+        module.use_dataset(datamodule.info())
         strict = bool(cfg.get("pretrained_strict", True))
         if cfg.mode == "train" and cfg.get("pretrained") and not cfg.get("ckpt_path"):  # a resumed run has its weights
             module.load_pretrained(cfg.pretrained, strict=strict)
@@ -95,15 +97,16 @@ def _run(cfg: DictConfig) -> float | None:
         return fail(cause)
 
     with hydra_ddp_job():
-        trainer = build_trainer(cfg)
+        trainer, metrics = build_trainer(cfg)
         try:  # a checkpoint that cannot be read or is refused, data files that cannot be read: one line
             if cfg.mode == "train":
+                module.training_steps = training_steps(trainer, datamodule)
                 # weights_only: the resumed checkpoint too (vtrain.training.checkpoint.CheckpointIO reads it so anyway)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
                 if resumed_step is not None and trainer.global_step == resumed_step and not trainer.interrupted:
                     log.warning("%s is the end of a finished run (step %d): nothing to train (raise trainer.max_epochs "
                                 "or trainer.max_steps to train longer)", cfg.ckpt_path, resumed_step)
-                if _final_weights_unvalidated(trainer):
+                if _final_weights_unvalidated(trainer, metrics):
                     trainer.validate(module, datamodule=datamodule)  # metrics.json's "final" is of the final weights
             else:
                 trainer.validate(module, datamodule=datamodule)
@@ -111,11 +114,11 @@ def _run(cfg: DictConfig) -> float | None:
             if not HydraConfig.initialized():
                 raise
             return fail(e)
-        if trainer.is_global_zero:
-            summary = summary_table(cfg.output_dir, evaluated=cfg.get("ckpt_path") if cfg.mode == "eval" else None)
-            if summary:
-                print(summary, flush=True)
-    return _monitored_value(cfg, module)
+        record = _metrics_record(cfg, metrics)
+        if trainer.is_global_zero and record is not None:
+            evaluated = cfg.get("ckpt_path") if cfg.mode == "eval" else None
+            print(summary_table(record, cfg.output_dir, evaluated), flush=True)
+    return _monitored_value(record, module)
 
 
 def _resumed_step(cfg: DictConfig, module: pl.LightningModule) -> int | None:
@@ -159,23 +162,28 @@ def _refuse_a_finished_run(output_dir: Path) -> None:
                           "start the new run in another directory (hydra.run.dir=... / output_dir=...)")
 
 
-def _final_weights_unvalidated(trainer: pl.Trainer) -> bool:
+def _final_weights_unvalidated(trainer: pl.Trainer, metrics: MetricsJSON | None) -> bool:
     """True when training ended without a validation of its last weights: the validation interval does not
     divide the run, or the run resumed from a checkpoint written after its last step but before that step's
     validation (Lightning then considers the loop done)."""
-    metrics = next((c for c in trainer.callbacks if isinstance(c, MetricsJSON)), None)
     return (
         metrics is not None and trainer.global_step > 0 and bool(trainer.limit_val_batches)
         and metrics.validated_step != trainer.global_step and not trainer.interrupted
     )
 
 
-def _monitored_value(cfg: DictConfig, module: pl.LightningModule) -> float | None:
+def _metrics_record(cfg: DictConfig, metrics: MetricsJSON | None) -> dict | None:
+    """What ``metrics.json`` holds: in memory where this process wrote it, else (another DDP rank) the file."""
+    if metrics is not None and metrics.payload is not None:
+        return metrics.payload
     path = Path(cfg.output_dir) / "metrics.json"
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _monitored_value(record: dict | None, module: pl.LightningModule) -> float | None:
+    if record is None:
         return None
-    metrics = json.loads(path.read_text())
-    return metrics.get("best", {}).get(module.monitor, metrics.get("final", {}).get(module.monitor))
+    return record.get("best", {}).get(module.monitor, record.get("final", {}).get(module.monitor))
 
 
 def run_job(cfg: DictConfig) -> float | None:

@@ -133,8 +133,8 @@ class ImageFolderDataModule(DataModule):
     def example_files(self, count: int) -> list[str]:
         return [path for path, _ in self.validation_set().samples[:count]]
 
-    def setup(self, stage: str | None = None) -> None:
+    def build_sets(self, stage: str) -> None:
         self.classes = list_classes(self.root / "train")
-        if stage in (None, "fit"):
+        if stage == "fit":
             self.train_set = ImageFolderDataset(self.root / "train", self.classes, self.train_transform(), self.skip_corrupt)
         self.val_set = ImageFolderDataset(self.root / "val", self.classes, self.eval_transform(), self.skip_corrupt)

@@ -37,7 +37,7 @@ import math
 import pickle
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from vtrain.config import ConfigError
 from vtrain.data.datamodule import (
     CorruptFileError,
     DataModule,
+    DatasetInfo,
     PredictionInputs,
     read_or_skip,
 )
@@ -419,6 +420,9 @@ class CocoDataModule(DataModule):
         return self.index(self.val_split).category_names
 
     # ------------------------------------------------------------------ classes and predictions
+    def info(self) -> DatasetInfo:
+        return replace(super().info(), annotation_file=self.val_annotation_file, masks=self.masks)
+
     @property
     def class_ids(self) -> list[int]:
         return self.category_ids
@@ -456,8 +460,8 @@ class CocoDataModule(DataModule):
             raise ConfigError(f"{train.path} and {val.path} list different category ids: they must share one category list")
 
     # ------------------------------------------------------------------ datasets
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
+    def build_sets(self, stage: str) -> None:
+        if stage == "fit":
             index = self.index(self.train_split)
             records = [index.records[i] for i in range(len(index.records))]
             if self.filter_empty:
@@ -478,8 +482,8 @@ class CocoDataModule(DataModule):
             skip_corrupt=self.skip_corrupt,
         )
 
-    def train_dataloader(self):
-        sampler = None
-        if self.group_by_aspect_ratio:
-            sampler = AspectRatioGroupedSampler(self.train_set, self.train_groups, self.batch_size, self.seed)
-        return self._loader(self.train_set, train=True, sampler=sampler)
+    def train_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> EpochSeededSampler:
+        if not self.group_by_aspect_ratio:
+            return super().train_sampler(num_replicas, rank)
+        return AspectRatioGroupedSampler(self.train_set, self.train_groups, self.batch_size, self.seed,
+                                         num_replicas=num_replicas, rank=rank)

@@ -15,6 +15,7 @@ from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
 from vtrain.tasks.detection.detector import DetectorSpec, build_spec
 
 from vtrain.config import ConfigError
+from vtrain.data.datamodule import DatasetInfo
 from vtrain.inference.visualize import draw_detections, palette, to_uint8_image
 from vtrain.training.module import PredictOptions, TaskModule
 
@@ -89,12 +90,11 @@ class DetectionTask(TaskModule):
             super().load_pretrained(path, strict)
 
     # ----------------------------------------------------------------- training
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
-        masks = "segm" in self.spec.iou_types
-        if stage == "fit" and masks and datamodule is not None and not getattr(datamodule, "masks", True):
+    def use_dataset(self, info: DatasetInfo) -> None:
+        if "segm" in self.spec.iou_types and info.masks is False:
             raise ConfigError(f"task.detector ({type(self.spec).__name__}) predicts masks but data.masks=false: "
                               "set data.masks=true, or use a detector without masks (task/detector=faster_rcnn)")
+        super().use_dataset(info)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -109,14 +109,12 @@ class DetectionTask(TaskModule):
     # ----------------------------------------------------------------- evaluation
     def on_validation_epoch_start(self) -> None:
         if self.evaluator is None:
-            datamodule = self.trainer.datamodule
-            self.evaluator = CocoEvaluator(
-                datamodule.val_annotation_file,
-                datamodule.category_ids,
-                datamodule.category_names,
-                self.spec.iou_types,
-                backend=self.evaluator_backend,
-            )
+            info = self.dataset_info
+            if info is None or info.annotation_file is None:
+                raise ConfigError("COCO evaluation reads the validation split's annotation file: fit or validate "
+                                  "with the detection data module (datamodule=...), or call use_dataset first")
+            self.evaluator = CocoEvaluator(info.annotation_file, list(info.class_ids), list(info.class_names),
+                                           self.spec.iou_types, backend=self.evaluator_backend)
         self.evaluator.reset()
 
     def validation_step(self, batch: Batch | None, batch_idx: int) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from vtrain.config import ConfigError
 from vtrain.data.datamodule import (
     DataFileError,
     DataModule,
+    DatasetInfo,
     PredictionInputs,
     read_names_file,
     read_or_skip,
@@ -338,6 +340,9 @@ class ADE20KDataModule(DataModule):
         )
         self.reduce_zero_label = reduce_zero_label
 
+    def info(self) -> DatasetInfo:
+        return replace(super().info(), ignore_index=IGNORE_INDEX)
+
     @property
     def class_names(self) -> list[str]:
         """ADE20K's 150 names (mmseg's order); otherwise the dataset's ``classes.txt`` (``<annotation value>
@@ -363,8 +368,8 @@ class ADE20KDataModule(DataModule):
         for split in SPLITS:
             list_pairs(self.root, split, self.skip_unpaired)
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
+    def build_sets(self, stage: str) -> None:
+        if stage == "fit":
             self.train_set = SegmentationDataset(
                 list_pairs(self.root, "train", self.skip_unpaired), self.num_classes, True, **self.sample_options
             )

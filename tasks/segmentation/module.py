@@ -19,6 +19,8 @@ from vtrain.tasks.segmentation.heads import head_levels
 from vtrain.tasks.segmentation.inference import predict
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 
+from vtrain.config import ConfigError
+from vtrain.data.datamodule import DatasetInfo
 from vtrain.inference.visualize import draw_segmentation, to_uint8_image
 from vtrain.training.module import PredictOptions, TaskModule
 
@@ -69,6 +71,12 @@ class SegmentationTask(TaskModule):
         self.head = instantiate(head, in_channels=channels, num_classes=num_classes)
         self.aux_head = instantiate(aux_head, in_channels=channels, num_classes=num_classes) if aux_head else None
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
+
+    def use_dataset(self, info: DatasetInfo) -> None:
+        if info.ignore_index is not None and info.ignore_index != self.ignore_index:
+            raise ConfigError(f"task.ignore_index={self.ignore_index} but the dataset marks ignored pixels "
+                              f"{info.ignore_index}: set task.ignore_index={info.ignore_index}")
+        super().use_dataset(info)
 
     # ------------------------------------------------------------------ model
     def forward(self, images: torch.Tensor) -> torch.Tensor:

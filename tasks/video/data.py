@@ -334,8 +334,8 @@ class KineticsDataModule(DataModule):
     def example_files(self, count: int) -> list[str]:
         return [path for path, _ in self.validation_set().samples[:count]]
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
+    def build_sets(self, stage: str) -> None:
+        if stage == "fit":
             self.train_set = VideoClipDataset(
                 self.samples("train"),
                 TrainClipTransform(self.crop_size, self.scale, self.hflip, self.crop_scales, self.normalize),

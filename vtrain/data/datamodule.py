@@ -27,6 +27,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -120,14 +121,11 @@ def build_loader(
     collate_fn: Callable | None = None,
     drop_last: bool | None = None,
     sampler: Sampler | None = None,
-    repeated_augmentation: Mapping[str, Any] | None = None,
 ) -> DataLoader:
-    """Training: seeded order and augmentation, resumable mid-epoch: ``sampler`` if given (an
-    :class:`~vtrain.data.samplers.EpochSeededSampler`, e.g. detection's aspect-ratio groups), else DeiT's repeated
-    copies when ``repeated_augmentation`` is set (the arguments of
-    :class:`~vtrain.data.samplers.RepeatedAugmentationSampler`, e.g. ``{repeats: 3}``), else the seeded order.
-    Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under DDP). Either yields
-    :class:`CountedBatch` es of ``collate_fn``'s batches (:class:`ReadableCollate`)."""
+    """Training: seeded order and augmentation, resumable mid-epoch: ``sampler`` (an
+    :class:`~vtrain.data.samplers.EpochSeededSampler`: :meth:`DataModule.train_sampler`), else the seeded order.
+    Evaluation: the dataset in order, or ``sampler`` (otherwise Lightning adds a distributed sampler under DDP).
+    Either yields :class:`CountedBatch` es of ``collate_fn``'s batches (:class:`ReadableCollate`)."""
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,
@@ -139,10 +137,27 @@ def build_loader(
     if not train:
         return DataLoader(dataset, shuffle=False, sampler=sampler, **common)
     seeded = SeededDataset(dataset, seed)
-    if sampler is None:
-        sampler = (RepeatedAugmentationSampler(seeded, seed, **dict(repeated_augmentation)) if repeated_augmentation
-                   else EpochSeededSampler(seeded, seed))
-    return StatefulDataLoader(seeded, sampler=sampler, **common)
+    return StatefulDataLoader(seeded, sampler=sampler or EpochSeededSampler(seeded, seed), **common)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a task is told about its dataset when it is built (:meth:`DataModule.info`), rather than asking the
+    trainer's data module for it.
+
+    Args:
+        class_names: a readable name per label (what checkpoints store and predictions show).
+        class_ids: the dataset's own identifier per label where it has one (ImageNet wnids, COCO category ids).
+        annotation_file: the validation split's annotations, where the metric reads them (COCO's evaluation).
+        masks: whether the training annotations are read with their instance masks (detection).
+        ignore_index: the label of pixels that count nowhere (segmentation).
+    """
+
+    class_names: tuple[str, ...]
+    class_ids: tuple | None = None
+    annotation_file: Path | None = None
+    masks: bool | None = None
+    ignore_index: int | None = None
 
 
 class DataModule(pl.LightningDataModule):
@@ -199,16 +214,43 @@ class DataModule(pl.LightningDataModule):
         # per stage: (which epoch or validation, samples drawn, samples skipped)
         self.read_counts: dict[str, tuple[Any, int, int]] = {}
 
+        self._built: set[str] = set()  # the stages whose sets are built
+
+    # ------------------------------------------------------------------ sets and loaders
+    def setup(self, stage: str | None = None) -> None:
+        """Lightning's hook: the stage's sets, built once (the command line sets the data up before ``fit``, to
+        count the training steps: :func:`vtrain.training.steps.training_steps`)."""
+        stage = stage or "fit"
+        if stage not in self._built:
+            self.build_sets(stage)
+            self._built.add(stage)
+
+    def build_sets(self, stage: str) -> None:
+        """Build ``train_set`` (stage ``fit``) and ``val_set`` (every stage): a task's data module."""
+        raise NotImplementedError(f"{type(self).__name__} builds no datasets")
+
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return build_loader(
             dataset, batch_size=self.batch_size if train else self.val_batch_size, train=train, seed=self.seed,
             num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
             collate_fn=self.collate_fn, sampler=sampler,
-            repeated_augmentation=self.repeated_augmentation if train else None,
         )
 
+    def train_sampler(self, num_replicas: int | None = None, rank: int | None = None) -> EpochSeededSampler:
+        """The training order: this process's share of ``num_replicas`` (default: the process group's), DeiT's
+        repeated copies when ``repeated_augmentation`` is set, else each sample once per epoch."""
+        if self.repeated_augmentation:
+            return RepeatedAugmentationSampler(self.train_set, self.seed, **self.repeated_augmentation,
+                                               num_replicas=num_replicas, rank=rank)
+        return EpochSeededSampler(self.train_set, self.seed, num_replicas=num_replicas, rank=rank)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self._loader(self.train_set, train=True, sampler=self.train_sampler())
+
+    def train_batches_per_epoch(self, world_size: int) -> int:
+        """Training batches each of ``world_size`` processes draws per epoch (the sets set up), counted on the
+        loader Lightning will build, before any process group exists."""
+        return len(self._loader(self.train_set, train=True, sampler=self.train_sampler(world_size, rank=0)))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
@@ -258,7 +300,12 @@ class DataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_in_training = int(state_dict.get("skipped_in_training", 0))
 
-    # ------------------------------------------------------------------ what a prediction needs
+    # ------------------------------------------------------------------ what a task and a prediction need
+    def info(self) -> DatasetInfo:
+        """What the task is told about this dataset (a task's data module adds its own fields)."""
+        ids = self.class_ids
+        return DatasetInfo(tuple(str(n) for n in self.class_names), None if ids is None else tuple(ids))
+
     @property
     def class_names(self) -> list[str]:
         """A readable name per label (what checkpoints store and predictions show); a task's data module gives the

@@ -76,25 +76,16 @@ def is_local_path(path: Any) -> bool:
     return _is_local_file_protocol(path)
 
 
-def setup_train_data(trainer: pl.Trainer) -> None:
-    """Build the training loader now (``fit_loop.setup_data``), e.g. to know the batches per epoch inside
-    ``configure_optimizers`` of an iteration-based run, before Lightning would."""
-    trainer.fit_loop.setup_data()
-
-
 def hand_over_train_loader_state(trainer: pl.Trainer) -> None:
     """On resume, give the training loader the position the checkpoint saved, and rebuild its iterator.
 
-    Lightning builds the training loader and its iterator before a resumed run trains, and two orderings leave that
-    iterator at the wrong place:
-
-    * ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, which builds the loader (and its
-      iterator) before the checkpoint's loop state is restored, so Lightning never hands the loader its saved state
-      (``fit_loop._combined_loader_states_to_load``);
-    * a checkpoint written at an epoch's end, after its validation (the first epoch's checkpoints wait for the
-      monitored metric): Lightning then does not count the run as restarting (``_FitLoop.restarting``), never hands
-      the state over, and, as it is resuming, does not call ``iter()`` for the next epoch either: that epoch drew
-      the iterator built at set-up, when the sampler still said epoch 0, and replayed the first epoch's order.
+    Lightning builds the training loader and its iterator before a resumed run trains. A checkpoint written at an
+    epoch's end, after its validation (the first epoch's checkpoints wait for the monitored metric), leaves that
+    iterator at the wrong place: Lightning then does not count the run as restarting (``_FitLoop.restarting``),
+    never hands the loader its saved state (``fit_loop._combined_loader_states_to_load``), and, as it is resuming,
+    does not call ``iter()`` for the next epoch either: that epoch drew the iterator built at set-up, when the
+    sampler still said epoch 0, and replayed the first epoch's order. (vtrain's tasks never build the loader
+    earlier than Lightning: :mod:`vtrain.training.steps` counts the steps their schedule needs.)
 
     So: every sampler is told the epoch that is about to run, the saved position is handed over (a finished epoch's
     position means the next epoch's start: :meth:`vtrain.data.samplers.EpochSeededIterator.load_state_dict`), and

@@ -16,13 +16,9 @@ from vtrain import __version__
 from vtrain.config import ConfigError
 from vtrain.training.build import load
 from vtrain.training.checkpoint import DESCRIPTION_KEY, load_backbone_weights
-from vtrain.training.lightning_internals import setup_train_data
-from vtrain.training.optim import (
-    build_optimizer,
-    build_scheduler,
-    lr_scale_factor,
-    per_step,
-)
+from vtrain.data.datamodule import DatasetInfo
+from vtrain.training.optim import build_optimizer, build_scheduler, lr_scale_factor
+from vtrain.training.steps import TrainingSteps, training_steps
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +65,12 @@ class TaskModule(pl.LightningModule):
     implements ``training_step`` / ``validation_step``. It passes ``monitor`` / ``monitor_mode`` (the metric that
     picks the best checkpoint) and may fill ``summary_metrics`` (e.g. per-class IoU) which ``metrics.json`` records.
 
+    What it needs of the data and the run is given to it, not fetched from the trainer: :meth:`use_dataset` (the
+    dataset's :class:`~vtrain.data.datamodule.DatasetInfo`) and ``training_steps`` (the run's
+    :class:`~vtrain.training.steps.TrainingSteps`), both set by the command line before ``fit``. A module fitted
+    by a Lightning ``Trainer`` of one's own gets both from the trainer's data module instead (:meth:`setup`,
+    :meth:`configure_optimizers`).
+
     Every checkpoint it is saved in describes it (:meth:`on_save_checkpoint`): the composed config it was built
     from and the names of its classes, plain values only, so that :meth:`load_from_checkpoint`, ``python -m
     vtrain.predict`` and ``vtrain.load`` need the file alone. For predictions a task implements
@@ -89,6 +91,8 @@ class TaskModule(pl.LightningModule):
         self.run_config: dict[str, Any] | None = None  # the composed config (plain), set by build_task
         self.class_names: list[str] | None = None  # a name per label; from the data module when not given
         self.class_ids: list | None = None  # the dataset's own identifiers (wnids, COCO category ids)
+        self.dataset_info: DatasetInfo | None = None  # use_dataset
+        self.training_steps: TrainingSteps | None = None  # the run's length, given before fit
 
     # ----------------------------------------------------------------- model
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -110,29 +114,32 @@ class TaskModule(pl.LightningModule):
                 compiled.append(name)
         log.info("torch.compile(%s) of the backbone's %s", kwargs or "", ", ".join(compiled))
 
-    # ----------------------------------------------------------------- optimisation
-    def total_batch_size(self) -> int:
-        trainer = self.trainer
-        per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
-        per_device = per_device or 1
-        return int(per_device * trainer.world_size * trainer.accumulate_grad_batches)
+    # ----------------------------------------------------------------- what the data and the run tell the task
+    def use_dataset(self, info: DatasetInfo) -> None:
+        """The dataset this task trains and evaluates on; a task checks here that it fits (one line if not), before
+        any worker or DDP process starts. Class names from a checkpoint stay."""
+        self.dataset_info = info
+        if self.class_names is None:
+            self.class_names = list(info.class_names)
+            self.class_ids = None if info.class_ids is None else list(info.class_ids)
 
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if self.dataset_info is None and datamodule is not None and hasattr(datamodule, "info"):
+            self.use_dataset(datamodule.info())  # fitted outside the command line: from the trainer's data module
+
+    # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        total_batch = self.total_batch_size()
-        optimizer = build_optimizer(self, self.optim_cfg, total_batch)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        if self.trainer.train_dataloader is None:
-            # Iteration-based runs (max_epochs=-1): estimated_stepping_batches is max_steps without loading the
-            # data, but durations given in epochs need the batches per epoch. (A loader state from a checkpoint
-            # is handed over later by vtrain.training.callbacks.exact_resume.ExactResume.)
-            setup_train_data(self.trainer)
-        steps_per_epoch = per_step(int(self.trainer.num_training_batches), self.trainer.accumulate_grad_batches)
+        steps = self.training_steps
+        if steps is None:  # fitted outside the command line: counted from the trainer's data module
+            steps = self.training_steps = training_steps(self.trainer, self.trainer.datamodule)
+        optimizer = build_optimizer(self, self.optim_cfg, steps.batch_size)
         scheduler = build_scheduler(
             optimizer,
             self.sched_cfg,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-            lr_scale=lr_scale_factor(self.optim_cfg, total_batch),
+            total_steps=steps.total,
+            steps_per_epoch=steps.per_epoch,
+            lr_scale=lr_scale_factor(self.optim_cfg, steps.batch_size),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -145,13 +152,7 @@ class TaskModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- what a checkpoint says about the model
     def label_names(self) -> list[str]:
-        """A name per label: the checkpoint's, else the attached data module's (read once), else ``class_<i>``."""
-        if self.class_names is None:
-            datamodule = self._trainer.datamodule if self._trainer is not None else None
-            if datamodule is not None and hasattr(datamodule, "class_names"):
-                self.class_names = [str(n) for n in datamodule.class_names]
-                ids = getattr(datamodule, "class_ids", None)
-                self.class_ids = None if ids is None else [i if isinstance(i, int) else str(i) for i in ids]
+        """A name per label: the checkpoint's or the dataset's (:meth:`use_dataset`), else ``class_<i>``."""
         num_classes = self.run_config["data"].get("num_classes") if self.run_config else None
         return self.class_names or [f"class_{i}" for i in range(num_classes or 0)]
 

@@ -6,9 +6,9 @@ Hydra's console handler).
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,9 @@ def _value(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def summary_table(output_dir: str | Path, evaluated: str | None = None) -> str | None:
-    """The run's ending as a small table, from its ``metrics.json``: the run directory, the monitored metric's final
-    and best value with their epochs, and the best checkpoint (or the evaluated one); None without the file."""
-    path = Path(output_dir) / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
+def summary_table(metrics: Mapping[str, Any], output_dir: str | Path, evaluated: str | None = None) -> str:
+    """The run's ending as a small table, from what its ``metrics.json`` holds: the run directory, the monitored
+    metric's final and best value with their epochs, and the best checkpoint (or the evaluated one)."""
     monitor = metrics.get("monitor")
     final, best = metrics.get("final", {}).get(monitor), metrics.get("best", {}).get(monitor)
     rows = [("run directory", str(output_dir))]

@@ -5,7 +5,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from vtrain.config.validate import accumulate_grad_batches
 from vtrain.training.callbacks.display import ModelSummary
+from vtrain.training.callbacks.metrics_json import MetricsJSON
+from vtrain.training.callbacks.model_checkpoint import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,19 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
 
 
-def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    """The configured trainer, its callbacks and loggers; the loggers record the whole resolved config."""
+class BuiltTrainer(NamedTuple):
+    trainer: pl.Trainer
+    metrics: MetricsJSON | None  # what metrics.json holds, in memory (None: the callback is switched off)
+
+
+def build_trainer(cfg: DictConfig) -> BuiltTrainer:
+    """The configured trainer, its callbacks and loggers; the loggers record the whole resolved config. The
+    callbacks that depend on each other are connected here: a new best checkpoint is recorded in ``metrics.json``."""
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    metrics = next((c for c in callbacks if isinstance(c, MetricsJSON)), None)
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.on_new_best is None and metrics is not None:
+            callback.on_new_best = metrics.record_best_checkpoint
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           accumulate_grad_batches=accumulate_grad_batches(cfg))
@@ -38,7 +50,7 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(config)
-    return trainer
+    return BuiltTrainer(trainer, metrics)
 
 
 def _replace_model_summary(trainer: pl.Trainer) -> None:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
 
-from vtrain.training.callbacks.metrics_json import MetricsJSON
 from vtrain.training.lightning_internals import validation_follows_this_batch
 
 
@@ -28,10 +27,16 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
     best and log rows missing), and, when it ended an epoch, with the epochs counted one short, so that resuming the
     finished run again trained one more epoch. The checkpoint written after the validation takes its place; a kill
     in between resumes from the one before and redoes those steps, exactly.
+
+    ``on_new_best`` is called with a new best checkpoint's path once the file is whole and before the previous best
+    is removed (:func:`vtrain.training.trainer.build_trainer` passes
+    :meth:`~vtrain.training.callbacks.metrics_json.MetricsJSON.record_best_checkpoint`, so ``metrics.json`` names a
+    file that exists at every moment).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, on_new_best: Callable[[str], None] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.on_new_best = on_new_best
         self._last_written_step: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -55,10 +60,8 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        # a new best exists now: metrics.json names it before _remove_checkpoint deletes the previous one
-        for callback in trainer.callbacks:
-            if isinstance(callback, MetricsJSON):
-                callback.record_best_checkpoint(self.best_model_path)
+        if self.on_new_best is not None:  # before _remove_checkpoint deletes the previous best
+            self.on_new_best(self.best_model_path)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last is True and trainer.global_step > 0 and self._last_written_step != trainer.global_step:
