@@ -57,9 +57,9 @@ def backbone_config(name: str, *overrides: str):
 ALL_LEVELS = (0, 1, 2, 3)
 
 
-def build_meta(name: str, out_levels=None, *overrides: str) -> nn.Module:
+def build_meta(name: str, out_indices=None, *overrides: str) -> nn.Module:
     with torch.device("meta"):
-        return instantiate(backbone_config(name, *overrides), out_levels=out_levels)
+        return instantiate(backbone_config(name, *overrides), out_indices=out_indices)
 
 
 def build_meta_classifier(name: str) -> Classifier:
@@ -128,7 +128,7 @@ def test_non_local_placement():
 
 
 def _check_features(backbone, features, height, width):
-    assert len(features) == len(backbone.feature_info) == len(backbone.out_levels)
+    assert len(features) == len(backbone.feature_info) == len(backbone.out_indices)
     for feature, info in zip(features, backbone.feature_info):
         assert feature.shape[1:] == (info.channels, height // info.reduction, width // info.reduction)
 
@@ -136,7 +136,7 @@ def _check_features(backbone, features, height, width):
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_four_nchw_maps_on_meta(name):
     backbone = build_meta(name, ALL_LEVELS)
-    assert [info.reduction for info in backbone.feature_info] == [4, 8, 16, 32]
+    assert backbone.feature_info.reduction() == [4, 8, 16, 32]
     for height, width in [(224, 224), (160, 256)]:
         _check_features(backbone, backbone(torch.zeros(1, 3, height, width, device="meta")), height, width)
 
@@ -144,10 +144,10 @@ def test_four_nchw_maps_on_meta(name):
 @pytest.mark.parametrize(
     "backbone",
     [
-        lambda levels: SwinTransformer(**TINY_SWIN, out_levels=levels),
-        lambda levels: VisionTransformer(**TINY_VIT, out_levels=levels),
-        lambda levels: LRNet(depth=26, out_levels=levels),
-        lambda levels: ResNet(depth=26, out_levels=levels),
+        lambda levels: SwinTransformer(**TINY_SWIN, out_indices=levels),
+        lambda levels: VisionTransformer(**TINY_VIT, out_indices=levels),
+        lambda levels: LRNet(depth=26, out_indices=levels),
+        lambda levels: ResNet(depth=26, out_indices=levels),
     ],
     ids=["swin", "vit", "lrnet26", "resnet26"],
 )
@@ -169,9 +169,9 @@ def test_requested_levels_are_the_four_maps_subset(backbone):
 
 @pytest.mark.parametrize(
     "backbone",
-    [lambda levels: SwinTransformer(**TINY_SWIN, out_levels=levels),
-     lambda levels: VisionTransformer(**TINY_VIT, out_levels=levels),
-     lambda levels: ResNet(depth=26, out_levels=levels)],
+    [lambda levels: SwinTransformer(**TINY_SWIN, out_indices=levels),
+     lambda levels: VisionTransformer(**TINY_VIT, out_indices=levels),
+     lambda levels: ResNet(depth=26, out_indices=levels)],
     ids=["swin", "vit", "resnet26"],
 )
 @pytest.mark.parametrize("levels", [None, ALL_LEVELS, (1, 2, 3), (2,), (3,)], ids=str)
@@ -196,24 +196,24 @@ def test_modules_of_requested_levels_only():
     assert count_params(build_meta("swin_t")) - count_params(build_meta("swin_t", (2,))) == (
         count_params(build_meta("swin_t").layers[3]) + 2 * 768 - 2 * 384)
     assert not hasattr(build_meta("resnet50", (0, 1)), "layer3")
-    dense_vit = VisionTransformer(**TINY_VIT, out_levels=ALL_LEVELS)
+    dense_vit = VisionTransformer(**TINY_VIT, out_indices=ALL_LEVELS)
     assert {n.split(".")[0] for n, _ in dense_vit.named_parameters()} - {
         n.split(".")[0] for n, _ in VisionTransformer(**TINY_VIT).named_parameters()} == {"pyramid"}
-    assert [info.channels for info in dense_vit.feature_info] == [16, 32, 64, 64]
-    assert {n.split(".")[1] for n, _ in VisionTransformer(**TINY_VIT, out_levels=(1, 2)).named_parameters()
+    assert dense_vit.feature_info.channels() == [16, 32, 64, 64]
+    assert {n.split(".")[1] for n, _ in VisionTransformer(**TINY_VIT, out_indices=(1, 2)).named_parameters()
             if n.startswith("pyramid")} == {"to_stride8"}
 
 
 def test_levels_are_checked():
-    with pytest.raises(ConfigError, match=r"out_levels=\[4\]"):
-        ResNet(depth=26, out_levels=(4,))
+    with pytest.raises(ConfigError, match=r"out_indices=\[4\]"):
+        ResNet(depth=26, out_indices=(4,))
     with pytest.raises(ConfigError, match="built as a classifier"):
         ResNet(depth=26)(torch.randn(1, 3, 32, 32))
 
 
 def test_resnet_output_stride_8():
-    backbone = ResNet(50, output_stride=8, out_levels=ALL_LEVELS)
-    assert [info.reduction for info in backbone.feature_info] == [4, 8, 8, 8]
+    backbone = ResNet(50, output_stride=8, out_indices=ALL_LEVELS)
+    assert backbone.feature_info.reduction() == [4, 8, 8, 8]
     # first block of a dilated stage keeps the previous dilation (torchvision / mmseg contract_dilation)
     assert [backbone.layer3[0].conv2.dilation[0], backbone.layer3[1].conv2.dilation[0]] == [1, 2]
     assert [backbone.layer4[0].conv2.dilation[0], backbone.layer4[1].conv2.dilation[0]] == [2, 4]
@@ -226,7 +226,7 @@ def test_frozen_stages():
     assert all(p.requires_grad for p in resnet.layer3.parameters())
     assert not resnet.layer2[0].bn1.training and resnet.layer3[0].bn1.training
 
-    swin = SwinTransformer(**TINY_SWIN, frozen_stages=1, out_levels=ALL_LEVELS).train()
+    swin = SwinTransformer(**TINY_SWIN, frozen_stages=1, out_indices=ALL_LEVELS).train()
     frozen = {n for n, p in swin.named_parameters() if not p.requires_grad}
     assert {n.split(".")[0] for n in frozen} == {"patch_embed", "layers", "out_norms"}
     assert all(re.match(r"patch_embed|layers\.0\.|layers\.1\.downsample|out_norms\.0\.", n) for n in frozen)
@@ -280,12 +280,12 @@ def test_resnet_loads_torchvision_checkpoint():
 
 def test_context_block_resnets_load_plain_resnet_weights():
     torch.manual_seed(0)
-    plain = ResNet(50, out_levels=ALL_LEVELS).eval()
+    plain = ResNet(50, out_indices=ALL_LEVELS).eval()
     x = torch.randn(1, 3, 64, 64)
     expected = plain(x)
     state_dict, _ = plain.checkpoint_filter(plain.state_dict())
     for name in ("gcnet_r50", "nl_r50", "dnl_r50"):
-        variant = instantiate(backbone_config(name), out_levels=ALL_LEVELS).eval()
+        variant = instantiate(backbone_config(name), out_indices=ALL_LEVELS).eval()
         result = variant.load_state_dict(state_dict, strict=False)
         assert not result.unexpected_keys
         assert result.missing_keys and all(".se." in k or k.startswith("non_local.") for k in result.missing_keys)
@@ -319,7 +319,7 @@ def test_swin_official_checkpoint_converts_back_exactly():
     assert torch.equal(classifier_sd["weight"], timm_sd["head.fc.weight"]) and classifier_sd.keys() == {"weight", "bias"}
 
     # into a dense backbone: the final norm becomes the last stage's output norm
-    dense = SwinTransformer(**TINY_SWIN, out_levels=ALL_LEVELS)
+    dense = SwinTransformer(**TINY_SWIN, out_indices=ALL_LEVELS)
     result = dense.load_state_dict(dense.checkpoint_filter(official)[0], strict=False)
     assert not result.unexpected_keys
     assert sorted(result.missing_keys) == [f"out_norms.{i}.{p}" for i in range(3) for p in ("bias", "weight")]

@@ -302,7 +302,7 @@ def test_weights_of_a_smaller_model_stop_the_run_with_one_line(tmp_path, caplog)
     assert "keep their initialisation (pretrained_strict=false)" in caplog.text
     # the same file for the model it was written for, and for that model's feature maps (out_norms.0-2 new)
     assert load_backbone_weights(SwinTransformer(depths=[1, 1, 2, 1], **TINY_SWIN), path)["missing"] == []
-    dense = SwinTransformer(depths=[1, 1, 2, 1], out_levels=(0, 1, 2, 3), **TINY_SWIN)
+    dense = SwinTransformer(depths=[1, 1, 2, 1], out_indices=(0, 1, 2, 3), **TINY_SWIN)
     assert load_backbone_weights(dense, path)["missing"] == []
 
 
@@ -412,7 +412,7 @@ def test_reference_files_of_another_model_are_one_line(tmp_path):
     # feature maps up to level 2 only: the file's stage 3 is left out, not looked up in a model that does not build it
     from vtrain.backbones import SwinTransformer
 
-    shallow = SwinTransformer(depths=[1, 1, 2, 1], out_levels=(0, 1, 2), **TINY_SWIN)
+    shallow = SwinTransformer(depths=[1, 1, 2, 1], out_indices=(0, 1, 2), **TINY_SWIN)
     assert load_backbone_weights(shallow, files["swin_t"]) == {"missing": [], "unexpected": [], "mismatched": []}
 
     torch.save(ResNet(depth=50).state_dict(), tmp_path / "r50.pth")

@@ -82,7 +82,7 @@ defaults:
   - nms: nms
   - _self_
 _target_: vtrain.tasks.detection.one_stage.OneStageSpec
-levels: [1, 2, 3]
+out_indices: [1, 2, 3]
 neck:
   _target_: vtrain.tasks.detection.neck.FeaturePyramid
   _partial_: true

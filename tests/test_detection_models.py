@@ -87,7 +87,7 @@ def test_train_step_and_evaluation(backbone, detector, ground_truth):
     # detector's pyramid reads, nothing more); ResNet's frozen stem and first stage (frozen_stages=1) are not
     reached = {n for n, p in task.named_parameters() if p.grad is not None}
     assert reached == {n for n, p in task.named_parameters() if p.requires_grad}
-    assert task.backbone.out_levels == task.spec.levels
+    assert task.backbone.out_indices == task.spec.out_indices
     if backbone is RESNET50:
         assert "backbone.conv1.weight" not in reached and "backbone.layer2.0.conv1.weight" in reached
 

@@ -305,7 +305,7 @@ def test_every_parameter_gets_a_gradient(backbone):
     sum(losses.values()).backward()
     reached = {n for n, p in task.named_parameters() if p.grad is not None}
     assert reached == {n for n, p in task.named_parameters() if p.requires_grad}
-    assert task.backbone.out_levels == (3,)
+    assert task.backbone.out_indices == (3,)
     if backbone is RESNET50:
         assert not task.backbone.conv1.weight.requires_grad and not task.backbone.layer1[0].conv1.weight.requires_grad
     else:

@@ -207,10 +207,10 @@ def test_the_backbone_is_built_with_the_levels_the_heads_read():
     }
     for (name, head), modules in expected.items():
         module = _module(f"task/head={head}", *(TINY_SWIN if name == "swin" else TINY_VIT), *NARROW_HEADS)
-        assert module.backbone.out_levels == ((2, 3) if head == "fcn" else (0, 1, 2, 3)), (name, head)
+        assert module.backbone.out_indices == ((2, 3) if head == "fcn" else (0, 1, 2, 3)), (name, head)
         assert output_modules(module.backbone) == modules, (name, head)
-    with pytest.raises(Exception, match="has no in_index"):
-        _module("~task.head.in_index", *TINY_SWIN, *NARROW_HEADS)
+    with pytest.raises(Exception, match="has no out_indices"):
+        _module("~task.head.out_indices", *TINY_SWIN, *NARROW_HEADS)
 
 
 def test_slide_multiscale_and_flip():
@@ -293,7 +293,7 @@ def test_a_checkpoint_with_outputs_no_head_reads_still_evaluates(tmp_path):
     module = _module("task/head=fcn", *TINY_SWIN, *NARROW_HEADS)
     old = dict(module.state_dict())
     for level in (0, 1):
-        channels = module.backbone.feature_info[0].channels // 2 ** (2 - level)
+        channels = module.backbone.feature_info.channels(0) // 2 ** (2 - level)
         old[f"backbone.out_norms.{level}.weight"] = torch.ones(channels)
         old[f"backbone.out_norms.{level}.bias"] = torch.zeros(channels)
     old = {k: v + 1 if v.is_floating_point() else v for k, v in old.items()}

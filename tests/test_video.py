@@ -227,7 +227,7 @@ def test_i3d_inflated_from_2d_resnet_matches_it_away_from_temporal_borders(tmp_p
     from vtrain.backbones import ResNet
 
     torch.manual_seed(0)
-    resnet = ResNet(depth=50, out_levels=(3,)).eval()
+    resnet = ResNet(depth=50, out_indices=(3,)).eval()
     randomise_norms(resnet)
     torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")  # torchvision / timm keys
     # no temporal stride before c2 (the recipe's conv1 and pool1 stride 2 in time), so that 40 frames keep 20

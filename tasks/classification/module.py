@@ -33,7 +33,7 @@ class ClassificationTask(ClassifierTask):
         label_smoothing: float = 0.0,
         mixup: Mapping[str, Any] | None = None,
     ):
-        # a classifier's trunk (out_levels=None)
+        # a classifier's trunk (out_indices=None)
         super().__init__(instantiate(backbone), num_classes, optim, sched, monitor, monitor_mode, head_drop)
         self.mixup = Mixup(**dict(mixup), label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
         if self.mixup is not None:

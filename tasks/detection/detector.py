@@ -33,11 +33,11 @@ class DetectorSpec(Protocol):
     ``{"boxes", "labels", "scores"[, "masks"]}`` per image, in its original coordinates.
     """
 
-    levels: tuple[int, ...]  # the backbone levels it reads (0 = stride 4): what the task builds the backbone with
+    out_indices: tuple[int, ...]  # the backbone outputs it reads (0 = stride 4): what the task builds the backbone with
     iou_types: tuple[str, ...]  # what COCO evaluates of its output: ("bbox",) or ("bbox", "segm")
 
     def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
-        """The detector on ``backbone`` (built with ``out_levels=levels``); ``num_classes`` counts the categories
+        """The detector on ``backbone`` (built with these ``out_indices``); ``num_classes`` counts the categories
         and the background; ``transform``: the test-time resize and the normalisation (``min_size``, ``max_size``,
         ``image_mean``, ``image_std``), which every detector does inside, torchvision's way."""
 
@@ -65,7 +65,7 @@ def build_spec(config: Mapping[str, Any]) -> DetectorSpec:
         raise
     if not isinstance(spec, DetectorSpec):
         raise ConfigError(f"task.detector ({config['_target_']}) is not a detector config: it has no "
-                          "levels / iou_types / build (tasks/detection/detector.py, DetectorSpec)")
+                          "out_indices / iou_types / build (tasks/detection/detector.py, DetectorSpec)")
     return spec
 
 

@@ -1,7 +1,7 @@
 """DETR (Carion et al., "End-to-End Object Detection with Transformers", ECCV 2020) on any vtrain backbone.
 
 The official architecture (facebookresearch/detr ``models/detr.py``, ``transformer.py``, ``backbone.py``) on the
-backbone contract: the backbone is built with ``out_levels=(3,)`` and its C5 map (stride 32; 16 with a dilated
+backbone contract: the backbone is built with ``out_indices=(3,)`` and its C5 map (stride 32; 16 with a dilated
 last stage, the paper's DC5) is projected to ``hidden_dim`` by a 1x1 conv, flattened with its sine positions
 into the transformer's encoder; the decoder turns ``num_queries`` learned object queries into as many
 predictions: class logits over the categories plus "no object" (a linear layer) and a box
@@ -82,7 +82,7 @@ class OfficialTransform(GeneralizedRCNNTransform):
 
 
 class DETR(nn.Module):
-    """DETR on a backbone built with ``out_levels=(3,)``.
+    """DETR on a backbone built with ``out_indices=(3,)``.
 
     Args:
         backbone: the task's backbone (registered by the task as ``backbone.*``; only called here).
@@ -125,8 +125,8 @@ class DETR(nn.Module):
         size_divisible: int = 32,
     ):
         super().__init__()
-        if backbone.out_levels != DETRSpec.levels:
-            raise ValueError(f"DETR reads backbone level {DETRSpec.levels}, the backbone gives {backbone.out_levels}")
+        if backbone.out_indices != DETRSpec.out_indices:
+            raise ValueError(f"DETR reads backbone output {DETRSpec.out_indices}, the backbone gives {backbone.out_indices}")
         object.__setattr__(self, "body", backbone)  # not a submodule: the task registers it (as FeaturePyramid)
         self.num_classes, self.num_queries = num_classes, num_queries
         self.transform = OfficialTransform(min_size, max_size, list(image_mean), list(image_std),
@@ -137,7 +137,7 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.input_proj = nn.Conv2d(backbone.feature_info[-1].channels, hidden_dim, kernel_size=1)
+        self.input_proj = nn.Conv2d(backbone.feature_info.channels(-1), hidden_dim, kernel_size=1)
         self.criterion = SetCriterion(
             num_classes, HungarianMatcher(class_cost, bbox_cost, giou_cost), class_loss_weight, bbox_loss_weight,
             giou_loss_weight, no_object_weight, aux_loss)
@@ -249,7 +249,7 @@ class DETRSpec:
             holds (None: COCO's, for the official COCO models).
     """
 
-    levels = (3,)  # C5 only
+    out_indices = (3,)  # C5 only
     iou_types = ("bbox",)
 
     def __init__(self, model: Callable[..., DETR] = DETR, release_category_ids: Sequence[int] | None = None):

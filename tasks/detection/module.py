@@ -62,7 +62,7 @@ class DetectionTask(TaskModule):
             raise ConfigError(f"task.batch_norm={batch_norm!r}: use one of {', '.join(BATCH_NORM_MODES)}")
         self.spec: DetectorSpec = build_spec(detector)
         self.batch_norm, self.evaluator_backend = batch_norm, evaluator
-        self.backbone = _with_batch_norm(instantiate(backbone, out_levels=self.spec.levels), batch_norm)
+        self.backbone = _with_batch_norm(instantiate(backbone, out_indices=self.spec.out_indices), batch_norm)
         transform = {"min_size": test_size, "max_size": test_max_size, "image_mean": list(image_mean),
                      "image_std": list(image_std)}
         self.detector = self.spec.build(self.backbone, num_classes + 1, transform)

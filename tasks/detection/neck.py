@@ -57,14 +57,14 @@ class FeaturePyramid(nn.Module):
                  extra_block: Callable[[int, int], ExtraFPNBlock] = MaxPoolP6):
         super().__init__()
         object.__setattr__(self, "body", backbone)  # not a submodule: see the class doc
-        channels = [info.channels for info in backbone.feature_info]
+        channels = backbone.feature_info.channels()
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra_block(channels[-1], out_channels))
         self.out_channels = out_channels
 
     @property
     def level_names(self) -> list[str]:
         """The names of the maps it gives for the backbone's levels (RoI pools read these), extra levels left out."""
-        return [str(level) for level in self.body.out_levels]
+        return [str(level) for level in self.body.out_indices]
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return self.fpn(OrderedDict(zip(self.level_names, self.body(images))))

@@ -64,16 +64,16 @@ class OneStageSpec:
     Args:
         model: the detector class with its options (a partial of :class:`RetinaNet` or :class:`FCOS`:
             ``anchor_generator``, ``head``, ``score_thresh``, ``nms_thresh``, ...).
-        levels: backbone levels (0 = stride 4) that feed the pyramid (C3-C5 in both papers).
+        out_indices: the backbone outputs (0 = stride 4) that feed the pyramid (C3-C5 in both papers).
         neck: the pyramid on the backbone, with the paper's P6/P7 (:class:`neck.FeaturePyramid`).
         nms: the duplicate removal after torchvision's candidates (``task/detector/nms``: NMS or Soft-NMS).
     """
 
     iou_types = ("bbox",)
 
-    def __init__(self, model: Callable[..., nn.Module], levels: Sequence[int], neck: Callable[[Backbone], Any],
+    def __init__(self, model: Callable[..., nn.Module], out_indices: Sequence[int], neck: Callable[[Backbone], Any],
                  nms: Any = None):
-        self.model, self.levels, self.neck = model, tuple(int(level) for level in levels), neck
+        self.model, self.out_indices, self.neck = model, tuple(int(i) for i in out_indices), neck
         self.nms = HardNMS() if nms is None else nms
         cls = getattr(model, "func", model)
         if not (isinstance(cls, type) and issubclass(cls, RemovesDuplicates)):
@@ -85,7 +85,7 @@ class OneStageSpec:
         self.name = cls.__name__
 
     def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
-        require_reductions(backbone, [4 * 2**level for level in self.levels], self.name)
+        require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
         return self.model(self.neck(backbone), num_classes=num_classes, duplicate_removal=self.nms,
                           **torchvision_transform(transform))
 

@@ -34,7 +34,7 @@ class RCNNSpec:
         model: torchvision's ``FasterRCNN`` or ``MaskRCNN`` with its options (a partial: ``rpn_anchor_generator``,
             ``rpn_post_nms_top_n_train``, ``box_batch_size_per_image``, ``box_score_thresh``, ...); the backbone,
             heads and RoI pools come from the parts below.
-        levels: backbone levels (0 = stride 4) that feed the pyramid; RoIs are pooled from all of them.
+        out_indices: the backbone outputs (0 = stride 4) that feed the pyramid; RoIs are pooled from all of them.
         neck: the pyramid on the backbone (:class:`neck.FeaturePyramid`, called with the backbone).
         box_head: called with ``in_channels`` (the pooled RoI's size) and ``representation_size`` (``box_head_dim``).
         box_head_dim: the box head's width (1024 in the FPN paper), the predictor's input.
@@ -44,10 +44,10 @@ class RCNNSpec:
             up-sampling deconvolution's width. Only for ``MaskRCNN``.
     """
 
-    def __init__(self, model: Callable[..., FasterRCNN], levels: Sequence[int], neck: Callable[[Backbone], FeaturePyramid],
+    def __init__(self, model: Callable[..., FasterRCNN], out_indices: Sequence[int], neck: Callable[[Backbone], FeaturePyramid],
                  box_head: Callable[..., nn.Module], box_head_dim: int = 1024, nms: Any = None,
                  rcnn: RCNNSettings | None = None, mask_head_dims: Sequence[int] | None = None):
-        self.model, self.levels, self.neck = model, tuple(int(level) for level in levels), neck
+        self.model, self.out_indices, self.neck = model, tuple(int(i) for i in out_indices), neck
         self.box_head, self.box_head_dim = box_head, int(box_head_dim)
         self.nms = HardNMS() if nms is None else nms
         self.rcnn = RCNNSettings() if rcnn is None else rcnn
@@ -67,7 +67,7 @@ class RCNNSpec:
         return ("bbox", "segm") if self.masks else ("bbox",)
 
     def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
-        require_reductions(backbone, [4 * 2**level for level in self.levels], self.name)
+        require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
         pyramid = self.neck(backbone)
         width = pyramid.out_channels
         parts: dict[str, Any] = {

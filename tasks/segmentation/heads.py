@@ -11,8 +11,8 @@ comparable with theirs:
   with which the GCNet and DNL papers report their segmentation results; with one conv and no
   concatenation it is the auxiliary head on stage 3 (loss weight 0.4, PSPNet's deep supervision).
 
-Every head names in ``in_index`` the backbone levels it reads (0..3: strides 4..32; mmseg's name), a config
-value the task reads before it builds the backbone with those levels (:func:`head_levels`). The task then
+Every head names in ``out_indices`` the backbone levels it reads (0..3: strides 4..32; mmseg's name), a config
+value the task reads before it builds the backbone with those levels (:func:`head_out_indices`). The task then
 passes ``in_channels`` and, in ``forward``, the features, both keyed by level; the config gives the rest. Convs are conv -> BatchNorm -> ReLU (SyncBN under DDP comes from
 ``trainer.sync_batchnorm``); the classifier is dropout (``Dropout2d``, 0.1) then a 1x1 conv.
 """
@@ -44,15 +44,15 @@ class ConvBNReLU(Conv2dNormActivation):
         nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
 
 
-def head_levels(head: Mapping) -> tuple[int, ...]:
-    """The backbone levels a head config reads (its ``in_index``), known before anything is built."""
+def head_out_indices(head: Mapping) -> tuple[int, ...]:
+    """The backbone levels a head config reads (its ``out_indices``), known before anything is built."""
     if not isinstance(head, Mapping):
         raise ConfigError(f"a decode head is a config, not {head!r}: pick one with task/head=<name> "
                           "(upernet, fcn, nl, gc, dnl: the files of conf/task/head/)")
-    if head.get("in_index") is None:
-        raise ConfigError(f"head {head.get('_target_')} has no in_index: name the backbone levels it reads "
-                          "(0..3 = strides 4..32), e.g. in_index: [0, 1, 2, 3]")
-    index = head["in_index"]
+    if head.get("out_indices") is None:
+        raise ConfigError(f"head {head.get('_target_')} has no out_indices: name the backbone levels it reads "
+                          "(0..3 = strides 4..32), e.g. out_indices: [0, 1, 2, 3]")
+    index = head["out_indices"]
     return (int(index),) if isinstance(index, int) else tuple(int(i) for i in index)
 
 
@@ -88,7 +88,7 @@ class UperNetHead(DecodeHead):
 
     Args:
         in_channels: channels of the backbone outputs, by level.
-        in_index: the levels it reads, shallowest first (0, 1, 2, 3): a PPM on the last, an FPN on the others.
+        out_indices: the levels it reads, shallowest first (0, 1, 2, 3): a PPM on the last, an FPN on the others.
         num_classes: classifier outputs.
         channels: width of every lateral / FPN / fusion conv (512 in the paper and mmseg).
         pool_scales: PPM bins on the last stage (1, 2, 3, 6).
@@ -99,22 +99,22 @@ class UperNetHead(DecodeHead):
         self,
         in_channels: Mapping[int, int],
         num_classes: int,
-        in_index: Sequence[int],
+        out_indices: Sequence[int],
         channels: int = 512,
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         dropout: float = 0.1,
     ):
         super().__init__(channels, num_classes, dropout)
-        self.in_index = tuple(in_index)
-        *lower, top = [in_channels[level] for level in self.in_index]
+        self.out_indices = tuple(out_indices)
+        *lower, top = [in_channels[level] for level in self.out_indices]
         self.ppm = PyramidPoolingModule(top, channels, pool_scales)
         self.ppm_bottleneck = ConvBNReLU(top + len(pool_scales) * channels, channels, 3)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in lower)
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in lower)
-        self.fpn_bottleneck = ConvBNReLU(len(self.in_index) * channels, channels, 3)
+        self.fpn_bottleneck = ConvBNReLU(len(self.out_indices) * channels, channels, 3)
 
     def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        *lower, top = [features[level] for level in self.in_index]
+        *lower, top = [features[level] for level in self.out_indices]
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, lower)]
         laterals.append(self.ppm_bottleneck(torch.cat([top, *self.ppm(top)], dim=1)))
         for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
@@ -134,7 +134,7 @@ class FCNHead(DecodeHead):
     Args:
         in_channels: channels of the backbone outputs, by level.
         num_classes: classifier outputs.
-        in_index: the level it reads (3: C5, the decode head; 2: C4, the auxiliary head).
+        out_indices: the level it reads (3: C5, the decode head; 2: C4, the auxiliary head).
         channels: conv width (512 decode, 256 auxiliary).
         num_convs: 3x3 convs before the concatenation (2 decode, 1 auxiliary).
         concat_input: concatenate the input to the conv output and fuse with one more 3x3 conv.
@@ -147,7 +147,7 @@ class FCNHead(DecodeHead):
         self,
         in_channels: Mapping[int, int],
         num_classes: int,
-        in_index: int,
+        out_indices: int,
         channels: int = 512,
         num_convs: int = 2,
         kernel_size: int = 3,
@@ -159,8 +159,8 @@ class FCNHead(DecodeHead):
         super().__init__(channels, num_classes, dropout)
         if num_convs < 1 or (context is not None and num_convs < 2):
             raise ValueError(f"FCNHead needs num_convs >= {2 if context else 1} (got {num_convs})")
-        self.in_index = in_index
-        source = in_channels[in_index]
+        self.out_indices = out_indices
+        source = in_channels[out_indices]
         self.convs = nn.ModuleList(
             ConvBNReLU(source if i == 0 else channels, channels, kernel_size, dilation) for i in range(num_convs)
         )
@@ -168,7 +168,7 @@ class FCNHead(DecodeHead):
         self.conv_cat = ConvBNReLU(source + channels, channels, kernel_size) if concat_input else None
 
     def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        x = features[self.in_index]
+        x = features[self.out_indices]
         out = self.convs[0](x)
         if self.context is not None:
             out = self.context(out)

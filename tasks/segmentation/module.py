@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-from vtrain.tasks.segmentation.heads import head_levels
+from vtrain.tasks.segmentation.heads import head_out_indices
 from vtrain.tasks.segmentation.inference import predict
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 
@@ -29,7 +29,7 @@ class SegmentationTask(TaskModule):
     """
     Args:
         backbone, optim, sched: configs (``TaskModule``); the backbone is built with the levels the heads
-            read (their ``in_index``).
+            read (their ``out_indices``).
         num_classes: classes (150 on ADE20K), without the ignore index.
         head: config of the decode head (``conf/task/head/*.yaml``); it gets ``in_channels`` (the backbone's,
             by level) and ``num_classes``.
@@ -65,9 +65,9 @@ class SegmentationTask(TaskModule):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.aux_weight, self.avg_non_ignore, self.size_divisor = aux_weight, avg_non_ignore, size_divisor
         self.inference_cfg = dict(inference or {})
-        levels = {level for cfg in (head, aux_head) if cfg for level in head_levels(cfg)}
-        self.backbone = instantiate(backbone, out_levels=sorted(levels))
-        channels = {info.level: info.channels for info in self.backbone.feature_info}
+        levels = {level for cfg in (head, aux_head) if cfg for level in head_out_indices(cfg)}
+        self.backbone = instantiate(backbone, out_indices=sorted(levels))
+        channels = dict(zip(self.backbone.feature_info.out_indices(), self.backbone.feature_info.channels()))
         self.head = instantiate(head, in_channels=channels, num_classes=num_classes)
         self.aux_head = instantiate(aux_head, in_channels=channels, num_classes=num_classes) if aux_head else None
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
@@ -185,7 +185,7 @@ def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor
     h, w = images.shape[-2:]
     pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
     x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
-    features = dict(zip(backbone.out_levels, backbone(x)))
+    features = dict(zip(backbone.out_indices, backbone(x)))
     return [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
             for head in heads]
 

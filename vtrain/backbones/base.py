@@ -2,15 +2,17 @@
 
 A task asks a backbone, when it builds it, for what its heads read:
 
-* ``out_levels=None`` (the default), a classifier: ``forward_pooled(x)`` returns the ``(N, num_features)``
+* ``out_indices=None`` (the default), a classifier: ``forward_pooled(x)`` returns the ``(N, num_features)``
   embedding a linear classifier sees (ResNet: global average of C5; Swin: final norm then average; ViT: the
   class token after the final norm). The model is then exactly the reference classifier's trunk (same
   parameters, same keys as timm / the official release).
-* ``out_levels=(1, 2, 3)`` (any subset of 0..3, level ``i`` at stride ``4 * 2**i`` in a standard backbone):
-  ``forward(x)`` returns those NCHW maps, in that order, and ``feature_info`` describes each (level, channels,
-  reduction). Modules only some output needs (Swin's per-level output norms, a ViT pyramid branch) are built
-  for the requested levels only, and stages past the deepest one not at all, so every parameter of a backbone
-  feeds its outputs: nothing is left without a gradient under DDP.
+* ``out_indices=(1, 2, 3)`` (any subset of 0..3, output ``i`` at stride ``4 * 2**i`` in a standard backbone):
+  ``forward(x)`` returns those NCHW maps, in that order, and ``feature_info`` describes them as timm's does
+  (``feature_info.channels()``, ``.reduction()``, ``.out_indices()``). Heads name the outputs they read by the
+  same indices (a segmentation head's ``out_indices``, a detector's), and the task builds the backbone with
+  those. Modules only some output needs (Swin's per-output norms, a ViT pyramid branch) are built for the
+  requested outputs only, and stages past the deepest one not at all, so every parameter of a backbone feeds its
+  outputs: nothing is left without a gradient under DDP.
 
 Besides, a backbone names in ``no_weight_decay()`` the parameters (relative to itself) that the recipes
 exclude from weight decay beyond the generic rule (1-D tensors and biases), and converts in
@@ -33,26 +35,40 @@ from torch import nn
 
 from vtrain.config import ConfigError
 
-LEVELS = (0, 1, 2, 3)
+OUT_INDICES = (0, 1, 2, 3)
 
 
-class FeatureInfo(NamedTuple):
-    """One output of ``forward``: its level (0..3), channels and reduction (stride) from the input."""
+class FeatureMap(NamedTuple):
+    """One output of ``forward``: its index (0..3), channels and reduction (stride) from the input."""
 
-    level: int
+    index: int
     channels: int
     reduction: int
 
 
-def parse_levels(out_levels: Sequence[int] | int | None) -> tuple[int, ...] | None:
-    """``out_levels`` as a sorted tuple of distinct levels, or None for a classifier."""
-    if out_levels is None:
+class FeatureInfo(list):
+    """What ``forward`` returns, one :class:`FeatureMap` per output in order, asked as timm's ``feature_info`` is:
+    ``channels()``, ``reduction()`` (each output's, or output ``i``'s), ``out_indices()``."""
+
+    def channels(self, i: int | None = None) -> list[int] | int:
+        return [m.channels for m in self] if i is None else self[i].channels
+
+    def reduction(self, i: int | None = None) -> list[int] | int:
+        return [m.reduction for m in self] if i is None else self[i].reduction
+
+    def out_indices(self) -> list[int]:
+        return [m.index for m in self]
+
+
+def parse_out_indices(out_indices: Sequence[int] | int | None) -> tuple[int, ...] | None:
+    """``out_indices`` as a sorted tuple of distinct indices, or None for a classifier."""
+    if out_indices is None:
         return None
-    levels = (out_levels,) if isinstance(out_levels, int) else tuple(out_levels)
-    if not levels or any(level not in LEVELS for level in levels) or len(set(levels)) != len(levels):
-        raise ConfigError(f"out_levels={list(levels)}: name distinct backbone levels among {list(LEVELS)} "
+    indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+    if not indices or any(i not in OUT_INDICES for i in indices) or len(set(indices)) != len(indices):
+        raise ConfigError(f"out_indices={list(indices)}: name distinct backbone outputs among {list(OUT_INDICES)} "
                           "(0 = stride 4 ... 3 = stride 32)")
-    return tuple(sorted(levels))
+    return tuple(sorted(indices))
 
 
 class WeightContract:
@@ -75,22 +91,22 @@ class WeightContract:
 
 
 class Backbone(WeightContract, nn.Module):
-    out_levels: tuple[int, ...] | None = None
-    feature_info: list[FeatureInfo]
+    out_indices: tuple[int, ...] | None = None
+    feature_info: FeatureInfo
     num_features: int
     grad_checkpointing: bool = False
 
-    def _set_levels(self, out_levels: Sequence[int] | int | None, channels: Sequence[int],
-                    reductions: Sequence[int]) -> None:
-        """Record what was asked for; ``channels`` and ``reductions`` are the four levels' (C2..C5)."""
-        self.out_levels = parse_levels(out_levels)
-        self.feature_info = [FeatureInfo(level, int(channels[level]), int(reductions[level]))
-                             for level in self.out_levels or ()]
+    def _set_out_indices(self, out_indices: Sequence[int] | int | None, channels: Sequence[int],
+                         reductions: Sequence[int]) -> None:
+        """Record what was asked for; ``channels`` and ``reductions`` are the four stages' (C2..C5)."""
+        self.out_indices = parse_out_indices(out_indices)
+        self.feature_info = FeatureInfo(FeatureMap(i, int(channels[i]), int(reductions[i]))
+                                        for i in self.out_indices or ())
 
     @property
     def num_stages(self) -> int:
         """Stages that run: up to the deepest requested level (all four for a classifier)."""
-        return max(self.out_levels) + 1 if self.out_levels else len(LEVELS)
+        return max(self.out_indices) + 1 if self.out_indices else len(OUT_INDICES)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -98,11 +114,11 @@ class Backbone(WeightContract, nn.Module):
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _require_levels(self) -> tuple[int, ...]:
-        if self.out_levels is None:
-            raise ConfigError(f"{type(self).__name__} was built as a classifier (out_levels=None): build it with "
-                              "out_levels=(...) for feature maps")
-        return self.out_levels
+    def _require_out_indices(self) -> tuple[int, ...]:
+        if self.out_indices is None:
+            raise ConfigError(f"{type(self).__name__} was built as a classifier (out_indices=None): build it with "
+                              "out_indices=(...) for feature maps")
+        return self.out_indices
 
     # ----------------------------------------------------------------- frozen stages (mmdet's ``frozen_stages``)
     def _frozen_modules(self) -> list[nn.Module]:
@@ -150,7 +166,7 @@ class Backbone(WeightContract, nn.Module):
 def require_reductions(backbone: Backbone, needed: Sequence[int], who: str) -> None:
     """One line when a backbone cannot give the strides a head is built for (a dilated "-D8" ResNet under a
     detector's pyramid)."""
-    got = [info.reduction for info in backbone.feature_info]
+    got = backbone.feature_info.reduction()
     if got != list(needed):
         raise ConfigError(f"{who} needs backbone outputs at strides {list(needed)}, {type(backbone).__name__} "
                           f"gives {got}: use a backbone without dilation (e.g. output_stride=32)")

@@ -55,7 +55,7 @@ class LRNet(ResNet):
         depth: 26 or 50.
         lr: local relation options ``{kernel_size: 7, m: 8, composability:
             squared_difference | dot}``.
-        drop_path_rate, output_stride, frozen_stages, out_levels, zero_init_last: as ``ResNet``.
+        drop_path_rate, output_stride, frozen_stages, out_indices, zero_init_last: as ``ResNet``.
     """
 
     def __init__(
@@ -65,11 +65,11 @@ class LRNet(ResNet):
         drop_path_rate: float = 0.0,
         output_stride: int = 32,
         frozen_stages: int = -1,
-        out_levels: Sequence[int] | None = None,
+        out_indices: Sequence[int] | None = None,
         zero_init_last: bool = True,
     ):
         super().__init__(
-            depth=depth, drop_path_rate=drop_path_rate, output_stride=output_stride, out_levels=out_levels,
+            depth=depth, drop_path_rate=drop_path_rate, output_stride=output_stride, out_indices=out_indices,
             base_width=100, zero_init_last=zero_init_last,
         )
         lr = dict(lr or {})

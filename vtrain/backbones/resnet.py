@@ -107,7 +107,7 @@ class ResNet(Backbone):
         nl: ``{stages: [4 bools], after_blocks: [ints], reduction: int}`` (optionally ``sub_sample``,
             ``use_scale``: ``NonLocalBlock``'s) or None.
         dnl: like ``nl`` plus ``temperature``.
-        out_levels: the levels ``forward`` returns (``base.Backbone``); None: a classifier's trunk. Stages
+        out_indices: the levels ``forward`` returns (``base.Backbone``); None: a classifier's trunk. Stages
             past the deepest level are not built.
         base_width: inner width of the stage-1 bottleneck, doubling per stage
             (timm's ``base_width``): 64 gives ResNet's 64/128/256/512, LR-Net uses 100.
@@ -126,7 +126,7 @@ class ResNet(Backbone):
         gc: Mapping | None = None,
         nl: Mapping | None = None,
         dnl: Mapping | None = None,
-        out_levels: Sequence[int] | None = None,
+        out_indices: Sequence[int] | None = None,
         base_width: int = 64,
         deep_stem: bool = False,
         zero_init_last: bool = True,
@@ -148,7 +148,7 @@ class ResNet(Backbone):
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         channels = [stage[-1].conv3.out_channels for stage in self.stages]
         self.num_features = channels[-1]
-        self._set_levels(out_levels, channels, [min(4 * 2**i, output_stride) for i in range(4)])
+        self._set_out_indices(out_indices, channels, [min(4 * 2**i, output_stride) for i in range(4)])
 
         if gc is not None:
             for enabled, stage, width in zip(gc["stages"], self.stages, channels):
@@ -202,7 +202,7 @@ class ResNet(Backbone):
         return outputs
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        levels = self._require_levels()
+        levels = self._require_out_indices()
         outputs = self._stage_outputs(x)
         return [outputs[level] for level in levels]
 

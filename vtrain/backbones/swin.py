@@ -9,11 +9,11 @@ Swin-T 28.29M / 4.49 GMACs (28M / 4.5G), Swin-S 49.61M / 8.74G (50M / 8.7G),
 Swin-B 87.77M / 15.43G (88M / 15.4G), Swin-B 384 (window 12) 87.90M / 47.08G
 (88M / 47.0G). The MACs include the attention products.
 
-A classifier's trunk (``out_levels=None``) is exactly timm's / the official classifier:
+A classifier's trunk (``out_indices=None``) is exactly timm's / the official classifier:
 window sizes and shifts are fixed for ``img_size`` (a stage no larger than the window
 gets one un-shifted window, as the official code), inputs must be ``img_size``.
 
-Feature maps (``out_levels=(...)``) follow the official Swin detection / segmentation backbone:
+Feature maps (``out_indices=(...)``) follow the official Swin detection / segmentation backbone:
 
 * any input whose sides are multiples of 32: features are padded to whole windows
   and every second block shifts by half a window, whatever the feature size
@@ -48,12 +48,12 @@ class SwinTransformer(Backbone):
 
     Args:
         img_size: classification input size (and the size the windows are planned
-            for); with ``out_levels``, only the reference for the (unused) absolute size.
+            for); with ``out_indices``, only the reference for the (unused) absolute size.
         embed_dim, depths, num_heads, window_size: architecture (paper Table 7).
         drop_path_rate: stochastic depth (paper: 0.2 T, 0.3 S, 0.5 B).
         frozen_stages: -1 none; 0 patch embedding; N also stages 1..N with their
             patch merging (and output norms), as mmdet's Swin.
-        out_levels: the levels ``forward`` returns (``base.Backbone``; see the module doc); None: a
+        out_indices: the levels ``forward`` returns (``base.Backbone``; see the module doc); None: a
             classifier's trunk.
     """
 
@@ -66,10 +66,10 @@ class SwinTransformer(Backbone):
         window_size: int = 7,
         drop_path_rate: float = 0.2,
         frozen_stages: int = -1,
-        out_levels: Sequence[int] | None = None,
+        out_indices: Sequence[int] | None = None,
     ):
         super().__init__()
-        dense = out_levels is not None
+        dense = out_indices is not None
         swin = TimmSwinTransformer(
             img_size=tuple(img_size) if isinstance(img_size, Sequence) else img_size,
             embed_dim=embed_dim,
@@ -91,10 +91,10 @@ class SwinTransformer(Backbone):
                 module.fused_attn = torch.cuda.is_available()
         channels = [int(embed_dim * 2**i) for i in range(len(depths))]
         self.num_features = channels[-1]
-        self._set_levels(out_levels, channels, [4 * 2**i for i in range(len(depths))])
+        self._set_out_indices(out_indices, channels, [4 * 2**i for i in range(len(depths))])
         if dense:
             self.layers = self.layers[: self.num_stages]
-            self.out_norms = nn.ModuleDict({str(level): nn.LayerNorm(channels[level]) for level in self.out_levels})
+            self.out_norms = nn.ModuleDict({str(level): nn.LayerNorm(channels[level]) for level in self.out_indices})
         else:
             self.norm = swin.norm
 
@@ -125,7 +125,7 @@ class SwinTransformer(Backbone):
         return key.startswith("out_norms.") and not key.startswith("out_norms.3.")  # .3 is the final norm
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._require_levels()
+        self._require_out_indices()
         x = self.patch_embed(x)  # NHWC
         features = []
         for index, stage in enumerate(self.layers):
@@ -135,8 +135,8 @@ class SwinTransformer(Backbone):
         return features
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_levels is not None:  # a classifier's trunk only (see the module doc)
-            raise ConfigError("forward_pooled: this Swin was built with out_levels; build it with out_levels=None")
+        if self.out_indices is not None:  # a classifier's trunk only (see the module doc)
+            raise ConfigError("forward_pooled: this Swin was built with out_indices; build it with out_indices=None")
         return self.norm(self.layers(self.patch_embed(x))).mean(dim=(1, 2))
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -162,11 +162,11 @@ class SwinTransformer(Backbone):
         backbone, classifier = {}, {}
         for key, value in state_dict.items():
             stage = re.match(r"layers\.(\d+)\.", key)
-            if stage and self.out_levels is not None and int(stage.group(1)) >= self.num_stages:
+            if stage and self.out_indices is not None and int(stage.group(1)) >= self.num_stages:
                 continue  # a stage that is not built
             if key.startswith("head.fc."):
                 classifier[key[len("head.fc."):]] = value
-            elif self.out_levels is not None and re.match(r"norm\.(weight|bias)$", key):
+            elif self.out_indices is not None and re.match(r"norm\.(weight|bias)$", key):
                 if "3" in self.out_norms:  # otherwise the final norm of a stage that is not built
                     backbone["out_norms.3." + key[len("norm."):]] = value
             else:

@@ -69,10 +69,10 @@ class VisionTransformer(Backbone):
     """ViT backbone.
 
     ``forward_pooled`` is the class token after the final norm (the reference
-    classifier's input). ``forward`` (``out_levels``) reshapes the patch tokens after the
+    classifier's input). ``forward`` (``out_indices``) reshapes the patch tokens after the
     final norm into the stride-16 map and builds the requested pyramid levels from it;
     going through the final norm keeps every parameter in the graph (no unused parameter
-    under DDP; ViTDet drops the norm instead). A classifier's trunk (``out_levels=None``)
+    under DDP; ViTDet drops the norm instead). A classifier's trunk (``out_indices=None``)
     has no pyramid.
     """
 
@@ -84,7 +84,7 @@ class VisionTransformer(Backbone):
         depth: int = 12,
         num_heads: int = 12,
         drop_path_rate: float = 0.1,
-        out_levels: Sequence[int] | None = None,
+        out_indices: Sequence[int] | None = None,
     ):
         super().__init__()
         vit = TimmVisionTransformer(
@@ -108,9 +108,9 @@ class VisionTransformer(Backbone):
         self.num_features = embed_dim
         # the patch grid is the stride-16 level for /16 models; other patch sizes shift the pyramid
         strides = (patch_size // 4, patch_size // 2, patch_size, patch_size * 2)
-        self._set_levels(out_levels, (embed_dim // 4, embed_dim // 2, embed_dim, embed_dim), strides)
-        if self.out_levels is not None:
-            self.pyramid = SimpleFeaturePyramid(embed_dim, self.out_levels)
+        self._set_out_indices(out_indices, (embed_dim // 4, embed_dim // 2, embed_dim, embed_dim), strides)
+        if self.out_indices is not None:
+            self.pyramid = SimpleFeaturePyramid(embed_dim, self.out_indices)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
@@ -132,7 +132,7 @@ class VisionTransformer(Backbone):
         return key.startswith("pyramid.")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._require_levels()
+        self._require_out_indices()
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self._tokens(x)
         return self.pyramid(tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))

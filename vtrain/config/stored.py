@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain.config import ConfigError
 from vtrain.config.compose import CONFIG_DIR
@@ -101,3 +101,22 @@ def read_config_file(path: str | Path) -> DictConfig:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot read {path} as plain YAML ({first}): a config holds plain values only") from None
     return trusted_config(stored, path)
+
+
+# Keys renamed since a stored config may have been written: (the mapping's path, old key, new key). A config read
+# from a file has them renamed before it is built, so older checkpoints load.
+RENAMED_KEYS = (
+    ("task.head", "in_index", "out_indices"),  # one name for the backbone outputs a head reads (timm's)
+    ("task.aux_head", "in_index", "out_indices"),
+    ("task.detector", "levels", "out_indices"),
+)
+
+
+def with_current_names(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the keys of :data:`RENAMED_KEYS` under their current names."""
+    for path, old, new in RENAMED_KEYS:
+        node = OmegaConf.select(cfg, path, default=None)
+        if isinstance(node, DictConfig) and old in node and new not in node:
+            with open_dict(node):
+                node[new] = node.pop(old)
+    return cfg

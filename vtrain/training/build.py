@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain.config import ConfigError
 from vtrain.config.compose import compose, plain_config
-from vtrain.config.stored import read_config_file, trusted_config
+from vtrain.config.stored import read_config_file, trusted_config, with_current_names
 from vtrain.config.validate import check_values
 from vtrain.training.checkpoint import (
     description,
@@ -92,7 +92,7 @@ def model_config(source: str | Path, experiment: str | None = None, overrides: S
             raise ConfigError(f"{path} does not say which model it holds (not a vtrain checkpoint, or one written "
                               "before checkpoints stored their config): add experiment=<the experiment it was "
                               "trained with>")
-        cfg = with_overrides(stored, overrides)
+        cfg = with_overrides(with_current_names(stored), overrides)
     with open_dict(cfg):
         cfg.mode, cfg.ckpt_path, cfg.pretrained = "eval", None, None
         cfg.output_dir = str(source if source.is_dir() else path.parent)

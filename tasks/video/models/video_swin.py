@@ -105,7 +105,7 @@ def _official_to_torchvision_keys(state_dict: dict[str, torch.Tensor]) -> dict[s
         elif match := re.match(r"layers\.(\d+)\.downsample\.(.+)", key):
             stage = int(match[1]) if official else int(match[1]) - 1
             key = f"features.{2 * stage + 1}.{match[2]}"
-        elif key.startswith("out_norms.3."):  # a Swin built with out_levels keeps the final norm there
+        elif key.startswith("out_norms.3."):  # a Swin built with out_indices keeps the final norm there
             key = "norm." + key[len("out_norms.3."):]
         elif key.startswith("out_norms."):
             continue
