@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from conftest import TINY_CLS, compose, run_cli
+from conftest import ROOT, TINY_CLS, compose, run_cli
 from vtrain.training.build import build_task
 
 
@@ -185,3 +186,26 @@ def test_evaluation_of_a_gpu_recipe_runs_on_the_cpu_when_there_is_no_gpu(monkeyp
     chosen = compose("experiment=swin_t_imagenet", "trainer=gpu")
     evaluate_on_available_device(chosen, ["experiment=swin_t_imagenet", "trainer=gpu"])
     assert chosen.trainer.accelerator == "gpu"  # asked for: validate() then says no CUDA device is visible
+
+
+def test_what_a_stored_config_says_about_its_model_is_read_from_it():
+    """``eval ckpt_path=FILE`` takes the model's keys from the checkpoint's config: task, data and the groups the
+    task's config holds (found in the stored config, not named in the code)."""
+    from vtrain.cli import model_keys
+    from vtrain.config.compose import plain_config
+
+    def keys(experiment):
+        return model_keys(OmegaConf.create(plain_config(compose(f"experiment={experiment}"))))
+
+    assert keys("quickstart") == ["task", "data", "backbone"]
+    assert keys("quickstart_video") == ["task", "data", "video_backbone"]
+
+
+def test_every_synthetic_layout_an_experiment_names_has_a_writer():
+    """scripts/make_synthetic.py finds each task's writer by its KIND; every experiment's ``synthetic`` is one."""
+    import runpy
+
+    writers = runpy.run_path(str(ROOT / "scripts" / "make_synthetic.py"))["WRITERS"]
+    assert sorted(writers) == ["ade20k", "coco", "imagenet", "kinetics"]
+    named = {compose(f"experiment={p.stem}").get("synthetic") for p in (ROOT / "conf" / "experiment").glob("quick*.yaml")}
+    assert named - {None} <= set(writers) and len(named - {None}) >= 3

@@ -235,7 +235,12 @@ def evaluate_on_available_device(cfg: DictConfig, overrides: list[str]) -> None:
     log.info("no CUDA device: evaluating on the CPU (trainer=cpu; trainer=... chooses another)")
 
 
-MODEL_KEYS = ("task", "data", "backbone", "video_backbone")  # what a checkpoint's config says about its model
+def model_keys(stored: DictConfig) -> list[str]:
+    """What a stored config says about its model: ``task``, ``data``, and each top-level group the task's config
+    holds a copy of (it is stored resolved: ``backbone: ${backbone}``, video's ``model: ${video_backbone}``)."""
+    parts = [value for value in stored.task.values() if isinstance(value, DictConfig)]
+    return ["task", "data"] + [key for key, value in stored.items_ex(resolve=False) if key not in ("task", "data")
+                               and isinstance(value, DictConfig) and any(value == part for part in parts)]
 
 
 def model_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
@@ -248,11 +253,11 @@ def model_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
     if not stored:
         return
     described = trusted_config(stored, path)  # data: it does not choose what runs
-    changes = [o.lstrip("+~") for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in MODEL_KEYS
+    keys = model_keys(described)
+    changes = [o.lstrip("+~") for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in keys
                and "." in o.split("=", 1)[0]]
     with open_dict(cfg):
-        for key in MODEL_KEYS:
-            if key in described:
-                cfg[key] = described[key]
+        for key in keys:
+            cfg[key] = described[key]
         cfg.merge_with_dotlist(changes)
     log.info("evaluating the model and data %s describes (experiment= would replace them)", path)

@@ -29,6 +29,9 @@ def class_names(num_classes: int) -> list[tuple[str, str, str]]:
     return [(f"n{9000000 + i:08d}", *pairs[j]) for i, j in enumerate(order[:num_classes])]
 
 
+KIND = "imagenet"  # the layout written: `scripts/make_synthetic.py imagenet`, an experiment's `synthetic` key
+
+
 def write(root: str | Path, seed: int = 0, num_classes: int = 10, train_per_class: int = 200, val_per_class: int = 20,
           size: int = 64) -> dict:
     root = Path(root)

@@ -101,6 +101,9 @@ def _image(rng: np.random.Generator, image_id: int, num_classes: int, min_side: 
     return image, {"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": h, "width": w}, out
 
 
+KIND = "coco"  # the layout written: `scripts/make_synthetic.py coco`, an experiment's `synthetic` key
+
+
 def write(root: str | Path, seed: int = 0, num_classes: int = 4, train_images: int = 192, val_images: int = 31,
           min_side: int = 64, max_side: int = 96, max_objects: int = 3) -> dict:
     root = Path(root)

@@ -50,6 +50,9 @@ def write_sample(rng: np.random.Generator, classes: list[tuple[str, str]], heigh
     return image, Image.fromarray(label)
 
 
+KIND = "ade20k"  # the layout written: `scripts/make_synthetic.py ade20k`, an experiment's `synthetic` key
+
+
 def write(root: str | Path, seed: int = 0, num_classes: int = 6, train: int = 160, val: int = 40,
           height: int = 96, width: int = 128, max_shapes: int = 3) -> dict:
     root = Path(root)

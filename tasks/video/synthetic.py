@@ -86,6 +86,9 @@ def motion_frames(motion: str, rng: np.random.Generator, size: int, num_frames: 
     return frames
 
 
+KIND = "kinetics"  # the layout written: `scripts/make_synthetic.py kinetics`, an experiment's `synthetic` key
+
+
 def write(root: str | Path, seed: int = 0, num_classes: int = 6, train_per_class: int = 80, val_per_class: int = 20,
           size: int = 32, min_frames: int = 8, max_frames: int = 10) -> dict:
     if not 1 <= num_classes <= len(MOTIONS):
