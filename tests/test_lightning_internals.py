@@ -33,6 +33,9 @@ def test_the_private_names_vtrain_uses_exist():
     from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 
     assert _is_local_file_protocol("/tmp/x.ckpt") and not _is_local_file_protocol("s3://bucket/x.ckpt")
+    # unrepeated_sampler: disjoint, in order, every sample once over the ranks
+    shares = [list(lightning_internals.unrepeated_sampler(range(7), 3, rank)) for rank in range(3)]
+    assert sorted(i for share in shares for i in share) == list(range(7)) and shares[0] == [0, 3, 6]
     # the override keeps the signature it replaces
     assert list(inspect.signature(ModelCheckpoint._save_last_checkpoint).parameters) == [
         "self", "trainer", "monitor_candidates"]

@@ -46,6 +46,7 @@ from vtrain.data.datamodule import (
     read_or_skip,
     read_rgb,
 )
+from vtrain.training.lightning_internals import unrepeated_sampler
 
 log = logging.getLogger(__name__)
 
@@ -383,11 +384,5 @@ class ADE20KDataModule(DataModule):
         sampler = None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
-            from pytorch_lightning.overrides.distributed import (
-                UnrepeatedDistributedSampler,
-            )
-
-            sampler = UnrepeatedDistributedSampler(
-                self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-            )
+            sampler = unrepeated_sampler(self.val_set, trainer.world_size, trainer.global_rank)
         return self._loader(self.val_set, train=False, sampler=sampler)

@@ -102,3 +102,12 @@ def hand_over_train_loader_state(trainer: pl.Trainer) -> None:
     loader._load_state_dicts(states)
     fit_loop._combined_loader_states_to_load = []  # handed over (Lightning releases them so too)
     iter(fit_loop._data_fetcher)  # rebuild the iterator that was made before the state arrived
+
+
+def unrepeated_sampler(dataset: Any, num_replicas: int, rank: int) -> Any:
+    """Each rank a disjoint share of ``dataset``, in order, none repeated (Lightning's ``UnrepeatedDistributedSampler``
+    in ``pytorch_lightning.overrides.distributed``, which it uses for prediction): a dataset-level metric then counts
+    every sample once, where ``DistributedSampler`` pads the ranks with repeats."""
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
