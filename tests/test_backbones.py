@@ -13,9 +13,9 @@ from torch import nn
 from vtrain.config import ConfigError
 from vtrain.backbones import LRNet, ResNet, SwinTransformer, VisionTransformer
 from vtrain.backbones.base import Classifier
-from vtrain.backbones.lrnet import paper_macs
 from vtrain.config.compose import compose_config
 from vtrain.profiling import count_macs, count_params
+from vtrain.tools.table.macs import lrnet_paper_macs
 
 
 # Parameters with a 1000-class linear classifier, exact to this implementation.
@@ -85,7 +85,7 @@ def test_parameters_and_macs(name):
         expected = LRNET_MACS[name] if name in LRNET_MACS else PAPER[name][1] * 1e9
         assert count_macs(model, (1, 3, size, size)) == pytest.approx(expected, rel=0.02)
         if name in LRNET_MACS:
-            assert paper_macs(model, (1, 3, size, size)) == pytest.approx(PAPER[name][1] * 1e9, rel=0.02)
+            assert lrnet_paper_macs(model, (1, 3, size, size)) == pytest.approx(PAPER[name][1] * 1e9, rel=0.02)
 
 
 def test_vit_paper_sizes_are_encoder_plus_representation_layer():

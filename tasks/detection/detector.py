@@ -8,15 +8,12 @@ module(s) (:mod:`rcnn`, :mod:`one_stage`, :mod:`detr`) and its config files; the
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models.detection import FasterRCNN
 
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
@@ -40,9 +37,6 @@ class DetectorSpec(Protocol):
         """The detector on ``backbone`` (built with these ``out_indices``); ``num_classes`` counts the categories
         and the background; ``transform``: the test-time resize and the normalisation (``min_size``, ``max_size``,
         ``image_mean``, ``image_std``), which every detector does inside, torchvision's way."""
-
-    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
-        """Multiply-accumulates of one test image of ``image_shape`` (C, H, W)."""
 
     def load_release(self, task: nn.Module, path: str, strict: bool) -> bool:
         """Load a whole-detector release into ``task`` and return True, if ``path`` is one this detector reads;
@@ -88,34 +82,3 @@ def torchvision_transform(transform: Mapping[str, Any]) -> dict[str, Any]:
     """The task's transform as torchvision's detectors take it: no resize in training (the data pipeline did it)."""
     return {**transform, "image_mean": list(transform["image_mean"]), "image_std": list(transform["image_std"]),
             "_skip_resize": True}
-
-
-def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one test image of ``image_shape`` (C, H, W, as the detector pads it), counted as
-    :mod:`vtrain.profiling` counts (matrix products and convolutions; RoIAlign, NMS and box decoding are not):
-    the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
-    RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
-    ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class.
-    Works on the meta device."""
-    device = next(detector.parameters()).device
-    with FlopCounterMode(display=False) as counter:
-        features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())
-        if not isinstance(detector, FasterRCNN):
-            detector.head(features)
-            return counter.get_total_flops() // 2
-        detector.rpn.head(features)
-        heads, channels = detector.roi_heads, features[0].shape[1]
-        num_rois = detector.rpn._post_nms_top_n["testing"]
-        corner = torch.arange(num_rois, device=device, dtype=torch.float32)[:, None] % 100
-        boxes = torch.cat([corner, corner, corner + 32, corner + 32], dim=1)
-        pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
-        box_features = heads.box_head(pooled, [boxes]) if heads.relates_objects else heads.box_head(pooled)
-        class_logits, _ = heads.box_predictor(box_features)
-        if heads.learns_duplicate_removal:
-            num_classes = class_logits.shape[1]
-            heads.duplicate_removal.rescore(class_logits.softmax(-1), boxes[:, None].expand(-1, num_classes, 4),
-                                            box_features, torch.arange(1, num_classes, device=device))
-        if heads.has_mask():
-            masks = torch.zeros(heads.detections_per_img, channels, *heads.mask_roi_pool.output_size, device=device)
-            heads.mask_predictor(heads.mask_head(masks))
-    return counter.get_total_flops() // 2

@@ -37,7 +37,6 @@ from vtrain.tasks.detection.detr_transformer import (
 
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
-from vtrain.profiling import count_macs
 from vtrain.training.checkpoint import load_matching, read_checkpoint, unwrap_state_dict
 
 
@@ -259,10 +258,6 @@ class DETRSpec:
         """DETR on ``backbone``; ``num_classes`` counts categories + 1 (what the task gives every detector: their
         background, here "no object")."""
         return self.model(backbone, num_classes - 1, **transform)
-
-    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
-        """Multiply-accumulates of DETR's whole evaluation forward on one image (attention products included)."""
-        return count_macs(detector, (1, *image_shape))
 
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
         """Load an official DETR checkpoint into ``task`` (backbone and detector) and return True; False when the

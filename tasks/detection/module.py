@@ -79,11 +79,6 @@ class DetectionTask(TaskModule):
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         return self.detector(images, targets)
 
-    def count_macs(self, input_shape: Sequence[int]) -> int:
-        """The detector's MACs on one test image of ``input_shape``, counted as its config says
-        (:meth:`detector.DetectorSpec.macs`)."""
-        return self.spec.macs(self.detector, input_shape[-3:])
-
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Backbone weights, or a whole detector's release that its config reads (DETR's official checkpoints)."""
         if not self.spec.load_release(self, path, strict):

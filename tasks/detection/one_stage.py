@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 from torchvision.models import detection
-from vtrain.tasks.detection.detector import detector_macs, torchvision_transform
+from vtrain.tasks.detection.detector import torchvision_transform
 from vtrain.tasks.detection.nms import HardNMS
 
 from vtrain.backbones.base import Backbone, require_reductions
@@ -88,9 +88,6 @@ class OneStageSpec:
         require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
         return self.model(self.neck(backbone), num_classes=num_classes, duplicate_removal=self.nms,
                           **torchvision_transform(transform))
-
-    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
-        return detector_macs(detector, image_shape)
 
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
         return False  # the file holds backbone weights

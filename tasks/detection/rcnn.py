@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from vtrain.tasks.detection.detector import detector_macs, torchvision_transform
+from vtrain.tasks.detection.detector import torchvision_transform
 from vtrain.tasks.detection.neck import FeaturePyramid
 from vtrain.tasks.detection.nms import HardNMS
 from vtrain.tasks.detection.roi_heads import RCNNSettings, build_rcnn_heads, roi_pools
@@ -81,9 +81,6 @@ class RCNNSpec:
         detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
         build_rcnn_heads(detector, self.rcnn, self.nms)
         return detector
-
-    def macs(self, detector: nn.Module, image_shape: Sequence[int]) -> int:
-        return detector_macs(detector, image_shape)
 
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
         return False  # the file holds backbone weights

@@ -20,9 +20,8 @@ exclude from weight decay beyond the generic rule (1-D tensors and biases), and 
 into its own keys, splitting off the classifier's ``weight``/``bias``.
 
 What a backbone family knows about its configurations is asked of its class, before anything is built:
-``timm_twin(cfg)`` names timm's model of the same architecture (the benchmark's reference) and
 ``check_input_size(cfg, img_size)`` refuses an input size its classifier cannot take (``vtrain.config.validate``).
-A new family answers both in its own file.
+A new family answers it in its own file.
 """
 from __future__ import annotations
 
@@ -143,13 +142,6 @@ class Backbone(WeightContract, nn.Module):
         semantics): activation memory of one block per stage, at the cost of a second forward. BatchNorm
         layers see the recomputation too (their running statistics update twice per step)."""
         self.grad_checkpointing = enable
-
-    @classmethod
-    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict[str, Any]] | None:
-        """``(timm model name, create_model kwargs)`` building timm's own classifier of the architecture that
-        ``cfg`` (a config of this class) builds, or None where timm has none. Architecture arguments go in the
-        kwargs, so that a resized configuration gets its exact twin."""
-        return None
 
     @classmethod
     def check_input_size(cls, cfg: Mapping, img_size: int) -> None:

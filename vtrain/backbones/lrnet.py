@@ -27,7 +27,7 @@ Why the counts differ from the paper:
   layer evaluates its MLP once per layer (k*k inputs); a kernel that evaluates it for
   each output position spends k*k * (2*hidden + hidden*C/m) MACs there: 0.127 G (26)
   and 0.228 G (50). With them and the relation logits (C/m * k*k per position, 0.012 G
-  and 0.018 G), ``paper_macs`` gives 2.56 G and 4.32 G, the paper's 2.6 G and 4.3 G at
+  and 0.018 G), ``vtrain.tools.table.macs.lrnet_paper_macs`` gives 2.56 G and 4.32 G, the paper's 2.6 G and 4.3 G at
   its precision (``tests/test_backbones.py`` holds both within 2%). Alternatives that
   do not reproduce both figures: the stride in the first 1x1 conv (about 3.6 G /
   2.0 G), a value projection at the input resolution instead of the closing
@@ -38,14 +38,12 @@ No pretrained LR-Net checkpoint exists; ``checkpoint_filter`` is ResNet's.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from vtrain.backbones.resnet import ResNet
 from vtrain.layers.local_relation import LocalRelation2d
-from vtrain.profiling import count_macs
 
 
 class LRNet(ResNet):
@@ -95,29 +93,3 @@ class LRNet(ResNet):
         nn.init.kaiming_normal_(self.conv1[0].weight, mode="fan_out", nonlinearity="relu")
 
         self.freeze_stages(frozen_stages)
-
-    @classmethod
-    def timm_twin(cls, cfg: Mapping) -> None:
-        """timm has no LR-Net (the ResNet it derives from would be the wrong twin)."""
-        return None
-
-
-def paper_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """``count_macs`` plus what the LR-Net paper's FLOPs also count in each local relation layer, per output
-    position: the geometry-prior MLP on each of the k*k offsets and the relation logits (one per group and
-    offset). See the module docstring."""
-    extra = 0
-
-    def add(layer: LocalRelation2d, inputs, output: torch.Tensor) -> None:
-        nonlocal extra
-        positions = output.shape[0] * output.shape[-2] * output.shape[-1]
-        mlp = sum(linear.in_features * linear.out_features for linear in layer.geometry_prior if isinstance(linear, nn.Linear))
-        extra += positions * layer.kernel_size**2 * (mlp + layer.groups)
-
-    hooks = [m.register_forward_hook(add) for m in model.modules() if isinstance(m, LocalRelation2d)]
-    try:
-        total = count_macs(model, input_shape)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return total + extra

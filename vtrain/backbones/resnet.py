@@ -222,16 +222,6 @@ class ResNet(Backbone):
                 backbone[_timm_stem_key(key)] = value
         return backbone, classifier
 
-    @classmethod
-    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict] | None:
-        """timm's ``resnet<depth>`` (the same v1.5 layout; ``resnet<depth>c`` with the deep stem); None with context
-        blocks or dilation, which timm has no model of."""
-        args = cls._arguments(cfg)
-        if args["gc"] or args["nl"] or args["dnl"] or args["output_stride"] != 32 or args["base_width"] != 64:
-            return None
-        return (f"resnet{args['depth']}{'c' if args['deep_stem'] else ''}",
-                {"drop_path_rate": float(args["drop_path_rate"]), "zero_init_last": bool(args["zero_init_last"])})
-
 
 # mmseg's ResNetV1c stem (nn.Sequential of conv, BN, ReLU x 3) -> timm's deep stem (conv1 = the first 7 modules,
 # bn1 the last BN): stem.<index>. -> <timm module>.

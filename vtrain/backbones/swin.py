@@ -38,10 +38,6 @@ from torch import nn
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
 
-# timm's names of the Swin sizes, by (embed_dim, depths) (paper Table 7: T, S, B, L).
-TIMM_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base",
-              (192, (2, 2, 18, 2)): "large"}
-
 
 class SwinTransformer(Backbone):
     """Swin backbone.
@@ -172,20 +168,6 @@ class SwinTransformer(Backbone):
             else:
                 backbone[key] = value
         return backbone, classifier
-
-    @classmethod
-    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict]:
-        """timm's Swin of this size (``swin_tiny_patch4_window7_224``); a resized configuration gets the family's
-        entry point with every size argument given."""
-        import timm
-
-        args = cls._arguments(cfg)
-        kwargs = {"img_size": args["img_size"], "embed_dim": args["embed_dim"], "depths": tuple(args["depths"]),
-                  "num_heads": tuple(args["num_heads"]), "window_size": args["window_size"],
-                  "drop_path_rate": float(args["drop_path_rate"])}
-        size = TIMM_SIZES.get((kwargs["embed_dim"], kwargs["depths"]), "tiny")
-        name = f"swin_{size}_patch4_window{kwargs['window_size']}_{kwargs['img_size']}"
-        return (name if timm.is_model(name) else "swin_tiny_patch4_window7_224"), kwargs
 
     @classmethod
     def check_input_size(cls, cfg: Mapping, img_size: int) -> None:

@@ -32,9 +32,6 @@ from torch import nn
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
 
-# timm's names of the ViT sizes, by embed_dim.
-TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
-
 
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet simple feature pyramid (Li et al. 2022, Sec. 3 and Fig. 2c), scale part only:
@@ -153,18 +150,6 @@ class VisionTransformer(Backbone):
                 value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1)
             backbone[key] = value
         return backbone, classifier
-
-    @classmethod
-    def timm_twin(cls, cfg: Mapping) -> tuple[str, dict]:
-        """timm's ViT of this size (``vit_small_patch16_224``); a resized configuration gets the family's entry
-        point with every size argument given."""
-        import timm
-
-        args = cls._arguments(cfg)
-        kwargs = {k: args[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-        kwargs["drop_path_rate"] = float(args["drop_path_rate"])
-        name = f"vit_{TIMM_SIZES.get(kwargs['embed_dim'], 'base')}_patch{kwargs['patch_size']}_{kwargs['img_size']}"
-        return (name if timm.is_model(name) else "vit_base_patch16_224"), kwargs
 
     @classmethod
     def check_input_size(cls, cfg: Mapping, img_size: int) -> None:

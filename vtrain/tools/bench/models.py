@@ -16,6 +16,7 @@ from vtrain.backbones.base import Classifier
 from vtrain.config import ConfigError
 from vtrain.config.compose import compose_config
 from vtrain.profiling import count_macs, count_params, prefers_channels_last
+from vtrain.tools.bench.twins import timm_twin
 
 
 def build_classifier(backbone_cfg: Mapping, num_classes: int = 1000) -> Classifier:
@@ -31,10 +32,9 @@ def model_size(build: Callable[[], nn.Module], sample_shape: tuple[int, ...]) ->
 
 
 def timm_reference(backbone_cfg: Mapping) -> tuple[str, dict] | None:
-    """``(timm model name, create_model kwargs)`` of timm's own model of this backbone's architecture, as the
-    backbone's class names it (``Backbone.timm_twin``), or None where timm has none."""
-    twin = getattr(get_class(backbone_cfg["_target_"]), "timm_twin", None)
-    return twin(backbone_cfg) if twin is not None else None
+    """``(timm model name, create_model kwargs)`` of timm's own model of this backbone's architecture
+    (:func:`vtrain.tools.bench.twins.timm_twin`), or None where timm has none."""
+    return timm_twin(backbone_cfg)
 
 
 def _create_timm(name: str, kwargs: dict, num_classes: int) -> nn.Module:

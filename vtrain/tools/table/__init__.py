@@ -9,7 +9,7 @@ paper's values; columns: what each one measures, with a tolerance) and fills eve
   ``Classifier``, the classification model) through ``vtrain.profiling``, always;
 * ``task_params``: the whole task model of the row's experiment (a detector, say), when the experiment exists;
 * ``task_macs``: that model's multiply-accumulates on one ``task_input_shape`` (else ``input_shape``) image in
-  evaluation mode: its own ``count_macs`` where it has one (a detector's), else its forward's;
+  evaluation mode (:func:`vtrain.tools.table.macs.task_macs`: a detector's as the detection papers count it);
 * ``throughput``: inference images/s on the current device (the bench's timing);
 * ``metric``: the value in the ``metrics.json`` of ``python -m vtrain.eval experiment=... ckpt_path=...`` when
   the row has a checkpoint (and the dataset is there), or of a finished run given as ``metrics``.

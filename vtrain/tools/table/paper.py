@@ -17,10 +17,11 @@ from omegaconf import DictConfig
 
 from vtrain.config import ConfigError
 from vtrain.config.compose import compose_config
-from vtrain.profiling import count_macs, count_params
+from vtrain.profiling import count_params
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput, throughput_enabled
 from vtrain.tools.table.markdown import DASH, number
+from vtrain.tools.table.macs import task_macs
 from vtrain.training.build import build_task
 
 log = logging.getLogger("vtrain.tools.table")
@@ -122,14 +123,11 @@ class Row:
 
     def task_macs(self) -> int:
         """MACs of the task model's evaluation forward on one input of ``task_input_shape`` (the row's or the
-        table's, else ``input_shape``): its own ``count_macs(input_shape)`` where it has one (a detector, at a test
-        image size), else the count of its forward."""
+        table's, else ``input_shape``): :func:`vtrain.tools.table.macs.task_macs` (a detector's at a test image
+        size as the detection papers count it)."""
         def compute() -> int:
             shape = tuple(self.spec.get("task_input_shape") or self.table.get("task_input_shape") or self.input_shape())
-            module = self.task_module()
-            if hasattr(module, "count_macs"):
-                return int(module.count_macs(shape))
-            return count_macs(module, (1, *shape))
+            return task_macs(self.task_module(), shape)
         return self._once("task_macs", compute)
 
     def throughput(self) -> dict[str, Any]:
