@@ -21,6 +21,7 @@ from vtrain.tools.table.macs import lrnet_paper_macs
 # Parameters with a 1000-class linear classifier, exact to this implementation.
 PARAMS = {
     "resnet26": 15_995_176, "resnet50": 25_557_032, "resnet101": 44_549_160,
+    "resnext50_32x4d": 25_028_904, "resnext101_32x4d": 44_177_704, "resnext101_64x4d": 83_455_272,
     "gcnet_r50": 28_078_773, "gcnet_r101": 49_337_222, "nl_r50": 27_657_768, "dnl_r50": 27_658_793,
     "lrnet26": 14_608_314, "lrnet50": 23_374_069,
     "swin_t": 28_288_354, "swin_s": 49_606_258, "swin_b": 87_768_224, "swin_b_384": 87_903_584,
@@ -28,6 +29,7 @@ PARAMS = {
 }
 TIMM_NAMES = {
     "resnet26": "resnet26", "resnet50": "resnet50", "resnet101": "resnet101",
+    "resnext50_32x4d": "resnext50_32x4d", "resnext101_32x4d": "resnext101_32x4d", "resnext101_64x4d": "resnext101_64x4d",
     "swin_t": "swin_tiny_patch4_window7_224", "swin_s": "swin_small_patch4_window7_224",
     "swin_b": "swin_base_patch4_window7_224", "swin_b_384": "swin_base_patch4_window12_384",
     "vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
@@ -75,7 +77,7 @@ def test_parameters_and_macs(name):
     model = build_meta_classifier(name)
     assert count_params(model) == PARAMS[name]
     if name in TIMM_NAMES:
-        skip_init = {} if name.startswith("resnet") else {"weight_init": "skip"}  # meta: nothing to initialise
+        skip_init = {} if name.startswith(("resnet", "resnext")) else {"weight_init": "skip"}  # meta: nothing to initialise
         with torch.device("meta"):
             reference = timm.create_model(TIMM_NAMES[name], **skip_init)
         assert count_params(reference) == PARAMS[name]
@@ -268,12 +270,14 @@ def test_vit_logits_equal_timm():
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
-def test_resnet_loads_torchvision_checkpoint():
+@pytest.mark.parametrize("reference_name, kwargs", [("resnet50", {}),
+                                                    ("resnext50_32x4d", dict(cardinality=32, base_width=4))])
+def test_resnet_loads_torchvision_checkpoint(reference_name, kwargs):
     import torchvision
 
     torch.manual_seed(0)
-    reference = torchvision.models.resnet50().eval()
-    model = _copy_into(ResNet(50), reference, 1000)
+    reference = getattr(torchvision.models, reference_name)().eval()
+    model = _copy_into(ResNet(50, **kwargs), reference, 1000)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 

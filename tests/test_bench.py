@@ -60,7 +60,8 @@ def test_bench_tiny_swin_vs_timm_writes_json_and_csv_rows(tmp_path):
 
 
 @pytest.mark.parametrize("backbone, expected", [
-    ("resnet50", "resnet50"), ("resnet101", "resnet101"), ("swin_t", "swin_tiny_patch4_window7_224"),
+    ("resnet50", "resnet50"), ("resnet101", "resnet101"), ("resnext101_64x4d", "resnext101_64x4d"),
+    ("swin_t", "swin_tiny_patch4_window7_224"),
     ("swin_b_384", "swin_base_patch4_window12_384"), ("vit_s16", "vit_small_patch16_224"),
     ("vit_b16", "vit_base_patch16_224"), ("gcnet_r50", None), ("dnl_r50", None), ("lrnet50", None),
 ])

@@ -158,3 +158,21 @@ def test_the_anchor_generators_of_the_configs_are_torchvisions():
         anchors = built.rpn.anchor_generator if hasattr(built, "rpn") else built.anchor_generator
         assert len(anchors.cell_anchors) == 5, detector
         assert all(torch.equal(a, b) for a, b in zip(anchors.cell_anchors, reference.cell_anchors)), detector
+
+
+def test_a_resnext_faster_rcnn_is_torchvisions():
+    """ResNeXt under a detector: Faster R-CNN X101-64x4d-FPN has exactly torchvision's parameters (its
+    ``resnet_fpn_backbone`` on the same ResNeXt, trainable BatchNorm as in mmdet's configs; torchvision has no
+    32x4d, whose trunk equals timm's in tests/test_backbones.py)."""
+    name = "resnext101_64x4d"
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    with torch.device("meta"):
+        ours = DetectionTask(compose(f"backbone={name}").backbone, OPTIM, SCHED, num_classes=80,
+                             detector=detector_config("faster_rcnn"))
+        reference = FasterRCNN(resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=nn.BatchNorm2d,
+                                                   trainable_layers=5), num_classes=81)
+    count = sum(p.numel() for p in reference.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == count
+    assert count == 99_655_396

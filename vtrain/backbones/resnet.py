@@ -1,4 +1,4 @@
-"""ResNet-50/101 (He et al., CVPR 2016) and its GCNet / NLNet / DNLNet variants.
+"""ResNet-50/101 (He et al., CVPR 2016), ResNeXt (Xie et al., CVPR 2017) and the GCNet / NLNet / DNLNet variants.
 
 The network is timm's ``ResNet`` with ``Bottleneck`` blocks (the torchvision / "v1.5"
 layout: stride in the 3x3 conv, 7x7 stem), whose modules are adopted as this
@@ -16,6 +16,12 @@ ResNet-50 25.56M params / 4.09 GMACs, ResNet-101 44.55M / 7.80 GMACs, as the
 torchvision/timm references. The ResNet paper's Table 1 gives 3.8 / 7.6 GFLOPs
 (multiply-adds) for the original "v1" block with the stride in the first 1x1 conv;
 putting the stride in the 3x3 conv (v1.5, used here) costs the extra ~0.3 G.
+
+ResNeXt ("aggregated residual transformations", ``cardinality`` groups in each 3x3 conv of ``base_width`` channels
+per group in stage 1, doubling per stage): timm's / torchvision's ``resnext<depth>_<cardinality>x<base_width>d``, the
+same layout and keys as mmdet's ``ResNeXt`` (``style='pytorch'``; the group width ``floor(planes * base_width / 64)
+* cardinality`` in all three). With a 1000-class classifier: X50-32x4d 25.03M, X101-32x4d 44.18M, X101-64x4d
+83.46M params, equal to timm's and torchvision's models.
 
 Context blocks, each a nested config key with ``stages`` (4 bools, c2..c5):
 
@@ -109,8 +115,9 @@ class ResNet(Backbone):
         dnl: like ``nl`` plus ``temperature``.
         out_indices: the levels ``forward`` returns (``base.Backbone``); None: a classifier's trunk. Stages
             past the deepest level are not built.
-        base_width: inner width of the stage-1 bottleneck, doubling per stage
-            (timm's ``base_width``): 64 gives ResNet's 64/128/256/512, LR-Net uses 100.
+        base_width: inner width of the stage-1 bottleneck per group, doubling per stage
+            (timm's ``base_width``): 64 gives ResNet's 64/128/256/512, LR-Net uses 100, ResNeXt 4.
+        cardinality: groups of the 3x3 convs (ResNeXt's; 1: ResNet).
         deep_stem: the ResNetV1c stem of three 3x3 convs (32, 32, 64 channels) instead of the 7x7 conv.
         zero_init_last: start each bottleneck's last BN at weight 0, so that every residual block starts as the
             identity (timm's default, Goyal et al. 2017); torchvision's ``resnet50()`` and its classification
@@ -128,6 +135,7 @@ class ResNet(Backbone):
         dnl: Mapping | None = None,
         out_indices: Sequence[int] | None = None,
         base_width: int = 64,
+        cardinality: int = 1,
         deep_stem: bool = False,
         zero_init_last: bool = True,
     ):
@@ -137,6 +145,7 @@ class ResNet(Backbone):
             block=Bottleneck,
             layers=depths,
             base_width=base_width,
+            cardinality=cardinality,
             num_classes=0,
             output_stride=output_stride,
             drop_path_rate=drop_path_rate,

@@ -26,12 +26,23 @@ VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 
 def resnet_twin(args: Mapping[str, Any]) -> Twin | None:
-    """timm's ``resnet<depth>`` (the same v1.5 layout; ``resnet<depth>c`` with the deep stem); None with context
-    blocks or dilation, which timm has no model of."""
-    if args["gc"] or args["nl"] or args["dnl"] or args["output_stride"] != 32 or args["base_width"] != 64:
+    """timm's ``resnet<depth>`` (the same v1.5 layout; ``resnet<depth>c`` with the deep stem) or
+    ``resnext<depth>_<cardinality>x<base_width>d``; None with context blocks or dilation, or a width timm has no
+    model of."""
+    if args["gc"] or args["nl"] or args["dnl"] or args["output_stride"] != 32:
         return None
-    return (f"resnet{args['depth']}{'c' if args['deep_stem'] else ''}",
-            {"drop_path_rate": float(args["drop_path_rate"]), "zero_init_last": bool(args["zero_init_last"])})
+    cardinality, width = int(args["cardinality"]), int(args["base_width"])
+    if cardinality == 1 and width == 64:
+        name = f"resnet{args['depth']}{'c' if args['deep_stem'] else ''}"
+    elif cardinality > 1 and not args["deep_stem"]:
+        name = f"resnext{args['depth']}_{cardinality}x{width}d"
+    else:
+        return None
+    import timm
+
+    if not timm.is_model(name):
+        return None
+    return name, {"drop_path_rate": float(args["drop_path_rate"]), "zero_init_last": bool(args["zero_init_last"])}
 
 
 def swin_twin(args: Mapping[str, Any]) -> Twin:
