@@ -22,6 +22,7 @@ from vtrain.tools.table.macs import lrnet_paper_macs
 PARAMS = {
     "resnet26": 15_995_176, "resnet50": 25_557_032, "resnet101": 44_549_160,
     "resnext50_32x4d": 25_028_904, "resnext101_32x4d": 44_177_704, "resnext101_64x4d": 83_455_272,
+    "dcn_r50": 26_137_874, "dcn_r101": 45_835_332,
     "gcnet_r50": 28_078_773, "gcnet_r101": 49_337_222, "nl_r50": 27_657_768, "dnl_r50": 27_658_793,
     "lrnet26": 14_608_314, "lrnet50": 23_374_069,
     "swin_t": 28_288_354, "swin_s": 49_606_258, "swin_b": 87_768_224, "swin_b_384": 87_903_584,
@@ -282,17 +283,34 @@ def test_resnet_loads_torchvision_checkpoint(reference_name, kwargs):
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
+def test_deformable_convs_replace_the_3x3_convs_of_c3_c5():
+    """mmdet's dcn c3-c5: every bottleneck 3x3 conv of stages 2-4 becomes deformable, strided ones included, each
+    with a 3x3 offset conv of 2 x 9 channels (3 x 9 for v2) at mmdet's key ``conv2.conv_offset``."""
+    def offset_params(per_position):
+        widths, blocks = (128, 256, 512), (4, 6, 3)
+        return sum(b * (w * per_position * 9 * 9 + per_position * 9) for w, b in zip(widths, blocks))
+
+    base = count_params(build_meta("resnet50"))
+    assert count_params(build_meta("dcn_r50")) - base == offset_params(2) == 580_842
+    assert count_params(build_meta("dcn_r50", None, "dcn.modulated=true")) - base == offset_params(3)
+    dcn = build_meta("dcn_r50")
+    assert type(dcn.layer1[0].conv2) is nn.Conv2d and dcn.layer2[0].conv2.stride == (2, 2)
+    assert "layer4.2.conv2.conv_offset.weight" in dcn.state_dict()
+    with pytest.raises(ConfigError, match="dcn has no option stage_with_dcn"), torch.device("meta"):
+        ResNet(50, dcn={"stages": [False, True, True, True], "stage_with_dcn": [True]})
+
+
 def test_context_block_resnets_load_plain_resnet_weights():
     torch.manual_seed(0)
     plain = ResNet(50, out_indices=ALL_LEVELS).eval()
     x = torch.randn(1, 3, 64, 64)
     expected = plain(x)
     state_dict, _ = plain.checkpoint_filter(plain.state_dict())
-    for name in ("gcnet_r50", "nl_r50", "dnl_r50"):
+    for name in ("gcnet_r50", "nl_r50", "dnl_r50", "dcn_r50"):
         variant = instantiate(backbone_config(name), out_indices=ALL_LEVELS).eval()
         result = variant.load_state_dict(state_dict, strict=False)
         assert not result.unexpected_keys
-        assert result.missing_keys and all(".se." in k or k.startswith("non_local.") for k in result.missing_keys)
+        assert result.missing_keys and all(variant.init_only(k) for k in result.missing_keys)
         for got, want in zip(variant(x), expected):
             torch.testing.assert_close(got, want)
 

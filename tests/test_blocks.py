@@ -180,3 +180,90 @@ def test_local_relation_geometry_prior_and_sizes():
         torch.testing.assert_close(path(ones), ones)
     x = torch.randn(1, 64, 9, 9)
     assert layer(x).shape == x.shape
+
+
+# ---------------------------------------------------------------- deformable convolution
+def _bilinear(x: torch.Tensor, y: float, xx: float) -> torch.Tensor:
+    """x (C, H, W) sampled at (y, xx), bilinearly, zero outside the map (the DCN papers' G(q, p))."""
+    height, width = x.shape[-2:]
+    y0, x0 = math.floor(y), math.floor(xx)
+    value = torch.zeros(x.shape[0], dtype=x.dtype)
+    for yy in (y0, y0 + 1):
+        for xi in (x0, x0 + 1):
+            if 0 <= yy < height and 0 <= xi < width:
+                value += max(0.0, 1 - abs(y - yy)) * max(0.0, 1 - abs(xx - xi)) * x[:, yy, xi]
+    return value
+
+
+def _deformable_by_hand(layer, x: torch.Tensor) -> torch.Tensor:
+    """DCN v1 Eq. 2 / v2 Eq. 3 with loops: y(p) = sum_k w_k * m_k * x(p0 + p_k + dp_k), per offset group and
+    convolution group, from the layer's own offsets (dy, dx per kernel position, the original code's layout)."""
+    offset, mask = layer.offsets(x)
+    weight = layer.weight
+    out_channels, per_group, k, _ = weight.shape
+    groups, deform_groups = x.shape[1] // per_group, offset.shape[1] // (2 * k * k)
+    stride, pad, dil = layer.stride[0], layer.padding[0], layer.dilation[0]
+    n, channels, height, width = x.shape
+    out_h, out_w = offset.shape[-2:]
+    result = torch.zeros(n, out_channels, out_h, out_w, dtype=x.dtype)
+    for b in range(n):
+        for i in range(out_h):
+            for j in range(out_w):
+                samples = torch.zeros(channels, k * k, dtype=x.dtype)
+                for dg in range(deform_groups):
+                    chans = slice(dg * channels // deform_groups, (dg + 1) * channels // deform_groups)
+                    for kk in range(k * k):
+                        dy = offset[b, dg * 2 * k * k + 2 * kk, i, j]
+                        dx = offset[b, dg * 2 * k * k + 2 * kk + 1, i, j]
+                        y = i * stride - pad + (kk // k) * dil + float(dy)
+                        xx = j * stride - pad + (kk % k) * dil + float(dx)
+                        value = _bilinear(x[b, chans], y, xx)
+                        if mask is not None:
+                            value = value * mask[b, dg * k * k + kk, i, j]
+                        samples[chans, kk] = value
+                for g in range(groups):
+                    outs = slice(g * out_channels // groups, (g + 1) * out_channels // groups)
+                    ins = samples[g * per_group:(g + 1) * per_group]  # (per_group, k*k)
+                    result[b, outs, i, j] = torch.einsum("ock,ck->o", weight[outs].flatten(2), ins)
+    return result
+
+
+@pytest.mark.parametrize("modulated, groups, deform_groups, stride, dilation", [
+    (False, 1, 1, 1, 1), (True, 1, 1, 2, 1), (False, 2, 2, 1, 2), (True, 2, 1, 2, 1)])
+def test_deformable_conv_equals_bilinear_sampling_by_hand(modulated, groups, deform_groups, stride, dilation):
+    """torchvision's kernel under vtrain's layer = the papers' sum over bilinearly sampled, shifted (and, in v2,
+    modulated) positions, with offsets of several pixels and fractions, some landing outside the map."""
+    from vtrain.layers.deform_conv import DeformableConv2d
+
+    torch.manual_seed(0)
+    layer = DeformableConv2d(4, 6, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
+                             deform_groups=deform_groups, modulated=modulated).double()
+    with torch.no_grad():
+        layer.conv_offset.weight.normal_(0, 0.5)
+        layer.conv_offset.bias.normal_(0, 1.5)
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _deformable_by_hand(layer, x))
+
+
+@pytest.mark.parametrize("modulated, scale", [(False, 1.0), (True, 0.5)])
+def test_deformable_conv_starts_as_the_regular_conv(modulated, scale):
+    """Offsets start at zero (mmcv's init): v1 is the regular conv it replaced, v2 half of it (sigmoid(0))."""
+    from vtrain.layers.deform_conv import DeformableConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False)
+    layer = DeformableConv2d.from_conv(conv, modulated=modulated)
+    x = torch.randn(1, 8, 9, 9)
+    torch.testing.assert_close(layer(x), scale * conv(x), rtol=1e-5, atol=1e-5)
+    assert layer.conv_offset.out_channels == (27 if modulated else 18)
+
+
+def test_a_deformable_conv_counts_as_its_conv_and_its_offset_conv():
+    """vtrain.profiling counts torchvision's deform_conv2d (unknown to torch's counter) as its weight's convolution."""
+    from vtrain.layers.deform_conv import DeformableConv2d
+    from vtrain.profiling import count_macs
+
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2, bias=False)
+    layer = DeformableConv2d.from_conv(conv, modulated=True)
+    assert count_macs(conv, (1, 8, 10, 10)) == 25 * 16 * 4 * 9 == 14_400
+    assert count_macs(layer, (1, 8, 10, 10)) == 14_400 + count_macs(layer.conv_offset, (1, 8, 10, 10))

@@ -5,13 +5,28 @@ multiply-add as 2 FLOPs, hence the halving) on the ``meta`` device, so even
 ViT-L costs no memory or time. The counter sees convolutions, matrix products and
 ``scaled_dot_product_attention``: attention's QK^T and AV products are included, as
 in the Swin and ViT papers' FLOP figures; element-wise work (norms, activations,
-softmax) is not, as in every paper's table.
+softmax) is not, as in every paper's table. A deformable convolution
+(``torchvision.ops.deform_conv2d``, which the counter does not know) counts as the
+regular convolution of its weight; its bilinear sampling, element-wise, does not count.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torchvision.ops  # noqa: F401 - registers torch.ops.torchvision.deform_conv2d
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _deform_conv_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``deform_conv2d``: its weight's product at every output position (N x H_out x W_out), a
+    multiply-add being 2."""
+    n, _, height, width = out_shape
+    return 2 * n * height * width * math.prod(weight_shape)
+
+
+_UNKNOWN_TO_THE_COUNTER = {torch.ops.torchvision.deform_conv2d: _deform_conv_flops}
 
 
 def count_params(module: nn.Module) -> int:
@@ -32,7 +47,7 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     was_training = module.training
     module.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_UNKNOWN_TO_THE_COUNTER) as counter:
             module(x)
     finally:
         module.train(was_training)

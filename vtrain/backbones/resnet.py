@@ -40,6 +40,12 @@ Context blocks, each a nested config key with ``stages`` (4 bools, c2..c5):
 
 All three start as the identity: plain ResNet weights load into these variants and
 the new blocks stay at their initialisation.
+
+Deformable convolution, ``dcn`` (mmdet's ``dcn`` / ``stage_with_dcn``): ``{stages: [4 bools], modulated: bool,
+deform_groups: int}`` replaces the 3x3 conv of every bottleneck of the chosen stages (mmdet's ``c3-c5``:
+``[false, true, true, true]``; strided ones too, mmdet's ``fallback_on_stride=False``) by a
+:class:`~vtrain.layers.deform_conv.DeformableConv2d` (v1, or v2 with ``modulated: true``). Its weight keeps the
+conv's key, so plain ResNet weights load; its offset conv (``conv2.conv_offset.*``, mmdet's key) starts at zero.
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
+from vtrain.layers.deform_conv import DeformableConv2d
 from vtrain.layers.global_context import GlobalContextBlock
 from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
 
@@ -113,6 +120,7 @@ class ResNet(Backbone):
         nl: ``{stages: [4 bools], after_blocks: [ints], reduction: int}`` (optionally ``sub_sample``,
             ``use_scale``: ``NonLocalBlock``'s) or None.
         dnl: like ``nl`` plus ``temperature``.
+        dcn: ``{stages: [4 bools], modulated: bool, deform_groups: int}`` or None (the module doc).
         out_indices: the levels ``forward`` returns (``base.Backbone``); None: a classifier's trunk. Stages
             past the deepest level are not built.
         base_width: inner width of the stage-1 bottleneck per group, doubling per stage
@@ -133,6 +141,7 @@ class ResNet(Backbone):
         gc: Mapping | None = None,
         nl: Mapping | None = None,
         dnl: Mapping | None = None,
+        dcn: Mapping | None = None,
         out_indices: Sequence[int] | None = None,
         base_width: int = 64,
         cardinality: int = 1,
@@ -164,6 +173,17 @@ class ResNet(Backbone):
                 if enabled:
                     for block in stage:
                         block.se = GlobalContextBlock(width, ratio=gc.get("ratio", 1 / 16))
+
+        if dcn is not None:
+            unknown = sorted(set(dcn) - {"stages", "modulated", "deform_groups"})
+            if unknown:
+                raise ConfigError(f"dcn has no option {', '.join(unknown)}: its options are stages, modulated, "
+                                  "deform_groups")
+            for enabled, stage in zip(dcn["stages"], self.stages):
+                if enabled:
+                    for block in stage:
+                        block.conv2 = DeformableConv2d.from_conv(block.conv2, int(dcn.get("deform_groups", 1)),
+                                                                 bool(dcn.get("modulated", False)))
 
         # Blocks applied after a whole bottleneck: {"layer3_4": block}.
         self.non_local = non_local_blocks(nl, dnl, depths, channels)
@@ -200,7 +220,8 @@ class ResNet(Backbone):
         return x
 
     def init_only(self, key: str) -> bool:
-        return ".se." in key or key.startswith("non_local.")  # GC blocks, NL / DNL blocks
+        # GC blocks, NL / DNL blocks, deformable convs' offsets
+        return ".se." in key or key.startswith("non_local.") or ".conv_offset." in key
 
     def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))

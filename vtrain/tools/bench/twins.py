@@ -27,9 +27,9 @@ VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 def resnet_twin(args: Mapping[str, Any]) -> Twin | None:
     """timm's ``resnet<depth>`` (the same v1.5 layout; ``resnet<depth>c`` with the deep stem) or
-    ``resnext<depth>_<cardinality>x<base_width>d``; None with context blocks or dilation, or a width timm has no
+    ``resnext<depth>_<cardinality>x<base_width>d``; None with context blocks, deformable convolutions or dilation, or a width timm has no
     model of."""
-    if args["gc"] or args["nl"] or args["dnl"] or args["output_stride"] != 32:
+    if args["gc"] or args["nl"] or args["dnl"] or args["dcn"] or args["output_stride"] != 32:
         return None
     cardinality, width = int(args["cardinality"]), int(args["base_width"])
     if cardinality == 1 and width == 64:
