@@ -37,11 +37,13 @@ def test_fit_ends_with_a_summary_and_without_third_party_noise(fitted):
     metrics = _metrics(fitted)
     summary = terminal[terminal.index("── training summary"):].splitlines()
     best_epoch = metrics["best_epoch"]["val/top1"]
-    assert summary[1:6] == [
+    final = metrics["final"]
+    assert summary[1:7] == [
         f"  run directory    {fitted}",
         "  monitored        val/top1 (higher is better)",
-        f"  final            {metrics['final']['val/top1']:.4f}  (epoch 2)",
+        f"  final            {final['val/top1']:.4f}  (epoch 2, counted from 0)",
         f"  best             {metrics['best']['val/top1']:.4f}  (epoch {best_epoch})",
+        f"  also             val/loss {final['val/loss']:.4f}  val/top5 {final['val/top5']:.4f}",
         f"  best checkpoint  {fitted / 'checkpoints' / f'epoch{best_epoch:03d}-step{6 * (best_epoch + 1):07d}.ckpt'}",
     ]
     for noise in ("litlogger", "set_vital", "LeafSpec", "FLOPs", "exists and is not empty"):

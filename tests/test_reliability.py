@@ -365,3 +365,25 @@ def test_resuming_past_max_epochs_is_one_line(imagenet_root, tmp_path, uninterru
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0] == (f"error: ckpt_path={last} is at epoch 2, past trainer.max_epochs=1: give "
                         "trainer.max_epochs=3 or more to resume it")
+
+
+def test_the_bar_shows_skipped_samples_only_once_some_were_skipped():
+    """A counter of 0 is noise on every line of the bar; once a sample is skipped it shows, and its 0 stays in
+    metrics.csv / metrics.json (logged either way)."""
+    from vtrain.training.callbacks.display import ProgressBar
+
+    counts = iter([0.0, 0.0, 2.0])
+
+    class Counting(_NaNAt):
+        def training_step(self, batch, batch_idx):
+            self.log("train/skipped_samples", next(counts, 2.0), prog_bar=True, on_step=True, on_epoch=False)
+            return super().training_step(batch, batch_idx)
+
+    bar = ProgressBar(metrics_every=1)
+    shown = []
+    trainer = pl.Trainer(max_steps=3, callbacks=[bar], logger=False, limit_val_batches=0, enable_checkpointing=False,
+                         enable_model_summary=False, accelerator="cpu")
+    module = Counting(bad_steps=[])
+    module.on_train_batch_end = lambda *args: shown.append(dict(bar.get_metrics(trainer, module)))
+    trainer.fit(module)
+    assert ["train/skipped_samples" in metrics for metrics in shown] == [False, False, True]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 FILE_ONLY = {"file_only": True}
+MAX_OTHER_METRICS = 6  # the summary's "also" row: the first validation metrics besides the monitored one (by name)
 
 
 class ConsoleFilter(logging.Filter):
@@ -46,16 +47,22 @@ def _value(value: Any) -> str:
 
 def summary_table(metrics: Mapping[str, Any], output_dir: str | Path, evaluated: str | None = None) -> str:
     """The run's ending as a small table, from what its ``metrics.json`` holds: the run directory, the monitored
-    metric's final and best value with their epochs, and the best checkpoint (or the evaluated one)."""
+    metric's final and best value with their epochs (counted from 0, as the progress bar and the checkpoint names
+    count them), the other validation metrics' final values, and the best checkpoint (or the evaluated one)."""
     monitor = metrics.get("monitor")
     final, best = metrics.get("final", {}).get(monitor), metrics.get("best", {}).get(monitor)
     rows = [("run directory", str(output_dir))]
     if monitor is not None and final is not None:
         rows.append(("monitored", f"{monitor} ({'lower' if 'loss' in monitor else 'higher'} is better)"))
         epoch = metrics.get("final_epoch")
-        rows.append(("final", _value(final) + (f"  (epoch {epoch})" if epoch is not None else "")))
+        rows.append(("final", _value(final) + (f"  (epoch {epoch}, counted from 0)" if epoch is not None else "")))
         if best is not None and evaluated is None:
             rows.append(("best", _value(best) + f"  (epoch {metrics.get('best_epoch', {}).get(monitor, '?')})"))
+    others = [f"{name} {_value(value)}" for name, value in sorted(metrics.get("final", {}).items())
+              if name.startswith("val/") and name != monitor and not name.endswith("skipped_samples")
+              and isinstance(value, (int, float))]
+    if others:
+        rows.append(("also", "  ".join(others[:MAX_OTHER_METRICS]) + ("  ..." if len(others) > MAX_OTHER_METRICS else "")))
     if evaluated is not None:
         rows.append(("evaluated", str(evaluated)))
     elif metrics.get("best_checkpoint"):

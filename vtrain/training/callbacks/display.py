@@ -12,7 +12,8 @@ class ProgressBar(RichProgressBar):
     of after every batch: on a GPU each read of a logged tensor waits for the device, which would put a host
     synchronisation in every step. Default: ``trainer.log_every_n_steps`` on an accelerator, every step on the
     CPU (where a read costs nothing). The bar itself moves every batch; validation and the end of an epoch
-    always show fresh values."""
+    always show fresh values. A count of skipped samples shows only once it is above 0
+    (:class:`~vtrain.training.callbacks.skipped_samples.SkippedSamples`)."""
 
     def __init__(self, metrics_every: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -26,13 +27,21 @@ class ProgressBar(RichProgressBar):
             every = 1 if trainer.strategy.root_device.type == "cpu" else trainer.log_every_n_steps
         due = self._metrics is None or trainer.global_step - self._metrics_step >= max(every, 1)
         if due or not trainer.training or trainer.sanity_checking:
-            self._metrics = super().get_metrics(trainer, pl_module)
+            self._metrics = {name: value for name, value in super().get_metrics(trainer, pl_module).items()
+                             if not (name.endswith("skipped_samples") and _is_zero(value))}
             self._metrics_step = trainer.global_step
         return self._metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics = None  # the epoch's values, read now
         super().on_train_epoch_end(trainer, pl_module)
+
+
+def _is_zero(value: Any) -> bool:
+    try:
+        return float(value) == 0
+    except (TypeError, ValueError):
+        return False
 
 
 class ModelSummary(RichModelSummary):

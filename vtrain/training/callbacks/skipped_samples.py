@@ -10,7 +10,7 @@ from vtrain.data.datamodule import CorruptFileError
 
 class SkippedSamples(pl.Callback):
     """Shows how many samples the data module skipped as unreadable (``data.skip_corrupt``; :mod:`vtrain.data`):
-    ``train/skipped_samples`` (over the run, in the progress bar at every step) and ``val/skipped_samples`` (in
+    ``train/skipped_samples`` (over the run, in the progress bar once above 0) and ``val/skipped_samples`` (in
     each validation, summed over the processes); both land in ``metrics.csv`` and ``metrics.json``. A validation
     none of whose samples could be read stops the run with one line, before a missing metric would."""
 
