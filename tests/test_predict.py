@@ -132,6 +132,7 @@ def test_a_checkpoint_describes_its_model_with_plain_values(trained):
     loaded = cls.load_from_checkpoint(checkpoint)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert loaded.label_names() == names
+    assert loaded.training and not vtrain.load(checkpoint).training  # Lightning's mode; vtrain.load's is eval
     assert set(loaded.state_dict()) == set(state)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     from vtrain.tasks.classification import ClassificationTask
