@@ -104,6 +104,10 @@ class VisionTransformer(Backbone):
                 module.fused_attn = True
         self.num_features = embed_dim
         # the patch grid is the stride-16 level for /16 models; other patch sizes shift the pyramid
+        if out_indices is not None and patch_size % 4:
+            raise ConfigError(f"feature maps of {patch_size}x{patch_size} patches would sit at strides "
+                              f"{patch_size / 4:g}, {patch_size / 2:g}, {patch_size}, {patch_size * 2}: dense heads need "
+                              "a patch size divisible by 4 (ViTDet trains its dense ViT-H with patch_size=16)")
         strides = (patch_size // 4, patch_size // 2, patch_size, patch_size * 2)
         self._set_out_indices(out_indices, (embed_dim // 4, embed_dim // 2, embed_dim, embed_dim), strides)
         if self.out_indices is not None:
