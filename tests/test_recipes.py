@@ -237,6 +237,36 @@ DERIVED = {
     "gcnet_r50_maskrcnn_coco_1x": ("r50_maskrcnn_coco_1x", {"task.batch_norm": "sync"}),
     "swin_t_maskrcnn_coco_3x": ("swin_t_maskrcnn_coco_1x", {"trainer.max_epochs": 36, "sched.milestones_epochs": [27, 33],
                                                             "backbone.drop_path_rate": 0.2}),
+    # Swin Table 2(b): the official cascade_mask_rcnn_swin_{tiny,small,base}_..._giou_4conv1f_adamw_3x_coco configs
+    # are the Mask R-CNN 3x recipe with the cascade heads of _base_/models/cascade_mask_rcnn_swin_fpn.py and 4conv1fc
+    # GIoU box heads; the ResNe(X)t rows are "the same settings" (paper Sec. 4.2) with mmdet's ResNet defaults
+    "swin_t_cascade_mask_rcnn_coco_3x": ("swin_t_maskrcnn_coco_3x", {
+        "task.detector._target_": "vtrain.tasks.detection.cascade.CascadeSpec",
+        "task.detector.iou_thresholds": [0.5, 0.6, 0.7], "task.detector.loss_weights": [1.0, 0.5, 0.25],
+        "task.detector.target_stds": [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]],
+        "task.detector.class_agnostic": False, "task.detector.box_loss": "giou", "task.detector.box_loss_weight": 10.0,
+        "task.detector.box_head.num_convs": 4, "task.detector.box_head.conv_dim": 256,
+        "task.detector.box_head.num_fcs": 1, "task.detector.box_head.fc_dim": 1024, "task.detector.box_head.norm": True,
+        "task.detector.mask_head_dims": [256, 256, 256, 256], "task.detector.batch_size_per_image": 512,
+        "task.detector.model.rpn_post_nms_top_n_train": 2000, "task.detector.model.rpn_pre_nms_top_n_train": 2000,
+        "task.detector.model.rpn_pre_nms_top_n_test": 1000, "task.detector.model.rpn_post_nms_top_n_test": 1000,
+        "task.detector.rcnn.rpn_box_loss_beta": pytest.approx(1 / 9), "task.detector.rcnn.rpn_min_pos_iou": 0.3,
+        "task.detector.rcnn.roi_align_aligned": True, "task.detector.rcnn.roi_align_sampling_ratio": 0}),
+    "swin_s_cascade_mask_rcnn_coco_3x": ("swin_t_cascade_mask_rcnn_coco_3x", {
+        "backbone.depths": [2, 2, 18, 2], "backbone.drop_path_rate": 0.2,
+        "pretrained_url": "swin_small_patch4_window7_224.pth"}),
+    "swin_b_cascade_mask_rcnn_coco_3x": ("swin_t_cascade_mask_rcnn_coco_3x", {
+        "backbone.embed_dim": 128, "backbone.depths": [2, 2, 18, 2], "backbone.drop_path_rate": 0.3,
+        "pretrained_url": "swin_base_patch4_window7_224.pth"}),
+    "r50_cascade_mask_rcnn_coco_3x": ("swin_t_cascade_mask_rcnn_coco_3x", {
+        "backbone.depth": 50, "backbone.frozen_stages": 1, "backbone.drop_path_rate": 0.0, "task.batch_norm": "eval",
+        "pretrained_url": "resnet50-0676ba61.pth"}),
+    "x101_32x4d_cascade_mask_rcnn_coco_3x": ("r50_cascade_mask_rcnn_coco_3x", {
+        "backbone.depth": 101, "backbone.cardinality": 32, "backbone.base_width": 4,
+        "pretrained_url": "resnext101_32x4d-a5af3160.pth"}),
+    "x101_64x4d_cascade_mask_rcnn_coco_3x": ("r50_cascade_mask_rcnn_coco_3x", {
+        "backbone.depth": 101, "backbone.cardinality": 64, "backbone.base_width": 4,
+        "pretrained_url": "resnext101_64x4d-ee2c6f71.pth"}),
     # Relation Networks (arXiv:1711.11575v2, Table 5) on mmdet's faster_rcnn_r50_fpn_1x_coco recipe (the R-CNN of
     # r50_maskrcnn_coco_1x without masks); the R-101 rows start from torchvision's ResNet-101, mmdet's
     # faster_rcnn_r101_fpn_1x_coco (torchvision://resnet101)

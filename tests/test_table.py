@@ -224,3 +224,16 @@ def test_sweep_rows_are_named_by_the_keys_that_vary(tmp_path):
     assert [g["label"] for g in summary["groups"]] == ["optim.lr=1e-3", "optim.lr=3e-3"]
     assert summary["fixed"] == ["experiment=quickstart"]
     assert "All runs: experiment=quickstart." in runs_markdown(summary).splitlines()
+
+
+def test_swin_cascade_table_rows_are_the_papers_sizes():
+    """Swin Table 2(b): the Cascade Mask R-CNN experiments' detectors equal the paper's parameters (to its rounding)
+    and FLOPs on a 1280x800 image within 0.3%; DeiT-S† is counted apart as not buildable."""
+    filled = fill_table(load_table("swin_coco_backbones", ["deit_s", "r50", "swin_t"]), settings())
+    cells = {row["key"]: row["cells"] for row in filled["rows"]}
+    assert round(cells["r50"]["params"]["measured"] * 1e6) == 82_231_538
+    assert round(cells["swin_t"]["params"]["measured"] * 1e6) == 85_629_804
+    assert cells["r50"]["flops"]["measured"] == pytest.approx(737.57, abs=0.01)  # paper 739
+    assert cells["swin_t"]["flops"]["measured"] == pytest.approx(744.80, abs=0.01)  # paper 745
+    assert not any(cells[key][column]["differs"] for key in ("r50", "swin_t") for column in ("params", "flops"))
+    assert cells["deit_s"]["params"]["measured"] is None

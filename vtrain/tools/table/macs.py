@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from vtrain.layers.local_relation import LocalRelation2d
+from vtrain.tasks.detection.cascade import CascadeRoIHeads
 from vtrain.profiling import count_macs
 
 
@@ -50,8 +51,9 @@ def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
     :mod:`vtrain.profiling` counts (matrix products and convolutions; RoIAlign, NMS and box decoding are not):
     the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
     RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
-    ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class.
-    Works on the meta device."""
+    ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class; for
+    a cascade, each stage's box head on those RoIs and each stage's mask head on those boxes. Works on the meta
+    device."""
     device = next(detector.parameters()).device
     with FlopCounterMode(display=False) as counter:
         features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())
@@ -61,6 +63,15 @@ def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
         detector.rpn.head(features)
         heads, channels = detector.roi_heads, features[0].shape[1]
         num_rois = detector.rpn._post_nms_top_n["testing"]
+        if isinstance(heads, CascadeRoIHeads):  # every stage on the RoIs, every mask head on the detections
+            pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
+            for stage in heads.stages:
+                stage(pooled)
+            if heads.has_mask():
+                masks = torch.zeros(heads.detections_per_img, channels, *heads.mask_roi_pool.output_size, device=device)
+                for mask_stage in heads.mask_stages:
+                    mask_stage(masks)
+            return counter.get_total_flops() // 2
         corner = torch.arange(num_rois, device=device, dtype=torch.float32)[:, None] % 100
         boxes = torch.cat([corner, corner, corner + 32, corner + 32], dim=1)
         pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
