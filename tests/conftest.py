@@ -16,6 +16,25 @@ CONF = ROOT / "conf"
 # them from thrashing; CLI subprocesses get OMP_NUM_THREADS=1 below.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
+# The longest single tests (seconds on two shared cores, `pytest --durations`), handed out first: pytest-xdist gives
+# tests to the workers in collection order, and a two-minute test collected late runs alone at the end while the
+# other worker idles. The rest keep their order.
+LONGEST_FIRST = (
+    "test_quickstart.py::test_quickstart_learns_far_above_chance",  # 95-130 s
+    "test_video.py::test_quickstart_video_beats_a_framewise_model",  # 50-65 s
+    "test_reliability.py::test_resume_is_exact_from_every_moment_a_kill_can_land",  # 35-60 s each
+    "test_detection_relation.py::test_quickstart_relation_learns_under_ddp",  # 40-50 s
+    "test_reliability.py::test_killed_at_random_moments_under_load_resumes_exactly",  # 20-45 s
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        return next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable
+
+
 # A CPU-sized classification run on the tiny dataset below: a small Swin at 32x32, one epoch.
 TINY_CLS = [
     "experiment=quickstart",

@@ -168,7 +168,7 @@ def test_compile_traces_the_backbone_and_keeps_checkpoint_keys(imagenet_root, tm
     result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "compile={backend:aot_eager}",
                      "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "torch.compile({'backend': 'aot_eager'}) of the backbone's forward, forward_pooled" in (run / "cli.log").read_text()
+    assert "torch.compile({'backend': 'aot_eager'}) of the backbone's forward, forward_pooled" in (run / "vtrain.log").read_text()
     keys = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert "backbone.patch_embed.proj.weight" in keys and not any("_orig_mod" in k for k in keys)
 

@@ -5,7 +5,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -14,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain.config import ConfigError
 from vtrain.config.command import fail
-from vtrain.config.compose import CONFIG_DIR, compose_config, ensure_output_dir
+from vtrain.config.compose import compose_config, ensure_output_dir
 from vtrain.config.stored import trusted_config
 from vtrain.config.validate import check_values, keys_not_taken, validate
 from vtrain.training.build import build_task
@@ -204,13 +203,9 @@ def run_job(cfg: DictConfig) -> float | None:
             lock.release()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return run_job(cfg)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def evaluate(cfg: DictConfig) -> float | None:
+def evaluate_job(cfg: DictConfig) -> float | None:
+    """``python -m vtrain.eval``'s job: :func:`run_job` in ``mode=eval``, on the model a checkpoint describes when no
+    ``experiment=`` is given, on the CPU when the recipe's GPUs are not here."""
     with open_dict(cfg):
         cfg.mode = "eval"
     overrides = list(HydraConfig.get().overrides.task)

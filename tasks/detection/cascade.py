@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.roi_heads import maskrcnn_loss
@@ -42,7 +42,8 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss
 from torchvision.ops import boxes as box_ops
 from vtrain.tasks.detection.detector import torchvision_transform
 from vtrain.tasks.detection.neck import FeaturePyramid
-from vtrain.tasks.detection.roi_heads import DetectionRPN, RCNNSettings, roi_pools
+from vtrain.tasks.detection.rcnn import rcnn_class
+from vtrain.tasks.detection.roi_heads import DetectionRPN, RCNNSettings, init_fpn_like_mmdet, roi_pools
 
 from vtrain.backbones.base import Backbone, require_reductions
 from vtrain.config import ConfigError
@@ -304,15 +305,8 @@ class CascadeSpec:
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_img: int = 100):
         self.model, self.out_indices, self.neck, self.box_head = model, tuple(int(i) for i in out_indices), neck, box_head
-        cls = getattr(model, "func", model)
-        if not (isinstance(cls, type) and issubclass(cls, FasterRCNN)):
-            raise ConfigError(f"task.detector.model: {cls} is not torchvision's FasterRCNN or MaskRCNN (CascadeSpec "
-                              "takes its RPN and transform)")
-        self.masks = issubclass(cls, MaskRCNN)
-        if self.masks and not mask_head_dims:
-            raise ConfigError("task.detector.mask_head_dims is empty: Cascade Mask R-CNN's mask heads need their conv "
-                              "widths, e.g. [256, 256, 256, 256]")
-        self.mask_head_dims = [int(d) for d in mask_head_dims] if self.masks else None
+        cls, self.mask_head_dims = rcnn_class(model, mask_head_dims, "CascadeSpec")
+        self.masks = self.mask_head_dims is not None
         self.stage_options = dict(iou_thresholds=[float(t) for t in iou_thresholds],
                                   loss_weights=[float(w) for w in loss_weights],
                                   target_stds=[[float(s) for s in stds] for stds in target_stds],
@@ -343,11 +337,8 @@ class CascadeSpec:
         masks = ([MaskStage(width, self.mask_head_dims, categories) for _ in stages] if self.masks else None)
         detector.roi_heads = CascadeRoIHeads(pools["box_roi_pool"], stages, mask_roi_pool=pools.get("mask_roi_pool"),
                                              mask_stages=masks, **self.stage_options)
-        if self.rcnn.mmdet_init:  # the FPN's Xavier-uniform convs (the heads initialise themselves as mmdet's)
-            for module in pyramid.fpn.modules():
-                if isinstance(module, nn.Conv2d):
-                    nn.init.xavier_uniform_(module.weight)
-                    nn.init.zeros_(module.bias)
+        if self.rcnn.mmdet_init:  # the FPN's (the heads initialise themselves as mmdet's)
+            init_fpn_like_mmdet(pyramid)
         return detector
 
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:

@@ -27,6 +27,22 @@ from vtrain.config import ConfigError
 ROI_SIZE = 7  # torchvision's MultiScaleRoIAlign output for boxes (14 for masks)
 
 
+def rcnn_class(model: Callable[..., FasterRCNN], mask_head_dims: Sequence[int] | None,
+               spec: str) -> tuple[type, list[int] | None]:
+    """The torchvision R-CNN class a ``task.detector.model`` partial builds, and its mask heads' conv widths (None
+    for a Faster R-CNN); one line for another class, or a Mask R-CNN without widths."""
+    cls = getattr(model, "func", model)
+    if not (isinstance(cls, type) and issubclass(cls, FasterRCNN)):
+        raise ConfigError(f"task.detector.model: {cls} is not torchvision's FasterRCNN or MaskRCNN ({spec} builds "
+                          "on those)")
+    if not issubclass(cls, MaskRCNN):
+        return cls, None
+    if not mask_head_dims:
+        raise ConfigError("task.detector.mask_head_dims is empty: a mask head needs its conv widths, e.g. "
+                          "[256, 256, 256, 256]")
+    return cls, [int(d) for d in mask_head_dims]
+
+
 class RCNNSpec:
     """Faster / Mask R-CNN on a backbone (a :class:`detector.DetectorSpec`).
 
@@ -51,15 +67,8 @@ class RCNNSpec:
         self.box_head, self.box_head_dim = box_head, int(box_head_dim)
         self.nms = HardNMS() if nms is None else nms
         self.rcnn = RCNNSettings() if rcnn is None else rcnn
-        cls = getattr(model, "func", model)
-        if not (isinstance(cls, type) and issubclass(cls, FasterRCNN)):
-            raise ConfigError(f"task.detector.model: {cls} is not torchvision's FasterRCNN or MaskRCNN (RCNNSpec "
-                              "builds those)")
-        self.masks = issubclass(cls, MaskRCNN)
-        if self.masks and not mask_head_dims:
-            raise ConfigError("task.detector.mask_head_dims is empty: Mask R-CNN's mask head needs its conv widths, "
-                              "e.g. [256, 256, 256, 256]")
-        self.mask_head_dims = [int(d) for d in mask_head_dims] if self.masks else None
+        cls, self.mask_head_dims = rcnn_class(model, mask_head_dims, "RCNNSpec")
+        self.masks = self.mask_head_dims is not None
         self.name = cls.__name__
 
     @property

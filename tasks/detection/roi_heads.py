@@ -322,10 +322,7 @@ def init_like_mmdet(detector: nn.Module) -> None:
     head's fc layers Xavier uniform (``ConvFCBBoxHead``), classifier N(0, 0.01) and box regressor N(0, 0.001)
     (``BBoxHead``), all biases 0. The RPN head (N(0, 0.01)) and the mask head (Kaiming normal, fan-out) are the
     same in both. A relation head's relation modules keep their own initialisation."""
-    for module in detector.backbone.fpn.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
+    init_fpn_like_mmdet(detector.backbone)
     heads = detector.roi_heads
     for name in ("fc6", "fc7"):
         layer = getattr(heads.box_head, name)
@@ -334,6 +331,14 @@ def init_like_mmdet(detector: nn.Module) -> None:
     for layer, std in ((heads.box_predictor.cls_score, 0.01), (heads.box_predictor.bbox_pred, 0.001)):
         nn.init.normal_(layer.weight, std=std)
         nn.init.zeros_(layer.bias)
+
+
+def init_fpn_like_mmdet(pyramid: nn.Module) -> None:
+    """mmdet v2's FPN initialisation (``FPN.init_cfg``): Xavier-uniform convs, zero biases."""
+    for module in pyramid.fpn.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def roi_pools(settings: RCNNSettings, masks: bool, levels: Sequence[str]) -> dict[str, Any]:
