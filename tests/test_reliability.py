@@ -223,7 +223,8 @@ def test_sigterm_during_a_validation_reruns_it_after_resume(imagenet_root, tmp_p
     result = run_cli(*args, "+callbacks.kill._target_=kill_switch.KillAt", "+callbacks.kill.hook=on_validation_batch_end",
                      "+callbacks.kill.step=6", "+callbacks.kill.signal=SIGTERM", env=env)
     assert result.returncode == 143, result.stderr[-3000:]
-    assert "preempted at step 6 during a validation, which the resumed run runs again" in result.stderr
+    said = "preempted at step 6 during a validation, which the resumed run runs again"
+    assert said in result.stdout + result.stderr and said in (run / "vtrain.log").read_text()  # console and log file
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
 
