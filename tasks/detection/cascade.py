@@ -42,10 +42,10 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss
 from torchvision.ops import boxes as box_ops
 from vtrain.tasks.detection.detector import torchvision_transform
 from vtrain.tasks.detection.neck import FeaturePyramid
-from vtrain.tasks.detection.rcnn import rcnn_class
+from vtrain.tasks.detection.rcnn import PyramidRCNN, rcnn_class
 from vtrain.tasks.detection.roi_heads import DetectionRPN, RCNNSettings, init_fpn_like_mmdet, roi_pools
 
-from vtrain.backbones.base import Backbone, require_reductions
+from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
 
 ROI_SIZE = 7
@@ -276,7 +276,7 @@ class CascadeRoIHeads(nn.Module):
         return results
 
 
-class CascadeSpec:
+class CascadeSpec(PyramidRCNN):
     """Cascade (Mask) R-CNN on a backbone (a :class:`detector.DetectorSpec`): ``conf/task/detector/cascade_mask_rcnn.yaml``.
 
     Args:
@@ -318,14 +318,9 @@ class CascadeSpec:
         self.rcnn = RCNNSettings() if rcnn is None else rcnn
         self.name = "Cascade" + cls.__name__
 
-    @property
-    def iou_types(self) -> tuple[str, ...]:
-        return ("bbox", "segm") if self.masks else ("bbox",)
-
     def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
         """``num_classes`` counts the categories and the background (what the task gives every detector)."""
-        require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
-        pyramid = self.neck(backbone)
+        pyramid = self.pyramid(backbone)
         width = pyramid.out_channels
         pools = roi_pools(self.rcnn, self.masks, pyramid.level_names)
         detector = self.model(pyramid, num_classes=num_classes, **torchvision_transform(transform))
@@ -340,6 +335,3 @@ class CascadeSpec:
         if self.rcnn.mmdet_init:  # the FPN's (the heads initialise themselves as mmdet's)
             init_fpn_like_mmdet(pyramid)
         return detector
-
-    def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
-        return False  # the file holds backbone weights

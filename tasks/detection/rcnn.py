@@ -43,7 +43,29 @@ def rcnn_class(model: Callable[..., FasterRCNN], mask_head_dims: Sequence[int] |
     return cls, [int(d) for d in mask_head_dims]
 
 
-class RCNNSpec:
+class PyramidRCNN:
+    """What the R-CNN specs share (:class:`RCNNSpec`, :class:`cascade.CascadeSpec`): a pyramid on the backbone,
+    boxes and (with ``masks``) instance masks, no whole-detector release of their own."""
+
+    out_indices: tuple[int, ...]
+    neck: Callable[[Backbone], FeaturePyramid]
+    masks: bool
+    name: str
+
+    @property
+    def iou_types(self) -> tuple[str, ...]:
+        return ("bbox", "segm") if self.masks else ("bbox",)
+
+    def pyramid(self, backbone: Backbone) -> FeaturePyramid:
+        """The neck on ``backbone``, once its strides are found to be the pyramid's."""
+        require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
+        return self.neck(backbone)
+
+    def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
+        return False  # the file holds backbone weights
+
+
+class RCNNSpec(PyramidRCNN):
     """Faster / Mask R-CNN on a backbone (a :class:`detector.DetectorSpec`).
 
     Args:
@@ -71,13 +93,8 @@ class RCNNSpec:
         self.masks = self.mask_head_dims is not None
         self.name = cls.__name__
 
-    @property
-    def iou_types(self) -> tuple[str, ...]:
-        return ("bbox", "segm") if self.masks else ("bbox",)
-
     def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
-        require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
-        pyramid = self.neck(backbone)
+        pyramid = self.pyramid(backbone)
         width = pyramid.out_channels
         parts: dict[str, Any] = {
             "box_head": self.box_head(in_channels=width * ROI_SIZE**2, representation_size=self.box_head_dim),
@@ -90,6 +107,3 @@ class RCNNSpec:
         detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
         build_rcnn_heads(detector, self.rcnn, self.nms)
         return detector
-
-    def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
-        return False  # the file holds backbone weights
