@@ -131,8 +131,8 @@ class TaskModule(pl.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         steps = self.training_steps
-        if steps is None:  # fitted outside the command line: counted from the trainer's data module
-            steps = self.training_steps = training_steps(self.trainer, self.trainer.datamodule)
+        if steps is None:  # fitted outside the command line: counted for this trainer (not kept for the next fit)
+            steps = training_steps(self.trainer, self.trainer.datamodule)
         optimizer = build_optimizer(self, self.optim_cfg, steps.batch_size)
         scheduler = build_scheduler(
             optimizer,
