@@ -195,11 +195,12 @@ def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_pa
 
 
 def _log_rows(run) -> list[tuple]:
-    """metrics.csv's rows that a resume must not drop or repeat: each validation and each epoch's training loss."""
+    """metrics.csv's rows that a resume must not drop or repeat: each validation and each epoch's training loss, with
+    its value (the mean over the whole epoch, the batches before a kill included)."""
     import csv
 
     with open(run / "metrics.csv", newline="") as f:
-        return [(row["epoch"], row["step"], "val" if row.get("val/top1") else "train_epoch")
+        return [(row["epoch"], row["step"], "val" if row.get("val/top1") else f"train_epoch {row['train/loss_epoch']}")
                 for row in csv.DictReader(f) if row.get("val/top1") or row.get("train/loss_epoch")]
 
 
@@ -229,6 +230,7 @@ def test_sigterm_during_a_validation_reruns_it_after_resume(imagenet_root, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert _validated_epochs(run) == _validated_epochs(uninterrupted) == [0, 1, 2]
+    assert _log_rows(run) == _log_rows(uninterrupted)  # the interrupted epoch's train/loss_epoch row too
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, uninterrupted))
     # (measured: the preempted validation is the uninterrupted run's best val/top1, best_epoch 0)
     for key in ("best", "best_epoch", "final", "global_step", "epoch"):

@@ -51,7 +51,7 @@ class ClassificationTask(ClassifierTask):
                 images, targets = images[:-1], targets[:-1]
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self(images), targets)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        self.log_train_loss(loss, images.shape[0])
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:

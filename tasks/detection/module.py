@@ -98,7 +98,7 @@ class DetectionTask(TaskModule):
         loss = sum(losses.values())
         n = len(images)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=False, batch_size=n)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log_train_loss(loss, n)
         return loss
 
     # ----------------------------------------------------------------- evaluation

@@ -120,7 +120,7 @@ class SegmentationTask(TaskModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch["images"], batch["labels"])
         n = batch["images"].shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        self.log_train_loss(losses["loss"], n)
         for name in ("decode", "aux"):
             if name in losses:
                 self.log(f"train/loss_{name}", losses[name], on_step=True, on_epoch=False, batch_size=n)

@@ -59,7 +59,7 @@ class VideoClassificationTask(ClassifierTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.train_loss(self(batch["clips"]), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        self.log_train_loss(loss, len(batch["labels"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:

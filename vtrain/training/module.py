@@ -58,6 +58,39 @@ def top_k(probabilities: torch.Tensor, names: Sequence[str], ids: Sequence | Non
             for score, label in zip(scores.tolist(), labels.tolist())]
 
 
+class EpochLoss:
+    """The running mean of one epoch's training loss, weighted by batch size (Lightning's ``on_epoch`` mean:
+    float32 sums on the loss's device), tagged with its epoch so that a sum never runs into the next epoch whatever
+    the order of the hooks that save, log and resume. Each process counts its own batches; rank 0's count is the
+    one logged, as with Lightning's unsynced epoch mean, and the one its checkpoints keep."""
+
+    CHECKPOINT_KEY = "vtrain_epoch_loss"
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, loss: torch.Tensor, batch_size: int, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.total, self.count = epoch, None, 0
+        value = loss.float().mean() * batch_size
+        self.total = value if self.total is None else self.total.to(value.device) + value
+        self.count += batch_size
+
+    def compute(self, epoch: int) -> torch.Tensor | None:
+        """The epoch's mean, or None when no batch of ``epoch`` was counted."""
+        return self.total / self.count if epoch == self.epoch and self.count else None
+
+    def state_dict(self) -> dict[str, Any]:
+        total = None if self.total is None else self.total.detach().cpu()
+        return {"epoch": self.epoch, "total": total, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        state = state or {}
+        self.epoch, self.total, self.count = state.get("epoch"), state.get("total"), int(state.get("count", 0))
+
+
 class TaskModule(pl.LightningModule):
     """Base of every task's LightningModule.
 
@@ -93,6 +126,7 @@ class TaskModule(pl.LightningModule):
         self.class_ids: list | None = None  # the dataset's own identifiers (wnids, COCO category ids)
         self.dataset_info: DatasetInfo | None = None  # use_dataset
         self.training_steps: TrainingSteps | None = None  # the run's length, given before fit
+        self.epoch_loss = EpochLoss()  # train/loss_epoch, kept in checkpoints (log_train_loss)
 
     # ----------------------------------------------------------------- model
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -127,6 +161,20 @@ class TaskModule(pl.LightningModule):
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if self.dataset_info is None and datamodule is not None and hasattr(datamodule, "info"):
             self.use_dataset(datamodule.info())  # fitted outside the command line: from the trainer's data module
+
+    # ----------------------------------------------------------------- logging
+    def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """``train/loss_step`` at each step (on the bar) and ``train/loss_epoch`` at each epoch's end: the mean over
+        the epoch's samples, as Lightning's ``on_epoch=True`` mean computes it, but counted in :class:`EpochLoss`,
+        which checkpoints keep (Lightning's epoch accumulators are not in them: an epoch resumed after a kill or a
+        preemption logged the mean of the batches after the resume, or no row at all)."""
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.epoch_loss.update(loss.detach(), batch_size, self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        mean = self.epoch_loss.compute(self.current_epoch)
+        if mean is not None:
+            self.log("train/loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -165,8 +213,10 @@ class TaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[self.CHECKPOINT_KEY] = self.description()
+        checkpoint[EpochLoss.CHECKPOINT_KEY] = self.epoch_loss.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.epoch_loss.load_state_dict(checkpoint.get(EpochLoss.CHECKPOINT_KEY))
         described = checkpoint.get(self.CHECKPOINT_KEY) or {}
         self.class_names = self.class_names or described.get("class_names")
         self.class_ids = self.class_ids or described.get("class_ids")
