@@ -270,7 +270,10 @@ DERIVED = {
     # Relation Networks (arXiv:1711.11575v2, Table 5) on mmdet's faster_rcnn_r50_fpn_1x_coco recipe (the R-CNN of
     # r50_maskrcnn_coco_1x without masks); the R-101 rows start from torchvision's ResNet-101, mmdet's
     # faster_rcnn_r101_fpn_1x_coco (torchvision://resnet101)
-    "r50_fpn_2fc_softnms_coco_1x": ("r50_maskrcnn_coco_1x", {"data.masks": False, "task.detector.nms.sigma": 0.6}),
+    # Soft-NMS of the official lib/nms/nms.py: Gaussian, sigma 0.6 (the FPN config's TEST.NMS), no score floor
+    "r50_fpn_2fc_softnms_coco_1x": ("r50_maskrcnn_coco_1x", {"data.masks": False, "task.detector.nms.method": "gaussian",
+                                                             "task.detector.nms.sigma": 0.6,
+                                                             "task.detector.nms.score_threshold": 0.0}),
     "relation_r50_fpn_coco_1x": ("r50_fpn_2fc_softnms_coco_1x", {"task.detector.box_head.num_heads": 16}),
     "relation_r50_fpn_e2e_coco_1x": ("r50_maskrcnn_coco_1x", {"data.masks": False, "task.detector.box_head.num_heads": 16,
                                                               "task.detector.nms.thresholds": [0.5, 0.6, 0.7, 0.8, 0.9]}),

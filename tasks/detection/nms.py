@@ -46,15 +46,16 @@ class SoftNMS:
     """Soft-NMS per class (Bodla et al. 2017): returns the kept boxes' indices and their decayed scores.
 
     Args:
-        method: ``gaussian`` (``exp(-IoU^2 / sigma)``), ``linear`` (``1 - IoU`` when ``IoU >= iou_threshold``) or
-            ``hard`` (0 when ``IoU > iou_threshold``: greedy NMS, the limit of both, Bodla et al. Eq. 1).
+        method: ``linear`` (``1 - IoU`` when ``IoU >= iou_threshold``; the rule Bodla et al.'s code runs by default),
+            ``gaussian`` (``exp(-IoU^2 / sigma)``) or ``hard`` (0 when ``IoU > iou_threshold``: greedy NMS, the limit
+            of both, Bodla et al. Eq. 1).
         sigma: the Gaussian's width (0.5 in Bodla et al.'s code; Relation Networks' FPN baseline uses 0.6).
         iou_threshold: ``N_t`` of the linear and hard rules (0.3 in Bodla et al.'s code).
-        score_threshold: a box whose decayed score falls below it is discarded (0.001 in Bodla et al.'s code);
-            a box whose score reaches 0 is always discarded.
+        score_threshold: a box whose decayed score falls below it is discarded (0.001 in Bodla et al.'s code; 0 in
+            Relation Networks' code, which never discards by score); a box whose score reaches 0 is always discarded.
     """
 
-    def __init__(self, method: str = "gaussian", sigma: float = 0.5, iou_threshold: float = 0.3,
+    def __init__(self, method: str = "linear", sigma: float = 0.5, iou_threshold: float = 0.3,
                  score_threshold: float = 0.001):
         if method not in SOFT_NMS_METHODS:
             raise ConfigError(f"task.detector.nms.method={method!r}: use one of {', '.join(SOFT_NMS_METHODS)}")
