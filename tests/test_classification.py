@@ -156,10 +156,20 @@ def test_swin_resolution_that_does_not_tile_is_refused_up_front(imagenet_root):
 
     cfg = compose("experiment=swin_t_imagenet", "trainer=cpu", "backbone.img_size=240", "output_dir=/tmp/unused",
                   f"data.root={imagenet_root}", "data.num_classes=4")
-    with pytest.raises(ConfigError, match=r"backbone.img_size=240 does not tile into Swin windows of 7 .* use a multiple of 224"):
+    with pytest.raises(ConfigError, match=r"backbone.img_size=240 does not tile into Swin windows of 7 .* use 224 or 448 "
+                                          r"\(the nearest sizes that do\)"):
         validate(cfg, instantiate(cfg.data))
     cfg.backbone.img_size = 224
     validate(cfg, instantiate(cfg.data))
+    # windows of 4 (the quickstart's): 36 is refused, and the sizes named are those that train (32 does: each
+    # stage holds whole windows or fits in one; the message used to say "a multiple of 128")
+    cfg = compose("experiment=quickstart", "backbone.img_size=36", "output_dir=/tmp/unused", f"data.root={imagenet_root}",
+                  "data.num_classes=4")
+    with pytest.raises(ConfigError, match=r"use 32 or 64 \(the nearest"):
+        validate(cfg, instantiate(cfg.data))
+    for size in (32, 64):
+        cfg.backbone.img_size = size
+        validate(cfg, instantiate(cfg.data))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "txt"])

@@ -39,6 +39,22 @@ from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
 
 
+def _tiles(side: float, window: int) -> bool:
+    """A stage's side holds whole windows, or fits in one (the window then shrinks to it)."""
+    return side == int(side) and (side <= window or side % window == 0)
+
+
+def _nearest_tiling_sizes(size: int, window: int) -> list[int]:
+    """The input sizes nearest to ``size`` (one below, one above; one when ``size`` is below the smallest) whose
+    every stage, at strides 4 to 32, tiles into windows of ``window``."""
+    def ok(n: int) -> bool:
+        return all(_tiles(n / stride, window) for stride in (4, 8, 16, 32))
+
+    below = next((n for n in range(size - size % 32, 0, -32) if ok(n)), None)
+    above = next(n for n in range(size - size % 32 + 32, size + 64 * window + 32, 32) if ok(n))
+    return [n for n in (below, above) if n is not None]
+
+
 class SwinTransformer(Backbone):
     """Swin backbone.
 
@@ -179,11 +195,9 @@ class SwinTransformer(Backbone):
             raise ConfigError(f"inputs of {img_size}x{img_size} but backbone.img_size={planned}: a Swin classifier "
                               f"takes the size its windows are planned for; set backbone.img_size={img_size}")
         for stride in (4, 8, 16, 32):
-            side = planned / stride
-            if side != int(side) or (side > window and side % window):
-                good = 32 * window
+            if not _tiles(planned / stride, window):
+                nearest = " or ".join(str(n) for n in _nearest_tiling_sizes(planned, window))
                 raise ConfigError(
                     f"backbone.img_size={planned} does not tile into Swin windows of {window} at stride {stride}: "
-                    f"use a multiple of {good} (e.g. {good * max(1, round(planned / good))}) or change "
-                    "backbone.window_size"
+                    f"use {nearest} (the nearest sizes that do) or change backbone.window_size"
                 )
