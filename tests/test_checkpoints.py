@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_CLS, compose, run_cli
+from vtrain.config import ConfigError
 from vtrain.training.checkpoint import RefusedCheckpoint, newest_valid_checkpoint, read_checkpoint
 
 
@@ -177,8 +178,10 @@ def test_a_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch,
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(torch, "save", save_until_full)
     monkeypatch.setattr(shutil, "copyfile", copy_until_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ConfigError, match=r"last.ckpt: not written \(No space left on device\); the file there is "
+                                          r"still the previous whole one .* resume with ckpt_path=auto") as raised:
         checkpoint_io.save_checkpoint({"w": torch.ones(1000)}, target)
+    assert "\n" not in str(raised.value)  # the command line's one line (cli: a ConfigError in fit ends it so)
     assert target.read_bytes() == good
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
     assert list(watched_tmpdir.iterdir()) == []
@@ -286,7 +289,6 @@ def _swin_file(tmp_path, depths, num_classes=4):
 def test_weights_of_a_smaller_model_stop_the_run_with_one_line(tmp_path, caplog):
     """A Swin-T-like file for a Swin-S-like model (a deeper third stage) used to load the tensors that fit and
     leave the rest at their initialisation, said at INFO; now it stops, unless pretrained_strict=false."""
-    from vtrain.config import ConfigError
     from vtrain.training.checkpoint import load_backbone_weights
     from vtrain.backbones import SwinTransformer
 

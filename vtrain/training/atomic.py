@@ -3,16 +3,22 @@
 The bytes go to a temporary file in the target's own directory (``os.replace`` is atomic only within one
 filesystem; a temporary file in ``$TMPDIR`` would make the final move a copy, which a SIGKILL can cut short),
 are flushed and fsynced, and then replace the target. A failed write (an exception, a full disk) removes the
-temporary file and leaves the target as it was. A SIGKILL mid-write can leave the temporary file behind: its
+temporary file and leaves the target as it was; a full disk (or quota) is a :class:`~vtrain.ConfigError`, which
+the command line ends with its one line. A SIGKILL mid-write can leave the temporary file behind: its
 name, ``.<target name>.<pid>.<random>.tmp``, never matches ``*.ckpt`` or ``metrics.*``.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from vtrain.config import ConfigError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def temporary_path(path: Path) -> Path:
@@ -32,9 +38,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # the one line of a full disk, not a traceback
+            raise ConfigError(f"{path}: not written ({e.strerror}); the file there is still the previous whole one "
+                              "(or none): free some space, then resume with ckpt_path=auto") from e
         raise
     _fsync_directory(path.parent)  # the rename itself survives a power loss
 
