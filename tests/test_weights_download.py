@@ -24,6 +24,13 @@ CONTENT = b"reference weights " * 1000
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         self.server.requests.append(self.path)
+        if self.path.startswith("/cut/"):  # the connection drops a tenth of the way through the file
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(CONTENT)))
+            self.end_headers()
+            self.wfile.write(CONTENT[: len(CONTENT) // 10])
+            self.close_connection = True
+            return
         super().do_GET()
 
     def log_message(self, *args):  # keep the test's output clean
@@ -111,6 +118,19 @@ def test_server_down_gives_the_one_line_message(tmp_path):
     assert message.endswith(f": download it from {url} into paths.weights_dir={weights} (or set VTRAIN_WEIGHTS), or "
                             "pass pretrained=null to train from scratch on purpose")
     assert not (weights / "tiny-0123abcd.pth").exists() and leftovers(weights) == []
+
+
+def test_a_download_cut_short_leaves_nothing(server, tmp_path):
+    """Written whole or not at all: a file without a published hash too (a Swin release's name)."""
+    weights = tmp_path / "weights"
+    url = f"{server.url}/cut/swin_tiny_patch4_window7_224.pth"
+    with pytest.raises(ConfigError) as raised:
+        check_pretrained(recipe(weights, url), download_weights)
+    assert str(raised.value).startswith(f"pretrained={weights}/swin_tiny_patch4_window7_224.pth does not exist (its "
+                                        f"download from {url} ended after {len(CONTENT) // 10} of {len(CONTENT)} "
+                                        f"bytes, file removed): download it from {url}")
+    assert "\n" not in str(raised.value)
+    assert not (weights / "swin_tiny_patch4_window7_224.pth").exists() and leftovers(weights) == []
 
 
 def test_a_present_file_or_downloads_turned_off_ask_nothing(server, tmp_path):
