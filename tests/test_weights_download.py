@@ -133,6 +133,15 @@ def test_a_download_cut_short_leaves_nothing(server, tmp_path):
     assert not (weights / "swin_tiny_patch4_window7_224.pth").exists() and leftovers(weights) == []
 
 
+def test_a_weights_directory_that_cannot_be_written_is_one_line(server, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the weights directory should be
+    with pytest.raises(ConfigError, match=r"^pretrained=.*/file/tiny-0123abcd.pth does not exist \(it cannot be "
+                                          r"downloaded into .*/file: File exists\): download it from "):
+        check_pretrained(recipe(blocked, f"{server.url}/tiny-0123abcd.pth"), download_weights)
+    assert server.requests == []
+
+
 def test_a_present_file_or_downloads_turned_off_ask_nothing(server, tmp_path):
     name = "tiny-0123abcd.pth"
     (server.served / name).write_bytes(CONTENT)

@@ -38,8 +38,11 @@ def published_hash(url: str) -> str | None:
 
 def download_weights(url: str, path: Path) -> str | None:
     """Download ``url`` to ``path`` unless it is there; None once it is, else why not (a clause of one line)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only or foreign weights directory
+        return f"it cannot be downloaded into {path.parent}: {e.strerror}"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or by the kernel when the process dies
         if path.is_file():  # another process downloaded it while this one waited
