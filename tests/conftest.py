@@ -12,6 +12,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# The suite never downloads a recipe's reference checkpoint (tests/test_weights_download.py serves its own): a test
+# that runs a recipe whose weights are missing gets the one-line message, also in its CLI subprocesses.
+os.environ["VTRAIN_DOWNLOAD_WEIGHTS"] = "false"
+
 # Two cores: under pytest-xdist (`make test` runs two workers) one intra-op thread per worker keeps
 # them from thrashing; CLI subprocesses get OMP_NUM_THREADS=1 below.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

@@ -6,7 +6,7 @@ import json
 import yaml
 
 from conftest import TINY_CLS, run_cli
-from vtrain.training.sweep import finished_points, record_failure, summarize
+from vtrain.training.sweep import finished_points, record_failure, summarize, summary_lines
 
 
 def test_a_failing_point_is_reported_and_the_others_finish(imagenet_root, tmp_path):
@@ -43,6 +43,25 @@ def test_sweep_points_are_read_in_job_order_by_the_summary_and_the_sweep_table(t
     assert [p.path.relative_to(tmp_path / "day").parts for p in points] == [
         ("10-00-00", "0"), ("10-00-00", "2"), ("10-00-00", "10"), ("11-00-00", "0")]
     assert points[0].overrides == ["seed=0"] and points[-1].overrides is None and points[0].error is None
+
+
+def test_the_summary_lines_name_only_the_overrides_that_differ_between_points(tmp_path):
+    """What every point shares is said once; each point's line names what sets it apart (here optim.lr and seed)."""
+    metrics = {"monitor": "val/top1", "best": {"val/top1": 0.5}, "final": {"val/top1": 0.4}}
+    for job, (lr, seed) in enumerate([("1e-3", 0), ("3e-3", 0), ("3e-3", 1)]):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(
+            f"- experiment=quickstart\n- data.root=/data/imagenet\n- optim.lr={lr}\n- seed={seed}\n")
+        if job != 1:
+            (tmp_path / str(job) / "metrics.json").write_text(json.dumps(metrics))
+    record_failure(tmp_path / "1", ValueError("bad value"))
+    assert summary_lines(tmp_path, summarize(tmp_path)) == [
+        f"sweep {tmp_path}: 2/3 points ok",
+        "  every point: experiment=quickstart data.root=/data/imagenet",
+        "  [0] ok     val/top1 best 0.5000  (optim.lr=1e-3 seed=0)",
+        "  [1] failed ValueError: bad value  (optim.lr=3e-3 seed=0)",
+        "  [2] ok     val/top1 best 0.5000  (optim.lr=3e-3 seed=1)",
+    ]
 
 
 def test_submitit_local_launcher_runs_a_two_point_sweep(imagenet_root, tmp_path):

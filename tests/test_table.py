@@ -226,6 +226,71 @@ def test_sweep_rows_are_named_by_the_keys_that_vary(tmp_path):
     assert "All runs: experiment=quickstart." in runs_markdown(summary).splitlines()
 
 
+def write_sweep(root, points: list[tuple[list[str], float]]) -> None:
+    """A sweep's job directories as Hydra and vtrain leave them: the overrides and a metrics.json each."""
+    for job, (overrides, value) in enumerate(points):
+        write_run(root / str(job), [], value)
+        (root / str(job) / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(overrides), root / str(job) / ".hydra" / "overrides.yaml")
+
+
+def sweep_layout(root, plot_x: str = "swept") -> dict:
+    from vtrain.tools.table.runs import aggregate_runs, plot_layout
+
+    summary = aggregate_runs(root, OmegaConf.create({"metric": None, "ignore": ["seed"]}))
+    return plot_layout(summary, plot_x)
+
+
+def test_the_sweep_plot_puts_the_metric_against_the_swept_key_on_a_log_axis_when_it_spans_a_decade(tmp_path):
+    """optim.lr=1e-3,3e-3,1e-2 x seed=0,1: the x axis is optim.lr (not GMACs), log (a factor of 10), one point per
+    run at its best value in %; the drawn figure says the same."""
+    import matplotlib.figure
+
+    from vtrain.tools.table.runs import aggregate_runs, plot_runs
+
+    lrs, tops = ["1e-3", "3e-3", "1e-2"], [0.50, 0.60, 0.55]
+    write_sweep(tmp_path, [(["experiment=quickstart", f"optim.lr={lr}", f"seed={seed}"], top + 0.02 * seed)
+                           for lr, top in zip(lrs, tops) for seed in (0, 1)])
+    layout = sweep_layout(tmp_path)
+    assert (layout["label"], layout["scale"]) == ("optim.lr", "log")
+    [(name, xs, ys)] = layout["series"]
+    assert name == "all runs" and xs == [1e-3, 1e-3, 3e-3, 3e-3, 1e-2, 1e-2]
+    assert ys == pytest.approx([50, 52, 60, 62, 55, 57])
+
+    drawn = {}
+    summary = aggregate_runs(tmp_path, OmegaConf.create({"metric": None, "ignore": ["seed"]}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: drawn.update(
+            scale=fig.axes[0].get_xscale(), label=fig.axes[0].get_xlabel(), title=fig.axes[0].get_title()))
+        plot_runs(summary, "swept", tmp_path / "table.png")
+    assert drawn["scale"] == "log" and drawn["label"] == "optim.lr"
+    assert drawn["title"].startswith("val/top1 against optim.lr\n")
+
+
+def test_a_narrow_numeric_key_is_linear_the_first_varied_key_is_x_and_the_others_make_series(tmp_path):
+    write_sweep(tmp_path, [([f"backbone.embed_dim={dim}", f"optim.lr={lr}"], 0.1 * i)
+                           for i, (dim, lr) in enumerate([(32, "1e-3"), (32, "2e-3"), (96, "1e-3"), (96, "2e-3")])])
+    layout = sweep_layout(tmp_path)  # 96 / 32 = 3: linear
+    assert (layout["label"], layout["scale"]) == ("backbone.embed_dim", "linear")
+    assert [(name, xs) for name, xs, _ in layout["series"]] == [("optim.lr=1e-3", [32, 96]), ("optim.lr=2e-3", [32, 96])]
+    assert [ys for _, _, ys in layout["series"]] == [pytest.approx([0, 20]), pytest.approx([10, 30])]
+    chosen = sweep_layout(tmp_path, "optim.lr")  # the other key, named
+    assert (chosen["label"], chosen["scale"]) == ("optim.lr", "linear")
+    assert [name for name, _, _ in chosen["series"]] == ["backbone.embed_dim=32", "backbone.embed_dim=96"]
+    with pytest.raises(ConfigError, match=r"^runs_table.plot_x=optim.wd: use swept, a key the sweep varies "
+                                          r"\(backbone.embed_dim, optim.lr\), or gmacs, params, throughput$"):
+        sweep_layout(tmp_path, "optim.wd")
+
+
+def test_a_categorical_key_is_plotted_as_categories_in_sweep_order(tmp_path):
+    write_sweep(tmp_path, [(["backbone=swin_t", "seed=0"], 0.7), (["backbone=resnet50", "seed=0"], 0.6),
+                           (["backbone=swin_t", "seed=1"], 0.8)])
+    layout = sweep_layout(tmp_path)
+    assert (layout["label"], layout["scale"], layout["categories"]) == ("backbone", "category", ["swin_t", "resnet50"])
+    [(_, xs, ys)] = layout["series"]
+    assert xs == [0, 0, 1] and ys == pytest.approx([70, 80, 60])
+
+
 def test_swin_cascade_table_rows_are_the_papers_sizes():
     """Swin Table 2(b): the Cascade Mask R-CNN experiments' detectors equal the paper's parameters (to its rounding)
     and FLOPs on a 1280x800 image within 0.3%; DeiT-S† is counted apart as not buildable."""

@@ -27,6 +27,7 @@ from vtrain.training.checkpoint import (
     unwrap_state_dict,
 )
 from vtrain.training.lightning_internals import check_version
+from vtrain.training.pretrained import download_weights
 from vtrain.training.rundir import RunDirectoryLock, is_first_process
 from vtrain.training.steps import training_steps
 from vtrain.training.sweep import record_failure
@@ -73,7 +74,7 @@ def _run(cfg: DictConfig) -> float | None:
                 found = newest_valid_checkpoint(Path(cfg.output_dir) / "checkpoints")
                 cfg.ckpt_path = str(found) if found else None
             log.info("ckpt_path=auto: %s", cfg.ckpt_path or "no checkpoint yet, starting from scratch")
-        validate(cfg, datamodule)  # before any worker or DDP process starts
+        validate(cfg, datamodule, download_weights)  # before any worker or DDP process starts
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("seed %d", cfg.seed)
         module = build_task(cfg)

@@ -9,13 +9,16 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 
 from vtrain.config import ConfigError
+
+# Downloads a published file (url, path): None once it is at path, else why not, a clause of one line.
+Download = Callable[[str, Path], "str | None"]
 
 # What Lightning 2.6's Trainer takes as ``precision`` (``_PRECISION_INPUT`` in
 # lightning_fabric/plugins/precision/precision.py); tests/test_configs.py checks that the two agree.
@@ -49,12 +52,15 @@ VALUE_RULES = (
     ("trainer.max_epochs", lambda v: v is None or _int(v) and v >= -1, "a whole number >= 0, or -1 for no limit",
      "100"),
     ("trainer.max_steps", lambda v: _int(v) and v >= -1, "a whole number >= 0, or -1 for no limit", "80000"),
+    ("paths.download_weights", lambda v: isinstance(v, bool),
+     "true or false (whether a recipe's missing reference checkpoint is downloaded; env VTRAIN_DOWNLOAD_WEIGHTS)",
+     "false"),
     ("trainer.precision", lambda v: v is None or isinstance(v, (str, int)) and v in PRECISIONS,
      "a precision Lightning knows (32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, ...)", "bf16-mixed"),
 )
 
 
-def validate(cfg: DictConfig, datamodule) -> None:
+def validate(cfg: DictConfig, datamodule, download: Download | None = None) -> None:
     if cfg.mode not in ("train", "eval"):
         raise ConfigError(f"mode={cfg.mode!r} is not a mode: use mode=train or mode=eval")
     check_values(cfg)
@@ -65,7 +71,7 @@ def validate(cfg: DictConfig, datamodule) -> None:
         raise ConfigError("nothing to evaluate: give the weights as ckpt_path=<checkpoint file>, or ckpt_path=auto in a "
                           f"run directory that has a checkpoint ({cfg.get('output_dir')}/checkpoints has none)")
     if cfg.mode == "train":
-        check_pretrained(cfg)
+        check_pretrained(cfg, download)
         accumulate_grad_batches(cfg)  # optim.batch_per_step must be made of whole passes on these devices
     _check_input_size(cfg)
     if hasattr(datamodule, "check"):
@@ -89,19 +95,28 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={shown} is not {what}: use e.g. {key}={example}")
 
 
-def check_pretrained(cfg: DictConfig) -> None:
+def check_pretrained(cfg: DictConfig, download: Download | None = None) -> None:
     """The weights a training run starts from exist (a resumed run takes its weights from ``ckpt_path``). A recipe's
-    reference checkpoint is missing: one line naming the file, where it is published (``pretrained_url``), and that
-    ``pretrained=null`` trains from scratch on purpose."""
+    reference checkpoint that is missing is downloaded from where it is published (``pretrained_url``) by
+    ``download`` (:func:`vtrain.training.pretrained.download_weights`, handed in by the command line) unless
+    ``paths.download_weights`` is false; when it is not there after that: one line naming the file, where it is
+    published, why its download failed, and that ``pretrained=null`` trains from scratch on purpose."""
     path = cfg.get("pretrained")
     if not path or cfg.get("ckpt_path") or Path(path).is_file():
         return
     url = cfg.get("pretrained_url")
+    published = bool(url) and Path(url).name == Path(path).name
+    why = ""
+    if published and download is not None and OmegaConf.select(cfg, "paths.download_weights", default=False):
+        failure = download(url, Path(path))
+        if failure is None:
+            return
+        why = f" ({failure})"
     where = (f"download it from {url} into paths.weights_dir="
              f"{OmegaConf.select(cfg, 'paths.weights_dir')} (or set VTRAIN_WEIGHTS)"
-             if url and Path(url).name == Path(path).name else "pass the path of a weights file")
-    raise ConfigError(f"pretrained={path} does not exist: {where}, or pass pretrained=null to train from scratch "
-                      "on purpose")
+             if published else "pass the path of a weights file")
+    raise ConfigError(f"pretrained={path} does not exist{why}: {where}, or pass pretrained=null to train from "
+                      "scratch on purpose")
 
 
 def _check_input_size(cfg: DictConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,28 @@ def finished_points(root: str | Path) -> list[SweepPoint]:
     return [read_point(p) for p in sorted({m.parent for m in root.rglob("metrics.json")}, key=_job_order(root))]
 
 
+def override_key(override: str) -> str:
+    """``optim.lr`` of ``optim.lr=1e-3`` (and of ``+optim.lr=1e-3``, ``~optim.lr``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_value(override: str) -> str:
+    """``1e-3`` of ``optim.lr=1e-3``, as the command line wrote it (empty for a deletion, ``~optim.lr``)."""
+    return override.split("=", 1)[1] if "=" in override else ""
+
+
+def varying_keys(points: list[SweepPoint], ignore: Collection[str] = ()) -> tuple[list[str], list[str]]:
+    """The override keys whose value differs between points (or that some points lack), in the order the command
+    line wrote them, and the overrides every point shares (``experiment=quickstart``); points without
+    ``.hydra/overrides.yaml`` count for neither."""
+    described = [{override_key(o): o for o in p.overrides if override_key(o) not in ignore}
+                 for p in points if p.overrides is not None]
+    keys = list(dict.fromkeys(k for overrides in described for k in overrides))
+    varying = [k for k in keys if len({overrides.get(k) for overrides in described}) > 1]
+    shared = [o for o in (described[0].values() if described else []) if override_key(o) not in varying]
+    return varying, shared
+
+
 def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     for point in job_points(sweep_dir):
@@ -81,6 +104,22 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def summary_lines(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The terminal's account of a sweep: how many points ended well, the overrides every point shares once, then
+    one line per point (:func:`summarize`'s row) with its result and only the overrides that differ between
+    points."""
+    points = job_points(sweep_dir)
+    varying, shared = varying_keys(points)
+    lines = [f"sweep {sweep_dir}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} points ok"]
+    if shared and len(points) > 1:
+        lines.append(f"  every point: {' '.join(shared)}")
+    for point, r in zip(points, rows):
+        result = f"{r['monitor']} best {r['best']:.4f}" if r["status"] == "ok" and r.get("best") is not None else r.get("error", "")
+        differing = " ".join(o for o in point.overrides or [] if override_key(o) in varying)
+        lines.append(f"  [{r['point']}] {r['status']:6s} {result}" + (f"  ({differing})" if differing else ""))
+    return lines
+
+
 class SweepSummary(Callback):
     """At the end of a multirun: a table on the terminal and ``summary.json`` in the sweep directory."""
 
@@ -90,8 +129,5 @@ class SweepSummary(Callback):
             return
         rows = summarize(sweep_dir)
         (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2))
-        lines = [f"sweep {sweep_dir}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} points ok"]
-        for r in rows:
-            result = f"{r['monitor']} best {r['best']:.4f}" if r["status"] == "ok" and r.get("best") is not None else r.get("error", "")
-            lines.append(f"  [{r['point']}] {r['status']:6s} {result}  ({r['overrides']})")
-        print("\n".join(lines))  # once: Hydra's log of the sweep would print it a second time on the terminal
+        # once: Hydra's log of the sweep would print it a second time on the terminal
+        print("\n".join(summary_lines(sweep_dir, rows)))

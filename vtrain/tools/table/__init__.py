@@ -19,5 +19,6 @@ paper's than the column's ``abs_tol`` / ``rel_tol`` is marked †.
 
 ``python -m vtrain.tools.table runs=<multirun dir>`` aggregates the sweep's ``metrics.json`` files
 (``runs.py``): runs that differ only by their seed form one row (mean ± sample std), and a PNG plots the
-metric against GMACs (or params, or throughput), one point per run, as the papers' figures do.
+metric against the key the sweep varies (a log axis for numbers spanning a factor of 10; or GMACs, params,
+throughput), one point per run.
 """

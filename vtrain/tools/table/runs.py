@@ -1,9 +1,10 @@
 """A sweep as a table (``runs=<multirun dir>``): runs that differ only in their seed form one row (mean ± sample
-std of the metric, the model's params and GMACs from the run's config), and a plot of the metric against the
-model's cost, one point per run, as the papers' figures do. The runs are read by ``vtrain.training.sweep``."""
+std of the metric, the model's params and GMACs from the run's config), and a plot of the metric against the key
+the sweep varies (or the model's cost), one point per run. The runs are read by ``vtrain.training.sweep``."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from vtrain.config.stored import read_config_file
 from vtrain.tools.bench.models import build_classifier, model_size
 from vtrain.tools.bench.timing import inference_throughput
 from vtrain.tools.table.markdown import mean_std, number
-from vtrain.training.sweep import SweepPoint, finished_points
+from vtrain.training.sweep import SweepPoint, finished_points, override_key, override_value, varying_keys
 
 log = logging.getLogger("vtrain.tools.table")
 
@@ -28,7 +29,7 @@ def aggregate_runs(root: Path, options: Mapping, throughput: DictConfig | None =
         raise ConfigError(f"runs={root}: no metrics.json below it; pass the directory of a finished sweep")
     metric = options.get("metric")
     ignore = list(options.get("ignore", []))
-    varying, fixed = _varying_keys(points, ignore)
+    varying, fixed = varying_keys(points, ignore)
     groups: dict[str, dict[str, Any]] = {}
     for point in points:
         name = metric or point.metrics.get("monitor")
@@ -37,7 +38,8 @@ def aggregate_runs(root: Path, options: Mapping, throughput: DictConfig | None =
             log.warning("skipped %s: no %s in its metrics.json", point.path, name or "monitored metric")
             continue
         label = _label(point, varying)
-        group = groups.setdefault(label, {"label": label, "metric": name, "values": [], "runs": []})
+        group = groups.setdefault(label, {"label": label, "metric": name, "values": [], "runs": [],
+                                          "overrides": _varied_values(point, varying)})
         if group["metric"] != name:
             raise ConfigError(f"runs={root}: runs monitor different metrics ({group['metric']}, {name}): "
                               "pick one with runs_table.metric=<name>")
@@ -55,29 +57,22 @@ def aggregate_runs(root: Path, options: Mapping, throughput: DictConfig | None =
     all_values = [v for g in groups.values() for v in g["values"]]
     # Accuracies, AP and IoU are logged as fractions; shown in % as the papers do (losses as they are).
     scale = 100.0 if "loss" not in name and all(0.0 <= v <= 1.0 for v in all_values) else 1.0
-    return {"root": str(root), "metric": name, "scale": scale, "fixed": fixed, "groups": list(groups.values())}
+    return {"root": str(root), "metric": name, "scale": scale, "fixed": fixed, "varying": varying,
+            "groups": list(groups.values())}
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def _varying_keys(points: list[SweepPoint], ignore: list[str]) -> tuple[set[str], list[str]]:
-    """The override keys whose value differs between runs (or that some runs lack), and the overrides every run
-    shares (``experiment=quickstart``): labels name the first, the title the second."""
-    described = [dict((_override_key(o), o) for o in p.overrides if _override_key(o) not in ignore)
-                 for p in points if p.overrides is not None]
-    keys = {k for overrides in described for k in overrides}
-    varying = {k for k in keys if len({overrides.get(k) for overrides in described}) > 1}
-    fixed = [o for o in (described[0].values() if described else []) if _override_key(o) not in varying]
-    return varying, fixed
-
-
-def _label(point: SweepPoint, varying: set[str]) -> str:
+def _label(point: SweepPoint, varying: list[str]) -> str:
     """The run's overrides of the keys that vary; a run without ``.hydra`` is named by its directory."""
     if point.overrides is None:
         return point.path.name
-    return " ".join(o for o in point.overrides if _override_key(o) in varying) or "(all runs)"
+    return " ".join(o for o in point.overrides if override_key(o) in varying) or "(all runs)"
+
+
+def _varied_values(point: SweepPoint, varying: list[str]) -> dict[str, str] | None:
+    """{key: value as written} of the run's overrides of the keys that vary; None without ``.hydra``."""
+    if point.overrides is None:
+        return None
+    return {override_key(o): override_value(o) for o in point.overrides if override_key(o) in varying}
 
 
 def _model_figures(point: SweepPoint, throughput: DictConfig | None) -> dict[str, Any]:
@@ -133,9 +128,74 @@ def runs_markdown(summary: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_runs(summary: Mapping, x_axis: str, path: Path) -> None:
-    """The metric against model cost, one point per run, one colour per configuration (named in the legend by the
-    keys that vary); the title names the metric, the sweep and what every run shares."""
+# runs_table.plot_x of the model's cost: (the group's figure, axis label, unit)
+COST_AXES = {
+    "gmacs": ("macs", "GMACs", 1e-9),
+    "params": ("params", "params (M)", 1e-6),
+    "throughput": ("throughput", "inference images/s", 1.0),
+}
+SWEPT = "swept"  # runs_table.plot_x: the first key the sweep varies
+
+
+def plot_layout(summary: Mapping, plot_x: str) -> dict[str, Any]:
+    """What the plot shows: the x axis (``label``; ``scale`` linear, log or category, with its ``categories``) and
+    the ``series`` (legend, xs, ys: one y per run). Against a swept key (``plot_x=swept``: the first the command line
+    varies, or the key named), runs that share the other varied keys form one series; a numeric key whose values
+    span a factor of 10 or more is on a log axis (learning rates, weight decays), other values are categories in
+    sweep order. A run without the key (or without a model size, against a cost) is in the table, not on the plot."""
+    ys_of = [[v * summary["scale"] for v in group["values"]] for group in summary["groups"]]
+    if plot_x in COST_AXES:
+        return _cost_layout(summary, ys_of, *COST_AXES[plot_x])
+    varying = list(summary.get("varying", []))
+    key = varying[0] if plot_x == SWEPT and varying else plot_x
+    if plot_x == SWEPT and not varying:  # one configuration (seeds only), or runs without .hydra
+        return _by_configuration(summary["groups"], ys_of)
+    if key not in varying:
+        raise ConfigError(f"runs_table.plot_x={plot_x}: use {SWEPT}, a key the sweep varies "
+                          f"({', '.join(varying) or 'none'}), or {', '.join(COST_AXES)}")
+    placed = [(g, ys) for g, ys in zip(summary["groups"], ys_of) if key in (g.get("overrides") or {})]
+    written = [g["overrides"][key] for g, _ in placed]
+    numbers = [_finite_number(v) for v in written]
+    numeric = all(n is not None for n in numbers)
+    categories = [] if numeric else list(dict.fromkeys(written))
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for (group, ys), value, as_number in zip(placed, written, numbers):
+        others = " ".join(f"{k}={v}" for k, v in group["overrides"].items() if k != key) or "all runs"
+        xs_ys = series.setdefault(others, ([], []))
+        xs_ys[0].extend([as_number if numeric else categories.index(value)] * len(ys))
+        xs_ys[1].extend(ys)
+    spread = numeric and min(numbers) > 0 and max(numbers) / min(numbers) >= 10
+    return {"label": key, "scale": "log" if spread else "linear" if numeric else "category",
+            "categories": categories, "series": [(name, xs, ys) for name, (xs, ys) in series.items()]}
+
+
+def _cost_layout(summary: Mapping, ys_of: list[list[float]], figure: str, label: str, unit: float) -> dict[str, Any]:
+    """One series per configuration at its model's cost; without any model size, runs are placed by configuration."""
+    groups = summary["groups"]
+    if not any(g.get(figure) is not None for g in groups):
+        return _by_configuration(groups, ys_of)
+    return {"label": label, "scale": "linear", "categories": [],
+            "series": [(g["label"], [g[figure] * unit] * len(ys), ys) for g, ys in zip(groups, ys_of)
+                       if g.get(figure) is not None]}
+
+
+def _by_configuration(groups: list[Mapping], ys_of: list[list[float]]) -> dict[str, Any]:
+    """Each configuration a category of its own, named by its label."""
+    return {"label": "configuration", "scale": "category", "categories": [g["label"] for g in groups],
+            "series": [(g["label"], [i] * len(ys), ys) for i, (g, ys) in enumerate(zip(groups, ys_of))]}
+
+
+def _finite_number(written: str) -> float | None:
+    try:
+        value = float(written)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def plot_runs(summary: Mapping, plot_x: str, path: Path) -> None:
+    """The metric against the swept key or the model's cost (:func:`plot_layout`), one point per run, one colour
+    per series, the legend below the axes; the title names the metric, the sweep and what every run shares."""
     import textwrap
 
     import matplotlib
@@ -143,31 +203,28 @@ def plot_runs(summary: Mapping, x_axis: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key, x_label, x_scale = {
-        "gmacs": ("macs", "GMACs", 1e-9),
-        "params": ("params", "params (M)", 1e-6),
-        "throughput": ("throughput", "inference images/s", 1.0),
-    }[x_axis]
+    layout = plot_layout(summary, plot_x)
     unit = " (%)" if summary["scale"] == 100.0 else ""
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    measured = any(g.get(x_key) is not None for g in summary["groups"])
-    for index, group in enumerate(summary["groups"]):
-        x = group.get(x_key)
-        if measured and x is None:
-            continue  # no model size (a hand-made config): in the table, not on a cost axis
-        # Without any model size, runs are placed by their configuration index.
-        x_value = index if x is None else x * x_scale
-        ys = [v * summary["scale"] for v in group["values"]]
-        ax.scatter([x_value] * len(ys), ys, label=textwrap.shorten(group["label"], 60), s=28)
-    ax.set_xlabel(x_label if measured else "configuration")
+    for name, xs, ys in layout["series"]:
+        points = ax.scatter(xs, ys, label=textwrap.shorten(name, 60), s=28)
+        if layout["scale"] != "category" and len(set(xs)) > 1:  # the series' mean at each value, joined
+            means = sorted((x, sum(y for xx, y in zip(xs, ys) if xx == x) / xs.count(x)) for x in set(xs))
+            ax.plot(*zip(*means), color=points.get_facecolor()[0], linewidth=1, alpha=0.6)
+    if layout["scale"] == "log":
+        ax.set_xscale("log")
+    if layout["scale"] == "category":
+        ax.set_xticks(range(len(layout["categories"])),
+                      [textwrap.shorten(c, 30) for c in layout["categories"]], rotation=20, fontsize=7)
+    ax.set_xlabel(layout["label"])
     ax.set_ylabel(summary["metric"] + unit)
-    title = f"{summary['metric']} against {x_label if measured else 'configuration'}\n{Path(summary['root']).name}"
+    title = f"{summary['metric']} against {layout['label']}\n{Path(summary['root']).name}"
     if summary.get("fixed"):
         title += "\n" + textwrap.shorten("all runs: " + " ".join(summary["fixed"]), 80)
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    columns = 1 if len(summary["groups"]) < 4 else 2
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=columns, fontsize=7, frameon=False)
+    columns = 1 if len(layout["series"]) < 4 else 2
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=columns, fontsize=7, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")  # the legend below the axes stays in the picture
     plt.close(fig)
