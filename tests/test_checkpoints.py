@@ -179,7 +179,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch,
     monkeypatch.setattr(torch, "save", save_until_full)
     monkeypatch.setattr(shutil, "copyfile", copy_until_full)
     with pytest.raises(ConfigError, match=r"last.ckpt: not written \(No space left on device\); the file there is "
-                                          r"still the previous whole one .* resume with ckpt_path=auto") as raised:
+                                          r"still the previous whole one .*ckpt_path=auto resumes a run") as raised:
         checkpoint_io.save_checkpoint({"w": torch.ones(1000)}, target)
     assert "\n" not in str(raised.value)  # the command line's one line (cli: a ConfigError in fit ends it so)
     assert target.read_bytes() == good

@@ -51,7 +51,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in DISK_FULL:  # the one line of a full disk, not a traceback
             raise ConfigError(f"{path}: not written ({e.strerror}); the file there is still the previous whole one "
-                              "(or none): free some space, then resume with ckpt_path=auto") from e
+                              "(or none): free some space and run again (ckpt_path=auto resumes a run)") from e
         raise
     _fsync_directory(path.parent)  # the rename itself survives a power loss
 
