@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from vtrain.config import ConfigError
 from vtrain.training.callbacks.metrics_json import MetricsJSON
 from vtrain.training.terminal import duration, summary_table
 
@@ -40,3 +41,51 @@ def test_metrics_json_times_the_training_steps_without_the_validations(tmp_path,
     metrics.on_train_end(trainer, module)
     assert metrics.payload["training"] == {"steps": 12, "seconds": 70.0, "samples": 384,
                                            "samples_per_second": pytest.approx(384 / 70), "sample_name": "images"}
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["experiment=swin_t_imagnet"], "experiment=swin_t_imagnet: no experiment named swin_t_imagnet (did you mean "
+                                    "experiment=swin_t_imagenet?); the choices are the files of conf/experiment/ "
+                                    "(python -m vtrain --help lists them)"),
+    (["-m", "trainer=cpu,ddpp"], "trainer=cpu,ddpp: no trainer named ddpp (did you mean trainer=ddp?); the choices are "
+                                 "the files of conf/trainer/ (cpu, ddp, ddp_cpu, default, gpu)"),
+    (["trainer.max_epoch=3"], "trainer.max_epoch=3: the config has no key trainer.max_epoch (did you mean "
+                              "trainer.max_epochs? +trainer.max_epoch=... adds one)"),
+    (["experiment=quickstart", "optm.lr=1", "--cfg", "job"], "optm.lr=1: the config has no key optm.lr (did you mean "
+                                                             "optim.lr? +optm.lr=... adds one)"),
+    (["task=segmentation", "data=ade20k", "task.head.chanels=8"],  # a key of the group the command line chose
+     "task.head.chanels=8: the config has no key task.head.chanels (did you mean task.head.channels? "
+     "+task.head.chanels=... adds one)"),
+    (["experiment=quickstart", "task.mixup=null", "task.mixup.mixup_alpha=0.3"],
+     "task.mixup.mixup_alpha=0.3: the config has no key task.mixup.mixup_alpha (task.mixup is null; "
+     "+task.mixup.mixup_alpha=... adds one)"),
+])
+def test_a_mistyped_name_is_one_line_with_the_nearest_name(argv, line):
+    from vtrain.config.names import check_command_line
+
+    with pytest.raises(ConfigError) as error:
+        check_command_line("train", argv)
+    assert str(error.value) == line
+
+
+def test_names_that_exist_pass_the_check():
+    from vtrain.config.names import check_command_line
+
+    for argv in (["-m", "experiment=quickstart", "optim.lr=1e-3,3e-3", "seed=0,1", "logger=[csv,wandb]"],
+                 ["+extra.key=1", "~task.mixup", "hydra.run.dir=x", "task=segmentation", "task/head=fcn", "debug=null",
+                  "--cfg", "job"],
+                 ["-m", "hparams_search=quickstart_optuna", "backbone=glob(swin_*)", "data.root=x"]):
+        check_command_line("train", argv)  # no error
+
+
+@pytest.mark.parametrize("module", ["vtrain", "vtrain.eval"])
+def test_the_commands_check_their_names_before_hydra(module, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [module, "ckpt_path=x.ckpt", "optim.lrr=1"])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_module(module, run_name="__main__")
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == ("error: optim.lrr=1: the config has no key optim.lrr (did you mean optim.lr? "
+                                       "+optim.lrr=... adds one)\n")
