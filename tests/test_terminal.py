@@ -89,3 +89,25 @@ def test_the_commands_check_their_names_before_hydra(module, monkeypatch, capsys
     assert ended.value.code == 2
     assert capsys.readouterr().err == ("error: optim.lrr=1: the config has no key optim.lrr (did you mean optim.lr? "
                                        "+optim.lrr=... adds one)\n")
+
+
+def test_help_starts_with_vtrains_usage_and_experiments_without_importing_torch():
+    """``python -m vtrain --help``: vtrain's commands, the experiments of conf/experiment/ and where the docs are,
+    then Hydra's groups; answered before the training stack (torch) is imported."""
+    import subprocess
+    import sys
+
+    from conftest import CONF
+
+    code = ("import runpy, sys\nsys.argv = ['vtrain', '--help']\ntry:\n    runpy.run_module('vtrain', run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("vtrain: ") and lines[-1] == "torch imported: False", result.stderr[-2000:]
+    usage = result.stdout[:result.stdout.index("== Configuration groups ==")]
+    for command in ("python -m vtrain experiment=NAME", "python -m vtrain.eval", "python -m vtrain.predict",
+                    "python -m vtrain.export", "python -m vtrain.tools.table", "python -m vtrain.tools.bench", "docs/"):
+        assert command in usage, command
+    experiments = usage[usage.index("Experiments"):usage.index("Docs:")]
+    listed = experiments[experiments.index("):") + 2:].replace(",", " ").split()
+    assert listed == sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,16 @@ from vtrain.config.compose import CONFIG_DIR, compose_config
 from vtrain.config.errors import ConfigError
 
 MAX_LISTED = 12  # a group with more choices (the experiments, the backbones) is listed by --help, not in the line
+
+
+def experiments_listed(width: int = 110) -> str:
+    """The experiments (the files of ``conf/experiment/``), wrapped and indented: what ``--help`` lists
+    (``${vtrain.experiments:}`` in ``conf/hydra/help/vtrain.yaml``)."""
+    return textwrap.fill(", ".join(group_options("experiment") or []), width, initial_indent="  ",
+                         subsequent_indent="  ")
+
+
+OmegaConf.register_new_resolver("vtrain.experiments", experiments_listed, replace=True)
 
 
 def nearest(name: str, names: Iterable[str]) -> str | None:
