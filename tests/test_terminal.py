@@ -111,3 +111,41 @@ def test_help_starts_with_vtrains_usage_and_experiments_without_importing_torch(
     experiments = usage[usage.index("Experiments"):usage.index("Docs:")]
     listed = experiments[experiments.index("):") + 2:].replace(",", " ").split()
     assert listed == sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_the_progress_bar_is_plain_lines_where_stdout_is_not_a_terminal(capsys):
+    """Into a file or a pipe (pytest's capture here) the bar is a line per epoch with the epoch's values, no escape
+    codes; a count of skipped samples that is 0 is not shown."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vtrain.training.callbacks.display import ProgressBar
+
+    class Fitted(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor(1.0))
+
+        def training_step(self, batch, batch_idx):
+            loss = (self.weight * batch).pow(2).mean()
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/skipped_samples", 0.0, prog_bar=True)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/value", self.weight.detach(), prog_bar=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.25)  # loss w^2, w -= 0.25 * 2w: w 1 -> 0.5 -> 0.25
+
+    ones = DataLoader(torch.ones(2, 1), batch_size=2)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[ProgressBar()], logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+                         log_every_n_steps=1)
+    trainer.fit(Fitted(), ones, ones)
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out and "skipped" not in out
+    lines = [line for line in out.splitlines() if line.startswith("epoch")]
+    assert lines == ["epoch 0/1  step 1  train/loss 1  val/value 0.5",  # the loss before the step, w after it
+                     "epoch 1/1  step 2  train/loss 0.25  val/value 0.25"]
