@@ -62,9 +62,11 @@ def one_thread():
 
 def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m <module> args...`` in a subprocess; output captured as text."""
+    """``python -m <module> args...`` in a subprocess; output captured as text. ``env`` adds variables, and removes
+    those it gives as None."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
                 "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env = {name: value for name, value in full_env.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
         timeout=timeout,

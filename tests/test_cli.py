@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,19 @@ def test_fit_ends_with_a_summary_and_without_third_party_noise(fitted):
     summary = terminal[terminal.index("── training summary"):].splitlines()
     best_epoch = metrics["best_epoch"]["val/top1"]
     final = metrics["final"]
-    assert summary[1:7] == [
+    assert summary[1:6] == [
         f"  run directory    {fitted}",
         "  monitored        val/top1 (higher is better)",
         f"  final            {final['val/top1']:.4f}  (epoch 2, counted from 0)",
         f"  best             {metrics['best']['val/top1']:.4f}  (epoch {best_epoch})",
         f"  also             val/loss {final['val/loss']:.4f}  val/top5 {final['val/top5']:.4f}",
-        f"  best checkpoint  {fitted / 'checkpoints' / f'epoch{best_epoch:03d}-step{6 * (best_epoch + 1):07d}.ckpt'}",
     ]
+    assert re.fullmatch(r"  wall time        \d+\.\d s", summary[6]), summary[6]
+    # 3 epochs of 6 steps of 8 images
+    assert re.fullmatch(r"  throughput       \d+\.\d images/s  \(144 images in 18 training steps, \d+\.\d s; "
+                        r"validation not counted\)", summary[7]), summary[7]
+    assert summary[8] == \
+        f"  best checkpoint  {fitted / 'checkpoints' / f'epoch{best_epoch:03d}-step{6 * (best_epoch + 1):07d}.ckpt'}"
     for noise in ("litlogger", "set_vital", "LeafSpec", "FLOPs", "exists and is not empty"):
         assert noise not in terminal, noise
 
@@ -113,11 +119,14 @@ def test_multirun_runs_each_point_once(imagenet_root, tmp_path, trainer):
     assert result.stdout.count("`Trainer.fit` stopped") + result.stderr.count("`Trainer.fit` stopped") == 2
 
 
-def test_wandb_logger_works_offline_logs_the_config_and_never_the_key(imagenet_root, tmp_path):
+def test_wandb_logger_works_offline_quietly_logs_the_config_and_never_the_key(imagenet_root, tmp_path):
+    """Offline, wandb says nothing (its banner and sync hint came with colour codes even into a pipe)."""
     run, key = tmp_path / "run", "0123456789abcdef0123456789abcdef01234567"
     result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "logger=wandb",
-                     env={"WANDB_API_KEY": key})
+                     env={"WANDB_API_KEY": key, "WANDB_SILENT": None})
     assert result.returncode == 0, result.stderr[-3000:]
+    terminal = result.stdout + result.stderr
+    assert "\x1b[" not in terminal and "wandb sync" not in terminal and "── training summary" in terminal
     records = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1
     assert b"base_batch_size" in records[0].read_bytes()  # the composed config is logged

@@ -70,3 +70,29 @@ def test_detection_export_is_a_one_line_refusal(tmp_path):
     module, _ = vtrain.build(vtrain.compose("quickstart_det", [*TINY_SWIN, f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="export of detection models is not supported yet"):
         module.export_module()
+
+
+def test_torchscript_export_hides_only_torchs_deprecation_of_torchscript(tmp_path):
+    """torch 2.10+ says that torch.jit.trace, save and load are deprecated: not shown for format=torchscript, which
+    asks for them; any other warning still is."""
+    import warnings
+    from types import SimpleNamespace
+
+    from vtrain.inference.export import export, torchscript_deprecations_hidden
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = export(SimpleNamespace(export_module=lambda: linear), "torchscript", tmp_path / "m.ts",
+                        torch.randn(1, 3))
+        with torchscript_deprecations_hidden():
+            torch.jit.trace(linear, torch.randn(1, 3))
+            warnings.warn("another deprecation", FutureWarning)
+    assert [str(w.message) for w in caught] == ["another deprecation"]
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(loaded(x), linear(x))
+    with warnings.catch_warnings(record=True) as caught:  # what torch says outside (the filter is not global)
+        warnings.simplefilter("always")
+        torch.jit.trace(linear, torch.randn(1, 3))
+    assert any("`torch.jit.trace` is deprecated" in str(w.message) for w in caught)

@@ -308,7 +308,8 @@ def test_progress_bar_reads_logged_values_at_intervals_only(monkeypatch):
             self.log("train/loss", loss, prog_bar=True)
             return loss
 
-    trainer = pl.Trainer(max_steps=16, callbacks=[ProgressBar(metrics_every=3)], logger=False, limit_val_batches=0,
+    bar = ProgressBar(metrics_every=3, plain=False)  # the live bar, also where stdout is not a terminal
+    trainer = pl.Trainer(max_steps=16, callbacks=[bar], logger=False, limit_val_batches=0,
                          enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(Logged(bad_steps=[]))
     train_reads = [step for step, training in reads if training]

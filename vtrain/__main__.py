@@ -6,6 +6,7 @@ torchmetrics: about six seconds), so ``--help``, ``--cfg job`` and a mistyped na
 import hydra
 from omegaconf import DictConfig
 
+from vtrain.config.command import check_hydra_command_line
 from vtrain.config.compose import CONFIG_DIR
 
 
@@ -17,4 +18,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_hydra_command_line("train")  # a mistyped name: one line with the nearest one, before Hydra's message
     main()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -64,6 +65,7 @@ def _run_outside_hydra(cfg: DictConfig) -> float | None:
 
 
 def _run(cfg: DictConfig) -> float | None:
+    started = time.monotonic()  # the summary's wall time: from here (the training stack imported) to the summary
     try:
         check_values(cfg)  # types and ranges, before anything is built with them
         datamodule = instantiate(cfg.data)
@@ -117,7 +119,7 @@ def _run(cfg: DictConfig) -> float | None:
         record = _metrics_record(cfg, metrics)
         if trainer.is_global_zero and record is not None:
             evaluated = cfg.get("ckpt_path") if cfg.mode == "eval" else None
-            print(summary_table(record, cfg.output_dir, evaluated), flush=True)
+            print(summary_table(record, cfg.output_dir, evaluated, time.monotonic() - started), flush=True)
     return _monitored_value(record, module)
 
 

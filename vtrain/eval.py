@@ -3,6 +3,7 @@ stack is imported once the config is composed, as ``python -m vtrain`` does."""
 import hydra
 from omegaconf import DictConfig
 
+from vtrain.config.command import check_hydra_command_line
 from vtrain.config.compose import CONFIG_DIR
 
 
@@ -14,4 +15,5 @@ def evaluate(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_hydra_command_line("train")  # a mistyped name: one line with the nearest one, before Hydra's message
     evaluate()

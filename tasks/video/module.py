@@ -35,6 +35,8 @@ class VideoClassificationTask(ClassifierTask):
         label_smoothing: of the training cross-entropy.
     """
 
+    SAMPLES = "clips"
+
     def __init__(
         self,
         model: Mapping[str, Any],

@@ -1,8 +1,7 @@
-"""The one way a command ends on bad input (one line on stderr, exit status 2), and the ``key=value`` commands
-(predict, export)."""
+"""The one way a command ends on bad input (one line on stderr, exit status 2), the check of a Hydra command line's
+names, and the ``key=value`` commands (predict, export)."""
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vtrain.config import ConfigError
+from vtrain.config.names import check_command_line, nearest
 
 
 def fail(error: ConfigError) -> None:
@@ -21,6 +21,15 @@ def fail(error: ConfigError) -> None:
         raise error
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_hydra_command_line(config_name: str, argv: list[str] | None = None) -> None:
+    """Before a Hydra app (``python -m vtrain``, ``vtrain.eval``) composes its config: a mistyped experiment, group
+    choice or key ends it through :func:`fail`, with the nearest name (:func:`vtrain.config.names.check_command_line`)."""
+    try:
+        check_command_line(config_name, argv)
+    except ConfigError as e:
+        fail(e)
 
 
 def key_value_command(doc: str, options: set[str], run: Callable[[dict[str, str], list[str]], Any],
@@ -48,8 +57,8 @@ def split_key_values(argv: list[str], options: set[str]) -> tuple[dict[str, str]
         if key in options:
             known[key] = value
         elif "." not in key and not key.startswith(("+", "~")):  # an option's name, mistyped: not ignored
-            near = difflib.get_close_matches(key, sorted(options), n=1)
-            raise ConfigError(f"{key}={value}: no such option{f' (did you mean {near[0]}?)' if near else ''}; the "
+            near = nearest(key, options)
+            raise ConfigError(f"{key}={value}: no such option{f' (did you mean {near}?)' if near else ''}; the "
                               f"options are {', '.join(sorted(options))}, and a change to the model's config is "
                               "<group>.<key>=value")
         else:

@@ -2,7 +2,9 @@
 against the PyTorch model."""
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,17 @@ from torch import nn
 from vtrain.config import ConfigError
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "exported": "model.pt2"}
+
+
+@contextlib.contextmanager
+def torchscript_deprecations_hidden() -> Iterator[None]:
+    """Without torch's ``FutureWarning`` that ``torch.jit.trace`` / ``save`` / ``load`` are deprecated (torch 2.10+):
+    ``format=torchscript`` asks for TorchScript, and the other formats are ``torch.export``'s already. Only those
+    messages: any other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(trace|trace_method|save|load)` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn.Module:
@@ -28,11 +41,12 @@ def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn
                               output_names=["output"], dynamic_shapes=({0: batch},), verbose=False)
             return OnnxModel(path)
         if fmt == "torchscript":
-            with warnings.catch_warnings():  # the backbones' shape checks, constant for a traced input size
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                traced = torch.jit.trace(model, example, check_trace=False)
-            traced.save(str(path))
-            return torch.jit.load(str(path))
+            with torchscript_deprecations_hidden():
+                with warnings.catch_warnings():  # the backbones' shape checks, constant for a traced input size
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    traced = torch.jit.trace(model, example, check_trace=False)
+                traced.save(str(path))
+                return torch.jit.load(str(path))
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, str(path))
         return torch.export.load(str(path)).module()

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vtrain.config import ConfigError
 from vtrain.config.compose import compose, plain_config
+from vtrain.config.names import unknown_key
 from vtrain.config.stored import read_config_file, trusted_config, with_current_names
 from vtrain.config.validate import check_values
 from vtrain.training.checkpoint import (
@@ -102,20 +103,13 @@ def model_config(source: str | Path, experiment: str | None = None, overrides: S
 def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` with ``key=value`` overrides as the command line takes them: a key it does not have is one line (with
     the nearest key it has) unless written ``+key=value``, which adds it."""
-    import difflib
-
-    missing = object()
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
             raise ConfigError(f"{override!r} is not key=value")
         add, key = key.startswith("+"), key.lstrip("+")
-        if not add and OmegaConf.select(cfg, key, default=missing) is missing:
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            near = difflib.get_close_matches(leaf, list(node) if isinstance(node, DictConfig) else [], n=1)
-            hint = f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
-            raise ConfigError(f"{key}={value}: the model's config has no key {key} ({hint}+{key}=... adds one)")
+        if not add and (error := unknown_key(cfg, key, value, "the model's config")) is not None:
+            raise error
         with open_dict(cfg):
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
     return cfg

@@ -111,6 +111,7 @@ class TaskModule(pl.LightningModule):
     """
 
     CHECKPOINT_KEY = DESCRIPTION_KEY  # the checkpoint entry that describes the model
+    SAMPLES = "images"  # what one sample of the task's data is, as the run's summary counts them (images/s)
 
     def __init__(self, optim: Mapping[str, Any], sched: Mapping[str, Any], monitor: str = "val/loss",
                  monitor_mode: str = "min"):

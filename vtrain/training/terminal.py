@@ -45,10 +45,31 @@ def _value(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def summary_table(metrics: Mapping[str, Any], output_dir: str | Path, evaluated: str | None = None) -> str:
+def duration(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s``, ``2 h 07 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds // 60)
+    return f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _throughput(training: Mapping[str, Any]) -> str | None:
+    """The summary's throughput row, from ``metrics.json``'s ``training``
+    (:class:`~vtrain.training.callbacks.metrics_json.MetricsJSON`)."""
+    if not training.get("samples_per_second"):
+        return None
+    name = training.get("sample_name", "samples")
+    return (f"{training['samples_per_second']:.1f} {name}/s  ({training['samples']} {name} in {training['steps']} "
+            f"training steps, {duration(training['seconds'])}; validation not counted)")
+
+
+def summary_table(metrics: Mapping[str, Any], output_dir: str | Path, evaluated: str | None = None,
+                  wall_seconds: float | None = None) -> str:
     """The run's ending as a small table, from what its ``metrics.json`` holds: the run directory, the monitored
     metric's final and best value with their epochs (counted from 0, as the progress bar and the checkpoint names
-    count them), the other validation metrics' final values, and the best checkpoint (or the evaluated one)."""
+    count them), the other validation metrics' final values, the run's wall time (``wall_seconds``) and training
+    throughput (samples drawn by the training steps / their time), and the best checkpoint (or the evaluated
+    one)."""
     monitor = metrics.get("monitor")
     final, best = metrics.get("final", {}).get(monitor), metrics.get("best", {}).get(monitor)
     rows = [("run directory", str(output_dir))]
@@ -63,6 +84,11 @@ def summary_table(metrics: Mapping[str, Any], output_dir: str | Path, evaluated:
               and isinstance(value, (int, float))]
     if others:
         rows.append(("also", "  ".join(others[:MAX_OTHER_METRICS]) + ("  ..." if len(others) > MAX_OTHER_METRICS else "")))
+    if wall_seconds is not None:
+        rows.append(("wall time", duration(wall_seconds)))
+    throughput = _throughput(metrics.get("training", {}))
+    if throughput and evaluated is None:
+        rows.append(("throughput", throughput))
     if evaluated is not None:
         rows.append(("evaluated", str(evaluated)))
     elif metrics.get("best_checkpoint"):

@@ -1,6 +1,7 @@
 """What the terminal shows during a run: the progress bar and the model summary."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,13 +14,32 @@ class ProgressBar(RichProgressBar):
     synchronisation in every step. Default: ``trainer.log_every_n_steps`` on an accelerator, every step on the
     CPU (where a read costs nothing). The bar itself moves every batch; validation and the end of an epoch
     always show fresh values. A count of skipped samples shows only once it is above 0
-    (:class:`~vtrain.training.callbacks.skipped_samples.SkippedSamples`)."""
+    (:class:`~vtrain.training.callbacks.skipped_samples.SkippedSamples`).
 
-    def __init__(self, metrics_every: int | None = None, **kwargs: Any):
+    Where stdout is not a terminal (a log file, a pipe, a batch job's output) the bar is ``plain``: one line of
+    text per epoch, after its validation, instead of a live bar that such a file would only get the last frame of,
+    wrapped (``vtrain.eval`` prints Lightning's table of the validation's values either way)."""
+
+    def __init__(self, metrics_every: int | None = None, plain: bool | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.metrics_every = metrics_every
+        self.plain = plain  # None: when stdout is not a terminal
         self._metrics: dict[str, Any] | None = None
         self._metrics_step = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.plain is None:
+            self.plain = not sys.stdout.isatty()
+        if self.plain:
+            self.disable()  # the live bar; the lines below take its place
+
+    def _print_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
+        if self.plain and trainer.is_global_zero and not trainer.sanity_checking:
+            values = "  ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+                               for name, value in self.get_metrics(trainer, pl_module).items()
+                               if name != "v_num")  # the logger's version: the run directory says which run
+            print(f"{what}  step {trainer.global_step}  {values}".rstrip(), flush=True)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         every = self.metrics_every
@@ -35,6 +55,8 @@ class ProgressBar(RichProgressBar):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics = None  # the epoch's values, read now
         super().on_train_epoch_end(trainer, pl_module)
+        last = trainer.max_epochs - 1 if trainer.max_epochs not in (None, -1) else "?"
+        self._print_line(trainer, pl_module, f"epoch {trainer.current_epoch}/{last}")
 
 
 def _is_zero(value: Any) -> bool:
