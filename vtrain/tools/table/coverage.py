@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vtrain.config import ConfigError
 from vtrain.tools.table.markdown import DASH
-from vtrain.tools.table.paper import Row, Unmeasured
+from vtrain.tools.table.paper import Row, Unmeasured, row_num_classes
 
 PARAMS_MEASURES = ("params", "task_params")
 UNNAMED = "unnamed"  # an in-scope row with no experiment, backbone or missing piece: its file says not what it needs
@@ -77,7 +77,7 @@ class ParamsCache:
 
     def __init__(self, settings: DictConfig):
         self.settings = settings
-        self.counts: dict[tuple, int | None] = {}
+        self.counts: dict[tuple, int | None] = {}  # by build; a composition check is stored as None
 
     @staticmethod
     def identity(kind: str, spec: Mapping, table: Mapping) -> tuple:
@@ -86,7 +86,21 @@ class ParamsCache:
             return kind, spec.get("experiment"), overrides
         return (kind, table.get("backbone_group", "backbone"), tuple(table.get("compose_overrides") or ()),
                 spec.get("backbone") or f"experiment={spec.get('experiment')}", overrides,
-                int(spec.get("num_classes") or table.get("num_classes") or 1000))
+                row_num_classes(spec, table))
+
+    def check_composes(self, name: str, key: str, spec: Mapping, table: Mapping) -> None:
+        """The row's experiment (or backbone) with its overrides composes, as ``python -m vtrain`` would compose it:
+        what makes the row buildable."""
+        identity = ("compose", spec.get("experiment"), spec.get("backbone"), tuple(spec.get("overrides") or ()))
+        if identity in self.counts:
+            return
+        row = Row(key, spec, table, self.settings)
+        try:
+            row.experiment_config() if spec.get("experiment") else row.backbone_config()
+        except Exception as e:  # noqa: BLE001 - Unmeasured or Hydra's composition error: the file is wrong
+            raise ConfigError(f"conf/table/{name}.yaml, row {key}: its experiment/backbone and overrides do not "
+                              f"compose ({type(e).__name__}: {e}): fix the row") from e
+        self.counts[identity] = None
 
     def params(self, kind: str, key: str, spec: Mapping, table: Mapping) -> int | None:
         identity = self.identity(kind, spec, table)
@@ -125,6 +139,7 @@ def table_coverage(name: str, table: Mapping, pieces: Mapping, cache: ParamsCach
             continue
         missing.update(row_missing(spec))
         if cache is not None and (spec.get("experiment") or spec.get("backbone")):
+            cache.check_composes(name, key, spec, table)
             equal = row_params_equal(key, spec, table, cache)
             if equal is not None:
                 counts["params_checked"] += 1

@@ -102,7 +102,7 @@ class Row:
         return (3, size, size)
 
     def num_classes(self) -> int:
-        return int(self.spec.get("num_classes") or self.table.get("num_classes") or 1000)
+        return row_num_classes(self.spec, self.table)
 
     def _build(self):
         try:
@@ -202,6 +202,13 @@ class Row:
         except Unmeasured:
             return None
         return value * UNIT_SCALE[kind]
+
+
+def row_num_classes(spec: Mapping, table: Mapping) -> int:
+    """The row's classifier width, else the table's, else 1000 (0: the trunk alone, as papers that count the
+    backbone without its head)."""
+    value = next((v for v in (spec.get("num_classes"), table.get("num_classes")) if v is not None), 1000)
+    return int(value)
 
 
 def evaluate_checkpoint(experiment: str, checkpoint: str, options: Mapping,
