@@ -15,6 +15,7 @@ from conftest import CONF, ROOT
 from vtrain.config import ConfigError
 from vtrain.config.compose import compose_config
 from vtrain.layers.non_local import NonLocalBlock
+from vtrain.tools.table.cli import run
 from vtrain.profiling import count_params
 from vtrain.tools.table.coverage import (DOCS_BEGIN, DOCS_END, ParamsCache, coverage, coverage_markdown,
                                          equal_to_printed, load_tables, rank_missing, replace_generated,
@@ -123,3 +124,19 @@ def test_replace_generated_keeps_the_rest_of_the_page():
     assert replace_generated(page, "new\n") == f"intro\n{DOCS_BEGIN}\nnew\n{DOCS_END}\nafter\n"
     with pytest.raises(ConfigError, match="no generated section"):
         replace_generated("intro\n", "new\n")
+
+
+def test_the_command_writes_the_coverage_and_rewrites_the_docs_section(tmp_path, spec, tables):
+    """table=coverage table.measure=false table.docs=<page>: coverage.md / .json in out_dir and the page's section,
+    the counts of the files (no model built); a page without the markers is refused with one line."""
+    page = tmp_path / "page.md"
+    page.write_text(f"# Tables\n{DOCS_BEGIN}\nstale\n{DOCS_END}\nend\n")
+    cfg = compose_config("table_main", ["table=coverage", "table.measure=false", f"table.docs={page}",
+                                        f"out_dir={tmp_path}"])
+    markdown = run(cfg)
+    assert markdown == coverage_markdown(coverage(tables, spec, None))
+    assert (tmp_path / "coverage.md").read_text() == markdown and (tmp_path / "coverage.json").is_file()
+    assert page.read_text() == f"# Tables\n{DOCS_BEGIN}\n{markdown}{DOCS_END}\nend\n"
+    page.write_text("# Tables\n")
+    with pytest.raises(ConfigError, match="no generated section"):
+        run(cfg)
