@@ -57,7 +57,9 @@ def test_swin_table_cli_prints_paper_and_measured_side_by_side(tmp_path):
     assert "All rows: no checkpoint given (rows.<key>.checkpoint=<path>)." in lines
     filled = json.loads((tmp_path / "swin_imagenet.json").read_text())
     for row in filled["rows"]:
-        backbone = load_table("swin_imagenet")["rows"][row["key"]]["backbone"]
+        backbone = load_table("swin_imagenet")["rows"][row["key"]].get("backbone")
+        if backbone not in FIGURES:  # the 384² ViTs (tests/test_backbones.py) and the out-of-scope rows
+            continue
         params, gmacs = FIGURES[backbone]
         assert round(row["cells"]["params"]["measured"] * 1e6) == params
         assert round(row["cells"]["flops"]["measured"], 2) == gmacs
@@ -71,8 +73,10 @@ def test_params_and_flops_columns_equal_the_backbone_figures(table, rows):
     filled = fill_table(spec, settings())
     checked = 0
     for row in filled["rows"]:
-        backbone = spec["rows"][row["key"]].get("backbone")
-        if backbone is None:  # a paper-only row
+        row_spec = spec["rows"][row["key"]]
+        backbone = row_spec.get("backbone") or next(  # else the experiment's, chosen by an override
+            (o.split("=", 1)[1] for o in row_spec.get("overrides", []) if o.startswith("backbone=")), None)
+        if not (row_spec.get("backbone") or row_spec.get("experiment")):  # a paper-only row
             assert row["cells"]["params"]["measured"] is None and row["notes"]
             continue
         params, gmacs = FIGURES[backbone]

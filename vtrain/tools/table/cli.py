@@ -14,6 +14,7 @@ from vtrain.config.command import run_or_exit
 from vtrain.config.compose import CONFIG_DIR
 from vtrain.tools.bench.device import device_name, resolve_device
 from vtrain.tools.bench.timing import throughput_enabled
+from vtrain.tools.table.coverage import ParamsCache, coverage, coverage_markdown, load_tables, replace_generated
 from vtrain.tools.table.markdown import write_table
 from vtrain.tools.table.paper import fill_table, paper_table_markdown
 from vtrain.tools.table.runs import aggregate_runs, plot_runs, runs_markdown
@@ -23,8 +24,11 @@ def run(cfg: DictConfig) -> str:
     if cfg.get("runs"):
         return _runs_table(cfg)
     if not cfg.get("table"):
-        tables = sorted(p.stem for p in (Path(CONFIG_DIR) / "table").glob("*.yaml"))
-        raise ConfigError(f"give table=<name> (one of {', '.join(tables)}) or runs=<multirun dir>")
+        tables = sorted(p.stem for p in (Path(CONFIG_DIR) / "table").glob("*.yaml") if p.stem != "coverage")
+        raise ConfigError(f"give table=<name> (one of {', '.join(tables)}), table=coverage (how much of them vtrain "
+                          "builds) or runs=<multirun dir>")
+    if "coverage" in cfg.table:
+        return _coverage(cfg)
     table = OmegaConf.to_container(cfg.table, resolve=True)
     filled = fill_table(table, cfg)
     device = resolve_device(cfg.throughput.device) if throughput_enabled(cfg.throughput) else None
@@ -36,6 +40,26 @@ def run(cfg: DictConfig) -> str:
     write_table(out_dir, name, markdown, filled)
     print(markdown)
     print(f"wrote {out_dir / (name + '.md')}")
+    return markdown
+
+
+def _coverage(cfg: DictConfig) -> str:
+    """``table=coverage``: every table file's rows counted (vtrain/tools/table/coverage.py); ``table.docs=<page>``
+    also rewrites that page's generated section."""
+    spec = OmegaConf.to_container(cfg.table.coverage, resolve=True)
+    summary = coverage(load_tables(Path(CONFIG_DIR) / "table"), spec,
+                       ParamsCache(cfg) if cfg.table.measure else None)
+    markdown = coverage_markdown(summary)
+    out_dir = Path(cfg.out_dir or (HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."))
+    write_table(out_dir, "coverage", markdown, summary)
+    print(markdown)
+    if cfg.table.docs:
+        page = Path(cfg.table.docs)
+        if not page.is_file():
+            raise ConfigError(f"table.docs={page} is not a file: give the docs page to update (docs/tables.md)")
+        page.write_text(replace_generated(page.read_text(), markdown))
+        print(f"updated {page}")
+    print(f"wrote {out_dir / 'coverage.md'}")
     return markdown
 
 

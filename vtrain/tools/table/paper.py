@@ -61,12 +61,21 @@ class Row:
         def compose() -> DictConfig:
             name = self.spec.get("experiment")
             if not name:
-                raise Unmeasured("no vtrain experiment for this row")
+                raise Unmeasured(self.unbuilt_reason())
             try:
-                return compose_config("train", [f"experiment={name}"])
+                return compose_config("train", [f"experiment={name}", *self.spec.get("overrides", [])])
             except hydra.errors.MissingConfigException:
                 raise Unmeasured(f"experiment {name} does not exist (yet)") from None
         return self._once("experiment", compose)
+
+    def unbuilt_reason(self) -> str:
+        """Why the row has no experiment: out of scope, the pieces it misses (``table=coverage``), or nothing said."""
+        if self.spec.get("scope") == "out":
+            return "out of scope (another group's system, quoted for comparison)"
+        missing = self.spec.get("missing")
+        if missing:
+            return f"not buildable: needs {', '.join([missing] if isinstance(missing, str) else missing)}"
+        return "no vtrain experiment for this row"
 
     def backbone_config(self) -> DictConfig:
         """The row's ``backbone`` from the table's ``backbone_group`` (``backbone``, or ``video_backbone`` for
@@ -93,7 +102,7 @@ class Row:
         return (3, size, size)
 
     def num_classes(self) -> int:
-        return int(self.spec.get("num_classes") or self.table.get("num_classes") or 1000)
+        return row_num_classes(self.spec, self.table)
 
     def _build(self):
         try:
@@ -104,6 +113,13 @@ class Row:
             raise Unmeasured(f"cannot build the model ({type(e).__name__}: {e})") from e
 
     # measurements
+    def params(self) -> int:
+        """The classifier's parameters alone, built on the meta device (``size`` counts its MACs too)."""
+        def count() -> int:
+            with torch.device("meta"):
+                return count_params(self._build())
+        return self._once("params", count)
+
     def size(self) -> tuple[int, int]:
         return self._once("size", lambda: model_size(self._build, self.input_shape()))
 
@@ -151,7 +167,8 @@ class Row:
             if not checkpoint:
                 raise Unmeasured("no checkpoint given (rows.<key>.checkpoint=<path>)")
             self.experiment_config()
-            return evaluate_checkpoint(self.spec["experiment"], checkpoint, self.settings.evaluate)
+            return evaluate_checkpoint(self.spec["experiment"], checkpoint, self.settings.evaluate,
+                                       self.spec.get("overrides", []))
         return self._once("metrics", compute)
 
     def metric(self, name: str) -> float:
@@ -187,13 +204,22 @@ class Row:
         return value * UNIT_SCALE[kind]
 
 
-def evaluate_checkpoint(experiment: str, checkpoint: str, options: Mapping) -> dict[str, Any]:
-    """``python -m vtrain.eval`` in a subprocess (its own Hydra run), then its ``metrics.json``."""
+def row_num_classes(spec: Mapping, table: Mapping) -> int:
+    """The row's classifier width, else the table's, else 1000 (0: the trunk alone, as papers that count the
+    backbone without its head)."""
+    value = next((v for v in (spec.get("num_classes"), table.get("num_classes")) if v is not None), 1000)
+    return int(value)
+
+
+def evaluate_checkpoint(experiment: str, checkpoint: str, options: Mapping,
+                        row_overrides: list[str] = ()) -> dict[str, Any]:
+    """``python -m vtrain.eval`` in a subprocess (its own Hydra run), with the row's overrides, then its
+    ``metrics.json``."""
     if not Path(checkpoint).is_file():
         raise Unmeasured(f"checkpoint {checkpoint} does not exist")
     with tempfile.TemporaryDirectory(prefix="vtrain-table-") as run_dir:
         command = [sys.executable, "-m", "vtrain.eval", f"experiment={experiment}", f"ckpt_path={checkpoint}",
-                   f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", *options.get("overrides", [])]
+                   f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", *row_overrides, *options.get("overrides", [])]
         log.info("evaluating: %s", " ".join(command))
         result = subprocess.run(command, capture_output=True, text=True, timeout=options.get("timeout_s"))
         metrics_file = Path(run_dir) / "metrics.json"
