@@ -80,6 +80,17 @@ class OfficialTransform(GeneralizedRCNNTransform):
         return resized, target
 
 
+def relative_targets(targets: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[Target]:
+    """Pixel XYXY boxes, labels 1..K -> ``(cx, cy, w, h)`` over the (unpadded) image size, classes 0..K-1, as the
+    official ``Normalize`` transform gives them."""
+    relative = []
+    for target, (h, w) in zip(targets, sizes):
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=target["boxes"].device)
+        boxes = box_convert(target["boxes"].float(), "xyxy", "cxcywh") / scale
+        relative.append({"boxes": boxes, "labels": target["labels"] - 1})
+    return relative
+
+
 class DETR(nn.Module):
     """DETR on a backbone built with ``out_indices=(3,)``.
 
@@ -97,6 +108,8 @@ class DETR(nn.Module):
         min_size, max_size, image_mean, image_std: the test-time resize and the normalisation (the task's).
         size_divisible: images are padded to a multiple of it (see the module doc).
     """
+
+    no_object_row = True  # the classifier's last row is "no object"
 
     def __init__(
         self,
@@ -128,6 +141,7 @@ class DETR(nn.Module):
             raise ValueError(f"DETR reads backbone output {DETRSpec.out_indices}, the backbone gives {backbone.out_indices}")
         object.__setattr__(self, "body", backbone)  # not a submodule: the task registers it (as FeaturePyramid)
         self.num_classes, self.num_queries = num_classes, num_queries
+        self.head_classes = num_classes  # the classifier's classes, no-object excluded
         self.transform = OfficialTransform(min_size, max_size, list(image_mean), list(image_std),
                                            size_divisible=size_divisible, _skip_resize=True)
         self.position_encoding = SinePositionEncoding(hidden_dim // 2)
@@ -159,18 +173,8 @@ class DETR(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("DETR in training mode needs targets")
-            return self.criterion(logits, boxes, self._relative_targets(targets, batch.image_sizes))
+            return self.criterion(logits, boxes, relative_targets(targets, batch.image_sizes))
         return self.detections(logits[-1], boxes[-1], original_sizes)
-
-    def _relative_targets(self, targets: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[Target]:
-        """Pixel XYXY boxes, labels 1..K -> ``(cx, cy, w, h)`` over the (unpadded) image size, classes 0..K-1, as
-        the official ``Normalize`` transform gives them."""
-        relative = []
-        for target, (h, w) in zip(targets, sizes):
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=target["boxes"].device)
-            boxes = box_convert(target["boxes"].float(), "xyxy", "cxcywh") / scale
-            relative.append({"boxes": boxes, "labels": target["labels"] - 1})
-        return relative
 
     @staticmethod
     def detections(logits: torch.Tensor, boxes: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
@@ -197,20 +201,33 @@ OFFICIAL_BACKBONE = "backbone.0.body."  # Joiner(Backbone(body=IntermediateLayer
 
 
 def is_official_release(state_dict: dict[str, torch.Tensor]) -> bool:
-    return "query_embed.weight" in state_dict and any(k.startswith(OFFICIAL_BACKBONE) for k in state_dict)
+    """An official DETR or Deformable DETR checkpoint: the official backbone's keys beside a transformer's."""
+    return (any(k.startswith("transformer.") for k in state_dict)
+            and any(k.startswith(OFFICIAL_BACKBONE) for k in state_dict))
+
+
+def is_classifier_key(key: str) -> bool:
+    """``class_embed.weight`` (DETR), ``class_embed.3.bias`` and ``transformer.decoder.class_embed.6.weight``
+    (Deformable DETR's per-layer and two-stage heads)."""
+    parts = key.split(".")
+    return parts[-1] in ("weight", "bias") and "class_embed" in parts and (
+        parts[-2] == "class_embed" or (parts[-3] == "class_embed" and parts[-2].isdigit()))
 
 
 def convert_official_state_dict(state_dict: dict[str, torch.Tensor], num_classes: int,
-                                category_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """An official DETR checkpoint's tensors under ``DetectionTask``'s keys: ``backbone.0.body.*`` ->
+                                category_ids: Sequence[int] | None = None, no_object: bool = True
+                                ) -> dict[str, torch.Tensor]:
+    """An official DETR (or Deformable DETR) checkpoint's tensors under ``DetectionTask``'s keys: ``backbone.0.body.*`` ->
     ``backbone.*`` (torchvision's ResNet keys, which vtrain's ResNet has), everything else -> ``detector.*``
     (the same names: ``transformer.*``, ``class_embed``, ``bbox_embed.layers.*``, ``query_embed``, ``input_proj``).
 
-    The classifier keeps the rows of our categories, in label order, and the no-object row: row ``c`` of an
-    official head is category id ``c``. ``category_ids``: the dataset's ids (label k is ``category_ids[k - 1]``);
-    None with an 80-category model and a 92-row head (the official COCO models): COCO's ids. The rows no
-    category uses (COCO's 11 unused ids and 0) are dropped; they were never a target, so their probability is
-    near zero and the softmax over the rest barely moves.
+    ``num_classes``: the classes of the model's classifier (no-object excluded). When the checkpoint has as many,
+    it loads as it is (the official 91-id head into a model with COCO's ids as rows). Otherwise the classifier
+    keeps the rows of our categories, in label order, and the no-object row (``no_object``: DETR's; Deformable
+    DETR has none): row ``c`` of an official head is category id ``c``. ``category_ids``: the dataset's ids
+    (label k is ``category_ids[k - 1]``); None with an 80-category model and a 91-id head (the official COCO
+    models): COCO's ids. The rows no category uses (COCO's 11 unused ids and 0) are dropped; they were never a
+    target, so their probability is near zero and the softmax over the rest barely moves.
     """
     unsupported = sorted(k for k in state_dict if k.startswith("backbone.") and not k.startswith(OFFICIAL_BACKBONE))
     if unsupported or "transformer.encoder.norm.weight" in state_dict:
@@ -223,17 +240,18 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], num_classes
             converted["backbone." + key[len(OFFICIAL_BACKBONE):]] = value
         else:
             converted["detector." + key] = value
-    rows = converted["detector.class_embed.weight"].shape[0]
-    if rows != num_classes + 1:
-        if category_ids is None and rows == 92 and num_classes == len(COCO_CATEGORY_IDS):
+    classifier = sorted(k for k in converted if is_classifier_key(k))
+    classes = converted[classifier[0]].shape[0] - no_object
+    if classes != num_classes:
+        if category_ids is None and classes == 91 and num_classes == len(COCO_CATEGORY_IDS):
             category_ids = COCO_CATEGORY_IDS
-        if category_ids is None or len(category_ids) != num_classes or max(category_ids) >= rows - 1:
+        if category_ids is None or len(category_ids) != num_classes or max(category_ids) >= classes:
             raise ConfigError(
-                f"the checkpoint's classifier has {rows - 1} classes, this model {num_classes} categories: give their "
+                f"the checkpoint's classifier has {classes} classes, this model {num_classes} categories: give their "
                 "category ids (task.detector.release_category_ids=[...], label order) when they index its rows")
-        keep = torch.tensor([*category_ids, rows - 1])
-        for name in ("weight", "bias"):
-            converted[f"detector.class_embed.{name}"] = converted[f"detector.class_embed.{name}"][keep]
+        keep = torch.tensor([*category_ids, classes] if no_object else list(category_ids))
+        for key in classifier:
+            converted[key] = converted[key][keep]
     return converted
 
 
@@ -250,6 +268,7 @@ class DETRSpec:
 
     out_indices = (3,)  # C5 only
     iou_types = ("bbox",)
+    name = "DETR"
 
     def __init__(self, model: Callable[..., DETR] = DETR, release_category_ids: Sequence[int] | None = None):
         self.model, self.release_category_ids = model, release_category_ids
@@ -266,12 +285,13 @@ class DETRSpec:
         if not is_official_release(state_dict):
             return False
         ids = None if self.release_category_ids is None else [int(i) for i in self.release_category_ids]
-        converted = convert_official_state_dict(state_dict, task.detector.num_classes, ids)
+        detector = task.detector
+        converted = convert_official_state_dict(state_dict, detector.head_classes, ids, detector.no_object_row)
         own = task.state_dict()
         unexpected = [k for k in converted if k not in own]
         if unexpected and strict:
-            raise ConfigError(f"{path}: {len(unexpected)} tensors of this DETR checkpoint have no place in the model "
-                              f"({', '.join(unexpected[:3])}): is it of another architecture? pretrained_strict=false "
-                              "loads the rest")
-        load_matching(task, converted, str(path), "DETR model", strict=strict)
+            raise ConfigError(f"{path}: {len(unexpected)} tensors of this {self.name} checkpoint have no place in the "
+                              f"model ({', '.join(unexpected[:3])}): is it of another architecture (e.g. "
+                              "with_box_refine / two_stage)? pretrained_strict=false loads the rest")
+        load_matching(task, converted, str(path), f"{self.name} model", strict=strict)
         return True
