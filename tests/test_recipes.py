@@ -169,7 +169,8 @@ REFERENCES = {
             "detector.transformer.encoder.layers.0.norm1.weight": (1e-4, 1e-4)},
         pretrained=TORCHVISION_R50,
         values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.gradient_clip_val": 0.1,
-                "trainer.precision": "32-true", "data.masks": False}),
+                "trainer.precision": "32-true", "data.masks": False,
+                "task.detector.model.class_rows": "coco"}),  # models/detr.py build: num_classes=91 (ids 0..90)
     "r50_ade20k": Reference(
         source="mmsegmentation configs/fcn/fcn_r50-d8_512x512_80k_ade20k.py, _base_/models/fcn_r50-d8.py, "
                "_base_/schedules/schedule_80k.py, _base_/datasets/ade20k.py",

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
-from vtrain.tasks.detection.detr import DETRSpec, MLP, OfficialTransform, relative_targets
+from vtrain.tasks.detection.detr import MLP, ClassifierRows, DETRSpec, OfficialTransform
 from vtrain.tasks.detection.detr_loss import FocalHungarianMatcher, FocalSetCriterion
 from vtrain.tasks.detection.detr_transformer import SinePositionEncoding
 
@@ -247,9 +247,8 @@ class DeformableDETR(nn.Module):
     Args:
         backbone: the task's backbone (registered by the task as ``backbone.*``; only called here).
         num_classes: object categories K (labels 1..K).
-        class_rows: the classifier row of each label (label k is row ``class_rows[k - 1]``), the classifier
-            ``max(class_rows) + 1`` wide: COCO's category ids make the official 91-row head (rows no label uses are
-            trained as negatives and their detections dropped); None: K rows, label k on row k - 1.
+        class_rows: each label's classifier row (:class:`detr.ClassifierRows`: None, ``coco`` for the official
+            91-id COCO head, or a list).
         hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: the transformer
             (official 256, 8, 6, 6, 1024, 0.1).
         num_queries: object queries (300); in two-stage the encoder proposals kept.
@@ -270,7 +269,7 @@ class DeformableDETR(nn.Module):
         self,
         backbone: Backbone,
         num_classes: int,
-        class_rows: Sequence[int] | None = None,
+        class_rows: Sequence[int] | str | None = None,
         hidden_dim: int = 256,
         num_heads: int = 8,
         num_encoder_layers: int = 6,
@@ -307,14 +306,8 @@ class DeformableDETR(nn.Module):
         object.__setattr__(self, "body", backbone)  # not a submodule: the task registers it (as DETR does)
         self.num_classes, self.num_queries, self.num_detections = num_classes, num_queries, num_detections
         self.with_box_refine, self.two_stage = with_box_refine, two_stage
-        rows = list(range(num_classes)) if class_rows is None else [int(r) for r in class_rows]
-        if len(rows) != num_classes or len(set(rows)) != num_classes or min(rows) < 0:
-            raise ValueError(f"class_rows: one distinct row per category ({num_classes}), not {rows}")
-        head_rows = self.head_classes = max(rows) + 1
-        label_of_row = torch.zeros(head_rows, dtype=torch.int64)  # 0: a row no category uses
-        label_of_row[rows] = torch.arange(1, num_classes + 1)
-        self.register_buffer("row_of_label", torch.tensor([0, *rows]), persistent=False)
-        self.register_buffer("label_of_row", label_of_row, persistent=False)
+        self.rows = ClassifierRows(num_classes, class_rows)
+        head_rows = self.head_classes = self.rows.num_rows
 
         self.transform = OfficialTransform(min_size, max_size, list(image_mean), list(image_std),
                                            size_divisible=size_divisible, _skip_resize=True)
@@ -402,9 +395,7 @@ class DeformableDETR(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("Deformable DETR in training mode needs targets")
-            relative = relative_targets(targets, batch.image_sizes)
-            for target in relative:  # labels 0..K-1 -> classifier rows
-                target["labels"] = self.row_of_label[target["labels"] + 1]
+            relative = self.rows.relative_targets(targets, batch.image_sizes)
             enc_boxes = None if enc_coord_unact is None else enc_coord_unact.sigmoid()
             return self.criterion(logits, boxes, relative, enc_class, enc_boxes)
         return self.detections(logits[-1], boxes[-1], original_sizes)
@@ -421,7 +412,7 @@ class DeformableDETR(nn.Module):
                 scores, queries, classes, boxes, sizes):
             scale = torch.tensor([w, h, w, h], dtype=image_boxes.dtype, device=image_boxes.device)
             results.append({"boxes": box_convert(image_boxes[image_queries], "cxcywh", "xyxy") * scale,
-                            "scores": image_scores, "labels": self.label_of_row[image_classes]})
+                            "scores": image_scores, "labels": self.rows.label_of_row[image_classes]})
         return results
 
 

@@ -4,7 +4,7 @@ The official architecture (facebookresearch/detr ``models/detr.py``, ``transform
 backbone contract: the backbone is built with ``out_indices=(3,)`` and its C5 map (stride 32; 16 with a dilated
 last stage, the paper's DC5) is projected to ``hidden_dim`` by a 1x1 conv, flattened with its sine positions
 into the transformer's encoder; the decoder turns ``num_queries`` learned object queries into as many
-predictions: class logits over the categories plus "no object" (a linear layer) and a box
+predictions: class logits over the classifier's classes plus "no object" (a linear layer) and a box
 ``(cx, cy, w, h)`` relative to the image (a 3-layer MLP, then a sigmoid). Training matches predictions to
 objects (:mod:`detr_loss`); there is no NMS.
 
@@ -14,6 +14,10 @@ loss dict, evaluation one dict per image (``boxes`` XYXY, ``scores``, ``labels``
 coordinates: the image is resized to the test size (torchvision's ``GeneralizedRCNNTransform``, as for the other
 detectors), and the relative boxes are scaled by the original size, as the official ``PostProcess`` does. Every
 query is a detection (score: its most probable category), as the official evaluation has it.
+
+The classifier's classes are the categories (label k on row k - 1) or, with ``class_rows: coco`` (the COCO recipes'
+default), COCO's category ids 0..90 as the official COCO models have them (:class:`ClassifierRows`): labels are
+mapped to their ids' rows in training and predictions back to labels.
 
 Differences from the official code, none of which changes the model: images are padded to a multiple of
 ``size_divisible`` (32 by default, which Swin needs; the official pads to the largest image of the batch, which
@@ -80,15 +84,51 @@ class OfficialTransform(GeneralizedRCNNTransform):
         return resized, target
 
 
-def relative_targets(targets: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[Target]:
-    """Pixel XYXY boxes, labels 1..K -> ``(cx, cy, w, h)`` over the (unpadded) image size, classes 0..K-1, as the
-    official ``Normalize`` transform gives them."""
-    relative = []
-    for target, (h, w) in zip(targets, sizes):
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=target["boxes"].device)
-        boxes = box_convert(target["boxes"].float(), "xyxy", "cxcywh") / scale
-        relative.append({"boxes": boxes, "labels": target["labels"] - 1})
-    return relative
+# COCO's 80 category ids. The official COCO models classify ids 0..90 (``num_classes=91``, "max_obj_id + 1",
+# models/detr.py ``build``) plus no-object: row i of ``class_embed`` is category id i.
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
+    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
+    64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+)
+
+
+class ClassifierRows(nn.Module):
+    """Which classifier row each label is (DETR's and Deformable DETR's ``class_rows`` option).
+
+    ``class_rows``: the row of each label, label k on row ``class_rows[k - 1]``, the classifier
+    ``max(class_rows) + 1`` classes wide; ``"coco"``: COCO's category ids (the official COCO models' 91-id head,
+    ``num_classes=91`` in the official ``build``: rows no category uses are trained as negatives, and a
+    detection on one is dropped, as COCO's evaluation ignores its id); None: K rows, label k on row k - 1.
+    """
+
+    def __init__(self, num_classes: int, class_rows: Sequence[int] | str | None = None):
+        super().__init__()
+        if class_rows == "coco":
+            if num_classes != len(COCO_CATEGORY_IDS):
+                raise ConfigError(f"class_rows=coco puts COCO's 80 categories on their ids' rows; this data has "
+                                  f"{num_classes} categories: set task.detector.model.class_rows=null")
+            class_rows = COCO_CATEGORY_IDS
+        elif isinstance(class_rows, str):
+            raise ConfigError(f"class_rows={class_rows!r}: give null, coco or a list of rows, one per category")
+        rows = list(range(num_classes)) if class_rows is None else [int(r) for r in class_rows]
+        if len(rows) != num_classes or len(set(rows)) != num_classes or min(rows) < 0:
+            raise ConfigError(f"class_rows: one distinct row per category ({num_classes}), not {rows}")
+        self.num_rows = max(rows) + 1
+        label_of_row = torch.zeros(self.num_rows, dtype=torch.int64)  # 0: a row no category uses
+        label_of_row[rows] = torch.arange(1, num_classes + 1)
+        self.register_buffer("row_of_label", torch.tensor([0, *rows]), persistent=False)  # labels are 1..K
+        self.register_buffer("label_of_row", label_of_row, persistent=False)
+
+    def relative_targets(self, targets: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[Target]:
+        """Pixel XYXY boxes, labels 1..K -> ``(cx, cy, w, h)`` over the (unpadded) image size, and each label's
+        classifier row, as the official ``Normalize`` transform and dataset give them."""
+        relative = []
+        for target, (h, w) in zip(targets, sizes):
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=target["boxes"].device)
+            boxes = box_convert(target["boxes"].float(), "xyxy", "cxcywh") / scale
+            relative.append({"boxes": boxes, "labels": self.row_of_label[target["labels"]]})
+        return relative
 
 
 class DETR(nn.Module):
@@ -96,7 +136,9 @@ class DETR(nn.Module):
 
     Args:
         backbone: the task's backbone (registered by the task as ``backbone.*``; only called here).
-        num_classes: object categories K (labels 1..K); the classifier has K + 1 outputs, the last "no object".
+        num_classes: object categories K (labels 1..K).
+        class_rows: each label's classifier row (:class:`ClassifierRows`: None, ``coco`` or a list); the classifier
+            has one more output, the last, "no object".
         hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: the transformer
             (official 256, 8, 6, 6, 2048, 0.1).
         num_queries: object queries, the most objects an image can have detected (100).
@@ -115,6 +157,7 @@ class DETR(nn.Module):
         self,
         backbone: Backbone,
         num_classes: int,
+        class_rows: Sequence[int] | str | None = None,
         hidden_dim: int = 256,
         num_heads: int = 8,
         num_encoder_layers: int = 6,
@@ -141,18 +184,19 @@ class DETR(nn.Module):
             raise ValueError(f"DETR reads backbone output {DETRSpec.out_indices}, the backbone gives {backbone.out_indices}")
         object.__setattr__(self, "body", backbone)  # not a submodule: the task registers it (as FeaturePyramid)
         self.num_classes, self.num_queries = num_classes, num_queries
-        self.head_classes = num_classes  # the classifier's classes, no-object excluded
+        self.rows = ClassifierRows(num_classes, class_rows)
+        self.head_classes = self.rows.num_rows  # the classifier's classes, no-object excluded
         self.transform = OfficialTransform(min_size, max_size, list(image_mean), list(image_std),
                                            size_divisible=size_divisible, _skip_resize=True)
         self.position_encoding = SinePositionEncoding(hidden_dim // 2)
         self.transformer = DETRTransformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers,
                                            dim_feedforward, dropout)
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.class_embed = nn.Linear(hidden_dim, self.head_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.feature_info.channels(-1), hidden_dim, kernel_size=1)
         self.criterion = SetCriterion(
-            num_classes, HungarianMatcher(class_cost, bbox_cost, giou_cost), class_loss_weight, bbox_loss_weight,
+            self.head_classes, HungarianMatcher(class_cost, bbox_cost, giou_cost), class_loss_weight, bbox_loss_weight,
             giou_loss_weight, no_object_weight, aux_loss)
 
     def forward(self, images: Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
@@ -173,30 +217,23 @@ class DETR(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("DETR in training mode needs targets")
-            return self.criterion(logits, boxes, relative_targets(targets, batch.image_sizes))
+            return self.criterion(logits, boxes, self.rows.relative_targets(targets, batch.image_sizes))
         return self.detections(logits[-1], boxes[-1], original_sizes)
 
-    @staticmethod
-    def detections(logits: torch.Tensor, boxes: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        """The official ``PostProcess``: every query, scored by its most probable category (no-object excluded),
-        its relative box scaled to the original image."""
+    def detections(self, logits: torch.Tensor, boxes: torch.Tensor, sizes: list[tuple[int, int]]
+                   ) -> list[dict[str, torch.Tensor]]:
+        """The official ``PostProcess``: every query, scored by its most probable class (no-object excluded),
+        its relative box scaled to the original image; label 0 on a row no category uses (the evaluator drops it)."""
         scores, classes = logits.softmax(-1)[..., :-1].max(-1)
         results = []
         for image_scores, image_classes, image_boxes, (h, w) in zip(scores, classes, boxes, sizes):
             scale = torch.tensor([w, h, w, h], dtype=image_boxes.dtype, device=image_boxes.device)
             results.append({"boxes": box_convert(image_boxes, "cxcywh", "xyxy") * scale, "scores": image_scores,
-                            "labels": image_classes + 1})
+                            "labels": self.rows.label_of_row[image_classes]})
         return results
 
 
 # ------------------------------------------------------------------------------------------- the official release
-# COCO's 80 category ids. The official COCO models classify ids 0..90 (``num_classes=91``, "max_obj_id + 1",
-# models/detr.py ``build``) plus no-object: row i of ``class_embed`` is category id i.
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
-    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
-    64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
-)
 OFFICIAL_BACKBONE = "backbone.0.body."  # Joiner(Backbone(body=IntermediateLayerGetter), position encoding)
 
 
