@@ -562,3 +562,20 @@ def test_an_official_checkpoint_gives_the_official_outputs_and_losses(variant, t
     assert sorted(losses) == sorted(expected)
     for name, value in expected.items():
         torch.testing.assert_close(losses[name], value, **close, msg=name)
+
+
+def test_parameter_count_equals_the_official_deformable_detr_r50():
+    """At full size (ResNet-50, d 256, FFN 1024, 300 queries, 4 levels, the 91-id COCO head) on the meta device:
+    the official model's parameters and the trained ones (what its main.py prints as "number of params", stem and
+    layer1 frozen, FrozenBatchNorm2d's tensors buffers): 39,847,265 (README: 40M), with box refinement 40,627,260
+    and two-stage 40,959,129 (README: 41M)."""
+    expected = {"plain": (40_069_665, 39_847_265), "refine": (40_849_660, 40_627_260),
+                "two_stage": (41_181_529, 40_959_129)}
+    resnet50 = dict(RESNET26, depth=50)
+    for variant, options in VARIANTS.items():
+        with torch.device("meta"):
+            official = OfficialDeformableDETR(91, **options)
+            ours = ddetr_task(resnet50, 80, dict(class_rows="coco", **options), batch_norm="frozen")
+        counts = [(sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad))
+                  for m in (official, ours)]
+        assert counts[0] == counts[1] == expected[variant], variant
