@@ -19,6 +19,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d, box_convert, generalized_box_iou
 
+from conftest import ROOT
 from test_detection_models import detector_config
 from vtrain.layers.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from vtrain.tasks.detection.module import DetectionTask
@@ -579,3 +580,16 @@ def test_parameter_count_equals_the_official_deformable_detr_r50():
         counts = [(sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad))
                   for m in (official, ours)]
         assert counts[0] == counts[1] == expected[variant], variant
+
+
+def test_table_row_is_the_experiments_model():
+    """python -m vtrain.tools.table table=deformable_detr_coco: the R50 row measures deformable_detr_r50_coco's whole
+    model (40,069,665 parameters, the official count above) and its MACs within the README's 173 G by 10%."""
+    from vtrain.config.compose import compose_config
+    from vtrain.tools.table.paper import fill_table
+
+    table = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "table" / "deformable_detr_coco.yaml"))
+    table["rows"] = {"ddetr_r50": table["rows"]["ddetr_r50"]}
+    row = fill_table(table, compose_config("table_main", ["throughput.enabled=false"]))["rows"][0]
+    assert round(row["cells"]["params"]["measured"] * 1e6) == 40_069_665
+    assert not row["cells"]["params"]["differs"] and not row["cells"]["flops"]["differs"]

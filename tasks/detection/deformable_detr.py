@@ -235,7 +235,9 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(pos_trans, c, dim=2)
         else:
             query_pos, tgt = torch.split(query_embed, c, dim=1)
-            query_pos, tgt = query_pos.unsqueeze(0).expand(n, -1, -1), tgt.unsqueeze(0).expand(n, -1, -1)
+            # repeat, not the official expand: a view of a parameter made under no_grad has no grad_fn, which
+            # torch's FlopCounterMode (the table's MACs) refuses as a module input
+            query_pos, tgt = query_pos.unsqueeze(0).repeat(n, 1, 1), tgt.unsqueeze(0).repeat(n, 1, 1)
             reference_points = self.reference_points(query_pos).sigmoid()
         hs, references = self.decoder(tgt, reference_points, memory, shapes, valid_ratios, query_pos, mask_flatten)
         return hs, reference_points, references, enc_class, enc_coord_unact
