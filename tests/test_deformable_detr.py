@@ -21,6 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_convert, generalized_box_iou
 
 from conftest import ROOT
 from test_detection_models import detector_config
+from test_detr import official_nested_tensor
 from vtrain.layers.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from vtrain.tasks.detection.module import DetectionTask
 
@@ -383,12 +384,7 @@ class OfficialDeformableDETR(nn.Module):
     def forward(self, images):
         """nested_tensor_from_tensor_list, then DeformableDETR.forward: every layer's logits and boxes, and
         two-stage's encoder outputs."""
-        h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-        tensor = torch.zeros(len(images), 3, h, w)
-        mask = torch.ones(len(images), h, w, dtype=torch.bool)
-        for image, padded, m in zip(images, tensor, mask):
-            padded[:, :image.shape[1], :image.shape[2]].copy_(image)
-            m[:image.shape[1], :image.shape[2]] = False
+        tensor, mask = official_nested_tensor(images)
         features = [x for _, x in sorted(self.backbone[0].body(tensor).items())]
         srcs, masks = [], []
         for level, proj in enumerate(self.input_proj):

@@ -136,6 +136,17 @@ class OfficialDecoderLayer(nn.Module):
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
+def official_nested_tensor(images):
+    """util/misc.py nested_tensor_from_tensor_list: the images padded to the largest, the mask True on padding."""
+    h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    tensor = torch.zeros(len(images), 3, h, w)
+    mask = torch.ones(len(images), h, w, dtype=torch.bool)
+    for image, padded, m in zip(images, tensor, mask):
+        padded[:, :image.shape[1], :image.shape[2]].copy_(image)
+        m[:image.shape[1], :image.shape[2]] = False
+    return tensor, mask
+
+
 class OfficialDETR(nn.Module):
     """hubconf.py detr_resnet50: torchvision's ResNet-50 with FrozenBatchNorm2d (models/backbone.py; only
     layer2-4 train), Transformer(d_model=256, return_intermediate_dec=True), 100 queries, ``num_classes`` + 1
@@ -179,12 +190,7 @@ class OfficialDETR(nn.Module):
     def forward(self, images):
         """util/misc.py nested_tensor_from_tensor_list (normalised images padded to the largest, mask True on
         padding), then DETR.forward; returns the last layer's logits and (cx, cy, w, h) boxes."""
-        h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-        tensor = torch.zeros(len(images), 3, h, w)
-        mask = torch.ones(len(images), h, w, dtype=torch.bool)
-        for image, padded, m in zip(images, tensor, mask):
-            padded[:, :image.shape[1], :image.shape[2]].copy_(image)
-            m[:image.shape[1], :image.shape[2]] = False
+        tensor, mask = official_nested_tensor(images)
         src = self.backbone[0].body(tensor)["0"]
         mask = F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
         pos = self.sine(mask).flatten(2).permute(2, 0, 1)

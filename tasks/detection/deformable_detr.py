@@ -385,11 +385,7 @@ class DeformableDETR(nn.Module):
 
     def forward(self, images: Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        batch, _ = self.transform(list(images))  # normalise; resize only at test time; pad
-        x = batch.tensors
-        padding = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
-        for mask, (h, w) in zip(padding, batch.image_sizes):
-            mask[:h, :w] = False
+        x, padding, image_sizes = self.transform.padded(images)
         srcs, masks, pos = self.levels(x, padding)
         query_embed = None if self.two_stage else self.query_embed.weight
         hs, init_reference, references, enc_class, enc_coord_unact = self.transformer(srcs, masks, pos, query_embed)
@@ -397,7 +393,7 @@ class DeformableDETR(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("Deformable DETR in training mode needs targets")
-            relative = self.rows.relative_targets(targets, batch.image_sizes)
+            relative = self.rows.relative_targets(targets, image_sizes)
             enc_boxes = None if enc_coord_unact is None else enc_coord_unact.sigmoid()
             return self.criterion(logits, boxes, relative, enc_class, enc_boxes)
         return self.detections(logits[-1], boxes[-1], original_sizes)

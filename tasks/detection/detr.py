@@ -83,6 +83,16 @@ class OfficialTransform(GeneralizedRCNNTransform):
         resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         return resized, target
 
+    def padded(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """The batch (normalised; resized at test time; padded), its padding mask (True on padding, the
+        official ``NestedTensor`` mask) and each image's size in it."""
+        batch, _ = self(list(images))
+        x = batch.tensors
+        padding = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
+        for mask, (h, w) in zip(padding, batch.image_sizes):
+            mask[:h, :w] = False
+        return x, padding, batch.image_sizes
+
 
 # COCO's 80 category ids. The official COCO models classify ids 0..90 (``num_classes=91``, "max_obj_id + 1",
 # models/detr.py ``build``) plus no-object: row i of ``class_embed`` is category id i.
@@ -201,11 +211,7 @@ class DETR(nn.Module):
 
     def forward(self, images: Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        batch, _ = self.transform(list(images))  # normalise; resize only at test time; pad
-        x = batch.tensors
-        padding = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
-        for mask, (h, w) in zip(padding, batch.image_sizes):
-            mask[:h, :w] = False
+        x, padding, image_sizes = self.transform.padded(images)
         features = self.body(x)[-1]
         # the official mask of a feature map: the image's, nearest-sampled (models/backbone.py)
         mask = F.interpolate(padding[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
@@ -217,7 +223,7 @@ class DETR(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("DETR in training mode needs targets")
-            return self.criterion(logits, boxes, self.rows.relative_targets(targets, batch.image_sizes))
+            return self.criterion(logits, boxes, self.rows.relative_targets(targets, image_sizes))
         return self.detections(logits[-1], boxes[-1], original_sizes)
 
     def detections(self, logits: torch.Tensor, boxes: torch.Tensor, sizes: list[tuple[int, int]]
