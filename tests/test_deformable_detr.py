@@ -561,6 +561,19 @@ def test_an_official_checkpoint_gives_the_official_outputs_and_losses(variant, t
         torch.testing.assert_close(losses[name], value, **close, msg=name)
 
 
+def test_a_checkpoint_of_another_variant_is_one_line(tmp_path):
+    """A box-refinement checkpoint into the plain model: one line naming the tensors that have no place."""
+    from vtrain.config import ConfigError
+
+    path = tmp_path / "refine.pth"
+    torch.save({"model": seeded_official("refine").state_dict()}, path)
+    plain = ddetr_task(RESNET26, 4, dict(TINY, class_rows=CLASS_ROWS), batch_norm="frozen")
+    with pytest.raises(ConfigError, match=r"refine.pth: 12 tensors of this Deformable DETR checkpoint have no place in "
+                                          r"the model \(detector.transformer.decoder.bbox_embed.0.layers.0.weight.*"
+                                          r"with_box_refine / two_stage\)\? pretrained_strict=false loads the rest"):
+        plain.load_pretrained(str(path))
+
+
 def test_parameter_count_equals_the_official_deformable_detr_r50():
     """At full size (ResNet-50, d 256, FFN 1024, 300 queries, 4 levels, the 91-id COCO head) on the meta device:
     the official model's parameters and the trained ones (what its main.py prints as "number of params", stem and
