@@ -11,6 +11,10 @@ weights as the cost. Boxes are ``(cx, cy, w, h)`` relative to the image (padding
 With auxiliary decoding losses (Sec. 3.2) every decoder layer's predictions are matched and scored the same
 way. The box losses are divided by the number of ground-truth boxes averaged over the processes (at least 1),
 so that every process's loss has the same scale.
+
+Deformable DETR's variant (:class:`FocalHungarianMatcher`, :class:`FocalSetCriterion`) changes only the class
+terms, to sigmoid focal ones over the classes without a no-object output; the matching, box terms, box count and
+auxiliary losses are these.
 """
 from __future__ import annotations
 
