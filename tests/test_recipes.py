@@ -169,7 +169,31 @@ REFERENCES = {
             "detector.transformer.encoder.layers.0.norm1.weight": (1e-4, 1e-4)},
         pretrained=TORCHVISION_R50,
         values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.gradient_clip_val": 0.1,
-                "trainer.precision": "32-true", "data.masks": False}),
+                "trainer.precision": "32-true", "data.masks": False,
+                "task.detector.model.class_rows": "coco"}),  # models/detr.py build: num_classes=91 (ids 0..90)
+    "deformable_detr_r50_coco": Reference(
+        source="fundamentalvision/Deformable-DETR configs/r50_deformable_detr.sh, main.py (defaults, param_dicts), "
+               "README (total batch 32), models/deformable_detr.py build, models/backbone.py",
+        batch=32, update_interval=(16, 1), epochs=50, schedule=mmcv_step(2e-4, (40,)), points=(0, 399, 400, 499),
+        params={  # three AdamW groups: "backbone.0" at 2e-5, sampling_offsets / reference_points at 2e-5, the rest
+            "backbone.layer2.0.conv1.weight": (2e-5, 1e-4), "backbone.layer4.2.conv3.weight": (2e-5, 1e-4),
+            "detector.transformer.encoder.layers.0.self_attn.sampling_offsets.weight": (2e-5, 1e-4),
+            "detector.transformer.decoder.layers.5.cross_attn.sampling_offsets.bias": (2e-5, 1e-4),
+            "detector.transformer.reference_points.weight": (2e-5, 1e-4),
+            "detector.transformer.encoder.layers.0.self_attn.value_proj.weight": (2e-4, 1e-4),
+            "detector.transformer.level_embed": (2e-4, 1e-4), "detector.class_embed.0.bias": (2e-4, 1e-4),
+            "detector.input_proj.3.1.weight": (2e-4, 1e-4)},
+        pretrained=TORCHVISION_R50,
+        values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.gradient_clip_val": 0.1,
+                "trainer.precision": "32-true", "data.masks": False, "task.detector.num_feature_levels": 4,
+                "task.detector.model.class_rows": "coco", "task.detector.model.num_queries": 300,
+                "task.detector.model.hidden_dim": 256, "task.detector.model.dim_feedforward": 1024,
+                "task.detector.model.enc_n_points": 4, "task.detector.model.dec_n_points": 4,
+                "task.detector.model.dropout": 0.1, "task.detector.model.class_cost": 2.0,
+                "task.detector.model.class_loss_weight": 2.0, "task.detector.model.focal_alpha": 0.25,
+                "task.detector.model.with_box_refine": False, "task.detector.model.two_stage": False,
+                "data.train_sizes": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+                "data.filter_empty": False}),
     "r50_ade20k": Reference(
         source="mmsegmentation configs/fcn/fcn_r50-d8_512x512_80k_ade20k.py, _base_/models/fcn_r50-d8.py, "
                "_base_/schedules/schedule_80k.py, _base_/datasets/ade20k.py",
@@ -286,6 +310,10 @@ DERIVED = {
     # the README's 150-epoch run: one machine (8 GPUs x 2), lr drop at 100
     "detr_r50_coco_150e": ("detr_r50_coco", {"trainer.max_epochs": 150, "sched.milestones_epochs": [100],
                                              "optim.batch_per_step": 16, "data.batch_size": 2}),
+    # configs/*_plus_iterative_bbox_refinement.sh: --with_box_refine; *_plus_plus_two_stage.sh: and --two_stage
+    "deformable_detr_r50_refine_coco": ("deformable_detr_r50_coco", {"task.detector.model.with_box_refine": True}),
+    "deformable_detr_r50_two_stage_coco": ("deformable_detr_r50_coco", {"task.detector.model.with_box_refine": True,
+                                                                        "task.detector.model.two_stage": True}),
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
@@ -299,7 +327,8 @@ DERIVED = {
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
 }
 # Demo recipes for synthetic data on a CPU: no reference.
-DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr"}
+DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr",
+         "quickstart_ddetr"}
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # keys a derived recipe must share with its parent: the optimizer, the schedule, the batch and the start
 SHARED = ("optim", "sched", "data.batch_size", "trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val")

@@ -11,6 +11,10 @@ weights as the cost. Boxes are ``(cx, cy, w, h)`` relative to the image (padding
 With auxiliary decoding losses (Sec. 3.2) every decoder layer's predictions are matched and scored the same
 way. The box losses are divided by the number of ground-truth boxes averaged over the processes (at least 1),
 so that every process's loss has the same scale.
+
+Deformable DETR's variant (:class:`FocalHungarianMatcher`, :class:`FocalSetCriterion`) changes only the class
+terms, to sigmoid focal ones over the classes without a no-object output; the matching, box terms, box count and
+auxiliary losses are these.
 """
 from __future__ import annotations
 
@@ -47,13 +51,16 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost(self, logits: torch.Tensor, boxes: torch.Tensor, target: Target) -> torch.Tensor:
         """``(queries, targets)`` cost matrix of one image: ``logits`` ``(Q, K + 1)``, ``boxes`` ``(Q, 4)``."""
-        probabilities = logits.float().softmax(-1)
         boxes = boxes.float()
         target_boxes = target["boxes"].float()
-        class_cost = -probabilities[:, target["labels"]]
+        class_cost = self.class_cost_matrix(logits.float(), target["labels"])
         bbox_cost = torch.cdist(boxes, target_boxes, p=1)
         giou_cost = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes))
         return self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
+
+    def class_cost_matrix(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(queries, targets)``: minus the softmax probability of each target's class."""
+        return -logits.softmax(-1)[:, labels]
 
     @torch.no_grad()
     def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target]) -> list[Match]:
@@ -118,7 +125,7 @@ class SetCriterion(nn.Module):
         matched_labels = torch.cat([t["labels"][cols.to(t["labels"].device)] for t, (_, cols) in zip(targets, matches)])
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         classes[image_index, query_index] = matched_labels.to(logits.device)
-        loss_ce = F.cross_entropy(logits.float().transpose(1, 2), classes, self.class_weights)
+        loss_ce = self.class_loss(logits.float(), classes, num_boxes)
 
         predicted = boxes[image_index, query_index].float()
         target_boxes = torch.cat([t["boxes"][cols.to(t["boxes"].device)] for t, (_, cols) in zip(targets, matches)])
@@ -129,6 +136,11 @@ class SetCriterion(nn.Module):
         return {"loss_ce": self.class_weight * loss_ce, "loss_bbox": self.bbox_weight * loss_bbox,
                 "loss_giou": self.giou_weight * loss_giou}
 
+    def class_loss(self, logits: torch.Tensor, classes: torch.Tensor, num_boxes: float) -> torch.Tensor:
+        """The classification term (unweighted): ``classes`` ``(N, Q)``, K for no object. Cross-entropy, the
+        no-object class weighted by ``no_object_weight``, averaged over the weights."""
+        return F.cross_entropy(logits.transpose(1, 2), classes, self.class_weights)
+
     def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target]) -> dict[str, torch.Tensor]:
         """``logits`` ``(layers, N, Q, K + 1)`` and ``boxes`` ``(layers, N, Q, 4)``, the last layer last."""
         num_boxes = average_box_count(targets, logits.device)
@@ -137,4 +149,63 @@ class SetCriterion(nn.Module):
             for layer in range(len(logits) - 1):
                 for name, value in self.layer_losses(logits[layer], boxes[layer], targets, num_boxes).items():
                     losses[f"{name}_{layer}"] = value
+        return losses
+
+
+# ------------------------------------------------------------------------------------ the focal-loss variant
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+                       ) -> torch.Tensor:
+    """Element-wise focal loss (Lin et al., ICCV 2017, Eq. 5), binary cross-entropy scaled by ``(1 - p_t) ** gamma``
+    and by ``alpha`` on positives, ``1 - alpha`` on negatives (Deformable DETR's ``models/segmentation.py``)."""
+    prob = logits.sigmoid()
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    return (alpha * targets + (1 - alpha) * (1 - targets)) * loss * (1 - p_t) ** gamma
+
+
+class FocalHungarianMatcher(HungarianMatcher):
+    """The matching of Deformable DETR (fundamentalvision/Deformable-DETR ``models/matcher.py``): its class term is
+    the focal loss of the target class as a positive minus as a negative, on sigmoid probabilities (the official
+    alpha 0.25, gamma 2, hard-coded there); the box terms are DETR's. Official weights: class 2, bbox 5, giou 2."""
+
+    def __init__(self, class_cost: float = 2.0, bbox_cost: float = 5.0, giou_cost: float = 2.0,
+                 alpha: float = 0.25, gamma: float = 2.0):
+        super().__init__(class_cost, bbox_cost, giou_cost)
+        self.alpha, self.gamma = alpha, gamma
+
+    def class_cost_matrix(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        prob = logits.sigmoid()[:, labels]
+        negative = (1 - self.alpha) * prob ** self.gamma * -(1 - prob + 1e-8).log()
+        positive = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
+        return positive - negative
+
+
+class FocalSetCriterion(SetCriterion):
+    """Deformable DETR's set loss (``SetCriterion`` of ``models/deformable_detr.py``): the sigmoid focal loss over
+    the K classes (no "no object" logit: an unmatched query's target is all zeros), summed and divided by the box
+    count; L1 and GIoU as DETR's. Two-stage adds the encoder's proposals (``*_enc``): matched to the objects as one
+    class (every label 0) and scored the same way. Official weights: class 2, bbox 5, giou 2."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, class_weight: float = 2.0,
+                 bbox_weight: float = 5.0, giou_weight: float = 2.0, aux_loss: bool = True, alpha: float = 0.25,
+                 gamma: float = 2.0):
+        super().__init__(num_classes, matcher, class_weight, bbox_weight, giou_weight, 1.0, aux_loss)
+        self.alpha, self.gamma = alpha, gamma
+
+    def class_loss(self, logits: torch.Tensor, classes: torch.Tensor, num_boxes: float) -> torch.Tensor:
+        # one-hot over K + 1 columns, the no-object column dropped: unmatched queries are negatives everywhere
+        onehot = F.one_hot(classes, logits.shape[-1] + 1)[..., :-1].to(logits.dtype)
+        loss = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma)
+        return loss.mean(1).sum() / num_boxes * logits.shape[1]  # the official arithmetic: the sum over num_boxes
+
+    def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target],
+                encoder_logits: torch.Tensor | None = None, encoder_boxes: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """DETR's layers; ``encoder_logits`` ``(N, tokens, K)`` and ``encoder_boxes``: two-stage's proposals."""
+        losses = super().forward(logits, boxes, targets)
+        if encoder_logits is not None:
+            num_boxes = average_box_count(targets, logits.device)
+            one_class = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            for name, value in self.layer_losses(encoder_logits, encoder_boxes, one_class, num_boxes).items():
+                losses[f"{name}_enc"] = value
         return losses

@@ -25,11 +25,12 @@ from torch import nn
 class SinePositionEncoding(nn.Module):
     """The 2-D sine positions of ``PositionEmbeddingSine(hidden_dim // 2, normalize=True)``: for each pixel not
     padded, its row and column counted from 1 over the unpadded extent, scaled to (0, 2 pi], each encoded by
-    ``num_feats`` sines and cosines of wavelengths ``temperature ** (2 i / num_feats)``; (y, x) concatenated."""
+    ``num_feats`` sines and cosines of wavelengths ``temperature ** (2 i / num_feats)``; (y, x) concatenated.
+    ``offset``: subtracted from the counts first (Deformable DETR's encoding: 0.5, the pixel centres)."""
 
-    def __init__(self, num_feats: int = 128, temperature: float = 10000.0):
+    def __init__(self, num_feats: int = 128, temperature: float = 10000.0, offset: float = 0.0):
         super().__init__()
-        self.num_feats, self.temperature = num_feats, temperature
+        self.num_feats, self.temperature, self.offset = num_feats, temperature, offset
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         """``mask``: ``(N, H, W)``, True on padding. Returns ``(N, 2 * num_feats, H, W)`` float32."""
@@ -37,8 +38,8 @@ class SinePositionEncoding(nn.Module):
         y = not_mask.cumsum(1, dtype=torch.float32)
         x = not_mask.cumsum(2, dtype=torch.float32)
         eps, scale = 1e-6, 2 * math.pi
-        y = y / (y[:, -1:, :] + eps) * scale
-        x = x / (x[:, :, -1:] + eps) * scale
+        y = (y - self.offset) / (y[:, -1:, :] + eps) * scale
+        x = (x - self.offset) / (x[:, :, -1:] + eps) * scale
         dim_t = torch.arange(self.num_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_feats)
         pos_x, pos_y = x[..., None] / dim_t, y[..., None] / dim_t
