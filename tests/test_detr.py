@@ -148,13 +148,15 @@ def official_nested_tensor(images):
 
 
 class OfficialDETR(nn.Module):
-    """hubconf.py detr_resnet50: torchvision's ResNet-50 with FrozenBatchNorm2d (models/backbone.py; only
-    layer2-4 train), Transformer(d_model=256, return_intermediate_dec=True), 100 queries, ``num_classes`` + 1
-    outputs (91 + 1 for COCO: the ids 0..90), in the official module layout."""
+    """hubconf.py detr_resnet50 (``depth``/``dilation``: detr_resnet101, detr_resnet50_dc5, detr_resnet101_dc5):
+    torchvision's ResNet with FrozenBatchNorm2d (models/backbone.py; only layer2-4 train; ``dilation``:
+    replace_stride_with_dilation=[False, False, True]), Transformer(d_model=256, return_intermediate_dec=True),
+    100 queries, ``num_classes`` + 1 outputs (91 + 1 for COCO: the ids 0..90), in the official module layout."""
 
-    def __init__(self, num_classes=91):
+    def __init__(self, num_classes=91, depth=50, dilation=False):
         super().__init__()
-        resnet = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+        resnet = getattr(torchvision.models, f"resnet{depth}")(norm_layer=FrozenBatchNorm2d,
+                                                              replace_stride_with_dilation=[False, False, dilation])
         body = nn.Module()
         body.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
         for name, parameter in body.named_parameters():
@@ -210,10 +212,9 @@ class OfficialDETR(nn.Module):
         return self.class_embed(hs), x.sigmoid()
 
 
-@pytest.fixture(scope="module")
-def official():
+def seeded_official(**kwargs) -> OfficialDETR:
     torch.manual_seed(0)
-    model = OfficialDETR().eval()
+    model = OfficialDETR(**kwargs).eval()
     for module in model.modules():  # statistics and affine of an ImageNet model, not the identity
         if isinstance(module, FrozenBatchNorm2d):
             module.weight.uniform_(0.5, 1.5)
@@ -221,6 +222,11 @@ def official():
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def official():
+    return seeded_official()
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +305,34 @@ def test_an_official_checkpoint_loads_and_gives_the_official_detections(official
     learned = {**official.state_dict(), "backbone.1.row_embed.weight": torch.zeros(50, 128)}
     with pytest.raises(ConfigError, match="this DETR checkpoint has learned position embeddings"):
         convert_official_state_dict(learned, num_classes=91)
+
+
+def test_dc5_and_r101_equal_the_official_models(tmp_path):
+    """DETR-DC5 (backbone.output_stride=16: the last stage dilated, its first block at the previous dilation, as
+    torchvision's replace_stride_with_dilation) gives the official DETR-DC5's detections from its checkpoint; the
+    R101 models (detr_r101_coco, detr_r101_dc5_coco) have the official parameter count, and train what the official
+    main.py trains (all but the stem and layer1)."""
+    official = seeded_official(dilation=True)
+    path = tmp_path / "detr-r50-dc5.pth"
+    torch.save({"model": official.state_dict()}, path)
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 128, generator=generator)]
+    _, scores, labels, boxes = official_detections(official, images)
+    ours = detr_task({**RESNET50, "output_stride": 16}, num_classes=91, batch_norm="frozen", test_size=96,
+                     model=dict(size_divisible=1)).eval()
+    ours.load_pretrained(str(path))
+    with torch.no_grad():
+        out = ours(images)[0]
+    assert torch.equal(out["labels"], labels[0] + 1)
+    torch.testing.assert_close(out["scores"], scores[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["boxes"], boxes[0], rtol=1e-4, atol=1e-3)
+
+    with torch.device("meta"):
+        reference = OfficialDETR(depth=101)
+        r101 = detr_task({**RESNET50, "depth": 101}, num_classes=91, batch_norm="frozen")
+    counts = [(sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad))
+              for m in (reference, r101)]
+    assert counts[0] == counts[1] == (60_464_672, 60_242_272)  # paper: 60M
 
 
 # ----------------------------------------------------------------------------------------------- training

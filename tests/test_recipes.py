@@ -308,6 +308,11 @@ DERIVED = {
     "relation_r101_fpn_e2e_coco_1x": ("relation_r50_fpn_e2e_coco_1x", {"backbone.depth": 101,
                                                                        "pretrained_url": "resnet101-63fe2227.pth"}),
     # the README's 150-epoch run: one machine (8 GPUs x 2), lr drop at 100
+    # DETR's other released models (README model zoo; main.py --dilation / --backbone resnet101; DC5 trained with
+    # 1 image per GPU)
+    "detr_r50_dc5_coco": ("detr_r50_coco", {"backbone.output_stride": 16, "data.batch_size": 1}),
+    "detr_r101_coco": ("detr_r50_coco", {"backbone.depth": 101, "pretrained_url": "resnet101-63fe2227.pth"}),
+    "detr_r101_dc5_coco": ("detr_r101_coco", {"backbone.output_stride": 16, "data.batch_size": 1}),
     "detr_r50_coco_150e": ("detr_r50_coco", {"trainer.max_epochs": 150, "sched.milestones_epochs": [100],
                                              "optim.batch_per_step": 16, "data.batch_size": 2}),
     # configs/*_plus_iterative_bbox_refinement.sh: --with_box_refine; *_plus_plus_two_stage.sh: and --two_stage
