@@ -4,8 +4,9 @@
     python scripts/make_synthetic.py imagenet --out data/synthetic/imagenet [--seed 0] [--set num_classes=5]
     python scripts/make_synthetic.py coco --help        # the --set keys of one kind, with their defaults
 
-Each kind's writer lives with its task (``tasks/<task>/synthetic.py``: its ``KIND`` and a ``write(root, seed, **kw)``),
-found there, not listed here; ``--set`` takes its keyword arguments.
+Each kind's writer lives with its task (``tasks/<task>/synthetic.py``: its ``KIND`` and a ``write(root, seed, **kw)``,
+or ``WRITERS``, {kind: write function}, for a task that writes several layouts), found there, not listed here;
+``--set`` takes its keyword arguments.
 """
 from __future__ import annotations
 
@@ -15,18 +16,18 @@ import importlib.util
 import inspect
 import json
 import pkgutil
-from types import ModuleType
+from collections.abc import Callable
 
 import vtrain.tasks
 
 
-def writers() -> dict[str, ModuleType]:
-    """Each task's synthetic writer (``vtrain.tasks.<task>.synthetic``), by the ``KIND`` of layout it writes."""
+def writers() -> dict[str, Callable[..., dict]]:
+    """Each task's synthetic writers (``vtrain.tasks.<task>.synthetic``), by the kind of layout they write."""
     found = {}
     for task in pkgutil.iter_modules(vtrain.tasks.__path__):
         if task.ispkg and importlib.util.find_spec(f"vtrain.tasks.{task.name}.synthetic") is not None:
             module = importlib.import_module(f"vtrain.tasks.{task.name}.synthetic")
-            found[module.KIND] = module
+            found.update(getattr(module, "WRITERS", None) or {module.KIND: module.write})
     return found
 
 
@@ -35,7 +36,7 @@ WRITERS = writers()
 
 def writer_options(kind: str) -> dict[str, int]:
     """The ``--set`` keys of a kind and their defaults: the writer's keyword arguments after ``root`` and ``seed``."""
-    signature = inspect.signature(WRITERS[kind].write)
+    signature = inspect.signature(WRITERS[kind])
     return {name: p.default for name, p in signature.parameters.items() if name not in ("root", "seed")}
 
 
@@ -56,7 +57,7 @@ def main() -> None:
         if not sep or key not in known or not value.lstrip("-").isdigit():
             parser.error(f"--set {item}: use KEY=INT with KEY one of {', '.join(known)}")
         options[key] = int(value)
-    summary = WRITERS[args.kind].write(args.out, seed=args.seed, **options)
+    summary = WRITERS[args.kind](args.out, seed=args.seed, **options)
     print(json.dumps(summary))
 
 

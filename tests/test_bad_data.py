@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import TINY_CLS, compose
+from conftest import CONF, TINY_CLS, compose
 from vtrain.data.datamodule import CorruptFileError, DataModule, Read, ReadableCollate, SeededDataset, read_rgb
 
-TASK_DATA = ["imagenet", "coco", "ade20k", "kinetics400"]
+TASK_DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))  # every data config of every task
 
 
 @pytest.mark.parametrize("data", TASK_DATA)

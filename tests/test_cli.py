@@ -213,10 +213,10 @@ def test_what_a_stored_config_says_about_its_model_is_read_from_it():
 
 
 def test_every_synthetic_layout_an_experiment_names_has_a_writer():
-    """scripts/make_synthetic.py finds each task's writer by its KIND; every experiment's ``synthetic`` is one."""
+    """scripts/make_synthetic.py finds each task's writers by their kind; every experiment's ``synthetic`` is one."""
     import runpy
 
     writers = runpy.run_path(str(ROOT / "scripts" / "make_synthetic.py"))["WRITERS"]
-    assert sorted(writers) == ["ade20k", "coco", "imagenet", "kinetics"]
+    assert sorted(writers) == ["ade20k", "cityscapes", "coco", "imagenet", "kinetics", "pascal_context"]
     named = {compose(f"experiment={p.stem}").get("synthetic") for p in (ROOT / "conf" / "experiment").glob("quick*.yaml")}
     assert named - {None} <= set(writers) and len(named - {None}) >= 3

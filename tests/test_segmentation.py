@@ -12,7 +12,7 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from conftest import compose, run_cli
-from vtrain.tasks.segmentation.data import ADE20KDataModule, AnnotationError, SegmentationDataset, collate_padded, list_pairs
+from vtrain.tasks.segmentation.data import SegmentationDataModule, AnnotationError, SegmentationDataset, collate_padded, list_pairs
 from vtrain.tasks.segmentation.inference import predict, rescale_size, slide
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 from vtrain.config import ConfigError
@@ -129,15 +129,15 @@ def _copy_root(src: Path, dst: Path) -> Path:
 
 
 def test_bad_input_is_named(ade_root, tmp_path):
-    missing = ADE20KDataModule(str(tmp_path / "nowhere"), num_classes=6)
+    missing = SegmentationDataModule(str(tmp_path / "nowhere"), num_classes=6)
     with pytest.raises(ConfigError, match="does not exist"):
         missing.check()
 
     root = _copy_root(ade_root, tmp_path / "unpaired")
     (root / "annotations" / "training" / "ADE_train_00000003.png").unlink()
     with pytest.raises(ConfigError, match=r"1 images in images/training have no annotation.*ADE_train_00000003\.jpg.*skip_unpaired"):
-        ADE20KDataModule(str(root), num_classes=6).check()
-    ADE20KDataModule(str(root), num_classes=6, skip_unpaired=True).check()
+        SegmentationDataModule(str(root), num_classes=6).check()
+    SegmentationDataModule(str(root), num_classes=6, skip_unpaired=True).check()
     assert len(list_pairs(root, "train", skip_unpaired=True)) == 47
 
     root = _copy_root(ade_root, tmp_path / "bad")

@@ -9,7 +9,7 @@ and mIoU / mAcc are the means over the classes whose denominator is not zero (mm
 This is not an average of per-image IoUs (torchmetrics' ``segmentation.MeanIoU``); it equals
 torchmetrics' ``MulticlassJaccardIndex(ignore_index=255, average="macro")`` (tested). The four areas are
 integer states summed across processes, so a DDP evaluation gives exactly the single-process numbers
-(provided each image is seen once: see ``ADE20KDataModule.val_dataloader``). Values are fractions in [0, 1],
+(provided each image is seen once: see ``SegmentationDataModule.val_dataloader``). Values are fractions in [0, 1],
 the scale of every metric vtrain logs (accuracy, COCO AP); the papers and mmseg's logs print them in percent.
 """
 from __future__ import annotations
