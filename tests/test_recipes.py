@@ -113,6 +113,15 @@ SWIN_RULE = {  # Swin main.py set_weight_decay: 1-D, .bias, skip absolute_pos_em
     "head.weight": (1e-3, 0.05), "head.bias": (1e-3, 0.0),
 }
 RESNET_V1C = "resnet50_v1c-2cccc1ad.pth"
+# mmseg _base_/models/fcn_r50-d8.py (ResNetV1c, dilated to stride 8, SyncBN, auxiliary FCN head 0.4), fp32
+MMSEG_R50_D8 = {"backbone.deep_stem": True, "backbone.output_stride": 8, "trainer.precision": "32-true",
+                "trainer.sync_batchnorm": True, "task.aux_weight": 0.4}
+
+
+def mmseg_sgd(lr: float, weight_decay: float) -> dict[str, tuple[float, float]]:
+    """mmseg's SGD without paramwise_cfg: every parameter (stem conv, BN bias, heads' classifiers) at lr, decayed."""
+    names = ("backbone.conv1.1.weight", "backbone.layer1.0.bn1.bias", "head.classifier.bias", "aux_head.classifier.bias")
+    return {name: (lr, weight_decay) for name in names}
 TORCHVISION_R50 = "resnet50-0676ba61.pth"
 SWIN_T_IN1K = "swin_tiny_patch4_window7_224.pth"
 
@@ -205,6 +214,34 @@ REFERENCES = {
         values={"backbone.deep_stem": True, "backbone.output_stride": 8, "trainer.max_steps": 80000,
                 "trainer.precision": "32-true",
                 "trainer.sync_batchnorm": True, "task.aux_weight": 0.4, "data.crop_size": [512, 512]}),
+    "r50_cityscapes": Reference(
+        source="mmsegmentation configs/fcn/fcn_r50-d8_512x1024_80k_cityscapes.py, _base_/models/fcn_r50-d8.py, "
+               "_base_/schedules/schedule_80k.py, _base_/datasets/cityscapes.py",
+        batch=8, update_interval=(4, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 80000), points=(0, 1, 40000, 79999),
+        params=mmseg_sgd(0.01, 5e-4), pretrained=RESNET_V1C,
+        values={**MMSEG_R50_D8, "trainer.max_steps": 80000, "data.num_classes": 19, "data.reduce_zero_label": False, "data.label_map": None,
+                "data.img_dir": {"train": "leftImg8bit/train", "val": "leftImg8bit/val"},
+                "data.ann_dir": {"train": "gtFine/train", "val": "gtFine/val"},
+                "data.img_suffix": "_leftImg8bit.png", "data.seg_map_suffix": "_gtFine_labelTrainIds.png",
+                "data.img_scale": [2048, 1024], "data.ratio_range": [0.5, 2.0], "data.crop_size": [512, 1024],
+                "data.cat_max_ratio": 0.75, "data.hflip": 0.5, "data.photometric": True,
+                "task.inference.mode": "whole", "task.inference.scale": [2048, 1024], "task.inference.ratios": [1.0],
+                "task.inference.flip": False}),
+    "r50_pascal_context": Reference(
+        source="mmsegmentation configs/fcn/fcn_r50-d8_480x480_40k_pascal_context_59.py, _base_/models/fcn_r50-d8.py, "
+               "_base_/schedules/schedule_40k.py, _base_/datasets/pascal_context_59.py",
+        batch=16, update_interval=(4, 1), schedule=mmcv_poly(0.004, 0.9, 1e-4, 40000), points=(0, 1, 20000, 39999),
+        params=mmseg_sgd(0.004, 1e-4), pretrained=RESNET_V1C,
+        values={**MMSEG_R50_D8, "trainer.max_steps": 40000, "trainer.val_check_interval": 4000, "optim.momentum": 0.9, "data.num_classes": 59, "data.reduce_zero_label": True,
+                "data.img_dir": {"train": "JPEGImages", "val": "JPEGImages"},
+                "data.ann_dir": {"train": "SegmentationClassContext", "val": "SegmentationClassContext"},
+                "data.split": {"train": "ImageSets/SegmentationContext/train.txt",
+                               "val": "ImageSets/SegmentationContext/val.txt"},
+                "data.img_suffix": ".jpg", "data.seg_map_suffix": ".png",
+                "data.img_scale": [520, 520], "data.ratio_range": [0.5, 2.0], "data.crop_size": [480, 480],
+                "data.cat_max_ratio": 0.75, "data.hflip": 0.5, "data.photometric": True,
+                "task.inference.mode": "slide", "task.inference.scale": [520, 520],
+                "task.inference.crop_size": [480, 480], "task.inference.stride": [320, 320]}),
     "swin_t_upernet_ade20k": Reference(
         source="Swin-Transformer-Semantic-Segmentation configs/swin/upernet_swin_tiny_patch4_window7_512x512_160k_ade20k.py",
         batch=16, update_interval=(8, 1), schedule=mmcv_poly(6e-5, 1.0, 0.0, 160000, warmup=1500, ratio=1e-6),
@@ -322,6 +359,12 @@ DERIVED = {
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
+    "nl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.reduction": 2}),
+    "gcnet_r50_cityscapes": ("r50_cityscapes", {"task.head.context.ratio": 0.25}),
+    "dnl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.temperature": 0.05}),
+    # mmseg has no NL / DNL PASCAL-Context config: its FCN PASCAL-Context 59 setting with the ADE20K recipes' heads
+    "nl_r50_pascal_context": ("r50_pascal_context", {"task.head.context.reduction": 2}),
+    "dnl_r50_pascal_context": ("r50_pascal_context", {"task.head.context.temperature": 0.05}),
     # swin_small/base_patch244_window877_kinetics400_1k.py: update_interval 8 (512 clips); Swin-B decay 0.05
     "videoswin_s_k400": ("videoswin_t_k400", {"optim.batch_per_step": 512, "optim.weight_decay": 0.02,
                                               "pretrained_url": "swin_small_patch4_window7_224.pth"}),
