@@ -360,7 +360,6 @@ DERIVED = {
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
     "nl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.reduction": 2}),
-    "gcnet_r50_cityscapes": ("r50_cityscapes", {"task.head.context.ratio": 0.25}),
     "dnl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.temperature": 0.05}),
     # mmseg has no NL / DNL PASCAL-Context config: its FCN PASCAL-Context 59 setting with the ADE20K recipes' heads
     "nl_r50_pascal_context": ("r50_pascal_context", {"task.head.context.reduction": 2}),

@@ -4,6 +4,7 @@ index kept out of the metric, mIoU on a hand case, bad files named in one line, 
 model on each."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,14 @@ def pascal_root(tmp_path_factory) -> Path:
     return root
 
 
-def _datamodule(data: str, root: Path, *overrides: str):
-    cfg = compose(f"data={data}", f"data.root={root}", *TINY[-2:], *overrides)
-    return instantiate(cfg.data)
+@functools.cache
+def _data_config(data: str):
+    return compose(f"data={data}", "output_dir=/tmp/vtrain-test-seg-datasets").data
+
+
+def _datamodule(data: str, root: Path, **options):
+    """The data module of conf/data/<data>.yaml on ``root`` (4 classes unless ``options`` say otherwise)."""
+    return instantiate(_data_config(data), root=str(root), num_workers=0, **{"num_classes": 4, **options})
 
 
 def test_cityscapes_train_ids_are_the_official_table():
@@ -82,14 +88,14 @@ def test_cityscapes_layout_reads_train_ids_or_maps_label_ids(cityscapes_root):
     np.testing.assert_array_equal(train_ids, [[dict((i, t) for _, i, t in CITYSCAPES_LABELS)[v] for v in row] for row in ids])
     assert {0, 9} <= set(np.unique(ids)) and 255 in train_ids  # void ids 0 and 9 -> ignore, kept as 255
 
-    mapped = _datamodule("cityscapes", cityscapes_root, "data.seg_map_suffix=_gtFine_labelIds.png",
-                         "data.label_map=cityscapes_label_ids")
+    mapped = _datamodule("cityscapes", cityscapes_root, seg_map_suffix="_gtFine_labelIds.png",
+                         label_map="cityscapes_label_ids")
     mapped.build_sets("validate")
     np.testing.assert_array_equal(mapped.val_set.load(0)[1], train_ids)
-    assert _datamodule("cityscapes", cityscapes_root, "data.num_classes=19").class_names == list(CITYSCAPES_CLASSES)
+    assert _datamodule("cityscapes", cityscapes_root, num_classes=19).class_names == list(CITYSCAPES_CLASSES)
 
     # label ids read without the map: one line naming the file and the fix
-    unmapped = _datamodule("cityscapes", cityscapes_root, "data.seg_map_suffix=_gtFine_labelIds.png")
+    unmapped = _datamodule("cityscapes", cityscapes_root, seg_map_suffix="_gtFine_labelIds.png")
     unmapped.build_sets("validate")
     with pytest.raises(AnnotationError, match=r"labelIds\.png has \d+ pixels with labels \[\d+.*above 4") as error:
         unmapped.val_set.load(0)
@@ -102,7 +108,7 @@ def test_pascal_context_split_files_and_zero_label_reduction(pascal_root, tmp_pa
     data.build_sets("validate")
     listed = (pascal_root / "ImageSets/SegmentationContext/val.txt").read_text().split()
     assert [Path(i).stem for i, _ in data.val_set.pairs] == listed and len(listed) == 3  # only the listed names
-    assert _datamodule("pascal_context_59", pascal_root, "data.num_classes=59").class_names == list(PASCAL_CONTEXT_59_CLASSES)
+    assert _datamodule("pascal_context_59", pascal_root, num_classes=59).class_names == list(PASCAL_CONTEXT_59_CLASSES)
     assert data.class_names[0] == (pascal_root / "classes.txt").read_text().split("\n")[0].split()[1]
 
     # 0 (background) -> 255, 1..59 -> 0..58, 255 stays: mmseg reduce_zero_label
@@ -115,7 +121,7 @@ def test_pascal_context_split_files_and_zero_label_reduction(pascal_root, tmp_pa
     (tmp_path / "ImageSets/SegmentationContext").mkdir(parents=True)
     for split in ("train", "val"):
         (tmp_path / f"ImageSets/SegmentationContext/{split}.txt").write_text("x\n")
-    full = _datamodule("pascal_context_59", tmp_path, "data.num_classes=59")
+    full = _datamodule("pascal_context_59", tmp_path, num_classes=59)
     full.build_sets("validate")
     np.testing.assert_array_equal(full.val_set.load(0)[1], [[255, 0, 1], [57, 58, 255]])
 
@@ -124,7 +130,7 @@ def test_pascal_context_split_files_and_zero_label_reduction(pascal_root, tmp_pa
                                           r"JPEGImages \(first: 2008_999999\).*skip_unpaired=true") as error:
         full.check()
     assert "\n" not in str(error.value)
-    skipping = _datamodule("pascal_context_59", tmp_path, "data.num_classes=59", "data.skip_unpaired=true")
+    skipping = _datamodule("pascal_context_59", tmp_path, num_classes=59, skip_unpaired=True)
     skipping.build_sets("validate")
     assert len(skipping.val_set) == 1
 
