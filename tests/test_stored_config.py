@@ -240,3 +240,12 @@ def test_a_config_stored_before_a_key_was_renamed_builds_the_same_model(experime
     renamed = with_current_names(OmegaConf.create(stored))
     assert renamed.task[node].out_indices == cfg.task[node].out_indices
     assert build_task(renamed).backbone.out_indices == build_task(cfg).backbone.out_indices
+
+
+def test_a_config_stored_before_a_class_was_renamed_names_the_current_class():
+    """Segmentation configs stored before ADE20KDataModule became the one SegmentationDataModule of every layout."""
+    old = {"data": {"_target_": "vtrain.tasks.segmentation.data.ADE20KDataModule", "root": "x"}, "seed": 0}
+    cfg = trusted_config(old, "old.ckpt")
+    assert cfg.data._target_ == "vtrain.tasks.segmentation.data.SegmentationDataModule" and cfg.data.root == "x"
+    with pytest.raises(ConfigError, match="refused data._target_='vtrain.tasks.segmentation.data.Other'"):
+        trusted_config({"data": {"_target_": "vtrain.tasks.segmentation.data.Other"}}, "old.ckpt")

@@ -62,14 +62,31 @@ def _calls_resolver(value: str) -> bool:
     return "${" in _NODE_REFERENCE.sub("", value) if "${" in value else False
 
 
+# Classes renamed since a stored config may have been written: old ``_target_`` -> the one the config tree names now.
+RENAMED_TARGETS = {
+    # one data module for every segmentation layout (ADE20K, Cityscapes, PASCAL-Context)
+    "vtrain.tasks.segmentation.data.ADE20KDataModule": "vtrain.tasks.segmentation.data.SegmentationDataModule",
+}
+
+
+def _current_targets(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {k: RENAMED_TARGETS.get(v, v) if k == "_target_" and isinstance(v, str) else _current_targets(v)
+                for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_current_targets(v) for v in node]
+    return node
+
+
 def trusted_config(stored: Any, source: str | Path) -> DictConfig:
     """``stored`` (a plain mapping read from ``source``) as a config to build from, once every ``_target_`` and
     every resolver call in it is one of vtrain's config tree; anything else is a :class:`ConfigError` naming the
-    key and the value."""
+    key and the value. A target of :data:`RENAMED_TARGETS` is read as its current name."""
     if not isinstance(stored, Mapping):
         raise ConfigError(f"{source}: its config is a {type(stored).__name__}, not a mapping: is it a vtrain "
                           "checkpoint? experiment=<name> composes the config instead")
     targets, resolver_calls = config_tree_values()
+    stored = _current_targets(stored)
     try:
         leaves = list(_paths(stored))
     except ConfigError as e:
