@@ -24,6 +24,7 @@ PARAMS = {
     "resnext50_32x4d": 25_028_904, "resnext101_32x4d": 44_177_704, "resnext101_64x4d": 83_455_272,
     "dcn_r50": 26_137_874, "dcn_r101": 45_835_332,
     "gcnet_r50": 28_078_773, "gcnet_r101": 49_337_222, "nl_r50": 27_657_768, "dnl_r50": 27_658_793,
+    "se_r50": 28_088_024, "snl_r50": 26_607_657, "gc1_r50": 25_690_345,
     "lrnet26": 14_608_314, "lrnet50": 23_374_069,
     "swin_t": 28_288_354, "swin_s": 49_606_258, "swin_b": 87_768_224, "swin_b_384": 87_903_584,
     "swin_l": 196_532_476, "swin_l_384": 196_735_516,
@@ -31,6 +32,7 @@ PARAMS = {
     "vit_b16_384": 86_859_496, "vit_l16_384": 304_715_752,
 }
 TIMM_NAMES = {
+    "se_r50": "seresnet50",
     "resnet26": "resnet26", "resnet50": "resnet50", "resnet101": "resnet101",
     "resnext50_32x4d": "resnext50_32x4d", "resnext101_32x4d": "resnext101_32x4d", "resnext101_64x4d": "resnext101_64x4d",
     "swin_t": "swin_tiny_patch4_window7_224", "swin_s": "swin_small_patch4_window7_224",
@@ -85,7 +87,7 @@ def test_parameters_and_macs(name):
     model = build_meta_classifier(name)
     assert count_params(model) == PARAMS[name]
     if name in TIMM_NAMES:
-        skip_init = {} if name.startswith(("resnet", "resnext")) else {"weight_init": "skip"}  # meta: nothing to initialise
+        skip_init = {} if name.startswith(("resnet", "resnext", "se_r")) else {"weight_init": "skip"}  # meta: nothing to initialise
         with torch.device("meta"):
             reference = timm.create_model(TIMM_NAMES[name], num_classes=1000, **skip_init)
         assert count_params(reference) == PARAMS[name]
@@ -132,6 +134,45 @@ def test_non_local_placement():
         assert list(build_meta(name).non_local) == ["layer3_4"]  # before the last of c4's 6 blocks
     every_other = build_meta("nl_r50", None, "nl.stages=[false,true,true,false]", "nl.after_blocks=[1,3,5]")
     assert list(every_other.non_local) == ["layer2_1", "layer2_3", "layer3_1", "layer3_3", "layer3_5"]
+
+
+def test_one_block_rows_of_gcnet_table_2a():
+    """GCNet Table 2(a): one NL / simplified NL / GC block right before c4's last residual block (+2.1M / +1.0M /
+    +0.1M on the detector's 44.4M), SE in every bottleneck (46.9M: +2.5M), each counted from its formula."""
+    base = count_params(build_meta("resnet50"))
+    c, hidden = 1024, 64
+    snl = (c + 1) + (c * c + c)  # W_k, W_v
+    gc = (c + 1) + (c * hidden + hidden) + 2 * hidden + (hidden * c + c)  # W_k, W_v1, LN, W_v2
+    se = sum(blocks * (2 * (w * (w // 16)) + w // 16 + w)  # fc1, fc2 (1x1 convs with bias)
+             for w, blocks in zip((256, 512, 1024, 2048), (3, 4, 6, 3)))
+    for name, added, paper in (("snl_r50", snl, 1.0), ("gc1_r50", gc, 0.1), ("se_r50", se, 2.5)):
+        backbone = build_meta(name)
+        assert count_params(backbone) - base == added and added / 1e6 == pytest.approx(paper, abs=0.06)
+        if name != "se_r50":
+            assert list(backbone.non_local) == ["layer3_4"] and backbone.layer3[4].se is None
+    assert all(type(b.se).__name__ == "SEModule" for b in build_meta("se_r50").layer2)
+
+
+def test_dnl_variants_through_the_backbone_config():
+    blocks = {}
+    for unary in ("disentangled", "shared", "null"):
+        blocks[unary] = build_meta("dnl_r50", None, f"dnl.unary={unary}").non_local["layer3_4"]
+    unary_alone = build_meta("dnl_r50", None, "dnl.pairwise=false").non_local["layer3_4"]
+    assert (blocks["shared"].unary, blocks["null"].unary, unary_alone.pairwise) == ("shared", None, False)
+    theta_phi, mask = 2 * (1024 * 512 + 512), 1024 + 1
+    assert count_params(blocks["disentangled"]) - count_params(blocks["shared"]) == mask
+    assert count_params(blocks["shared"]) == count_params(blocks["null"])
+    assert count_params(blocks["disentangled"]) - count_params(unary_alone) == theta_phi
+
+
+def test_attention_slot_and_placement_conflicts_are_named():
+    c4, all_stages = [False, False, True, False], [True] * 4
+    with pytest.raises(ConfigError, match="gc .without after_blocks. and se both fill"), torch.device("meta"):
+        ResNet(50, se={"stages": all_stages}, gc={"stages": all_stages})
+    with pytest.raises(ConfigError, match="^se has no option ratio: its option is stages$"), torch.device("meta"):
+        ResNet(50, se={"stages": all_stages, "ratio": 0.25})
+    with pytest.raises(ConfigError, match="^snl asks for a block after layer3_4, where another"), torch.device("meta"):
+        ResNet(50, nl={"stages": c4}, snl={"stages": c4})
 
 
 # ---------------------------------------------------------------- feature contract
@@ -369,7 +410,7 @@ def test_unknown_relation_block_options_are_named():
     from vtrain.config import ConfigError
     from vtrain.backbones.resnet import non_local_blocks
 
-    with pytest.raises(ConfigError, match=r"^dnl has no option sub_sample: its options are .*temperature$"):
+    with pytest.raises(ConfigError, match=r"^dnl has no option sub_sample: its options are .*temperature, pairwise, unary$"):
         non_local_blocks(None, {"stages": [False, False, True, False], "sub_sample": True}, (3, 4, 6, 3),
                          (256, 512, 1024, 2048))
     blocks = non_local_blocks({"stages": [False, True, True, False], "after_blocks": [1], "sub_sample": True}, None,
