@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from vtrain.config import ConfigError
-from vtrain.backbones import LRNet, ResNet, SwinTransformer, VisionTransformer
+from vtrain.backbones import HRNet, LRNet, ResNet, SwinTransformer, VisionTransformer
 from vtrain.backbones.base import Classifier
 from vtrain.config.compose import compose_config
 from vtrain.profiling import count_macs, count_params
@@ -321,6 +321,31 @@ def test_vit_logits_equal_timm():
     model = _copy_into(VisionTransformer(**TINY_VIT), reference, 10)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hrnet_is_timms_with_the_official_classification_checkpoint():
+    """HRNetV2-W48: timm's hrnet_w48 features (feature_location=""), 65,325,120 params; on timm's small HRNet a
+    seeded ImageNet classifier's state dict (official keys) loads through checkpoint_filter and gives timm's
+    branches."""
+    with torch.device("meta"):
+        reference = timm.create_model("hrnet_w48", features_only=True, feature_location="", out_indices=(1, 2, 3, 4))
+        w48 = build_meta("hrnet_w48", ALL_LEVELS)
+    assert count_params(w48) == count_params(reference) == 65_325_120
+    assert (w48.feature_info.channels(), w48.feature_info.reduction()) == ([48, 96, 192, 384], [4, 8, 16, 32])
+    torch.manual_seed(0)
+    classifier = timm.create_model("hrnet_w18_small")
+    features = timm.create_model("hrnet_w18_small", features_only=True, feature_location="", out_indices=(1, 2, 3, 4))
+    features.load_state_dict(classifier.state_dict(), strict=False)  # it has no classification head to load
+    backbone = HRNet("hrnet_w18_small")
+    backbone_sd, classifier_sd = backbone.checkpoint_filter(classifier.state_dict())
+    backbone.load_state_dict(backbone_sd)
+    assert set(classifier_sd) == {"weight", "bias"}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(backbone.eval()(x), features.eval()(x), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="HRNet gives its four branches together"), torch.device("meta"):
+        HRNet(out_indices=(2, 3))
 
 
 @pytest.mark.parametrize("reference_name, kwargs", [("resnet50", {}),
