@@ -205,6 +205,17 @@ REFERENCES = {
         values={"backbone.deep_stem": True, "backbone.output_stride": 8, "trainer.max_steps": 80000,
                 "trainer.precision": "32-true",
                 "trainer.sync_batchnorm": True, "task.aux_weight": 0.4, "data.crop_size": [512, 512]}),
+    "fcn_hr48_ade20k": Reference(
+        source="mmsegmentation configs/hrnet/fcn_hr48_512x512_160k_ade20k.py, _base_/models/fcn_hr18.py, "
+               "_base_/schedules/schedule_160k.py, _base_/datasets/ade20k.py",
+        batch=16, update_interval=(4, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 160000), points=(0, 1, 80000, 159999),
+        params={"backbone.conv1.weight": (0.01, 5e-4), "backbone.stage4.0.fuse_layers.1.0.0.1.bias": (0.01, 5e-4),
+                "head.convs.0.1.weight": (0.01, 5e-4), "head.classifier.bias": (0.01, 5e-4)},
+        pretrained="hrnetv2_w48-d2186c55.pth",
+        values={"backbone.variant": "hrnet_w48", "trainer.max_steps": 160000, "trainer.precision": "32-true",
+                "trainer.sync_batchnorm": True, "task.aux_head": None, "data.crop_size": [512, 512],
+                "task.head.out_indices": [0, 1, 2, 3], "task.head.channels": 720, "task.head.num_convs": 1,
+                "task.head.kernel_size": 1, "task.head.concat_input": False, "task.head.dropout": 0.0}),
     "swin_t_upernet_ade20k": Reference(
         source="Swin-Transformer-Semantic-Segmentation configs/swin/upernet_swin_tiny_patch4_window7_512x512_160k_ade20k.py",
         batch=16, update_interval=(8, 1), schedule=mmcv_poly(6e-5, 1.0, 0.0, 160000, warmup=1500, ratio=1e-6),

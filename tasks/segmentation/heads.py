@@ -48,7 +48,7 @@ def head_out_indices(head: Mapping) -> tuple[int, ...]:
     """The backbone levels a head config reads (its ``out_indices``), known before anything is built."""
     if not isinstance(head, Mapping):
         raise ConfigError(f"a decode head is a config, not {head!r}: pick one with task/head=<name> "
-                          "(upernet, fcn, nl, gc, dnl: the files of conf/task/head/)")
+                          "(upernet, fcn, nl, gc, dnl, fcn_hr48: the files of conf/task/head/)")
     if head.get("out_indices") is None:
         raise ConfigError(f"head {head.get('_target_')} has no out_indices: name the backbone levels it reads "
                           "(0..3 = strides 4..32), e.g. out_indices: [0, 1, 2, 3]")
