@@ -369,6 +369,18 @@ def test_resnet_loads_torchvision_checkpoint(reference_name, kwargs):
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
+def test_se_resnet_logits_equal_timm():
+    """``se`` is timm's seresnet (``block_args=dict(attn_layer="se")``): a seeded timm SE-ResNet (26 layers, for
+    time; seresnet50 is the same construction with 3-4-6-3 blocks) loads with its keys and gives its logits."""
+    from timm.models.resnet import Bottleneck, ResNet as TimmResNet
+
+    torch.manual_seed(0)
+    reference = TimmResNet(Bottleneck, [2, 2, 2, 2], num_classes=10, block_args=dict(attn_layer="se")).eval()
+    model = _copy_into(ResNet(26, se={"stages": [True] * 4}), reference, 10)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
 def test_deformable_convs_replace_the_3x3_convs_of_c3_c5():
     """mmdet's dcn c3-c5: every bottleneck 3x3 conv of stages 2-4 becomes deformable, strided ones included, each
     with a 3x3 offset conv of 2 x 9 channels (3 x 9 for v2) at mmdet's key ``conv2.conv_offset``."""
