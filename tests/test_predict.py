@@ -162,6 +162,15 @@ def test_pictures_are_written_and_show_the_prediction(trained, tmp_path):
         if task == "detection":
             assert 0 < len(record["instances"]) <= 5
             assert all("counts" in d["mask"] and d["category_id"] in (1, 4, 7, 10) for d in record["instances"])
+    if task == "detection":  # all inputs' detections as COCO results, with the annotation file's image ids
+        from pycocotools.coco import COCO
+
+        gt = COCO(str(vtrain.Predictor(run_dir).datamodule.val_annotation_file))
+        for iou_type in ("bbox", "segm"):
+            loaded = gt.loadRes(str(tmp_path / f"detections_{iou_type}.json"))
+            by_image = {gt.imgs[i]["file_name"]: len(loaded.getAnnIds(imgIds=[i])) for i in gt.getImgIds()}
+            assert [by_image[Path(f).name] for f in files] == [
+                len(json.loads((tmp_path / f"{Path(f).stem}.json").read_text())["instances"]) for f in files]
 
 
 @pytest.fixture(scope="module")

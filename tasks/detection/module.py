@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,8 @@ from hydra.utils import instantiate
 from pycocotools import mask as mask_utils
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
-from vtrain.tasks.detection.data import Batch
-from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
+from vtrain.tasks.detection.data import Batch, read_annotation_file
+from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator, records_to_coco_results
 from vtrain.tasks.detection.detector import DetectorSpec, build_spec
 
 from vtrain.config import ConfigError
@@ -162,6 +163,15 @@ class DetectionTask(TaskModule):
             instances.append(instance)
         return {"instances": instances}
 
+    def results_files(self, sources: Sequence[str], records: Sequence[dict[str, Any]], datamodule: Any
+                      ) -> dict[str, Any]:
+        """COCO results (``detections_bbox.json``, and ``detections_segm.json`` with masks: XYWH boxes, category ids,
+        RLE masks), what ``COCO.loadRes`` reads and the evaluation writes, for the images of :func:`coco_image_ids`."""
+        if not self.class_ids:
+            return {}  # no dataset category ids to write (a model without its dataset's description)
+        results = records_to_coco_results(coco_image_ids(sources, getattr(datamodule, "val_annotation_file", None)), records)
+        return {f"detections_{iou_type}.json": found for iou_type, found in results.items()}
+
     def draw_prediction(self, original: torch.Tensor, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
         instances = record["instances"]
         colors = palette(len(self.label_names()))
@@ -178,6 +188,21 @@ class DetectionTask(TaskModule):
                           "images of any size and resize and normalise them inside, which ONNX, TorchScript tracing "
                           "and torch.export do not capture for this backbone wrapper; export classification, "
                           "segmentation or video models")
+
+
+def coco_image_ids(sources: Sequence[str], annotation_file: str | Path | None) -> list[int]:
+    """An image id per input: the annotation file's, when every input's file name is listed there (the run's
+    validation images); else the number a COCO file name is (``000000397133.jpg``: 397133), when every name is
+    one; else the input's position, 1, 2, ... (mixing the rules could give two images one id)."""
+    names = [Path(source).name for source in sources]
+    if annotation_file is not None and Path(annotation_file).is_file():
+        ids = {image["file_name"]: image["id"] for image in read_annotation_file(Path(annotation_file))["images"]}
+        if all(name in ids for name in names):
+            return [ids[name] for name in names]
+    stems = [Path(name).stem for name in names]
+    if all(stem.isdigit() for stem in stems) and len(set(map(int, stems))) == len(stems):
+        return [int(stem) for stem in stems]
+    return list(range(1, len(sources) + 1))
 
 
 def _with_batch_norm(backbone: nn.Module, mode: str) -> nn.Module:

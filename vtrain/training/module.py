@@ -250,6 +250,13 @@ class TaskModule(pl.LightningModule):
         """A picture of one prediction on its input (``original``: the decoded file), uint8 (3, H, W)."""
         raise NotImplementedError(f"{type(self).__name__} does not draw its predictions")
 
+    def results_files(self, sources: Sequence[str], records: Sequence[dict[str, Any]], datamodule: Any
+                      ) -> dict[str, Any]:
+        """The predictions of ``sources`` in the dataset's own results format, as files beside the records
+        (``{file name: JSON value}``; none unless the task's benchmark has one). ``datamodule``: the run's (its
+        data need not be there)."""
+        return {}
+
     def export_module(self) -> nn.Module:
         """A plain ``nn.Module`` of the evaluation model: a normalised batch in, logits (or maps) out."""
         raise ConfigError(f"{type(self).__name__} cannot be exported")
