@@ -354,6 +354,12 @@ class ADE20KDataModule(DataModule):
         shift = 1 if self.reduce_zero_label else 0  # annotation value of label 0
         return [names.get(str(label + shift), f"class_{label}") for label in range(self.num_classes)]
 
+    def preprocessing(self) -> dict[str, Any]:
+        """Normalisation only: validation reads each image at its own size (the task resizes it,
+        ``task.inference.scale``)."""
+        options = self.sample_options
+        return {"mean": list(options["mean"]), "std": list(options["std"]), "input_size": [3, None, None]}
+
     def predict_set(self, paths: list[str]) -> PredictionInputs:
         val = SegmentationDataset([], self.num_classes, False, **self.sample_options)  # validation's settings
         return PredictionInputs(paths, read_image, lambda image: normalize(image, val.mean, val.std),

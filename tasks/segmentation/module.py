@@ -169,6 +169,17 @@ class SegmentationTask(TaskModule):
         return draw_segmentation(to_uint8_image(original), record["label_map"].long(), self._class_names(), shares)
 
     export_output = "logits (classes, H, W)"
+    export_dynamic_axes = {0: "batch", 2: "height", 3: "width"}  # any image size, as validation feeds it
+
+    def export_preprocessing(self, datamodule: Any) -> dict[str, Any]:
+        """The data module's normalisation, and the test-time resize this task does before the model
+        (``task.inference``: mmseg's ``Resize(keep_ratio=True)``, bilinear, then the softmax)."""
+        cfg = self.inference_cfg
+        return {**datamodule.preprocessing(), "interpolation": "bilinear",
+                "resize": {"scale": list(cfg["scale"]) if cfg.get("scale") else None,
+                           "rule": "keep the aspect ratio: long side <= max(scale), short side <= min(scale)"},
+                "mode": cfg.get("mode", "whole"), "ratios": list(cfg.get("ratios") or [1.0]),
+                "flip": bool(cfg.get("flip", False))}
 
     def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Images of the training crop's size (the exported model takes others: it pads and crops as mmseg does)."""
@@ -183,8 +194,8 @@ def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor
     """Each head's logits at the input's size: the input zero-padded to a multiple of ``size_divisor``, the logits
     resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``)."""
     h, w = images.shape[-2:]
-    pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
-    x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+    # padded even by nothing: a branch on the size would fix an exported model to one side of it (any size exports)
+    x = F.pad(images, (0, (-w) % size_divisor, 0, (-h) % size_divisor))
     features = dict(zip(backbone.out_indices, backbone(x)))
     return [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
             for head in heads]

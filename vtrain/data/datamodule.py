@@ -317,6 +317,12 @@ class DataModule(pl.LightningDataModule):
         """The dataset's own identifier per label where it has one (ImageNet wnids, COCO category ids)."""
         return None
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What evaluation does to an image before the model, as timm's ``pretrained_cfg`` says it (``mean``,
+        ``std`` on 0-1 pixels, ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``; a task's data module
+        names what its rule needs): what an exported model's ``model.json`` carries."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its preprocessing")
+
     def predict_set(self, paths: Sequence[str]) -> "PredictionInputs":
         """The files ``paths`` read and transformed as validation reads its own samples (a task's data module)."""
         raise NotImplementedError(f"{type(self).__name__} does not read files for predictions")

@@ -262,6 +262,12 @@ class TaskModule(pl.LightningModule):
         raise ConfigError(f"{type(self).__name__} cannot be exported")
 
     export_output = "logits"  # what export_module returns, in words (export's model.json)
+    export_dynamic_axes: dict[int, str] = {0: "batch"}  # the input's axes an exported model takes at any size
+
+    def export_preprocessing(self, datamodule: Any) -> dict[str, Any]:
+        """What the caller of an exported model does to an image first (export's ``model.json``): the run's data
+        module's :meth:`~vtrain.data.datamodule.DataModule.preprocessing`."""
+        return datamodule.preprocessing()
 
     def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """A normalised batch of what :meth:`export_module` takes, at the validation input's size (``size``: (H, W)
