@@ -214,6 +214,21 @@ def test_training_logs_pictures_of_validation_predictions_to_tensorboard(trained
     picture = np.asarray(Image.open(__import__("io").BytesIO(events.Images("predictions/0")[0].encoded_image_string)))
     assert max(picture.shape[:2]) >= 384 and picture.std() > 10  # enlarged to a readable size, not blank
 
+    # the ground truth beside the prediction: the left panel is the first file's truth drawn as predictions are
+    from vtrain.inference.visualize import PANEL_GAP, TITLE_HEIGHT
+    from vtrain.training.build import datamodule_of
+    from vtrain.training.module import PredictOptions
+
+    model = vtrain.load(run_dir)
+    datamodule = datamodule_of(model)
+    original = datamodule.predict_set(datamodule.example_files(1))[0]["original"]
+    truth = model.draw_prediction(original, model.truth_record(datamodule.example_truths(1)[0]), PredictOptions())
+    truth = truth.permute(1, 2, 0).numpy()
+    height, width = truth.shape[:2]
+    assert picture.shape[1] == 2 * width + PANEL_GAP  # two panels of the same image, side by side
+    np.testing.assert_array_equal(picture[TITLE_HEIGHT:TITLE_HEIGHT + height, :width], truth)
+    assert not np.array_equal(picture[TITLE_HEIGHT:TITLE_HEIGHT + height, width + PANEL_GAP:], truth)
+
 
 def test_a_box_is_drawn_on_its_border_and_nowhere_else():
     """A hand-made detection on a flat grey image: the picture is the input enlarged (nearest), except on the box's

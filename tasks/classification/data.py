@@ -139,6 +139,9 @@ class ImageFolderDataModule(DataModule):
     def example_files(self, count: int) -> list[str]:
         return [path for path, _ in self.validation_set().samples[:count]]
 
+    def example_truths(self, count: int) -> list[int]:
+        return [label for _, label in self.validation_set().samples[:count]]
+
     def build_sets(self, stage: str) -> None:
         self.classes = list_classes(self.root / "train")
         if stage == "fit":

@@ -172,6 +172,12 @@ class DetectionTask(TaskModule):
         results = records_to_coco_results(coco_image_ids(sources, getattr(datamodule, "val_annotation_file", None)), records)
         return {f"detections_{iou_type}.json": found for iou_type, found in results.items()}
 
+    def truth_record(self, truth: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The objects as instances without a score (their captions are the names alone)."""
+        names = self.label_names()
+        return {"instances": [{"box": [float(v) for v in box], "label": int(label) - 1, "name": names[int(label) - 1]}
+                              for box, label in zip(truth["boxes"], truth["labels"].tolist())]}
+
     def draw_prediction(self, original: torch.Tensor, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
         instances = record["instances"]
         colors = palette(len(self.label_names()))
@@ -180,7 +186,7 @@ class DetectionTask(TaskModule):
         if instances and "mask" in instances[0]:
             rles = [{"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode("ascii")} for d in instances]
             masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool()
-        return draw_detections(to_uint8_image(original), boxes, [f"{d['name']} {d['score']:.2f}" for d in instances],
+        return draw_detections(to_uint8_image(original), boxes, [d["name"] + (f" {d['score']:.2f}" if "score" in d else "") for d in instances],
                                [colors[d["label"]] for d in instances], masks)
 
     def export_module(self) -> nn.Module:

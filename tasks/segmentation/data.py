@@ -368,6 +368,12 @@ class ADE20KDataModule(DataModule):
     def example_files(self, count: int) -> list[str]:
         return [image for image, _ in self.validation_set().pairs[:count]]
 
+    def example_truths(self, count: int) -> list[torch.Tensor | None]:
+        """Each file's label map (ignored pixels 255), as validation scores it."""
+        val_set = self.validation_set()
+        loaded = [val_set.load(i) for i in range(min(count, len(val_set)))]
+        return [None if pair is None else torch.from_numpy(pair[1]).long() for pair in loaded]
+
     def check(self) -> None:
         """Fail in one line when ``root`` is missing, not laid out as ADE20K, or has unpaired files."""
         if not self.root.is_dir():

@@ -164,6 +164,14 @@ class SegmentationTask(TaskModule):
         return {"label_map": label_map.to(torch.uint8 if self.num_classes <= 256 else torch.int32),
                 "image_size": list(label_map.shape), "classes": sorted(shares, key=lambda c: -c["share"])}
 
+    def truth_record(self, truth: torch.Tensor) -> dict[str, Any]:
+        """The label map and each class's share of the labelled pixels (ignored ones drawn as the image)."""
+        labelled = truth[truth != self.ignore_index]
+        counts = torch.bincount(labelled, minlength=self.num_classes).tolist()
+        names = self._class_names()
+        return {"label_map": truth, "classes": [{"label": label, "name": names[label], "share": n / labelled.numel()}
+                                                for label, n in enumerate(counts) if n]}
+
     def draw_prediction(self, original: Any, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
         shares = {c["label"]: c["share"] for c in record["classes"]}
         return draw_segmentation(to_uint8_image(original), record["label_map"].long(), self._class_names(), shares)

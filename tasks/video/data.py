@@ -346,6 +346,9 @@ class KineticsDataModule(DataModule):
     def example_files(self, count: int) -> list[str]:
         return [path for path, _ in self.validation_set().samples[:count]]
 
+    def example_truths(self, count: int) -> list[int]:
+        return [label for _, label in self.validation_set().samples[:count]]
+
     def build_sets(self, stage: str) -> None:
         if stage == "fit":
             self.train_set = VideoClipDataset(

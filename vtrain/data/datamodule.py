@@ -331,6 +331,12 @@ class DataModule(pl.LightningDataModule):
         """The first ``count`` validation files (pictures of predictions during training)."""
         raise NotImplementedError(f"{type(self).__name__} does not list its validation files")
 
+    def example_truths(self, count: int) -> list[Any] | None:
+        """The ground truth of :meth:`example_files`, in the order of the files, as the task's ``truth_record``
+        takes it (a label, boxes and labels, a label map at the image's size; None for a file that cannot be read);
+        None where the data module gives none."""
+        return None
+
     def validation_set(self) -> Dataset:
         """``val_set``, set up first if it is not yet."""
         if getattr(self, "val_set", None) is None:

@@ -142,6 +142,25 @@ def frame_strip(frames: torch.Tensor, count: int = 8) -> torch.Tensor:
     return torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=-1)
 
 
+TITLE_HEIGHT = 24  # the strip above each panel of :func:`side_by_side` that names it
+PANEL_GAP = 8
+
+
+def side_by_side(panels: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """Pictures in a row, each under its title (``("ground truth", ...), ("prediction", ...)``), tops aligned,
+    :data:`PANEL_GAP` pixels apart; panel k's picture starts at row :data:`TITLE_HEIGHT` and column
+    ``sum(width of the ones before) + k * PANEL_GAP``."""
+    height = TITLE_HEIGHT + max(p.shape[-2] for _, p in panels)
+    width = sum(p.shape[-1] for _, p in panels) + PANEL_GAP * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw, x = ImageDraw.Draw(canvas), 0
+    for title, picture in panels:
+        draw.text((x + 6, 4), title, fill=(20, 20, 20), font=font(15))
+        canvas.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (x, TITLE_HEIGHT))
+        x += picture.shape[-1] + PANEL_GAP
+    return to_uint8_image(canvas)
+
+
 def stack_vertically(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     width = max(top.shape[-1], bottom.shape[-1])
     pad = [torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=255) for x in (top, bottom)]

@@ -246,6 +246,11 @@ class TaskModule(pl.LightningModule):
         """One output as plain values (what ``python -m vtrain.predict`` writes as JSON); a label map stays a tensor."""
         raise NotImplementedError(f"{type(self).__name__} does not predict")
 
+    def truth_record(self, truth: Any) -> dict[str, Any] | None:
+        """A file's ground truth (the data module's ``example_truths``) as a record :meth:`draw_prediction` draws;
+        None: the task draws no ground truth."""
+        return None
+
     def draw_prediction(self, original: Any, record: dict[str, Any], options: "PredictOptions") -> torch.Tensor:
         """A picture of one prediction on its input (``original``: the decoded file), uint8 (3, H, W)."""
         raise NotImplementedError(f"{type(self).__name__} does not draw its predictions")
