@@ -190,10 +190,21 @@ class DetectionTask(TaskModule):
                                [colors[d["label"]] for d in instances], masks)
 
     def export_module(self) -> nn.Module:
-        raise ConfigError("export of detection models is not supported yet: torchvision's detectors take lists of "
-                          "images of any size and resize and normalise them inside, which ONNX, TorchScript tracing "
-                          "and torch.export do not capture for this backbone wrapper; export classification, "
-                          "segmentation or video models")
+        raise ConfigError(EXPORT_REFUSAL)
+
+    def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        raise ConfigError(EXPORT_REFUSAL)
+
+
+# Measured with torch 2.14.1 / torchvision 0.29.1 on quickstart_det's Faster and Mask R-CNN: torchvision's documented
+# path (torch.onnx.export(model.eval(), ([image],), opset_version=11, dynamo=False) under no_grad) writes a file
+# that onnxruntime runs, within 1e-5 of PyTorch at the traced size, but 80 px off at another (the backbone's
+# padding and the RoI heads' per-image counts are traced as constants); the torch.export-based exporter stops on
+# the proposals' data-dependent sizes; torch.jit.script cannot compile the backbone wrappers.
+EXPORT_REFUSAL = ("detection models do not export: torchvision's ONNX path (torch.onnx.export with a list of images) "
+                  "traces this detector at one image size only, and TorchScript cannot script it; use the checkpoint "
+                  "itself, its state dict with the model's config (vtrain.load(path), vtrain.Predictor(path), "
+                  "python -m vtrain.predict ckpt_path=FILE)")
 
 
 def coco_image_ids(sources: Sequence[str], annotation_file: str | Path | None) -> list[int]:
