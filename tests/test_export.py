@@ -40,10 +40,10 @@ def checkpoint(task: str, path) -> tuple:
     return module.eval(), file
 
 
-# Each format once, each exportable task once (torch.export-based exports take seconds each on a CPU); ONNX on the
-# segmentation model, whose height and width are dynamic axes.
+# Each format once, each exportable task once (torch.export-based exports take seconds each on a CPU); the
+# segmentation model, whose height and width are dynamic, by both torch.export-based formats.
 @pytest.mark.parametrize("task, fmt", [("classification", "exported"), ("video", "torchscript"),
-                                       ("segmentation", "onnx")])
+                                       ("segmentation", "onnx"), ("segmentation", "exported")])
 def test_exported_model_gives_the_task_models_outputs(task, fmt, tmp_path):
     module, file = checkpoint(task, tmp_path)
     main([f"ckpt_path={file}", f"format={fmt}", f"out={tmp_path / 'out'}"])

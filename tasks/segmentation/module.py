@@ -197,16 +197,22 @@ class SegmentationTask(TaskModule):
         return Segmenter(self.backbone, self.head, self.size_divisor).eval()
 
 
-def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor, size_divisor: int
-           ) -> list[torch.Tensor]:
+def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor, size_divisor: int,
+           any_size: bool = False) -> list[torch.Tensor]:
     """Each head's logits at the input's size: the input zero-padded to a multiple of ``size_divisor``, the logits
-    resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``)."""
+    resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``). ``any_size``: written so that
+    an export of it takes any height and width (the crop copied, not a view)."""
     h, w = images.shape[-2:]
     # padded even by nothing: a branch on the size would fix an exported model to one side of it (any size exports)
     x = F.pad(images, (0, (-w) % size_divisor, 0, (-h) % size_divisor))
     features = dict(zip(backbone.out_indices, backbone(x)))
-    return [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
-            for head in heads]
+    logits = [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False) for head in heads]
+    if not any_size:
+        return [y[..., :h, :w] for y in logits]
+    # the same values as a new tensor: the view [..., :h, :w] is strided like the padded logits only when nothing was
+    # padded, and torch.export fixes an export to the case it traced (measured: a guard that the padding is 0)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    return [y.index_select(-2, rows).index_select(-1, cols) for y in logits]
 
 
 class Segmenter(nn.Module):
@@ -218,4 +224,4 @@ class Segmenter(nn.Module):
         self.backbone, self.head, self.size_divisor = backbone, head, size_divisor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return encode(self.backbone, [self.head], images, self.size_divisor)[0]
+        return encode(self.backbone, [self.head], images, self.size_divisor, any_size=True)[0]

@@ -34,7 +34,9 @@ def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn
     model = module.export_module().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {axis: torch.export.Dim(name, min=1, max=1024 if name == "batch" else 8192)
+    # a spatial side's range is the exporter's to find (Dim.AUTO): a backbone may need more than one stride of it
+    # (measured: torch.export refuses 1..8192 for a segmentation model, whose padded side // 32 must not be 1)
+    dynamic = {axis: torch.export.Dim("batch", min=1, max=1024) if name == "batch" else torch.export.Dim.AUTO
                for axis, name in dynamic_axes(module, fmt).items()}
     with torch.no_grad():
         if fmt == "onnx":
