@@ -127,11 +127,20 @@ class ImageFolderDataModule(DataModule):
         return [(names.get(w) or (imagenet.label_name_to_description(w) if w in known else w)).split(",")[0]
                 for w in self.class_ids]
 
+    def preprocessing(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` keys, with the values :meth:`eval_transform` uses."""
+        return {"mean": list(self.mean), "std": list(self.std), "input_size": [3, self.img_size, self.img_size],
+                "interpolation": self.eval_interpolation, "crop_pct": self.eval_crop_pct,
+                "crop_mode": self.eval_crop_mode}
+
     def predict_set(self, paths: list[str]) -> PredictionInputs:
         return PredictionInputs(paths, read_rgb, self.eval_transform(), from_array=Image.fromarray)
 
     def example_files(self, count: int) -> list[str]:
         return [path for path, _ in self.validation_set().samples[:count]]
+
+    def example_truths(self, count: int) -> list[int]:
+        return [label for _, label in self.validation_set().samples[:count]]
 
     def build_sets(self, stage: str) -> None:
         self.classes = list_classes(self.root / "train")
