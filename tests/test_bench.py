@@ -169,7 +169,7 @@ def test_overhead_report_pairs_the_blocks(imagenet_root, tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     report = overhead.run_overhead(_tiny_run(imagenet_root, tmp_path), OmegaConf.create(
-        {"warmup": 1, "steps": 2, "repeats": 3}), "quickstart")
+        {"warmup": 1, "steps": 2, "repeats": 3, "profile": False}), "quickstart")
     # steps after the warm-up: vtrain 2.5, 2.0, 4.0 s; bare 2.0, 1.5, 2.0 s (blocks 1 and 3 run vtrain first)
     assert report["steps_per_s"] == {"vtrain": pytest.approx(2 / 2.5), "bare": pytest.approx(2 / 2.0)}
     assert report["ratio"] == pytest.approx(0.75)  # ratios 0.8, 0.75, 0.5

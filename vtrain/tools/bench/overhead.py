@@ -46,6 +46,7 @@ from vtrain.training.trainer import build_trainer
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 PLAIN = ("32-true", "32", 32, None)
+PROFILE_ROWS = 15
 
 
 class StepClock(pl.Callback):
@@ -172,6 +173,7 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
                 seconds[name].append(step_seconds(starts, warmup))
                 if memory.transient is not None:
                     peak[name] = max(peak.get(name) or 0.0, memory.transient / 2**20)
+        profile = _profile(cfg, module, datamodule, warmup + steps, device) if bench.get("profile") else None
     blocks = {name: [sum(s) for s in per_block] for name, per_block in seconds.items()}
     ratios = [bare / ours for ours, bare in zip(blocks["vtrain"], blocks["bare"])]  # vtrain's speed / bare's
     return {
@@ -185,7 +187,23 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         "ratio": statistics.median(ratios),
         "ratio_quartiles": _ratio_quartiles(ratios),
         "peak_mb": {name: peak.get(name) for name in paths},
+        "profile": profile,
     }
+
+
+def _profile(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, steps: int, device: torch.device
+             ) -> dict[str, str]:
+    """One more block of each path under ``torch.profiler``: the operators and Python-level functions with the
+    most self time (CPU), the first ``PROFILE_ROWS`` of each, to name where vtrain's extra time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tables = {}
+    for name, block in (("vtrain", vtrain_block), ("bare", bare_block)):
+        with profile(activities=activities, with_stack=False) as prof:
+            block(cfg, module, datamodule, steps, device)
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
+    return tables
 
 
 def format_overhead(report: dict[str, Any]) -> str:
@@ -198,6 +216,8 @@ def format_overhead(report: dict[str, Any]) -> str:
              f"  vtrain  {rate['vtrain']:8.3f} steps/s   peak {_mb(peak['vtrain'])}",
              f"  bare    {rate['bare']:8.3f} steps/s   peak {_mb(peak['bare'])}",
              f"  vtrain / bare: {report['ratio']:.3f} (quartiles {q1:.3f}-{q3:.3f})"]
+    for name, table in (report.get("profile") or {}).items():
+        lines += ["", f"{name}: the {PROFILE_ROWS} entries with the most self CPU time (one block)", table]
     return "\n".join(lines)
 
 
