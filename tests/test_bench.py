@@ -175,3 +175,29 @@ def test_overhead_report_pairs_the_blocks(imagenet_root, tmp_path, monkeypatch):
     assert report["ratio"] == pytest.approx(0.75)  # ratios 0.8, 0.75, 0.5
     assert report["ratio_quartiles"] == pytest.approx([0.625, 0.775])
     assert report["step_seconds"]["vtrain"][2] == [2.0, 2.0]
+
+
+def test_vs_bare_splits_the_bench_settings_from_the_experiment(tmp_path, monkeypatch):
+    """``experiment=... <overrides> --vs bare bench.overhead.steps=3``: the bench.* arguments set the bench, the others
+    compose the experiment; the report is printed and appended to bench.overhead.jsonl."""
+    import vtrain.tools.bench.cli as cli
+    import vtrain.tools.bench.overhead as overhead
+
+    seen = {}
+
+    def fake_run(cfg, bench, experiment):
+        seen.update(cfg=cfg, bench=bench, experiment=experiment)
+        return {"steps_per_s": {"vtrain": 1.0, "bare": 2.0}, "peak_mb": {"vtrain": None, "bare": None},
+                "ratio": 0.5, "ratio_quartiles": [0.4, 0.6], "device": "cpu",
+                "settings": {"steps": 3, "repeats": 2, "warmup": 1, "batch_size": 8, "precision": "32-true"}}
+
+    monkeypatch.setattr(overhead, "run_overhead", fake_run)
+    argv = cli.vs_to_override(["experiment=quickstart", "data.batch_size=8", "--vs", "bare", "bench.overhead.steps=3",
+                               f"bench.overhead.jsonl={tmp_path / 'o.jsonl'}"])
+    assert "bench.reference=bare" in argv
+    cli.overhead([a for a in argv if a != "bench.reference=bare"])
+    assert seen["experiment"] == "quickstart" and seen["cfg"].data.batch_size == 8
+    assert seen["cfg"].backbone.embed_dim == 32  # the quickstart's, composed from the train config
+    assert seen["bench"].steps == 3 and seen["bench"].repeats == 4
+    [line] = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert json.loads(line)["overrides"] == ["experiment=quickstart", "data.batch_size=8"]
