@@ -180,6 +180,36 @@ def test_official_swin_release_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(target(x), source(x))
 
 
+def test_official_22k_release_head_is_remapped_by_the_class_map(tmp_path, caplog):
+    """An official-layout release with a 7-way head (the 21,841-way 22K one, small) for a 4-class model: the class
+    map's rows, in its order, as the official load_pretrained does (head.weight[map22kto1k, :])."""
+    source = _tiny_task("data.num_classes=7")
+    official = _to_official_swin({k.removeprefix("backbone."): v for k, v in source.state_dict().items()
+                                  if k.startswith("backbone.")})
+    official.update({"head.weight": source.head.weight, "head.bias": source.head.bias})
+    path = tmp_path / "swin_22k.pth"
+    torch.save({"model": official}, path)
+    class_map, rows = tmp_path / "map22kto1k.txt", [5, 0, 3, 6]
+    class_map.write_text("".join(f"{r}\n" for r in rows))
+    target = _tiny_task(f"task.map22kto1k={class_map}", seed=1)
+    load_task_weights(target, path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(target(x), source(x)[:, rows])
+    # without a map the head keeps what it had, said in one line
+    target.map22kto1k, before = None, target.head.weight.clone()
+    with caplog.at_level("WARNING", logger="vtrain.training.checkpoint"):
+        load_task_weights(target, path)
+    assert torch.equal(target.head.weight, before)
+    target.map22kto1k = class_map
+    assert "is (7, 256), this model's (4, 256): it starts from its initialisation (task.map22kto1k=" in caplog.text
+    class_map.write_text("5\n0\n3\n")
+    with pytest.raises(ConfigError, match=r"map22kto1k.txt maps 3 classes but the model has 4: one line per class"):
+        load_task_weights(target, path)
+    class_map.write_text("5\n0\n7\n1\n")
+    with pytest.raises(ConfigError, match=r"map22kto1k.txt line 3 is '7', not a row of the checkpoint's 7-way"):
+        load_task_weights(target, path)
+
+
 def test_timm_and_torchvision_resnet_state_dicts_load(tmp_path):
     reference = timm.create_model("resnet50", num_classes=4).eval()
     path = tmp_path / "resnet50.pth"
