@@ -180,20 +180,35 @@ def test_official_swin_release_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(target(x), source(x))
 
 
+def _tiny_swin_classifier(num_classes, seed, **task):
+    from omegaconf import OmegaConf
+
+    from vtrain.tasks.classification.module import ClassificationTask
+
+    torch.manual_seed(seed)
+    backbone = OmegaConf.create({"_target_": "vtrain.backbones.SwinTransformer", "img_size": 32, "embed_dim": 16,
+                                 "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": 4,
+                                 "drop_path_rate": 0.0})
+    return ClassificationTask(backbone, {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+                              {"_target_": "vtrain.training.optim.cosine"}, num_classes=num_classes, **task).eval()
+
+
 def test_official_22k_release_head_is_remapped_by_the_class_map(tmp_path, caplog):
     """An official-layout release with a 7-way head (the 21,841-way 22K one, small) for a 4-class model: the class
     map's rows, in its order, as the official load_pretrained does (head.weight[map22kto1k, :])."""
-    source = _tiny_task("data.num_classes=7")
+    source = _tiny_swin_classifier(7, seed=0)
     official = _to_official_swin({k.removeprefix("backbone."): v for k, v in source.state_dict().items()
                                   if k.startswith("backbone.")})
     official.update({"head.weight": source.head.weight, "head.bias": source.head.bias})
+    assert "layers.0.downsample.reduction.weight" in official
     path = tmp_path / "swin_22k.pth"
     torch.save({"model": official}, path)
     class_map, rows = tmp_path / "map22kto1k.txt", [5, 0, 3, 6]
     class_map.write_text("".join(f"{r}\n" for r in rows))
-    target = _tiny_task(f"task.map22kto1k={class_map}", seed=1)
-    load_task_weights(target, path)
+    target = _tiny_swin_classifier(4, seed=1, map22kto1k=str(class_map))
     x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(target(x), source(x)[:, rows])
+    load_task_weights(target, path)
     torch.testing.assert_close(target(x), source(x)[:, rows])
     # without a map the head keeps what it had, said in one line
     target.map22kto1k, before = None, target.head.weight.clone()
@@ -201,7 +216,7 @@ def test_official_22k_release_head_is_remapped_by_the_class_map(tmp_path, caplog
         load_task_weights(target, path)
     assert torch.equal(target.head.weight, before)
     target.map22kto1k = class_map
-    assert "is (7, 256), this model's (4, 256): it starts from its initialisation (task.map22kto1k=" in caplog.text
+    assert "is (7, 128), this model's (4, 128): it starts from its initialisation (task.map22kto1k=" in caplog.text
     class_map.write_text("5\n0\n3\n")
     with pytest.raises(ConfigError, match=r"map22kto1k.txt maps 3 classes but the model has 4: one line per class"):
         load_task_weights(target, path)
