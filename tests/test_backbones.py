@@ -8,10 +8,11 @@ import pytest
 import timm
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from vtrain.config import ConfigError
-from vtrain.backbones import LRNet, ResNet, SwinTransformer, VisionTransformer
+from vtrain.backbones import HRNet, LRNet, ResNet, SwinTransformer, VisionTransformer
 from vtrain.backbones.base import Classifier
 from vtrain.config.compose import compose_config
 from vtrain.profiling import count_macs, count_params
@@ -24,6 +25,7 @@ PARAMS = {
     "resnext50_32x4d": 25_028_904, "resnext101_32x4d": 44_177_704, "resnext101_64x4d": 83_455_272,
     "dcn_r50": 26_137_874, "dcn_r101": 45_835_332,
     "gcnet_r50": 28_078_773, "gcnet_r101": 49_337_222, "nl_r50": 27_657_768, "dnl_r50": 27_658_793,
+    "se_r50": 28_088_024, "snl_r50": 26_607_657, "gc1_r50": 25_690_345,
     "lrnet26": 14_608_314, "lrnet50": 23_374_069,
     "swin_t": 28_288_354, "swin_s": 49_606_258, "swin_b": 87_768_224, "swin_b_384": 87_903_584,
     "swin_l": 196_532_476, "swin_l_384": 196_735_516,
@@ -31,6 +33,7 @@ PARAMS = {
     "vit_b16_384": 86_859_496, "vit_l16_384": 304_715_752,
 }
 TIMM_NAMES = {
+    "se_r50": "seresnet50",
     "resnet26": "resnet26", "resnet50": "resnet50", "resnet101": "resnet101",
     "resnext50_32x4d": "resnext50_32x4d", "resnext101_32x4d": "resnext101_32x4d", "resnext101_64x4d": "resnext101_64x4d",
     "swin_t": "swin_tiny_patch4_window7_224", "swin_s": "swin_small_patch4_window7_224",
@@ -85,7 +88,7 @@ def test_parameters_and_macs(name):
     model = build_meta_classifier(name)
     assert count_params(model) == PARAMS[name]
     if name in TIMM_NAMES:
-        skip_init = {} if name.startswith(("resnet", "resnext")) else {"weight_init": "skip"}  # meta: nothing to initialise
+        skip_init = {} if name.startswith(("resnet", "resnext", "se_r")) else {"weight_init": "skip"}  # meta: nothing to initialise
         with torch.device("meta"):
             reference = timm.create_model(TIMM_NAMES[name], num_classes=1000, **skip_init)
         assert count_params(reference) == PARAMS[name]
@@ -134,6 +137,52 @@ def test_non_local_placement():
     assert list(every_other.non_local) == ["layer2_1", "layer2_3", "layer3_1", "layer3_3", "layer3_5"]
 
 
+def test_one_block_rows_of_gcnet_table_2a():
+    """GCNet Table 2(a): one NL / simplified NL / GC block right before c4's last residual block (+2.1M / +1.0M /
+    +0.1M on the detector's 44.4M), SE in every bottleneck (46.9M: +2.5M), each counted from its formula."""
+    base = count_params(build_meta("resnet50"))
+    c, hidden = 1024, 64
+    snl = (c + 1) + (c * c + c)  # W_k, W_v
+    gc = (c + 1) + (c * hidden + hidden) + 2 * hidden + (hidden * c + c)  # W_k, W_v1, LN, W_v2
+    se = sum(blocks * (2 * (w * (w // 16)) + w // 16 + w)  # fc1, fc2 (1x1 convs with bias)
+             for w, blocks in zip((256, 512, 1024, 2048), (3, 4, 6, 3)))
+    for name, added, paper in (("snl_r50", snl, 1.0), ("gc1_r50", gc, 0.1), ("se_r50", se, 2.5)):
+        backbone = build_meta(name, ALL_LEVELS)
+        assert count_params(backbone) - base == added and added / 1e6 == pytest.approx(paper, abs=0.06)
+        if name != "se_r50":
+            assert list(backbone.non_local) == ["layer3_4"] and backbone.layer3[4].se is None
+        _check_features(backbone, backbone(torch.zeros(1, 3, 64, 96, device="meta")), 64, 96)
+    assert all(type(b.se).__name__ == "SEModule" for b in backbone.layer2)
+
+
+def test_dnl_variants_through_the_backbone_config():
+    from vtrain.backbones.resnet import DEPTHS, non_local_blocks
+
+    def block(**options):  # conf/backbone/dnl_r50.yaml's dnl options, some overridden, as ResNet builds them
+        dnl = {**OmegaConf.to_container(dnl_r50.dnl), **options}
+        return non_local_blocks(None, dnl, DEPTHS[50], (256, 512, 1024, 2048))["layer3_4"]
+
+    dnl_r50 = backbone_config("dnl_r50")
+    blocks = {unary: block(unary=unary) for unary in ("disentangled", "shared", None)}
+    blocks["null"] = blocks.pop(None)
+    unary_alone = block(pairwise=False)
+    assert (blocks["shared"].unary, blocks["null"].unary, unary_alone.pairwise) == ("shared", None, False)
+    theta_phi, mask = 2 * (1024 * 512 + 512), 1024 + 1
+    assert count_params(blocks["disentangled"]) - count_params(blocks["shared"]) == mask
+    assert count_params(blocks["shared"]) == count_params(blocks["null"])
+    assert count_params(blocks["disentangled"]) - count_params(unary_alone) == theta_phi
+
+
+def test_attention_slot_and_placement_conflicts_are_named():
+    c4, all_stages = [False, False, True, False], [True] * 4
+    with pytest.raises(ConfigError, match="gc .without after_blocks. and se both fill"), torch.device("meta"):
+        ResNet(50, se={"stages": all_stages}, gc={"stages": all_stages})
+    with pytest.raises(ConfigError, match="^se has no option ratio: its option is stages$"), torch.device("meta"):
+        ResNet(50, se={"stages": all_stages, "ratio": 0.25})
+    with pytest.raises(ConfigError, match="^snl asks for a block after layer3_4, where another"), torch.device("meta"):
+        ResNet(50, nl={"stages": c4}, snl={"stages": c4})
+
+
 # ---------------------------------------------------------------- feature contract
 
 
@@ -143,7 +192,8 @@ def _check_features(backbone, features, height, width):
         assert feature.shape[1:] == (info.channels, height // info.reduction, width // info.reduction)
 
 
-@pytest.mark.parametrize("name", sorted(PARAMS))
+# the one-block ResNets: test_one_block_rows_of_gcnet_table_2a
+@pytest.mark.parametrize("name", sorted(set(PARAMS) - {"se_r50", "snl_r50", "gc1_r50"}))
 def test_four_nchw_maps_on_meta(name):
     if name == "vit_h14":  # 14x14 patches: a pyramid at stride 3.5 is refused in one line
         with pytest.raises(Exception, match="would sit at strides 3.5, 7, 14, 28: dense heads need"):
@@ -282,6 +332,31 @@ def test_vit_logits_equal_timm():
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_hrnet_is_timms_with_the_official_classification_checkpoint():
+    """HRNetV2-W48: timm's hrnet_w48 features (feature_location=""), 65,325,120 params; on timm's small HRNet a
+    seeded ImageNet classifier's state dict (official keys) loads through checkpoint_filter and gives timm's
+    branches."""
+    with torch.device("meta"):
+        reference = timm.create_model("hrnet_w48", features_only=True, feature_location="", out_indices=(1, 2, 3, 4))
+        w48 = build_meta("hrnet_w48", ALL_LEVELS)
+    assert count_params(w48) == count_params(reference) == 65_325_120
+    assert (w48.feature_info.channels(), w48.feature_info.reduction()) == ([48, 96, 192, 384], [4, 8, 16, 32])
+    torch.manual_seed(0)
+    classifier = timm.create_model("hrnet_w18_small")
+    features = timm.create_model("hrnet_w18_small", features_only=True, feature_location="", out_indices=(1, 2, 3, 4))
+    features.load_state_dict(classifier.state_dict(), strict=False)  # it has no classification head to load
+    backbone = HRNet("hrnet_w18_small")
+    backbone_sd, classifier_sd = backbone.checkpoint_filter(classifier.state_dict())
+    backbone.load_state_dict(backbone_sd)
+    assert set(classifier_sd) == {"weight", "bias"}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(backbone.eval()(x), features.eval()(x), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="HRNet gives its four branches together"), torch.device("meta"):
+        HRNet(out_indices=(2, 3))
+
+
 @pytest.mark.parametrize("reference_name, kwargs", [("resnet50", {}),
                                                     ("resnext50_32x4d", dict(cardinality=32, base_width=4))])
 def test_resnet_loads_torchvision_checkpoint(reference_name, kwargs):
@@ -290,6 +365,18 @@ def test_resnet_loads_torchvision_checkpoint(reference_name, kwargs):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, reference_name)().eval()
     model = _copy_into(ResNet(50, **kwargs), reference, 1000)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_se_resnet_logits_equal_timm():
+    """``se`` is timm's seresnet (``block_args=dict(attn_layer="se")``): a seeded timm SE-ResNet (26 layers, for
+    time; seresnet50 is the same construction with 3-4-6-3 blocks) loads with its keys and gives its logits."""
+    from timm.models.resnet import Bottleneck, ResNet as TimmResNet
+
+    torch.manual_seed(0)
+    reference = TimmResNet(Bottleneck, [2, 2, 2, 2], num_classes=10, block_args=dict(attn_layer="se")).eval()
+    model = _copy_into(ResNet(26, se={"stages": [True] * 4}), reference, 10)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
@@ -369,7 +456,7 @@ def test_unknown_relation_block_options_are_named():
     from vtrain.config import ConfigError
     from vtrain.backbones.resnet import non_local_blocks
 
-    with pytest.raises(ConfigError, match=r"^dnl has no option sub_sample: its options are .*temperature$"):
+    with pytest.raises(ConfigError, match=r"^dnl has no option sub_sample: its options are .*temperature, pairwise, unary$"):
         non_local_blocks(None, {"stages": [False, False, True, False], "sub_sample": True}, (3, 4, 6, 3),
                          (256, 512, 1024, 2048))
     blocks = non_local_blocks({"stages": [False, True, True, False], "after_blocks": [1], "sub_sample": True}, None,

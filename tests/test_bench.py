@@ -113,3 +113,91 @@ def test_layer_against_another_implementation(tmp_path):
     assert ours["name"].startswith("LocalRelation2d(") and "implementation=reference" in ref["name"]
     assert ours["params"] == ref["params"] > 0
     assert ours["train_ips"] > 0 and ref["train_ips"] > 0
+
+
+# ------------------------------------------------------------------------------------- vtrain against a bare loop
+def _tiny_run(imagenet_root, tmp_path, *overrides):
+    from conftest import TINY_CLS
+
+    return compose_config("train", [*TINY_CLS, f"data.root={imagenet_root}", "trainer.log_every_n_steps=1",
+                                    "optim.batch_per_step=null", *overrides])
+
+
+@pytest.mark.parametrize("overrides", [[], ["trainer.gradient_clip_val=0.05", "data.batch_size=4",
+                                             "optim.batch_per_step=8"]], ids=["plain", "clipped_accumulated"])
+def test_the_bare_loop_trains_as_vtrain_does(imagenet_root, tmp_path, overrides):
+    """--vs bare compares like with like: from the same weights, seed and batches, three optimizer steps of the run's
+    own trainer and three of the bare loop end with the same weights (the schedule's lr, clipping, accumulation,
+    the loader's batches and the loss all agree), and each block yields one start per step and its end."""
+    import copy
+
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from vtrain.tools.bench.overhead import bare_block, prepared, vtrain_block
+    from vtrain.training.build import build_task
+
+    cfg = prepared(_tiny_run(imagenet_root, tmp_path, *overrides), str(tmp_path / "run"))
+    datamodule = instantiate(cfg.data)
+    pl.seed_everything(0, verbose=False)
+    first = build_task(cfg)
+    first.use_dataset(datamodule.info())
+    second = copy.deepcopy(first)
+    ends = []
+    for block, module in ((vtrain_block, first), (bare_block, second)):
+        if block is bare_block:
+            second.training_steps = first.training_steps
+        pl.seed_everything(1, verbose=False)
+        starts = block(cfg, module, datamodule, 3, torch.device("cpu"))
+        assert len(starts) == 4 and starts == sorted(starts)
+        ends.append({k: v.clone() for k, v in module.state_dict().items()})
+    for key, value in ends[0].items():
+        torch.testing.assert_close(ends[1][key], value, rtol=0, atol=1e-6, msg=key)
+    initial = build_task(cfg).state_dict()  # not the identity: the steps did change the weights
+    assert any(not torch.equal(initial[k], v) for k, v in ends[0].items() if v.is_floating_point())
+
+
+def test_overhead_report_pairs_the_blocks(imagenet_root, tmp_path, monkeypatch):
+    """The report's ratio is the median of vtrain's speed over the bare loop's in each pair of blocks, and its
+    steps/s the median block's; both paths ran every block (clocked here by their own step lists)."""
+    import vtrain.tools.bench.overhead as overhead
+
+    blocks = {"vtrain": iter([[0.0, 1.0, 2.0, 3.5], [0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 4.0, 6.0]]),
+              "bare": iter([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 2.5], [0.0, 1.0, 2.0, 3.0]])}
+    monkeypatch.setattr(overhead, "vtrain_block", lambda *a: next(blocks["vtrain"]))
+    monkeypatch.setattr(overhead, "bare_block", lambda *a: next(blocks["bare"]))
+    from omegaconf import OmegaConf
+
+    report = overhead.run_overhead(_tiny_run(imagenet_root, tmp_path), OmegaConf.create(
+        {"warmup": 1, "steps": 2, "repeats": 3, "profile": False}), "quickstart")
+    # steps after the warm-up: vtrain 2.5, 2.0, 4.0 s; bare 2.0, 1.5, 2.0 s (blocks 1 and 3 run vtrain first)
+    assert report["steps_per_s"] == {"vtrain": pytest.approx(2 / 2.5), "bare": pytest.approx(2 / 2.0)}
+    assert report["ratio"] == pytest.approx(0.75)  # ratios 0.8, 0.75, 0.5
+    assert report["ratio_quartiles"] == pytest.approx([0.625, 0.775])
+    assert report["step_seconds"]["vtrain"][2] == [2.0, 2.0]
+
+
+def test_vs_bare_splits_the_bench_settings_from_the_experiment(tmp_path, monkeypatch):
+    """``experiment=... <overrides> --vs bare bench.overhead.steps=3``: the bench.* arguments set the bench, the others
+    compose the experiment; the report is printed and appended to bench.overhead.jsonl."""
+    import vtrain.tools.bench.cli as cli
+    import vtrain.tools.bench.overhead as overhead
+
+    seen = {}
+
+    def fake_run(cfg, bench, experiment):
+        seen.update(cfg=cfg, bench=bench, experiment=experiment)
+        return {"steps_per_s": {"vtrain": 1.0, "bare": 2.0}, "peak_mb": {"vtrain": None, "bare": None},
+                "ratio": 0.5, "ratio_quartiles": [0.4, 0.6], "device": "cpu",
+                "settings": {"steps": 3, "repeats": 2, "warmup": 1, "batch_size": 8, "precision": "32-true"}}
+
+    monkeypatch.setattr(overhead, "run_overhead", fake_run)
+    argv = cli.vs_to_override(["experiment=quickstart", "data.batch_size=8", "--vs", "bare", "bench.overhead.steps=3",
+                               f"bench.overhead.jsonl={tmp_path / 'o.jsonl'}"])
+    assert "bench.reference=bare" in argv
+    cli.overhead([a for a in argv if a != "bench.reference=bare"])
+    assert seen["experiment"] == "quickstart" and seen["cfg"].data.batch_size == 8
+    assert seen["cfg"].backbone.embed_dim == 32  # the quickstart's, composed from the train config
+    assert seen["bench"].steps == 3 and seen["bench"].repeats == 4
+    [line] = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert json.loads(line)["overrides"] == ["experiment=quickstart", "data.batch_size=8"]

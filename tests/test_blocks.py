@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vtrain.layers import DisentangledNonLocalBlock, GlobalContextBlock, LocalRelation2d, NonLocalBlock
+from vtrain.config import ConfigError
+from vtrain.layers import (DisentangledNonLocalBlock, GlobalContextBlock, LocalRelation2d, NonLocalBlock,
+                           SimplifiedNonLocalBlock)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +73,18 @@ def test_gc_block_formula_and_size():
     assert sum(p.numel() for p in block.parameters()) == (c + 1) + (c * h + h) + 2 * h + (h * c + c)
 
 
+def test_simplified_non_local_formula_size_and_identity_start():
+    """GCNet Eq. 3: z_i = x_i + W_v sum_j softmax_j(W_k x_j) x_j, W_v one C x C 1x1 conv."""
+    x = torch.randn(2, 16, 5, 6)
+    assert torch.equal(SimplifiedNonLocalBlock(16)(x), x)
+    block = _randomise(SimplifiedNonLocalBlock(16))
+    weights = torch.softmax(_conv1x1(block.context_mask, x).flatten(2), dim=-1)  # (N, 1, L)
+    context = (x.flatten(2) * weights).sum(-1)[..., None, None]
+    torch.testing.assert_close(block(x), x + _conv1x1(block.transform, context), rtol=1e-5, atol=1e-5)
+    c = 16  # W_k (C + 1) + W_v (C*C + C)
+    assert sum(p.numel() for p in block.parameters()) == (c + 1) + (c * c + c)
+
+
 # ---------------------------------------------------------------- NL / DNL
 
 
@@ -115,6 +129,41 @@ def test_disentangled_non_local_matches_formula(dim):
     y = torch.einsum("nij,ncj->nci", pairwise, g) + torch.einsum("noj,ncj->nc", unary, g)[..., None]
     expected = x + _bn(block, _conv1x1(block.out_conv, y.reshape(2, 4, *x.shape[2:])))
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pairwise,unary", [(True, None), (False, "disentangled"), (True, "shared")])
+def test_dnl_ablation_variants_match_their_terms(pairwise, unary):
+    """DNL Sec. 5.1 ablations, each term written out: the whitened pairwise term alone, the unary term
+    softmax_j(W_m x_j) alone, and pairwise + the shared-key unary term softmax_j(mu_theta^T phi_j) (unscaled)."""
+    torch.manual_seed(0)
+    block = _randomise(DisentangledNonLocalBlock(8, reduction=2, temperature=0.5, pairwise=pairwise, unary=unary))
+    x = torch.randn(2, 8, 3, 4)
+    g = _conv1x1(block.g, x).flatten(2)  # (N, C', L)
+    y = torch.zeros_like(g)
+    if pairwise:
+        theta, phi = (_conv1x1(conv, x).flatten(2) for conv in (block.theta, block.phi))
+        mu_theta = theta.mean(dim=-1)  # (N, C')
+        theta, phi = theta - mu_theta[..., None], phi - phi.mean(dim=-1, keepdim=True)
+        weights = torch.softmax(torch.einsum("nci,ncj->nij", theta, phi) / (math.sqrt(4) * 0.5), dim=-1)
+        y = y + torch.einsum("nij,ncj->nci", weights, g)
+    if unary == "disentangled":
+        y = y + torch.einsum("nj,ncj->nc", torch.softmax(_conv1x1(block.unary_mask, x).flatten(1), -1), g)[..., None]
+    if unary == "shared":
+        raw_phi = _conv1x1(block.phi, x).flatten(2)
+        u = torch.softmax(torch.einsum("nc,ncj->nj", mu_theta, raw_phi), dim=-1)
+        y = y + torch.einsum("nj,ncj->nc", u, g)[..., None]
+    expected = x + _bn(block, _conv1x1(block.out_conv, y.reshape(2, 4, 3, 4)))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    # what each variant builds: theta/phi only with the pairwise term, W_m only with the disentangled key
+    names = {name.split(".")[0] for name, _ in block.named_parameters()}
+    assert ("theta" in names) == pairwise and ("unary_mask" in names) == (unary == "disentangled")
+
+
+def test_dnl_variant_options_are_checked():
+    with pytest.raises(ConfigError, match="^dnl unary='own': use disentangled"):
+        DisentangledNonLocalBlock(8, unary="own")
+    with pytest.raises(ConfigError, match="leaves no term"):
+        DisentangledNonLocalBlock(8, pairwise=False, unary=None)
 
 
 @pytest.mark.parametrize("block_type", [NonLocalBlock, DisentangledNonLocalBlock])

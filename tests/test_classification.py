@@ -1,6 +1,7 @@
 """ImageNet-layout data, clear errors on bad input, and checkpoints of every supported origin."""
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import shutil
@@ -9,13 +10,14 @@ import pytest
 import timm
 import torch
 from hydra.utils import instantiate
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from conftest import TINY_CLS, compose, run_cli
 from vtrain.tasks.classification.data import ImageFolderDataModule, ImageFolderDataset
 from vtrain.tasks.classification.synthetic import write
 from vtrain.config import ConfigError
 from vtrain.training.checkpoint import load_task_weights
-from vtrain.data.datamodule import CorruptFileError, ReadableCollate
+from vtrain.data.datamodule import CorruptFileError, ReadableCollate, class_folder_samples
 from vtrain.training.build import build_task
 
 
@@ -80,12 +82,70 @@ def test_corrupt_image_is_named_or_skipped(imagenet_root, tmp_path):
     bad = sorted((root / "val").rglob("*.JPEG"))[1]
     bad.write_bytes(b"not a jpeg")
     classes = sorted(d.name for d in (root / "train").iterdir())
-    strict = ImageFolderDataset(root / "val", classes, skip_corrupt=False)
+    samples = class_folder_samples(root / "val", classes, IMG_EXTENSIONS)
+    strict = ImageFolderDataset(samples, skip_corrupt=False)
     with pytest.raises(CorruptFileError, match=re.escape(str(bad))):
         strict[1]
-    lenient = ImageFolderDataset(root / "val", classes, transform=lambda im: torch.zeros(1), skip_corrupt=True)
+    lenient = ImageFolderDataset(samples, transform=lambda im: torch.zeros(1), skip_corrupt=True)
     batch = ReadableCollate()([lenient[i] for i in range(4)])
     assert batch.batch[0].shape[0] == 3 and (batch.samples, batch.skipped) == (4, 1)
+
+
+@pytest.fixture(scope="module")
+def imagenet22k_root(tmp_path_factory):
+    """3 classes x 2 training / 1 validation images of 32x32 in ImageNet-22K's layout, composed as data=imagenet22k."""
+    root = tmp_path_factory.mktemp("imagenet22k")
+    write(root, seed=0, num_classes=3, train_per_class=2, val_per_class=1, size=32, list_files=True)
+    return root
+
+
+def _imagenet22k_module(root, **overrides):
+    cfg = compose("data=imagenet22k", f"data.root={root}", "data.num_classes=3", "data.num_workers=0", "data.img_size=32")
+    return instantiate(cfg.data, **overrides)
+
+
+def test_imagenet22k_list_files_give_the_labels(imagenet22k_root):
+    # the labels are the list file's, not the sorted folders' (the writer permutes them)
+    entries = {split: json.loads((imagenet22k_root / f"ILSVRC2011fall_whole_map_{split}.txt").read_text())
+               for split in ("train", "val")}
+    label_of = {p.split("/")[1]: label for p, label in entries["train"]}
+    assert sorted(label_of) != [w for w, _ in sorted(label_of.items(), key=lambda kv: kv[1])]
+    dm = _imagenet22k_module(imagenet22k_root)
+    assert dm.lists["train"].name == "ILSVRC2011fall_whole_map_train.txt"
+    dm.check()
+    dm.setup("fit")
+    expected = {split: [(str(imagenet22k_root / p), label) for p, label in entries[split]] for split in entries}
+    assert dm.train_set.samples == expected["train"] and dm.val_set.samples == expected["val"]
+    assert all(p.startswith(str(imagenet22k_root / "fall11_whole")) for p, _ in dm.val_set.samples)
+    assert dm.class_ids == [w for w, _ in sorted(label_of.items(), key=lambda kv: kv[1])]
+    assert compose("data=imagenet22k").data.num_classes == 21841
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("label", r'map_val.txt: entry 1 \["fall11_whole/.*", 7\] has a label outside 0..2 \(data.num_classes\): fix'),
+    ("pair", r'map_val.txt: entry 1 \["fall11_whole/.*\.JPEG"\] is not \[path, label\]: fix the list file'),
+    ("json", r"map_val.txt is not JSON \(.* at line 5, column 1\): expected a JSON array of \[image path"),
+    ("classes", r"map_train.txt has 3 classes but data.num_classes=4: set data.num_classes=3"),
+    ("missing", r"no val list file ILSVRC2011fall_whole_map_val.txt; expected a JSON array"),
+])
+def test_imagenet22k_bad_list_is_one_line(imagenet22k_root, tmp_path, breakage, message):
+    root = tmp_path / "in22k"
+    shutil.copytree(imagenet22k_root, root)
+    val = root / "ILSVRC2011fall_whole_map_val.txt"
+    entries = json.loads(val.read_text())
+    if breakage == "label":
+        entries[1][1] = 7
+    if breakage == "pair":
+        entries[1] = entries[1][:1]
+    val.write_text("[\n" + ",\n".join(json.dumps(e) for e in entries) + ("\n]" if breakage != "json" else ",\n]"))
+    if breakage == "missing":
+        val.unlink()
+    overrides = {"num_classes": 4} if breakage == "classes" else {}
+    with pytest.raises(ConfigError, match=message) as error:
+        dm = _imagenet22k_module(root, **overrides)
+        dm.check()
+        dm.setup("validate")
+    assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -118,6 +178,51 @@ def test_official_swin_release_gives_the_same_logits(tmp_path):
     assert not torch.allclose(target(x), source(x))
     load_task_weights(target, path)
     torch.testing.assert_close(target(x), source(x))
+
+
+def _tiny_swin_classifier(num_classes, seed, **task):
+    from omegaconf import OmegaConf
+
+    from vtrain.tasks.classification.module import ClassificationTask
+
+    torch.manual_seed(seed)
+    backbone = OmegaConf.create({"_target_": "vtrain.backbones.SwinTransformer", "img_size": 32, "embed_dim": 16,
+                                 "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": 4,
+                                 "drop_path_rate": 0.0})
+    return ClassificationTask(backbone, {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+                              {"_target_": "vtrain.training.optim.cosine"}, num_classes=num_classes, **task).eval()
+
+
+def test_official_22k_release_head_is_remapped_by_the_class_map(tmp_path, caplog):
+    """An official-layout release with a 7-way head (the 21,841-way 22K one, small) for a 4-class model: the class
+    map's rows, in its order, as the official load_pretrained does (head.weight[map22kto1k, :])."""
+    source = _tiny_swin_classifier(7, seed=0)
+    official = _to_official_swin({k.removeprefix("backbone."): v for k, v in source.state_dict().items()
+                                  if k.startswith("backbone.")})
+    official.update({"head.weight": source.head.weight, "head.bias": source.head.bias})
+    assert "layers.0.downsample.reduction.weight" in official
+    path = tmp_path / "swin_22k.pth"
+    torch.save({"model": official}, path)
+    class_map, rows = tmp_path / "map22kto1k.txt", [5, 0, 3, 6]
+    class_map.write_text("".join(f"{r}\n" for r in rows))
+    target = _tiny_swin_classifier(4, seed=1, map22kto1k=str(class_map))
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(target(x), source(x)[:, rows])
+    load_task_weights(target, path)
+    torch.testing.assert_close(target(x), source(x)[:, rows])
+    # without a map the head keeps what it had, said in one line
+    target.map22kto1k, before = None, target.head.weight.clone()
+    with caplog.at_level("WARNING", logger="vtrain.training.checkpoint"):
+        load_task_weights(target, path)
+    assert torch.equal(target.head.weight, before)
+    target.map22kto1k = class_map
+    assert "is (7, 128), this model's (4, 128): it starts from its initialisation (task.map22kto1k=" in caplog.text
+    class_map.write_text("5\n0\n3\n")
+    with pytest.raises(ConfigError, match=r"map22kto1k.txt maps 3 classes but the model has 4: one line per class"):
+        load_task_weights(target, path)
+    class_map.write_text("5\n0\n7\n1\n")
+    with pytest.raises(ConfigError, match=r"map22kto1k.txt line 3 is '7', not a row of the checkpoint's 7-way"):
+        load_task_weights(target, path)
 
 
 def test_timm_and_torchvision_resnet_state_dicts_load(tmp_path):

@@ -158,3 +158,41 @@ def test_no_detections_and_label_zero(ground_truth):
            "scores": torch.tensor([0.9, 0.8])}
     results = to_coco_results(1, out, [3, 7])["bbox"]
     assert [(r["category_id"], r["bbox"]) for r in results] == [(7, [1.0, 1.0, 8.0, 8.0])]
+
+
+def test_predictions_as_coco_results_give_the_evaluators_ap(ground_truth, tmp_path, one_thread):
+    """What ``python -m vtrain.predict`` writes beside the instance JSON (``detections_bbox.json``,
+    ``detections_segm.json``): pycocotools' ``loadRes`` reads it, and COCOeval on it gives the AP the evaluator
+    gives on the same outputs; image ids come from the annotation file by file name."""
+    import vtrain
+    from vtrain.tasks.detection.module import coco_image_ids
+    from vtrain.training.module import PredictOptions
+
+    task, _ = vtrain.build(vtrain.compose("quickstart_det", [
+        "backbone.embed_dim=16", "backbone.depths=[1,1,1,1]", "backbone.num_heads=[1,1,2,2]", "backbone.window_size=4",
+        "task.detector.neck.out_channels=16", f"output_dir={tmp_path}"]))
+    task.class_names, task.class_ids = ["cat", "dog"], [3, 7]
+    options = PredictOptions(score_threshold=0.0, max_detections=100)
+    order = [3, 1, 2]
+    records = [task.prediction_record(_outputs(i), options) for i in order]
+
+    class Data:  # the run's data module: what results_files reads of it
+        val_annotation_file = ground_truth
+
+    files = task.results_files([f"photos/{i}.jpg" for i in order], records, Data())
+    assert sorted(files) == ["detections_bbox.json", "detections_segm.json"]
+    evaluator = CocoEvaluator(ground_truth, [3, 7], ["cat", "dog"], ("bbox", "segm"))
+    evaluator.update(order, [_outputs(i) for i in order])
+    summary = evaluator.compute()
+    gt = COCO(str(ground_truth))
+    for iou_type in ("bbox", "segm"):
+        (tmp_path / f"{iou_type}.json").write_text(json.dumps(files[f"detections_{iou_type}.json"]))
+        coco_eval = COCOeval(gt, gt.loadRes(str(tmp_path / f"{iou_type}.json")), iou_type)
+        coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()
+        assert 0.2 < coco_eval.stats[0] < 0.9
+        np.testing.assert_allclose(coco_eval.stats, [summary[iou_type][n] for n in STAT_NAMES], rtol=0, atol=1e-12)
+    first = files["detections_bbox.json"][0]  # image 3's best: (25, 18, 175, 165) XYXY
+    assert first["image_id"] == 3 and first["category_id"] == 7 and first["bbox"] == [25, 18, 150, 147]
+    # files the annotation file does not list: COCO's numbered names, else positions
+    assert coco_image_ids(["a/000000397133.jpg", "b/12.png"], ground_truth) == [397133, 12]
+    assert coco_image_ids(["a/1.jpg", "cat.jpg"], None) == [1, 2]

@@ -162,6 +162,15 @@ def test_pictures_are_written_and_show_the_prediction(trained, tmp_path):
         if task == "detection":
             assert 0 < len(record["instances"]) <= 5
             assert all("counts" in d["mask"] and d["category_id"] in (1, 4, 7, 10) for d in record["instances"])
+    if task == "detection":  # all inputs' detections as COCO results, with the annotation file's image ids
+        from pycocotools.coco import COCO
+
+        gt = COCO(str(vtrain.Predictor(run_dir).datamodule.val_annotation_file))
+        for iou_type in ("bbox", "segm"):
+            loaded = gt.loadRes(str(tmp_path / f"detections_{iou_type}.json"))
+            by_image = {gt.imgs[i]["file_name"]: len(loaded.getAnnIds(imgIds=[i])) for i in gt.getImgIds()}
+            assert [by_image[Path(f).name] for f in files] == [
+                len(json.loads((tmp_path / f"{Path(f).stem}.json").read_text())["instances"]) for f in files]
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +214,21 @@ def test_training_logs_pictures_of_validation_predictions_to_tensorboard(trained
     picture = np.asarray(Image.open(__import__("io").BytesIO(events.Images("predictions/0")[0].encoded_image_string)))
     assert max(picture.shape[:2]) >= 384 and picture.std() > 10  # enlarged to a readable size, not blank
 
+    # the ground truth beside the prediction: the left panel is the first file's truth drawn as predictions are
+    from vtrain.inference.visualize import PANEL_GAP, TITLE_HEIGHT
+    from vtrain.training.build import datamodule_of
+    from vtrain.training.module import PredictOptions
+
+    model = vtrain.load(run_dir)
+    datamodule = datamodule_of(model)
+    original = datamodule.predict_set(datamodule.example_files(1))[0]["original"]
+    truth = model.draw_prediction(original, model.truth_record(datamodule.example_truths(1)[0]), PredictOptions())
+    truth = truth.permute(1, 2, 0).numpy()
+    height, width = truth.shape[:2]
+    assert picture.shape[1] == 2 * width + PANEL_GAP  # two panels of the same image, side by side
+    np.testing.assert_array_equal(picture[TITLE_HEIGHT:TITLE_HEIGHT + height, :width], truth)
+    assert not np.array_equal(picture[TITLE_HEIGHT:TITLE_HEIGHT + height, width + PANEL_GAP:], truth)
+
 
 def test_a_box_is_drawn_on_its_border_and_nowhere_else():
     """A hand-made detection on a flat grey image: the picture is the input enlarged (nearest), except on the box's
@@ -222,6 +246,56 @@ def test_a_box_is_drawn_on_its_border_and_nowhere_else():
     assert changed[35 * factor, 45 * factor]  # inside the mask
     assert not changed[:20 * factor].any() and not changed[:, :18 * factor].any()  # above the caption, left of the box
     assert not changed[35 * factor, 25 * factor]  # inside the box, outside the mask
+
+
+def test_labels_of_overlapping_boxes_stay_legible():
+    """Three boxes with nearly the same top-left corner and one at the picture's corner: each caption on a filled
+    label of its box's colour, inside the picture, no two labels on top of each other (torchvision's
+    ``draw_bounding_boxes`` writes each at its box's corner, over the others)."""
+    from vtrain.inference.visualize import caption_places, caption_size, draw_detections, enlargement, font
+
+    image = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10, 50, 50], [12, 11, 60, 40], [11, 12, 45, 58], [0, 0, 20, 20]])
+    captions = ["circle 0.90", "square 0.80", "triangle 0.70", "star 0.60"]
+    colors = [(242, 60, 60), (60, 113, 242), (166, 242, 60), (0, 0, 0)]
+    picture = draw_detections(image, boxes, captions, colors)
+    factor = enlargement(64, 64)
+    sizes = [caption_size(font(13), c) for c in captions]
+    places = caption_places((boxes * factor).tolist(), sizes, 64 * factor, 64 * factor)
+    for k, (x1, y1, x2, y2) in enumerate(places):
+        assert 0 <= x1 < x2 <= 64 * factor and 0 <= y1 < y2 <= 64 * factor and (x2 - x1, y2 - y1) == sizes[k]
+        for other in places[k + 1:]:
+            assert min(x2, other[2]) <= max(x1, other[0]) or min(y2, other[3]) <= max(y1, other[1]), (k, places)
+        label = picture[:, y1:y2, x1:x2].reshape(3, -1).T
+        filled = (label == torch.tensor(colors[k], dtype=torch.uint8)).all(dim=1).float().mean()
+        luma = 0.299 * colors[k][0] + 0.587 * colors[k][1] + 0.114 * colors[k][2]
+        ink = torch.tensor([0, 0, 0] if luma > 150 else [255, 255, 255])
+        text = (label.int() - ink).abs().max(dim=1).values < 40  # anti-aliased strokes: near the ink
+        assert filled > 0.6 and text.sum() > 10  # the label's colour around its text, black on light, white on dark
+    assert places[0] == (10 * factor, 10 * factor - sizes[0][1], 10 * factor + sizes[0][0], 10 * factor)  # above
+    assert places[3][:2] == (0, 0)  # a box at the top-left corner: its label inside the picture
+
+
+def test_a_segmentation_is_a_semi_transparent_overlay_with_the_legends_colours():
+    """Each class's pixels are the image blended with its colour (the image stays visible: two image values under
+    one class give two picture values), and the legend's swatch of a class is that colour."""
+    from vtrain.inference.visualize import MIN_SIDE, SEGMENTATION_ALPHA, draw_segmentation, enlargement, palette
+
+    image = torch.zeros(3, 32, 48, dtype=torch.uint8)
+    image[:, :, 24:] = 200
+    label_map = torch.zeros(32, 48, dtype=torch.long)
+    label_map[8:24, 8:40] = 2
+    picture = draw_segmentation(image, label_map, ["a", "b", "c"], {0: 0.75, 2: 0.25})
+    factor, colors = enlargement(32, 48), palette(3)
+    assert factor * 48 == MIN_SIDE
+    for y, x, label in ((2, 2, 0), (2, 45, 0), (12, 12, 2), (12, 30, 2)):
+        blended = [round((1 - SEGMENTATION_ALPHA) * float(image[c, y, x]) + SEGMENTATION_ALPHA * colors[label][c])
+                   for c in range(3)]
+        assert picture[:, y * factor + 3, x * factor + 3].tolist() == pytest.approx(blended, abs=1), (y, x)
+    assert picture[:, 12 * factor, 12 * factor].tolist() != picture[:, 12 * factor, 30 * factor].tolist()
+    legend = picture[:, :, 48 * factor:]  # the panel beside the picture: a row per class, largest share first
+    swatches = [legend[:, 8 + i * 22 + 9, 18].tolist() for i in range(2)]
+    assert swatches == [list(colors[0]), list(colors[2])]
 
 
 @pytest.mark.parametrize("trained", ["classification", "segmentation"], indirect=True)

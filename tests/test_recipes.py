@@ -36,15 +36,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------ the references' schedules
 # Each: (update, updates per epoch) -> the lr of a parameter with lr multiplier 1, as the reference computes it.
-def swin_cosine(u: int, s: int) -> float:
-    """Swin lr_scheduler.py as the paper's Table 1 and the released weights were trained (timm CosineLRScheduler,
+def swin_timm_cosine(lr: float, warmup_lr: float, min_lr: float, warmup_epochs: int, epochs: int):
+    """Swin lr_scheduler.py as the paper's models and the released weights were trained (timm CosineLRScheduler,
     t_in_epochs=False, ``t_initial=num_steps``, no warm-up prefix: the repository's WARMUP_PREFIX came in October
-    2022) at 1024 images: lr 1e-3, warm-up 1e-6 over 20 epochs, then the cosine of the step over all 300 epochs down
-    to 1e-5 (all three scaled by 1024 / 512)."""
-    warm, total = 20 * s, 300 * s
-    if u < warm:
-        return 1e-6 + u * (1e-3 - 1e-6) / warm
-    return 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * u / total))
+    2022): linear from ``warmup_lr`` to ``lr`` over the warm-up epochs, then the cosine of the step over all the
+    epochs down to ``min_lr`` (each as main.py scales it by the images per update / 512)."""
+    def schedule(u: int, s: int) -> float:
+        warm, total = warmup_epochs * s, epochs * s
+        if u < warm:
+            return warmup_lr + u * (lr - warmup_lr) / warm
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * u / total))
+    return schedule
+
+
+swin_cosine = swin_timm_cosine(1e-3, 1e-6, 1e-5, 20, 300)  # ImageNet-1K at 1024 images: 5e-4, 5e-7, 5e-6 x 2
+# ImageNet-22K pre-training at 4096 images (1.25e-4, 1.25e-7, 1.25e-6 x 8) and the 22K->1K fine-tunes at 1024
+# (2e-5, 2e-8, 2e-7 x 2): configs/swin/swin_{base,large}_patch4_window7_224_22k.yaml, *_22kto1k_finetune.yaml
+swin_22k_cosine = swin_timm_cosine(1e-3, 1e-6, 1e-5, 5, 90)
+swin_22kto1k_cosine = swin_timm_cosine(4e-5, 4e-8, 4e-7, 5, 30)
 
 
 def deit_cosine(u: int, s: int) -> float:
@@ -112,6 +121,12 @@ SWIN_RULE = {  # Swin main.py set_weight_decay: 1-D, .bias, skip absolute_pos_em
     "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (1e-3, 0.0),  # 2-D: exempt by its name
     "head.weight": (1e-3, 0.05), "head.bias": (1e-3, 0.0),
 }
+# The 22K->1K fine-tunes: the same rule at lr 4e-5 and weight decay 1e-8
+SWIN_22KTO1K_RULE = {name: (4e-5, 1e-8 if decay else 0.0) for name, (_, decay) in SWIN_RULE.items()}
+# config.py's AUG defaults, which the 22k and 22kto1k configs keep
+SWIN_AUGMENT = {"data.augment.auto_augment": "rand-m9-mstd0.5-inc1", "data.augment.re_prob": 0.25,
+                "task.mixup.mixup_alpha": 0.8, "task.mixup.cutmix_alpha": 1.0, "task.mixup.switch_prob": 0.5,
+                "task.label_smoothing": 0.1, "trainer.gradient_clip_val": 5.0, "backbone.drop_path_rate": 0.2}
 RESNET_V1C = "resnet50_v1c-2cccc1ad.pth"
 # mmseg _base_/models/fcn_r50-d8.py (ResNetV1c, dilated to stride 8, SyncBN, auxiliary FCN head 0.4), fp32
 MMSEG_R50_D8 = {"backbone.deep_stem": True, "backbone.output_stride": 8, "trainer.precision": "32-true",
@@ -122,6 +137,8 @@ def mmseg_sgd(lr: float, weight_decay: float) -> dict[str, tuple[float, float]]:
     """mmseg's SGD without paramwise_cfg: every parameter (stem conv, BN bias, heads' classifiers) at lr, decayed."""
     names = ("backbone.conv1.1.weight", "backbone.layer1.0.bn1.bias", "head.classifier.bias", "aux_head.classifier.bias")
     return {name: (lr, weight_decay) for name in names}
+
+
 TORCHVISION_R50 = "resnet50-0676ba61.pth"
 SWIN_T_IN1K = "swin_tiny_patch4_window7_224.pth"
 
@@ -131,6 +148,19 @@ REFERENCES = {
         batch=1024, params=SWIN_RULE, schedule=swin_cosine, epochs=300,
         points=(0, 5, 199, 200, 201, 1500, 2999),
         values={"backbone.drop_path_rate": 0.2, "trainer.gradient_clip_val": 5.0, "data.augment.re_prob": 0.25}),
+    "swin_b_imagenet22k": Reference(
+        source="Swin-Transformer configs/swin/swin_base_patch4_window7_224_22k.yaml, config.py, main.py, "
+               "get_started.md (64 per GPU x 8 GPUs x 8 accumulation), data/build.py (21841 classes)",
+        batch=4096, update_interval=(8, 8), params=SWIN_RULE, schedule=swin_22k_cosine, epochs=90,
+        points=(0, 25, 49, 50, 51, 400, 899),
+        values={**SWIN_AUGMENT, "data.num_classes": 21841, "task.num_classes": 21841,
+                "data.lists.train": "ILSVRC2011fall_whole_map_train.txt"}),
+    "swin_b_22kto1k_224": Reference(
+        source="Swin-Transformer configs/swin/swin_base_patch4_window7_224_22kto1k_finetune.yaml, config.py, main.py, "
+               "get_started.md (64 per GPU x 8 GPUs x 2 accumulation), utils.py load_pretrained (map22kto1k.txt)",
+        batch=1024, update_interval=(8, 2), params=SWIN_22KTO1K_RULE, schedule=swin_22kto1k_cosine, epochs=30,
+        points=(0, 25, 49, 50, 51, 150, 299), pretrained="swin_base_patch4_window7_224_22k.pth",
+        values={**SWIN_AUGMENT, "data.num_classes": 1000, "data.eval_crop_pct": 0.875}),
     "vit_s16_imagenet": Reference(
         source="deit main.py (first release) with timm create_optimizer / create_scheduler, samplers.py",
         batch=1024, epochs=300, schedule=deit_cosine, points=(0, 9, 10, 19, 20, 49, 50, 60, 1500, 2999),
@@ -242,6 +272,17 @@ REFERENCES = {
                 "data.cat_max_ratio": 0.75, "data.hflip": 0.5, "data.photometric": True,
                 "task.inference.mode": "slide", "task.inference.scale": [520, 520],
                 "task.inference.crop_size": [480, 480], "task.inference.stride": [320, 320]}),
+    "fcn_hr48_ade20k": Reference(
+        source="mmsegmentation configs/hrnet/fcn_hr48_512x512_160k_ade20k.py, _base_/models/fcn_hr18.py, "
+               "_base_/schedules/schedule_160k.py, _base_/datasets/ade20k.py",
+        batch=16, update_interval=(4, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 160000), points=(0, 1, 80000, 159999),
+        params={"backbone.conv1.weight": (0.01, 5e-4), "backbone.stage4.0.fuse_layers.1.0.0.1.bias": (0.01, 5e-4),
+                "head.convs.0.1.weight": (0.01, 5e-4), "head.classifier.bias": (0.01, 5e-4)},
+        pretrained="hrnetv2_w48-d2186c55.pth",
+        values={"backbone.variant": "hrnet_w48", "trainer.max_steps": 160000, "trainer.precision": "32-true",
+                "trainer.sync_batchnorm": True, "task.aux_head": None, "data.crop_size": [512, 512],
+                "task.head.out_indices": [0, 1, 2, 3], "task.head.channels": 720, "task.head.num_convs": 1,
+                "task.head.kernel_size": 1, "task.head.concat_input": False, "task.head.dropout": 0.0}),
     "swin_t_upernet_ade20k": Reference(
         source="Swin-Transformer-Semantic-Segmentation configs/swin/upernet_swin_tiny_patch4_window7_512x512_160k_ade20k.py",
         batch=16, update_interval=(8, 1), schedule=mmcv_poly(6e-5, 1.0, 0.0, 160000, warmup=1500, ratio=1e-6),
@@ -295,6 +336,17 @@ DERIVED = {
     "swin_s_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.3}),
     "swin_b_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.5}),
     "vit_b16_imagenet": ("vit_s16_imagenet", {"backbone.embed_dim": 768}),
+    # the official Swin-L 22k / 22kto1k configs differ from Swin-B's in the architecture only; the 384 fine-tunes in
+    # DATA.IMG_SIZE, WINDOW_SIZE and TEST.CROP False (resized straight to 384, conf/preprocessing/swin_384.yaml)
+    "swin_l_imagenet22k": ("swin_b_imagenet22k", {"backbone.embed_dim": 192, "backbone.num_heads": [6, 12, 24, 48]}),
+    "swin_b_22kto1k_384": ("swin_b_22kto1k_224", {"backbone.img_size": 384, "backbone.window_size": 12,
+                                                  "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash",
+                                                  "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
+    "swin_l_22kto1k_224": ("swin_b_22kto1k_224", {"backbone.embed_dim": 192, "backbone.num_heads": [6, 12, 24, 48],
+                                                  "pretrained_url": "swin_large_patch4_window7_224_22k.pth"}),
+    "swin_l_22kto1k_384": ("swin_l_22kto1k_224", {"backbone.img_size": 384, "backbone.window_size": 12,
+                                                  "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash",
+                                                  "pretrained_url": "swin_large_patch4_window7_224_22k.pth"}),
     "gcnet_r50_maskrcnn_coco_1x": ("r50_maskrcnn_coco_1x", {"task.batch_norm": "sync"}),
     "swin_t_maskrcnn_coco_3x": ("swin_t_maskrcnn_coco_1x", {"trainer.max_epochs": 36, "sched.milestones_epochs": [27, 33],
                                                             "backbone.drop_path_rate": 0.2}),
@@ -465,6 +517,26 @@ def test_derived_recipe_differs_from_its_parent_where_its_reference_does(experim
         if key not in differences and not any(k.startswith(key + ".") for k in differences):
             assert _value(cfg, key) == _value(base, key), key
     assert Path(cfg.pretrained or "").name == Path(cfg.pretrained_url or "").name
+
+
+@pytest.mark.parametrize("experiment, timm_name", [("swin_b_imagenet22k", "swin_base_patch4_window7_224.ms_in22k"),
+                                                  ("swin_l_imagenet22k", "swin_large_patch4_window7_224.ms_in22k")])
+def test_swin_22k_models_have_timms_parameters(experiment, timm_name):
+    """The 22K models (21,841-way classifier) parameter for parameter as timm's, whose 22K weights are the official
+    releases (timm's pretrained URL); and the 22K->1K fine-tunes start from those releases with the class map."""
+    with torch.device("meta"):
+        module = build_task(_composed(experiment))
+        reference = timm.create_model(timm_name, pretrained=False, num_classes=21841, weight_init="skip")
+    ours = {n: p.shape for n, p in module.named_parameters()}
+    theirs = {n: p.shape for n, p in reference.named_parameters()}
+    assert module.head.weight.shape[0] == 21841
+    assert sum(s.numel() for s in ours.values()) == sum(s.numel() for s in theirs.values())
+    assert sorted(s.numel() for s in ours.values()) == sorted(s.numel() for s in theirs.values())
+    fine_tune = _composed(experiment.replace("imagenet22k", "22kto1k_224"))
+    assert Path(fine_tune.task.map22kto1k).name == "map22kto1k.txt"
+    official = timm.models.get_pretrained_cfg(timm_name)  # timm's 22K weights: the official release's URL
+    assert official.num_classes == 21841 and fine_tune.pretrained_url == official.url
+    assert Path(fine_tune.pretrained).name == Path(official.url).name
 
 
 def test_i3d_recipe_strides_time_as_mmaction2():

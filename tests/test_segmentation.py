@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -192,6 +193,38 @@ def test_every_head_trains_and_infers_at_input_size(backbone):
         assert module.predict_probs(image).shape == (1, 6, 50, 70), head
 
 
+@pytest.mark.usefixtures("one_thread")  # HRNet's many small convs stall on busy cores with more threads
+def test_hrnet_fcn_head_concatenates_the_four_branches_and_trains():
+    """mmseg's fcn_hr48: the four HRNet branches resized (bilinear) to stride 4 and concatenated, one 1x1
+    conv-BN-ReLU, the classifier; written out here on timm's small HRNet (hrnet_w18_small: 16..128 channels)."""
+    torch.manual_seed(0)
+    module = _module("task/head=fcn_hr48", "backbone=hrnet_w48", "backbone.variant=hrnet_w18_small",
+                     "task.head.channels=16", "task.aux_head=null")
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 6, (2, 32, 32))
+    module.train()
+    module.losses(images, labels)["loss"].backward()
+    assert not [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    module.eval()
+    with torch.no_grad():
+        branches = module.backbone(images)
+        concat = torch.cat([F.interpolate(b, size=(8, 8), mode="bilinear", align_corners=False) for b in branches], 1)
+        conv, bn, _ = module.head.convs[0]
+        hidden = F.batch_norm(F.conv2d(concat, conv.weight), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                              eps=bn.eps).relu()
+        expected = F.conv2d(hidden, module.head.classifier.weight, module.head.classifier.bias)
+        torch.testing.assert_close(module.head(dict(enumerate(branches))), expected)
+    assert concat.shape[1] == 16 + 32 + 64 + 128 and conv.kernel_size == (1, 1)
+
+
+def test_fcn_hr48_size_is_timms_backbone_plus_mmsegs_head():
+    cfg = compose("experiment=fcn_hr48_ade20k", "trainer=cpu")
+    with torch.device("meta"):
+        module = build_task(cfg)
+    head = 720 * 720 + 2 * 720 + 720 * 150 + 150  # 1x1 conv (no bias), BN, classifier (fcn_hr18.py, W48 widths)
+    assert sum(p.numel() for p in module.backbone.parameters()) == 65_325_120  # timm hrnet_w48, feature_location=""
+    assert sum(p.numel() for p in module.parameters()) == 65_325_120 + head and module.aux_head is None
+
+
 def test_the_backbone_is_built_with_the_levels_the_heads_read():
     """FCN-style heads read C5 (aux: C4): a transformer then has no output modules for C2/C3 (nothing DDP would
     find without a gradient); UperNet reads all four."""
@@ -253,7 +286,7 @@ def test_recipes():
 
 
 def test_unknown_head_is_a_config_error():
-    with pytest.raises(Exception, match=r"(?s)Could not find 'task/head/psp'.*Available options in 'task/head':\s+dnl\s+fcn\s+gc\s+nl\s+upernet"):
+    with pytest.raises(Exception, match=r"(?s)Could not find 'task/head/psp'.*Available options in 'task/head':\s+dnl\s+fcn\s+fcn_hr48\s+gc\s+nl\s+upernet"):
         _module(*TINY_SWIN, "task/head=psp")
 
 

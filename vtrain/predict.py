@@ -24,7 +24,10 @@ skipped, named and counted on the last line; the others are predicted.
 
 What each JSON holds: classification and video, the top-k classes (label, name, dataset id such as the ImageNet
 wnid, probability; video: over every view of the clip sampling validation uses); detection, each instance's box
-(XYXY pixels), score, label, name, COCO category id and mask (COCO RLE); segmentation, the label map (a PNG of
+(XYXY pixels), score, label, name, COCO category id and mask (COCO RLE), and all inputs' detections together as
+COCO results (detections_bbox.json, detections_segm.json: what pycocotools' COCO.loadRes reads; image ids from the
+run's validation annotation file for its images, else the number a COCO file name is, else 1, 2, ... in the order
+printed); segmentation, the label map (a PNG of
 label values beside the JSON) and each class's share of the pixels. Pictures: boxes and masks with names and
 scores, the segmentation overlaid with a legend, the top-5 bars beside the image or the video's frames.
 """
@@ -113,14 +116,18 @@ def run(options: dict[str, str], overrides: list[str]) -> list[Path]:
         raise ConfigError(f"out={out} is a file: give a folder for the predictions (it is made if missing)")
     out.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
-    written = []
+    written, sources, records = [], [], []
     for prediction in predictor.predict(files, skip_unreadable=True):
         stem = Path(prediction.source).stem
         name = stem if stem not in names else next(f"{stem}_{k}" for k in range(2, len(names) + 3)
                                                      if f"{stem}_{k}" not in names)
         names.add(name)
         written.append(write_prediction(prediction, out, name))
+        sources.append(prediction.source)  # for the results files; a label map is not kept
+        records.append({k: v for k, v in prediction.record.items() if not isinstance(v, torch.Tensor)})
         print(f"{prediction.source}: {summary_line(prediction.record)}")
+    for file, results in predictor.model.results_files(sources, records, predictor.datamodule).items():
+        (out / file).write_text(json.dumps(results))
     skipped = predictor.skipped
     print(f"wrote {len(written)} prediction{'s' if len(written) != 1 else ''} to {out} (JSON"
           f"{' and pictures' if predictor.options.pictures else ''}), model on {predictor.device}"

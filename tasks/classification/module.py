@@ -1,6 +1,8 @@
 """Image classification: backbone -> pooled embedding -> dropout -> linear classifier."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -9,6 +11,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from vtrain.config import ConfigError
 from vtrain.inference.visualize import draw_top_k, to_uint8_image
 from vtrain.training.checkpoint import (
     load_classifier,
@@ -19,8 +22,32 @@ from vtrain.training.checkpoint import (
 from vtrain.training.classifier import ClassifierTask
 from vtrain.training.module import PredictOptions
 
+log = logging.getLogger(__name__)
+
+
+def read_class_map(path: str | Path, num_classes: int, source_classes: int) -> list[int]:
+    """The official Swin ``data/map22kto1k.txt`` format: line ``i`` is the row of the source classifier (0-based,
+    of ``source_classes``) that becomes class ``i`` of this model (utils.py ``load_pretrained``:
+    ``head.weight[map22kto1k, :]``). One line says what is wrong with a file that is not that."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task.map22kto1k={path} does not exist: give the official data/map22kto1k.txt of "
+                          "microsoft/Swin-Transformer, or task.map22kto1k=null to start the classifier afresh")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        if not line.isdigit() or int(line) >= source_classes:
+            raise ConfigError(f"{path} line {number} is {line[:40]!r}, not a row of the checkpoint's {source_classes}-way "
+                              "classifier: one 0-based row number per line (the official data/map22kto1k.txt)")
+    if len(lines) != num_classes:
+        raise ConfigError(f"{path} maps {len(lines)} classes but the model has {num_classes}: one line per class of the "
+                          "model (the official data/map22kto1k.txt for ImageNet-1K)")
+    return [int(line) for line in lines]
+
 
 class ClassificationTask(ClassifierTask):
+    """``map22kto1k``: a class map (:func:`read_class_map`) that gives this model the rows of a pretrained classifier
+    of more classes (an official ImageNet-22K release for a 1000-class model), as the official fine-tuning does."""
+
     def __init__(
         self,
         backbone: Mapping[str, Any],
@@ -32,6 +59,7 @@ class ClassificationTask(ClassifierTask):
         head_drop: float = 0.0,
         label_smoothing: float = 0.0,
         mixup: Mapping[str, Any] | None = None,
+        map22kto1k: str | None = None,
     ):
         # a classifier's trunk (out_indices=None)
         super().__init__(instantiate(backbone), num_classes, optim, sched, monitor, monitor_mode, head_drop)
@@ -43,6 +71,7 @@ class ClassificationTask(ClassifierTask):
         else:
             self.train_loss = nn.CrossEntropyLoss()
         self.val_loss = nn.CrossEntropyLoss()
+        self.map22kto1k = map22kto1k
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -71,7 +100,16 @@ class ClassificationTask(ClassifierTask):
         return draw_top_k(to_uint8_image(original), [(c["name"], c["score"]) for c in record["top_k"][:5]])
 
     def load_pretrained(self, path: str, strict: bool = True) -> None:
-        """Backbone weights, plus the classifier when the checkpoint has one of the right shape."""
+        """Backbone weights, plus the classifier when the checkpoint has one of the right shape, or one of more
+        classes whose rows ``map22kto1k`` picks."""
         backbone_sd, head_sd = split_reference(self.backbone, read_checkpoint(path))
         load_matching(self.backbone, backbone_sd, path, "backbone", strict=strict)
-        load_classifier(self.head, head_sd, path)
+        rows, hint = head_sd.get("weight", self.head.weight).shape[0], ""
+        if rows != self.head.out_features and self.map22kto1k:
+            picked = read_class_map(self.map22kto1k, self.head.out_features, rows)
+            head_sd = {name: tensor[picked] for name, tensor in head_sd.items()}
+            log.info("the %d-way classifier of %s gives this model's %d classes its rows listed in %s", rows, path,
+                     len(picked), self.map22kto1k)
+        elif rows != self.head.out_features:
+            hint = " (task.map22kto1k=<a class map> keeps the rows of this model's classes)"
+        load_classifier(self.head, head_sd, path, hint)

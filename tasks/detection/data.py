@@ -441,6 +441,13 @@ class CocoDataModule(DataModule):
         val_set = self.validation_set()
         return [str(val_set.image_dir / val_set.records[i]["file_name"]) for i in range(min(count, len(val_set)))]
 
+    def example_truths(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """Each file's objects: ``boxes`` (XYXY, original pixels) and ``labels`` (1..K), crowd regions left out."""
+        val_set = self.validation_set()
+        records = [val_set.records[i] for i in range(min(count, len(val_set)))]
+        return [{"boxes": torch.from_numpy(r["boxes"]).float().reshape(-1, 4), "labels": torch.from_numpy(r["labels"])}
+                for r in records]
+
     # ------------------------------------------------------------------ checks before anything starts
     def check(self) -> None:
         """One line when ``root`` is not laid out as COCO or an annotation file is unusable."""

@@ -65,7 +65,7 @@ def to_coco_results(
     keep = (labels >= 1) & (labels <= len(category_ids))  # RetinaNet/FCOS may predict the unused label 0
     boxes, scores, labels = output["boxes"].cpu()[keep], output["scores"].cpu()[keep], labels[keep]
     categories = [category_ids[label - 1] for label in labels.tolist()]
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    xywh = xyxy_to_xywh(boxes).tolist()
     score_list = scores.tolist()
     results = {
         "bbox": [
@@ -80,6 +80,28 @@ def to_coco_results(
              "score": s}
             for c, r, s in zip(categories, rles, score_list)
         ]
+    return results
+
+
+def xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(x1, y1, x2, y2) -> COCO's (x, y, width, height)."""
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+
+
+def records_to_coco_results(image_ids: Sequence[int], records: Sequence[dict[str, Any]]) -> dict[str, list[dict]]:
+    """Prediction records (``DetectionTask.prediction_record``: XYXY boxes, category ids, RLE masks) as COCO results,
+    what ``COCO.loadRes`` reads: ``{"bbox": [...]}`` and, when the records have masks, ``"segm"`` (a file each, as
+    :func:`to_coco_results`: one file holding both would be read as boxes only)."""
+    results: dict[str, list[dict]] = {"bbox": []}
+    for image_id, record in zip(image_ids, records):
+        instances = record["instances"]
+        boxes = xyxy_to_xywh(torch.tensor([d["box"] for d in instances], dtype=torch.float32).reshape(-1, 4))
+        for d, box in zip(instances, boxes.tolist()):
+            results["bbox"].append({"image_id": image_id, "category_id": d["category_id"], "bbox": box,
+                                    "score": d["score"]})
+            if "mask" in d:
+                results.setdefault("segm", []).append({"image_id": image_id, "category_id": d["category_id"],
+                                                       "segmentation": d["mask"], "score": d["score"]})
     return results
 
 

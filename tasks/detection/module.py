@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,8 @@ from hydra.utils import instantiate
 from pycocotools import mask as mask_utils
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
-from vtrain.tasks.detection.data import Batch
-from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator
+from vtrain.tasks.detection.data import Batch, read_annotation_file
+from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator, records_to_coco_results
 from vtrain.tasks.detection.detector import DetectorSpec, build_spec
 
 from vtrain.config import ConfigError
@@ -162,6 +163,21 @@ class DetectionTask(TaskModule):
             instances.append(instance)
         return {"instances": instances}
 
+    def results_files(self, sources: Sequence[str], records: Sequence[dict[str, Any]], datamodule: Any
+                      ) -> dict[str, Any]:
+        """COCO results (``detections_bbox.json``, and ``detections_segm.json`` with masks: XYWH boxes, category ids,
+        RLE masks), what ``COCO.loadRes`` reads and the evaluation writes, for the images of :func:`coco_image_ids`."""
+        if not self.class_ids:
+            return {}  # no dataset category ids to write (a model without its dataset's description)
+        results = records_to_coco_results(coco_image_ids(sources, getattr(datamodule, "val_annotation_file", None)), records)
+        return {f"detections_{iou_type}.json": found for iou_type, found in results.items()}
+
+    def truth_record(self, truth: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The objects as instances without a score (their captions are the names alone)."""
+        names = self.label_names()
+        return {"instances": [{"box": [float(v) for v in box], "label": int(label) - 1, "name": names[int(label) - 1]}
+                              for box, label in zip(truth["boxes"], truth["labels"].tolist())]}
+
     def draw_prediction(self, original: torch.Tensor, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
         instances = record["instances"]
         colors = palette(len(self.label_names()))
@@ -170,14 +186,40 @@ class DetectionTask(TaskModule):
         if instances and "mask" in instances[0]:
             rles = [{"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode("ascii")} for d in instances]
             masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool()
-        return draw_detections(to_uint8_image(original), boxes, [f"{d['name']} {d['score']:.2f}" for d in instances],
+        return draw_detections(to_uint8_image(original), boxes, [d["name"] + (f" {d['score']:.2f}" if "score" in d else "") for d in instances],
                                [colors[d["label"]] for d in instances], masks)
 
     def export_module(self) -> nn.Module:
-        raise ConfigError("export of detection models is not supported yet: torchvision's detectors take lists of "
-                          "images of any size and resize and normalise them inside, which ONNX, TorchScript tracing "
-                          "and torch.export do not capture for this backbone wrapper; export classification, "
-                          "segmentation or video models")
+        raise ConfigError(EXPORT_REFUSAL)
+
+    def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        raise ConfigError(EXPORT_REFUSAL)
+
+
+# Measured with torch 2.14.1 / torchvision 0.29.1 on quickstart_det's Faster and Mask R-CNN: torchvision's documented
+# path (torch.onnx.export(model.eval(), ([image],), opset_version=11, dynamo=False) under no_grad) writes a file
+# that onnxruntime runs, within 1e-5 of PyTorch at the traced size, but 80 px off at another (the backbone's
+# padding and the RoI heads' per-image counts are traced as constants); the torch.export-based exporter stops on
+# the proposals' data-dependent sizes; torch.jit.script cannot compile the backbone wrappers.
+EXPORT_REFUSAL = ("detection models do not export: torchvision's ONNX path (torch.onnx.export with a list of images) "
+                  "traces this detector at one image size only, and TorchScript cannot script it; use the checkpoint "
+                  "itself, its state dict with the model's config (vtrain.load(path), vtrain.Predictor(path), "
+                  "python -m vtrain.predict ckpt_path=FILE)")
+
+
+def coco_image_ids(sources: Sequence[str], annotation_file: str | Path | None) -> list[int]:
+    """An image id per input: the annotation file's, when every input's file name is listed there (the run's
+    validation images); else the number a COCO file name is (``000000397133.jpg``: 397133), when every name is
+    one; else the input's position, 1, 2, ... (mixing the rules could give two images one id)."""
+    names = [Path(source).name for source in sources]
+    if annotation_file is not None and Path(annotation_file).is_file():
+        ids = {image["file_name"]: image["id"] for image in read_annotation_file(Path(annotation_file))["images"]}
+        if all(name in ids for name in names):
+            return [ids[name] for name in names]
+    stems = [Path(name).stem for name in names]
+    if all(stem.isdigit() for stem in stems) and len(set(map(int, stems))) == len(stems):
+        return [int(stem) for stem in stems]
+    return list(range(1, len(sources) + 1))
 
 
 def _with_batch_norm(backbone: nn.Module, mode: str) -> nn.Module:

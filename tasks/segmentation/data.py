@@ -481,6 +481,12 @@ class SegmentationDataModule(DataModule):
         shift = 1 if self.reduce_zero_label else 0  # annotation value of label 0
         return [names.get(str(label + shift), f"class_{label}") for label in range(self.num_classes)]
 
+    def preprocessing(self) -> dict[str, Any]:
+        """Normalisation only: validation reads each image at its own size (the task resizes it,
+        ``task.inference.scale``)."""
+        options = self.sample_options
+        return {"mean": list(options["mean"]), "std": list(options["std"]), "input_size": [3, None, None]}
+
     def predict_set(self, paths: list[str]) -> PredictionInputs:
         val = SegmentationDataset([], self.num_classes, False, **self.sample_options)  # validation's settings
         return PredictionInputs(paths, read_image, lambda image: normalize(image, val.mean, val.std),
@@ -488,6 +494,12 @@ class SegmentationDataModule(DataModule):
 
     def example_files(self, count: int) -> list[str]:
         return [image for image, _ in self.validation_set().pairs[:count]]
+
+    def example_truths(self, count: int) -> list[torch.Tensor | None]:
+        """Each file's label map (ignored pixels 255), as validation scores it."""
+        val_set = self.validation_set()
+        loaded = [val_set.load(i) for i in range(min(count, len(val_set)))]
+        return [None if pair is None else torch.from_numpy(pair[1]).long() for pair in loaded]
 
     def check(self) -> None:
         """Fail in one line when ``root`` is missing, not in its layout, or has unpaired files."""

@@ -48,7 +48,7 @@ def head_out_indices(head: Mapping) -> tuple[int, ...]:
     """The backbone levels a head config reads (its ``out_indices``), known before anything is built."""
     if not isinstance(head, Mapping):
         raise ConfigError(f"a decode head is a config, not {head!r}: pick one with task/head=<name> "
-                          "(upernet, fcn, nl, gc, dnl: the files of conf/task/head/)")
+                          "(upernet, fcn, nl, gc, dnl, fcn_hr48: the files of conf/task/head/)")
     if head.get("out_indices") is None:
         raise ConfigError(f"head {head.get('_target_')} has no out_indices: name the backbone levels it reads "
                           "(0..3 = strides 4..32), e.g. out_indices: [0, 1, 2, 3]")
@@ -134,7 +134,9 @@ class FCNHead(DecodeHead):
     Args:
         in_channels: channels of the backbone outputs, by level.
         num_classes: classifier outputs.
-        out_indices: the level it reads (3: C5, the decode head; 2: C4, the auxiliary head).
+        out_indices: the level it reads (3: C5, the decode head; 2: C4, the auxiliary head), or a list of levels,
+            each resized (bilinear) to the first one's size and concatenated: mmseg's
+            ``input_transform="resize_concat"``, HRNetV2's representation (HRNet paper Fig. 4(b); ``fcn_hr48``).
         channels: conv width (512 decode, 256 auxiliary).
         num_convs: 3x3 convs before the concatenation (2 decode, 1 auxiliary).
         concat_input: concatenate the input to the conv output and fuse with one more 3x3 conv.
@@ -147,7 +149,7 @@ class FCNHead(DecodeHead):
         self,
         in_channels: Mapping[int, int],
         num_classes: int,
-        out_indices: int,
+        out_indices: int | Sequence[int],
         channels: int = 512,
         num_convs: int = 2,
         kernel_size: int = 3,
@@ -159,8 +161,8 @@ class FCNHead(DecodeHead):
         super().__init__(channels, num_classes, dropout)
         if num_convs < 1 or (context is not None and num_convs < 2):
             raise ValueError(f"FCNHead needs num_convs >= {2 if context else 1} (got {num_convs})")
-        self.out_indices = out_indices
-        source = in_channels[out_indices]
+        self.out_indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+        source = sum(in_channels[level] for level in self.out_indices)
         self.convs = nn.ModuleList(
             ConvBNReLU(source if i == 0 else channels, channels, kernel_size, dilation) for i in range(num_convs)
         )
@@ -168,7 +170,9 @@ class FCNHead(DecodeHead):
         self.conv_cat = ConvBNReLU(source + channels, channels, kernel_size) if concat_input else None
 
     def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        x = features[self.out_indices]
+        x = features[self.out_indices[0]]
+        if len(self.out_indices) > 1:
+            x = torch.cat([x] + [resize(features[level], x.shape[2:]) for level in self.out_indices[1:]], dim=1)
         out = self.convs[0](x)
         if self.context is not None:
             out = self.context(out)

@@ -164,11 +164,30 @@ class SegmentationTask(TaskModule):
         return {"label_map": label_map.to(torch.uint8 if self.num_classes <= 256 else torch.int32),
                 "image_size": list(label_map.shape), "classes": sorted(shares, key=lambda c: -c["share"])}
 
+    def truth_record(self, truth: torch.Tensor) -> dict[str, Any]:
+        """The label map and each class's share of the labelled pixels (ignored ones drawn as the image)."""
+        labelled = truth[truth != self.ignore_index]
+        counts = torch.bincount(labelled, minlength=self.num_classes).tolist()
+        names = self._class_names()
+        return {"label_map": truth, "classes": [{"label": label, "name": names[label], "share": n / labelled.numel()}
+                                                for label, n in enumerate(counts) if n]}
+
     def draw_prediction(self, original: Any, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
         shares = {c["label"]: c["share"] for c in record["classes"]}
         return draw_segmentation(to_uint8_image(original), record["label_map"].long(), self._class_names(), shares)
 
     export_output = "logits (classes, H, W)"
+    export_dynamic_axes = {0: "batch", 2: "height", 3: "width"}  # any image size, as validation feeds it
+
+    def export_preprocessing(self, datamodule: Any) -> dict[str, Any]:
+        """The data module's normalisation, and the test-time resize this task does before the model
+        (``task.inference``: mmseg's ``Resize(keep_ratio=True)``, bilinear, then the softmax)."""
+        cfg = self.inference_cfg
+        return {**datamodule.preprocessing(), "interpolation": "bilinear",
+                "resize": {"scale": list(cfg["scale"]) if cfg.get("scale") else None,
+                           "rule": "keep the aspect ratio: long side <= max(scale), short side <= min(scale)"},
+                "mode": cfg.get("mode", "whole"), "ratios": list(cfg.get("ratios") or [1.0]),
+                "flip": bool(cfg.get("flip", False))}
 
     def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Images of the training crop's size (the exported model takes others: it pads and crops as mmseg does)."""
@@ -178,16 +197,22 @@ class SegmentationTask(TaskModule):
         return Segmenter(self.backbone, self.head, self.size_divisor).eval()
 
 
-def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor, size_divisor: int
-           ) -> list[torch.Tensor]:
+def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor, size_divisor: int,
+           any_size: bool = False) -> list[torch.Tensor]:
     """Each head's logits at the input's size: the input zero-padded to a multiple of ``size_divisor``, the logits
-    resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``)."""
+    resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``). ``any_size``: written so that
+    an export of it takes any height and width (the crop copied, not a view)."""
     h, w = images.shape[-2:]
-    pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
-    x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+    # padded even by nothing: a branch on the size would fix an exported model to one side of it (any size exports)
+    x = F.pad(images, (0, (-w) % size_divisor, 0, (-h) % size_divisor))
     features = dict(zip(backbone.out_indices, backbone(x)))
-    return [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
-            for head in heads]
+    logits = [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False) for head in heads]
+    if not any_size:
+        return [y[..., :h, :w] for y in logits]
+    # the same values as a new tensor: the view [..., :h, :w] is strided like the padded logits only when nothing was
+    # padded, and torch.export fixes an export to the case it traced (measured: a guard that the padding is 0)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    return [y.index_select(-2, rows).index_select(-1, cols) for y in logits]
 
 
 class Segmenter(nn.Module):
@@ -199,4 +224,4 @@ class Segmenter(nn.Module):
         self.backbone, self.head, self.size_divisor = backbone, head, size_divisor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return encode(self.backbone, [self.head], images, self.size_divisor)[0]
+        return encode(self.backbone, [self.head], images, self.size_divisor, any_size=True)[0]

@@ -262,6 +262,7 @@ class KineticsDataModule(DataModule):
         self.train_short_side, self.crop_size, self.scale, self.hflip = train_short_side, crop_size, scale, hflip
         self.crop_scales = crop_scales
         self.eval_short_side, self.eval_crop_size = eval_short_side, eval_crop_size
+        self.mean, self.std = list(mean), list(std)
         self.normalize = Normalize(mean, std)
         self.classes: list[str] = []
 
@@ -327,12 +328,26 @@ class KineticsDataModule(DataModule):
             self.eval_short_side, num_clips=self.num_test_clips, skip_corrupt=self.skip_corrupt,
         )
 
+    def preprocessing(self) -> dict[str, Any]:
+        """timm's keys for validation's views: the short side resized to ``eval_short_side`` (FFmpeg's bilinear
+        swscale, :mod:`clips`), ``num_test_crops`` crops of ``eval_crop_size`` (1: the centre, 3: mmaction2's
+        ``ThreeCrop``) of ``num_test_clips`` clips; the softmax of the views averaged."""
+        return {"mean": list(self.mean), "std": list(self.std),
+                "input_size": [3, self.clip_len, self.eval_crop_size, self.eval_crop_size],
+                "interpolation": "bilinear", "crop_pct": self.eval_crop_size / self.eval_short_side,
+                "crop_mode": "center" if self.num_test_crops == 1 else "three_crop",
+                "frame_interval": self.frame_interval, "num_test_clips": self.num_test_clips,
+                "num_test_crops": self.num_test_crops}
+
     def predict_set(self, paths: list[str]) -> PredictionInputs:
         videos = self.eval_set([])
         return PredictionInputs(paths, videos.clips, videos.transform)
 
     def example_files(self, count: int) -> list[str]:
         return [path for path, _ in self.validation_set().samples[:count]]
+
+    def example_truths(self, count: int) -> list[int]:
+        return [label for _, label in self.validation_set().samples[:count]]
 
     def build_sets(self, stage: str) -> None:
         if stage == "fit":

@@ -83,7 +83,8 @@ class VideoClassificationTask(ClassifierTask):
     def draw_prediction(self, original: torch.Tensor, record: dict[str, Any], options: PredictOptions) -> torch.Tensor:
         """The frames of the first sampled clip (``original``: (clips, T, 3, H, W)) beside the top-5 over the views."""
         entries = [(c["name"], c["score"]) for c in record["top_k"][:5]]
-        return draw_top_k(frame_strip(original[0]), entries, title=f"over {record['views']} views")
+        title = f"over {record['views']} views" if "views" in record else ""  # none: the ground truth
+        return draw_top_k(frame_strip(original[0]), entries, title=title)
 
     def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Clips of the validation views: (N, 3, T, H, W)."""

@@ -37,8 +37,17 @@ Context blocks, each a nested config key with ``stages`` (4 bools, c2..c5):
   counts from the end); the default ``[-2]`` in c4 is the single block "right before
   the last residual block of c4" that GCNet (Table 2) and DNL (Sec. 5.3) use for
   detection. Keys ``non_local.layerN_i.*`` (so ResNet keys stay untouched).
+  ``dnl.pairwise`` / ``dnl.unary`` select DNL's ablation variants (pairwise alone, unary alone, shared key).
+* ``snl`` (GCNet Sec. 3.2, Eq. 3), and ``gc`` with ``after_blocks``: a ``SimplifiedNonLocalBlock`` or one
+  ``GlobalContextBlock`` placed as ``nl``, GCNet Table 2(a)'s "+1 SNL" / "+1 GC" rows ("right before the last
+  residual block of c4", as its "+1 NL"): +1.05M / +0.13M params in c4 (the paper's detectors: 45.4M / 44.5M vs
+  44.4M).
+* ``se`` (SENet, Hu et al. CVPR 2018; GCNet Table 2(a)'s SE row): timm's ``SEModule`` (reduction 16) in every
+  bottleneck of the chosen stages, in the same slot as the GC block: with all four stages, timm's ``seresnet50``
+  (28.09M params with a 1000-class classifier).
 
-All three start as the identity: plain ResNet weights load into these variants and
+All of these but ``se`` start as the identity: plain ResNet weights load into these variants and
+the new blocks stay at their initialisation. as the identity: plain ResNet weights load into these variants and
 the new blocks stay at their initialisation.
 
 Deformable convolution, ``dcn`` (mmdet's ``dcn`` / ``stage_with_dcn``): ``{stages: [4 bools], modulated: bool,
@@ -53,6 +62,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
+from timm.layers import SEModule
 from timm.models.resnet import Bottleneck
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
@@ -61,7 +71,7 @@ from torch.utils.checkpoint import checkpoint
 from vtrain.backbones.base import Backbone
 from vtrain.config import ConfigError
 from vtrain.layers.deform_conv import DeformableConv2d
-from vtrain.layers.global_context import GlobalContextBlock
+from vtrain.layers.global_context import GlobalContextBlock, SimplifiedNonLocalBlock
 from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
 
 # bottlenecks per stage for each depth (also the I3D ResNets' in tasks/video)
@@ -81,12 +91,15 @@ def after_block_names(stages: Sequence[bool], after_blocks: Sequence[int], depth
 
 
 def non_local_blocks(nl: Mapping | None, dnl: Mapping | None, depths: Sequence[int], out_channels: Sequence[int],
-                     dim: int = 2) -> nn.ModuleDict:
-    """``NonLocalBlock`` / ``DisentangledNonLocalBlock`` by the bottleneck whose output they take
-    (``{"layer3_4": block}``), from ``{stages: [4 bools], after_blocks: [ints], ...}`` options whose other keys
-    (``reduction``, ``temperature``, ``sub_sample``, ``use_scale``) go to the block. ``dim=3``: the I3D ResNet's."""
+                     dim: int = 2, snl: Mapping | None = None, gc: Mapping | None = None) -> nn.ModuleDict:
+    """``NonLocalBlock`` / ``DisentangledNonLocalBlock`` / ``SimplifiedNonLocalBlock`` / ``GlobalContextBlock`` by
+    the bottleneck whose output they take (``{"layer3_4": block}``), from ``{stages: [4 bools], after_blocks: [ints],
+    ...}`` options whose other keys (``reduction``, ``temperature``, ``pairwise``, ``unary``, ``sub_sample``,
+    ``use_scale``, ``ratio``) go to the block. ``dim=3``: the I3D ResNet's."""
     blocks = nn.ModuleDict()
-    for kind, options, block_type in (("nl", nl, NonLocalBlock), ("dnl", dnl, DisentangledNonLocalBlock)):
+    kinds = (("nl", nl, NonLocalBlock), ("dnl", dnl, DisentangledNonLocalBlock), ("snl", snl, SimplifiedNonLocalBlock),
+             ("gc", gc, GlobalContextBlock))
+    for kind, options, block_type in kinds:
         if options is None:
             continue
         kwargs = {k: v for k, v in options.items() if k not in ("stages", "after_blocks")}
@@ -97,7 +110,8 @@ def non_local_blocks(nl: Mapping | None, dnl: Mapping | None, depths: Sequence[i
                               f"{', '.join(known)}")
         for name in after_block_names(options["stages"], options.get("after_blocks", [-2]), depths):
             if name in blocks:
-                raise ValueError(f"nl and dnl both ask for a block after {name}")
+                raise ConfigError(f"{kind} asks for a block after {name}, where another relation block is: "
+                                  "choose other stages or after_blocks")
             blocks[name] = block_type(out_channels[int(name[5]) - 1], dim=dim, **kwargs)
     return blocks
 
@@ -116,10 +130,13 @@ class ResNet(Backbone):
             unchanged. ``feature_info`` reports the real strides.
         frozen_stages: -1 none; 0 the stem; N the stem and stages 1..N (mmdet): their
             parameters stop requiring grad and their BatchNorms stay in eval mode.
-        gc: ``{stages: [4 bools], ratio: float}`` or None.
+        gc: ``{stages: [4 bools], ratio: float}`` (in every bottleneck), ``{..., after_blocks: [ints]}``
+            (after the chosen bottlenecks, as ``nl``) or None.
+        snl: GCNet's simplified NL block, placed as ``nl``: ``{stages: [4 bools], after_blocks: [ints]}`` or None.
+        se: ``{stages: [4 bools]}``: timm's ``SEModule`` (reduction 16) in every bottleneck of those stages, or None.
         nl: ``{stages: [4 bools], after_blocks: [ints], reduction: int}`` (optionally ``sub_sample``,
             ``use_scale``: ``NonLocalBlock``'s) or None.
-        dnl: like ``nl`` plus ``temperature``.
+        dnl: like ``nl`` plus ``temperature``, ``pairwise`` and ``unary`` (DNL's ablation variants).
         dcn: ``{stages: [4 bools], modulated: bool, deform_groups: int}`` or None (the module doc).
         out_indices: the levels ``forward`` returns (``base.Backbone``); None: a classifier's trunk. Stages
             past the deepest level are not built.
@@ -140,6 +157,8 @@ class ResNet(Backbone):
         frozen_stages: int = -1,
         gc: Mapping | None = None,
         nl: Mapping | None = None,
+        snl: Mapping | None = None,
+        se: Mapping | None = None,
         dnl: Mapping | None = None,
         dcn: Mapping | None = None,
         out_indices: Sequence[int] | None = None,
@@ -168,11 +187,20 @@ class ResNet(Backbone):
         self.num_features = channels[-1]
         self._set_out_indices(out_indices, channels, [min(4 * 2**i, output_stride) for i in range(4)])
 
-        if gc is not None:
-            for enabled, stage, width in zip(gc["stages"], self.stages, channels):
-                if enabled:
-                    for block in stage:
-                        block.se = GlobalContextBlock(width, ratio=gc.get("ratio", 1 / 16))
+        # In every bottleneck's attention slot (timm's ``se``, after bn3 and before the residual add): GC blocks
+        # without ``after_blocks``, SE modules. With ``after_blocks``, GC blocks go after whole bottlenecks below.
+        gc_in_blocks = gc is not None and "after_blocks" not in gc
+        if gc_in_blocks and se is not None:
+            raise ConfigError("gc (without after_blocks) and se both fill each bottleneck's attention slot: "
+                              "choose one, or place the GC blocks with gc.after_blocks")
+        if se is not None and sorted(se) != ["stages"]:
+            raise ConfigError(f"se has no option {', '.join(sorted(set(se) - {'stages'}))}: its option is stages")
+        if gc_in_blocks:
+            ratio = gc.get("ratio", 1 / 16)
+            self._fill_attention_slots(gc["stages"], channels, lambda width: GlobalContextBlock(width, ratio))
+        if se is not None:
+            # timm's SEModule defaults (rd_ratio 1/16, ReLU, sigmoid gate) are seresnet50's
+            self._fill_attention_slots(se["stages"], channels, SEModule)
 
         if dcn is not None:
             unknown = sorted(set(dcn) - {"stages", "modulated", "deform_groups"})
@@ -186,10 +214,16 @@ class ResNet(Backbone):
                                                                  bool(dcn.get("modulated", False)))
 
         # Blocks applied after a whole bottleneck: {"layer3_4": block}.
-        self.non_local = non_local_blocks(nl, dnl, depths, channels)
+        self.non_local = non_local_blocks(nl, dnl, depths, channels, snl=snl, gc=None if gc_in_blocks else gc)
         self._prune_stages()
 
         self.freeze_stages(frozen_stages)
+
+    def _fill_attention_slots(self, stages: Sequence[bool], channels: Sequence[int], make) -> None:
+        for enabled, stage, width in zip(stages, self.stages, channels):
+            if enabled:
+                for block in stage:
+                    block.se = make(width)
 
     @property
     def stages(self) -> list[nn.Sequential]:

@@ -317,6 +317,12 @@ class DataModule(pl.LightningDataModule):
         """The dataset's own identifier per label where it has one (ImageNet wnids, COCO category ids)."""
         return None
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What evaluation does to an image before the model, as timm's ``pretrained_cfg`` says it (``mean``,
+        ``std`` on 0-1 pixels, ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``; a task's data module
+        names what its rule needs): what an exported model's ``model.json`` carries."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its preprocessing")
+
     def predict_set(self, paths: Sequence[str]) -> "PredictionInputs":
         """The files ``paths`` read and transformed as validation reads its own samples (a task's data module)."""
         raise NotImplementedError(f"{type(self).__name__} does not read files for predictions")
@@ -324,6 +330,12 @@ class DataModule(pl.LightningDataModule):
     def example_files(self, count: int) -> list[str]:
         """The first ``count`` validation files (pictures of predictions during training)."""
         raise NotImplementedError(f"{type(self).__name__} does not list its validation files")
+
+    def example_truths(self, count: int) -> list[Any] | None:
+        """The ground truth of :meth:`example_files`, in the order of the files, as the task's ``truth_record``
+        takes it (a label, boxes and labels, a label map at the image's size; None for a file that cannot be read);
+        None where the data module gives none."""
+        return None
 
     def validation_set(self) -> Dataset:
         """``val_set``, set up first if it is not yet."""

@@ -34,11 +34,14 @@ def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn
     model = module.export_module().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    # a spatial side's range is the exporter's to find (Dim.AUTO): a backbone may need more than one stride of it
+    # (measured: torch.export refuses 1..8192 for a segmentation model, whose padded side // 32 must not be 1)
+    dynamic = {axis: torch.export.Dim("batch", min=1, max=1024) if name == "batch" else torch.export.Dim.AUTO
+               for axis, name in dynamic_axes(module, fmt).items()}
     with torch.no_grad():
         if fmt == "onnx":
             torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
-                              output_names=["output"], dynamic_shapes=({0: batch},), verbose=False)
+                              output_names=["output"], dynamic_shapes=(dynamic,), verbose=False)
             return OnnxModel(path)
         if fmt == "torchscript":
             with torchscript_deprecations_hidden():
@@ -47,9 +50,15 @@ def export(module: Any, fmt: str, path: str | Path, example: torch.Tensor) -> nn
                     traced = torch.jit.trace(model, example, check_trace=False)
                 traced.save(str(path))
                 return torch.jit.load(str(path))
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(model, (example,), dynamic_shapes=(dynamic,))
         torch.export.save(program, str(path))
         return torch.export.load(str(path)).module()
+
+
+def dynamic_axes(module: Any, fmt: str) -> dict[int, str]:
+    """The input axes the file takes at any size: the task's (``export_dynamic_axes``); a TorchScript trace records
+    the sizes it computes with as constants, so there only the batch."""
+    return {0: "batch"} if fmt == "torchscript" else dict(module.export_dynamic_axes)
 
 
 class OnnxModel:

@@ -7,13 +7,15 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from vtrain.inference.visualize import side_by_side
 from vtrain.training.module import PredictOptions
 
 
 class PredictionPictures(pl.Callback):
     """A few validation inputs' predictions as pictures, logged to TensorBoard and wandb every ``every_n_epochs``
     validations: the pictures ``python -m vtrain.predict`` draws (boxes and masks with names and scores, the
-    segmentation overlay with its legend, the top-5 bars, a video's frames). Inactive unless one of the run's loggers
+    segmentation overlay with its legend, the top-5 bars, a video's frames), with the ground truth drawn the same
+    way beside each where the data has it. Inactive unless one of the run's loggers
     keeps images (``logger=tensorboard`` or ``logger=wandb``; the CSV logger does not).
 
     Args:
@@ -45,19 +47,28 @@ class PredictionPictures(pl.Callback):
         self.log_pictures(trainer, pl_module)
 
     def pictures(self, datamodule: Any, pl_module: pl.LightningModule) -> list[tuple[str, torch.Tensor]]:
-        """(file name, picture) of the first ``num_images`` validation files, the model in eval mode."""
+        """(file name, picture) of the first ``num_images`` validation files, the model in eval mode: the ground
+        truth beside the prediction where the data module gives it (``example_truths``) and the task draws it
+        (``truth_record``), the prediction alone otherwise."""
         dataset = datamodule.predict_set(datamodule.example_files(self.num_images))
         items = [dataset[i] for i in range(len(dataset))]
+        truths = datamodule.example_truths(len(items)) or [None] * len(items)
         training = pl_module.training
         pl_module.eval()
         try:
             outputs = pl_module.predict_batch([item["input"] for item in items])
         finally:
             pl_module.train(training)
-        return [(Path(item["path"]).name,
-                 pl_module.draw_prediction(item["original"], pl_module.prediction_record(output, self.options),
-                                           self.options))
-                for item, output in zip(items, outputs)]
+        pictures = []
+        for item, output, truth in zip(items, outputs, truths):
+            picture = pl_module.draw_prediction(item["original"], pl_module.prediction_record(output, self.options),
+                                                self.options)
+            truth_record = None if truth is None else pl_module.truth_record(truth)
+            if truth_record is not None:
+                drawn = pl_module.draw_prediction(item["original"], truth_record, self.options)
+                picture = side_by_side([("ground truth", drawn), ("prediction", picture)])
+            pictures.append((Path(item["path"]).name, picture))
+        return pictures
 
     def log_pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from pytorch_lightning.loggers import TensorBoardLogger

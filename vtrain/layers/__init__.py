@@ -1,8 +1,9 @@
 """Blocks that backbones and heads share."""
 from vtrain.layers.deform_conv import DeformableConv2d
-from vtrain.layers.global_context import GlobalContextBlock
+from vtrain.layers.global_context import GlobalContextBlock, SimplifiedNonLocalBlock
 from vtrain.layers.local_relation import LocalRelation2d
 from vtrain.layers.ms_deform_attn import MSDeformAttn
 from vtrain.layers.non_local import DisentangledNonLocalBlock, NonLocalBlock
 
-__all__ = ["DeformableConv2d", "GlobalContextBlock", "LocalRelation2d", "MSDeformAttn", "NonLocalBlock", "DisentangledNonLocalBlock"]
+__all__ = ["DeformableConv2d", "GlobalContextBlock", "LocalRelation2d", "MSDeformAttn", "NonLocalBlock", "DisentangledNonLocalBlock",
+           "SimplifiedNonLocalBlock"]

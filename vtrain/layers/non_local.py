@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtrain.config import ConfigError
+
 
 class _PairwiseBlock(nn.Module):
     def __init__(self, channels: int, reduction: int = 2, dim: int = 2, sub_sample: bool = False):
@@ -93,20 +95,51 @@ class DisentangledNonLocalBlock(_PairwiseBlock):
     ``DNLHead`` default 0.05); W_m is a 1x1 conv to one channel with bias (mmseg
     ``conv_mask``). The unary term is one C'-vector per sample, added at every
     position before the shared output conv.
+
+    The paper's Cityscapes ablations (Sec. 5.1; the official DNL-Semantic-Segmentation code's
+    ``NonLocal2d_bn`` ``with_unary`` / ``with_gc`` and ``Unary2d``) are options of this block:
+
+    * ``unary=None``: the whitened pairwise term alone ("pairwise alone");
+    * ``pairwise=False``: the unary term alone ("unary alone"; no theta / phi convs);
+    * ``unary="shared"``: the unary term from the pairwise term's key, ``u_j = softmax_j(mu_theta^T phi_j)``
+      ("Add (shared key)": the factor exp(q_i^T k_j) leaves after whitening, Eq. 6; unscaled, as the official
+      ``with_unary`` branch);
+    * ``unary="disentangled"`` (default): its own key W_m, the DNL block ("Add (disentangled key)").
     """
 
-    def __init__(self, channels: int, reduction: int = 2, temperature: float = 0.05, dim: int = 2):
+    UNARY_KEYS = ("disentangled", "shared", None)
+
+    def __init__(self, channels: int, reduction: int = 2, temperature: float = 0.05, dim: int = 2,
+                 pairwise: bool = True, unary: str | None = "disentangled"):
+        if unary not in self.UNARY_KEYS:
+            raise ConfigError(f"dnl unary={unary!r}: use disentangled (DNL), shared (the pairwise term's key) or "
+                              "null (the pairwise term alone)")
+        if not pairwise and unary != "disentangled":
+            raise ConfigError(f"dnl pairwise=false with unary={unary!r} leaves no term: the unary term alone is "
+                              "unary=disentangled")
         super().__init__(channels, reduction, dim)
         self.temperature = temperature
+        self.pairwise, self.unary = pairwise, unary
+        if not pairwise:  # nothing reads the query and key: not built, so every parameter gets a gradient
+            del self.theta, self.phi
         conv = nn.Conv2d if dim == 2 else nn.Conv3d
-        self.unary_mask = conv(channels, 1, kernel_size=1)  # W_m
+        if unary == "disentangled":
+            self.unary_mask = conv(channels, 1, kernel_size=1)  # W_m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        theta, phi, g = self._embeddings(x)
-        theta = theta - theta.mean(dim=2, keepdim=True)
-        phi = phi - phi.mean(dim=2, keepdim=True)
-        scale = 1.0 / (math.sqrt(self.inter_channels) * self.temperature)
-        pairwise = F.scaled_dot_product_attention(theta, phi, g, scale=scale).squeeze(1)  # (N, L, C')
-        unary_weights = self.unary_mask(x).flatten(2).softmax(dim=-1)  # (N, 1, L)
-        unary = unary_weights @ g.squeeze(1)  # (N, 1, C')
-        return self._output(x, pairwise + unary)
+        if self.pairwise:
+            theta, phi, g = self._embeddings(x)
+            theta_mean = theta.mean(dim=2, keepdim=True)
+            theta, phi = theta - theta_mean, phi - phi.mean(dim=2, keepdim=True)
+            scale = 1.0 / (math.sqrt(self.inter_channels) * self.temperature)
+            y = F.scaled_dot_product_attention(theta, phi, g, scale=scale).squeeze(1)  # (N, L, C')
+        else:
+            g = self.g(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        if self.unary is None:
+            return self._output(x, y)
+        if self.unary == "disentangled":
+            logits = self.unary_mask(x).flatten(2)  # (N, 1, L)
+        else:  # shared: mu_theta^T (phi_j - mu_phi), the same softmax as mu_theta^T phi_j (a shift constant in j)
+            logits = theta_mean.squeeze(1) @ phi.squeeze(1).transpose(1, 2)  # (N, 1, L)
+        unary = logits.softmax(dim=-1) @ g.squeeze(1)  # (N, 1, C'): the same at every position
+        return self._output(x, y + unary if self.pairwise else unary.expand(-1, g.shape[2], -1))

@@ -203,16 +203,16 @@ def _beyond_depth(keys: list[str], own: dict[str, Any]) -> list[str]:
     return deeper
 
 
-def load_classifier(head: nn.Linear, classifier: dict[str, torch.Tensor], source: str) -> None:
+def load_classifier(head: nn.Linear, classifier: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
     """A reference classifier into ``head`` when it fits; one that does not (another number of classes, e.g. an
-    ImageNet-22K release for a 1000-class model) is a warning with both shapes, and ``head`` keeps its
-    initialisation."""
+    ImageNet-22K release for a 1000-class model without a class map) is a warning with both shapes (and ``hint``:
+    what would make it fit), and ``head`` keeps its initialisation."""
     weight = classifier.get("weight")
     if weight is None:
         return
     if weight.shape != head.weight.shape:
-        log.warning("the classifier of %s is %s, this model's %s: it starts from its initialisation", source,
-                    tuple(weight.shape), tuple(head.weight.shape))
+        log.warning("the classifier of %s is %s, this model's %s: it starts from its initialisation%s", source,
+                    tuple(weight.shape), tuple(head.weight.shape), hint)
         return
     load_matching(head, classifier, source, "classifier")
 

@@ -42,6 +42,11 @@ class ClassifierTask(TaskModule):
     def prediction_record(self, output: dict[str, torch.Tensor], options: PredictOptions) -> dict[str, Any]:
         return {"top_k": top_k(output["probabilities"], self.label_names(), self.class_ids, options.top_k)}
 
+    def truth_record(self, truth: int) -> dict[str, Any]:
+        """The true class, drawn as a bar at 1."""
+        names = self.label_names()
+        return {"top_k": [{"label": int(truth), "name": names[int(truth)], "score": 1.0}]}
+
     export_output = "logits (classes)"
 
     def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -246,15 +246,33 @@ class TaskModule(pl.LightningModule):
         """One output as plain values (what ``python -m vtrain.predict`` writes as JSON); a label map stays a tensor."""
         raise NotImplementedError(f"{type(self).__name__} does not predict")
 
+    def truth_record(self, truth: Any) -> dict[str, Any] | None:
+        """A file's ground truth (the data module's ``example_truths``) as a record :meth:`draw_prediction` draws;
+        None: the task draws no ground truth."""
+        return None
+
     def draw_prediction(self, original: Any, record: dict[str, Any], options: "PredictOptions") -> torch.Tensor:
         """A picture of one prediction on its input (``original``: the decoded file), uint8 (3, H, W)."""
         raise NotImplementedError(f"{type(self).__name__} does not draw its predictions")
+
+    def results_files(self, sources: Sequence[str], records: Sequence[dict[str, Any]], datamodule: Any
+                      ) -> dict[str, Any]:
+        """The predictions of ``sources`` in the dataset's own results format, as files beside the records
+        (``{file name: JSON value}``; none unless the task's benchmark has one). ``datamodule``: the run's (its
+        data need not be there)."""
+        return {}
 
     def export_module(self) -> nn.Module:
         """A plain ``nn.Module`` of the evaluation model: a normalised batch in, logits (or maps) out."""
         raise ConfigError(f"{type(self).__name__} cannot be exported")
 
     export_output = "logits"  # what export_module returns, in words (export's model.json)
+    export_dynamic_axes: dict[int, str] = {0: "batch"}  # the input's axes an exported model takes at any size
+
+    def export_preprocessing(self, datamodule: Any) -> dict[str, Any]:
+        """What the caller of an exported model does to an image first (export's ``model.json``): the run's data
+        module's :meth:`~vtrain.data.datamodule.DataModule.preprocessing`."""
+        return datamodule.preprocessing()
 
     def example_input(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """A normalised batch of what :meth:`export_module` takes, at the validation input's size (``size``: (H, W)

@@ -25,6 +25,10 @@ runs are not compared.
 Results: a table on stdout, ``bench.json`` in the run directory and one appended row in ``bench.csv``, each
 with the device, the torch version and the settings.
 
+``python -m vtrain.tools.bench experiment=<name> --vs bare`` measures instead what vtrain's training path costs
+on top of the model: its training steps against a bare PyTorch loop on the same model, optimizer, schedule and
+loader (``overhead``).
+
 Modules: ``models`` (the candidates: our classifier, timm's twin, another backbone, a layer), ``device``
 (which device, its peak, peak memory), ``timing`` (warm-up and interleaved timed blocks), ``loader`` (the data
 pipeline), ``report`` (ratios, the table, JSON and CSV), ``cli`` (the flow and the command line).

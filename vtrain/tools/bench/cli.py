@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -85,6 +87,36 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 
 
+def overhead(argv: list[str]) -> dict[str, Any]:
+    """``--vs bare``: the ``bench.*`` arguments set the bench, the others compose the experiment (``train``)."""
+    from vtrain.config.compose import compose_config
+    from vtrain.tools.bench.overhead import format_overhead, run_overhead
+
+    bench_args = [a for a in argv if a.lstrip("+~").startswith("bench.")]
+    train_args = [a for a in argv if a not in bench_args]
+    settings = compose_config("bench", bench_args)
+    experiment = next((a.split("=", 1)[1] for a in train_args if a.startswith("experiment=")), None)
+    report = run_overhead(compose_config("train", train_args), settings.bench.overhead, experiment)
+    report["date"] = datetime.datetime.now().isoformat(timespec="seconds")
+    report["overrides"] = train_args
+    print(format_overhead(report))
+    path = Path(settings.bench.overhead.jsonl)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(report) + "\n")
+    return report
+
+
 def main() -> None:
-    sys.argv = [sys.argv[0], *vs_to_override(sys.argv[1:])]
+    argv = vs_to_override(sys.argv[1:])
+    if "bench.reference=bare" in argv:
+        from vtrain.config import ConfigError
+        from vtrain.config.command import fail
+
+        try:
+            overhead([a for a in argv if a != "bench.reference=bare"])
+        except ConfigError as e:
+            fail(e)
+        return
+    sys.argv = [sys.argv[0], *argv]
     _hydra_main()

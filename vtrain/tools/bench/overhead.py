@@ -1,0 +1,225 @@
+"""What vtrain costs on top of the model: its training path against a bare PyTorch loop, in one process.
+
+``python -m vtrain.tools.bench experiment=<name> [overrides] --vs bare`` builds the experiment's data module and
+task once, then times training steps driven two ways, in alternating blocks (A B, B A, ...) so that drift of a
+shared machine hits both:
+
+* **vtrain**: the run's own ``Trainer`` from :func:`vtrain.training.trainer.build_trainer` (its callbacks, loggers,
+  progress bar, checkpointing, precision, clipping, accumulation), fitting the task on the data module's loader with
+  its exact-resume sampler, as ``python -m vtrain`` does; a new ``Trainer`` per block, as each run starts one;
+* **bare**: a plain loop over the same data module's loader: ``training_step`` (the task's loss; its ``self.log``
+  calls return at once outside a ``Trainer``), ``backward``, the gradient clipping the trainer is configured with,
+  ``optimizer.step``, ``zero_grad(set_to_none=True)`` and the timm schedule's ``step_update``, with the optimizer and
+  schedule of the task's own ``configure_optimizers`` and the trainer's precision as ``torch.autocast``.
+
+A step is timed from one batch's start to the next's (loading and moving the batch, the step, and for vtrain its
+hooks, logging and callbacks); ``bench.warmup`` steps of each block are left out (the loader's workers start there).
+Validation is switched off (``trainer.limit_val_batches=0``): the comparison is of training steps. Reported: steps/s
+of each path (the median block's), the ratio vtrain/bare as the median of the paired blocks' ratios with its
+quartiles, and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`).
+
+The two paths train alike: from the same weights, seed and batches, a vtrain block and a bare block end with the same
+weights (``tests/test_bench.py``).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from omegaconf import DictConfig, open_dict
+
+from vtrain.config import ConfigError
+from vtrain.config.validate import accumulate_grad_batches, check_values, validate
+from vtrain.data.datamodule import CountedBatch
+from vtrain.tools.bench.device import PeakMemory, synchronize
+from vtrain.training.build import build_task
+from vtrain.training.steps import training_steps
+from vtrain.training.trainer import build_trainer
+
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+PLAIN = ("32-true", "32", 32, None)
+PROFILE_ROWS = 15
+
+
+class StepClock(pl.Callback):
+    """The time each optimizer step's first batch starts (the device synchronised first)."""
+
+    def __init__(self, device: torch.device, accumulate: int):
+        self.device, self.accumulate, self.starts = device, accumulate, []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+                             ) -> None:
+        if batch_idx % self.accumulate == 0:
+            synchronize(self.device)
+            self.starts.append(time.perf_counter())
+
+
+def step_seconds(starts: list[float], warmup: int) -> list[float]:
+    """The durations of the steps after ``warmup``: from each batch's start to the next's."""
+    return [b - a for a, b in zip(starts[warmup:], starts[warmup + 1:])]
+
+
+def prepared(cfg: DictConfig, output_dir: str) -> DictConfig:
+    """The experiment's config for timing: its run files in ``output_dir``, no validation, no sanity check."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.output_dir = output_dir
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.max_epochs = -1
+    if cfg.trainer.get("precision") not in (*PLAIN, *AUTOCAST):
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision}: the bare loop runs fp32, bf16-mixed or "
+                          "16-mixed; pick one of those to compare")
+    if cfg.trainer.get("precision") == "16-mixed":
+        raise ConfigError("trainer.precision=16-mixed needs a gradient scaler the bare loop does not have: compare "
+                          "with bf16-mixed or 32-true")
+    return cfg
+
+
+def vtrain_block(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, steps: int, device: torch.device
+                 ) -> list[float]:
+    """The start of each of ``steps`` optimizer steps of a fit with the run's own trainer (a new one), and the end of
+    the last one."""
+    clock = StepClock(device, accumulate_grad_batches(cfg))
+    with open_dict(cfg):
+        cfg.trainer.max_steps = steps
+    trainer = build_trainer(cfg).trainer
+    trainer.callbacks.append(clock)
+    module.training_steps = training_steps(trainer, datamodule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals, every block
+        trainer.fit(module, datamodule=datamodule)
+    synchronize(device)
+    clock.starts.append(time.perf_counter())  # the end of the last step
+    module.trainer = None
+    return clock.starts
+
+
+def bare_block(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, steps: int, device: torch.device
+               ) -> list[float]:
+    """The start of each of ``steps`` batches of a plain loop, and the end of the last one."""
+    accumulate = accumulate_grad_batches(cfg)
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    dtype = AUTOCAST.get(cfg.trainer.get("precision"))
+    clip = cfg.trainer.get("gradient_clip_val")
+    module.train()
+    batches, starts = iter(datamodule.train_dataloader()), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer says so once per call site
+        for index in range(steps * accumulate):
+            if index % accumulate == 0:
+                synchronize(device)
+                starts.append(time.perf_counter())
+            batch = next(batches)
+            if isinstance(batch, CountedBatch):  # the loader's skip count, which vtrain's data module reads
+                batch = batch.batch
+            batch = move_data_to_device(batch, device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = module.training_step(batch, index)
+            loss = out["loss"] if isinstance(out, dict) else out
+            (loss / accumulate).backward()
+            if (index + 1) % accumulate:
+                continue
+            if clip:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), float(clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step_update(num_updates=(index + 1) // accumulate)
+    synchronize(device)
+    starts.append(time.perf_counter())
+    return starts
+
+
+def _ratio_quartiles(ratios: list[float]) -> list[float]:
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q3]
+
+
+def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = None) -> dict[str, Any]:
+    """Time the experiment ``cfg`` (a composed ``train`` config) both ways; ``bench``: warmup, steps, repeats. The
+    first block is vtrain's: its trainer gives the task its training steps, which the bare loop's schedule reads."""
+    warmup, steps, repeats = int(bench.warmup), int(bench.steps), int(bench.repeats)
+    if min(steps, repeats) < 1 or warmup < 0:
+        raise ConfigError(f"bench.steps={steps}, bench.repeats={repeats}, bench.warmup={warmup}: use steps and "
+                          "repeats >= 1, warmup >= 0")
+    check_values(cfg)
+    with tempfile.TemporaryDirectory(prefix="vtrain-bench-") as output_dir:
+        cfg = prepared(cfg, output_dir)
+        datamodule = instantiate(cfg.data)
+        validate(cfg, datamodule)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = build_task(cfg)
+        module.use_dataset(datamodule.info())
+        device = torch.device("cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu")
+        module.to(device)
+        paths = {"vtrain": vtrain_block, "bare": bare_block}
+        seconds: dict[str, list[list[float]]] = {name: [] for name in paths}
+        peak: dict[str, float | None] = {}
+        for r in range(repeats):
+            for name in (("vtrain", "bare") if r % 2 == 0 else ("bare", "vtrain")):
+                with PeakMemory(device) as memory:
+                    starts = paths[name](cfg, module, datamodule, warmup + steps, device)
+                seconds[name].append(step_seconds(starts, warmup))
+                if memory.transient is not None:
+                    peak[name] = max(peak.get(name) or 0.0, memory.transient / 2**20)
+        profile = _profile(cfg, module, datamodule, warmup + steps, device) if bench.get("profile") else None
+    blocks = {name: [sum(s) for s in per_block] for name, per_block in seconds.items()}
+    ratios = [bare / ours for ours, bare in zip(blocks["vtrain"], blocks["bare"])]  # vtrain's speed / bare's
+    return {
+        "experiment": experiment,
+        "device": str(device),
+        "settings": {"warmup": warmup, "steps": steps, "repeats": repeats,
+                     "batch_size": int(cfg.data.batch_size), "accumulate": accumulate_grad_batches(cfg),
+                     "precision": str(cfg.trainer.get("precision"))},
+        "steps_per_s": {name: steps / statistics.median(b) for name, b in blocks.items()},
+        "step_seconds": seconds,
+        "ratio": statistics.median(ratios),
+        "ratio_quartiles": _ratio_quartiles(ratios),
+        "peak_mb": {name: peak.get(name) for name in paths},
+        "profile": profile,
+    }
+
+
+def _profile(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, steps: int, device: torch.device
+             ) -> dict[str, str]:
+    """One more block of each path under ``torch.profiler``: the operators and Python-level functions with the
+    most self time (CPU), the first ``PROFILE_ROWS`` of each, to name where vtrain's extra time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tables = {}
+    for name, block in (("vtrain", vtrain_block), ("bare", bare_block)):
+        with profile(activities=activities, with_stack=False) as prof:
+            block(cfg, module, datamodule, steps, device)
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
+    return tables
+
+
+def format_overhead(report: dict[str, Any]) -> str:
+    rate, peak = report["steps_per_s"], report["peak_mb"]
+    q1, q3 = report["ratio_quartiles"]
+    settings = report["settings"]
+    lines = [f"training steps, {settings['steps']} per block x {settings['repeats']} blocks after "
+             f"{settings['warmup']} warm-up, batch {settings['batch_size']}, {settings['precision']}, "
+             f"on {report['device']}",
+             f"  vtrain  {rate['vtrain']:8.3f} steps/s   peak {_mb(peak['vtrain'])}",
+             f"  bare    {rate['bare']:8.3f} steps/s   peak {_mb(peak['bare'])}",
+             f"  vtrain / bare: {report['ratio']:.3f} (quartiles {q1:.3f}-{q3:.3f})"]
+    for name, table in (report.get("profile") or {}).items():
+        lines += ["", f"{name}: the {PROFILE_ROWS} entries with the most self CPU time (one block)", table]
+    return "\n".join(lines)
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} MiB"
