@@ -78,6 +78,19 @@ def test_names_that_exist_pass_the_check():
         check_command_line("train", argv)  # no error
 
 
+def test_choices_of_config_folders_on_the_search_path_pass_the_check(tmp_path):
+    """A config folder added with hydra.searchpath (a detector family from its folder alone) is read for choices
+    too; a pkg:// entry, which the check cannot list, leaves the choices to Hydra."""
+    from vtrain.config.names import check_command_line
+
+    (tmp_path / "task" / "detector").mkdir(parents=True)
+    (tmp_path / "task" / "detector" / "toy.yaml").write_text("_target_: x\n")
+    check_command_line("train", [f"hydra.searchpath=[file://{tmp_path}]", "task=detection", "task/detector=toy"])
+    with pytest.raises(ConfigError, match="no task/detector named toyy .did you mean task/detector=toy"):
+        check_command_line("train", [f"hydra.searchpath=[file://{tmp_path}]", "task=detection", "task/detector=toyy"])
+    check_command_line("train", ["hydra.searchpath=[pkg://elsewhere.conf]", "task=detection", "task/detector=toy"])
+
+
 @pytest.mark.parametrize("module", ["vtrain", "vtrain.eval"])
 def test_the_commands_check_their_names_before_hydra(module, monkeypatch, capsys):
     import runpy

@@ -59,10 +59,24 @@ def unknown_key(cfg: DictConfig, key: str, value: str, config: str = "the config
     return None
 
 
-def group_options(group: str) -> list[str] | None:
-    """The choices of a config group of ``conf/`` (its files' names), or None where ``group`` is no folder of it."""
-    folder = Path(CONFIG_DIR) / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
+def group_options(group: str, roots: Sequence[Path] = ()) -> list[str] | None:
+    """The choices of a config group of ``conf/`` and of the config folders ``roots`` added to Hydra's search path
+    (its files' names), or None where ``group`` is a folder of none of them."""
+    folders = [folder for folder in (Path(CONFIG_DIR) / group, *(root / group for root in roots)) if folder.is_dir()]
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")}) if folders else None
+
+
+def _search_path(overrides: Sequence[Any]) -> list[Path] | None:
+    """The folders ``hydra.searchpath=[file://...]`` adds, or None where it names one this check cannot read (a
+    ``pkg://`` package: the choices are then left to Hydra)."""
+    roots: list[Path] = []
+    for override in overrides:
+        if override.key_or_group == "hydra.searchpath":
+            for value in _values(override):
+                if not (isinstance(value, str) and value.startswith("file://")):
+                    return None
+                roots.append(Path(value[len("file://"):]))
+    return roots
 
 
 def _values(override: Any) -> list[Any]:
@@ -90,10 +104,13 @@ def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> N
             [*args.overrides, *(a for a in rest if not a.startswith("-"))])
     except Exception:  # noqa: BLE001 - a syntax error: Hydra's message says where
         return
+    roots = _search_path(overrides)
+    if roots is None:
+        return
     overrides = [o for o in overrides if o.key_or_group.split("/")[0].split(".")[0] != "hydra"]
     choices, keys = [], []
     for override in overrides:
-        options = group_options(override.key_or_group) if "." not in override.key_or_group else None
+        options = group_options(override.key_or_group, roots) if "." not in override.key_or_group else None
         if options is None:
             keys.append(override)
             continue
