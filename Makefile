@@ -23,8 +23,9 @@ data: install
 demo: data
 	$(PY) -m vtrain experiment=quickstart data.root=$(DATA)/imagenet hydra.run.dir=outputs/quickstart
 
+# --dist loadgroup: tests that share an expensive module fixture (@pytest.mark.xdist_group) run on one worker
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache

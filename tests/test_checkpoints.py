@@ -94,16 +94,24 @@ def test_a_planted_pickle_is_never_run_by_training_resume_or_evaluation(imagenet
     assert read_checkpoint(hostile)["global_step"] == 12  # resumed from step 6 and replaced the planted file
 
 
-def test_checkpoints_vtrain_writes_need_no_allow_listed_class(imagenet_root, tmp_path):
-    """Everything a real run saves (weights, optimizer and scheduler state, loops, callbacks, the data loader's
-    position) loads with torch.load(weights_only=True) and no add_safe_globals."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def mid_epoch_run(imagenet_root, tmp_path_factory):
+    """A tiny run stopped mid-epoch at step 4 with its checkpoints (read, never changed, by the tests that use it)."""
+    run = tmp_path_factory.mktemp("mid_epoch") / "run"
     result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.limit_val_batches=1",
                      "callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.save_top_k=-1",
                      "trainer.max_steps=4")  # stops mid-epoch: the loader's position is in the checkpoint
     assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+@pytest.mark.xdist_group("mid_epoch_run")
+def test_checkpoints_vtrain_writes_need_no_allow_listed_class(mid_epoch_run):
+    """Everything a real run saves (weights, optimizer and scheduler state, loops, callbacks, the data loader's
+    position) loads with torch.load(weights_only=True) and no add_safe_globals."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    run = mid_epoch_run
     paths = sorted((run / "checkpoints").glob("*.ckpt"))
     assert paths
     for path in paths:
@@ -324,11 +332,9 @@ def test_a_classifier_of_another_size_is_a_warning_with_both_shapes(tmp_path, ca
     assert torch.equal(task.head.weight, before)
 
 
-def test_resuming_a_checkpoint_of_another_model_is_one_line(imagenet_root, tmp_path):
-    run = tmp_path / "run"
-    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_steps=2",
-                     "trainer.limit_val_batches=1")
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.xdist_group("mid_epoch_run")
+def test_resuming_a_checkpoint_of_another_model_is_one_line(imagenet_root, tmp_path, mid_epoch_run):
+    run = mid_epoch_run
     for mode in ("train", "eval"):
         other = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / mode}", f"mode={mode}",
                         "backbone.depths=[1,1,1,1]", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")

@@ -162,6 +162,7 @@ MOMENTS = {
 }
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker computes the fixture (make test: --dist loadgroup)
 @pytest.mark.parametrize("moments", list(MOMENTS.values()), ids=list(MOMENTS))
 def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_path, uninterrupted, moments):
     """SIGKILL at named moments, one after another, each resumed with ckpt_path=auto: the run ends with the
@@ -211,6 +212,7 @@ def _validated_epochs(run) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(f) if row.get("val/top1")]
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker computes the fixture (make test: --dist loadgroup)
 def test_sigterm_during_a_validation_reruns_it_after_resume(imagenet_root, tmp_path, uninterrupted):
     """SIGTERM in epoch 0's validation, after the first of its two batches (not the last validation; the signal is
     sent from inside the run at that hook, so the moment does not depend on timing). The run saves and exits 143;
@@ -244,6 +246,7 @@ def test_sigterm_during_a_validation_reruns_it_after_resume(imagenet_root, tmp_p
             torch.testing.assert_close(final[key], expected[key], rtol=0, atol=0, msg=f"{name}: {key}")
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker computes the fixture (make test: --dist loadgroup)
 def test_killed_at_random_moments_under_load_resumes_exactly(imagenet_root, tmp_path, uninterrupted, busy_cpu):
     """SIGKILL at random moments (mid-epoch included) with a busy process beside the run, resume with
     ckpt_path=auto each time: same weights and validation metrics as a run never interrupted."""
@@ -360,6 +363,7 @@ def test_evaluation_with_no_checkpoint_is_one_line(imagenet_root, tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker computes the fixture (make test: --dist loadgroup)
 def test_resuming_past_max_epochs_is_one_line(imagenet_root, tmp_path, uninterrupted):
     """Lightning's MisconfigurationException (a traceback) for a checkpoint at a later epoch than max_epochs."""
     last = uninterrupted / "checkpoints" / "last.ckpt"
