@@ -203,8 +203,10 @@ def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor
     resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``). ``any_size``: written so that
     an export of it takes any height and width (the crop copied, not a view)."""
     h, w = images.shape[-2:]
-    # padded even by nothing: a branch on the size would fix an exported model to one side of it (any size exports)
-    x = F.pad(images, (0, (-w) % size_divisor, 0, (-h) % size_divisor))
+    pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
+    # an export pads even by nothing (a branch on the size would fix it to one side of it); training and validation
+    # skip the copy when there is nothing to pad
+    x = F.pad(images, (0, pad_w, 0, pad_h)) if any_size or pad_h or pad_w else images
     features = dict(zip(backbone.out_indices, backbone(x)))
     logits = [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False) for head in heads]
     if not any_size:
