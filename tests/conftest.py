@@ -73,6 +73,18 @@ def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout
     )
 
 
+def run_in_process(*args: str) -> float | None:
+    """What ``python -m vtrain args...`` runs, in this process (``vtrain.cli.run`` outside Hydra's app: bad input
+    raises the ``ConfigError`` whose message the command line prints as its one line). ``hydra.run.dir=`` is
+    the run directory, as on the command line. For tests that need neither a process of their own (a kill, a
+    signal, DDP) nor the command line's output."""
+    import vtrain
+    from vtrain.cli import run
+
+    overrides = [f"output_dir={a.split('=', 1)[1]}" if a.startswith("hydra.run.dir=") else a for a in args]
+    return run(vtrain.compose(None, overrides))
+
+
 def compose(*overrides: str):
     """The config ``python -m vtrain overrides...`` would run with, without Hydra's runtime."""
     from vtrain.config.compose import compose_config
