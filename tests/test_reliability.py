@@ -152,20 +152,16 @@ def busy_cpu():
     proc.wait()
 
 
-MOMENTS = {
-    "through_a_run": [("on_train_batch_start", 6),       # after the first epoch's checkpoint, written after its validation
-                      ("on_train_batch_start", 14),      # mid-epoch, right after a checkpoint
-                      ("on_train_batch_end", 16),        # after a step, before its checkpoint: that step is redone
-                      ("on_validation_batch_end", 18)],  # in the last validation, after the last checkpoint
-    # a run killed for the first time after an epoch's last batch, before its validation (a resumed run did not
-    # reach that state: it wrote no checkpoint there), then before the last validation (the end of the run)
-    "before_validations": [("on_validation_start", 12), ("on_validation_start", 18)],
-}
+# One chain of kills, each resumed: after the first epoch's checkpoint (written after its validation); after an
+# epoch's last batch, before its validation (a checkpoint written there resumed past the validation); mid-epoch,
+# right after a checkpoint; after a step, before its checkpoint (that step is redone); before the last validation
+# (the end of the run); in the last validation, after the last checkpoint.
+MOMENTS = [("on_train_batch_start", 6), ("on_validation_start", 12), ("on_train_batch_start", 14),
+           ("on_train_batch_end", 16), ("on_validation_start", 18), ("on_validation_batch_end", 18)]
 
 
 @pytest.mark.xdist_group("uninterrupted")  # one worker computes the fixture (make test: --dist loadgroup)
-@pytest.mark.parametrize("moments", list(MOMENTS.values()), ids=list(MOMENTS))
-def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_path, uninterrupted, moments):
+def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_path, uninterrupted):
     """SIGKILL at named moments, one after another, each resumed with ckpt_path=auto: the run ends with the
     weights and validation metrics of the uninterrupted one. The first two are moments a busy machine found: after
     the first epoch's checkpoint (written at the epoch's end, after its validation: Lightning defers it until the
@@ -177,7 +173,7 @@ def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_pa
     run = tmp_path / "killed"
     args = [*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "ckpt_path=auto"]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    for hook, step in moments:
+    for hook, step in MOMENTS:
         result = run_cli(*args, "+callbacks.kill._target_=kill_switch.KillAt", f"+callbacks.kill.hook={hook}",
                          f"+callbacks.kill.step={step}", env=env)
         assert result.returncode == -signal.SIGKILL, (hook, step, result.stderr[-3000:])
