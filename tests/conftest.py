@@ -1,6 +1,8 @@
 """Shared test plumbing: running the CLI in a subprocess, composing configs, tiny synthetic datasets."""
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -86,7 +88,14 @@ def run_in_process(*args: str) -> float | None:
 
 
 def compose(*overrides: str):
-    """The config ``python -m vtrain overrides...`` would run with, without Hydra's runtime."""
+    """The config ``python -m vtrain overrides...`` would run with, without Hydra's runtime: a copy of its own, the
+    same overrides composed once per test process (the recipe, config and stored-config tests compose every
+    experiment)."""
+    return copy.deepcopy(_composed(overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]):
     from vtrain.config.compose import compose_config
 
     return compose_config("train", list(overrides))

@@ -455,7 +455,7 @@ def test_every_experiment_has_a_reference_and_a_table_in_docs():
 @pytest.mark.parametrize("experiment", sorted(REFERENCES))
 def test_recipe_equals_its_reference(experiment):
     ref = REFERENCES[experiment]
-    cfg = compose(f"experiment={experiment}", "output_dir=/tmp/vtrain-test-recipes")
+    cfg = compose(f"experiment={experiment}")
     for key, expected in ref.values.items():
         assert _value(cfg, key) == expected, key
     assert (Path(cfg.pretrained).name if cfg.pretrained else None) == ref.pretrained
