@@ -444,3 +444,36 @@ def test_sizes_are_the_swin_papers(backbone, measured, paper):
     with torch.device("meta"):
         task = DetectionTask(cfg.task.backbone, OPTIM, SCHED, num_classes=80, detector=cfg.task.detector)
     assert count_params(task) == measured and round(measured / 1e6) == paper
+
+
+def test_the_swin_recipe_trains_two_steps_of_a_tiny_atss():
+    """swin_t_atss_coco_3x's task and optimiser (AdamW 1e-4 at 16 images, its weight-decay rule) on a tiny Swin and
+    a 64-wide head: two steps on one batch move the backbone, the pyramid and the head, and lower the loss."""
+    from vtrain.training.build import build_task
+    from vtrain.training.optim import build_optimizer
+
+    cfg = compose("experiment=swin_t_atss_coco_3x", "pretrained=null", "backbone.img_size=64", "backbone.embed_dim=32",
+                  "backbone.depths=[1,1,2,1]", "backbone.num_heads=[1,2,4,8]", "backbone.window_size=4",
+                  "backbone.drop_path_rate=0.0", "task.detector.neck.out_channels=64", "data.num_classes=2",
+                  "task.test_size=64", "task.test_max_size=96")
+    torch.manual_seed(0)
+    task = build_task(cfg).train()
+    optimizer = build_optimizer(task, cfg.optim, total_batch_size=16)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 36.0], [44.0, 20.0, 76.0, 60.0]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[10.0, 30.0, 50.0, 70.0]]), "labels": torch.tensor([2])}]
+    watched = ("backbone.layers.0.blocks.0.attn.qkv.weight", "detector.backbone.fpn.extra_blocks.p7.weight",
+               "detector.head.cls_logits.bias", "detector.head.scales")
+    before = {n: p.detach().clone() for n, p in task.named_parameters() if n in watched}
+    losses = []
+    for _ in range(2):
+        loss = sum(task(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    after = dict(task.named_parameters())
+    assert len(before) == len(watched) and all(not torch.equal(before[n], after[n]) for n in watched)
+    with torch.no_grad():
+        final = sum(task(images, targets).values()).item()
+    assert final < losses[0]

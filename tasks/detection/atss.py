@@ -63,7 +63,7 @@ class PyramidAnchorGenerator(AnchorGenerator):
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         device = feature_maps[0].device
         strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
-        self.set_cell_anchors(feature_maps[0].dtype, device)
+        self.set_cell_anchors(torch.float32, device)  # pixel coordinates, whatever precision the maps have
         anchors = torch.cat(self.grid_anchors([f.shape[-2:] for f in feature_maps], strides))
         return [anchors] * len(image_list.image_sizes)
 
@@ -245,7 +245,7 @@ class ATSSDetector(FCOS):
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         images, targets = self.transform(images, targets)
         features = list(self.backbone(images.tensors).values())
-        head_outputs = self.head(features)
+        head_outputs = {k: v.float() for k, v in self.head(features).items()}  # mmdet's force_fp32 on loss / boxes
         anchors = self.anchor_generator(images, features)[0]  # the same for every image of the batch
         grid_sizes = [tuple(f.shape[-2:]) for f in features]
         if self.training:
