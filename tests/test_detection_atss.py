@@ -436,6 +436,20 @@ def test_the_detections_are_mmdets(detector_and_batch):
     assert torch.equal(ours["labels"], labels + 1)
 
 
+def test_parts_that_do_not_fit_are_one_line():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    from vtrain.config import ConfigError
+    from vtrain.tasks.detection.atss import ATSSHead
+
+    with pytest.raises(ConfigError, match=r"^task.detector.neck.out_channels=48: .* use a multiple of 32$"):
+        ATSSHead(48, 2)
+    with pytest.raises(ConfigError, match=r"^task.detector.model.anchor_generator: .* AnchorGenerator has none: use "):
+        ATSS(_Pyramid([torch.zeros(1, 32, 1, 1)]), 3, AnchorGenerator(((64,),), ((1.0,),)))
+    with pytest.raises(ConfigError, match=r"strides: 1 strides for 2 levels of sizes: give one stride per level$"):
+        PyramidAnchorGenerator([[64], [128]], [[1.0], [1.0]], [8])
+
+
 @pytest.mark.parametrize("backbone, measured, paper", [("resnet50", 32_295_322, 32), ("swin_t", 35_734_356, 36)])
 def test_sizes_are_the_swin_papers(backbone, measured, paper):
     """Swin Table 2(a) (arXiv v2): ATSS with R-50 32M, Swin-T 36M parameters (80 COCO categories); mmdet's
@@ -448,7 +462,8 @@ def test_sizes_are_the_swin_papers(backbone, measured, paper):
 
 def test_the_swin_recipe_trains_two_steps_of_a_tiny_atss():
     """swin_t_atss_coco_3x's task and optimiser (AdamW 1e-4 at 16 images, its weight-decay rule) on a tiny Swin and
-    a 64-wide head: two steps on one batch move the backbone, the pyramid and the head, and lower the loss."""
+    a 64-wide head: every parameter gets a gradient; two steps on one batch move the backbone, the pyramid and the
+    head, and lower the loss."""
     from vtrain.training.build import build_task
     from vtrain.training.optim import build_optimizer
 
@@ -470,6 +485,8 @@ def test_the_swin_recipe_trains_two_steps_of_a_tiny_atss():
         loss = sum(task(images, targets).values())
         optimizer.zero_grad()
         loss.backward()
+        # DDP's condition: every trainable parameter reached (the Swin is built with C3-C5 only)
+        assert all(p.grad is not None for p in task.parameters() if p.requires_grad)
         optimizer.step()
         losses.append(loss.item())
     after = dict(task.named_parameters())

@@ -38,6 +38,8 @@ from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou, clip_box
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from vtrain.tasks.detection.roi_heads import init_fpn_like_mmdet
 
+from vtrain.config import ConfigError
+
 # mmdet's divisor of the centerness-weighted box loss falls back to 1 below this (atss_head.py's EPS)
 BOX_NORMALISER_EPS = 1e-12
 
@@ -57,7 +59,8 @@ class PyramidAnchorGenerator(AnchorGenerator):
                  strides: Sequence[int]):
         super().__init__(tuple(tuple(s) for s in sizes), tuple(tuple(r) for r in aspect_ratios))
         if len(strides) != len(self.sizes):
-            raise ValueError(f"strides: {len(strides)} given for {len(self.sizes)} levels of anchor sizes")
+            raise ConfigError(f"task.detector.model.anchor_generator.strides: {len(strides)} strides for "
+                              f"{len(self.sizes)} levels of sizes: give one stride per level")
         self.strides = tuple(int(s) for s in strides)
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
@@ -150,6 +153,9 @@ class ATSSHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, num_levels: int = 5, num_anchors: int = 1,
                  stacked_convs: int = 4, num_groups: int = 32, prior_prob: float = 0.01):
         super().__init__()
+        if in_channels % num_groups:
+            raise ConfigError(f"task.detector.neck.out_channels={in_channels}: ATSS's head normalises it in "
+                              f"{num_groups} groups: use a multiple of {num_groups}")
         norm = partial(nn.GroupNorm, num_groups)
 
         def tower() -> nn.Sequential:
@@ -227,8 +233,9 @@ class ATSSDetector(FCOS):
                  centerness_loss_weight: float = 1.0, box_coder_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
                  **kwargs: Any):
         if not isinstance(anchor_generator, PyramidAnchorGenerator):
-            raise ValueError("anchor_generator: ATSS needs a PyramidAnchorGenerator (each level's stride, for the "
-                             f"anchors on the image), not {type(anchor_generator).__name__}")
+            raise ConfigError(f"task.detector.model.anchor_generator: ATSS needs each level's stride, "
+                              f"{type(anchor_generator).__name__} has none: use "
+                              "vtrain.tasks.detection.atss.PyramidAnchorGenerator with strides")
         if head is None:
             head = ATSSHead(backbone.out_channels, num_classes - 1, num_levels=len(anchor_generator.sizes),
                             num_anchors=anchor_generator.num_anchors_per_location()[0])
