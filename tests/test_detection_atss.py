@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose
 from torch import nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
 from vtrain.profiling import count_params
@@ -299,7 +300,6 @@ def _grid_anchors(grid_sizes, sizes):
     """Square anchors of side ``sizes[l]`` centred at multiples of each level's stride (torchvision's / mmdet's)."""
     generator = PyramidAnchorGenerator([[s] for s in sizes], [[1.0]] * len(sizes), STRIDES[:len(sizes)])
     features = [torch.zeros(1, 1, h, w) for h, w in grid_sizes]
-    from torchvision.models.detection.image_list import ImageList
     return generator(ImageList(torch.zeros(1, 3, 1, 1), [(1, 1)]), features)[0]
 
 
