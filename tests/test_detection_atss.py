@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms
 from vtrain.profiling import count_params
 from vtrain.tasks.detection.atss import ATSSAssigner, DeltaXYWHCoder, PyramidAnchorGenerator
 from vtrain.tasks.detection.module import DetectionTask
+from vtrain.tasks.detection.nms import HardNMS
 from vtrain.tasks.detection.one_stage import ATSS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -418,7 +419,8 @@ def test_the_losses_of_a_batch_with_an_image_without_boxes_are_mmdets(detector_a
 
 def test_the_detections_are_mmdets(detector_and_batch):
     """mmdet's test_cfg on the first image (score_thr 0.05, class-wise NMS 0.6, max 100), with nms_pre 20 per level
-    instead of 1000 so that the pre-selection by class probability x centerness binds on these small maps."""
+    instead of 1000 so that the pre-selection by class probability x centerness binds on these small maps; the
+    duplicate-removal part (``task/detector/nms``) applies to ATSS as to the other one-stage detectors."""
     detector, images, _, maps = detector_and_batch
     detector.eval()
     one = [m[:1] for m in maps]
@@ -428,8 +430,12 @@ def test_the_detections_are_mmdets(detector_and_batch):
             ours = detector(images[:1])[0]
             outs = [mm_forward_single(detector.head, x, level) for level, x in enumerate(one)]
             boxes, scores, labels = mm_get_bboxes(outs, (96, 128), nms_pre=20)
+            detector.duplicate_removal = HardNMS(0.6)  # task/detector/nms=nms at ATSS's own threshold: the same
+            through_the_part = detector(images[:1])[0]
     finally:
-        detector.backbone.maps, detector.topk_candidates = maps, 1000
+        detector.backbone.maps, detector.topk_candidates, detector.duplicate_removal = maps, 1000, HardNMS()
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(through_the_part[key], ours[key])
     assert 0 < len(scores) <= 100
     torch.testing.assert_close(ours["boxes"], boxes, rtol=0, atol=1e-4)
     torch.testing.assert_close(ours["scores"], scores, rtol=0, atol=1e-6)
