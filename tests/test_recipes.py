@@ -386,6 +386,10 @@ DERIVED = {
     "swin_t_atss_coco_3x": ("swin_t_maskrcnn_coco_3x", {
         "task.detector._target_": "vtrain.tasks.detection.one_stage.OneStageSpec",
         "task.detector.model._target_": "vtrain.tasks.detection.one_stage.ATSS", "data.masks": False,
+        # written out, not inherited (the Mask R-CNN recipe's R-CNN parts are no ATSS keys): the parent's values
+        "data.train_sizes": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], "data.group_by_aspect_ratio": True,
+        "data.crop": {"prob": 0.5, "sizes": [400, 500, 600], "min_size": 384, "max_size": 600},
+        "backbone.drop_path_rate": 0.2, "pretrained_url": "swin_tiny_patch4_window7_224.pth",
         "task.detector.out_indices": [1, 2, 3], "task.detector.neck.out_channels": 256,
         "task.detector.neck.extra_block.from_p5": True, "task.detector.neck.extra_block.relu_before_p7": False,
         "task.detector.model.anchor_generator.sizes": [[64], [128], [256], [512], [1024]],
