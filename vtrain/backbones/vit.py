@@ -143,7 +143,7 @@ class VisionTransformer(Backbone):
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """timm ViT checkpoints: ``head.*`` is the classifier; a position table for
-        another grid (e.g. a 384 checkpoint) is resampled to this one."""
+        another grid (a 224 checkpoint into a 384 model) is resampled to this one as DeiT's fine-tuning does."""
         state_dict = state_dict.get("model", state_dict)
         backbone, classifier = {}, {}
         for key, value in state_dict.items():
@@ -151,7 +151,10 @@ class VisionTransformer(Backbone):
                 classifier[key[len("head."):]] = value
                 continue
             if key == "pos_embed" and value.shape != self.pos_embed.shape:
-                value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1)
+                # DeiT's fine-tuning at 384 (main.py --finetune): bicubic, align_corners False, no antialias
+                # (timm's default antialias=True gives other values when upsampling)
+                value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1,
+                                               antialias=False)
             backbone[key] = value
         return backbone, classifier
 
