@@ -332,6 +332,21 @@ def test_vit_logits_equal_timm():
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_vit_dropout_is_timms():
+    """DeiT's dropout ablation (``--drop``: timm's position and projection dropout): in training, with the same
+    random draws, the logits of timm's ViT with the same rates."""
+    torch.manual_seed(0)
+    rates = dict(pos_drop_rate=0.1, proj_drop_rate=0.1)
+    reference = timm.models.vision_transformer.VisionTransformer(num_classes=10, **TINY_VIT, **rates).train()
+    model = _copy_into(VisionTransformer(**TINY_VIT, **rates), reference, 10).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = reference(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(model.eval()(x), expected, rtol=1e-2, atol=1e-3)  # the dropout was drawn
+
+
 def test_hrnet_is_timms_with_the_official_classification_checkpoint():
     """HRNetV2-W48: timm's hrnet_w48 features (feature_location=""), 65,325,120 params; on timm's small HRNet a
     seeded ImageNet classifier's state dict (official keys) loads through checkpoint_filter and gives timm's
