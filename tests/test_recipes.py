@@ -433,6 +433,14 @@ DERIVED = {
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
+    # mmseg's fcn_hr48_512x1024_80k_cityscapes.py / fcn_hr48_480x480_40k_pascal_context_59.py: the fcn_hr18 model
+    # (W48 widths, no auxiliary head) on the same dataset and schedule bases as the fcn_r50-d8 configs
+    "fcn_hr48_cityscapes": ("r50_cityscapes", {"backbone.variant": "hrnet_w48", "task.head.channels": 720,
+                                               "task.aux_head": None, "task.num_classes": 19,
+                                               "pretrained_url": "hrnetv2_w48-d2186c55.pth"}),
+    "fcn_hr48_pascal_context": ("r50_pascal_context", {"backbone.variant": "hrnet_w48", "task.head.channels": 720,
+                                                       "task.aux_head": None, "task.num_classes": 59,
+                                                       "pretrained_url": "hrnetv2_w48-d2186c55.pth"}),
     "nl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.reduction": 2}),
     "dnl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.temperature": 0.05}),
     # mmseg has no NL / DNL PASCAL-Context config: its FCN PASCAL-Context 59 setting with the ADE20K recipes' heads
