@@ -452,6 +452,13 @@ DERIVED = {
     "videoswin_b_k400": ("videoswin_t_k400", {"optim.batch_per_step": 512, "optim.weight_decay": 0.05,
                                               "video_backbone.drop_path_rate": 0.3,
                                               "pretrained_url": "swin_base_patch4_window7_224.pth"}),
+    # swin_base_patch244_window877_kinetics400_22k.py: the 1k config with the 22K start, drop path 0.2 and lr 3e-4;
+    # swin_base_patch244_window877_kinetics600_22k.py: that config on Kinetics-600 (600 classes)
+    "videoswin_b_k400_22k": ("videoswin_b_k400", {"video_backbone.drop_path_rate": 0.2, "optim.lr": 3e-4,
+                                                  "optim.weight_decay": 0.05, "optim.batch_per_step": 512,
+                                                  "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
+    "videoswin_b_k600_22k": ("videoswin_b_k400_22k", {"data.num_classes": 600, "task.num_classes": 600,
+                                                      "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
     "i3d_r50_nl_k400": ("i3d_r50_k400", {"video_backbone.nl.after_blocks": [1, 3, 5]}),
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
 }
