@@ -70,7 +70,7 @@ def _fit(max_steps: int, ckpt_path=None) -> tuple[Tiny, WeightEMA, pl.Trainer]:
 
 
 def test_average_is_timms_validated_resumed_and_evaluated(tmp_path):
-    module, average, _ = _fit(max_steps=4)  # two epochs, a validation after each
+    module, average, trainer = _fit(max_steps=4)  # two epochs, a validation after each
 
     # timm's ModelEmaV2 replayed over the weights after each of the four optimizer steps
     replica = copy.deepcopy(module.net)
@@ -92,6 +92,16 @@ def test_average_is_timms_validated_resumed_and_evaluated(tmp_path):
         for key in expected:
             torch.testing.assert_close(seen[key], expected[key], rtol=1e-6, atol=1e-7)
     assert all(torch.equal(v, module.steps[-1][k]) for k, v in module.state_dict().items())
+
+    # a checkpoint written during a validation (a preemption) holds the trained weights, not the average
+    trained = {k: v.clone() for k, v in module.state_dict().items()}
+    average.on_validation_start(trainer, module)
+    assert all(torch.equal(v, average.average[k]) for k, v in module.state_dict().items())
+    checkpoint = {"state_dict": {k: v.clone() for k, v in module.state_dict().items()}}
+    average.on_save_checkpoint(trainer, module, checkpoint)
+    average.on_validation_end(trainer, module)
+    for weights in (checkpoint["state_dict"], module.state_dict()):
+        assert all(torch.equal(v, trained[k]) for k, v in weights.items())
 
     # stopped after step 2 and resumed to step 4: the same weights and the same average, exactly
     _, _, first = _fit(max_steps=2)

@@ -97,6 +97,8 @@ class WeightEMA(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         if self.average is not None:
             checkpoint[WEIGHT_EMA_KEY] = {"state_dict": self.average, "decay": self.decay, "evaluated": self.evaluate}
+        if self._trained is not None:  # saved during a validation (a preemption): the trained weights, not the average
+            checkpoint["state_dict"] = {k: self._trained[k].clone() for k in checkpoint["state_dict"]}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
