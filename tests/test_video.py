@@ -387,6 +387,19 @@ def test_paper_models_have_the_reference_sizes():
     assert sizes["i3d_r50_dnl_k400"] - sizes["i3d_r50_nl_k400"] == 2 * (512 + 1) + 3 * (1024 + 1)
 
 
+def test_video_swin_l_has_the_papers_sizes():
+    """Video Swin-L (Video-Swin-Transformer's _base_/models/swin/swin_large.py) with a 400-class head, on the meta
+    device: with videoswin_l_384's 8x12x12 windows the paper's 384↑ rows' 200.0M, with videoswin_l's 8x7x7 (all
+    videoswin_l_384 changes) its Table 1 Swin-L's 197.0M."""
+    cfg = compose("task=video", "video_backbone=videoswin_l_384", "output_dir=/tmp/vtrain-test-video")
+    assert list(cfg.video_backbone.window_size) == [8, 12, 12]
+    for window, paper in (([8, 12, 12], 200.0), ([8, 7, 7], 197.0)):
+        with torch.device("meta"):
+            backbone = instantiate(cfg.video_backbone, window_size=window)
+        params = sum(p.numel() for p in backbone.parameters()) + (backbone.num_features + 1) * 400  # + the head
+        assert round(params / 1e6, 1) == paper, window
+
+
 # ---------------------------------------------------------------------------------------------- quickstart
 @pytest.mark.slow
 def test_quickstart_video_learns_the_motion_not_the_frames(tmp_path):
