@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_RESNET = dict(_target_="vtrain.backbones.ResNet", depth=26)  # 2-2-2-2 bottlenecks, the full widths
 FEW_ROIS = ["task.detector.model.rpn_pre_nms_top_n_train=60", "task.detector.model.rpn_post_nms_top_n_train=30",
-            "task.detector.model.rpn_pre_nms_top_n_test=60", "task.detector.model.rpn_post_nms_top_n_test=30",
+            "task.detector.model.rpn_pre_nms_top_n_test=60", "task.detector.model.rpn_post_nms_top_n_test=10",
             "+task.detector.model.box_batch_size_per_image=8"]
 
 
@@ -123,6 +123,28 @@ def test_two_training_steps_move_every_part(detector, backbone):
     with torch.no_grad():
         result = task.detector(images[:1])[0]
     assert len(result["boxes"]) and (result["boxes"][:, 2] <= 80).all() and (result["boxes"][:, 3] <= 64).all()
+
+
+def test_relation_networks_c4_base_reads_c4_in_the_rpn_and_the_reduced_dilated_c5_in_the_box_head():
+    """The official C4 base (relation_rcnn/symbols/resnet_v1_101_rcnn.py): the RPN's 512-channel 3x3 conv and 12
+    anchors per position on C4 alone, RoIs pooled 7x7 from ReLU(1x1 conv to 256 of the dilated C5); its losses are
+    finite and reach the neck's conv and the RPN."""
+    torch.manual_seed(0)
+    task = _task("faster_rcnn_c4_2fc", *FEW_ROIS, "task.detector.box_head_dim=32", output_stride=16)
+    detector = task.detector
+    images, targets = _batch()
+    with torch.no_grad():
+        features = detector.backbone(torch.rand(1, 3, 64, 80))
+        c4, c5 = task.backbone(torch.rand(1, 3, 64, 80))
+    assert list(features) == ["2", "3"] and features["3"].shape == (1, 256, 4, 5) and c5.shape[-2:] == (4, 5)
+    assert detector.rpn.levels == ["2"] and detector.roi_heads.box_roi_pool.featmap_names == ["3"]
+    assert detector.rpn.head.conv[0][0].weight.shape == (512, 1024, 3, 3)
+    assert detector.rpn.head.cls_logits.weight.shape == (12, 512, 1, 1)
+    task.train()
+    losses = detector(images, [{k: v for k, v in t.items() if k != "masks"} for t in targets])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert detector.backbone.reduce.weight.grad.abs().sum() > 0 and detector.rpn.head.conv[0][0].weight.grad.abs().sum() > 0
 
 
 def test_a_c4_head_needs_a_resnet_at_stride_32_and_dc5_a_dilated_c5():

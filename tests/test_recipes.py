@@ -436,6 +436,10 @@ DERIVED = {
                                                                "pretrained_url": "resnet101-63fe2227.pth"}),
     "relation_r101_fpn_e2e_coco_1x": ("relation_r50_fpn_e2e_coco_1x", {"backbone.depth": 101,
                                                                        "pretrained_url": "resnet101-63fe2227.pth"}),
+    # the C4 rows: the official C4 base (relation_rcnn/symbols/resnet_v1_101_rcnn.py), the FPN rows' recipes otherwise
+    "r101_c4_2fc_softnms_coco_1x": ("r101_fpn_2fc_softnms_coco_1x", {"backbone.output_stride": 16}),
+    "relation_r101_c4_coco_1x": ("relation_r101_fpn_coco_1x", {"backbone.output_stride": 16}),
+    "relation_r101_c4_e2e_coco_1x": ("relation_r101_fpn_e2e_coco_1x", {"backbone.output_stride": 16}),
     # the README's 150-epoch run: one machine (8 GPUs x 2), lr drop at 100
     # DETR's other released models (README model zoo; main.py --dilation / --backbone resnet101; DC5 trained with
     # 1 image per GPU)

@@ -12,6 +12,13 @@ the BatchNorm mode and the backbone's lr multiplier reach it as any other stage.
 Where it follows torchvision: its class and box layers regress all ``num_classes`` rows including the background
 (``FastRCNNPredictor``: 2048 x 4 + 4 more parameters than detectron2's 80-category ``bbox_pred``), and the RPN
 head, losses and post-processing are torchvision's classes with the settings of ``task/detector/rcnn``.
+
+Relation Networks' "C4" rows (Hu et al., CVPR 2018, Table 5) use another C4 detector, Deformable ConvNets' ResNet
+Faster R-CNN (Dai et al., ICCV 2017, Sec. 4; msracver/Relation-Networks-for-Object-Detection
+``relation_rcnn/symbols/resnet_v1_101_rcnn.py``): the RPN on C4 with a 512-channel 3x3 conv (:class:`NarrowRPNHead`),
+stage 5 dilated over the whole image (stride 16), a 1x1 conv to 256 channels and ReLU on it, 7x7 RoI pooling of
+that map and the 2fc (+ relation modules) box head. :class:`C4AndReducedC5` is that neck, for
+``conf/task/detector/faster_rcnn_c4_2fc.yaml`` (an :class:`rcnn.RCNNSpec`).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.misc import Conv2dNormActivation
 from vtrain.tasks.detection.detector import torchvision_transform
 from vtrain.tasks.detection.rcnn import PyramidRCNN
 from vtrain.tasks.detection.roi_heads import RCNNSettings, build_rcnn_heads, roi_pools
@@ -60,6 +69,38 @@ class Res5BoxHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.body.run_stage(C5, pooled).mean(dim=(2, 3))
+
+
+class C4AndReducedC5(nn.Module):
+    """Deformable ConvNets' / Relation Networks' C4 base as a neck: ``{"2": C4, "3": ReLU(conv1x1(C5))}`` from a
+    ResNet built with C4 and a dilated C5 (both stride 16); the RPN reads C4 (``rpn_levels``), the RoI pools read the
+    reduced C5 (``level_names``, ``out_channels``). The official ``conv_new_1``: N(0, 0.01) weights, zero bias."""
+
+    rpn_levels = [str(C4)]
+    level_names = [str(C5)]
+
+    def __init__(self, backbone: Backbone, out_channels: int = 256):
+        super().__init__()
+        object.__setattr__(self, "body", backbone)  # registered once, on the task module
+        self.reduce = nn.Conv2d(backbone.feature_info.channels(1), out_channels, 1)
+        nn.init.normal_(self.reduce.weight, std=0.01)
+        nn.init.zeros_(self.reduce.bias)
+        self.out_channels = out_channels
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        c4, c5 = self.body(images)
+        return OrderedDict([(self.rpn_levels[0], c4), (self.level_names[0], torch.relu(self.reduce(c5)))])
+
+
+class NarrowRPNHead(RPNHead):
+    """torchvision's RPN head with its 3x3 conv to ``channels`` instead of the input's width (the official
+    ``rpn_conv_3x3``: 512 channels on the 1024 of C4), initialised as torchvision's (N(0, 0.01), zero biases)."""
+
+    def __init__(self, in_channels: int, num_anchors: int, channels: int = 512):
+        super().__init__(channels, num_anchors)
+        self.conv = nn.Sequential(Conv2dNormActivation(in_channels, channels, kernel_size=3, norm_layer=None))
+        nn.init.normal_(self.conv[0][0].weight, std=0.01)
+        nn.init.zeros_(self.conv[0][0].bias)
 
 
 class C4Spec(PyramidRCNN):

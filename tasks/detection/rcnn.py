@@ -114,5 +114,5 @@ class RCNNSpec(PyramidRCNN):
             parts["mask_head"] = MaskRCNNHeads(width, list(self.mask_head_dims), 1)
             parts["mask_predictor"] = MaskRCNNPredictor(self.mask_head_dims[-1], self.mask_head_dims[-1], num_classes)
         detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
-        build_rcnn_heads(detector, self.rcnn, self.nms)
+        build_rcnn_heads(detector, self.rcnn, self.nms, getattr(pyramid, "rpn_levels", None))
         return detector

@@ -148,13 +148,15 @@ class LowQualityMatcher(det_utils.Matcher):
 
 class DetectionRPN(RegionProposalNetwork):
     """torchvision's RPN with the box loss's smooth-L1 ``beta`` (0: L1) or GIoU (:func:`box_regression_loss`) and
-    its weight, and, optionally, mmdet's matcher."""
+    its weight, optionally mmdet's matcher, and the maps it reads (``levels``; None: all the neck gives)."""
 
     def __init__(self, *args: Any, box_loss_beta: float = 1.0 / 9, min_pos_iou: float | None = None,
-                 box_loss: str = "smooth_l1", box_loss_weight: float = 1.0, **kwargs: Any):
+                 box_loss: str = "smooth_l1", box_loss_weight: float = 1.0, levels: Sequence[str] | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.box_loss_beta = float(box_loss_beta)
         self.box_loss, self.box_loss_weight = box_loss, float(box_loss_weight)
+        self.levels = None if levels is None else list(levels)
         if min_pos_iou is not None:
             matcher = self.proposal_matcher
             self.proposal_matcher = LowQualityMatcher(matcher.high_threshold, matcher.low_threshold, min_pos_iou)
@@ -166,6 +168,11 @@ class DetectionRPN(RegionProposalNetwork):
                    rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
                    rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
                    rpn.nms_thresh, score_thresh=rpn.score_thresh, **options)
+
+    def forward(self, images: Any, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if self.levels is not None:  # an RPN on some of the maps (Relation Networks' C4 base: on C4 only)
+            features = {name: features[name] for name in self.levels}
+        return super().forward(images, features, targets)
 
     def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor],
                      regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -355,9 +362,11 @@ class DetectionRoIHeads(RoIHeads):
 
 
 # ----------------------------------------------------------------------------------------------- assembly
-def build_rcnn_heads(detector: nn.Module, settings: RCNNSettings, duplicate_removal: Any) -> None:
-    """Replace a torchvision Faster / Mask R-CNN's RPN and RoI heads by the classes above, in place."""
-    detector.rpn = DetectionRPN.like(detector.rpn, **settings.rpn_options())
+def build_rcnn_heads(detector: nn.Module, settings: RCNNSettings, duplicate_removal: Any,
+                     rpn_levels: Sequence[str] | None = None) -> None:
+    """Replace a torchvision Faster / Mask R-CNN's RPN and RoI heads by the classes above, in place; the RPN reads
+    the maps ``rpn_levels`` (None: all)."""
+    detector.rpn = DetectionRPN.like(detector.rpn, levels=rpn_levels, **settings.rpn_options())
     detector.roi_heads = DetectionRoIHeads.like(detector.roi_heads, duplicate_removal=duplicate_removal,
                                                 box_loss_beta=settings.box_loss_beta, box_loss=settings.box_loss,
                                                 box_loss_weight=settings.box_loss_weight)
