@@ -9,15 +9,17 @@ from omegaconf import OmegaConf
 from timm.models.resnet import Bottleneck
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
-from torchvision.models import resnet50
+from torchvision.models import resnet50, resnet101
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
+from conftest import compose
 from test_detection_models import OPTIM, SCHED, SMALL, _batch, detector_config
 from vtrain.profiling import count_params
 from vtrain.tasks.detection.module import DetectionTask
 from vtrain.tasks.detection.roi_heads import box_losses, box_regression_loss
+from vtrain.training.build import build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,20 +159,28 @@ def test_a_c4_head_needs_a_resnet_at_stride_32_and_dc5_a_dilated_c5():
         _task("faster_rcnn_dc5")
 
 
-def test_sizes_are_detectron2s():
-    """On the meta device, 80 categories, FrozenBN (no BatchNorm parameters, as detectron2's): R50-C4 is detectron2's
-    model, rebuilt here from torchvision's ResNet-50 trunk, StandardRPNHead's layers (a 3x3 conv keeping the 1024
-    channels, 15 objectness and 60 delta outputs) and FastRCNNOutputLayers (2048 -> 81 scores, 2048 -> 80 x 4
-    deltas), plus the background's box row torchvision's predictor has (2048 x 4 + 4); R50-DC5 is DETR Table 1's
-    166M."""
+def test_sizes_of_the_experiments_are_their_references():
+    """The table rows' models, built as the tables build them (the experiment's task on the meta device, 80
+    categories). R50-C4 (FrozenBN: no BatchNorm parameters, as detectron2's) is detectron2's model, rebuilt here from
+    torchvision's ResNet-50 trunk, StandardRPNHead's layers (a 3x3 conv keeping the 1024 channels, 15 objectness and
+    60 delta outputs) and FastRCNNOutputLayers (2048 -> 81 scores, 2048 -> 80 x 4 deltas), plus the background's box
+    row torchvision's predictor has (2048 x 4 + 4); R50-DC5 is DETR Table 1's 166M; Relation Networks' C4 base is
+    the official symbol's layers (resnet_v1_101_rcnn.py: R-101 trunk with BatchNorm affine, rpn_conv_3x3 1024 -> 512,
+    conv_new_1 2048 -> 256, fc_new_1 256 x 7 x 7 -> 1024, fc_new_2) with torchvision's sigmoid RPN scores (12, not
+    24 outputs) and class-specific deltas (81 x 4, not 2 x 4)."""
+    def trunk_params(model: nn.Module, batch_norm: bool) -> int:
+        norms = sum(count_params(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        return count_params(model) - count_params(model.fc) - (0 if batch_norm else norms)
+
     with torch.device("meta"):
-        c4 = _task("faster_rcnn_c4", num_classes=80, batch_norm="frozen", depth=50)
-        dc5 = _task("faster_rcnn_dc5", num_classes=80, batch_norm="frozen", depth=50, output_stride=16)
-        trunk = resnet50()
-        trunk_params = count_params(trunk) - count_params(trunk.fc) - sum(
-            count_params(m) for m in trunk.modules() if isinstance(m, nn.BatchNorm2d))
-        detectron2_c4 = trunk_params + count_params(RPNHead(1024, 15)) + count_params(nn.Linear(2048, 81)) + \
-            count_params(nn.Linear(2048, 320))
+        c4, dc5, relation_c4 = (build_task(compose(f"experiment={name}")) for name in (
+            "faster_rcnn_r50_c4_coco_1x", "faster_rcnn_r50_dc5_coco_3x", "r101_c4_2fc_softnms_coco_1x"))
+        detectron2_c4 = trunk_params(resnet50(), False) + count_params(RPNHead(1024, 15)) + count_params(
+            nn.Linear(2048, 81)) + count_params(nn.Linear(2048, 320))
+        official_c4 = trunk_params(resnet101(), True) + sum(count_params(layer) for layer in (
+            nn.Conv2d(1024, 512, 3), nn.Conv2d(512, 12, 1), nn.Conv2d(512, 48, 1), nn.Conv2d(2048, 256, 1),
+            nn.Linear(256 * 49, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 81), nn.Linear(1024, 81 * 4)))
     assert not any(".bn" in name for name, _ in c4.named_parameters())
     assert count_params(c4) == detectron2_c4 + 2048 * 4 + 4 == 33_799_840
     assert count_params(dc5) == 165_585_568  # DETR Table 1: 166M
+    assert count_params(relation_c4) == official_c4 == 62_085_393  # paper 58.3M (docs/detection.md)
