@@ -49,7 +49,7 @@ def build_spec(config: Mapping[str, Any]) -> DetectorSpec:
     ``task/detector/<part>=...`` switches it; a ``_partial_`` part would find out only when called)."""
     if not isinstance(config, Mapping) or "_target_" not in config:
         raise ConfigError(f"task.detector is a config, not {config!r}: pick one with task/detector=<name> "
-                          "(mask_rcnn, faster_rcnn, retinanet, fcos, detr, deformable_detr: the files of conf/task/detector/)")
+                          "(mask_rcnn, faster_rcnn, retinanet, fcos, atss, detr, deformable_detr: the files of conf/task/detector/)")
     _check_arguments(config, "task.detector")
     try:
         spec = instantiate(config, _convert_="all")  # plain lists and dicts for every part (torchvision checks types)
