@@ -343,6 +343,46 @@ REFERENCES = {
                 "video_backbone.pool1_temporal_kernel": 1, "video_backbone.pool2_stride_t": 2,
                 "trainer.gradient_clip_val": 40.0, "task.head_drop": 0.5, "optim.momentum": 0.9,
                 "trainer.precision": "32-true"}),
+    "faster_rcnn_r50_c4_coco_1x": Reference(
+        source="detectron2 configs/COCO-Detection/faster_rcnn_R_50_C4_1x.yaml, Base-RCNN-C4.yaml, config/defaults.py "
+               "(WarmupMultiStepLR: the same linear warm-up and steps as mmcv's, here by iterations)",
+        batch=16, update_interval=(8, 1), schedule=mmcv_step(0.02, (60, 80), warmup=1000), steps_per_epoch=1000,
+        points=(0, 500, 999, 1000, 59999, 60000, 79999, 80000, 89999),
+        params={"backbone.layer2.0.conv1.weight": (0.02, 1e-4), "backbone.layer4.0.conv2.weight": (0.02, 1e-4),
+                "detector.rpn.head.conv.0.0.bias": (0.02, 1e-4),
+                "detector.roi_heads.box_predictor.cls_score.bias": (0.02, 1e-4)},
+        pretrained=TORCHVISION_R50,
+        values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.max_steps": 90000,
+                "trainer.precision": "32-true", "data.train_sizes": [640, 672, 704, 736, 768, 800],
+                "data.max_size": 1333, "data.group_by_aspect_ratio": True, "data.masks": False, "data.crop": None,
+                "task.detector.roi_size": 14, "task.detector.rcnn.roi_align_aligned": True,
+                "task.detector.rcnn.roi_align_sampling_ratio": 0, "task.detector.rcnn.rpn_box_loss_beta": 0.0,
+                "task.detector.rcnn.box_loss_beta": 0.0, "task.detector.rcnn.box_loss": "smooth_l1",
+                "task.detector.model.rpn_pre_nms_top_n_train": 12000,
+                "task.detector.model.rpn_post_nms_top_n_train": 2000,
+                "task.detector.model.rpn_pre_nms_top_n_test": 6000,
+                "task.detector.model.rpn_post_nms_top_n_test": 1000,
+                "task.detector.model.rpn_anchor_generator.sizes": [[32, 64, 128, 256, 512]]}),
+    "faster_rcnn_r50_fpn_plus_coco_9x": Reference(
+        source="DETR (Carion et al., ECCV 2020) Sec. 4.1 and Table 1 (GIoU, random crops, 9x = 109 epochs); detectron2 "
+               "faster_rcnn_R_50_FPN_3x.yaml, Base-RCNN-FPN.yaml, mask_rcnn_R_50_FPN_1x_giou.yaml (GIoU weights 2 / "
+               "10), Misc/scratch_mask_rcnn_R_50_FPN_9x_gn.yaml (steps 60k and 20k iterations before the end); DETR "
+               "datasets/coco.py (the crop)",
+        batch=16, update_interval=(8, 1), schedule=mmcv_step(0.02, (750, 790), warmup=1000), steps_per_epoch=1000,
+        points=(0, 999, 1000, 749999, 750000, 789999, 790000, 809999),
+        params={"backbone.layer2.0.conv1.weight": (0.02, 1e-4), "detector.backbone.fpn.inner_blocks.0.0.bias": (0.02, 1e-4),
+                "detector.roi_heads.box_head.fc6.weight": (0.02, 1e-4)},
+        pretrained=TORCHVISION_R50,
+        values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.max_steps": 810000,
+                "data.train_sizes": [640, 672, 704, 736, 768, 800], "data.max_size": 1333,
+                "data.crop": {"prob": 0.5, "sizes": [400, 500, 600], "min_size": 384, "max_size": 600},
+                "task.detector.rcnn.rpn_box_loss": "giou", "task.detector.rcnn.rpn_box_loss_weight": 2.0,
+                "task.detector.rcnn.box_loss": "giou", "task.detector.rcnn.box_loss_weight": 10.0,
+                "task.detector.rcnn.roi_align_aligned": True, "task.detector.rcnn.roi_align_sampling_ratio": 0,
+                "task.detector.model.rpn_pre_nms_top_n_train": 2000,
+                "task.detector.model.rpn_post_nms_top_n_train": 1000,
+                "task.detector.model.rpn_pre_nms_top_n_test": 1000,
+                "task.detector.model.rpn_post_nms_top_n_test": 1000, "task.detector.box_head_dim": 1024}),
 }
 
 # Recipes that are another recipe with a few values changed, as their references are: (parent, the differences).
@@ -441,9 +481,22 @@ DERIVED = {
                                                                "pretrained_url": "resnet101-63fe2227.pth"}),
     "relation_r101_fpn_e2e_coco_1x": ("relation_r50_fpn_e2e_coco_1x", {"backbone.depth": 101,
                                                                        "pretrained_url": "resnet101-63fe2227.pth"}),
+    # the C4 rows: the official C4 base (relation_rcnn/symbols/resnet_v1_101_rcnn.py), the FPN rows' recipes otherwise
+    "r101_c4_2fc_softnms_coco_1x": ("r101_fpn_2fc_softnms_coco_1x", {"backbone.output_stride": 16}),
+    "relation_r101_c4_coco_1x": ("relation_r101_fpn_coco_1x", {"backbone.output_stride": 16}),
+    "relation_r101_c4_e2e_coco_1x": ("relation_r101_fpn_e2e_coco_1x", {"backbone.output_stride": 16}),
     # the README's 150-epoch run: one machine (8 GPUs x 2), lr drop at 100
     # DETR's other released models (README model zoo; main.py --dilation / --backbone resnet101; DC5 trained with
     # 1 image per GPU)
+    # detectron2's DC5 (faster_rcnn_R_50_DC5_3x.yaml: RES5_DILATION 2, the 3x steps) and DETR Table 1's "+" models
+    "faster_rcnn_r50_dc5_coco_3x": ("faster_rcnn_r50_c4_coco_1x", {"backbone.output_stride": 16,
+                                                                   "sched.milestones_steps": [210000, 250000],
+                                                                   "trainer.max_steps": 270000}),
+    "faster_rcnn_r101_fpn_plus_coco_9x": ("faster_rcnn_r50_fpn_plus_coco_9x", {
+        "backbone.depth": 101, "pretrained_url": "resnet101-63fe2227.pth"}),
+    "faster_rcnn_r50_dc5_plus_coco_9x": ("faster_rcnn_r50_fpn_plus_coco_9x", {
+        "backbone.output_stride": 16, "task.detector.model.rpn_pre_nms_top_n_train": 12000,
+        "task.detector.model.rpn_post_nms_top_n_train": 2000}),
     "detr_r50_dc5_coco": ("detr_r50_coco", {"backbone.output_stride": 16, "data.batch_size": 1}),
     "detr_r101_coco": ("detr_r50_coco", {"backbone.depth": 101, "pretrained_url": "resnet101-63fe2227.pth"}),
     "detr_r101_dc5_coco": ("detr_r101_coco", {"backbone.output_stride": 16, "data.batch_size": 1}),

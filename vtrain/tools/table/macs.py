@@ -56,12 +56,15 @@ def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
     device."""
     device = next(detector.parameters()).device
     with FlopCounterMode(display=False) as counter:
-        features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())
+        maps = detector.backbone(torch.zeros(1, *image_shape, device=device))
+        features = list(maps.values())
         if not isinstance(detector, FasterRCNN):
             detector.head(features)
             return counter.get_total_flops() // 2
-        detector.rpn.head(features)
-        heads, channels = detector.roi_heads, features[0].shape[1]
+        rpn_levels = getattr(detector.rpn, "levels", None)  # an RPN on some maps only (the C4 base: C4)
+        detector.rpn.head([maps[name] for name in rpn_levels] if rpn_levels else features)
+        heads = detector.roi_heads
+        channels = maps[heads.box_roi_pool.featmap_names[0]].shape[1]  # what the RoI pools read
         num_rois = detector.rpn._post_nms_top_n["testing"]
         if isinstance(heads, CascadeRoIHeads):  # every stage on the RoIs, every mask head on the detections
             pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
