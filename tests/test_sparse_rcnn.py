@@ -400,6 +400,23 @@ def test_parameter_count_equals_the_official_and_swin_table_2a():
         assert count(sparse_rcnn_task(swin_t, 80, {})) == 109_741_154
 
 
+
+def test_table_macs_are_the_pyramid_and_every_stage_on_its_proposals():
+    """table=swin_coco_frameworks counts Sparse R-CNN R-50 (168.3 G on 1280x800; paper 166G) as the backbone and FPN
+    on the image plus every stage's products on its 300 proposals (here on a small image: the stages' share does not
+    depend on its size), written out here per proposal from the architecture: self-attention 4d^2 + 2Pd, the dynamic layer d x 2 x 64d, the two dynamic 1x1 convolutions
+    2 x 49 x 64d, the RoI's linear layer 49d^2, the FFN 2 x 2048d, class d^2 + 80d, box 3d^2 + 4d."""
+    from vtrain.profiling import count_macs
+    from vtrain.tools.table.macs import task_macs
+
+    with torch.device("meta"):
+        task = sparse_rcnn_task(dict(RESNET26, depth=50), 80, {}, batch_norm="eval")
+    d, p, s, dd, ffn, k = 256, 300, 49, 64, 2048, 80
+    per_proposal = (4 * d * d + 2 * p * d + d * 2 * dd * d + 2 * s * dd * d + s * d * d + 2 * ffn * d + d * d + k * d
+                    + 3 * d * d + 4 * d)
+    assert task_macs(task, (3, 64, 96)) == count_macs(task.detector.neck, (1, 3, 64, 96)) + 6 * p * per_proposal
+
+
 # ----------------------------------------------------------------------------------------------- training
 TINY_SWIN = dict(_target_="vtrain.backbones.SwinTransformer", img_size=64, embed_dim=32, depths=[1, 1, 2, 1],
                  num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0)

@@ -107,20 +107,24 @@ class SparseRCNNStage(nn.Module):
                 pooler: PyramidRoIAlign, image_sizes: list[tuple[int, int]]):
         """``boxes`` ``(N, P, 4)`` XYXY pixels, ``proposal_features`` ``(N, P, C)`` -> class logits ``(N, P, K)``,
         boxes ``(N, P, 4)`` and object features ``(N, P, C)``."""
-        n, p = boxes.shape[:2]
         rois = pooler(features, list(boxes), image_sizes)  # (N * P, C, S, S), image by image
-        rois = rois.flatten(2).transpose(1, 2)  # (N * P, S * S, C)
+        logits, deltas, objects = self.predict(rois.flatten(2).transpose(1, 2), proposal_features)
+        refined = self.box_coder.decode_single(deltas.reshape(-1, 4), boxes.reshape(-1, 4).to(deltas.dtype))
+        return logits, refined.view(boxes.shape), objects
 
+    def predict(self, rois: torch.Tensor, proposal_features: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stage on pooled RoIs ``(N * P, S * S, C)``: class logits ``(N, P, K)``, box deltas ``(N, P, 4)`` and
+        object features ``(N, P, C)`` (what the table's MAC count runs: RoIAlign and box decoding count none)."""
+        n, p = proposal_features.shape[:2]
         x = proposal_features.transpose(0, 1)  # (P, N, C): attention between the proposals of an image
         x = self.norm1(x + self.dropout1(self.self_attn(x, x, x, need_weights=False)[0]))
         x = x.transpose(0, 1).reshape(n * p, self.hidden_dim)
         x = self.norm2(x + self.dropout2(self.inst_interact(x, rois)))
         x = self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-
         logits = self.class_logits(self.cls_module(x))
         deltas = self.bboxes_delta(self.reg_module(x))
-        refined = self.box_coder.decode_single(deltas, boxes.reshape(-1, 4).to(deltas.dtype))
-        return logits.view(n, p, -1), refined.view(n, p, 4), x.view(n, p, self.hidden_dim)
+        return logits.view(n, p, -1), deltas.view(n, p, 4), x.view(n, p, self.hidden_dim)
 
 
 class SparseRCNN(nn.Module):
