@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, generalized_box_iou, roi_align
 
+from test_deformable_detr import TINY_SWIN, imagenet_like_batch_norm, parity_batch, quickstart_two_steps
 from test_detection_models import detector_config
 from vtrain.tasks.detection.module import DetectionTask
 
@@ -308,24 +309,11 @@ def seeded_official() -> OfficialSparseRCNN:
                 nn.init.xavier_uniform_(p)  # DynamicHead._reset_parameters
             elif name.startswith("head."):  # biases and norms away from 0 and 1: every term matters
                 p.normal_(0, 0.2).add_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        for module in model.modules():  # an ImageNet-like BatchNorm, not the identity
-            if isinstance(module, FrozenBatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.1)
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
+        imagenet_like_batch_norm(model)
         # proposals of every size, some beyond the image: the RoIs fall on P2, P3 and P4
         model.init_proposal_boxes.weight[:, :2].uniform_(0.2, 0.8)
         model.init_proposal_boxes.weight[:, 2:].uniform_(0.1, 4.0)
     return model
-
-
-def parity_batch():
-    generator = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 64, 80, generator=generator), torch.rand(3, 80, 64, generator=generator)]
-    targets = [{"boxes": torch.tensor([[8.0, 8, 40, 36], [44, 20, 76, 60]]), "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[10.0, 30, 50, 70]]), "labels": torch.tensor([4])}]
-    return images, targets
 
 
 def official_targets(images, targets):
@@ -382,6 +370,20 @@ def test_an_official_checkpoint_gives_the_official_outputs_and_losses(tmp_path):
         torch.testing.assert_close(losses[name], value, **close, msg=name)
 
 
+def test_a_checkpoint_with_another_proposal_count_is_one_line(tmp_path):
+    """An official file of 12 proposals into a model of 10 (a 100-proposal release into the 300-proposal recipe):
+    one line saying both counts and the option to set."""
+    from vtrain.config import ConfigError
+
+    path = tmp_path / "sparse_rcnn.pth"
+    torch.save({"model": seeded_official().state_dict()}, path)
+    ours = sparse_rcnn_task(RESNET26, 4, dict(TINY, num_proposals=10), batch_norm="frozen")
+    with pytest.raises(ConfigError, match=r"sparse_rcnn.pth: this Sparse R-CNN checkpoint has 12 proposals, the "
+                                          r"model 10: set task.detector.model.num_proposals=12 \(pretrained_strict=false "
+                                          r"loads the rest\)$"):
+        ours.load_pretrained(str(path))
+
+
 def test_parameter_count_equals_the_official_and_swin_table_2a():
     """At full size on the meta device (80 categories, d 256, FFN 2048, 6 stages): ours equals the official R-50
     model (detectron2's FrozenBN: its norms are buffers) with 300 proposals (106,289,768) and 100 (106,237,768). The
@@ -418,10 +420,6 @@ def test_table_macs_are_the_pyramid_and_every_stage_on_its_proposals():
 
 
 # ----------------------------------------------------------------------------------------------- training
-TINY_SWIN = dict(_target_="vtrain.backbones.SwinTransformer", img_size=64, embed_dim=32, depths=[1, 1, 2, 1],
-                 num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0)
-
-
 def test_every_parameter_gets_a_gradient_and_stages_see_detached_boxes():
     """DDP's condition (no search for unused parameters): on a Swin with C2-C5 the loss reaches every parameter. The
     last stage's loss alone gives the learned proposal boxes no gradient: each stage's boxes reach the next one
@@ -445,21 +443,7 @@ def test_quickstart_trains_two_steps_and_evaluates(tmp_path):
     """quickstart_sparse_rcnn in process, cut to 2 training steps and one validation batch: the set loss trains
     (finite, logged per stage), the learned proposal boxes move from their whole-image start (0.5, 0.5, 1, 1), and the
     COCO evaluation reads the detections."""
-    import json
-
-    import vtrain
-    from vtrain.cli import run
-    from vtrain.tasks.detection.synthetic import write
-
-    write(tmp_path / "data", seed=0, train_images=8, val_images=2, num_classes=2, max_objects=2, min_side=96,
-          max_side=96)
-    cfg = vtrain.compose("quickstart_sparse_rcnn", [
-        f"data.root={tmp_path / 'data'}", "data.val_split=val2017", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2", "trainer.check_val_every_n_epoch=1", "callbacks.progress_bar=null",
-        "+trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}"])
-    run(cfg)
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["global_step"] == 2 and metrics["coco_num_images"] == 2
+    metrics = quickstart_two_steps("quickstart_sparse_rcnn", tmp_path)
     final = metrics["final"]
     assert math.isfinite(final["train/loss_epoch"]) and "train/loss_ce_1" in final
     assert 0.0 <= final["val/bbox_AP"] <= 1.0

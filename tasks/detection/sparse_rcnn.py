@@ -45,6 +45,7 @@ from vtrain.tasks.detection.detr_loss import FocalHungarianMatcher, FocalSetCrit
 from vtrain.tasks.detection.roi_heads import PyramidRoIAlign
 
 from vtrain.backbones.base import Backbone, require_reductions
+from vtrain.config import ConfigError
 from vtrain.training.checkpoint import load_matching, read_checkpoint, unwrap_state_dict
 
 # detectron2's _DEFAULT_SCALE_CLAMP (head.py): the largest log-scale a box delta may have
@@ -319,5 +320,9 @@ class SparseRCNNSpec:
         state_dict = unwrap_state_dict(read_checkpoint(path))
         if not is_official_release(state_dict):
             return False
+        proposals, own = len(state_dict["init_proposal_boxes.weight"]), task.detector.num_proposals
+        if proposals != own and strict:
+            raise ConfigError(f"{path}: this Sparse R-CNN checkpoint has {proposals} proposals, the model {own}: set "
+                              f"task.detector.model.num_proposals={proposals} (pretrained_strict=false loads the rest)")
         load_matching(task, convert_official_state_dict(state_dict), str(path), "Sparse R-CNN model", strict=strict)
         return True
