@@ -204,7 +204,8 @@ class OfficialSparseRCNN(nn.Module):
     def forward(self, images):
         """preprocess_image (normalise, ImageList padded to 32), proposals, DynamicHead: every stage's logits and
         boxes, and each image's size."""
-        mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
         h, w = (math.ceil(max(i.shape[d] for i in images) / 32) * 32 for d in (1, 2))
         tensor = torch.zeros(len(images), 3, h, w)
         for image, padded in zip(images, tensor):
@@ -378,9 +379,9 @@ def test_a_checkpoint_with_another_proposal_count_is_one_line(tmp_path):
     path = tmp_path / "sparse_rcnn.pth"
     torch.save({"model": seeded_official().state_dict()}, path)
     ours = sparse_rcnn_task(RESNET26, 4, dict(TINY, num_proposals=10), batch_norm="frozen")
-    with pytest.raises(ConfigError, match=r"sparse_rcnn.pth: this Sparse R-CNN checkpoint has 12 proposals, the "
-                                          r"model 10: set task.detector.model.num_proposals=12 \(pretrained_strict=false "
-                                          r"loads the rest\)$"):
+    expected = (r"sparse_rcnn.pth: this Sparse R-CNN checkpoint has 12 proposals, the model 10: set "
+                r"task.detector.model.num_proposals=12 \(pretrained_strict=false loads the rest\)$")
+    with pytest.raises(ConfigError, match=expected):
         ours.load_pretrained(str(path))
 
 
@@ -406,8 +407,9 @@ def test_parameter_count_equals_the_official_and_swin_table_2a():
 def test_table_macs_are_the_pyramid_and_every_stage_on_its_proposals():
     """table=swin_coco_frameworks counts Sparse R-CNN R-50 (168.3 G on 1280x800; paper 166G) as the backbone and FPN
     on the image plus every stage's products on its 300 proposals (here on a small image: the stages' share does not
-    depend on its size), written out here per proposal from the architecture: self-attention 4d^2 + 2Pd, the dynamic layer d x 2 x 64d, the two dynamic 1x1 convolutions
-    2 x 49 x 64d, the RoI's linear layer 49d^2, the FFN 2 x 2048d, class d^2 + 80d, box 3d^2 + 4d."""
+    depend on its size), written out here per proposal from the architecture: self-attention 4d^2 + 2Pd, the
+    dynamic layer d x 2 x 64d, the two dynamic 1x1 convolutions 2 x 49 x 64d, the RoI's linear layer 49d^2, the FFN
+    2 x 2048d, class d^2 + 80d, box 3d^2 + 4d."""
     from vtrain.profiling import count_macs
     from vtrain.tools.table.macs import task_macs
 

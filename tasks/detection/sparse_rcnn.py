@@ -96,7 +96,8 @@ class SparseRCNNStage(nn.Module):
         self.inst_interact = DynamicInstanceInteraction(hidden_dim, dim_dynamic, pooler_resolution)
         self.linear1, self.linear2 = nn.Linear(hidden_dim, dim_feedforward), nn.Linear(dim_feedforward, hidden_dim)
         self.dropout = nn.Dropout(dropout)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(hidden_dim), nn.LayerNorm(hidden_dim), nn.LayerNorm(hidden_dim)
+        self.norm1, self.norm2 = nn.LayerNorm(hidden_dim), nn.LayerNorm(hidden_dim)
+        self.norm3 = nn.LayerNorm(hidden_dim)
         self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
         self.cls_module = linear_norm_relu(hidden_dim, num_cls)
         self.reg_module = linear_norm_relu(hidden_dim, num_reg)
@@ -202,12 +203,15 @@ class SparseRCNN(nn.Module):
             num_classes, FocalHungarianMatcher(class_cost, bbox_cost, giou_cost, focal_alpha, focal_gamma, "xyxy"),
             class_loss_weight, bbox_loss_weight, giou_loss_weight, deep_supervision, focal_alpha, focal_gamma)
 
+    def whwh(self, image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """``(N, 4)``: each image's (unpadded) width, height, width, height, what relative boxes are scaled by."""
+        return torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32,
+                            device=self.init_proposal_boxes.weight.device)
+
     def predictions(self, features: Mapping[str, torch.Tensor], image_sizes: list[tuple[int, int]]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stage's class logits ``(stages, N, P, K)`` and boxes ``(stages, N, P, 4)`` (XYXY pixels)."""
-        whwh = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32,
-                            device=self.init_proposal_boxes.weight.device)
-        boxes = box_convert(self.init_proposal_boxes.weight, "cxcywh", "xyxy")[None] * whwh[:, None]
+        boxes = box_convert(self.init_proposal_boxes.weight, "cxcywh", "xyxy")[None] * self.whwh(image_sizes)[:, None]
         proposal_features = self.init_proposal_features.weight[None].repeat(len(image_sizes), 1, 1)
         logits, stage_boxes = [], []
         for stage in self.stages:
@@ -227,8 +231,7 @@ class SparseRCNN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("Sparse R-CNN in training mode needs targets")
-            whwh = torch.tensor([[w, h, w, h] for h, w in batch.image_sizes], dtype=torch.float32,
-                                device=boxes.device)
+            whwh = self.whwh(batch.image_sizes)
             relative = [{"boxes": t["boxes"].float() / scale, "labels": t["labels"] - 1}
                         for t, scale in zip(targets, whwh)]
             return self.criterion(logits, boxes / whwh[None, :, None], relative)
@@ -261,10 +264,14 @@ class SparseRCNN(nn.Module):
 OFFICIAL_KEYS = (
     (r"backbone\.bottom_up\.stem\.conv1\.norm\.", "backbone.bn1."),
     (r"backbone\.bottom_up\.stem\.conv1\.", "backbone.conv1."),
-    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.1."),
-    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.0."),
-    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}."),
-    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}."),
+    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.",
+     lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.1."),
+    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.",
+     lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.0."),
+    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.",
+     lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}."),
+    (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.",
+     lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}."),
     (r"backbone\.fpn_lateral(\d)\.", lambda m: f"detector.neck.fpn.inner_blocks.{int(m[1]) - 2}.0."),
     (r"backbone\.fpn_output(\d)\.", lambda m: f"detector.neck.fpn.layer_blocks.{int(m[1]) - 2}.0."),
     (r"head\.head_series\.", "detector.stages."),
