@@ -331,7 +331,9 @@ def official_targets(images, targets):
 def test_an_official_checkpoint_gives_the_official_outputs_and_losses(tmp_path):
     """The official model's state dict (detectron2's {"model": ...}) through ``load_pretrained``: every stage's
     class logits and boxes (RoIs on three FPN levels), the detections, and every loss term (each stage's) equal the
-    official to 1e-5."""
+    official to 1e-5. A file of another proposal count stops with one line."""
+    from vtrain.config import ConfigError
+
     official = seeded_official()
     path = tmp_path / "sparse_rcnn.pth"
     torch.save({"model": official.state_dict()}, path)
@@ -371,54 +373,50 @@ def test_an_official_checkpoint_gives_the_official_outputs_and_losses(tmp_path):
         torch.testing.assert_close(losses[name], value, **close, msg=name)
 
 
-def test_a_checkpoint_with_another_proposal_count_is_one_line(tmp_path):
-    """An official file of 12 proposals into a model of 10 (a 100-proposal release into the 300-proposal recipe):
-    one line saying both counts and the option to set."""
-    from vtrain.config import ConfigError
-
-    path = tmp_path / "sparse_rcnn.pth"
-    torch.save({"model": seeded_official().state_dict()}, path)
-    ours = sparse_rcnn_task(RESNET26, 4, dict(TINY, num_proposals=10), batch_norm="frozen")
-    expected = (r"sparse_rcnn.pth: this Sparse R-CNN checkpoint has 12 proposals, the model 10: set "
-                r"task.detector.model.num_proposals=12 \(pretrained_strict=false loads the rest\)$")
+    # a file of another proposal count (a 100-proposal release into the 300-proposal recipe) is one line saying
+    # both counts and the option to set
+    state = official.state_dict()
+    for name in ("init_proposal_features.weight", "init_proposal_boxes.weight"):
+        state[name] = state[name][:10]
+    torch.save({"model": state}, path)
+    expected = (r"sparse_rcnn.pth: this Sparse R-CNN checkpoint has 10 proposals, the model 12: set "
+                r"task.detector.model.num_proposals=10 \(pretrained_strict=false loads the rest\)$")
     with pytest.raises(ConfigError, match=expected):
         ours.load_pretrained(str(path))
 
 
-def test_parameter_count_equals_the_official_and_swin_table_2a():
-    """At full size on the meta device (80 categories, d 256, FFN 2048, 6 stages): ours equals the official R-50
-    model (detectron2's FrozenBN: its norms are buffers) with 300 proposals (106,289,768) and 100 (106,237,768). The
-    recipes' ResNet keeps mmdet's BatchNorm affine as parameters (norm_eval): 106,342,888 with 300 proposals; the
-    Swin-T model 109,741,154. Swin Table 2(a): 106M and 110M."""
+def test_sizes_equal_the_official_and_swin_table_2a():
+    """At full size on the meta device (80 categories, d 256, FFN 2048, 6 stages). Parameters: ours equals the
+    official R-50 model (detectron2's FrozenBN: its norms are buffers) with 300 proposals, 106,289,768; 100 proposals
+    hold 200 x (256 + 4) fewer. The recipes' ResNet keeps mmdet's BatchNorm affine as parameters (norm_eval):
+    106,342,888; the Swin-T model 109,741,154. Swin Table 2(a): 106M and 110M.
+
+    MACs: table=swin_coco_frameworks counts the backbone and FPN on the image (168.3 G in all on 1280x800; paper
+    166G) plus every stage's products on its 300 proposals (here on a small image: the stages' share does not depend
+    on its size), written out here per proposal from the architecture: self-attention 4d^2 + 2Pd, the dynamic layer
+    d x 2 x 64d, the two dynamic 1x1 convolutions 2 x 49 x 64d, the RoI's linear layer 49d^2, the FFN 2 x 2048d,
+    class d^2 + 80d, box 3d^2 + 4d."""
+    from vtrain.profiling import count_macs
+    from vtrain.tools.table.macs import task_macs
+
     resnet50 = dict(RESNET26, depth=50)
     swin_t = dict(_target_="vtrain.backbones.SwinTransformer", embed_dim=96, depths=[2, 2, 6, 2],
                   num_heads=[3, 6, 12, 24])
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     with torch.device("meta"):
-        for proposals, expected in ((300, 106_289_768), (100, 106_237_768)):
-            official = OfficialSparseRCNN(80, proposals=proposals)
-            ours = sparse_rcnn_task(resnet50, 80, dict(num_proposals=proposals), batch_norm="frozen")
-            assert count(official) == count(ours) == expected
-        assert count(sparse_rcnn_task(resnet50, 80, {}, batch_norm="eval")) == 106_342_888
-        assert count(sparse_rcnn_task(swin_t, 80, {})) == 109_741_154
+        official = OfficialSparseRCNN(80)
+        frozen = sparse_rcnn_task(resnet50, 80, {}, batch_norm="frozen")
+        fewer = sparse_rcnn_task(resnet50, 80, dict(num_proposals=100), batch_norm="frozen")
+        recipe = sparse_rcnn_task(resnet50, 80, {}, batch_norm="eval")
+        swin = sparse_rcnn_task(swin_t, 80, {})
+    assert count(official) == count(frozen) == 106_289_768
+    assert count(fewer) == 106_289_768 - 200 * (256 + 4)
+    assert count(recipe) == 106_342_888 and count(swin) == 109_741_154
 
-
-
-def test_table_macs_are_the_pyramid_and_every_stage_on_its_proposals():
-    """table=swin_coco_frameworks counts Sparse R-CNN R-50 (168.3 G on 1280x800; paper 166G) as the backbone and FPN
-    on the image plus every stage's products on its 300 proposals (here on a small image: the stages' share does not
-    depend on its size), written out here per proposal from the architecture: self-attention 4d^2 + 2Pd, the
-    dynamic layer d x 2 x 64d, the two dynamic 1x1 convolutions 2 x 49 x 64d, the RoI's linear layer 49d^2, the FFN
-    2 x 2048d, class d^2 + 80d, box 3d^2 + 4d."""
-    from vtrain.profiling import count_macs
-    from vtrain.tools.table.macs import task_macs
-
-    with torch.device("meta"):
-        task = sparse_rcnn_task(dict(RESNET26, depth=50), 80, {}, batch_norm="eval")
     d, p, s, dd, ffn, k = 256, 300, 49, 64, 2048, 80
     per_proposal = (4 * d * d + 2 * p * d + d * 2 * dd * d + 2 * s * dd * d + s * d * d + 2 * ffn * d + d * d + k * d
                     + 3 * d * d + 4 * d)
-    assert task_macs(task, (3, 64, 96)) == count_macs(task.detector.neck, (1, 3, 64, 96)) + 6 * p * per_proposal
+    assert task_macs(recipe, (3, 64, 96)) == count_macs(recipe.detector.neck, (1, 3, 64, 96)) + 6 * p * per_proposal
 
 
 # ----------------------------------------------------------------------------------------------- training
