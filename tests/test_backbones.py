@@ -332,6 +332,21 @@ def test_vit_logits_equal_timm():
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_vit_dropout_is_timms():
+    """DeiT's dropout ablation (``--drop``: timm's position and projection dropout): in training, with the same
+    random draws, the logits of timm's ViT with the same rates."""
+    torch.manual_seed(0)
+    rates = dict(pos_drop_rate=0.1, proj_drop_rate=0.1)
+    reference = timm.models.vision_transformer.VisionTransformer(num_classes=10, **TINY_VIT, **rates).train()
+    model = _copy_into(VisionTransformer(**TINY_VIT, **rates), reference, 10).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = reference(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(model.eval()(x), expected, rtol=1e-2, atol=1e-3)  # the dropout was drawn
+
+
 def test_hrnet_is_timms_with_the_official_classification_checkpoint():
     """HRNetV2-W48: timm's hrnet_w48 features (feature_location=""), 65,325,120 params; on timm's small HRNet a
     seeded ImageNet classifier's state dict (official keys) loads through checkpoint_filter and gives timm's
@@ -445,11 +460,44 @@ def test_swin_official_checkpoint_converts_back_exactly():
     assert sorted(result.missing_keys) == [f"out_norms.{i}.{p}" for i in range(3) for p in ("bias", "weight")]
     assert torch.equal(dense.out_norms["3"].weight, timm_sd["norm.weight"])
 
-    # into a larger window: relative position bias tables are resized
+    # into a larger window: relative position bias tables are resized as the official load_pretrained does
     wider = SwinTransformer(**{**TINY_SWIN, "window_size": 8})
     backbone_sd, _ = wider.checkpoint_filter(official)
     wider.load_state_dict(backbone_sd)
-    assert backbone_sd["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (15 * 15, 1)
+    key = "layers.1.blocks.0.attn.relative_position_bias_table"  # 2 heads, 7x7 -> 15x15
+    assert backbone_sd[key].shape == (15 * 15, 2)
+    torch.testing.assert_close(backbone_sd[key], _official_swin_table_resize(timm_sd[key], 15 * 15), rtol=0, atol=0)
+
+
+def _official_swin_table_resize(table, length):
+    """microsoft/Swin-Transformer utils.py load_pretrained, restated: bicubic interpolation of each head's grid."""
+    L1, nH1 = table.size()
+    S1, S2 = int(L1 ** 0.5), int(length ** 0.5)
+    resized = torch.nn.functional.interpolate(table.permute(1, 0).view(1, nH1, S1, S1), size=(S2, S2), mode='bicubic')
+    return resized.view(nH1, length).permute(1, 0)
+
+
+def test_vit_position_table_resized_as_deits_fine_tuning():
+    """A 224 checkpoint into a 384 model (here a 2x2 patch grid into 3x3): the class token kept, the grid resized as
+    DeiT's main.py --finetune does (restated below; timm's default antialias would differ)."""
+    torch.manual_seed(0)
+    small = VisionTransformer(**TINY_VIT)
+    torch.nn.init.normal_(small.pos_embed)
+    large = VisionTransformer(**{**TINY_VIT, "img_size": 48})
+    backbone_sd, _ = large.checkpoint_filter({"model": small.state_dict()})
+    large.load_state_dict(backbone_sd)
+
+    pos_embed_checkpoint = small.pos_embed.detach()  # deit main.py, "interpolate position embedding"
+    embedding_size = pos_embed_checkpoint.shape[-1]
+    num_extra_tokens = 1
+    orig_size, new_size = 2, 3
+    extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]
+    pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
+    pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)
+    pos_tokens = torch.nn.functional.interpolate(
+        pos_tokens, size=(new_size, new_size), mode='bicubic', align_corners=False)
+    pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)
+    torch.testing.assert_close(backbone_sd["pos_embed"], torch.cat((extra_tokens, pos_tokens), dim=1), rtol=0, atol=0)
 
 
 def test_unknown_relation_block_options_are_named():

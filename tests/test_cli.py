@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_CLS, compose, run_cli
+from conftest import ROOT, TINY_CLS, compose, run_cli, run_in_process
 from vtrain.training.build import build_task
 
 
@@ -82,10 +83,9 @@ def test_eval_of_a_checkpoint_reproduces_the_validation(fitted, imagenet_root, t
 
 def test_resume_continues_at_the_right_step_with_the_same_schedule(fitted, imagenet_root, tmp_path):
     run = tmp_path / "resumed"
-    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_epochs=3",
-                     "sched.warmup_epochs=1", "trainer.log_every_n_steps=1",
-                     f"ckpt_path={fitted / 'checkpoints' / 'epoch000-step0000006.ckpt'}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_epochs=3",
+                   "sched.warmup_epochs=1", "trainer.log_every_n_steps=1",
+                   f"ckpt_path={fitted / 'checkpoints' / 'epoch000-step0000006.ckpt'}")
     metrics = _metrics(run)
     assert (metrics["epoch"], metrics["global_step"]) == (3, 18)
     resumed, uninterrupted = _lr_by_step(run), _lr_by_step(fitted)
@@ -139,19 +139,17 @@ def test_wandb_logger_works_offline_quietly_logs_the_config_and_never_the_key(im
 def test_debug_configs_run(imagenet_root, tmp_path):
     """``debug=fast``: one batch each way, nothing written; ``debug=overfit``: a few fixed batches, the training
     loss falls (Lightning swaps in its own sampler: the seeded dataset takes its plain indices)."""
-    fast = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / 'fast'}", "debug=fast")
-    assert fast.returncode == 0, fast.stderr[-3000:]
+    run_in_process(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / 'fast'}", "debug=fast")
     assert not (tmp_path / "fast" / "checkpoints").exists()
-    overfit = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / 'overfit'}", "debug=overfit",
-                      "trainer.overfit_batches=2", "trainer.max_epochs=8", "task.mixup=null",
-                      "data.augment.auto_augment=null", "data.augment.re_prob=0", "trainer.log_every_n_steps=1")
-    assert overfit.returncode == 0, overfit.stderr[-3000:]
+    run_in_process(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={tmp_path / 'overfit'}", "debug=overfit",
+                   "trainer.overfit_batches=2", "trainer.max_epochs=8", "task.mixup=null",
+                   "data.augment.auto_augment=null", "data.augment.re_prob=0", "trainer.log_every_n_steps=1")
     with open(tmp_path / "overfit" / "metrics.csv") as f:
         losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
     assert len(losses) == 8 and losses[-1] < 0.5 * losses[0], losses
 
 
-def test_compile_traces_the_backbone_and_keeps_checkpoint_keys(imagenet_root, tmp_path):
+def test_compile_traces_the_backbone_and_keeps_checkpoint_keys(imagenet_root, tmp_path, caplog):
     """``compile=...`` compiles the backbone in place (here the aot_eager backend: dynamo and AOT autograd without
     inductor's C++ build, which takes a minute on a CPU): graphs are captured, outputs and gradients are the
     eager ones, and checkpoints keep the plain parameter names."""
@@ -175,10 +173,10 @@ def test_compile_traces_the_backbone_and_keeps_checkpoint_keys(imagenet_root, tm
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
     run = tmp_path / "run"
-    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "compile={backend:aot_eager}",
-                     "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "torch.compile({'backend': 'aot_eager'}) of the backbone's forward, forward_pooled" in (run / "vtrain.log").read_text()
+    caplog.set_level(logging.INFO, logger="vtrain")
+    run_in_process(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "compile={backend:aot_eager}",
+                   "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
+    assert "torch.compile({'backend': 'aot_eager'}) of the backbone's forward, forward_pooled" in caplog.text
     keys = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert "backbone.patch_embed.proj.weight" in keys and not any("_orig_mod" in k for k in keys)
 

@@ -56,13 +56,19 @@ swin_22k_cosine = swin_timm_cosine(1e-3, 1e-6, 1e-5, 5, 90)
 swin_22kto1k_cosine = swin_timm_cosine(4e-5, 4e-8, 4e-7, 5, 30)
 
 
-def deit_cosine(u: int, s: int) -> float:
-    """DeiT main.py at 1024 images: lr 5e-4 * 1024 / 512; timm's cosine in epochs (warm-up 5 from 1e-6, min 1e-5,
-    t_initial 300, no prefix); ``lr_scheduler.step(epoch)`` after each epoch, so epoch e trains at t = e - 1."""
-    t = max(u // s - 1, 0)
-    if t < 5:
-        return 1e-6 + t * (1e-3 - 1e-6) / 5
-    return 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * t / 300))
+def deit_timm_cosine(lr: float, min_lr: float, epochs: int):
+    """DeiT main.py: timm's cosine in epochs (warm-up 5 from 1e-6, neither scaled, t_initial ``epochs``, no prefix)
+    from ``lr`` (as main.py scales it) to ``min_lr``; ``lr_scheduler.step(epoch)`` after each epoch, so epoch e
+    trains at t = e - 1."""
+    def schedule(u: int, s: int) -> float:
+        t = max(u // s - 1, 0)
+        if t < 5:
+            return 1e-6 + t * (lr - 1e-6) / 5
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
+    return schedule
+
+
+deit_cosine = deit_timm_cosine(1e-3, 1e-5, 300)  # at 1024 images: lr 5e-4 * 1024 / 512
 
 
 def torchvision_step(u: int, s: int) -> float:
@@ -172,6 +178,18 @@ REFERENCES = {
                 "trainer.gradient_clip_val": None, "data.augment.auto_augment": "rand-m9-mstd0.5-inc1",
                 "data.augment.re_prob": 0.25, "task.mixup.mixup_alpha": 0.8, "task.mixup.cutmix_alpha": 1.0,
                 "task.mixup.switch_prob": 0.5, "task.label_smoothing": 0.1, "data.eval_crop_pct": 0.875}),
+    "deit_b_384_finetune": Reference(
+        source="deit README (fine-tune DeiT-base at 384: --batch-size 32 on 2 nodes x 8 GPUs, --lr 5e-6 "
+               "--weight-decay 1e-8 --epochs 30 --min-lr 5e-6), main.py defaults and --finetune",
+        batch=512, update_interval=(16, 1), epochs=30, schedule=deit_timm_cosine(5e-6, 5e-6, 30),
+        points=(0, 9, 10, 29, 49, 50, 51, 299),
+        params={"backbone.pos_embed": (5e-6, 0.0), "backbone.blocks.0.norm1.weight": (5e-6, 0.0),
+                "backbone.blocks.0.attn.qkv.weight": (5e-6, 1e-8), "head.weight": (5e-6, 1e-8)},
+        pretrained="deit_base_patch16_224-b5f2ef4d.pth",
+        values={"backbone.img_size": 384, "backbone.drop_path_rate": 0.1, "data.repeated_augmentation.repeats": 3,
+                "data.augment.auto_augment": "rand-m9-mstd0.5-inc1", "data.augment.re_prob": 0.25,
+                "task.mixup.mixup_alpha": 0.8, "task.mixup.cutmix_alpha": 1.0, "task.label_smoothing": 0.1,
+                "trainer.gradient_clip_val": None, "data.eval_crop_pct": 0.875, "data.eval_crop_mode": "center"}),
     "resnet50_imagenet": Reference(
         source="torchvision references/classification/train.py defaults (norm_weight_decay=None), resnet50()",
         batch=256, epochs=90, schedule=torchvision_step, points=(0, 299, 300, 599, 600, 899),
@@ -374,6 +392,10 @@ DERIVED = {
     "swin_b_22kto1k_384": ("swin_b_22kto1k_224", {"backbone.img_size": 384, "backbone.window_size": 12,
                                                   "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash",
                                                   "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
+    # configs/swin/swin_base_patch4_window12_384_finetune.yaml (get_started.md: from swin_base_patch4_window7_224.pth)
+    # is the 22K->1K 384 config with DROP_PATH_RATE 0.5, its 1000-way classifier kept (load_pretrained)
+    "swin_b_384_finetune": ("swin_b_22kto1k_384", {"backbone.drop_path_rate": 0.5, "task.map22kto1k": None,
+                                                   "pretrained_url": "swin_base_patch4_window7_224.pth"}),
     "swin_l_22kto1k_224": ("swin_b_22kto1k_224", {"backbone.embed_dim": 192, "backbone.num_heads": [6, 12, 24, 48],
                                                   "pretrained_url": "swin_large_patch4_window7_224_22k.pth"}),
     "swin_l_22kto1k_384": ("swin_l_22kto1k_224", {"backbone.img_size": 384, "backbone.window_size": 12,
@@ -412,6 +434,29 @@ DERIVED = {
     "x101_64x4d_cascade_mask_rcnn_coco_3x": ("r50_cascade_mask_rcnn_coco_3x", {
         "backbone.depth": 101, "backbone.cardinality": 64, "backbone.base_width": 4,
         "pretrained_url": "resnext101_64x4d-ee2c6f71.pth"}),
+    # Swin Table 2(a)'s ATSS rows: "the same settings" as its other frameworks (paper Sec. 4.2; the Swin repository
+    # has no ATSS config), i.e. the Mask R-CNN 3x recipe's data, optimiser and schedule, on mmdet's
+    # configs/atss/atss_r50_fpn_1x_coco.py detector (model, train_cfg, test_cfg)
+    "swin_t_atss_coco_3x": ("swin_t_maskrcnn_coco_3x", {
+        "task.detector._target_": "vtrain.tasks.detection.one_stage.OneStageSpec",
+        "task.detector.model._target_": "vtrain.tasks.detection.one_stage.ATSS", "data.masks": False,
+        # written out, not inherited (the Mask R-CNN recipe's R-CNN parts are no ATSS keys): the parent's values
+        "data.train_sizes": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], "data.group_by_aspect_ratio": True,
+        "data.crop": {"prob": 0.5, "sizes": [400, 500, 600], "min_size": 384, "max_size": 600},
+        "backbone.drop_path_rate": 0.2, "pretrained_url": "swin_tiny_patch4_window7_224.pth",
+        "task.detector.out_indices": [1, 2, 3], "task.detector.neck.out_channels": 256,
+        "task.detector.neck.extra_block.from_p5": True, "task.detector.neck.extra_block.relu_before_p7": False,
+        "task.detector.model.anchor_generator.sizes": [[64], [128], [256], [512], [1024]],
+        "task.detector.model.anchor_generator.aspect_ratios": [[1.0]] * 5,
+        "task.detector.model.anchor_generator.strides": [8, 16, 32, 64, 128],
+        "task.detector.model.assigner.topk": 9, "task.detector.model.box_coder_stds": [0.1, 0.1, 0.2, 0.2],
+        "task.detector.model.focal_alpha": 0.25, "task.detector.model.focal_gamma": 2.0,
+        "task.detector.model.box_loss_weight": 2.0, "task.detector.model.centerness_loss_weight": 1.0,
+        "task.detector.model.topk_candidates": 1000, "task.detector.model.score_thresh": 0.05,
+        "task.detector.model.nms_thresh": 0.6, "task.detector.model.detections_per_img": 100}),
+    "atss_r50_coco_3x": ("swin_t_atss_coco_3x", {
+        "backbone.depth": 50, "backbone.frozen_stages": 1, "backbone.drop_path_rate": 0.0, "task.batch_norm": "eval",
+        "pretrained_url": "resnet50-0676ba61.pth"}),
     # Relation Networks (arXiv:1711.11575v2, Table 5) on mmdet's faster_rcnn_r50_fpn_1x_coco recipe (the R-CNN of
     # r50_maskrcnn_coco_1x without masks); the R-101 rows start from torchvision's ResNet-101, mmdet's
     # faster_rcnn_r101_fpn_1x_coco (torchvision://resnet101)
@@ -448,6 +493,14 @@ DERIVED = {
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
+    # mmseg's fcn_hr48_512x1024_80k_cityscapes.py / fcn_hr48_480x480_40k_pascal_context_59.py: the fcn_hr18 model
+    # (W48 widths, no auxiliary head) on the same dataset and schedule bases as the fcn_r50-d8 configs
+    "fcn_hr48_cityscapes": ("r50_cityscapes", {"backbone.variant": "hrnet_w48", "task.head.channels": 720,
+                                               "task.aux_head": None, "task.num_classes": 19,
+                                               "pretrained_url": "hrnetv2_w48-d2186c55.pth"}),
+    "fcn_hr48_pascal_context": ("r50_pascal_context", {"backbone.variant": "hrnet_w48", "task.head.channels": 720,
+                                                       "task.aux_head": None, "task.num_classes": 59,
+                                                       "pretrained_url": "hrnetv2_w48-d2186c55.pth"}),
     "nl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.reduction": 2}),
     "dnl_r50_cityscapes": ("r50_cityscapes", {"task.head.context.temperature": 0.05}),
     # mmseg has no NL / DNL PASCAL-Context config: its FCN PASCAL-Context 59 setting with the ADE20K recipes' heads
@@ -459,6 +512,13 @@ DERIVED = {
     "videoswin_b_k400": ("videoswin_t_k400", {"optim.batch_per_step": 512, "optim.weight_decay": 0.05,
                                               "video_backbone.drop_path_rate": 0.3,
                                               "pretrained_url": "swin_base_patch4_window7_224.pth"}),
+    # swin_base_patch244_window877_kinetics400_22k.py: the 1k config with the 22K start, drop path 0.2 and lr 3e-4;
+    # swin_base_patch244_window877_kinetics600_22k.py: that config on Kinetics-600 (600 classes)
+    "videoswin_b_k400_22k": ("videoswin_b_k400", {"video_backbone.drop_path_rate": 0.2, "optim.lr": 3e-4,
+                                                  "optim.weight_decay": 0.05, "optim.batch_per_step": 512,
+                                                  "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
+    "videoswin_b_k600_22k": ("videoswin_b_k400_22k", {"data.num_classes": 600, "task.num_classes": 600,
+                                                      "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
     "i3d_r50_nl_k400": ("i3d_r50_k400", {"video_backbone.nl.after_blocks": [1, 3, 5]}),
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
 }
@@ -492,7 +552,7 @@ def test_every_experiment_has_a_reference_and_a_table_in_docs():
 @pytest.mark.parametrize("experiment", sorted(REFERENCES))
 def test_recipe_equals_its_reference(experiment):
     ref = REFERENCES[experiment]
-    cfg = compose(f"experiment={experiment}", "output_dir=/tmp/vtrain-test-recipes")
+    cfg = compose(f"experiment={experiment}")
     for key, expected in ref.values.items():
         assert _value(cfg, key) == expected, key
     assert (Path(cfg.pretrained).name if cfg.pretrained else None) == ref.pretrained

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -388,31 +387,65 @@ def test_paper_models_have_the_reference_sizes():
     assert sizes["i3d_r50_dnl_k400"] - sizes["i3d_r50_nl_k400"] == 2 * (512 + 1) + 3 * (1024 + 1)
 
 
+def test_video_swin_l_has_the_papers_sizes():
+    """Video Swin-L (Video-Swin-Transformer's _base_/models/swin/swin_large.py) with a 400-class head, on the meta
+    device: with videoswin_l_384's 8x12x12 windows the paper's 384↑ rows' 200.0M, with videoswin_l's 8x7x7 (all
+    videoswin_l_384 changes) its Table 1 Swin-L's 197.0M."""
+    cfg = compose("task=video", "video_backbone=videoswin_l_384", "output_dir=/tmp/vtrain-test-video")
+    assert list(cfg.video_backbone.window_size) == [8, 12, 12]
+    for window, paper in (([8, 12, 12], 200.0), ([8, 7, 7], 197.0)):
+        with torch.device("meta"):
+            backbone = instantiate(cfg.video_backbone, window_size=window)
+        params = sum(p.numel() for p in backbone.parameters()) + (backbone.num_features + 1) * 400  # + the head
+        assert round(params / 1e6, 1) == paper, window
+
+
 # ---------------------------------------------------------------------------------------------- quickstart
 @pytest.mark.slow
-def test_quickstart_video_beats_a_framewise_model(tmp_path):
-    from vtrain.tasks.video.synthetic import write
+def test_quickstart_video_learns_the_motion_not_the_frames(tmp_path):
+    """The quickstart learns its motions, and from the order of the frames: each class is the time reversal of
+    another with the same frames (tasks/video/synthetic.py), so the same validation clips played backwards must be
+    read as the reversed motion. A frame-wise model (``video_backbone=frames``: its frames averaged) gives the same
+    scores either way, which is why it is capped at 50%; docs/video.md has its measured figures."""
+    import vtrain
+    from vtrain.tasks.video.synthetic import MOTIONS, write
 
     root = tmp_path / "kinetics"
     write(root, seed=0, **QUICKSTART_DATA)
-    runs = {"temporal": [], "framewise": ["video_backbone=frames"]}
+    run = tmp_path / "run"
+    result = run_cli("experiment=quickstart_video", f"data.root={root}", f"hydra.run.dir={run}",
+                     "callbacks.progress_bar=null", timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reported = json.loads((run / "metrics.json").read_text())["final"]["val/top1"]
 
-    def fit(name: str):
-        # both models get the same data and recipe
-        return run_cli("experiment=quickstart_video", f"data.root={root}", *runs[name], f"hydra.run.dir={tmp_path / name}",
-                       "callbacks.progress_bar=null", timeout=400)
-
-    with ThreadPoolExecutor(2) as pool:  # one single-threaded process per core
-        results = dict(zip(runs, pool.map(fit, runs)))
-    top1 = {}
-    for name, result in results.items():
-        assert result.returncode == 0, result.stderr[-2000:]
-        top1[name] = json.loads((tmp_path / name / "metrics.json").read_text())["final"]["val/top1"]
-    # measured (2 cores, the two runs side by side, lossless data): temporal (micro I3D) 0.975 (data seeds 1, 2:
-    # 0.958, 0.942), frame-wise (micro 2D Swin, TSN average) 0.317 (seed 1: 0.233); chance is 1/6, the cap 1/2.
-    # Before the data were byte-identical per seed, lossy encodes gave the temporal model 0.69-0.98 run to run.
-    assert top1["temporal"] >= 0.75, top1
-    assert top1["temporal"] - top1["framewise"] >= 0.4, top1
+    model = vtrain.load(run / "checkpoints" / "last.ckpt")
+    reverse = {i: i ^ 1 for i in range(len(MOTIONS))}  # move_left <-> move_right, move_up <-> move_down, grow <-> shrink
+    assert [MOTIONS[reverse[i]] for i in range(len(MOTIONS))] == ["move_right", "move_left", "move_down", "move_up",
+                                                                 "shrink", "grow"]
+    named = [model.class_names.index(m) for m in MOTIONS]  # the dataset's label of each motion
+    data = instantiate(compose("experiment=quickstart_video", f"data.root={root}", f"output_dir={tmp_path}").data)
+    data.setup("validate")
+    right = {"forward": 0, "backward as the reversed motion": 0, "backward as the motion played": 0}
+    count = 0
+    with torch.no_grad():
+        for counted in data.val_dataloader():
+            clips, labels = counted.batch["clips"], counted.batch["labels"]
+            reversed_labels = torch.tensor([named[reverse[named.index(int(label))]] for label in labels])
+            forward = model.video_probabilities(clips).argmax(-1)
+            backward = model.video_probabilities(clips.flip(-3)).argmax(-1)  # (N, V, C, T, H, W): time reversed
+            right["forward"] += int((forward == labels).sum())
+            right["backward as the reversed motion"] += int((backward == reversed_labels).sum())
+            right["backward as the motion played"] += int((backward == labels).sum())
+            count += len(labels)
+    accuracy = {name: value / count for name, value in right.items()}
+    assert count == 6 * QUICKSTART_DATA["val_per_class"]
+    assert accuracy["forward"] == pytest.approx(reported, abs=1e-6)  # the validation metrics.json reports
+    # measured (2 cores, beside another run; lossless data): 0.975 forward (data seeds 1, 2: 0.958, 0.942), 0.975
+    # backward read as the reversed motion, 0.008 backward read as the motion played; chance is 1/6, a frame-wise
+    # model's cap 1/2 (measured 0.317, seed 1: 0.233).
+    assert accuracy["forward"] >= 0.75, accuracy
+    assert accuracy["backward as the reversed motion"] >= 0.75, accuracy
+    assert accuracy["backward as the motion played"] <= 0.2, accuracy
 
 
 def test_grad_checkpointing_on_a_video_model_is_a_one_line_error(kinetics_root, tmp_path):

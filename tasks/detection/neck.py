@@ -8,7 +8,9 @@ a part of the config (``conf/task/detector/*.yaml``, ``neck.extra_block``), one 
   (:class:`MaxPoolP6`);
 * RetinaNet (Lin et al. 2017, Sec. 4): P6 a 3x3 stride-2 conv on **C5**, P7 one on ReLU(P6) (:class:`P6P7`,
   ``from_p5: false``);
-* FCOS (Tian et al. 2019, Sec. 3.2): the same convs on **P5** (``from_p5: true``).
+* FCOS (Tian et al. 2019, Sec. 3.2): the same convs on **P5** (``from_p5: true``);
+* ATSS as mmdet v2 builds it (``add_extra_convs='on_output'``, ``relu_before_extra_convs`` left False): the same
+  convs on P5, with P7 on P6 itself (``from_p5: true, relu_before_p7: false``).
 """
 from __future__ import annotations
 
@@ -33,11 +35,20 @@ class MaxPoolP6(LastLevelMaxPool):
 
 class P6P7(LastLevelP6P7):
     """torchvision's P6/P7 block with its input chosen explicitly: torchvision takes P5 whenever C5 happens
-    to have as many channels as the FPN (e.g. a small Swin with 256-channel C5), RetinaNet wants C5 always."""
+    to have as many channels as the FPN (e.g. a small Swin with 256-channel C5), RetinaNet wants C5 always.
+    ``relu_before_p7``: P7 from ReLU(P6) (RetinaNet, FCOS) or from P6 (mmdet's FPN unless
+    ``relu_before_extra_convs``, as its ATSS config)."""
 
-    def __init__(self, in_channels: int, out_channels: int, from_p5: bool):
+    def __init__(self, in_channels: int, out_channels: int, from_p5: bool, relu_before_p7: bool = True):
         super().__init__(out_channels if from_p5 else in_channels, out_channels)
-        self.use_P5 = from_p5
+        self.use_P5, self.relu_before_p7 = from_p5, relu_before_p7
+
+    def forward(self, p: list[torch.Tensor], c: list[torch.Tensor], names: list[str]
+                ) -> tuple[list[torch.Tensor], list[str]]:
+        if self.relu_before_p7:
+            return super().forward(p, c, names)
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        return [*p, p6, self.p7(p6)], [*names, "p6", "p7"]
 
 
 class FeaturePyramid(nn.Module):

@@ -27,10 +27,12 @@ Feature maps (``out_indices=(...)``) follow the official Swin detection / segmen
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer as TimmSwinTransformer
 from timm.models.swin_transformer import WindowAttention, checkpoint_filter_fn
 from torch import nn
@@ -53,6 +55,17 @@ def _nearest_tiling_sizes(size: int, window: int) -> list[int]:
     below = next((n for n in range(size - size % 32, 0, -32) if ok(n)), None)
     above = next(n for n in range(size - size % 32 + 32, size + 64 * window + 32, 32) if ok(n))
     return [n for n in (below, above) if n is not None]
+
+
+def resize_position_bias_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """A relative position bias table ``(L1, heads)`` of one window size resized to ``length`` rows (another window):
+    the official ``load_pretrained`` (microsoft/Swin-Transformer utils.py), each head's (2W-1)² grid interpolated
+    bicubically (align_corners False, no antialias). timm's ``checkpoint_filter_fn`` interpolates these tables
+    otherwise (BEiT's geometric grid, linear): the fine-tunes at 384 (window 12 from 7) follow the official code."""
+    side, heads = math.isqrt(table.shape[0]), table.shape[1]
+    new_side = math.isqrt(length)
+    grid = table.permute(1, 0).reshape(1, heads, side, side)
+    return F.interpolate(grid, size=(new_side, new_side), mode="bicubic").reshape(heads, length).permute(1, 0)
 
 
 class SwinTransformer(Backbone):
@@ -156,9 +169,9 @@ class SwinTransformer(Backbone):
         classifier ``head.*``) or timm (classifier ``head.fc.*``) checkpoints.
 
         timm's ``checkpoint_filter_fn`` moves the official patch merging to timm's
-        stage, drops the non-persistent buffers and resizes relative position bias
-        tables when the window size differs (e.g. a window-7 checkpoint into the
-        window-12 Swin-B 384).
+        stage and drops the non-persistent buffers. Relative position bias tables of another window size (a
+        window-7 checkpoint into the window-12 Swin-B 384) are resized first, as the official code does
+        (:func:`resize_position_bias_table`), so that timm's filter finds them fitting.
 
         That filter looks up the block of every relative position table: tables of blocks this model does not
         have (a Swin-S file has 18 blocks in stage 2, a Swin-T 6) or with another number of heads (Swin-B's for
@@ -167,8 +180,12 @@ class SwinTransformer(Backbone):
         """
         own = self.state_dict()
         table = "relative_position_bias_table"
+        state_dict = state_dict.get("model", state_dict)  # an official release wraps its weights
         not_fitting = {k: v for k, v in state_dict.items()
                        if k.endswith(table) and (k not in own or own[k].shape[-1] != v.shape[-1])}
+        state_dict = {k: resize_position_bias_table(v, own[k].shape[0])
+                      if k.endswith(table) and k not in not_fitting and own[k].shape != v.shape else v
+                      for k, v in state_dict.items()}
         state_dict = checkpoint_filter_fn({k: v for k, v in state_dict.items() if k not in not_fitting}, self)
         state_dict.update(not_fitting)
         backbone, classifier = {}, {}

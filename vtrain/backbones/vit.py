@@ -71,6 +71,10 @@ class VisionTransformer(Backbone):
     going through the final norm keeps every parameter in the graph (no unused parameter
     under DDP; ViTDet drops the norm instead). A classifier's trunk (``out_indices=None``)
     has no pyramid.
+
+    Dropout (none in DeiT's recipe): ``pos_drop_rate`` on the tokens after the position table is added,
+    ``proj_drop_rate`` after each block's attention projection and MLP layers (timm's names). DeiT's ``--drop``
+    (timm 0.3's ``drop_rate``, its dropout ablation, DeiT Table 8) set both.
     """
 
     def __init__(
@@ -81,6 +85,8 @@ class VisionTransformer(Backbone):
         depth: int = 12,
         num_heads: int = 12,
         drop_path_rate: float = 0.1,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
         out_indices: Sequence[int] | None = None,
     ):
         super().__init__()
@@ -92,6 +98,8 @@ class VisionTransformer(Backbone):
             num_heads=num_heads,
             num_classes=0,
             drop_path_rate=drop_path_rate,
+            pos_drop_rate=pos_drop_rate,
+            proj_drop_rate=proj_drop_rate,
             dynamic_img_size=True,
             # nothing to initialise on the meta device (shape-only builds: counting, benches)
             weight_init="skip" if torch.get_default_device().type == "meta" else "",
@@ -99,6 +107,7 @@ class VisionTransformer(Backbone):
         self.patch_size = patch_size
         self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed
         self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
+        self.pos_drop = vit.pos_drop
         for module in self.blocks.modules():
             if isinstance(module, Attention):
                 module.fused_attn = True
@@ -124,7 +133,7 @@ class VisionTransformer(Backbone):
             self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size, num_prefix_tokens=1
         )
         tokens = torch.cat([self.cls_token.expand(n, -1, -1), patches.reshape(n, h * w, c)], dim=1)
-        tokens = tokens + pos_embed
+        tokens = self.pos_drop(tokens + pos_embed)
         if self.grad_checkpointing and torch.is_grad_enabled():
             return self.norm(checkpoint_seq(self.blocks, tokens))
         return self.norm(self.blocks(tokens))
@@ -143,7 +152,7 @@ class VisionTransformer(Backbone):
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """timm ViT checkpoints: ``head.*`` is the classifier; a position table for
-        another grid (e.g. a 384 checkpoint) is resampled to this one."""
+        another grid (a 224 checkpoint into a 384 model) is resampled to this one as DeiT's fine-tuning does."""
         state_dict = state_dict.get("model", state_dict)
         backbone, classifier = {}, {}
         for key, value in state_dict.items():
@@ -151,7 +160,10 @@ class VisionTransformer(Backbone):
                 classifier[key[len("head."):]] = value
                 continue
             if key == "pos_embed" and value.shape != self.pos_embed.shape:
-                value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1)
+                # DeiT's fine-tuning at 384 (main.py --finetune): bicubic, align_corners False, no antialias
+                # (timm's default antialias=True gives other values when upsampling)
+                value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1,
+                                               antialias=False)
             backbone[key] = value
         return backbone, classifier
 

@@ -113,6 +113,7 @@ def is_lightning_checkpoint(obj: dict[str, Any]) -> bool:
 
 
 DESCRIPTION_KEY = "vtrain"  # the checkpoint entry in which vtrain describes the model (config, class names)
+WEIGHT_EMA_KEY = "weight_ema"  # a run's average of the weights (callbacks/weight_ema.py): state_dict, evaluated
 
 
 def description(obj: Any, path: str | Path) -> dict[str, Any]:
@@ -265,13 +266,17 @@ def _without_unbuilt_outputs(module: nn.Module, state_dict: dict[str, torch.Tens
 
 
 def load_task_weights(module: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Weights to evaluate: this framework's checkpoint (it must fit exactly) or a reference release."""
+    """Weights to evaluate: this framework's checkpoint (it must fit exactly; the average of its weights where the
+    run validated that, ``WEIGHT_EMA_KEY``) or a reference release."""
     obj = read_checkpoint(path)
     if is_lightning_checkpoint(obj):
-        state_dict = _without_unbuilt_outputs(module, unwrap_state_dict(obj))
+        average = obj.get(WEIGHT_EMA_KEY)
+        use_average = bool(average and average.get("evaluated"))
+        state_dict = _without_unbuilt_outputs(module, average["state_dict"] if use_average else unwrap_state_dict(obj))
         require_fit(module, state_dict, path)
         module.load_state_dict(state_dict)
-        log.info("loaded %s (epoch %s, step %s)", path, obj.get("epoch"), obj.get("global_step"))
+        log.info("loaded %s (epoch %s, step %s%s)", path, obj.get("epoch"), obj.get("global_step"),
+                 ", the average of its weights" if use_average else "")
         return
     module.load_pretrained(str(path), strict=strict)
 
