@@ -251,6 +251,38 @@ REFERENCES = {
                 "task.detector.model.with_box_refine": False, "task.detector.model.two_stage": False,
                 "data.train_sizes": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
                 "data.filter_empty": False}),
+    "swin_t_sparse_rcnn_coco_3x": Reference(
+        source="Swin paper arXiv:2103.14030v2 Sec. 4.2 (AdamW 1e-4, weight decay 0.05, batch 16, 36 epochs, short side "
+               "480-800); mmdetection configs/sparse_rcnn/sparse_rcnn_r50_fpn_300_proposals_crop_mstrain_480-800_3x_coco.py "
+               "and its _base_ (300 proposals, grad clip 1, DETR's crop, steps 27 / 33, schedule_1x's warm-up); "
+               "PeizeSun/SparseR-CNN sparsercnn/config.py (the head); the Swin configs' paramwise_cfg",
+        batch=16, epochs=36, schedule=mmcv_step(1e-4, (27, 33), warmup=500), points=(0, 250, 500, 2699, 2700, 3300),
+        steps_per_epoch=100,
+        params={  # custom_keys absolute_pos_embed, relative_position_bias_table, norm: decay_mult 0 (the head's too)
+            "backbone.layers.0.blocks.0.norm1.weight": (1e-4, 0.0),
+            "backbone.layers.0.blocks.0.attn.qkv.bias": (1e-4, 0.05),
+            "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (1e-4, 0.0),
+            "detector.neck.fpn.inner_blocks.0.0.bias": (1e-4, 0.05),
+            "detector.stages.0.norm1.weight": (1e-4, 0.0), "detector.stages.5.inst_interact.norm3.bias": (1e-4, 0.0),
+            "detector.stages.5.inst_interact.dynamic_layer.weight": (1e-4, 0.05),
+            "detector.stages.2.class_logits.bias": (1e-4, 0.05), "detector.init_proposal_boxes.weight": (1e-4, 0.05)},
+        pretrained=SWIN_T_IN1K,
+        values={"backbone.drop_path_rate": 0.2, "trainer.gradient_clip_val": 1.0, "trainer.precision": "32-true",
+                "data.masks": False, "data.train_sizes": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+                "data.crop.prob": 0.5, "data.crop.sizes": [400, 500, 600], "data.crop.min_size": 384,
+                "data.crop.max_size": 600, "task.test_size": 800, "task.test_max_size": 1333,
+                "task.detector.model.num_proposals": 300, "task.detector.model.num_stages": 6,
+                "task.detector.model.hidden_dim": 256, "task.detector.neck.out_channels": 256,
+                "task.detector.model.dim_feedforward": 2048, "task.detector.model.num_heads": 8,
+                "task.detector.model.dim_dynamic": 64, "task.detector.model.dropout": 0.0,
+                "task.detector.model.num_cls": 1, "task.detector.model.num_reg": 3,
+                "task.detector.model.pooler_resolution": 7, "task.detector.model.sampling_ratio": 2,
+                "task.detector.model.class_cost": 2.0, "task.detector.model.bbox_cost": 5.0,
+                "task.detector.model.giou_cost": 2.0, "task.detector.model.class_loss_weight": 2.0,
+                "task.detector.model.bbox_loss_weight": 5.0, "task.detector.model.giou_loss_weight": 2.0,
+                "task.detector.model.focal_alpha": 0.25, "task.detector.model.focal_gamma": 2.0,
+                "task.detector.model.prior_prob": 0.01, "task.detector.model.deep_supervision": True,
+                "task.detector.model.num_detections": None}),  # test_cfg max_per_img=num_proposals
     "r50_ade20k": Reference(
         source="mmsegmentation configs/fcn/fcn_r50-d8_512x512_80k_ade20k.py, _base_/models/fcn_r50-d8.py, "
                "_base_/schedules/schedule_80k.py, _base_/datasets/ade20k.py",
@@ -506,6 +538,11 @@ DERIVED = {
     "deformable_detr_r50_refine_coco": ("deformable_detr_r50_coco", {"task.detector.model.with_box_refine": True}),
     "deformable_detr_r50_two_stage_coco": ("deformable_detr_r50_coco", {"task.detector.model.with_box_refine": True,
                                                                         "task.detector.model.two_stage": True}),
+    # Swin Table 2(a)'s R-50 row: "the same settings" (paper Sec. 4.2) with mmdet's Sparse R-CNN ResNet
+    # (frozen_stages=1, norm_eval=True, torchvision://resnet50)
+    "sparse_rcnn_r50_coco_3x": ("swin_t_sparse_rcnn_coco_3x", {
+        "backbone.depth": 50, "backbone.frozen_stages": 1, "backbone.drop_path_rate": 0.0, "task.batch_norm": "eval",
+        "pretrained_url": "resnet50-0676ba61.pth"}),
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),
@@ -540,7 +577,7 @@ DERIVED = {
 }
 # Demo recipes for synthetic data on a CPU: no reference.
 DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr",
-         "quickstart_ddetr"}
+         "quickstart_ddetr", "quickstart_sparse_rcnn"}
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # keys a derived recipe must share with its parent: the optimizer, the schedule, the batch and the start
 SHARED = ("optim", "sched", "data.batch_size", "trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val")
