@@ -24,8 +24,9 @@ TINY_SWIN = [
     "backbone.window_size=4", "backbone.img_size=64",
 ]
 TINY_VIT = ["backbone=vit_s16", "backbone.embed_dim=64", "backbone.depth=1", "backbone.num_heads=2", "backbone.img_size=64"]
-RESNET = ["backbone=resnet50"]
-RESNET_D8 = ["backbone=resnet50", "backbone.output_stride=8"]  # the dilated "-D8" of the NL / GC / DNL recipes
+# ResNet-26: the bottleneck widths of ResNet-50 (the heads see the same channels), fewer blocks to build and run
+RESNET = ["backbone=resnet26"]
+RESNET_D8 = ["backbone=resnet26", "backbone.output_stride=8"]  # the dilated "-D8" of the NL / GC / DNL recipes
 # Narrow heads: the layout is the configs', the widths are CPU-sized.
 NARROW_HEADS = ["task.head.channels=32", "task.aux_head.channels=16"]
 
