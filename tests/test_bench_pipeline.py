@@ -55,7 +55,7 @@ def test_coco_sides_give_the_same_targets_and_shapes(tmp_path, one_thread):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.float32
         for key in ("boxes", "labels", "masks"):
             assert torch.equal(target[key], their_target[key]), key
-        assert (ours - theirs).abs().max() <= 0.05  # the resize's rounding, not another picture
+        assert (ours - theirs).abs().max() <= 1 / 255 + 1e-6  # PIL's and the tensor resize's rounding: one level
 
 
 def test_ade20k_sides_give_the_same_shapes(tmp_path, one_thread):
@@ -84,8 +84,9 @@ def test_kinetics_sides_sample_the_same_clip(tmp_path, one_thread):
     ours, theirs = both(datamodule, 0)
     assert ours["clips"].shape == theirs["clips"].shape == (3, 4, 16, 16)
     assert ours["clips"].dtype == theirs["clips"].dtype == torch.float32
-    # normalised values: two bilinear resizes of the same frames and window (one unit of 0-255 is 1/58 here)
-    assert (ours["clips"] - theirs["clips"]).abs().mean() < 0.2
+    # normalised values: two bilinear resizes (swscale's, torch's) of the same frames and window differ by 0.04 on
+    # average; another seed's clip differs from vtrain's by 0.2
+    assert (ours["clips"] - theirs["clips"]).abs().mean() < 0.08
 
 
 def bench_settings(**changes):
