@@ -92,13 +92,16 @@ def one_core() -> Iterator[None]:
     threads = torch.get_num_threads()
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     torch.set_num_threads(1)
+    pinned = False
     if affinity:
-        os.sched_setaffinity(0, {min(affinity)})
+        with contextlib.suppress(OSError):  # a sandbox may refuse: one thread is then the only limit
+            os.sched_setaffinity(0, {min(affinity)})
+            pinned = True
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        if affinity:
+        if pinned:
             os.sched_setaffinity(0, affinity)
 
 
