@@ -123,6 +123,24 @@ def test_resize_follows_mmcv_rescale():
     assert rescale_size(375, 500, (2048, 512), ratio=0.5) == (256, 341)
 
 
+def test_resize_pair_gives_the_pixels_of_plain_float_interpolation():
+    """The channels_last, clamp-free resize gives exactly what NCHW float interpolation, rounding and clamping gives
+    (mmcv's OpenCV INTER_LINEAR within one level), shrinking and enlarging; the label by nearest."""
+    from vtrain.tasks.segmentation.data import resize_pair
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    image[:5] = 255  # saturated rows: no value may leave 0..255
+    label = rng.integers(0, 7, (37, 53), dtype=np.uint8)
+    for size in ((20, 29), (37, 80), (91, 131)):
+        img, lab = resize_pair(image, label, size)
+        x = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=size, mode="bilinear",
+                          align_corners=False).round().clamp(0, 255)[0].permute(1, 2, 0).to(torch.uint8).numpy()
+        y = F.interpolate(torch.from_numpy(label)[None, None].float(), size=size, mode="nearest")[0, 0].numpy()
+        assert img.dtype == lab.dtype == np.uint8 and img.shape == (*size, 3)
+        assert np.array_equal(img, x) and np.array_equal(lab, y.astype(np.uint8))
+
+
 def _copy_root(src: Path, dst: Path) -> Path:
     import shutil
 
