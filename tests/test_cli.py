@@ -121,13 +121,15 @@ def test_multirun_runs_each_point_once(imagenet_root, tmp_path):
 
 
 def test_wandb_logger_works_offline_quietly_logs_the_config_and_never_the_key(imagenet_root, tmp_path):
-    """Offline, wandb says nothing (its banner and sync hint came with colour codes even into a pipe)."""
+    """Offline, wandb says nothing (its banner and sync hint came with colour codes even into a pipe, and a warning
+    about a setting no one set)."""
     run, key = tmp_path / "run", "0123456789abcdef0123456789abcdef01234567"
     result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "logger=wandb",
                      env={"WANDB_API_KEY": key, "WANDB_SILENT": None})
     assert result.returncode == 0, result.stderr[-3000:]
     terminal = result.stdout + result.stderr
     assert "\x1b[" not in terminal and "wandb sync" not in terminal and "── training summary" in terminal
+    assert "wandb:" not in terminal, terminal  # Lightning's anonymous=None made wandb warn at every start
     records = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1
     assert b"base_batch_size" in records[0].read_bytes()  # the composed config is logged

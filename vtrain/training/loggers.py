@@ -67,3 +67,14 @@ def _drop_torn_row(path: Path) -> None:
         return
     with open(path, "rb+") as f:
         f.truncate(end)
+
+
+class WandbLogger(pl.loggers.WandbLogger):
+    """Lightning's ``WandbLogger`` without the warning every run printed: Lightning passes ``anonymous=None`` to
+    ``wandb.init`` when the option is not set, and wandb warns that the setting "has no effect" for any value
+    given, ``None`` included. Here the key is passed only when ``anonymous`` is set."""
+
+    def __init__(self, *args, anonymous: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, anonymous=anonymous, **kwargs)
+        if anonymous is None:
+            self._wandb_init.pop("anonymous", None)
