@@ -89,7 +89,7 @@ def test_test_time_scores_are_the_softmax_of_the_stages_mean_logits():
 
 def _cascade(backbone=TINY_SWIN, *overrides):
     detector = compose("task=detection", "task/detector=cascade_mask_rcnn", "task.detector.neck.out_channels=32",
-                       "task.detector.box_head.conv_dim=16", "task.detector.box_head.fc_dim=32",
+                       "task.detector.box_head.conv_dim=16", "task.detector.box_head_dim=32",
                        "task.detector.mask_head_dims=[16]", "task.detector.batch_size_per_image=32",
                        "task.detector.model.rpn_pre_nms_top_n_train=100",
                        "task.detector.model.rpn_post_nms_top_n_train=50", *overrides).task.detector

@@ -453,7 +453,7 @@ DERIVED = {
         "task.detector.target_stds": [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]],
         "task.detector.class_agnostic": False, "task.detector.box_loss": "giou", "task.detector.box_loss_weight": 10.0,
         "task.detector.box_head.num_convs": 4, "task.detector.box_head.conv_dim": 256,
-        "task.detector.box_head.num_fcs": 1, "task.detector.box_head.fc_dim": 1024, "task.detector.box_head.norm": True,
+        "task.detector.box_head.num_fcs": 1, "task.detector.box_head_dim": 1024, "task.detector.box_head.norm": True,
         "task.detector.mask_head_dims": [256, 256, 256, 256], "task.detector.batch_size_per_image": 512,
         "task.detector.model.rpn_post_nms_top_n_train": 2000, "task.detector.model.rpn_pre_nms_top_n_train": 2000,
         "task.detector.model.rpn_pre_nms_top_n_test": 1000, "task.detector.model.rpn_post_nms_top_n_test": 1000,

@@ -284,7 +284,8 @@ class CascadeSpec(PyramidRCNN):
             ``rpn_pre_nms_top_n_train``, ...): its RPN and transform; its RoI heads become :class:`CascadeRoIHeads`.
         out_indices: the backbone outputs that feed the pyramid.
         neck: the pyramid on the backbone (:class:`neck.FeaturePyramid`).
-        box_head: each stage's trunk (:class:`ConvFCBoxHead`, a partial called with ``in_channels``).
+        box_head: each stage's trunk (:class:`ConvFCBoxHead`, a partial called with ``in_channels`` and ``fc_dim``).
+        box_head_dim: the trunk's width, the stage predictors' input (1024; ``RCNNSpec.box_head_dim`` likewise).
         iou_thresholds, loss_weights, target_stds: one per stage (the module doc).
         class_agnostic: one set of deltas per RoI (mmdet's default cascade) instead of one per category (Swin's).
         box_loss: ``giou`` (on decoded boxes, Swin's), ``smooth_l1`` (beta 1, mmdet's default cascade) or ``l1``.
@@ -297,7 +298,8 @@ class CascadeSpec(PyramidRCNN):
 
     def __init__(self, model: Callable[..., FasterRCNN], out_indices: Sequence[int],
                  neck: Callable[[Backbone], FeaturePyramid], box_head: Callable[..., nn.Module],
-                 iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7), loss_weights: Sequence[float] = (1.0, 0.5, 0.25),
+                 box_head_dim: int = 1024, iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7),
+                 loss_weights: Sequence[float] = (1.0, 0.5, 0.25),
                  target_stds: Sequence[Sequence[float]] = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
                                                           (0.033, 0.033, 0.067, 0.067)),
                  class_agnostic: bool = False, box_loss: str = "giou", box_loss_weight: float = 10.0,
@@ -305,6 +307,7 @@ class CascadeSpec(PyramidRCNN):
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25, score_thresh: float = 0.05,
                  nms_thresh: float = 0.5, detections_per_img: int = 100):
         self.model, self.out_indices, self.neck, self.box_head = model, tuple(int(i) for i in out_indices), neck, box_head
+        self.box_head_dim = int(box_head_dim)
         cls, self.mask_head_dims = rcnn_class(model, mask_head_dims, "CascadeSpec")
         self.masks = self.mask_head_dims is not None
         self.stage_options = dict(iou_thresholds=[float(t) for t in iou_thresholds],
@@ -329,8 +332,8 @@ class CascadeSpec(PyramidRCNN):
         detector = self.model(pyramid, num_classes=num_classes, **torchvision_transform(transform))
         detector.rpn = DetectionRPN.like(detector.rpn, **self.rcnn.rpn_options())
         categories = num_classes - 1
-        stages = [CascadeStage(self.box_head(in_channels=width), categories, self.class_agnostic)
-                  for _ in self.stage_options["iou_thresholds"]]
+        stages = [CascadeStage(self.box_head(in_channels=width, fc_dim=self.box_head_dim), categories,
+                               self.class_agnostic) for _ in self.stage_options["iou_thresholds"]]
         masks = ([MaskStage(width, self.mask_head_dims, categories) for _ in stages] if self.masks else None)
         detector.roi_heads = CascadeRoIHeads(pools["box_roi_pool"], stages, mask_roi_pool=pools.get("mask_roi_pool"),
                                              mask_stages=masks, **self.stage_options)
