@@ -216,3 +216,18 @@ def test_vit_l_setr_sizes_equal_mmseg(experiment, head, size, classes):
             CLASSES = keep
     count = sum(p.numel() for p in task.parameters())
     assert count == vit_l_mmseg_params(size) + sum(p.numel() for m in parts for p in m.parameters())
+
+
+def test_mla_reads_a_pyramid_too():
+    """On a Swin's four levels (strides 4..32) the MLA neck resizes its running sum to each level and the head its
+    levels to the largest before concatenating: the model trains, every parameter gets a gradient."""
+    torch.manual_seed(0)
+    task = build_task(compose("task=segmentation", "data=ade20k", f"data.num_classes={CLASSES}", "task/head=setr_mla",
+                              "backbone=swin_t", "backbone.embed_dim=16", "backbone.depths=[1,1,1,1]",
+                              "backbone.num_heads=[1,1,1,1]", "backbone.window_size=4", f"backbone.img_size={SIZE}",
+                              "task.neck.channels=8", "task.head.channels=8",
+                              *[f"task.aux_heads.{i}.channels=8" for i in range(4)], "output_dir=/tmp/vtrain-test-setr"))
+    losses = task.losses(torch.randn(2, 3, SIZE, SIZE), torch.randint(0, CLASSES, (2, SIZE, SIZE)))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert not [name for name, p in task.named_parameters() if p.grad is None]

@@ -264,7 +264,7 @@ class MLANeck(nn.Module):
                      for level, norm, proj in zip(self.out_indices, self.norm, self.channel_proj)]
         sums = [projected[-1]]
         for x in reversed(projected[:-1]):
-            sums.append(sums[-1] + x)
+            sums.append(resize(sums[-1], x.shape[2:]) + x)  # one size on a ViT; a pyramid's levels resized (FPN)
         return {level: conv(x) for level, conv, x in zip(self.out_indices, self.feat_extract, sums)}
 
 
@@ -292,8 +292,9 @@ class SETRMLAHead(DecodeHead):
         )
 
     def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        x = torch.cat([up_conv(features[level]) for level, up_conv in zip(self.out_indices, self.up_convs)], dim=1)
-        return self.classify(x)
+        levels = [up_conv(features[level]) for level, up_conv in zip(self.out_indices, self.up_convs)]
+        # one size on a ViT; a pyramid's levels are resized to the largest (the first) before the concatenation
+        return self.classify(torch.cat([resize(x, levels[0].shape[2:]) for x in levels], dim=1))
 
 
 # mmseg segmentor keys -> this task's: its decode head, auxiliary head (a list of them: ``aux_heads``) and neck; a
