@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import compose
 from vtrain.backbones.vit import VisionTransformer
+from vtrain.config import ConfigError
 from vtrain.training.build import build_task
 
 CLASSES, SIZE = 5, 64
@@ -157,6 +158,10 @@ def test_setr_heads_load_and_equal_mmseg(head, tmp_path):
     state = {f"backbone.{k}": v for k, v in vit2mmseg(timm_vit.state_dict()).items()} | mmseg.state_dict()
     torch.save({"meta": {}, "state_dict": state}, tmp_path / "setr.pth")
     task.load_pretrained(str(tmp_path / "setr.pth"))  # strict: every tensor of the model comes from the file
+    del state["decode_head.conv_seg.bias"]  # a file short of one tensor stops with one line
+    torch.save({"state_dict": state}, tmp_path / "short.pth")
+    with pytest.raises(ConfigError, match=r"1 of the \d+ segmenter tensors do not come from .*short.pth \(head.classifier.bias\)"):
+        task.load_pretrained(str(tmp_path / "short.pth"))
 
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
