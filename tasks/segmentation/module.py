@@ -22,7 +22,7 @@ from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 from vtrain.config import ConfigError
 from vtrain.data.datamodule import DatasetInfo
 from vtrain.inference.visualize import draw_segmentation, to_uint8_image
-from vtrain.training.checkpoint import load_matching, read_checkpoint, unwrap_state_dict
+from vtrain.training.checkpoint import load_matching, read_checkpoint, split_reference, unwrap_state_dict
 from vtrain.training.module import PredictOptions, TaskModule
 
 
@@ -135,9 +135,11 @@ class SegmentationTask(TaskModule):
         """Backbone weights (``TaskModule``), or a whole mmseg segmentor release (``state_dict`` with
         ``decode_head.*``: mmseg's SETR models) into the backbone, neck and heads, every tensor required
         (``strict``)."""
-        state_dict = unwrap_state_dict(read_checkpoint(path))
+        obj = read_checkpoint(path)  # read once: a ViT-L file is over 1 GB
+        state_dict = unwrap_state_dict(obj)
         if not any(key.startswith("decode_head.") for key in state_dict):
-            return super().load_pretrained(path, strict)
+            load_matching(self.backbone, split_reference(self.backbone, obj)[0], str(path), "backbone", strict=strict)
+            return
         backbone, _ = self.backbone.checkpoint_filter(
             {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")})
         converted = {**{f"backbone.{k}": v for k, v in backbone.items()}, **keys_of_mmseg_segmentor(state_dict)}

@@ -81,6 +81,12 @@ class VisionTransformer(Backbone):
     Dropout (none in DeiT's recipe): ``pos_drop_rate`` on the tokens after the position table is added,
     ``proj_drop_rate`` after each block's attention projection and MLP layers (timm's names). DeiT's ``--drop``
     (timm 0.3's ``drop_rate``, its dropout ablation, DeiT Table 8) set both.
+
+    SETR's options (mmseg's ``VisionTransformer``): ``block_indices``, one block per output level, whose patch tokens
+    are that level's map at the patch stride (no pyramid; blocks past the deepest one read are not built);
+    ``final_norm=False`` leaves the last block's tokens unnormalised (no final norm is built); ``with_cls_token=False``
+    drops the class token before the encoder; ``pos_embed_interpolation`` resizes the position table ``bicubic``
+    (timm, DeiT) or ``bilinear`` (mmseg).
     """
 
     def __init__(
@@ -114,7 +120,7 @@ class VisionTransformer(Backbone):
             # nothing to initialise on the meta device (shape-only builds: counting, benches)
             weight_init="skip" if torch.get_default_device().type == "meta" else "",
         )
-        self.patch_size = patch_size
+        self.patch_size, self.depth = patch_size, depth
         self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed
         self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
         self.pos_drop = vit.pos_drop
@@ -229,8 +235,8 @@ class VisionTransformer(Backbone):
                 continue
             if key.startswith("norm.") and isinstance(self.norm, nn.Identity):
                 continue
-            if key.startswith("blocks.") and int(key.split(".")[1]) >= len(self.blocks) and self.block_indices:
-                continue
+            if key.startswith("blocks.") and len(self.blocks) <= int(key.split(".")[1]) < self.depth:
+                continue  # a block of this depth past the deepest output read; a deeper file's blocks stay, to be named
             if key == "pos_embed" and value.shape != self.pos_embed.shape:
                 # DeiT's fine-tuning at 384 (main.py --finetune): bicubic, align_corners False, no antialias
                 # (timm's default antialias=True gives other values when upsampling); mmseg's resize_pos_embed: bilinear
