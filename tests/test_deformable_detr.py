@@ -475,18 +475,24 @@ def ddetr_task(backbone: dict, num_classes: int, model: dict, **kwargs) -> Detec
     return DetectionTask(OmegaConf.create(backbone), OPTIM, SCHED, num_classes=num_classes, detector=spec, **kwargs)
 
 
+@torch.no_grad()
+def imagenet_like_batch_norm(model: nn.Module) -> None:
+    """Every FrozenBatchNorm2d of ``model`` an ImageNet-like BatchNorm (seeded by the caller), not the identity."""
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.normal_(0, 0.1)
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+
+
 def seeded_official(variant: str) -> nn.Module:
     torch.manual_seed(0)
     opts = VARIANTS[variant]
     model = OfficialDeformableDETR(7, (2, 2, 2, 2), d=32, ffn=64, layers=2, levels=4, heads=2, points=2, queries=20,
                                    **opts).eval()
     with torch.no_grad():
-        for module in model.modules():  # an ImageNet-like BatchNorm, not the identity
-            if isinstance(module, FrozenBatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.1)
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
+        imagenet_like_batch_norm(model)
         for name, p in model.named_parameters():  # every offset, weight and head away from zero
             if "backbone" not in name:
                 p.normal_(0, 0.3)
@@ -624,10 +630,9 @@ def test_every_parameter_gets_a_gradient(variant):
     assert task.backbone.out_indices == (1, 2, 3)
 
 
-def test_quickstart_trains_two_steps_and_evaluates(tmp_path):
-    """quickstart_ddetr in process, cut to 2 training steps and one validation batch: the focal set loss trains
-    (finite, logged per term) and the COCO evaluation reads the detections. The full quickstart (60 epochs) fits its
-    16 images: measured val/bbox_AP 0.628 (docs/detection.md)."""
+def quickstart_two_steps(experiment: str, tmp_path) -> dict:
+    """``experiment`` (a quickstart on quickstart_detr's data) in process, cut to 2 training steps and one validation
+    batch of 2 images, on a synthetic set written here; returns its metrics.json, the run in ``tmp_path / "run"``."""
     import json
 
     import vtrain
@@ -636,13 +641,21 @@ def test_quickstart_trains_two_steps_and_evaluates(tmp_path):
 
     write(tmp_path / "data", seed=0, train_images=8, val_images=2, num_classes=2, max_objects=2, min_side=96,
           max_side=96)
-    cfg = vtrain.compose("quickstart_ddetr", [f"data.root={tmp_path / 'data'}", "data.val_split=val2017",
-                                              "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                                              "trainer.check_val_every_n_epoch=1", "callbacks.progress_bar=null",
-                                              "+trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}"])
+    cfg = vtrain.compose(experiment, [f"data.root={tmp_path / 'data'}", "data.val_split=val2017",
+                                      "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                      "trainer.check_val_every_n_epoch=1", "callbacks.progress_bar=null",
+                                      "+trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}"])
     run(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["coco_num_images"] == 2
+    return metrics
+
+
+def test_quickstart_trains_two_steps_and_evaluates(tmp_path):
+    """quickstart_ddetr in process, cut to 2 training steps and one validation batch: the focal set loss trains
+    (finite, logged per term) and the COCO evaluation reads the detections. The full quickstart (60 epochs) fits its
+    16 images: measured val/bbox_AP 0.628 (docs/detection.md)."""
+    metrics = quickstart_two_steps("quickstart_ddetr", tmp_path)
     final = metrics["final"]
     assert math.isfinite(final["train/loss_epoch"]) and "train/loss_ce_0" in final
     assert 0.0 <= final["val/bbox_AP"] <= 1.0

@@ -251,6 +251,38 @@ REFERENCES = {
                 "task.detector.model.with_box_refine": False, "task.detector.model.two_stage": False,
                 "data.train_sizes": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
                 "data.filter_empty": False}),
+    "swin_t_sparse_rcnn_coco_3x": Reference(
+        source="Swin paper arXiv:2103.14030v2 Sec. 4.2 (AdamW 1e-4, weight decay 0.05, batch 16, 36 epochs, short side "
+               "480-800); mmdetection configs/sparse_rcnn/sparse_rcnn_r50_fpn_300_proposals_crop_mstrain_480-800_3x_coco.py "
+               "and its _base_ (300 proposals, grad clip 1, DETR's crop, steps 27 / 33, schedule_1x's warm-up); "
+               "PeizeSun/SparseR-CNN sparsercnn/config.py (the head); the Swin configs' paramwise_cfg",
+        batch=16, epochs=36, schedule=mmcv_step(1e-4, (27, 33), warmup=500), points=(0, 250, 500, 2699, 2700, 3300),
+        steps_per_epoch=100,
+        params={  # custom_keys absolute_pos_embed, relative_position_bias_table, norm: decay_mult 0 (the head's too)
+            "backbone.layers.0.blocks.0.norm1.weight": (1e-4, 0.0),
+            "backbone.layers.0.blocks.0.attn.qkv.bias": (1e-4, 0.05),
+            "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (1e-4, 0.0),
+            "detector.neck.fpn.inner_blocks.0.0.bias": (1e-4, 0.05),
+            "detector.stages.0.norm1.weight": (1e-4, 0.0), "detector.stages.5.inst_interact.norm3.bias": (1e-4, 0.0),
+            "detector.stages.5.inst_interact.dynamic_layer.weight": (1e-4, 0.05),
+            "detector.stages.2.class_logits.bias": (1e-4, 0.05), "detector.init_proposal_boxes.weight": (1e-4, 0.05)},
+        pretrained=SWIN_T_IN1K,
+        values={"backbone.drop_path_rate": 0.2, "trainer.gradient_clip_val": 1.0, "trainer.precision": "32-true",
+                "data.masks": False, "data.train_sizes": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+                "data.crop.prob": 0.5, "data.crop.sizes": [400, 500, 600], "data.crop.min_size": 384,
+                "data.crop.max_size": 600, "task.test_size": 800, "task.test_max_size": 1333,
+                "task.detector.model.num_proposals": 300, "task.detector.model.num_stages": 6,
+                "task.detector.model.hidden_dim": 256, "task.detector.neck.out_channels": 256,
+                "task.detector.model.dim_feedforward": 2048, "task.detector.model.num_heads": 8,
+                "task.detector.model.dim_dynamic": 64, "task.detector.model.dropout": 0.0,
+                "task.detector.model.num_cls": 1, "task.detector.model.num_reg": 3,
+                "task.detector.model.pooler_resolution": 7, "task.detector.model.sampling_ratio": 2,
+                "task.detector.model.class_cost": 2.0, "task.detector.model.bbox_cost": 5.0,
+                "task.detector.model.giou_cost": 2.0, "task.detector.model.class_loss_weight": 2.0,
+                "task.detector.model.bbox_loss_weight": 5.0, "task.detector.model.giou_loss_weight": 2.0,
+                "task.detector.model.focal_alpha": 0.25, "task.detector.model.focal_gamma": 2.0,
+                "task.detector.model.prior_prob": 0.01, "task.detector.model.deep_supervision": True,
+                "task.detector.model.num_detections": None}),  # test_cfg max_per_img=num_proposals
     "r50_ade20k": Reference(
         source="mmsegmentation configs/fcn/fcn_r50-d8_512x512_80k_ade20k.py, _base_/models/fcn_r50-d8.py, "
                "_base_/schedules/schedule_80k.py, _base_/datasets/ade20k.py",
@@ -384,6 +416,46 @@ REFERENCES = {
                 "video_backbone.pool1_temporal_kernel": 1, "video_backbone.pool2_stride_t": 2,
                 "trainer.gradient_clip_val": 40.0, "task.head_drop": 0.5, "optim.momentum": 0.9,
                 "trainer.precision": "32-true"}),
+    "faster_rcnn_r50_c4_coco_1x": Reference(
+        source="detectron2 configs/COCO-Detection/faster_rcnn_R_50_C4_1x.yaml, Base-RCNN-C4.yaml, config/defaults.py "
+               "(WarmupMultiStepLR: the same linear warm-up and steps as mmcv's, here by iterations)",
+        batch=16, update_interval=(8, 1), schedule=mmcv_step(0.02, (60, 80), warmup=1000), steps_per_epoch=1000,
+        points=(0, 500, 999, 1000, 59999, 60000, 79999, 80000, 89999),
+        params={"backbone.layer2.0.conv1.weight": (0.02, 1e-4), "backbone.layer4.0.conv2.weight": (0.02, 1e-4),
+                "detector.rpn.head.conv.0.0.bias": (0.02, 1e-4),
+                "detector.roi_heads.box_predictor.cls_score.bias": (0.02, 1e-4)},
+        pretrained=TORCHVISION_R50,
+        values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.max_steps": 90000,
+                "trainer.precision": "32-true", "data.train_sizes": [640, 672, 704, 736, 768, 800],
+                "data.max_size": 1333, "data.group_by_aspect_ratio": True, "data.masks": False, "data.crop": None,
+                "task.detector.roi_size": 14, "task.detector.rcnn.roi_align_aligned": True,
+                "task.detector.rcnn.roi_align_sampling_ratio": 0, "task.detector.rcnn.rpn_box_loss_beta": 0.0,
+                "task.detector.rcnn.box_loss_beta": 0.0, "task.detector.rcnn.box_loss": "smooth_l1",
+                "task.detector.model.rpn_pre_nms_top_n_train": 12000,
+                "task.detector.model.rpn_post_nms_top_n_train": 2000,
+                "task.detector.model.rpn_pre_nms_top_n_test": 6000,
+                "task.detector.model.rpn_post_nms_top_n_test": 1000,
+                "task.detector.model.rpn_anchor_generator.sizes": [[32, 64, 128, 256, 512]]}),
+    "faster_rcnn_r50_fpn_plus_coco_9x": Reference(
+        source="DETR (Carion et al., ECCV 2020) Sec. 4.1 and Table 1 (GIoU, random crops, 9x = 109 epochs); detectron2 "
+               "faster_rcnn_R_50_FPN_3x.yaml, Base-RCNN-FPN.yaml, mask_rcnn_R_50_FPN_1x_giou.yaml (GIoU weights 2 / "
+               "10), Misc/scratch_mask_rcnn_R_50_FPN_9x_gn.yaml (steps 60k and 20k iterations before the end); DETR "
+               "datasets/coco.py (the crop)",
+        batch=16, update_interval=(8, 1), schedule=mmcv_step(0.02, (750, 790), warmup=1000), steps_per_epoch=1000,
+        points=(0, 999, 1000, 749999, 750000, 789999, 790000, 809999),
+        params={"backbone.layer2.0.conv1.weight": (0.02, 1e-4), "detector.backbone.fpn.inner_blocks.0.0.bias": (0.02, 1e-4),
+                "detector.roi_heads.box_head.fc6.weight": (0.02, 1e-4)},
+        pretrained=TORCHVISION_R50,
+        values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.max_steps": 810000,
+                "data.train_sizes": [640, 672, 704, 736, 768, 800], "data.max_size": 1333,
+                "data.crop": {"prob": 0.5, "sizes": [400, 500, 600], "min_size": 384, "max_size": 600},
+                "task.detector.rcnn.rpn_box_loss": "giou", "task.detector.rcnn.rpn_box_loss_weight": 2.0,
+                "task.detector.rcnn.box_loss": "giou", "task.detector.rcnn.box_loss_weight": 10.0,
+                "task.detector.rcnn.roi_align_aligned": True, "task.detector.rcnn.roi_align_sampling_ratio": 0,
+                "task.detector.model.rpn_pre_nms_top_n_train": 2000,
+                "task.detector.model.rpn_post_nms_top_n_train": 1000,
+                "task.detector.model.rpn_pre_nms_top_n_test": 1000,
+                "task.detector.model.rpn_post_nms_top_n_test": 1000, "task.detector.box_head_dim": 1024}),
 }
 
 # Recipes that are another recipe with a few values changed, as their references are: (parent, the differences).
@@ -482,9 +554,22 @@ DERIVED = {
                                                                "pretrained_url": "resnet101-63fe2227.pth"}),
     "relation_r101_fpn_e2e_coco_1x": ("relation_r50_fpn_e2e_coco_1x", {"backbone.depth": 101,
                                                                        "pretrained_url": "resnet101-63fe2227.pth"}),
+    # the C4 rows: the official C4 base (relation_rcnn/symbols/resnet_v1_101_rcnn.py), the FPN rows' recipes otherwise
+    "r101_c4_2fc_softnms_coco_1x": ("r101_fpn_2fc_softnms_coco_1x", {"backbone.output_stride": 16}),
+    "relation_r101_c4_coco_1x": ("relation_r101_fpn_coco_1x", {"backbone.output_stride": 16}),
+    "relation_r101_c4_e2e_coco_1x": ("relation_r101_fpn_e2e_coco_1x", {"backbone.output_stride": 16}),
     # the README's 150-epoch run: one machine (8 GPUs x 2), lr drop at 100
     # DETR's other released models (README model zoo; main.py --dilation / --backbone resnet101; DC5 trained with
     # 1 image per GPU)
+    # detectron2's DC5 (faster_rcnn_R_50_DC5_3x.yaml: RES5_DILATION 2, the 3x steps) and DETR Table 1's "+" models
+    "faster_rcnn_r50_dc5_coco_3x": ("faster_rcnn_r50_c4_coco_1x", {"backbone.output_stride": 16,
+                                                                   "sched.milestones_steps": [210000, 250000],
+                                                                   "trainer.max_steps": 270000}),
+    "faster_rcnn_r101_fpn_plus_coco_9x": ("faster_rcnn_r50_fpn_plus_coco_9x", {
+        "backbone.depth": 101, "pretrained_url": "resnet101-63fe2227.pth"}),
+    "faster_rcnn_r50_dc5_plus_coco_9x": ("faster_rcnn_r50_fpn_plus_coco_9x", {
+        "backbone.output_stride": 16, "task.detector.model.rpn_pre_nms_top_n_train": 12000,
+        "task.detector.model.rpn_post_nms_top_n_train": 2000}),
     "detr_r50_dc5_coco": ("detr_r50_coco", {"backbone.output_stride": 16, "data.batch_size": 1}),
     "detr_r101_coco": ("detr_r50_coco", {"backbone.depth": 101, "pretrained_url": "resnet101-63fe2227.pth"}),
     "detr_r101_dc5_coco": ("detr_r101_coco", {"backbone.output_stride": 16, "data.batch_size": 1}),
@@ -494,6 +579,11 @@ DERIVED = {
     "deformable_detr_r50_refine_coco": ("deformable_detr_r50_coco", {"task.detector.model.with_box_refine": True}),
     "deformable_detr_r50_two_stage_coco": ("deformable_detr_r50_coco", {"task.detector.model.with_box_refine": True,
                                                                         "task.detector.model.two_stage": True}),
+    # Swin Table 2(a)'s R-50 row: "the same settings" (paper Sec. 4.2) with mmdet's Sparse R-CNN ResNet
+    # (frozen_stages=1, norm_eval=True, torchvision://resnet50)
+    "sparse_rcnn_r50_coco_3x": ("swin_t_sparse_rcnn_coco_3x", {
+        "backbone.depth": 50, "backbone.frozen_stages": 1, "backbone.drop_path_rate": 0.0, "task.batch_norm": "eval",
+        "pretrained_url": "resnet50-0676ba61.pth"}),
     # setr_pup_512x512_160k_b16_ade20k.py: the PUP head (4 convs 3x3, up 2) and auxiliary heads (2 convs 3x3), lr 0.001
     "setr_pup_vit_l_ade20k": ("setr_naive_vit_l_ade20k", {
         "optim.lr": 0.001, "task.head.num_convs": 4, "task.head.kernel_size": 3, "task.head.up_scale": 2,
@@ -541,7 +631,7 @@ DERIVED = {
 }
 # Demo recipes for synthetic data on a CPU: no reference.
 DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr",
-         "quickstart_ddetr"}
+         "quickstart_ddetr", "quickstart_sparse_rcnn"}
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # keys a derived recipe must share with its parent: the optimizer, the schedule, the batch and the start
 SHARED = ("optim", "sched", "data.batch_size", "trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val")

@@ -316,6 +316,9 @@ class CascadeSpec(PyramidRCNN):
                                   nms_thresh=float(nms_thresh), detections_per_img=int(detections_per_img))
         self.class_agnostic = bool(class_agnostic)
         self.rcnn = RCNNSettings() if rcnn is None else rcnn
+        if (self.rcnn.box_loss, self.rcnn.box_loss_weight) != ("smooth_l1", 1.0):
+            raise ConfigError("task.detector.rcnn.box_loss / box_loss_weight: the cascade's stages take "
+                              "task.detector.box_loss and task.detector.box_loss_weight instead")
         self.name = "Cascade" + cls.__name__
 
     def build(self, backbone: Backbone, num_classes: int, transform: Mapping[str, Any]) -> nn.Module:
@@ -324,8 +327,7 @@ class CascadeSpec(PyramidRCNN):
         width = pyramid.out_channels
         pools = roi_pools(self.rcnn, self.masks, pyramid.level_names)
         detector = self.model(pyramid, num_classes=num_classes, **torchvision_transform(transform))
-        detector.rpn = DetectionRPN.like(detector.rpn, box_loss_beta=self.rcnn.rpn_box_loss_beta,
-                                         min_pos_iou=self.rcnn.rpn_min_pos_iou)
+        detector.rpn = DetectionRPN.like(detector.rpn, **self.rcnn.rpn_options())
         categories = num_classes - 1
         stages = [CascadeStage(self.box_head(in_channels=width), categories, self.class_agnostic)
                   for _ in self.stage_options["iou_thresholds"]]

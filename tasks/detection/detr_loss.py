@@ -14,7 +14,8 @@ so that every process's loss has the same scale.
 
 Deformable DETR's variant (:class:`FocalHungarianMatcher`, :class:`FocalSetCriterion`) changes only the class
 terms, to sigmoid focal ones over the classes without a no-object output; the matching, box terms, box count and
-auxiliary losses are these.
+auxiliary losses are these. Sparse R-CNN's set loss is that variant on ``(x1, y1, x2, y2)`` boxes relative to the
+image (the matcher's ``box_format="xyxy"``): its L1 cost and loss compare corners, not centres and sizes.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-# One image's targets: ``labels`` (int64, class indices 0..K-1) and ``boxes`` (float, cxcywh in [0, 1]).
+# One image's targets: ``labels`` (int64, class indices 0..K-1) and ``boxes`` (float, relative to the image, in
+# the matcher's ``box_format``: cxcywh for DETR, xyxy for Sparse R-CNN).
 Target = dict[str, torch.Tensor]
 # One image's matching: (prediction indices, target indices), both int64, pairwise in order.
 Match = tuple[torch.Tensor, torch.Tensor]
@@ -39,14 +41,24 @@ class HungarianMatcher(nn.Module):
     """The minimum-cost one-to-one matching of predictions and targets, image by image (``models/matcher.py``).
 
     The class term is ``-p(target class)``: the official code's approximation of the negative log-likelihood
-    (``1 - p`` without the constant).
+    (``1 - p`` without the constant). ``box_format``: how predicted and target boxes are written, relative to the
+    image: ``cxcywh`` (DETR's) or ``xyxy`` (Sparse R-CNN's); the L1 terms compare these four numbers, and the set
+    criterion built on this matcher reads the same.
     """
 
-    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
+    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0,
+                 box_format: str = "cxcywh"):
         super().__init__()
         if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
             raise ValueError("HungarianMatcher: at least one cost weight must be non-zero")
+        if box_format not in ("cxcywh", "xyxy"):
+            raise ValueError(f"HungarianMatcher: box_format is cxcywh or xyxy, not {box_format!r}")
         self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+        self.box_format = box_format
+
+    def xyxy(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes of this matcher's ``box_format`` as corners (what the GIoU reads)."""
+        return boxes if self.box_format == "xyxy" else cxcywh_to_xyxy(boxes)
 
     @torch.no_grad()
     def cost(self, logits: torch.Tensor, boxes: torch.Tensor, target: Target) -> torch.Tensor:
@@ -55,7 +67,7 @@ class HungarianMatcher(nn.Module):
         target_boxes = target["boxes"].float()
         class_cost = self.class_cost_matrix(logits.float(), target["labels"])
         bbox_cost = torch.cdist(boxes, target_boxes, p=1)
-        giou_cost = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes))
+        giou_cost = -generalized_box_iou(self.xyxy(boxes), self.xyxy(target_boxes))
         return self.bbox_cost * bbox_cost + self.class_cost * class_cost + self.giou_cost * giou_cost
 
     def class_cost_matrix(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -131,7 +143,7 @@ class SetCriterion(nn.Module):
         target_boxes = torch.cat([t["boxes"][cols.to(t["boxes"].device)] for t, (_, cols) in zip(targets, matches)])
         target_boxes = target_boxes.to(predicted)
         loss_bbox = F.l1_loss(predicted, target_boxes, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(target_boxes)))
+        giou = torch.diag(generalized_box_iou(self.matcher.xyxy(predicted), self.matcher.xyxy(target_boxes)))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_ce": self.class_weight * loss_ce, "loss_bbox": self.bbox_weight * loss_bbox,
                 "loss_giou": self.giou_weight * loss_giou}
@@ -169,8 +181,8 @@ class FocalHungarianMatcher(HungarianMatcher):
     alpha 0.25, gamma 2, hard-coded there); the box terms are DETR's. Official weights: class 2, bbox 5, giou 2."""
 
     def __init__(self, class_cost: float = 2.0, bbox_cost: float = 5.0, giou_cost: float = 2.0,
-                 alpha: float = 0.25, gamma: float = 2.0):
-        super().__init__(class_cost, bbox_cost, giou_cost)
+                 alpha: float = 0.25, gamma: float = 2.0, box_format: str = "cxcywh"):
+        super().__init__(class_cost, bbox_cost, giou_cost, box_format)
         self.alpha, self.gamma = alpha, gamma
 
     def class_cost_matrix(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

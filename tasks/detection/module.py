@@ -29,7 +29,7 @@ class DetectionTask(TaskModule):
     Args:
         num_classes: dataset categories (the detector gets one more, the background).
         detector: a detector config (``conf/task/detector/``: ``mask_rcnn``, ``faster_rcnn``, ``retinanet``,
-            ``fcos``, ``atss``, ``detr``, ``deformable_detr``; ``task/detector=<name>``), instantiated recursively into a
+            ``fcos``, ``atss``, ``detr``, ``deformable_detr``, ``sparse_rcnn``; ``task/detector=<name>``), instantiated recursively into a
             :class:`detector.DetectorSpec` whose parts (pyramid, anchor generator, heads, duplicate removal) are
             ``_target_`` objects; the task knows none of them.
         batch_norm: the backbone's BatchNorm layers: ``train`` (ordinary), ``eval`` (statistics frozen,

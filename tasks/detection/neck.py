@@ -11,6 +11,9 @@ a part of the config (``conf/task/detector/*.yaml``, ``neck.extra_block``), one 
 * FCOS (Tian et al. 2019, Sec. 3.2): the same convs on **P5** (``from_p5: true``);
 * ATSS as mmdet v2 builds it (``add_extra_convs='on_output'``, ``relu_before_extra_convs`` left False): the same
   convs on P5, with P7 on P6 itself (``from_p5: true, relu_before_p7: false``).
+
+:class:`SingleMap` is no pyramid: the one map a detector reads as the backbone gives it (detectron2's DC5 Faster
+R-CNN, ``Base-RCNN-DilatedC5.yaml``: RPN and box head on the dilated C5).
 """
 from __future__ import annotations
 
@@ -79,3 +82,20 @@ class FeaturePyramid(nn.Module):
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return self.fpn(OrderedDict(zip(self.level_names, self.body(images))))
+
+
+class SingleMap(nn.Module):
+    """No pyramid: the backbone's one output as it is, named by its level (``{"3": C5}``), ``out_channels`` its width.
+    The backbone is only called, as in :class:`FeaturePyramid`."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        object.__setattr__(self, "body", backbone)  # not a submodule: see FeaturePyramid
+        self.out_channels = backbone.feature_info.channels(0)
+
+    @property
+    def level_names(self) -> list[str]:
+        return [str(level) for level in self.body.out_indices]
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict(zip(self.level_names, self.body(images)))

@@ -51,6 +51,7 @@ class PyramidRCNN:
     neck: Callable[[Backbone], FeaturePyramid]
     masks: bool
     name: str
+    reductions: tuple[int, ...] | None = None  # the strides of those outputs; None: 4 * 2**i, a pyramid's
 
     @property
     def iou_types(self) -> tuple[str, ...]:
@@ -58,7 +59,11 @@ class PyramidRCNN:
 
     def pyramid(self, backbone: Backbone) -> FeaturePyramid:
         """The neck on ``backbone``, once its strides are found to be the pyramid's."""
-        require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
+        if self.reductions is None:
+            require_reductions(backbone, [4 * 2**i for i in self.out_indices], self.name)
+        else:
+            require_reductions(backbone, self.reductions, self.name,
+                               "build it with those (a dilated C5 at 16: backbone.output_stride=16)")
         return self.neck(backbone)
 
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
@@ -80,12 +85,16 @@ class RCNNSpec(PyramidRCNN):
         rcnn: torchvision's or mmdetection v2's R-CNN details.
         mask_head_dims: Mask R-CNN's mask head convs (four 256-channel 3x3 convs, Fig. 4 right); the last is also the
             up-sampling deconvolution's width. Only for ``MaskRCNN``.
+        reductions: the strides the backbone outputs must have (None: a pyramid's 4 * 2**i; DC5's dilated C5:
+            ``[16]``).
     """
 
     def __init__(self, model: Callable[..., FasterRCNN], out_indices: Sequence[int], neck: Callable[[Backbone], FeaturePyramid],
                  box_head: Callable[..., nn.Module], box_head_dim: int = 1024, nms: Any = None,
-                 rcnn: RCNNSettings | None = None, mask_head_dims: Sequence[int] | None = None):
+                 rcnn: RCNNSettings | None = None, mask_head_dims: Sequence[int] | None = None,
+                 reductions: Sequence[int] | None = None):
         self.model, self.out_indices, self.neck = model, tuple(int(i) for i in out_indices), neck
+        self.reductions = None if reductions is None else tuple(int(r) for r in reductions)
         self.box_head, self.box_head_dim = box_head, int(box_head_dim)
         self.nms = HardNMS() if nms is None else nms
         self.rcnn = RCNNSettings() if rcnn is None else rcnn
@@ -105,5 +114,5 @@ class RCNNSpec(PyramidRCNN):
             parts["mask_head"] = MaskRCNNHeads(width, list(self.mask_head_dims), 1)
             parts["mask_predictor"] = MaskRCNNPredictor(self.mask_head_dims[-1], self.mask_head_dims[-1], num_classes)
         detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
-        build_rcnn_heads(detector, self.rcnn, self.nms)
+        build_rcnn_heads(detector, self.rcnn, self.nms, getattr(pyramid, "rpn_levels", None))
         return detector

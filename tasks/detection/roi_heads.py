@@ -24,10 +24,14 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_loss,
 )
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, roi_align
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, generalized_box_iou_loss, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 from vtrain.tasks.detection.nms import HardNMS
+
+from vtrain.config import ConfigError
+
+BOX_LOSSES = ("smooth_l1", "giou")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,11 @@ class RCNNSettings:
             ``None``: torchvision's rule (any IoU, the anchor's own best ground truth).
         mmdet_init: mmdet v2's initialisation of the FPN (Xavier uniform convs) and the box head (Xavier uniform
             fc layers, classifier N(0, 0.01), box regressor N(0, 0.001), zero biases); otherwise torchvision's.
+        rpn_box_loss, box_loss: ``smooth_l1`` (with the betas above) on the deltas, or ``giou``: the GIoU loss of
+            the boxes the deltas give against their ground truth (detectron2's ``BBOX_REG_LOSS_TYPE``; its
+            ``mask_rcnn_R_50_FPN_1x_giou.yaml``); the same normaliser either way.
+        rpn_box_loss_weight, box_loss_weight: the factor on each (detectron2's ``BBOX_REG_LOSS_WEIGHT``: 1; its
+            GIoU config: 2 in the RPN, 10 in the box head).
     """
 
     roi_align_aligned: bool = False
@@ -56,10 +65,39 @@ class RCNNSettings:
     box_loss_beta: float = 1.0 / 9
     rpn_min_pos_iou: float | None = None
     mmdet_init: bool = False
+    rpn_box_loss: str = "smooth_l1"
+    box_loss: str = "smooth_l1"
+    rpn_box_loss_weight: float = 1.0
+    box_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("rpn_box_loss", "box_loss"):
+            if getattr(self, key) not in BOX_LOSSES:
+                raise ConfigError(f"task.detector.rcnn.{key}={getattr(self, key)!r}: use one of {', '.join(BOX_LOSSES)}")
 
     @property
     def is_torchvision(self) -> bool:
         return self == RCNNSettings()
+
+    def rpn_options(self) -> dict[str, Any]:
+        """What :class:`DetectionRPN` takes of these settings."""
+        return {"box_loss_beta": self.rpn_box_loss_beta, "min_pos_iou": self.rpn_min_pos_iou,
+                "box_loss": self.rpn_box_loss, "box_loss_weight": self.rpn_box_loss_weight}
+
+
+def box_regression_loss(deltas: Tensor, target_deltas: Tensor, box_coder: det_utils.BoxCoder, loss: str,
+                        beta: float) -> Tensor:
+    """The box loss of matched rows, summed: smooth L1 (``beta`` 0: L1) on the deltas, or the GIoU loss
+    (Rezatofighi et al., CVPR 2019; ``torchvision.ops.generalized_box_iou_loss``) of the box the deltas give against
+    the ground truth box, detectron2's ``_dense_box_regression_loss`` with ``giou``. GIoU is unchanged when both boxes
+    are moved, or scaled along either axis, so decoding both deltas against the unit box gives the GIoU of the
+    boxes decoded against their anchor or RoI (and the same clamp of the predicted width and height)."""
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(deltas, target_deltas, beta=beta, reduction="sum")
+    unit = deltas.new_tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(deltas), 4)
+    predicted = box_coder.decode_single(deltas, unit)
+    target = box_coder.decode_single(target_deltas, unit)
+    return generalized_box_iou_loss(predicted, target, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------- RoIAlign
@@ -109,11 +147,16 @@ class LowQualityMatcher(det_utils.Matcher):
 
 
 class DetectionRPN(RegionProposalNetwork):
-    """torchvision's RPN with the box loss's smooth-L1 ``beta`` (0: L1) and, optionally, mmdet's matcher."""
+    """torchvision's RPN with the box loss's smooth-L1 ``beta`` (0: L1) or GIoU (:func:`box_regression_loss`) and
+    its weight, optionally mmdet's matcher, and the maps it reads (``levels``; None: all the neck gives)."""
 
-    def __init__(self, *args: Any, box_loss_beta: float = 1.0 / 9, min_pos_iou: float | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, box_loss_beta: float = 1.0 / 9, min_pos_iou: float | None = None,
+                 box_loss: str = "smooth_l1", box_loss_weight: float = 1.0, levels: Sequence[str] | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.box_loss_beta = float(box_loss_beta)
+        self.box_loss, self.box_loss_weight = box_loss, float(box_loss_weight)
+        self.levels = None if levels is None else list(levels)
         if min_pos_iou is not None:
             matcher = self.proposal_matcher
             self.proposal_matcher = LowQualityMatcher(matcher.high_threshold, matcher.low_threshold, min_pos_iou)
@@ -126,6 +169,11 @@ class DetectionRPN(RegionProposalNetwork):
                    rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
                    rpn.nms_thresh, score_thresh=rpn.score_thresh, **options)
 
+    def forward(self, images: Any, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if self.levels is not None:  # an RPN on some of the maps (Relation Networks' C4 base: on C4 only)
+            features = {name: features[name] for name in self.levels}
+        return super().forward(images, features, targets)
+
     def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor],
                      regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
         # torchvision's, with beta: the box loss summed over positives over all sampled anchors (mmdet's
@@ -135,22 +183,25 @@ class DetectionRPN(RegionProposalNetwork):
         sampled_neg = torch.where(torch.cat(sampled_neg, dim=0))[0]
         sampled = torch.cat([sampled_pos, sampled_neg], dim=0)
         labels, regression_targets = torch.cat(labels, dim=0), torch.cat(regression_targets, dim=0)
-        box_loss = F.smooth_l1_loss(pred_bbox_deltas[sampled_pos], regression_targets[sampled_pos],
-                                    beta=self.box_loss_beta, reduction="sum") / sampled.numel()
+        box_loss = self.box_loss_weight * box_regression_loss(
+            pred_bbox_deltas[sampled_pos], regression_targets[sampled_pos], self.box_coder, self.box_loss,
+            self.box_loss_beta) / sampled.numel()
         objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
         return objectness_loss, box_loss
 
 
 # ----------------------------------------------------------------------------------------------- RoI heads
 def box_losses(class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,
-               beta: float) -> tuple[Tensor, Tensor]:
-    """torchvision's ``fastrcnn_loss`` with the smooth-L1 ``beta`` (0: L1): cross-entropy over the sampled RoIs,
-    the positives' class-specific box loss summed over all sampled RoIs (mmdet's ``avg_factor``, the same)."""
+               beta: float, box_coder: det_utils.BoxCoder | None = None, loss: str = "smooth_l1",
+               weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """torchvision's ``fastrcnn_loss`` with the smooth-L1 ``beta`` (0: L1) or GIoU and a weight
+    (:func:`box_regression_loss`): cross-entropy over the sampled RoIs, the positives' class-specific box loss summed
+    over all sampled RoIs (mmdet's ``avg_factor``, detectron2's ``box_reg_loss``: the same)."""
     classification = F.cross_entropy(class_logits, labels)
     positive = torch.where(labels > 0)[0]
     per_class = box_regression.reshape(len(box_regression), -1, 4)
-    box = F.smooth_l1_loss(per_class[positive, labels[positive]], regression_targets[positive], beta=beta,
-                           reduction="sum") / labels.numel()
+    box = weight * box_regression_loss(per_class[positive, labels[positive]], regression_targets[positive],
+                                       box_coder, loss, beta) / labels.numel()
     return classification, box
 
 
@@ -162,12 +213,15 @@ class DetectionRoIHeads(RoIHeads):
         duplicate_removal: :class:`nms.HardNMS` (``iou_threshold=None``: torchvision's ``box_nms_thresh``),
             :class:`nms.SoftNMS` or :class:`relation.LearnedNMS` (a submodule, trained with the detector).
         box_loss_beta: smooth-L1 beta of the box loss (0: L1).
+        box_loss, box_loss_weight: ``smooth_l1`` or ``giou`` (:func:`box_regression_loss`), and its factor.
     """
 
-    def __init__(self, *args: Any, duplicate_removal: Any = None, box_loss_beta: float = 1.0 / 9, **kwargs: Any):
+    def __init__(self, *args: Any, duplicate_removal: Any = None, box_loss_beta: float = 1.0 / 9,
+                 box_loss: str = "smooth_l1", box_loss_weight: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.duplicate_removal = HardNMS() if duplicate_removal is None else duplicate_removal
         self.box_loss_beta = float(box_loss_beta)
+        self.box_loss, self.box_loss_weight = box_loss, float(box_loss_weight)
 
     @classmethod
     def like(cls, heads: RoIHeads, **options: Any) -> "DetectionRoIHeads":
@@ -236,7 +290,8 @@ class DetectionRoIHeads(RoIHeads):
         regression_targets = torch.cat(self.box_coder.encode(matched_gt, sampled_rois))
         sampled_labels = torch.cat([lab[s] for lab, s in zip(labels, sampled)])
         loss_classifier, loss_box_reg = box_losses(class_logits[rows], box_regression[rows], sampled_labels,
-                                                   regression_targets, self.box_loss_beta)
+                                                   regression_targets, self.box_loss_beta, self.box_coder,
+                                                   self.box_loss, self.box_loss_weight)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
         if self.learns_duplicate_removal:
@@ -307,12 +362,14 @@ class DetectionRoIHeads(RoIHeads):
 
 
 # ----------------------------------------------------------------------------------------------- assembly
-def build_rcnn_heads(detector: nn.Module, settings: RCNNSettings, duplicate_removal: Any) -> None:
-    """Replace a torchvision Faster / Mask R-CNN's RPN and RoI heads by the classes above, in place."""
-    detector.rpn = DetectionRPN.like(detector.rpn, box_loss_beta=settings.rpn_box_loss_beta,
-                                     min_pos_iou=settings.rpn_min_pos_iou)
+def build_rcnn_heads(detector: nn.Module, settings: RCNNSettings, duplicate_removal: Any,
+                     rpn_levels: Sequence[str] | None = None) -> None:
+    """Replace a torchvision Faster / Mask R-CNN's RPN and RoI heads by the classes above, in place; the RPN reads
+    the maps ``rpn_levels`` (None: all)."""
+    detector.rpn = DetectionRPN.like(detector.rpn, levels=rpn_levels, **settings.rpn_options())
     detector.roi_heads = DetectionRoIHeads.like(detector.roi_heads, duplicate_removal=duplicate_removal,
-                                                box_loss_beta=settings.box_loss_beta)
+                                                box_loss_beta=settings.box_loss_beta, box_loss=settings.box_loss,
+                                                box_loss_weight=settings.box_loss_weight)
     if settings.mmdet_init:
         init_like_mmdet(detector)
 
@@ -334,16 +391,16 @@ def init_like_mmdet(detector: nn.Module) -> None:
 
 
 def init_fpn_like_mmdet(pyramid: nn.Module) -> None:
-    """mmdet v2's FPN initialisation (``FPN.init_cfg``): Xavier-uniform convs, zero biases."""
-    for module in pyramid.fpn.modules():
+    """mmdet v2's FPN initialisation (``FPN.init_cfg``): Xavier-uniform convs, zero biases (none without an FPN)."""
+    for module in pyramid.fpn.modules() if hasattr(pyramid, "fpn") else ():
         if isinstance(module, nn.Conv2d):
             nn.init.xavier_uniform_(module.weight)
             nn.init.zeros_(module.bias)
 
 
-def roi_pools(settings: RCNNSettings, masks: bool, levels: Sequence[str]) -> dict[str, Any]:
-    """The box (7x7) and mask (14x14) RoI pools torchvision builds by default, with the settings' RoIAlign, over the
-    pyramid's maps named ``levels``."""
+def roi_pools(settings: RCNNSettings, masks: bool, levels: Sequence[str], box_size: int = 7) -> dict[str, Any]:
+    """The box (7x7; the C4 head's 14x14) and mask (14x14) RoI pools torchvision builds by default, with the
+    settings' RoIAlign, over the pyramid's maps named ``levels``."""
     def pool(size: int) -> PyramidRoIAlign:
         return PyramidRoIAlign(list(levels), size, settings.roi_align_sampling_ratio, settings.roi_align_aligned)
-    return {"box_roi_pool": pool(7), **({"mask_roi_pool": pool(14)} if masks else {})}
+    return {"box_roi_pool": pool(box_size), **({"mask_roi_pool": pool(14)} if masks else {})}

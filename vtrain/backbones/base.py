@@ -155,13 +155,14 @@ class Backbone(WeightContract, nn.Module):
         return {p.name: cfg.get(p.name, p.default) for p in parameters}
 
 
-def require_reductions(backbone: Backbone, needed: Sequence[int], who: str) -> None:
+def require_reductions(backbone: Backbone, needed: Sequence[int], who: str,
+                       fix: str = "use a backbone without dilation (e.g. output_stride=32)") -> None:
     """One line when a backbone cannot give the strides a head is built for (a dilated "-D8" ResNet under a
     detector's pyramid)."""
     got = backbone.feature_info.reduction()
     if got != list(needed):
         raise ConfigError(f"{who} needs backbone outputs at strides {list(needed)}, {type(backbone).__name__} "
-                          f"gives {got}: use a backbone without dilation (e.g. output_stride=32)")
+                          f"gives {got}: {fix}")
 
 
 class Classifier(nn.Module):

@@ -244,7 +244,9 @@ class ResNet(Backbone):
         modules += [m for name, m in self.non_local.items() if int(name[5]) <= self.frozen_stages]
         return modules
 
-    def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``index`` (0 = C2's) with its non-local blocks on ``x``: also what the C4 detector runs its stage 5 on
+        each RoI with (``tasks/detection/c4.py``)."""
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block_index, block in enumerate(self.stages[index]):
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
@@ -257,11 +259,11 @@ class ResNet(Backbone):
         # GC blocks, NL / DNL blocks, deformable convs' offsets
         return ".se." in key or key.startswith("non_local.") or ".conv_offset." in key
 
-    def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _stage_outputs(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         outputs = []
-        for index in range(len(self.stages)):
-            x = self._run_stage(index, x)
+        for index in range(len(self.stages) if num_stages is None else num_stages):
+            x = self.run_stage(index, x)
             outputs.append(x)
         return outputs
 
@@ -269,6 +271,10 @@ class ResNet(Backbone):
         levels = self._require_out_indices()
         outputs = self._stage_outputs(x)
         return [outputs[level] for level in levels]
+
+    def forward_level(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """Output ``level`` alone, the stages past it not run (the C4 detector's trunk: its stage 5 runs on RoIs)."""
+        return self._stage_outputs(x, level + 1)[-1]
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self._stage_outputs(x)[-1].mean(dim=(2, 3))

@@ -29,7 +29,13 @@ with the device, the torch version and the settings.
 on top of the model: its training steps against a bare PyTorch loop on the same model, optimizer, schedule and
 loader (``overhead``).
 
+``python -m vtrain.tools.bench experiment=<name> bench.pipeline=true`` measures the experiment's training input
+pipeline, samples/s on one CPU core from the encoded files, against its reference pipeline with the same settings
+(timm, torchvision's detection references, mmseg, mmaction2), and PIL against ``torchvision.io.decode_image``
+(``pipeline``, ``reference_pipelines``).
+
 Modules: ``models`` (the candidates: our classifier, timm's twin, another backbone, a layer), ``device``
 (which device, its peak, peak memory), ``timing`` (warm-up and interleaved timed blocks), ``loader`` (the data
-pipeline), ``report`` (ratios, the table, JSON and CSV), ``cli`` (the flow and the command line).
+pipeline), ``report`` (ratios, the table, JSON and CSV), ``overhead`` (``--vs bare``), ``pipeline`` and
+``reference_pipelines`` (``bench.pipeline=true``), ``cli`` (the flow and the command line).
 """

@@ -87,34 +87,62 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 
 
-def overhead(argv: list[str]) -> dict[str, Any]:
-    """``--vs bare``: the ``bench.*`` arguments set the bench, the others compose the experiment (``train``)."""
+def experiment_and_bench(argv: list[str]) -> tuple[DictConfig, DictConfig, str | None, list[str]]:
+    """An experiment's bench (``--vs bare``, ``bench.pipeline=true``): the ``bench.*`` arguments set the bench, the
+    others compose the experiment (``train``; a mistyped name is one line). Returns the bench config, the experiment's
+    config, its name and its overrides."""
     from vtrain.config.compose import compose_config
-    from vtrain.tools.bench.overhead import format_overhead, run_overhead
+    from vtrain.config.names import check_command_line
 
     bench_args = [a for a in argv if a.lstrip("+~").startswith("bench.")]
     train_args = [a for a in argv if a not in bench_args]
-    settings = compose_config("bench", bench_args)
+    check_command_line("train", train_args)
     experiment = next((a.split("=", 1)[1] for a in train_args if a.startswith("experiment=")), None)
-    report = run_overhead(compose_config("train", train_args), settings.bench.overhead, experiment)
+    return compose_config("bench", bench_args), compose_config("train", train_args), experiment, train_args
+
+
+def append_jsonl(path: str, report: dict[str, Any], overrides: list[str]) -> None:
+    """The report, dated and with the experiment's overrides, as one line appended to ``path``."""
     report["date"] = datetime.datetime.now().isoformat(timespec="seconds")
-    report["overrides"] = train_args
-    print(format_overhead(report))
-    path = Path(settings.bench.overhead.jsonl)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    report["overrides"] = overrides
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, "a") as f:
         f.write(json.dumps(report) + "\n")
+
+
+def overhead(argv: list[str]) -> dict[str, Any]:
+    """``--vs bare``: vtrain's training path against a bare loop (:mod:`vtrain.tools.bench.overhead`)."""
+    from vtrain.tools.bench.overhead import format_overhead, run_overhead
+
+    settings, cfg, experiment, overrides = experiment_and_bench(argv)
+    report = run_overhead(cfg, settings.bench.overhead, experiment)
+    append_jsonl(settings.bench.overhead.jsonl, report, overrides)
+    print(format_overhead(report))
+    return report
+
+
+def pipeline(argv: list[str]) -> dict[str, Any]:
+    """``bench.pipeline=true``: the experiment's training pipeline against its reference
+    (:mod:`vtrain.tools.bench.pipeline`)."""
+    from vtrain.tools.bench.pipeline import format_pipeline, run_pipeline
+
+    settings, cfg, experiment, overrides = experiment_and_bench(argv)
+    report = run_pipeline(cfg, settings.bench, experiment)
+    append_jsonl(settings.bench.pipeline_jsonl, report, overrides)
+    print(format_pipeline(report))
     return report
 
 
 def main() -> None:
     argv = vs_to_override(sys.argv[1:])
-    if "bench.reference=bare" in argv:
+    command = overhead if "bench.reference=bare" in argv else pipeline if "bench.pipeline=true" in argv else None
+    if command is not None:
         from vtrain.config import ConfigError
         from vtrain.config.command import fail
 
         try:
-            overhead([a for a in argv if a != "bench.reference=bare"])
+            command([a for a in argv if a != "bench.reference=bare"])
         except ConfigError as e:
             fail(e)
         return

@@ -40,6 +40,7 @@ from vtrain.config import ConfigError
 from vtrain.config.validate import accumulate_grad_batches, check_values, validate
 from vtrain.data.datamodule import CountedBatch
 from vtrain.tools.bench.device import PeakMemory, synchronize
+from vtrain.tools.bench.report import quartiles
 from vtrain.training.build import build_task
 from vtrain.training.steps import training_steps
 from vtrain.training.trainer import build_trainer
@@ -139,13 +140,6 @@ def bare_block(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, ste
     return starts
 
 
-def _ratio_quartiles(ratios: list[float]) -> list[float]:
-    if len(ratios) < 2:
-        return [ratios[0], ratios[0]]
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return [q1, q3]
-
-
 def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = None) -> dict[str, Any]:
     """Time the experiment ``cfg`` (a composed ``train`` config) both ways; ``bench``: warmup, steps, repeats. The
     first block is vtrain's: its trainer gives the task its training steps, which the bare loop's schedule reads."""
@@ -185,7 +179,7 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         "steps_per_s": {name: steps / statistics.median(b) for name, b in blocks.items()},
         "step_seconds": seconds,
         "ratio": statistics.median(ratios),
-        "ratio_quartiles": _ratio_quartiles(ratios),
+        "ratio_quartiles": quartiles(ratios),
         "peak_mb": {name: peak.get(name) for name in paths},
         "profile": profile,
     }

@@ -25,17 +25,18 @@ FIGURES = {
 def compare(ours: dict[str, Any], ref: dict[str, Any], modes: list[str]) -> tuple[dict, dict]:
     """Each figure's ratio ours/reference, and for images/s the quartiles of the paired blocks' ratios."""
     ratio = {k: _ratio(ours.get(k), ref.get(k)) for k in FIGURES}
-    quartiles = {}
+    spread = {}
     for mode in modes:
         # Paired blocks (timed back to back): the median of the per-pair ratios cancels the drift of a
         # shared machine better than a ratio of medians; the quartiles say how noisy the pairs were.
         pairs = [t_ref / t_ours for t_ours, t_ref in zip(ours[f"{mode}_blocks_s"], ref[f"{mode}_blocks_s"])]
         ratio[f"{mode}_ips"] = statistics.median(pairs)
-        quartiles[f"{mode}_ips"] = _quartiles(pairs)
-    return ratio, quartiles
+        spread[f"{mode}_ips"] = quartiles(pairs)
+    return ratio, spread
 
 
-def _quartiles(values: list[float]) -> list[float]:
+def quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles (inclusive method); a single value is both."""
     if len(values) < 2:
         return [values[0], values[0]]
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")

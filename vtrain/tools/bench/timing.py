@@ -61,6 +61,18 @@ def time_block(step: Callable[[], None], iters: int, device: torch.device) -> fl
     return time.perf_counter() - start
 
 
+def interleaved_blocks(steps: list[Callable[[], None]], iters: int, repeats: int, device: torch.device
+                       ) -> list[list[float]]:
+    """Seconds of ``repeats`` blocks of ``iters`` calls of each step, the steps' blocks alternating (A B, B A, ...)
+    so that drift of a shared machine hits all of them: one list of block times per step."""
+    seconds: list[list[float]] = [[] for _ in steps]
+    for r in range(repeats):
+        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
+        for i in order:
+            seconds[i].append(time_block(steps[i], iters, device))
+    return seconds
+
+
 def _warm_step(candidate: Candidate, model: nn.Module, compiled: nn.Module, mode: str, x: torch.Tensor,
                target: torch.Tensor, optim_cfg: Mapping, device: torch.device, warmup: int
                ) -> tuple[Callable[[], None], float | None]:
@@ -112,11 +124,7 @@ def measure(candidates: list[Candidate], cfg: DictConfig, optim_cfg: Mapping, de
             step, result[f"{mode}_peak_mb"] = _warm_step(candidate, model, compiled, mode, x, target, optim_cfg,
                                                           device, cfg.warmup)
             steps.append(step)
-        seconds: list[list[float]] = [[] for _ in candidates]
-        for r in range(cfg.repeats):
-            order = range(len(candidates)) if r % 2 == 0 else reversed(range(len(candidates)))
-            for i in order:
-                seconds[i].append(time_block(steps[i], cfg.iters, device))
+        seconds = interleaved_blocks(steps, cfg.iters, cfg.repeats, device)
         for result, blocks in zip(results, seconds):
             result[f"{mode}_ips"] = b * cfg.iters / statistics.median(blocks)
             result[f"{mode}_blocks_s"] = blocks

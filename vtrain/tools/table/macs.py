@@ -13,6 +13,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from vtrain.layers.local_relation import LocalRelation2d
 from vtrain.tasks.detection.cascade import CascadeRoIHeads
+from vtrain.tasks.detection.sparse_rcnn import SparseRCNN
 from vtrain.profiling import count_macs
 
 
@@ -22,6 +23,8 @@ def task_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     detector = getattr(module, "detector", None)
     if isinstance(detector, (FasterRCNN, RetinaNet, FCOS)):
         return detector_macs(detector, tuple(input_shape)[-3:])
+    if isinstance(detector, SparseRCNN):
+        return sparse_rcnn_macs(detector, tuple(input_shape)[-3:])
     return count_macs(detector if detector is not None else module, (1, *input_shape))
 
 
@@ -56,12 +59,15 @@ def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
     device."""
     device = next(detector.parameters()).device
     with FlopCounterMode(display=False) as counter:
-        features = list(detector.backbone(torch.zeros(1, *image_shape, device=device)).values())
+        maps = detector.backbone(torch.zeros(1, *image_shape, device=device))
+        features = list(maps.values())
         if not isinstance(detector, FasterRCNN):
             detector.head(features)
             return counter.get_total_flops() // 2
-        detector.rpn.head(features)
-        heads, channels = detector.roi_heads, features[0].shape[1]
+        rpn_levels = getattr(detector.rpn, "levels", None)  # an RPN on some maps only (the C4 base: C4)
+        detector.rpn.head([maps[name] for name in rpn_levels] if rpn_levels else features)
+        heads = detector.roi_heads
+        channels = maps[heads.box_roi_pool.featmap_names[0]].shape[1]  # what the RoI pools read
         num_rois = detector.rpn._post_nms_top_n["testing"]
         if isinstance(heads, CascadeRoIHeads):  # every stage on the RoIs, every mask head on the detections
             pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
@@ -84,4 +90,20 @@ def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
         if heads.has_mask():
             masks = torch.zeros(heads.detections_per_img, channels, *heads.mask_roi_pool.output_size, device=device)
             heads.mask_predictor(heads.mask_head(masks))
+    return counter.get_total_flops() // 2
+
+
+def sparse_rcnn_macs(detector: SparseRCNN, image_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of Sparse R-CNN on one test image of ``image_shape`` (C, H, W), counted as
+    :func:`detector_macs` counts (RoIAlign and box decoding are not): the backbone and FPN on the image, every stage
+    on its ``num_proposals`` pooled RoIs. Works on the meta device (where RoIAlign's routing of boxes to levels
+    cannot run)."""
+    device = next(detector.parameters()).device
+    channels, size = detector.neck.out_channels, detector.pooler.output_size
+    with FlopCounterMode(display=False) as counter:
+        detector.neck(torch.zeros(1, *image_shape, device=device))
+        rois = torch.zeros(detector.num_proposals, size[0] * size[1], channels, device=device)
+        proposal_features = torch.zeros(1, detector.num_proposals, channels, device=device)
+        for stage in detector.stages:
+            stage.predict(rois, proposal_features)
     return counter.get_total_flops() // 2
