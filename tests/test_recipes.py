@@ -333,6 +333,47 @@ REFERENCES = {
                 "trainer.sync_batchnorm": True, "task.aux_head": None, "data.crop_size": [512, 512],
                 "task.head.out_indices": [0, 1, 2, 3], "task.head.channels": 720, "task.head.num_convs": 1,
                 "task.head.kernel_size": 1, "task.head.concat_input": False, "task.head.dropout": 0.0}),
+    # SETR: mmseg 0.x _base_/models/setr_naive.py (ViT-L out_indices (9, 14, 19, 23), final_norm False, bilinear
+    # position table; SETRUPHead 256 ch, 1 conv 1x1, up 4; 3 auxiliary heads, 2 convs, 0.4 each), the ADE20K config's
+    # drop_rate 0 and SGD lr 0.01, weight decay 0, custom_keys {'head': lr_mult 10}; schedule_160k poly
+    "setr_naive_vit_l_ade20k": Reference(
+        source="mmsegmentation 0.x configs/setr/setr_naive_512x512_160k_b16_ade20k.py, _base_/models/setr_naive.py, "
+               "_base_/schedules/schedule_160k.py, _base_/datasets/ade20k.py",
+        batch=16, update_interval=(8, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 160000), points=(0, 1, 80000, 159999),
+        params={"backbone.blocks.0.attn.qkv.weight": (0.01, 0.0), "backbone.pos_embed": (0.01, 0.0),
+                "head.up_convs.0.0.0.weight": (0.1, 0.0), "head.classifier.bias": (0.1, 0.0),
+                "aux_heads.2.norm.weight": (0.1, 0.0)},
+        pretrained="jx_vit_large_p16_384-b3be5167.pth",
+        values={"backbone.embed_dim": 1024, "backbone.depth": 24, "backbone.img_size": 512,
+                "backbone.block_indices": [9, 14, 19, 23], "backbone.final_norm": False,
+                "backbone.with_cls_token": True, "backbone.pos_embed_interpolation": "bilinear",
+                "backbone.drop_path_rate": 0.0, "backbone.pos_drop_rate": 0.0, "trainer.max_steps": 160000,
+                "trainer.val_check_interval": 16000, "trainer.precision": "32-true", "trainer.sync_batchnorm": True,
+                "task.aux_head": None, "task.aux_weight": 0.4, "task.head.out_indices": 3, "task.head.channels": 256,
+                "task.head.num_convs": 1, "task.head.kernel_size": 1, "task.head.up_scale": 4, "task.head.dropout": 0.0,
+                "task.aux_heads": [{"_target_": "vtrain.tasks.segmentation.heads.SETRUpHead", "out_indices": i,
+                                    "channels": 256, "num_convs": 2, "kernel_size": 1, "up_scale": 4, "dropout": 0.0}
+                                   for i in range(3)],
+                "data.crop_size": [512, 512], "task.inference.mode": "slide", "task.inference.crop_size": [512, 512],
+                "task.inference.stride": [341, 341]}),
+    # setr_vit-large_pup_8x1_768x768_80k_cityscapes.py: the PUP model at 768 with its three auxiliary heads (2 convs
+    # 3x3, up 4), schedule_80k's lr 0.01, weight decay 0, heads x10, 8 GPUs x 1 image, slide 768 / 512
+    "setr_pup_vit_l_cityscapes": Reference(
+        source="mmsegmentation 0.x configs/setr/setr_vit-large_pup_8x1_768x768_80k_cityscapes.py, "
+               "_base_/models/setr_pup.py, _base_/schedules/schedule_80k.py, _base_/datasets/cityscapes_768x768.py",
+        batch=8, update_interval=(8, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 80000), points=(0, 1, 40000, 79999),
+        params={"backbone.blocks.23.mlp.fc2.weight": (0.01, 0.0), "head.up_convs.3.0.1.bias": (0.1, 0.0),
+                "aux_heads.0.up_convs.1.0.0.weight": (0.1, 0.0)},
+        pretrained="jx_vit_large_p16_384-b3be5167.pth",
+        values={"backbone.img_size": 768, "backbone.block_indices": [9, 14, 19, 23], "backbone.final_norm": False,
+                "backbone.drop_path_rate": 0.0, "data.num_classes": 19, "task.head.num_convs": 4,
+                "task.head.kernel_size": 3, "task.head.up_scale": 2, "task.head.channels": 256,
+                "task.aux_heads": [{"_target_": "vtrain.tasks.segmentation.heads.SETRUpHead", "out_indices": i,
+                                    "channels": 256, "num_convs": 2, "kernel_size": 3, "up_scale": 4, "dropout": 0.0}
+                                   for i in range(3)],
+                "trainer.max_steps": 80000, "trainer.val_check_interval": 8000, "data.img_scale": [2049, 1025],
+                "data.ratio_range": [0.5, 2.0], "data.crop_size": [768, 768], "task.inference.mode": "slide",
+                "task.inference.crop_size": [768, 768], "task.inference.stride": [512, 512]}),
     "swin_t_upernet_ade20k": Reference(
         source="Swin-Transformer-Semantic-Segmentation configs/swin/upernet_swin_tiny_patch4_window7_512x512_160k_ade20k.py",
         batch=16, update_interval=(8, 1), schedule=mmcv_poly(6e-5, 1.0, 0.0, 160000, warmup=1500, ratio=1e-6),
@@ -543,6 +584,19 @@ DERIVED = {
     "sparse_rcnn_r50_coco_3x": ("swin_t_sparse_rcnn_coco_3x", {
         "backbone.depth": 50, "backbone.frozen_stages": 1, "backbone.drop_path_rate": 0.0, "task.batch_norm": "eval",
         "pretrained_url": "resnet50-0676ba61.pth"}),
+    # setr_pup_512x512_160k_b16_ade20k.py: the PUP head (4 convs 3x3, up 2) and auxiliary heads (2 convs 3x3), lr 0.001
+    "setr_pup_vit_l_ade20k": ("setr_naive_vit_l_ade20k", {
+        "optim.lr": 0.001, "task.head.num_convs": 4, "task.head.kernel_size": 3, "task.head.up_scale": 2,
+        "task.aux_heads": [{"_target_": "vtrain.tasks.segmentation.heads.SETRUpHead", "out_indices": i, "channels": 256,
+                            "num_convs": 2, "kernel_size": 3, "up_scale": 4, "dropout": 0.0} for i in range(3)]}),
+    # setr_mla_512x512_160k_b16_ade20k.py (b8 with 2 images per GPU): blocks (5, 11, 17, 23) without the class token,
+    # MLANeck 256, SETRMLAHead 128 per level, 4 auxiliary FCN heads without convs on the neck's outputs, lr 0.001
+    "setr_mla_vit_l_ade20k": ("setr_naive_vit_l_ade20k", {
+        "optim.lr": 0.001, "backbone.block_indices": [5, 11, 17, 23], "backbone.with_cls_token": False,
+        "task.neck.channels": 256, "task.head.channels": 128, "task.head.up_scale": 4,
+        "task.head.out_indices": [0, 1, 2, 3],
+        "task.aux_heads": [{"_target_": "vtrain.tasks.segmentation.heads.FCNHead", "out_indices": i, "channels": 256,
+                            "num_convs": 0, "concat_input": False, "dropout": 0.0} for i in range(4)]}),
     "nl_r50_ade20k": ("r50_ade20k", {"task.head.context.reduction": 2}),
     "gcnet_r50_ade20k": ("r50_ade20k", {"task.head.context.ratio": 0.25}),
     "dnl_r50_ade20k": ("r50_ade20k", {"task.head.context.temperature": 0.05}),

@@ -10,6 +10,10 @@ comparable with theirs:
   ``context`` block between its two convs it is mmseg's ``NLHead`` / ``GCHead`` / ``DNLHead``, the heads
   with which the GCNet and DNL papers report their segmentation results; with one conv and no
   concatenation it is the auxiliary head on stage 3 (loss weight 0.4, PSPNet's deep supervision).
+* ``SETRUpHead``, ``SETRMLAHead`` with the ``MLANeck``: SETR's decoders (Zheng et al., CVPR 2021, Sec. 3.3, Fig. 1(b)
+  and (c)) on a ViT's block outputs, as mmseg 0.x's ``SETRUPHead`` (naive: one conv and a 4x up-sampling; PUP:
+  four conv + 2x up-sampling steps), ``SETRMLAHead`` and ``MLANeck``. The neck feeds the decode and the auxiliary
+  heads alike, so it is the task's (``task.neck``), as in mmseg's ``EncoderDecoder``.
 
 Every head names in ``out_indices`` the backbone levels it reads (0..3: strides 4..32; mmseg's name), a config
 value the task reads before it builds the backbone with those levels (:func:`head_out_indices`). The task then
@@ -22,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
@@ -48,7 +53,8 @@ def head_out_indices(head: Mapping) -> tuple[int, ...]:
     """The backbone levels a head config reads (its ``out_indices``), known before anything is built."""
     if not isinstance(head, Mapping):
         raise ConfigError(f"a decode head is a config, not {head!r}: pick one with task/head=<name> "
-                          "(upernet, fcn, nl, gc, dnl, fcn_hr48: the files of conf/task/head/)")
+                          "(upernet, fcn, nl, gc, dnl, fcn_hr48, setr_naive, setr_pup, setr_mla: the files of "
+                          "conf/task/head/)")
     if head.get("out_indices") is None:
         raise ConfigError(f"head {head.get('_target_')} has no out_indices: name the backbone levels it reads "
                           "(0..3 = strides 4..32), e.g. out_indices: [0, 1, 2, 3]")
@@ -138,7 +144,8 @@ class FCNHead(DecodeHead):
             each resized (bilinear) to the first one's size and concatenated: mmseg's
             ``input_transform="resize_concat"``, HRNetV2's representation (HRNet paper Fig. 4(b); ``fcn_hr48``).
         channels: conv width (512 decode, 256 auxiliary).
-        num_convs: 3x3 convs before the concatenation (2 decode, 1 auxiliary).
+        num_convs: 3x3 convs before the concatenation (2 decode, 1 auxiliary; 0: the classifier alone, on
+            ``channels`` = the input's, SETR-MLA's auxiliary heads).
         concat_input: concatenate the input to the conv output and fuse with one more 3x3 conv.
         dropout: before the classifier.
         context: a callable ``channels -> nn.Module`` (a ``_partial_`` config of a ``vtrain.layers`` block),
@@ -159,10 +166,13 @@ class FCNHead(DecodeHead):
         context: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__(channels, num_classes, dropout)
-        if num_convs < 1 or (context is not None and num_convs < 2):
-            raise ValueError(f"FCNHead needs num_convs >= {2 if context else 1} (got {num_convs})")
+        if num_convs < 0 or (context is not None and num_convs < 2):
+            raise ValueError(f"FCNHead needs num_convs >= {2 if context else 0} (got {num_convs})")
         self.out_indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
         source = sum(in_channels[level] for level in self.out_indices)
+        if num_convs == 0 and (channels != source or concat_input):
+            raise ValueError(f"FCNHead with num_convs=0 classifies its input: channels={channels} must be the input's "
+                             f"{source}, and concat_input false")
         self.convs = nn.ModuleList(
             ConvBNReLU(source if i == 0 else channels, channels, kernel_size, dilation) for i in range(num_convs)
         )
@@ -173,7 +183,7 @@ class FCNHead(DecodeHead):
         x = features[self.out_indices[0]]
         if len(self.out_indices) > 1:
             x = torch.cat([x] + [resize(features[level], x.shape[2:]) for level in self.out_indices[1:]], dim=1)
-        out = self.convs[0](x)
+        out = self.convs[0](x) if len(self.convs) else x
         if self.context is not None:
             out = self.context(out)
         for conv in self.convs[1:]:
@@ -181,3 +191,130 @@ class FCNHead(DecodeHead):
         if self.conv_cat is not None:
             out = self.conv_cat(torch.cat([x, out], dim=1))
         return self.classify(out)
+
+
+def upsample(scale: int) -> nn.Upsample:
+    """mmseg's ``Upsample`` of the SETR heads: bilinear, ``align_corners=False`` (their configs)."""
+    return nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
+
+
+class SETRUpHead(DecodeHead):
+    """SETR-Naive / SETR-PUP (Sec. 3.3): one backbone level (a ViT block's tokens), LayerNorm (eps 1e-6), then
+    ``num_convs`` x (conv -> BN -> ReLU -> ``up_scale``x bilinear up-sampling), then the classifier (mmseg 0.x
+    ``SETRUPHead``; its auxiliary heads are the same head on other blocks).
+
+    Naive: ``num_convs=1, kernel_size=1, up_scale=4`` (the paper's 1x1 conv + BN + ReLU + 1x1 classifier, the
+    rest of the way bilinear); PUP: ``num_convs=4, kernel_size=3, up_scale=2`` (four 2x steps, stride 16 -> 1).
+
+    Args:
+        in_channels: channels of the backbone outputs, by level.
+        num_classes: classifier outputs.
+        out_indices: the level it reads (3: block 23 of ViT-L in SETR's configs; 0..2 the auxiliary heads).
+        channels: conv width (256 in mmseg's SETR configs).
+        num_convs, kernel_size, up_scale: as above.
+        dropout: before the classifier (0 in every SETR config).
+    """
+
+    def __init__(self, in_channels: Mapping[int, int], num_classes: int, out_indices: int, channels: int = 256,
+                 num_convs: int = 1, kernel_size: int = 1, up_scale: int = 4, dropout: float = 0.0):
+        super().__init__(channels, num_classes, dropout)
+        if not isinstance(out_indices, int):
+            raise ConfigError(f"SETRUpHead reads one backbone level: out_indices={out_indices!r}, give one of 0..3")
+        self.out_indices = (out_indices,)
+        source = in_channels[out_indices]
+        self.norm = LayerNorm2d(source, eps=1e-6)
+        self.up_convs = nn.ModuleList(
+            nn.Sequential(ConvBNReLU(source if i == 0 else channels, channels, kernel_size), upsample(up_scale))
+            for i in range(num_convs)
+        )
+
+    def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        x = self.norm(features[self.out_indices[0]])
+        for up_conv in self.up_convs:
+            x = up_conv(x)
+        return self.classify(x)
+
+
+class MLANeck(nn.Module):
+    """SETR's multi-level feature aggregation, its first half (Sec. 3.3, Fig. 1(c); mmseg 0.x ``MLANeck``):
+    each level LayerNorm (eps 1e-6) and a 1x1 conv to ``channels``, summed top-down (the deepest level alone,
+    then each shallower one added to the running sum), each sum through a 3x3 conv. All levels are at one stride
+    (a ViT's patch grid). Convs are conv -> BN -> ReLU (mmseg's SETR-MLA config: SyncBN, ReLU).
+
+    The outputs keep mmseg's order, which runs deepest first: output ``out_indices[0]`` is the 3x3 conv of the
+    deepest level's projection alone, output ``out_indices[-1]`` that of the sum of all (mmseg's ``MLAModule``
+    zips the deepest-first sums with its convs in order); the decode and auxiliary heads read them so.
+
+    Args:
+        in_channels: channels of the backbone outputs, by level.
+        out_indices: the backbone levels it reads, shallowest first; its outputs carry the same indices.
+        channels: width of every conv (256).
+    """
+
+    def __init__(self, in_channels: Mapping[int, int], out_indices: Sequence[int] = (0, 1, 2, 3), channels: int = 256):
+        super().__init__()
+        self.out_indices = tuple(out_indices)
+        self.norm = nn.ModuleList(LayerNorm2d(in_channels[level], eps=1e-6) for level in self.out_indices)
+        self.channel_proj = nn.ModuleList(ConvBNReLU(in_channels[level], channels, 1) for level in self.out_indices)
+        self.feat_extract = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in self.out_indices)
+        self.out_channels = {level: channels for level in self.out_indices}
+
+    def forward(self, features: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        projected = [proj(norm(features[level]))
+                     for level, norm, proj in zip(self.out_indices, self.norm, self.channel_proj)]
+        sums = [projected[-1]]
+        for x in reversed(projected[:-1]):
+            sums.append(resize(sums[-1], x.shape[2:]) + x)  # one size on a ViT; a pyramid's levels resized (FPN)
+        return {level: conv(x) for level, conv, x in zip(self.out_indices, self.feat_extract, sums)}
+
+
+class SETRMLAHead(DecodeHead):
+    """SETR-MLA's second half (Sec. 3.3, Fig. 1(c); mmseg 0.x ``SETRMLAHead``): on each neck output two 3x3
+    conv -> BN -> ReLU and a 4x bilinear up-sampling, the levels concatenated, the classifier.
+
+    Args:
+        in_channels: channels of the neck outputs, by level.
+        num_classes: classifier outputs.
+        out_indices: the levels it reads (0, 1, 2, 3).
+        channels: width per level (128, mmseg's ``mla_channels``); the classifier sees ``len(out_indices) x channels``.
+        up_scale: the up-sampling of each level (4).
+        dropout: before the classifier (0 in the SETR configs).
+    """
+
+    def __init__(self, in_channels: Mapping[int, int], num_classes: int, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 channels: int = 128, up_scale: int = 4, dropout: float = 0.0):
+        super().__init__(len(out_indices) * channels, num_classes, dropout)
+        self.out_indices = tuple(out_indices)
+        self.up_convs = nn.ModuleList(
+            nn.Sequential(ConvBNReLU(in_channels[level], channels, 3), ConvBNReLU(channels, channels, 3),
+                          upsample(up_scale))
+            for level in self.out_indices
+        )
+
+    def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        levels = [up_conv(features[level]) for level, up_conv in zip(self.out_indices, self.up_convs)]
+        # one size on a ViT; a pyramid's levels are resized to the largest (the first) before the concatenation
+        return self.classify(torch.cat([resize(x, levels[0].shape[2:]) for x in levels], dim=1))
+
+
+# mmseg segmentor keys -> this task's: its decode head, auxiliary head (a list of them: ``aux_heads``) and neck; a
+# ConvModule's ``conv`` / ``bn``
+# are torchvision's Conv2dNormActivation ``0`` / ``1``, ``conv_seg`` the classifier, MLANeck's ``mla`` module is the
+# neck itself. The backbone's keys are its ``checkpoint_filter``'s.
+MMSEG_PARTS = {"decode_head": "head", "auxiliary_head": "aux_head", "neck": "neck"}
+MMSEG_NAMES = {"conv": "0", "bn": "1", "conv_seg": "classifier"}
+
+
+def keys_of_mmseg_segmentor(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An mmseg segmentor's head, auxiliary-head and neck tensors under this task's keys (SETR's heads and neck,
+    the FCN-style heads; the UperNet names differ); other keys (the backbone's) are left out."""
+    converted = {}
+    for key, value in state_dict.items():
+        part, *rest = key.split(".")
+        if part not in MMSEG_PARTS:
+            continue
+        if part == "neck" and rest[:1] == ["mla"]:
+            rest = rest[1:]
+        name = "aux_heads" if part == "auxiliary_head" and rest[0].isdigit() else MMSEG_PARTS[part]
+        converted[".".join([name, *(MMSEG_NAMES.get(n, n) for n in rest)])] = value
+    return converted

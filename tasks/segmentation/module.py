@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-from vtrain.tasks.segmentation.heads import head_out_indices
+from vtrain.tasks.segmentation.heads import head_out_indices, keys_of_mmseg_segmentor
 from vtrain.tasks.segmentation.inference import predict
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
 
 from vtrain.config import ConfigError
 from vtrain.data.datamodule import DatasetInfo
 from vtrain.inference.visualize import draw_segmentation, to_uint8_image
+from vtrain.training.checkpoint import load_matching, read_checkpoint, split_reference, unwrap_state_dict
 from vtrain.training.module import PredictOptions, TaskModule
 
 
@@ -34,7 +35,11 @@ class SegmentationTask(TaskModule):
         head: config of the decode head (``conf/task/head/*.yaml``); it gets ``in_channels`` (the backbone's,
             by level) and ``num_classes``.
         aux_head: config of the auxiliary head (same arguments), or None.
-        aux_weight: its loss weight (0.4).
+        aux_heads: configs of more auxiliary heads (SETR's, one per backbone level; their keys ``aux_heads.<i>.*``).
+        aux_weight: the loss weight of each auxiliary head (0.4).
+        neck: config of a module between the backbone and every head (SETR-MLA's ``MLANeck``), or None: it is
+            built with the backbone's ``in_channels`` and names the levels it reads in ``out_indices``; the heads
+            then read its outputs (keyed by the same levels, channels from its ``out_channels``).
         ignore_index: label of pixels that count neither in the loss nor in the metric.
         avg_non_ignore: divide the loss by the labelled pixels (True) or by all pixels, ignored ones
             counting zero (False, mmseg's default ``avg_non_ignore=False``, with which the papers trained).
@@ -53,6 +58,7 @@ class SegmentationTask(TaskModule):
         num_classes: int,
         head: Mapping[str, Any],
         aux_head: Mapping[str, Any] | None = None,
+        aux_heads: Sequence[Mapping[str, Any]] = (),
         aux_weight: float = 0.4,
         ignore_index: int = 255,
         avg_non_ignore: bool = False,
@@ -60,16 +66,23 @@ class SegmentationTask(TaskModule):
         inference: Mapping[str, Any] | None = None,
         monitor: str = "val/mIoU",
         monitor_mode: str = "max",
+        neck: Mapping[str, Any] | None = None,
     ):
         super().__init__(optim, sched, monitor, monitor_mode)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.aux_weight, self.avg_non_ignore, self.size_divisor = aux_weight, avg_non_ignore, size_divisor
         self.inference_cfg = dict(inference or {})
-        levels = {level for cfg in (head, aux_head) if cfg for level in head_out_indices(cfg)}
+        readers = [neck] if neck else [head, *([aux_head] if aux_head else []), *aux_heads]
+        levels = {level for cfg in readers for level in head_out_indices(cfg)}
         self.backbone = instantiate(backbone, out_indices=sorted(levels))
         channels = dict(zip(self.backbone.feature_info.out_indices(), self.backbone.feature_info.channels()))
+        self.neck = instantiate(neck, in_channels=channels) if neck else None
+        if self.neck is not None:
+            channels = dict(self.neck.out_channels)
         self.head = instantiate(head, in_channels=channels, num_classes=num_classes)
         self.aux_head = instantiate(aux_head, in_channels=channels, num_classes=num_classes) if aux_head else None
+        self.aux_heads = nn.ModuleList(instantiate(cfg, in_channels=channels, num_classes=num_classes)
+                                       for cfg in aux_heads)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
 
     def use_dataset(self, info: DatasetInfo) -> None:
@@ -84,8 +97,10 @@ class SegmentationTask(TaskModule):
         return self._logits(images)[0]
 
     def _logits(self, images: torch.Tensor, with_aux: bool = False) -> list[torch.Tensor]:
-        heads = [self.head, self.aux_head] if with_aux and self.aux_head is not None else [self.head]
-        return encode(self.backbone, heads, images, self.size_divisor)
+        """The decode head's logits, then (``with_aux``) each auxiliary head's."""
+        aux = ([self.aux_head] if self.aux_head is not None else []) + list(self.aux_heads)
+        heads = [self.head, *aux] if with_aux else [self.head]
+        return encode(self.backbone, heads, images, self.size_divisor, neck=self.neck)
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none")
@@ -96,8 +111,8 @@ class SegmentationTask(TaskModule):
     def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self._logits(images, with_aux=True)
         losses = {"decode": self.cross_entropy(outputs[0], labels)}
-        if len(outputs) > 1:
-            losses["aux"] = self.aux_weight * self.cross_entropy(outputs[1], labels)
+        if len(outputs) > 1:  # mmseg: each auxiliary head's loss times its loss_weight (0.4)
+            losses["aux"] = self.aux_weight * sum(self.cross_entropy(logits, labels) for logits in outputs[1:])
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -115,6 +130,20 @@ class SegmentationTask(TaskModule):
             crop_size=tuple(cfg.get("crop_size", (512, 512))),
             stride=tuple(cfg.get("stride", (341, 341))),
         )
+
+    def load_pretrained(self, path: str, strict: bool = True) -> None:
+        """Backbone weights (``TaskModule``), or a whole mmseg segmentor release (``state_dict`` with
+        ``decode_head.*``: mmseg's SETR models) into the backbone, neck and heads, every tensor required
+        (``strict``)."""
+        obj = read_checkpoint(path)  # read once: a ViT-L file is over 1 GB
+        state_dict = unwrap_state_dict(obj)
+        if not any(key.startswith("decode_head.") for key in state_dict):
+            load_matching(self.backbone, split_reference(self.backbone, obj)[0], str(path), "backbone", strict=strict)
+            return
+        backbone, _ = self.backbone.checkpoint_filter(
+            {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")})
+        converted = {**{f"backbone.{k}": v for k, v in backbone.items()}, **keys_of_mmseg_segmentor(state_dict)}
+        load_matching(self, converted, str(path), "segmenter", strict=strict)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -194,11 +223,11 @@ class SegmentationTask(TaskModule):
         return torch.randn(batch, 3, *(size or tuple(self.run_config["data"]["crop_size"])))
 
     def export_module(self) -> nn.Module:
-        return Segmenter(self.backbone, self.head, self.size_divisor).eval()
+        return Segmenter(self.backbone, self.head, self.size_divisor, self.neck).eval()
 
 
 def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor, size_divisor: int,
-           any_size: bool = False) -> list[torch.Tensor]:
+           any_size: bool = False, neck: nn.Module | None = None) -> list[torch.Tensor]:
     """Each head's logits at the input's size: the input zero-padded to a multiple of ``size_divisor``, the logits
     resized (bilinear) to the padded size and cropped back (mmseg ``encode_decode``). ``any_size``: written so that
     an export of it takes any height and width (the crop copied, not a view)."""
@@ -208,6 +237,8 @@ def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor
     # skip the copy when there is nothing to pad
     x = F.pad(images, (0, pad_w, 0, pad_h)) if any_size or pad_h or pad_w else images
     features = dict(zip(backbone.out_indices, backbone(x)))
+    if neck is not None:
+        features = neck(features)
     logits = [F.interpolate(head(features), size=x.shape[-2:], mode="bilinear", align_corners=False) for head in heads]
     if not any_size:
         return [y[..., :h, :w] for y in logits]
@@ -221,9 +252,9 @@ class Segmenter(nn.Module):
     """The evaluation model alone (what export writes): a normalised (N, 3, H, W) batch -> (N, classes, H, W) logits
     (:meth:`SegmentationTask.forward`; the test-time resize and softmax are the caller's)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, size_divisor: int):
+    def __init__(self, backbone: nn.Module, head: nn.Module, size_divisor: int, neck: nn.Module | None = None):
         super().__init__()
-        self.backbone, self.head, self.size_divisor = backbone, head, size_divisor
+        self.backbone, self.head, self.size_divisor, self.neck = backbone, head, size_divisor, neck
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return encode(self.backbone, [self.head], images, self.size_divisor, any_size=True)[0]
+        return encode(self.backbone, [self.head], images, self.size_divisor, any_size=True, neck=self.neck)[0]

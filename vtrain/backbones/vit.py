@@ -16,6 +16,12 @@ representation layer (D x D + D) and no classifier, which gives B/16 86.39M, H/1
 632.40M and, for ViT-L, 306.56M only with 32x32 patches (L/16 gives 304.35M): the
 ViT-L row matches the /32 model (``tests/test_backbones.py``). ViT-S is not in that paper (DeiT
 Table 1: 22M / 4.6G).
+
+SETR (Zheng et al., CVPR 2021, Sec. 3.2-3.3) reads its heads' maps from inside the encoder instead:
+``block_indices`` names one block per output level, whose tokens (no pyramid, all at the patch stride) are the
+level's map, as mmseg's ``VisionTransformer(out_indices=(9, 14, 19, 23))``; its SETR configs also run without the
+final norm (``final_norm=False``), MLA without the class token in the encoder (``with_cls_token=False``), and resize
+the position table bilinearly (``pos_embed_interpolation="bilinear"``).
 """
 from __future__ import annotations
 
@@ -75,6 +81,12 @@ class VisionTransformer(Backbone):
     Dropout (none in DeiT's recipe): ``pos_drop_rate`` on the tokens after the position table is added,
     ``proj_drop_rate`` after each block's attention projection and MLP layers (timm's names). DeiT's ``--drop``
     (timm 0.3's ``drop_rate``, its dropout ablation, DeiT Table 8) set both.
+
+    SETR's options (mmseg's ``VisionTransformer``): ``block_indices``, one block per output level, whose patch tokens
+    are that level's map at the patch stride (no pyramid; blocks past the deepest one read are not built);
+    ``final_norm=False`` leaves the last block's tokens unnormalised (no final norm is built); ``with_cls_token=False``
+    drops the class token before the encoder; ``pos_embed_interpolation`` resizes the position table ``bicubic``
+    (timm, DeiT) or ``bilinear`` (mmseg).
     """
 
     def __init__(
@@ -88,6 +100,10 @@ class VisionTransformer(Backbone):
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         out_indices: Sequence[int] | None = None,
+        block_indices: Sequence[int] | None = None,
+        final_norm: bool = True,
+        with_cls_token: bool = True,
+        pos_embed_interpolation: str = "bicubic",
     ):
         super().__init__()
         vit = TimmVisionTransformer(
@@ -104,7 +120,7 @@ class VisionTransformer(Backbone):
             # nothing to initialise on the meta device (shape-only builds: counting, benches)
             weight_init="skip" if torch.get_default_device().type == "meta" else "",
         )
-        self.patch_size = patch_size
+        self.patch_size, self.depth = patch_size, depth
         self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed
         self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
         self.pos_drop = vit.pos_drop
@@ -112,6 +128,13 @@ class VisionTransformer(Backbone):
             if isinstance(module, Attention):
                 module.fused_attn = True
         self.num_features = embed_dim
+        self.with_cls_token, self.pos_embed_interpolation = with_cls_token, pos_embed_interpolation
+        if not final_norm:
+            self.norm = nn.Identity()  # mmseg ViT final_norm=False: the last block's tokens as they come
+        self.block_indices = tuple(block_indices) if block_indices is not None else None
+        if self.block_indices is not None:
+            self._set_block_outputs(out_indices, embed_dim, depth)
+            return
         # the patch grid is the stride-16 level for /16 models; other patch sizes shift the pyramid
         if out_indices is not None and patch_size % 4:
             raise ConfigError(f"feature maps of {patch_size}x{patch_size} patches would sit at strides "
@@ -122,21 +145,65 @@ class VisionTransformer(Backbone):
         if self.out_indices is not None:
             self.pyramid = SimpleFeaturePyramid(embed_dim, self.out_indices)
 
+    def _set_block_outputs(self, out_indices: Sequence[int] | None, embed_dim: int, depth: int) -> None:
+        """Output level ``i`` is block ``block_indices[i]``'s tokens at the patch stride (SETR); blocks past the
+        deepest one read are not built (nothing without a gradient)."""
+        if out_indices is None:
+            raise ConfigError("block_indices gives feature maps: build the backbone with out_indices (a segmentation "
+                              "head's), or set block_indices=null for a classifier")
+        if len(self.block_indices) != 4 or any(not 0 <= b < depth for b in self.block_indices):
+            raise ConfigError(f"block_indices={list(self.block_indices)}: name one block (0..{depth - 1}) for each of "
+                              "the four output levels, e.g. [9, 14, 19, 23] for ViT-L (SETR)")
+        stride = self.patch_size
+        self._set_out_indices(out_indices, (embed_dim,) * 4, (stride,) * 4)
+        built = max(self.block_indices[level] for level in self.out_indices) + 1
+        if built < depth:  # the final norm follows the encoder's last block only (mmseg), which is not built
+            self.blocks, self.norm = self.blocks[:built], nn.Identity()
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1 + H*W, C) tokens after the final norm; the patch grid comes out NHWC."""
+    def _embedded(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + H*W, C): the class token and the patches with the position table added."""
         patches = self.patch_embed(x)  # (N, H, W, C) with dynamic_img_size
         n, h, w, c = patches.shape
-        pos_embed = resample_abs_pos_embed(
-            self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size, num_prefix_tokens=1
-        )
+        pos_embed = self._resized_pos_embed(self.pos_embed, (h, w), self.patch_embed.grid_size)
         tokens = torch.cat([self.cls_token.expand(n, -1, -1), patches.reshape(n, h * w, c)], dim=1)
-        tokens = self.pos_drop(tokens + pos_embed)
+        return self.pos_drop(tokens + pos_embed)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + H*W, C) tokens after the final norm."""
+        tokens = self._embedded(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
             return self.norm(checkpoint_seq(self.blocks, tokens))
         return self.norm(self.blocks(tokens))
+
+    def _resized_pos_embed(self, pos_embed: torch.Tensor, new_size: Sequence[int], old_size: Sequence[int],
+                           antialias: bool = True) -> torch.Tensor:
+        """The position table on another patch grid: timm's bicubic, or mmseg's ``resize_pos_embed`` (bilinear,
+        align_corners False, no antialias; SETR's ``interpolate_mode="bilinear"``)."""
+        bilinear = self.pos_embed_interpolation == "bilinear"
+        return resample_abs_pos_embed(pos_embed, new_size=tuple(new_size), old_size=tuple(old_size) if old_size else None, num_prefix_tokens=1,
+                                      interpolation=self.pos_embed_interpolation, antialias=antialias and not bilinear)
+
+    def _block_maps(self, tokens: torch.Tensor, h: int, w: int) -> list[torch.Tensor]:
+        """mmseg ``VisionTransformer.forward``: the class token leaves before the encoder when ``with_cls_token`` is
+        false, the final norm (if any) follows the last block, each output is a block's patch tokens as NCHW."""
+        if not self.with_cls_token:
+            tokens = tokens[:, 1:]
+        wanted = {self.block_indices[level]: level for level in self.out_indices}
+        maps = {}
+        for index, block in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens)
+            if index == len(self.blocks) - 1:
+                tokens = self.norm(tokens)
+            if index in wanted:
+                patches = tokens[:, 1:] if self.with_cls_token else tokens
+                maps[wanted[index]] = patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        return [maps[level] for level in self.out_indices]
 
     def init_only(self, key: str) -> bool:
         return key.startswith("pyramid.")
@@ -144,6 +211,8 @@ class VisionTransformer(Backbone):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self._require_out_indices()
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if self.block_indices is not None:
+            return self._block_maps(self._embedded(x), h, w)
         tokens = self._tokens(x)
         return self.pyramid(tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
 
@@ -151,19 +220,27 @@ class VisionTransformer(Backbone):
         return self._tokens(x)[:, 0]
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """timm ViT checkpoints: ``head.*`` is the classifier; a position table for
-        another grid (a 224 checkpoint into a 384 model) is resampled to this one as DeiT's fine-tuning does."""
+        """timm ViT checkpoints (or mmseg's ViT layout, :func:`timm_keys_of_mmseg_vit`): ``head.*`` is the classifier;
+        a position table for another grid (a 224 checkpoint into a 384 model, SETR's 384 one into 512) is resampled to
+        this one as DeiT's fine-tuning does (bicubic) or as mmseg does (``pos_embed_interpolation``); the final norm
+        and blocks this backbone does not build (SETR's ``final_norm=False``, blocks past its deepest output) are left
+        out."""
         state_dict = state_dict.get("model", state_dict)
+        if "layers.0.ln1.weight" in state_dict:
+            state_dict = timm_keys_of_mmseg_vit(state_dict)
         backbone, classifier = {}, {}
         for key, value in state_dict.items():
             if key.startswith("head."):
                 classifier[key[len("head."):]] = value
                 continue
+            if key.startswith("norm.") and isinstance(self.norm, nn.Identity):
+                continue
+            if key.startswith("blocks.") and len(self.blocks) <= int(key.split(".")[1]) < self.depth:
+                continue  # a block of this depth past the deepest output read; a deeper file's blocks stay, to be named
             if key == "pos_embed" and value.shape != self.pos_embed.shape:
                 # DeiT's fine-tuning at 384 (main.py --finetune): bicubic, align_corners False, no antialias
-                # (timm's default antialias=True gives other values when upsampling)
-                value = resample_abs_pos_embed(value, new_size=self.patch_embed.grid_size, num_prefix_tokens=1,
-                                               antialias=False)
+                # (timm's default antialias=True gives other values when upsampling); mmseg's resize_pos_embed: bilinear
+                value = self._resized_pos_embed(value, self.patch_embed.grid_size, None, antialias=False)
             backbone[key] = value
         return backbone, classifier
 
@@ -174,3 +251,23 @@ class VisionTransformer(Backbone):
         if int(img_size) % patch:
             raise ConfigError(f"inputs of {img_size}x{img_size} are not whole {patch}x{patch} patches: use a multiple "
                               f"of {patch} (e.g. {patch * max(1, round(int(img_size) / patch))})")
+
+
+def timm_keys_of_mmseg_vit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmseg's ``VisionTransformer`` keys back to timm's: the inverse of mmseg's
+    ``tools/model_converters/vit2mmseg.py`` (how mmseg's SETR releases store their ViT-L)."""
+    renames = (("patch_embed.projection.", "patch_embed.proj."), ("ffn.layers.0.0.", "mlp.fc1."),
+               ("ffn.layers.1.", "mlp.fc2."), ("attn.attn.in_proj_", "attn.qkv."), ("attn.attn.out_proj.", "attn.proj."),
+               (".ln1.", ".norm1."), (".ln2.", ".norm2."))
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("ln1."):
+            key = "norm." + key[len("ln1."):]
+        elif key.startswith("layers."):
+            key = "blocks." + key[len("layers."):]
+            for old, new in renames:
+                key = key.replace(old, new)
+        else:
+            key = key.replace(*renames[0])
+        converted[key] = value
+    return converted
