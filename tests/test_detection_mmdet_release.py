@@ -1,0 +1,120 @@
+"""mmdetection v2 releases of the R-CNN family (the Swin detection releases, SwinTransformer/Swin-Transformer-Object-
+Detection on mmdet 2.11) load through ``pretrained=``: a seeded vtrain model is written in mmdet's layout by an
+inverse mapping written here from mmdet's module names (not by the loader's tables), and a differently seeded model
+that loads the file gives the same detections."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from test_detection_cascade import _cascade
+from test_detection_models import _batch
+from vtrain.config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """The official WindowAttention buffer (a persistent one: the releases hold it, and the loader drops it)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return relative[..., 0] * (2 * window - 1) + relative[..., 1]
+
+
+def mmdet_swin_key(key: str) -> str:
+    """Swin-Transformer-Object-Detection's ``SwinTransformer``: the patch merging ends stage i (timm: starts stage
+    i + 1), the output norms are ``norm<i>``."""
+    merging = re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key)
+    if merging:
+        return f"layers.{int(merging[1]) - 1}.downsample.{merging[2]}"
+    return re.sub(r"^out_norms\.(\d)\.", r"norm\1.", key)
+
+
+def mmdet_cascade_key(key: str) -> str:
+    """mmdet's ``FPN``, ``RPNHead`` and ``CascadeRoIHead`` (``ConvFCBBoxHead`` with BatchNorm, ``FCNMaskHead``)."""
+    rules = [
+        (r"detector\.backbone\.fpn\.inner_blocks\.(\d+)\.0\.", lambda m: f"neck.lateral_convs.{m[1]}.conv."),
+        (r"detector\.backbone\.fpn\.layer_blocks\.(\d+)\.0\.", lambda m: f"neck.fpn_convs.{m[1]}.conv."),
+        (r"detector\.rpn\.head\.conv\.0\.0\.", lambda m: "rpn_head.rpn_conv."),
+        (r"detector\.rpn\.head\.cls_logits\.", lambda m: "rpn_head.rpn_cls."),
+        (r"detector\.rpn\.head\.bbox_pred\.", lambda m: "rpn_head.rpn_reg."),
+        # a conv, its BatchNorm, its ReLU: three modules per ConvModule
+        (r"detector\.roi_heads\.stages\.(\d+)\.head\.convs\.(\d+)\.",
+         lambda m: f"roi_head.bbox_head.{m[1]}.shared_convs.{int(m[2]) // 3}.{('conv', 'bn')[int(m[2]) % 3]}."),
+        (r"detector\.roi_heads\.stages\.(\d+)\.head\.fcs\.(\d+)\.",
+         lambda m: f"roi_head.bbox_head.{m[1]}.shared_fcs.{int(m[2]) // 2}."),
+        (r"detector\.roi_heads\.stages\.(\d+)\.cls_score\.", lambda m: f"roi_head.bbox_head.{m[1]}.fc_cls."),
+        (r"detector\.roi_heads\.stages\.(\d+)\.bbox_pred\.", lambda m: f"roi_head.bbox_head.{m[1]}.fc_reg."),
+        (r"detector\.roi_heads\.mask_stages\.(\d+)\.head\.(\d+)\.0\.",
+         lambda m: f"roi_head.mask_head.{m[1]}.convs.{m[2]}.conv."),
+        (r"detector\.roi_heads\.mask_stages\.(\d+)\.upsample\.", lambda m: f"roi_head.mask_head.{m[1]}.upsample."),
+        (r"detector\.roi_heads\.mask_stages\.(\d+)\.logits\.", lambda m: f"roi_head.mask_head.{m[1]}.conv_logits."),
+    ]
+    for pattern, name in rules:
+        found = re.match(pattern, key)
+        if found:
+            return name(found) + key[found.end():]
+    raise AssertionError(f"no mmdet name for {key}")
+
+
+def mmdet_release(task) -> dict:
+    """``{'state_dict': ...}`` as mmdet's ``save_checkpoint`` writes it, from ``task``'s tensors. The classifier
+    ``fc_cls`` puts the background last (mmdet's labels: 0..K-1 the categories, K the background)."""
+    state_dict = {}
+    for key, value in task.state_dict().items():
+        if key.startswith("backbone."):
+            state_dict["backbone." + mmdet_swin_key(key[len("backbone."):])] = value
+            if key.endswith("relative_position_bias_table"):
+                window = (int(value.shape[0] ** 0.5) + 1) // 2
+                state_dict[f"backbone.{mmdet_swin_key(key[9:-29])}.relative_position_index"] = \
+                    relative_position_index(window)
+            continue
+        name = mmdet_cascade_key(key)
+        if ".fc_cls." in name:
+            value = torch.cat([value[1:], value[:1]])
+        state_dict[name] = value
+    return {"meta": {"mmdet_version": "2.11.0"}, "state_dict": state_dict}
+
+
+def _detections(task, images):
+    task.eval()
+    with torch.no_grad():
+        return task(images)
+
+
+def test_a_cascade_release_in_mmdets_layout_loads_and_gives_the_same_detections(tmp_path):
+    """Every tensor of the file is placed and every tensor of the model comes from it (a strict load), and the
+    boxes, scores, labels and masks are those of the model that wrote it; a file with one key renamed is refused
+    with one line naming that key."""
+    torch.manual_seed(0)
+    source = _cascade()
+    for module in source.modules():  # statistics that are not the initial ones, to see them loaded
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    release = mmdet_release(source)
+    assert "backbone.layers.0.downsample.reduction.weight" in release["state_dict"]
+    assert "roi_head.bbox_head.2.shared_convs.3.bn.running_var" in release["state_dict"]
+    path = tmp_path / "cascade_mask_rcnn_swin.pth"
+    torch.save(release, path)
+    torch.manual_seed(1)
+    loaded = _cascade()
+    loaded.load_pretrained(str(path))  # what pretrained= / ckpt_path= call
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    images, _ = _batch()
+    expected, got = _detections(source, images), _detections(loaded, images)
+    assert sum(len(e["boxes"]) for e in expected) > 0
+    for e, g in zip(expected, got):
+        assert set(g) == {"boxes", "scores", "labels", "masks"}
+        for k in e:
+            assert torch.equal(g[k], e[k]), k
+
+    renamed = dict(release["state_dict"])
+    renamed["roi_head.bbox_head.1.fc_klass.weight"] = renamed.pop("roi_head.bbox_head.1.fc_cls.weight")
+    torch.save({"state_dict": renamed}, path)
+    with pytest.raises(ConfigError, match=r"^[^\n]*roi_head\.bbox_head\.1\.fc_klass\.weight[^\n]*$"):
+        _cascade().load_pretrained(str(path))
