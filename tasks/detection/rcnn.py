@@ -17,7 +17,14 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from vtrain.tasks.detection.detector import torchvision_transform
-from vtrain.tasks.detection.mmdet_release import Rows, load_mmdet_release, pyramid_and_rpn_names
+from vtrain.tasks.detection.mmdet_release import (
+    Rows,
+    background_first,
+    load_mmdet_release,
+    mask_head_names,
+    pyramid_and_rpn_names,
+    with_background_rows,
+)
 from vtrain.tasks.detection.neck import FeaturePyramid
 from vtrain.tasks.detection.nms import HardNMS
 from vtrain.tasks.detection.roi_heads import RCNNSettings, build_rcnn_heads, roi_pools
@@ -130,3 +137,22 @@ class RCNNSpec(PyramidRCNN):
         detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
         build_rcnn_heads(detector, self.rcnn, self.nms, getattr(pyramid, "rpn_levels", None))
         return detector
+
+    def release_names(self, detector: nn.Module) -> tuple[dict[str, str], dict[str, Rows]]:
+        """mmdet's ``StandardRoIHead`` (``roi_head.bbox_head``: ``Shared2FCBBoxHead``, ``roi_head.mask_head``:
+        ``FCNMaskHead``) on torchvision's 2fc head and predictors: ``fc_cls`` has the background last; ``fc_reg``
+        (class-specific, ``reg_class_agnostic=False``) and ``conv_logits`` have no background row, which
+        torchvision's regressor and mask predictor have and never read (zeros here)."""
+        own = "detector.roi_heads"
+        names = {"roi_head.bbox_head.shared_fcs.0": f"{own}.box_head.fc6",
+                 "roi_head.bbox_head.shared_fcs.1": f"{own}.box_head.fc7",
+                 "roi_head.bbox_head.fc_cls": f"{own}.box_predictor.cls_score",
+                 "roi_head.bbox_head.fc_reg": f"{own}.box_predictor.bbox_pred"}
+        rows = {f"{own}.box_predictor.cls_score": background_first,
+                f"{own}.box_predictor.bbox_pred": with_background_rows(4)}
+        if self.masks:
+            names.update(mask_head_names("roi_head.mask_head", f"{own}.mask_head", len(self.mask_head_dims),
+                                         logits=f"{own}.mask_predictor.mask_fcn_logits",
+                                         upsample=f"{own}.mask_predictor.conv5_mask"))
+            rows[f"{own}.mask_predictor.mask_fcn_logits"] = with_background_rows(1)
+        return names, rows
