@@ -41,6 +41,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import batched_nms, generalized_box_iou_loss
 from torchvision.ops import boxes as box_ops
 from vtrain.tasks.detection.detector import torchvision_transform
+from vtrain.tasks.detection.mmdet_release import Rows, background_first, mask_head_names
 from vtrain.tasks.detection.neck import FeaturePyramid
 from vtrain.tasks.detection.rcnn import PyramidRCNN, rcnn_class
 from vtrain.tasks.detection.roi_heads import DetectionRPN, RCNNSettings, init_fpn_like_mmdet, roi_pools
@@ -81,6 +82,18 @@ class ConvFCBoxHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         return self.fcs(self.convs(pooled).flatten(1))
+
+    def mmdet_names(self) -> dict[str, str]:
+        """mmdet's ``ConvFCBBoxHead`` names of its layers -> this trunk's: ``shared_convs.k.conv`` / ``.bn``
+        (mmcv's ``ConvModule``; SyncBN's name is ``bn``) and ``shared_fcs.k``."""
+        names = {}
+        convs = [i for i, m in enumerate(self.convs) if isinstance(m, nn.Conv2d)]
+        for k, i in enumerate(convs):
+            names[f"shared_convs.{k}.conv"] = f"convs.{i}"
+            if isinstance(self.convs[i + 1], nn.BatchNorm2d):
+                names[f"shared_convs.{k}.bn"] = f"convs.{i + 1}"
+        fcs = [i for i, m in enumerate(self.fcs) if isinstance(m, nn.Linear)]
+        return {**names, **{f"shared_fcs.{k}": f"fcs.{i}" for k, i in enumerate(fcs)}}
 
 
 class CascadeStage(nn.Module):
@@ -340,3 +353,22 @@ class CascadeSpec(PyramidRCNN):
         if self.rcnn.mmdet_init:  # the FPN's (the heads initialise themselves as mmdet's)
             init_fpn_like_mmdet(pyramid)
         return detector
+
+    def release_names(self, detector: nn.Module) -> tuple[dict[str, str], dict[str, Rows]]:
+        """mmdet's ``CascadeRoIHead`` (``roi_head.bbox_head.<stage>``, ``roi_head.mask_head.<stage>``): each stage's
+        ``ConvFCBBoxHead`` (``fc_cls`` background last; ``fc_reg`` 4 deltas per category, none for the background,
+        or 4 class-agnostic: as vtrain's) and ``FCNMaskHead`` (``conv_logits`` one per category, as vtrain's)."""
+        heads = detector.roi_heads
+        names: dict[str, str] = {}
+        rows: dict[str, Rows] = {}
+        for s, stage in enumerate(heads.stages):
+            own = f"detector.roi_heads.stages.{s}"
+            names.update({f"roi_head.bbox_head.{s}.{k}": f"{own}.head.{v}" for k, v in stage.head.mmdet_names().items()})
+            names.update({f"roi_head.bbox_head.{s}.fc_cls": f"{own}.cls_score",
+                          f"roi_head.bbox_head.{s}.fc_reg": f"{own}.bbox_pred"})
+            rows[f"{own}.cls_score"] = background_first
+        for s, stage in enumerate(heads.mask_stages or ()):
+            own = f"detector.roi_heads.mask_stages.{s}"
+            names.update(mask_head_names(f"roi_head.mask_head.{s}", f"{own}.head", len(stage.head),
+                                         logits=f"{own}.logits", upsample=f"{own}.upsample"))
+        return names, rows

@@ -17,6 +17,14 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from vtrain.tasks.detection.detector import torchvision_transform
+from vtrain.tasks.detection.mmdet_release import (
+    Rows,
+    background_first,
+    load_mmdet_release,
+    mask_head_names,
+    pyramid_and_rpn_names,
+    with_background_rows,
+)
 from vtrain.tasks.detection.neck import FeaturePyramid
 from vtrain.tasks.detection.nms import HardNMS
 from vtrain.tasks.detection.roi_heads import RCNNSettings, build_rcnn_heads, roi_pools
@@ -45,7 +53,8 @@ def rcnn_class(model: Callable[..., FasterRCNN], mask_head_dims: Sequence[int] |
 
 class PyramidRCNN:
     """What the R-CNN specs share (:class:`RCNNSpec`, :class:`cascade.CascadeSpec`): a pyramid on the backbone,
-    boxes and (with ``masks``) instance masks, no whole-detector release of their own."""
+    boxes and (with ``masks``) instance masks, and mmdetection v2's releases of the detector where the spec says
+    where mmdet's modules sit (:meth:`release_names`; :mod:`mmdet_release`)."""
 
     out_indices: tuple[int, ...]
     neck: Callable[[Backbone], FeaturePyramid]
@@ -66,8 +75,20 @@ class PyramidRCNN:
                                "build it with those (a dilated C5 at 16: backbone.output_stride=16)")
         return self.neck(backbone)
 
+    def release_names(self, detector: nn.Module) -> tuple[dict[str, str], dict[str, Rows]] | None:
+        """mmdet's module prefixes of this detector's heads -> vtrain's, and the rows to reorder (by vtrain prefix);
+        None: no mmdet release of this detector is read."""
+        return None
+
     def load_release(self, task: nn.Module, path: str, strict: bool = True) -> bool:
-        return False  # the file holds backbone weights
+        """An mmdetection v2 checkpoint of this detector (the Swin detection releases), else False: the file holds
+        backbone weights."""
+        release = self.release_names(task.detector)
+        if release is None:
+            return False
+        names, rows = release
+        names = {**pyramid_and_rpn_names(len(task.detector.backbone.fpn.inner_blocks)), **names}
+        return load_mmdet_release(task, path, strict, names, rows, f"{self.name} model")
 
 
 class RCNNSpec(PyramidRCNN):
@@ -116,3 +137,22 @@ class RCNNSpec(PyramidRCNN):
         detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
         build_rcnn_heads(detector, self.rcnn, self.nms, getattr(pyramid, "rpn_levels", None))
         return detector
+
+    def release_names(self, detector: nn.Module) -> tuple[dict[str, str], dict[str, Rows]]:
+        """mmdet's ``StandardRoIHead`` (``roi_head.bbox_head``: ``Shared2FCBBoxHead``, ``roi_head.mask_head``:
+        ``FCNMaskHead``) on torchvision's 2fc head and predictors: ``fc_cls`` has the background last; ``fc_reg``
+        (class-specific, ``reg_class_agnostic=False``) and ``conv_logits`` have no background row, which
+        torchvision's regressor and mask predictor have and never read (zeros here)."""
+        own = "detector.roi_heads"
+        names = {"roi_head.bbox_head.shared_fcs.0": f"{own}.box_head.fc6",
+                 "roi_head.bbox_head.shared_fcs.1": f"{own}.box_head.fc7",
+                 "roi_head.bbox_head.fc_cls": f"{own}.box_predictor.cls_score",
+                 "roi_head.bbox_head.fc_reg": f"{own}.box_predictor.bbox_pred"}
+        rows = {f"{own}.box_predictor.cls_score": background_first,
+                f"{own}.box_predictor.bbox_pred": with_background_rows(4)}
+        if self.masks:
+            names.update(mask_head_names("roi_head.mask_head", f"{own}.mask_head", len(self.mask_head_dims),
+                                         logits=f"{own}.mask_predictor.mask_fcn_logits",
+                                         upsample=f"{own}.mask_predictor.conv5_mask"))
+            rows[f"{own}.mask_predictor.mask_fcn_logits"] = with_background_rows(1)
+        return names, rows

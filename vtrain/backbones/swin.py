@@ -166,7 +166,8 @@ class SwinTransformer(Backbone):
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Official (``{'model': sd}``, ``layers.i.downsample`` at the end of stage i,
-        classifier ``head.*``) or timm (classifier ``head.fc.*``) checkpoints.
+        classifier ``head.*``; the detection code's backbone with output norms ``norm0..3``) or timm (classifier
+        ``head.fc.*``) checkpoints.
 
         timm's ``checkpoint_filter_fn`` moves the official patch merging to timm's
         stage and drops the non-persistent buffers. Relative position bias tables of another window size (a
@@ -181,6 +182,8 @@ class SwinTransformer(Backbone):
         own = self.state_dict()
         table = "relative_position_bias_table"
         state_dict = state_dict.get("model", state_dict)  # an official release wraps its weights
+        # the official detection backbone's output norms (Swin-Transformer-Object-Detection, norm0..norm3)
+        state_dict = {re.sub(r"^norm(\d)\.", r"out_norms.\1.", k): v for k, v in state_dict.items()}
         not_fitting = {k: v for k, v in state_dict.items()
                        if k.endswith(table) and (k not in own or own[k].shape[-1] != v.shape[-1])}
         state_dict = {k: resize_position_bias_table(v, own[k].shape[0])
