@@ -631,7 +631,7 @@ DERIVED = {
 }
 # Demo recipes for synthetic data on a CPU: no reference.
 DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr",
-         "quickstart_ddetr", "quickstart_sparse_rcnn"}
+         "quickstart_ddetr", "quickstart_sparse_rcnn", "quickstart_cascade"}
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # keys a derived recipe must share with its parent: the optimizer, the schedule, the batch and the start
 SHARED = ("optim", "sched", "data.batch_size", "trainer.max_epochs", "trainer.max_steps", "trainer.gradient_clip_val")
