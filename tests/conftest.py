@@ -28,8 +28,9 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 LONGEST_FIRST = (
     "test_quickstart.py::test_quickstart_learns_far_above_chance",  # 45-65 s
     "test_video.py::test_quickstart_video_learns_the_motion_not_the_frames",  # 50-60 s
-    "test_reliability.py::test_resume_is_exact_from_every_moment_a_kill_can_land",  # 35-60 s each
+    "test_reliability.py::test_resume_is_exact_from_every_moment_a_kill_can_land",  # 60-80 s
     "test_detection_relation.py::test_quickstart_relation_learns_under_ddp",  # 40-50 s
+    "test_detection_cascade.py::test_quickstart_cascade_learns_under_ddp",  # 65-80 s
     "test_reliability.py::test_killed_at_random_moments_under_load_resumes_exactly",  # 20-45 s
 )
 
