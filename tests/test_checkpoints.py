@@ -96,7 +96,7 @@ def test_a_planted_pickle_is_never_run_by_training_resume_or_evaluation(imagenet
     assert read_checkpoint(hostile)["global_step"] == 12  # resumed from step 6 and replaced the planted file
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: pytest-xdist interleaves modules, a module fixture is remade
 def mid_epoch_run(imagenet_root, tmp_path_factory):
     """A tiny run stopped mid-epoch at step 4 with its checkpoints (read, never changed, by the tests that use it)."""
     run = tmp_path_factory.mktemp("mid_epoch") / "run"

@@ -23,7 +23,8 @@ def _lr_by_step(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")}
 
 
-@pytest.fixture(scope="module")
+# session scope: pytest-xdist interleaves modules on a worker, and a module fixture is made again after each switch
+@pytest.fixture(scope="session")
 def fitted(imagenet_root, tmp_path_factory) -> Path:
     """3 epochs of 6 steps, a checkpoint after every epoch."""
     run = tmp_path_factory.mktemp("fit") / "run"
@@ -34,6 +35,7 @@ def fitted(imagenet_root, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.xdist_group("tiny_fit")  # one worker computes the fixture once (make test: --dist loadgroup)
 def test_fit_ends_with_a_summary_and_without_third_party_noise(fitted):
     terminal = (fitted.parent / "terminal.txt").read_text()
     metrics = _metrics(fitted)
@@ -57,6 +59,7 @@ def test_fit_ends_with_a_summary_and_without_third_party_noise(fitted):
         assert noise not in terminal, noise
 
 
+@pytest.mark.xdist_group("tiny_fit")
 def test_fit_writes_metrics_checkpoints_and_logs(fitted):
     metrics = _metrics(fitted)
     assert (metrics["epoch"], metrics["global_step"], metrics["monitor"]) == (3, 18, "val/top1")
@@ -69,6 +72,7 @@ def test_fit_writes_metrics_checkpoints_and_logs(fitted):
     assert (fitted / ".hydra" / "config.yaml").is_file() and (fitted / "metrics.csv").is_file()
 
 
+@pytest.mark.xdist_group("tiny_fit")
 def test_eval_of_a_checkpoint_reproduces_the_validation(fitted, imagenet_root, tmp_path):
     run = tmp_path / "eval"
     ckpt = fitted / "checkpoints" / "epoch002-step0000018.ckpt"
@@ -81,6 +85,7 @@ def test_eval_of_a_checkpoint_reproduces_the_validation(fitted, imagenet_root, t
     assert evaluated["final"]["val/loss"] == pytest.approx(trained["final"]["val/loss"], rel=1e-5)
 
 
+@pytest.mark.xdist_group("tiny_fit")
 def test_resume_continues_at_the_right_step_with_the_same_schedule(fitted, imagenet_root, tmp_path):
     run = tmp_path / "resumed"
     run_in_process(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "trainer.max_epochs=3",

@@ -15,7 +15,7 @@ METRICS = [f"val/{t}_{n}" for t in ("bbox", "segm")
            for n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def coco_root(tmp_path_factory):
     from vtrain.tasks.detection.synthetic import write
 
@@ -24,13 +24,15 @@ def coco_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
+# session scope: pytest-xdist interleaves modules on a worker, and a module fixture is made again after each switch
+@pytest.fixture(scope="session")
 def fitted(coco_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fit")
     run_in_process(*FIT, f"data.root={coco_root}", f"hydra.run.dir={run_dir}")
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.xdist_group("quickstart_det")  # one worker computes the fixture once (make test: --dist loadgroup)
 def test_quickstart_det_learns(fitted):
     run_dir, metrics = fitted
     assert metrics["monitor"] == "val/bbox_AP"
@@ -43,6 +45,7 @@ def test_quickstart_det_learns(fitted):
     assert {r["category_id"] for r in results} <= {1, 4, 7, 10}  # labels mapped back to the file's ids
 
 
+@pytest.mark.xdist_group("quickstart_det")
 def test_ddp_evaluation_equals_single_process(fitted, coco_root, tmp_path):
     """The fit's last validation ran in one process on the weights of ``last.ckpt``; 2-process DDP on the
     same weights gives the same 24 numbers, over the same 15 images."""

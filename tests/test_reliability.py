@@ -123,7 +123,7 @@ RESUMABLE = [*TINY_CLS, "trainer.max_epochs=3", "trainer.deterministic=true",
              "data.augment.auto_augment=rand-m9-mstd0.5-inc1"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: pytest-xdist interleaves modules, a module fixture is remade
 def uninterrupted(imagenet_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted")
     result = run_cli(*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}")
