@@ -13,7 +13,9 @@ shared machine hits both:
   schedule of the task's own ``configure_optimizers`` and the trainer's precision as ``torch.autocast``.
 
 A step is timed from one batch's start to the next's (loading and moving the batch, the step, and for vtrain its
-hooks, logging and callbacks); ``bench.warmup`` steps of each block are left out (the loader's workers start there).
+hooks, logging and callbacks), the last one to the end of its batch's hooks: what a fit does once at its end (the
+checkpoint of the end of training, Lightning's teardown) is not a step's cost, and each vtrain block is a fit of its
+own; ``bench.warmup`` steps of each block are left out (the loader's workers start there).
 Validation is switched off (``trainer.limit_val_batches=0``): the comparison is of training steps. Reported: steps/s
 of each path (the median block's), the ratio vtrain/bare as the median of the paired blocks' ratios with its
 quartiles, and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`).
@@ -51,7 +53,9 @@ PROFILE_ROWS = 15
 
 
 class StepClock(pl.Callback):
-    """The time each optimizer step's first batch starts (the device synchronised first)."""
+    """The time each optimizer step's first batch starts (the device synchronised first), and the end of the last
+    step: after its batch's hooks (this callback is the trainer's last), before what a fit does once at its end
+    (the checkpoint of the end of training, Lightning's teardown), which a step does not cost."""
 
     def __init__(self, device: torch.device, accumulate: int):
         self.device, self.accumulate, self.starts = device, accumulate, []
@@ -59,6 +63,11 @@ class StepClock(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
                              ) -> None:
         if batch_idx % self.accumulate == 0:
+            synchronize(self.device)
+            self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step >= trainer.max_steps:  # the last optimizer step has run
             synchronize(self.device)
             self.starts.append(time.perf_counter())
 
@@ -98,8 +107,6 @@ def vtrain_block(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals, every block
         trainer.fit(module, datamodule=datamodule)
-    synchronize(device)
-    clock.starts.append(time.perf_counter())  # the end of the last step
     module.trainer = None
     return clock.starts
 
