@@ -19,7 +19,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d, box_convert, generalized_box_iou
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from test_detection_models import detector_config
 from test_detr import official_nested_tensor
 from vtrain.layers.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
@@ -635,17 +635,13 @@ def quickstart_two_steps(experiment: str, tmp_path) -> dict:
     batch of 2 images, on a synthetic set written here; returns its metrics.json, the run in ``tmp_path / "run"``."""
     import json
 
-    import vtrain
-    from vtrain.cli import run
     from vtrain.tasks.detection.synthetic import write
 
     write(tmp_path / "data", seed=0, train_images=8, val_images=2, num_classes=2, max_objects=2, min_side=96,
           max_side=96)
-    cfg = vtrain.compose(experiment, [f"data.root={tmp_path / 'data'}", "data.val_split=val2017",
-                                      "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                                      "trainer.check_val_every_n_epoch=1", "callbacks.progress_bar=null",
-                                      "+trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}"])
-    run(cfg)
+    run_in_process(f"experiment={experiment}", f"data.root={tmp_path / 'data'}", "data.val_split=val2017",
+                   "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.check_val_every_n_epoch=1",
+                   "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["coco_num_images"] == 2
     return metrics

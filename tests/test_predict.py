@@ -42,17 +42,15 @@ def one_step_run(task: str, root: Path) -> Path:
     """``vtrain.cli.run`` of the task's quickstart for one step, outside ``@hydra.main``; its run directory."""
     import importlib
 
-    from vtrain.cli import run
+    from conftest import run_in_process
 
     experiment, kind, overrides = RUNS[task]
     module, options = WRITERS[kind]
     importlib.import_module(module).write(root / kind, seed=0, **options)
     run_dir = root / "run"
-    cfg = vtrain.compose(experiment, [f"data.root={root / kind}", f"output_dir={run_dir}", *TINY_SWIN, *overrides,
-                                      "trainer.max_epochs=1", "trainer.max_steps=1", "trainer.limit_train_batches=1",
-                                      "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
-                                      "logger=[csv,tensorboard]"])
-    run(cfg)
+    run_in_process(f"experiment={experiment}", f"data.root={root / kind}", f"output_dir={run_dir}", *TINY_SWIN,
+                   *overrides, "trainer.max_epochs=1", "trainer.max_steps=1", "trainer.limit_train_batches=1",
+                   "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", "logger=[csv,tensorboard]")
     return run_dir
 
 
