@@ -128,7 +128,9 @@ def _tiny_run(imagenet_root, tmp_path, *overrides):
 def test_the_bare_loop_trains_as_vtrain_does(imagenet_root, tmp_path, overrides):
     """--vs bare compares like with like: from the same weights, seed and batches, three optimizer steps of the run's
     own trainer and three of the bare loop end with the same weights (the schedule's lr, clipping, accumulation,
-    the loader's batches and the loss all agree), and each block yields one start per step and its end."""
+    the loader's batches and the loss all agree), and each block yields one start per step and its end. Both free a
+    step's gradients before the next forward pass (Lightning alone would keep them until the next backward): a
+    forward finds gradients only while an accumulation is under way."""
     import copy
 
     import pytorch_lightning as pl
@@ -143,14 +145,25 @@ def test_the_bare_loop_trains_as_vtrain_does(imagenet_root, tmp_path, overrides)
     first = build_task(cfg)
     first.use_dataset(datamodule.info())
     second = copy.deepcopy(first)
-    ends = []
+    ends, held = [], {}
     for block, module in ((vtrain_block, first), (bare_block, second)):
         if block is bare_block:
             second.training_steps = first.training_steps
+        step = module.training_step
+        held[block] = []
+
+        def recording_step(*args, module=module, step=step, held=held[block]):
+            held.append(any(p.grad is not None for p in module.parameters()))
+            return step(*args)
+
+        module.training_step = recording_step
         pl.seed_everything(1, verbose=False)
         starts = block(cfg, module, datamodule, 3, torch.device("cpu"))
+        del module.training_step
         assert len(starts) == 4 and starts == sorted(starts)
         ends.append({k: v.clone() for k, v in module.state_dict().items()})
+    accumulate = 2 if overrides else 1
+    assert held[vtrain_block] == held[bare_block] == [i % accumulate > 0 for i in range(3 * accumulate)]
     for key, value in ends[0].items():
         torch.testing.assert_close(ends[1][key], value, rtol=0, atol=1e-6, msg=key)
     initial = build_task(cfg).state_dict()  # not the identity: the steps did change the weights

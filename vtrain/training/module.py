@@ -199,6 +199,14 @@ class TaskModule(pl.LightningModule):
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # Lightning zeroes the gradients inside the next step's closure, after that step's forward pass: a step's
+        # gradients would stay alive through the next forward, one model's worth of memory more than a plain
+        # loop holds at its peak. They are freed as soon as the step has used them (the closure's zero_grad then
+        # finds none). Accumulation is unaffected: this runs only at the step that ends an accumulation.
+        optimizer.step(closure=optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     # ----------------------------------------------------------------- what a checkpoint says about the model
     def label_names(self) -> list[str]:
         """A name per label: the checkpoint's or the dataset's (:meth:`use_dataset`), else ``class_<i>``."""
