@@ -305,7 +305,7 @@ def test_recipes():
 
 
 def test_unknown_head_is_a_config_error():
-    with pytest.raises(Exception, match=r"(?s)Could not find 'task/head/psp'.*Available options in 'task/head':\s+dnl\s+fcn\s+fcn_hr48\s+gc\s+nl\s+setr_mla\s+setr_naive\s+setr_pup\s+upernet"):
+    with pytest.raises(Exception, match=r"(?s)Could not find 'task/head/psp'.*Available options in 'task/head':\s+dnl\s+fcn\s+fcn_hr48\s+gc\s+hrnet_dnl\s+hrnet_nl\s+nl\s+setr_mla\s+setr_naive\s+setr_pup\s+upernet"):
         _module(*TINY_SWIN, "task/head=psp")
 
 

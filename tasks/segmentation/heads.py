@@ -53,8 +53,8 @@ def head_out_indices(head: Mapping) -> tuple[int, ...]:
     """The backbone levels a head config reads (its ``out_indices``), known before anything is built."""
     if not isinstance(head, Mapping):
         raise ConfigError(f"a decode head is a config, not {head!r}: pick one with task/head=<name> "
-                          "(upernet, fcn, nl, gc, dnl, fcn_hr48, setr_naive, setr_pup, setr_mla: the files of "
-                          "conf/task/head/)")
+                          "(upernet, fcn, nl, gc, dnl, fcn_hr48, hrnet_nl, hrnet_dnl, setr_naive, setr_pup, setr_mla: "
+                          "the files of conf/task/head/)")
     if head.get("out_indices") is None:
         raise ConfigError(f"head {head.get('_target_')} has no out_indices: name the backbone levels it reads "
                           "(0..3 = strides 4..32), e.g. out_indices: [0, 1, 2, 3]")
@@ -150,6 +150,9 @@ class FCNHead(DecodeHead):
         dropout: before the classifier.
         context: a callable ``channels -> nn.Module`` (a ``_partial_`` config of a ``vtrain.layers`` block),
             applied after the first conv: NL, GC (ratio 1/4) or DNL as in mmseg's heads.
+        cat_channels: width of the conv after the concatenation, which the classifier reads (default
+            ``channels``; 512 on ``channels=360`` in the DNL paper's official HRNet head, its ``NLModule``'s
+            ``bottleneck``).
     """
 
     def __init__(
@@ -164,8 +167,10 @@ class FCNHead(DecodeHead):
         concat_input: bool = True,
         dropout: float = 0.1,
         context: Callable[[int], nn.Module] | None = None,
+        cat_channels: int | None = None,
     ):
-        super().__init__(channels, num_classes, dropout)
+        cat_channels = channels if cat_channels is None else cat_channels
+        super().__init__(cat_channels if concat_input else channels, num_classes, dropout)
         if num_convs < 0 or (context is not None and num_convs < 2):
             raise ValueError(f"FCNHead needs num_convs >= {2 if context else 0} (got {num_convs})")
         self.out_indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
@@ -177,7 +182,7 @@ class FCNHead(DecodeHead):
             ConvBNReLU(source if i == 0 else channels, channels, kernel_size, dilation) for i in range(num_convs)
         )
         self.context = context(channels) if context is not None else None
-        self.conv_cat = ConvBNReLU(source + channels, channels, kernel_size) if concat_input else None
+        self.conv_cat = ConvBNReLU(source + channels, cat_channels, kernel_size) if concat_input else None
 
     def forward(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
         x = features[self.out_indices[0]]

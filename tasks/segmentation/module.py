@@ -43,6 +43,9 @@ class SegmentationTask(TaskModule):
         ignore_index: label of pixels that count neither in the loss nor in the metric.
         avg_non_ignore: divide the loss by the labelled pixels (True) or by all pixels, ignored ones
             counting zero (False, mmseg's default ``avg_non_ignore=False``, with which the papers trained).
+        ohem: ``{thresh, min_kept}`` or None: the decode head's cross-entropy over its hard pixels only
+            (:func:`ohem_cross_entropy`; the DNL paper's official HRNet models: 0.7, 100000); the auxiliary heads
+            keep the plain one, as the official ``dsnohemce_loss``.
         size_divisor: inputs are zero-padded (bottom, right) to a multiple of this before the backbone and
             the logits cropped back (Swin needs sides divisible by its patch and merging strides).
         inference: ``mode`` whole|slide, ``scale`` (long, short) test size, ``ratios``, ``flip``,
@@ -67,8 +70,13 @@ class SegmentationTask(TaskModule):
         monitor: str = "val/mIoU",
         monitor_mode: str = "max",
         neck: Mapping[str, Any] | None = None,
+        ohem: Mapping[str, float] | None = None,
     ):
         super().__init__(optim, sched, monitor, monitor_mode)
+        if ohem is not None and set(ohem) != {"thresh", "min_kept"}:
+            raise ConfigError(f"task.ohem={dict(ohem)!r}: give thresh and min_kept (e.g. {{thresh: 0.7, "
+                              "min_kept: 100000}), or null for the plain cross-entropy")
+        self.ohem = dict(ohem) if ohem is not None else None
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.aux_weight, self.avg_non_ignore, self.size_divisor = aux_weight, avg_non_ignore, size_divisor
         self.inference_cfg = dict(inference or {})
@@ -110,7 +118,9 @@ class SegmentationTask(TaskModule):
 
     def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self._logits(images, with_aux=True)
-        losses = {"decode": self.cross_entropy(outputs[0], labels)}
+        decode = (ohem_cross_entropy(outputs[0], labels, self.ignore_index, **self.ohem) if self.ohem
+                  else self.cross_entropy(outputs[0], labels))
+        losses = {"decode": decode}
         if len(outputs) > 1:  # mmseg: each auxiliary head's loss times its loss_weight (0.4)
             losses["aux"] = self.aux_weight * sum(self.cross_entropy(logits, labels) for logits in outputs[1:])
         losses["loss"] = sum(losses.values())
@@ -224,6 +234,22 @@ class SegmentationTask(TaskModule):
 
     def export_module(self) -> nn.Module:
         return Segmenter(self.backbone, self.head, self.size_divisor, self.neck).eval()
+
+
+def ohem_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, thresh: float,
+                       min_kept: int) -> torch.Tensor:
+    """Online hard example mining (Shrivastava et al., CVPR 2016, on pixels), as the DNL paper's official code
+    (DNL-Semantic-Segmentation ``model/seg/loss/ohem_ce_loss.py``, ``OhemCELoss``): the mean cross-entropy of the
+    labelled pixels whose softmax probability of their label is below ``max(thresh, p_k)``, p_k the (k+1)-th
+    smallest such probability, k = ``min_kept`` per image (so at least about that many pixels per image count)."""
+    labelled = labels != ignore_index
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")[labelled]
+    if loss.numel() == 0:
+        return logits.sum() * 0.0  # nothing labelled: a zero that keeps the graph (the official sum of nothing)
+    prob = (-loss.detach()).exp()  # softmax probability of the label: exp(-cross-entropy)
+    k = min(max(min_kept, 1) * labels.shape[0], prob.numel() - 1)
+    threshold = max(prob.kthvalue(k + 1).values.item(), thresh)
+    return loss[prob < threshold].mean() if (prob < threshold).any() else loss.sum() * 0.0
 
 
 def encode(backbone: nn.Module, heads: Sequence[nn.Module], images: torch.Tensor, size_divisor: int,

@@ -4,8 +4,10 @@
   Neural Networks", CVPR 2018, Eq. 1-3 and Fig. 2.
 * ``DisentangledNonLocalBlock``: Yin et al., "Disentangled Non-Local Neural
   Networks", ECCV 2020, Eq. 7 (whitened pairwise term + unary term).
+* ``GatedNonLocalBlock``: the block of the DNL paper's official segmentation code (a learned scalar on the
+  pairwise term), with which its HRNetV2-W48 NL / DNL rows were trained.
 
-Both follow mmcv's ``NonLocal2d`` / mmseg's ``DisentangledNonLocal2d`` in layout:
+The first two follow mmcv's ``NonLocal2d`` / mmseg's ``DisentangledNonLocal2d`` in layout:
 theta, phi, g are 1x1 convs with bias to ``C' = C // reduction`` channels; the output
 is a 1x1 conv (no bias) followed by a BatchNorm whose weight starts at zero, so the
 block is the identity at initialisation (NL paper Sec. 4.1) and can be inserted into
@@ -143,3 +145,56 @@ class DisentangledNonLocalBlock(_PairwiseBlock):
             logits = theta_mean.squeeze(1) @ phi.squeeze(1).transpose(1, 2)  # (N, 1, L)
         unary = logits.softmax(dim=-1) @ g.squeeze(1)  # (N, 1, C'): the same at every position
         return self._output(x, y + unary if self.pairwise else unary.expand(-1, g.shape[2], -1))
+
+
+class GatedNonLocalBlock(nn.Module):
+    """The non-local block of the DNL paper's official segmentation code (DNL-Semantic-Segmentation,
+    ``model/seg/ops/nonlocal_block.py``, ``NonLocal2d_bn``), which its HRNetV2-W48 rows use:
+
+        w_ij = softmax_j((q_i - [mu_q])^T (k_j - [mu_k]) / (sqrt(C') * T))      pairwise ([ ]: ``whiten``)
+        u_j  = softmax_j(W_m x_j)                                               unary (``unary``)
+        y_i  = gamma * sum_j w_ij v_j + [sum_j u_j v_j]
+        z_i  = x_i + [BN(W_out y_i)]                                            (``out_conv``)
+
+    It is neither :class:`NonLocalBlock` nor :class:`DisentangledNonLocalBlock`: a learned scalar ``gamma``
+    (zero at start, which makes the block the identity) scales the pairwise term alone; without ``out_conv`` the
+    value is a C -> C conv without bias and nothing follows the sum (the official DNL setting, ``use_out=False``);
+    with it the value is C -> C' with bias, then a 1x1 conv without bias and a BatchNorm of weight 1 (the official NL
+    setting, ``use_out=out_bn=True``). mu are spatial means per channel (the official "in_nostd" / "channel"
+    whitening); C' = C // ``reduction``; every conv starts N(0, 0.01) with zero bias, as the official
+    ``reset_parameters``. The parameter names are the official ones, so its state dicts load as they are.
+    """
+
+    def __init__(self, channels: int, reduction: int = 2, temperature: float = 1.0, whiten: bool = False,
+                 unary: bool = False, out_conv: bool = False):
+        super().__init__()
+        planes = max(channels // reduction, 1)
+        self.conv_query = nn.Conv2d(channels, planes, kernel_size=1)
+        self.conv_key = nn.Conv2d(channels, planes, kernel_size=1)
+        self.conv_value = nn.Conv2d(channels, planes if out_conv else channels, kernel_size=1, bias=out_conv)
+        self.conv_out = nn.Conv2d(planes, channels, kernel_size=1, bias=False) if out_conv else None
+        self.out_bn = nn.BatchNorm2d(channels) if out_conv else None
+        self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1) if unary else None
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.scale = 1.0 / (math.sqrt(planes) * temperature)
+        self.whiten = whiten
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, key = self.conv_query(x).flatten(2), self.conv_key(x).flatten(2)  # (N, C', L)
+        value = self.conv_value(x).flatten(2)  # (N, C_v, L)
+        if self.whiten:
+            query, key = query - query.mean(dim=2, keepdim=True), key - key.mean(dim=2, keepdim=True)
+        y = F.scaled_dot_product_attention(*(t.transpose(1, 2).unsqueeze(1) for t in (query, key, value)),
+                                           scale=self.scale).squeeze(1).transpose(1, 2)  # (N, C_v, L)
+        y = self.gamma * y
+        if self.conv_mask is not None:
+            y = y + value @ self.conv_mask(x).flatten(2).softmax(dim=-1).transpose(1, 2)  # (N, C_v, 1): every i
+        y = y.reshape(x.shape[0], -1, *x.shape[2:])
+        if self.conv_out is not None:
+            y = self.out_bn(self.conv_out(y))
+        return x + y
