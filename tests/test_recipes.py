@@ -336,6 +336,25 @@ REFERENCES = {
     # SETR: mmseg 0.x _base_/models/setr_naive.py (ViT-L out_indices (9, 14, 19, 23), final_norm False, bilinear
     # position table; SETRUPHead 256 ch, 1 conv 1x1, up 4; 3 auxiliary heads, 2 convs, 0.4 each), the ADE20K config's
     # drop_rate 0 and SGD lr 0.01, weight decay 0, custom_keys {'head': lr_mult 10}; schedule_160k poly
+    # The DNL paper's official HRNet model and recipe (DNL-Semantic-Segmentation): the NLModule head of
+    # nonlocalbn_single.py on the 720 concatenated channels, OHEM, torchcv's lambda_poly (down to 0), one SGD group
+    "nl_hr48_ade20k": Reference(
+        source="DNL-Semantic-Segmentation configs/seg/ade20k/NLbn_fcn_ade20k_seg_hrnet.conf, "
+               "scripts/seg/ade20k/run_fs_res101_nonlocalbn_ade20k_seg_hrnet.sh, model/seg/nets/nonlocalbn_single.py, "
+               "configs/seg/ade20k/NL_fcn_ade20k_seg.conf (the NL block)",
+        batch=16, update_interval=(8, 1), schedule=mmcv_poly(0.02, 0.9, 0.0, 150000), points=(0, 1, 75000, 149999),
+        params={"backbone.conv1.weight": (0.02, 1e-4), "head.convs.0.1.weight": (0.02, 1e-4),
+                "head.context.gamma": (0.02, 1e-4), "head.classifier.bias": (0.02, 1e-4)},
+        pretrained="hrnetv2_w48-d2186c55.pth",
+        values={"backbone.variant": "hrnet_w48", "trainer.max_steps": 150000, "trainer.val_check_interval": 10000,
+                "trainer.sync_batchnorm": True, "optim.momentum": 0.9, "task.aux_head": None,
+                "task.ohem": {"thresh": 0.7, "min_kept": 100000}, "data.crop_size": [520, 520],
+                "data.ratio_range": [0.5, 2.0], "data.hflip": 0.5, "task.inference.scale": [1040, 520],
+                "task.head.out_indices": [0, 1, 2, 3], "task.head.channels": 360, "task.head.num_convs": 2,
+                "task.head.kernel_size": 3, "task.head.concat_input": True, "task.head.cat_channels": 512,
+                "task.head.dropout": 0.1, "task.head.context.reduction": 2, "task.head.context.temperature": 1.0,
+                "task.head.context.whiten": False, "task.head.context.unary": False,
+                "task.head.context.out_conv": True}),
     "setr_naive_vit_l_ade20k": Reference(
         source="mmsegmentation 0.x configs/setr/setr_naive_512x512_160k_b16_ade20k.py, _base_/models/setr_naive.py, "
                "_base_/schedules/schedule_160k.py, _base_/datasets/ade20k.py",
@@ -459,6 +478,9 @@ REFERENCES = {
 }
 
 # Recipes that are another recipe with a few values changed, as their references are: (parent, the differences).
+# the DNL paper's official HRNet config's block (NLbn_fcn_ade20k_seg_hrnet.conf "nonlocal"), on the NL recipes
+HR48_DNL_BLOCK = {"task.head.context.temperature": 0.1, "task.head.context.whiten": True,
+                  "task.head.context.unary": True, "task.head.context.out_conv": False}
 DERIVED = {
     "resnet26_imagenet": ("resnet50_imagenet", {"backbone.depth": 26}),
     "resnet101_imagenet": ("resnet50_imagenet", {"backbone.depth": 101}),
@@ -628,6 +650,24 @@ DERIVED = {
                                                       "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
     "i3d_r50_nl_k400": ("i3d_r50_k400", {"video_backbone.nl.after_blocks": [1, 3, 5]}),
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
+    # DNL-Semantic-Segmentation: the HRNet config's DNL block (nonlocal: whiten_type in_nostd, temp 0.1, with_gc,
+    # no use_out / out_bn); its Cityscapes and PASCAL-Context 59 NL recipes (scripts/seg/cityscapes/
+    # run_fs_res101_nonlocal_cityscapes_seg.sh + NL_fcn_cityscapes_seg.conf: 4 GPUs x 2, 769 crops, lr 0.01, weight
+    # decay 5e-4, 60k, sliding 769 windows at stride 0.667; scripts/seg/pcontext/run_fs_res101_nonlocal_pcontext_seg.sh
+    # + NL59c_fcn_pcontext_seg.conf: 4 GPUs x 4, lr 0.001, 30k, evaluation every 4000), OHEM as both scripts
+    "dnl_hr48_ade20k": ("nl_hr48_ade20k", HR48_DNL_BLOCK),
+    "nl_hr48_cityscapes": ("nl_hr48_ade20k", {
+        "optim.lr": 0.01, "optim.weight_decay": 5e-4, "optim.batch_per_step": 8, "data.batch_size": 2,
+        "trainer.max_steps": 60000, "data.crop_size": [769, 769], "data.img_scale": [2048, 1024],
+        "task.num_classes": 19, "task.inference.mode": "slide", "task.inference.crop_size": [769, 769],
+        "task.inference.stride": [513, 513], "task.ohem": {"thresh": 0.7, "min_kept": 100000}}),
+    "dnl_hr48_cityscapes": ("nl_hr48_cityscapes", HR48_DNL_BLOCK),
+    "nl_hr48_pascal_context": ("nl_hr48_ade20k", {
+        "optim.lr": 0.001, "optim.weight_decay": 1e-4, "optim.batch_per_step": 16, "data.batch_size": 4,
+        "trainer.max_steps": 30000, "trainer.val_check_interval": 4000, "data.crop_size": [520, 520],
+        "task.num_classes": 59, "task.inference.mode": "whole", "task.inference.scale": [1040, 520],
+        "task.ohem": {"thresh": 0.7, "min_kept": 100000}}),
+    "dnl_hr48_pascal_context": ("nl_hr48_pascal_context", HR48_DNL_BLOCK),
 }
 # Demo recipes for synthetic data on a CPU: no reference.
 DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr",
