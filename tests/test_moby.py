@@ -142,3 +142,12 @@ def _csv_rows(run):
         with open(path) as f:
             rows += list(csv.DictReader(f))
     return rows
+
+
+def test_a_linear_evaluation_without_pretrained_weights_is_one_line():
+    from vtrain.config import ConfigError
+    from vtrain.config.validate import check_pretrained
+
+    with pytest.raises(ConfigError, match="task.linear_probe=true .* pretrained is null"):
+        check_pretrained(compose("experiment=moby_swin_t_linear"))
+    check_pretrained(compose("experiment=moby_swin_t_linear", "pretrained=null", "task.linear_probe=false"))
