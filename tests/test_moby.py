@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import compose, run_in_process
+from vtrain.config import ConfigError
 from vtrain.tasks.selfsup.moby import MoBYTask, contrastive_loss, momentum_at
 
 # a ViT of two blocks on 32x32 images (DeiT-S's family); the official MLP shapes, narrowed
@@ -67,7 +68,7 @@ def test_queue_replaces_the_oldest_keys_at_one_shared_pointer():
     torch.testing.assert_close(model.queue1[0], torch.tensor([6.0, 6, 2, 2, 4, 4]))
     torch.testing.assert_close(model.queue2[0], torch.tensor([7.0, 7, 3, 3, 5, 5]))
     assert not torch.equal(start2, model.queue2)
-    with pytest.raises(Exception, match="queue_size=6 is not a multiple"):
+    with pytest.raises(ConfigError, match="queue_size=6 is not a multiple"):
         model.enqueue(torch.zeros(4, 8), torch.zeros(4, 8))
 
 
@@ -145,9 +146,41 @@ def _csv_rows(run):
 
 
 def test_a_linear_evaluation_without_pretrained_weights_is_one_line():
-    from vtrain.config import ConfigError
     from vtrain.config.validate import check_pretrained
 
     with pytest.raises(ConfigError, match="task.linear_probe=true .* pretrained is null"):
         check_pretrained(compose("experiment=moby_swin_t_linear"))
     check_pretrained(compose("experiment=moby_swin_t_linear", "pretrained=null", "task.linear_probe=false"))
+
+
+def test_two_views_are_the_official_byol_transforms():
+    """The official data/build.py transform_1 / transform_2 (AUG.SSL_AUG_TYPE byol), rebuilt here, give the same
+    tensors from the same random state."""
+    import random
+
+    import numpy as np
+    from PIL import Image, ImageFilter, ImageOps
+    from torchvision import transforms as T
+
+    from vtrain.tasks.selfsup.data import TwoViewDataModule
+
+    class OfficialBlur:
+        def __call__(self, x):
+            return x.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
+
+    def official(blur, solarize):
+        steps = [T.RandomResizedCrop(32, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+                 T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                 T.RandomApply([OfficialBlur()], p=blur)]
+        steps += [T.RandomApply([ImageOps.solarize], p=0.2)] if solarize else []
+        return T.Compose(steps + [T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    ours = TwoViewDataModule("unused", 1, img_size=32).views()
+    for seed in range(8):
+        for view, reference in zip(ours, (official(1.0, False), official(0.1, True))):
+            outputs = []
+            for transform in (view, reference):
+                random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+                outputs.append(transform(image))
+            torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)

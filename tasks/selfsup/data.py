@@ -2,10 +2,10 @@
 ``data/build.py`` of SwinTransformer/Transformer-SSL makes it (``AUG.SSL_AUG_TYPE='byol'``)."""
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
@@ -30,7 +30,7 @@ class GaussianBlur:
         self.sigma = sigma
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+        return image.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(*self.sigma)))
 
 
 def byol_view(img_size: int, crop_scale: float, blur: float, solarize: float,
