@@ -128,6 +128,8 @@ def test_every_recipe_passes_the_value_checks(experiment, tmp_path):
     cfg = compose(f"experiment={experiment}")
     cfg.paths.weights_dir = str(tmp_path)  # as paths.weights_dir=... would: the recipe's pretrained interpolates it
     check_values(cfg)
+    if cfg.task.get("linear_probe"):  # a linear evaluation is given its pre-training run's checkpoint
+        cfg.pretrained = str(tmp_path / "pretraining_last.ckpt")
     if cfg.pretrained:
         (tmp_path / Path(cfg.pretrained).name).write_bytes(b"")
     check_pretrained(cfg)

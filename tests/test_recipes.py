@@ -154,6 +154,56 @@ REFERENCES = {
         batch=1024, params=SWIN_RULE, schedule=swin_cosine, epochs=300,
         points=(0, 5, 199, 200, 201, 1500, 2999),
         values={"backbone.drop_path_rate": 0.2, "trainer.gradient_clip_val": 5.0, "data.augment.re_prob": 0.25}),
+    "moby_swin_t_imagenet": Reference(
+        source="Transformer-SSL configs/moby_swin_tiny.yaml, config.py, moby_main.py (lr, warm-up and min lr x "
+               "batch / 512), get_started.md (8 GPUs x 64), models/build.py and moby.py, optimizer.py (the MoBY "
+               "model has no no_weight_decay: only 1-D tensors and biases are exempt), lr_scheduler.py",
+        batch=512, epochs=300, schedule=swin_timm_cosine(1e-3, 5e-7, 5e-6, 5, 300),
+        points=(0, 25, 49, 50, 51, 1500, 2999),
+        params={"backbone.layers.0.blocks.0.norm1.weight": (1e-3, 0.0),
+                "backbone.layers.0.blocks.0.attn.qkv.bias": (1e-3, 0.0),
+                "backbone.layers.0.blocks.0.attn.qkv.weight": (1e-3, 0.05),
+                "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (1e-3, 0.05),
+                "projector.linear_hidden.1.weight": (1e-3, 0.05), "projector.linear_hidden.2.weight": (1e-3, 0.0),
+                "predictor.linear_out.weight": (1e-3, 0.05), "predictor.linear_out.bias": (1e-3, 0.0)},
+        values={"backbone.drop_path_rate": 0.2, "task.target_drop_path_rate": 0.0, "task.momentum": 0.99,
+                "task.temperature": 0.2, "task.queue_size": 4096, "task.proj_layers": 2, "task.pred_layers": 2,
+                "task.hidden_dim": 4096, "task.out_dim": 256, "data.crop_scale": 0.08, "data.blur": [1.0, 0.1],
+                "data.solarize": [0.0, 0.2], "trainer.gradient_clip_val": 5.0, "trainer.sync_batchnorm": True,
+                "optim.betas": [0.9, 0.999], "optim.eps": 1e-8}),
+    "moby_deit_s_imagenet": Reference(
+        source="Transformer-SSL configs/moby_deit_small.yaml (timm vit_deit_small_patch16_224), the rest as "
+               "moby_swin_t_imagenet",
+        batch=512, epochs=300, schedule=swin_timm_cosine(1e-3, 5e-7, 5e-6, 5, 300),
+        points=(0, 25, 49, 50, 51, 1500, 2999),
+        params={"backbone.pos_embed": (1e-3, 0.05), "backbone.cls_token": (1e-3, 0.05),
+                "backbone.blocks.0.norm1.weight": (1e-3, 0.0), "backbone.blocks.0.attn.qkv.bias": (1e-3, 0.0),
+                "backbone.blocks.0.attn.qkv.weight": (1e-3, 0.05), "projector.linear_hidden.1.weight": (1e-3, 0.05)},
+        values={"backbone.embed_dim": 384, "backbone.depth": 12, "backbone.drop_path_rate": 0.2,
+                "task.target_drop_path_rate": 0.0, "task.queue_size": 4096, "task.temperature": 0.2,
+                "trainer.gradient_clip_val": 5.0, "trainer.sync_batchnorm": True}),
+    "moby_swin_t_linear": Reference(
+        source="Transformer-SSL moby_linear.py (parse_option fixes SGD, --lr 1.0, no weight decay, 100 epochs, 5 "
+               "warm-up, --drop-path-rate 0.2, SSL_LINEAR_AUG, no Mixup; lr x batch / 512), config.py (label "
+               "smoothing 0.1, clip 5.0, warm-up 5e-7, min 5e-6), optimizer.py (SGD nesterov), data/build.py",
+        batch=512, epochs=100, schedule=swin_timm_cosine(1.0, 5e-7, 5e-6, 5, 100),
+        points=(0, 25, 49, 50, 51, 500, 999),
+        params={"head.weight": (1.0, 0.0), "head.bias": (1.0, 0.0)},
+        values={"task.linear_probe": True, "task.mixup": None, "task.label_smoothing": 0.1, "task.head_drop": 0.0,
+                "backbone.drop_path_rate": 0.2, "optim.momentum": 0.9, "optim.nesterov": True,
+                "trainer.gradient_clip_val": 5.0, "data.augment.auto_augment": None, "data.augment.re_prob": 0.0,
+                "data.augment.color_jitter": None, "data.augment.interpolation": "bilinear",
+                "data.augment.hflip": 0.5, "data.eval_crop_pct": 0.875, "data.eval_crop_mode": "center",
+                "data.eval_interpolation": "bilinear"}),
+    "moby_deit_s_linear": Reference(
+        source="Transformer-SSL moby_linear.py with configs/moby_deit_small.yaml: moby_swin_t_linear's values",
+        batch=512, epochs=100, schedule=swin_timm_cosine(1.0, 5e-7, 5e-6, 5, 100),
+        points=(0, 25, 49, 50, 51, 500, 999),
+        params={"head.weight": (1.0, 0.0), "head.bias": (1.0, 0.0)},
+        values={"backbone.embed_dim": 384, "task.linear_probe": True, "task.mixup": None,
+                "task.label_smoothing": 0.1, "backbone.drop_path_rate": 0.2, "optim.nesterov": True,
+                "trainer.gradient_clip_val": 5.0, "data.augment.auto_augment": None,
+                "data.eval_interpolation": "bilinear"}),
     "swin_b_imagenet22k": Reference(
         source="Swin-Transformer configs/swin/swin_base_patch4_window7_224_22k.yaml, config.py, main.py, "
                "get_started.md (64 per GPU x 8 GPUs x 8 accumulation), data/build.py (21841 classes)",

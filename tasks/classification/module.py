@@ -45,7 +45,8 @@ def read_class_map(path: str | Path, num_classes: int, source_classes: int) -> l
 
 
 class ClassificationTask(ClassifierTask):
-    """``map22kto1k``: a class map (:func:`read_class_map`) that gives this model the rows of a pretrained classifier
+    """``linear_probe``: the backbone is frozen and only the classifier trains (a linear evaluation).
+    ``map22kto1k``: a class map (:func:`read_class_map`) that gives this model the rows of a pretrained classifier
     of more classes (an official ImageNet-22K release for a 1000-class model), as the official fine-tuning does."""
 
     def __init__(
@@ -60,6 +61,7 @@ class ClassificationTask(ClassifierTask):
         label_smoothing: float = 0.0,
         mixup: Mapping[str, Any] | None = None,
         map22kto1k: str | None = None,
+        linear_probe: bool = False,
     ):
         # a classifier's trunk (out_indices=None)
         super().__init__(instantiate(backbone), num_classes, optim, sched, monitor, monitor_mode, head_drop)
@@ -72,6 +74,10 @@ class ClassificationTask(ClassifierTask):
             self.train_loss = nn.CrossEntropyLoss()
         self.val_loss = nn.CrossEntropyLoss()
         self.map22kto1k = map22kto1k
+        if linear_probe:
+            # linear evaluation of a self-supervised backbone (MoBY's moby_linear.py: every parameter but the
+            # head's frozen; the backbone stays in training mode, its drop path on, as there)
+            self.backbone.requires_grad_(False)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch

@@ -102,6 +102,10 @@ def check_pretrained(cfg: DictConfig, download: Download | None = None) -> None:
     ``paths.download_weights`` is false; when it is not there after that: one line naming the file, where it is
     published, why its download failed, and that ``pretrained=null`` trains from scratch on purpose."""
     path = cfg.get("pretrained")
+    if not path and not cfg.get("ckpt_path") and OmegaConf.select(cfg, "task.linear_probe", default=False):
+        # a linear evaluation of a random backbone would train and report as if nothing were wrong
+        raise ConfigError("task.linear_probe=true trains only a classifier on a frozen backbone, and pretrained is "
+                          "null: give the pre-trained weights, e.g. pretrained=<a moby_*_imagenet run>/checkpoints/last.ckpt")
     if not path or cfg.get("ckpt_path") or Path(path).is_file():
         return
     url = cfg.get("pretrained_url")
