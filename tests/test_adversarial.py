@@ -87,6 +87,8 @@ def test_bad_settings_say_what_is_wrong():
         PGD(epsilon=16, step_size=1, steps=10)
     with pytest.raises(ConfigError, match="steps=0"):
         PGD(epsilon=EPS, step_size=1 / 255, steps=0)
+    with pytest.raises(ConfigError, match=r"task.attacks.pgd has unknown key\(s\) \['step'\]: a PGD attack takes"):
+        PGD.from_settings({"epsilon": EPS, "step": 1 / 255, "steps": 10}, "task.attacks.pgd")
 
 
 def test_a_trained_tiny_classifier_loses_accuracy_under_both_attacks_and_trains_on_attacked_images(imagenet_root,

@@ -83,8 +83,10 @@ class ClassificationTask(ClassifierTask):
             self.train_loss = nn.CrossEntropyLoss()
         self.val_loss = nn.CrossEntropyLoss()
         self.map22kto1k = map22kto1k
-        self.attacks = {name: PGD(**settings) for name, settings in (attacks or {}).items()}
-        self.adversarial_training = PGD(**adversarial_training) if adversarial_training else None
+        self.attacks = {name: PGD.from_settings(settings, f"task.attacks.{name}")
+                        for name, settings in (attacks or {}).items()}
+        self.adversarial_training = (PGD.from_settings(adversarial_training, "task.adversarial_training")
+                                     if adversarial_training else None)
         self.mean, self.std = tuple(mean), tuple(std)
         self.val_top1_attacked = nn.ModuleDict({name: MulticlassAccuracy(num_classes=num_classes, top_k=1,
                                                                          average="micro") for name in self.attacks})

@@ -3,8 +3,10 @@ LR-Net's robustness table (Hu et al., ICCV 2019), which follows Feature Denoisin
 code facebookresearch/ImageNet-Adversarial-Training, adv_model.py ``PGDAttacker``)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,17 @@ class PGD:
             raise ConfigError(f"PGD steps={self.steps}: use a whole number >= 1")
         if not 0.0 <= self.start_from_clean <= 1.0:
             raise ConfigError(f"PGD start_from_clean={self.start_from_clean}: a probability, in [0, 1]")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], where: str) -> PGD:
+        """The attack a config's mapping describes (``where``: its key, for the one-line error)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(fields))
+        missing = [name for name in ("epsilon", "step_size", "steps") if name not in settings]
+        if unknown or missing:
+            raise ConfigError(f"{where} has {'unknown key(s) ' + str(unknown) if unknown else 'no ' + str(missing)}: "
+                              f"a PGD attack takes {', '.join(fields)} (conf/attack/ has examples)")
+        return cls(**settings)
 
     def perturb(self, logits_of: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, labels: torch.Tensor,
                 num_classes: int) -> torch.Tensor:
