@@ -536,6 +536,23 @@ DERIVED = {
     "resnet101_imagenet": ("resnet50_imagenet", {"backbone.depth": 101}),
     "lrnet26_imagenet": ("resnet50_imagenet", {"backbone.depth": 26}),
     "lrnet50_imagenet": ("resnet50_imagenet", {"backbone.depth": 50}),
+    # LR-Net's robustness table trains as Feature Denoising (facebookresearch/ImageNet-Adversarial-Training): main.py
+    # (30-step PGD of 1/255 within 16/255, 20% of batches from the clean image, 110 epochs, x0.1 at 35/70/95),
+    # adv_model.py (random wrong target, label smoothing 0.1, [-1, 1] pixels), imagenet_utils.py (Nesterov, decay on
+    # conv / fc weights only, eval resize bicubic), resnet_model.py (last BN of a block at 0); evaluation: 10 steps of
+    # epsilon / 10, targeted and untargeted (Feature Denoising Sec. 6.1)
+    "resnet50_imagenet_adv": ("resnet50_imagenet", {
+        "task.adversarial_training": {"epsilon": pytest.approx(16 / 255), "step_size": pytest.approx(1 / 255),
+                                      "steps": 30, "targeted": True, "start_from_clean": 0.2},
+        "task.attacks": {name: {"epsilon": pytest.approx(16 / 255), "step_size": pytest.approx(1.6 / 255), "steps": 10,
+                                "targeted": name == "pgd_targeted", "start_from_clean": 0.0}
+                         for name in ("pgd_targeted", "pgd_untargeted")},
+        "task.label_smoothing": 0.1, "trainer.max_epochs": 110, "sched.milestones_epochs": [35, 70, 95],
+        "optim.nesterov": True, "optim.exempt_1d_and_listed": True, "backbone.zero_init_last": True,
+        "data.mean": [0.5, 0.5, 0.5], "data.std": [0.5, 0.5, 0.5], "data.eval_interpolation": "bicubic",
+        "data.augment.color_jitter": 0.4}),
+    "resnet26_imagenet_adv": ("resnet50_imagenet_adv", {"backbone.depth": 26}),
+    "lrnet26_imagenet_adv": ("resnet50_imagenet_adv", {"backbone.depth": 26}),
     "swin_s_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.3}),
     "swin_b_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.5}),
     "vit_b16_imagenet": ("vit_s16_imagenet", {"backbone.embed_dim": 768}),

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from hydra.utils import instantiate
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from vtrain.config import ConfigError
 from vtrain.inference.visualize import draw_top_k, to_uint8_image
+from vtrain.training.adversarial import PGD, attack_normalised
 from vtrain.training.checkpoint import (
     load_classifier,
     load_matching,
@@ -47,7 +49,12 @@ def read_class_map(path: str | Path, num_classes: int, source_classes: int) -> l
 class ClassificationTask(ClassifierTask):
     """``linear_probe``: the backbone is frozen and only the classifier trains (a linear evaluation).
     ``map22kto1k``: a class map (:func:`read_class_map`) that gives this model the rows of a pretrained classifier
-    of more classes (an official ImageNet-22K release for a 1000-class model), as the official fine-tuning does."""
+    of more classes (an official ImageNet-22K release for a 1000-class model), as the official fine-tuning does.
+
+    ``attacks``: name -> :class:`~vtrain.training.adversarial.PGD` settings; validation reports ``val/top1_<name>``,
+    the top-1 on each image's adversarial counterpart, beside the clean ``val/top1``. ``adversarial_training``: PGD
+    settings whose adversarial images the model trains on, all of them (Feature Denoising's adversarial training).
+    ``mean`` / ``std``: the loaders' normalisation, undone so that the attacks work on 0-1 pixels."""
 
     def __init__(
         self,
@@ -62,6 +69,10 @@ class ClassificationTask(ClassifierTask):
         mixup: Mapping[str, Any] | None = None,
         map22kto1k: str | None = None,
         linear_probe: bool = False,
+        attacks: Mapping[str, Mapping[str, Any]] | None = None,
+        adversarial_training: Mapping[str, Any] | None = None,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ):
         # a classifier's trunk (out_indices=None)
         super().__init__(instantiate(backbone), num_classes, optim, sched, monitor, monitor_mode, head_drop)
@@ -78,9 +89,22 @@ class ClassificationTask(ClassifierTask):
             # linear evaluation of a self-supervised backbone (MoBY's moby_linear.py: every parameter but the
             # head's frozen; the backbone stays in training mode, its drop path on, as there)
             self.backbone.requires_grad_(False)
+        self.attacks = {name: PGD.from_settings(settings, f"task.attacks.{name}")
+                        for name, settings in (attacks or {}).items()}
+        self.adversarial_training = (PGD.from_settings(adversarial_training, "task.adversarial_training")
+                                     if adversarial_training else None)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.val_top1_attacked = nn.ModuleDict({name: MulticlassAccuracy(num_classes=num_classes, top_k=1,
+                                                                         average="micro") for name in self.attacks})
+
+    def attacked(self, attack: PGD, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The normalised batch's adversarial counterpart under ``attack``."""
+        return attack_normalised(self, attack, images, labels, self.head.out_features, self.mean, self.std)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        if self.adversarial_training is not None:
+            images = self.attacked(self.adversarial_training, images, targets)
         if self.mixup is not None:
             if images.shape[0] % 2:  # timm's batch Mixup pairs samples with the flipped batch
                 images, targets = images[:-1], targets[:-1]
@@ -95,6 +119,10 @@ class ClassificationTask(ClassifierTask):
         images, targets = batch
         logits = self(images)
         self.log_accuracy(logits, targets, self.val_loss(logits, targets))
+        for name, attack in self.attacks.items():
+            top1 = self.val_top1_attacked[name]
+            top1(self(self.attacked(attack, images, targets)), targets)
+            self.log(f"val/top1_{name}", top1, batch_size=len(targets))
 
     # ------------------------------------------------------------------ predictions and export
     @torch.no_grad()
