@@ -7,8 +7,15 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from conftest import compose
+from test_detection_c4_dc5 import FEW_ROIS, _task
+from test_detection_models import _batch
+from vtrain.profiling import count_params
 from vtrain.tasks.detection.deformable_roi_pool import DeformableRoIPool, deformable_roi_pool
+from vtrain.training.build import build_task
+from vtrain.training.optim import param_multipliers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,3 +113,44 @@ def test_the_offset_layer_starts_at_zero_so_the_module_starts_as_plain_pooling()
     assert pool.offset.weight.shape == (2 * 49, 4 * 49)
     (out * torch.randn(out.shape, generator=g)).sum().backward()
     assert pool.offset.weight.grad.abs().sum() > 0
+
+
+def test_a_training_step_of_the_dcn_base_reaches_the_offsets():
+    """The DCN C4 base (task/detector=faster_rcnn_dcn_2fc) on a ResNet-26 with deformable res5 convs, one SGD step
+    on a synthetic image: finite losses; the RoI offset fc and the res5 offset convs get gradients (both start at
+    zero) and move."""
+    torch.manual_seed(0)
+    dcn = {"stages": [False, False, False, True], "modulated": False, "deform_groups": 4}
+    task = _task("faster_rcnn_dcn_2fc", *FEW_ROIS, "task.detector.box_head_dim=32", output_stride=16, dcn=dcn)
+    for block in task.backbone.layer4:  # timm starts each residual branch at zero (its last BN's scale), ImageNet
+        nn.init.ones_(block.bn3.weight)  # weights do not: as those, so the branch passes a gradient at once
+    pool = task.detector.roi_heads.box_roi_pool
+    assert isinstance(pool, DeformableRoIPool) and pool.featmap_names == ["3"]
+    assert (pool.sample_per_part, pool.trans_std, pool.spatial_scale) == (4, 0.1, 0.0625)
+    watched = {"detector.roi_heads.box_roi_pool.offset.weight", "backbone.layer4.1.conv2.conv_offset.weight"}
+    images, targets = _batch()
+    task.train()
+    losses = task.detector(images[:1], [{k: v for k, v in targets[0].items() if k != "masks"}])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    parameters = dict(task.named_parameters())
+    assert all(parameters[name].grad.abs().sum() > 0 for name in watched)
+    before = {name: parameters[name].detach().clone() for name in watched}
+    torch.optim.SGD(task.parameters(), lr=0.01).step()
+    assert all(not torch.equal(before[name], parameters[name]) for name in watched)
+
+
+def test_size_of_the_dcn_experiment_is_the_official_symbols():
+    """dcn_r101_c4_2fc_softnms_coco_1x on the meta device (80 categories) is the C4 base's 62,085,393 parameters
+    (tests/test_detection_c4_dc5.py rebuilds it from the official symbol's layers) plus what
+    resnet_v1_101_rcnn_dcn.py adds: three res5 offset convs (512 -> 72 = 4 groups x 2 x 3 x 3, with bias) and the
+    offset fc (256 x 7 x 7 -> 2 x 7 x 7); the paper's 60.5M is 2.2M over its C4 58.3M, as here. The relation
+    modules and the learned NMS add what they add on the C4 base."""
+    with torch.device("meta"):
+        task = build_task(compose("experiment=dcn_r101_c4_2fc_softnms_coco_1x"))
+        added = 3 * count_params(nn.Conv2d(512, 72, 3)) + count_params(nn.Linear(256 * 49, 98))
+    assert added == 2_224_954
+    assert count_params(task) == 62_085_393 + added == 64_310_347
+    slow = {name for name, (lr, _) in param_multipliers(task, False, task.optim_cfg["custom_keys"]).items() if lr != 1}
+    assert all(param_multipliers(task, False, task.optim_cfg["custom_keys"])[name][0] == 0.01 for name in slow)
+    assert slow == {"detector.roi_heads.box_roi_pool.offset.weight", "detector.roi_heads.box_roi_pool.offset.bias"}
