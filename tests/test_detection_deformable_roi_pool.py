@@ -116,9 +116,9 @@ def test_the_offset_layer_starts_at_zero_so_the_module_starts_as_plain_pooling()
 
 
 def test_a_training_step_of_the_dcn_base_reaches_the_offsets():
-    """The DCN C4 base (task/detector=faster_rcnn_dcn_2fc) on a ResNet-26 with deformable res5 convs, one SGD step
-    on a synthetic image: finite losses; the RoI offset fc and the res5 offset convs get gradients (both start at
-    zero) and move."""
+    """The DCN C4 base (task/detector=faster_rcnn_dcn_2fc) on a ResNet-26 with deformable res5 convs, a training
+    step on a synthetic image: finite losses; the RoI offset fc and the res5 offset convs, both starting at zero, get
+    gradients."""
     torch.manual_seed(0)
     dcn = {"stages": [False, False, False, True], "modulated": False, "deform_groups": 4}
     task = _task("faster_rcnn_dcn_2fc", *FEW_ROIS, "task.detector.box_head_dim=32", output_stride=16, dcn=dcn)
@@ -135,9 +135,6 @@ def test_a_training_step_of_the_dcn_base_reaches_the_offsets():
     sum(losses.values()).backward()
     parameters = dict(task.named_parameters())
     assert all(parameters[name].grad.abs().sum() > 0 for name in watched)
-    before = {name: parameters[name].detach().clone() for name in watched}
-    torch.optim.SGD(task.parameters(), lr=0.01).step()
-    assert all(not torch.equal(before[name], parameters[name]) for name in watched)
 
 
 def test_size_of_the_dcn_experiment_is_the_official_symbols():

@@ -99,20 +99,22 @@ class DeformableRoIPool(nn.Module):
             raise ConfigError(f"deformable RoI pooling reads one map, not {list(featmap_names)}: use it on a "
                               "single-map neck (task/detector=faster_rcnn_dcn_2fc)")
         self.featmap_names = list(featmap_names)
-        self.output_size, self.spatial_scale = int(output_size), float(spatial_scale)
-        self.sample_per_part, self.trans_std = int(sample_per_part), float(trans_std)
-        self.offset = nn.Linear(channels * self.output_size**2, 2 * self.output_size**2)
+        self.output_size = (int(output_size), int(output_size))  # torchvision's RoI pools' attribute
+        self.spatial_scale, self.sample_per_part, self.trans_std = float(spatial_scale), int(sample_per_part), float(trans_std)
+        self.offset = nn.Linear(channels * int(output_size) ** 2, 2 * int(output_size) ** 2)
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
 
     def pool(self, feature: Tensor, rois: Tensor, offsets: Tensor | None) -> Tensor:
-        return deformable_roi_pool(feature, rois, offsets, self.output_size, self.spatial_scale,
+        return deformable_roi_pool(feature, rois, offsets, self.output_size[0], self.spatial_scale,
                                    self.sample_per_part, self.trans_std)
+
+    def offsets(self, plain: Tensor) -> Tensor:
+        """The bins' normalised offsets ``(R, 2, P, P)`` from the RoIs pooled without them ``(R, C, P, P)``."""
+        return self.offset(plain.flatten(start_dim=1)).view(-1, 2, *self.output_size)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
         feature = features[self.featmap_names[0]]
         rois = _convert_to_roi_format(boxes)
-        plain = self.pool(feature, rois, None)
-        offsets = self.offset(plain.flatten(start_dim=1)).view(-1, 2, self.output_size, self.output_size)
-        return self.pool(feature, rois, offsets)
+        return self.pool(feature, rois, self.offsets(self.pool(feature, rois, None)))

@@ -142,7 +142,7 @@ class RCNNSpec(PyramidRCNN):
         build_rcnn_heads(detector, self.rcnn, self.nms, getattr(pyramid, "rpn_levels", None))
         if self.box_roi_pool is not None:  # set after: torchvision's FasterRCNN takes only its MultiScaleRoIAlign
             pool = self.box_roi_pool(featmap_names=pyramid.level_names, channels=width)
-            if getattr(pool, "output_size", ROI_SIZE) != ROI_SIZE:
+            if tuple(pool.output_size) != (ROI_SIZE, ROI_SIZE):
                 raise ConfigError(f"task.detector.box_roi_pool.output_size: the box head reads {ROI_SIZE}x{ROI_SIZE} "
                                   f"RoIs, set it to {ROI_SIZE}")
             detector.roi_heads.box_roi_pool = pool
