@@ -102,7 +102,8 @@ def test_gradients_to_the_offsets_are_finite_differences():
 
 def test_the_offset_layer_starts_at_zero_so_the_module_starts_as_plain_pooling():
     """The official ``offset`` fc (7 x 7 x C -> 2 x 7 x 7) is initialised to zero: the module's first output is the
-    pooling without offsets, and the loss reaches the fc (it learns the offsets)."""
+    pooling without offsets, and the loss reaches the fc (it learns the offsets). Under bf16 autocast it pools the
+    same values (sampled in float32, as torchvision's RoIAlign) and returns bf16."""
     g = torch.Generator().manual_seed(2)
     pool = DeformableRoIPool(["3"], channels=4)
     feature = torch.randn(1, 4, 10, 12, generator=g)
@@ -113,6 +114,10 @@ def test_the_offset_layer_starts_at_zero_so_the_module_starts_as_plain_pooling()
     assert pool.offset.weight.shape == (2 * 49, 4 * 49)
     (out * torch.randn(out.shape, generator=g)).sum().backward()
     assert pool.offset.weight.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: sampled in float32, given back in bf16
+        half = pool({"3": feature.bfloat16()}, boxes, [(160, 192)])
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), deformable_roi_pool(feature.bfloat16().float(), rois), rtol=0.01, atol=0.01)
 
 
 def test_a_training_step_of_the_dcn_base_reaches_the_offsets():

@@ -49,7 +49,10 @@ def deformable_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None =
     """
     size, k = int(output_size), int(sample_per_part)
     height, width = features.shape[-2:]
-    corners = _round_half_away(rois[:, 1:].detach())
+    dtype = features.dtype  # half precision sampled in float32, as torchvision's RoIAlign does under autocast
+    features = features.to(torch.promote_types(dtype, torch.float32))
+    offsets = None if offsets is None else offsets.to(features.dtype)
+    corners = _round_half_away(rois[:, 1:].detach().to(features.dtype))
     start = corners[:, :2] * spatial_scale - 0.5  # (R, 2): x, y
     extent = ((corners[:, 2:] + 1) * spatial_scale - 0.5 - start).clamp(min=0.1)  # (R, 2): the RoI's w, h
     bins = torch.arange(size, device=rois.device, dtype=features.dtype)
@@ -78,7 +81,7 @@ def deformable_roi_pool(features: Tensor, rois: Tensor, offsets: Tensor | None =
         weights = counted[rows].reshape(len(rows) * size * size, k * k)
         mean = (sampled[0] * weights).sum(-1) / weights.sum(-1).clamp(min=1)  # a bin without samples: 0
         pooled[rows] = mean.reshape(-1, len(rows), size, size).transpose(0, 1)
-    return pooled
+    return pooled.to(dtype)
 
 
 class DeformableRoIPool(nn.Module):
