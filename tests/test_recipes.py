@@ -531,6 +531,13 @@ REFERENCES = {
 # the DNL paper's official HRNet config's block (NLbn_fcn_ade20k_seg_hrnet.conf "nonlocal"), on the NL recipes
 HR48_DNL_BLOCK = {"task.head.context.temperature": 0.1, "task.head.context.whiten": True,
                   "task.head.context.unary": True, "task.head.context.out_conv": False}
+# the official DCN symbol's changes to the C4 base: res5's 3x3 convs deformable (num_deformable_group 4), deformable
+# RoI pooling (group_size 1, pooled_size 7, sample_per_part 4, spatial_scale 0.0625, trans_std 0.1), its offset fc
+# at lr_mult 0.01
+DCN_BASE = {"backbone.dcn": {"stages": [False, False, False, True], "modulated": False, "deform_groups": 4},
+            "task.detector.box_roi_pool.output_size": 7, "task.detector.box_roi_pool.sample_per_part": 4,
+            "task.detector.box_roi_pool.spatial_scale": 0.0625, "task.detector.box_roi_pool.trans_std": 0.1,
+            "optim.custom_keys": {"box_roi_pool.offset": {"lr_mult": 0.01}}}
 DERIVED = {
     "resnet26_imagenet": ("resnet50_imagenet", {"backbone.depth": 26}),
     "resnet101_imagenet": ("resnet50_imagenet", {"backbone.depth": 101}),
@@ -647,6 +654,11 @@ DERIVED = {
     "r101_c4_2fc_softnms_coco_1x": ("r101_fpn_2fc_softnms_coco_1x", {"backbone.output_stride": 16}),
     "relation_r101_c4_coco_1x": ("relation_r101_fpn_coco_1x", {"backbone.output_stride": 16}),
     "relation_r101_c4_e2e_coco_1x": ("relation_r101_fpn_e2e_coco_1x", {"backbone.output_stride": 16}),
+    # the DCN rows: the C4 rows on the official DCN base (relation_rcnn/symbols/resnet_v1_101_rcnn_dcn*.py; the
+    # configs ..._rcnn_dcn_end2end*_8epoch.yaml are the C4 ones but for the symbol)
+    "dcn_r101_c4_2fc_softnms_coco_1x": ("r101_c4_2fc_softnms_coco_1x", DCN_BASE),
+    "relation_dcn_r101_c4_coco_1x": ("relation_r101_c4_coco_1x", DCN_BASE),
+    "relation_dcn_r101_c4_e2e_coco_1x": ("relation_r101_c4_e2e_coco_1x", DCN_BASE),
     # the README's 150-epoch run: one machine (8 GPUs x 2), lr drop at 100
     # DETR's other released models (README model zoo; main.py --dilation / --backbone resnet101; DC5 trained with
     # 1 image per GPU)

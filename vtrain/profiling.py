@@ -29,6 +29,11 @@ def _deform_conv_flops(input_shape, weight_shape, *args, out_shape=None, **kwarg
 _UNKNOWN_TO_THE_COUNTER = {torch.ops.torchvision.deform_conv2d: _deform_conv_flops}
 
 
+def flop_counter() -> FlopCounterMode:
+    """torch's counter, silent, with the operators it does not know (deformable convolution) counted."""
+    return FlopCounterMode(display=False, custom_mapping=_UNKNOWN_TO_THE_COUNTER)
+
+
 def count_params(module: nn.Module) -> int:
     """Number of parameters (trainable or not), shared tensors counted once."""
     return sum(p.numel() for p in module.parameters())
@@ -47,7 +52,7 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     was_training = module.training
     module.eval()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_UNKNOWN_TO_THE_COUNTER) as counter:
+        with flop_counter() as counter:
             module(x)
     finally:
         module.train(was_training)

@@ -108,12 +108,16 @@ class RCNNSpec(PyramidRCNN):
             up-sampling deconvolution's width. Only for ``MaskRCNN``.
         reductions: the strides the backbone outputs must have (None: a pyramid's 4 * 2**i; DC5's dilated C5:
             ``[16]``).
+        box_roi_pool: the boxes' RoI pool, called with the neck's ``featmap_names`` and ``channels``, giving
+            ``7 x 7`` RoIs (None: RoIAlign with ``rcnn``'s settings; Deformable ConvNets' head:
+            :class:`deformable_roi_pool.DeformableRoIPool`).
     """
 
     def __init__(self, model: Callable[..., FasterRCNN], out_indices: Sequence[int], neck: Callable[[Backbone], FeaturePyramid],
                  box_head: Callable[..., nn.Module], box_head_dim: int = 1024, nms: Any = None,
                  rcnn: RCNNSettings | None = None, mask_head_dims: Sequence[int] | None = None,
-                 reductions: Sequence[int] | None = None):
+                 reductions: Sequence[int] | None = None, box_roi_pool: Callable[..., nn.Module] | None = None):
+        self.box_roi_pool = box_roi_pool
         self.model, self.out_indices, self.neck = model, tuple(int(i) for i in out_indices), neck
         self.reductions = None if reductions is None else tuple(int(r) for r in reductions)
         self.box_head, self.box_head_dim = box_head, int(box_head_dim)
@@ -136,6 +140,12 @@ class RCNNSpec(PyramidRCNN):
             parts["mask_predictor"] = MaskRCNNPredictor(self.mask_head_dims[-1], self.mask_head_dims[-1], num_classes)
         detector = self.model(pyramid, num_classes=None, **parts, **torchvision_transform(transform))
         build_rcnn_heads(detector, self.rcnn, self.nms, getattr(pyramid, "rpn_levels", None))
+        if self.box_roi_pool is not None:  # set after: torchvision's FasterRCNN takes only its MultiScaleRoIAlign
+            pool = self.box_roi_pool(featmap_names=pyramid.level_names, channels=width)
+            if tuple(pool.output_size) != (ROI_SIZE, ROI_SIZE):
+                raise ConfigError(f"task.detector.box_roi_pool.output_size: the box head reads {ROI_SIZE}x{ROI_SIZE} "
+                                  f"RoIs, set it to {ROI_SIZE}")
+            detector.roi_heads.box_roi_pool = pool
         return detector
 
     def release_names(self, detector: nn.Module) -> tuple[dict[str, str], dict[str, Rows]]:

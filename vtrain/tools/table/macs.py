@@ -8,13 +8,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from vtrain.layers.local_relation import LocalRelation2d
 from vtrain.tasks.detection.cascade import CascadeRoIHeads
 from vtrain.tasks.detection.sparse_rcnn import SparseRCNN
-from vtrain.profiling import count_macs
+from vtrain.profiling import count_macs, flop_counter
 
 
 def task_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
@@ -52,13 +51,13 @@ def lrnet_paper_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one test image of ``image_shape`` (C, H, W, as the detector pads it), counted as
     :mod:`vtrain.profiling` counts (matrix products and convolutions; RoIAlign, NMS and box decoding are not):
-    the backbone, FPN and dense head(s) on the image; for an R-CNN, the box head (relation modules included) on the
-    RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs it sees at most), the mask head on
-    ``detections_per_img`` boxes and a learned duplicate removal on the first ``first_n`` RoIs of every class; for
-    a cascade, each stage's box head on those RoIs and each stage's mask head on those boxes. Works on the meta
-    device."""
+    the backbone, FPN and dense head(s) on the image; for an R-CNN, a deformable RoI pool's offset fc and the box
+    head (relation modules included) on the RPN's test-time proposal count (``rpn_post_nms_top_n_test``: the RoIs
+    it sees at most), the mask head on ``detections_per_img`` boxes and a learned duplicate removal on the first
+    ``first_n`` RoIs of every class; for a cascade, each stage's box head on those RoIs and each stage's mask head on
+    those boxes. Works on the meta device."""
     device = next(detector.parameters()).device
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         maps = detector.backbone(torch.zeros(1, *image_shape, device=device))
         features = list(maps.values())
         if not isinstance(detector, FasterRCNN):
@@ -81,6 +80,8 @@ def detector_macs(detector: nn.Module, image_shape: Sequence[int]) -> int:
         corner = torch.arange(num_rois, device=device, dtype=torch.float32)[:, None] % 100
         boxes = torch.cat([corner, corner, corner + 32, corner + 32], dim=1)
         pooled = torch.zeros(num_rois, channels, *heads.box_roi_pool.output_size, device=device)
+        if hasattr(heads.box_roi_pool, "offsets"):  # a deformable RoI pool's offset fc, on the RoIs pooled plainly
+            heads.box_roi_pool.offsets(pooled)
         box_features = heads.box_head(pooled, [boxes]) if heads.relates_objects else heads.box_head(pooled)
         class_logits, _ = heads.box_predictor(box_features)
         if heads.learns_duplicate_removal:
@@ -100,7 +101,7 @@ def sparse_rcnn_macs(detector: SparseRCNN, image_shape: Sequence[int]) -> int:
     cannot run)."""
     device = next(detector.parameters()).device
     channels, size = detector.neck.out_channels, detector.pooler.output_size
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         detector.neck(torch.zeros(1, *image_shape, device=device))
         rois = torch.zeros(detector.num_proposals, size[0] * size[1], channels, device=device)
         proposal_features = torch.zeros(1, detector.num_proposals, channels, device=device)
