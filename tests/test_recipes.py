@@ -76,6 +76,11 @@ def torchvision_step(u: int, s: int) -> float:
     return 0.1 * 0.1 ** (u // s // 30)
 
 
+def san_cosine(u: int, s: int) -> float:
+    """hszhao/SAN tool/train.py: lr_scheduler.CosineAnnealingLR(T_max=100 epochs), stepped after each epoch, lr 0.1."""
+    return 0.5 * 0.1 * (1 + math.cos(math.pi * (u // s) / 100))
+
+
 def mmcv_step(lr: float, milestones: tuple[int, ...], warmup: int | None = None, ratio: float = 0.001):
     """mmcv StepLrUpdaterHook by epoch (lr x0.1 from each milestone epoch on) and its linear warm-up by iterations:
     regular lr x (1 - (1 - i / warmup)(1 - ratio)) while i < warmup (mmdet schedule_1x.py: 500, 0.001)."""
@@ -198,6 +203,16 @@ REFERENCES = {
         values={"backbone.zero_init_last": False, "data.augment.auto_augment": None, "task.mixup": None,
                 "trainer.precision": "32-true",
                 "task.label_smoothing": 0.0, "data.eval_interpolation": "bilinear"}),
+    "san_resnet26_imagenet": Reference(
+        source="hszhao/SAN README (Train Parameters), config/imagenet/*.yaml, tool/train.py (SGD over "
+               "model.parameters(), CosineAnnealingLR per epoch, RandomResizedCrop + flip, Resize 256 + CenterCrop 224)",
+        batch=256, epochs=100, schedule=san_cosine, points=(0, 9, 10, 11, 500, 999),
+        params={"backbone.conv1.weight": (0.1, 1e-4), "backbone.bn1.weight": (0.1, 1e-4),
+                "backbone.layer1.0.bn3.bias": (0.1, 1e-4), "head.bias": (0.1, 1e-4)},
+        values={"backbone.layers": [1, 2, 4, 1], "data.augment.auto_augment": None, "data.augment.re_prob": 0.0,
+                "task.mixup": None, "task.label_smoothing": 0.1, "trainer.precision": "32-true",
+                "data.augment.interpolation": "bilinear", "data.eval_interpolation": "bilinear",
+                "data.eval_crop_pct": 0.875, "trainer.gradient_clip_val": None}),
     "r50_maskrcnn_coco_1x": Reference(
         source="mmdetection v2 configs/mask_rcnn/mask_rcnn_r50_fpn_1x_coco.py and _base_/schedules/schedule_1x.py",
         batch=16, epochs=12, schedule=mmcv_step(0.02, (8, 11), warmup=500), points=(0, 250, 499, 500, 799, 800, 1100),
@@ -464,6 +479,7 @@ DERIVED = {
     "resnet101_imagenet": ("resnet50_imagenet", {"backbone.depth": 101}),
     "lrnet26_imagenet": ("resnet50_imagenet", {"backbone.depth": 26}),
     "lrnet50_imagenet": ("resnet50_imagenet", {"backbone.depth": 50}),
+    "san_resnet38_imagenet": ("san_resnet26_imagenet", {"backbone.layers": [2, 3, 5, 2]}),
     "swin_s_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.3}),
     "swin_b_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.5}),
     "vit_b16_imagenet": ("vit_s16_imagenet", {"backbone.embed_dim": 768}),
