@@ -44,9 +44,18 @@ def read_class_map(path: str | Path, num_classes: int, source_classes: int) -> l
     return [int(line) for line in lines]
 
 
+def rotate_clockwise(images: torch.Tensor, degrees: int) -> torch.Tensor:
+    """(N, C, H, W) images turned ``degrees`` clockwise as they are seen (row 0 on top): SAN's robustness test (Zhao
+    et al., CVPR 2020, the rotation table: 90 and 180 degrees clockwise). ``torch.rot90`` turns from the first of
+    ``dims`` towards the second, from H towards W, which is anticlockwise on screen: hence ``-k``."""
+    return torch.rot90(images, -(degrees // 90), dims=(-2, -1)) if degrees else images
+
+
 class ClassificationTask(ClassifierTask):
     """``map22kto1k``: a class map (:func:`read_class_map`) that gives this model the rows of a pretrained classifier
-    of more classes (an official ImageNet-22K release for a 1000-class model), as the official fine-tuning does."""
+    of more classes (an official ImageNet-22K release for a 1000-class model), as the official fine-tuning does.
+    ``test_rotation``: validation images turned by 0, 90, 180 or 270 degrees clockwise (:func:`rotate_clockwise`), so
+    that ``val/*`` are the metrics under that rotation."""
 
     def __init__(
         self,
@@ -60,7 +69,11 @@ class ClassificationTask(ClassifierTask):
         label_smoothing: float = 0.0,
         mixup: Mapping[str, Any] | None = None,
         map22kto1k: str | None = None,
+        test_rotation: int = 0,
     ):
+        if test_rotation not in (0, 90, 180, 270):
+            raise ConfigError(f"task.test_rotation={test_rotation}: the validation images turn by 0, 90, 180 or 270 "
+                              "degrees clockwise (SAN's rotation table: 90 and 180)")
         # a classifier's trunk (out_indices=None)
         super().__init__(instantiate(backbone), num_classes, optim, sched, monitor, monitor_mode, head_drop)
         self.mixup = Mixup(**dict(mixup), label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
@@ -72,6 +85,7 @@ class ClassificationTask(ClassifierTask):
             self.train_loss = nn.CrossEntropyLoss()
         self.val_loss = nn.CrossEntropyLoss()
         self.map22kto1k = map22kto1k
+        self.test_rotation = test_rotation
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -87,7 +101,7 @@ class ClassificationTask(ClassifierTask):
         if batch is None:
             return  # none of its images could be read (vtrain.data.datamodule.ReadableCollate)
         images, targets = batch
-        logits = self(images)
+        logits = self(rotate_clockwise(images, self.test_rotation))
         self.log_accuracy(logits, targets, self.val_loss(logits, targets))
 
     # ------------------------------------------------------------------ predictions and export
