@@ -331,3 +331,27 @@ def test_every_validator_message(imagenet_root, override, message):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match=message):
         validate(cfg, instantiate(cfg.data))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_rotation_evaluation_scores_the_images_turned_clockwise(monkeypatch):
+    """SAN's rotation test: ``task.test_rotation=90`` scores what the plain evaluation scores on the images turned 90
+    degrees clockwise by hand (pixel (i, j) of the turned image is pixel (H - 1 - j, i): the top-left corner goes to
+    the top right), 180 likewise (pixel (H - 1 - i, W - 1 - j)); 0 is the plain evaluation; other angles are one line."""
+    task, side = _tiny_swin_classifier(4, seed=0, test_rotation=90), 32
+    images, labels = torch.randn(2, 3, side, side), torch.tensor([0, 3])
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    by_hand = {0: images, 90: images[..., side - 1 - cols, rows], 180: images[..., side - 1 - rows, side - 1 - cols]}
+    corner = torch.zeros(1, 1, side, side)
+    corner[..., 0, 0] = 1
+    assert corner[..., side - 1 - cols, rows][0, 0, 0, side - 1] == 1  # the hand rotation is clockwise
+    scored = []
+    monkeypatch.setattr(task, "log_accuracy", lambda scores, targets, loss: scored.append(scores))
+    with torch.no_grad():
+        for degrees in (90, 180, 0):
+            task.test_rotation = degrees
+            task.validation_step((images, labels), 0)
+            torch.testing.assert_close(scored[-1], task(by_hand[degrees]))
+    assert not torch.allclose(scored[0], scored[2])  # the rotation changed what the model saw
+    with pytest.raises(ConfigError, match=r"^task.test_rotation=45: the validation images turn by 0, 90, 180 or 270"):
+        _tiny_swin_classifier(4, seed=0, test_rotation=45)

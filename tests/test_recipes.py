@@ -76,6 +76,22 @@ def torchvision_step(u: int, s: int) -> float:
     return 0.1 * 0.1 ** (u // s // 30)
 
 
+def san_cosine(u: int, s: int) -> float:
+    """hszhao/SAN tool/train.py: lr_scheduler.CosineAnnealingLR(T_max=100 epochs), stepped after each epoch, lr 0.1."""
+    return 0.5 * 0.1 * (1 + math.cos(math.pi * (u // s) / 100))
+
+
+def vit_jax_schedule(base: float, warmup: int, total_epochs: int | None = None, total_steps: int | None = None):
+    """google-research/vision_transformer vit_jax/utils.py create_learning_rate_schedule, decay_type 'cosine':
+    base * 0.5 * (1 + cos(pi * progress)), progress = clip((step - warmup) / (total - warmup), 0, 1), times
+    min(1, step / warmup); the total in epochs (at the check's updates per epoch) or in steps."""
+    def schedule(u: int, s: int) -> float:
+        total = total_steps or total_epochs * s
+        progress = min(max((u - warmup) / (total - warmup), 0.0), 1.0)
+        return base * 0.5 * (1 + math.cos(math.pi * progress)) * min(1.0, u / warmup)
+    return schedule
+
+
 def mmcv_step(lr: float, milestones: tuple[int, ...], warmup: int | None = None, ratio: float = 0.001):
     """mmcv StepLrUpdaterHook by epoch (lr x0.1 from each milestone epoch on) and its linear warm-up by iterations:
     regular lr x (1 - (1 - i / warmup)(1 - ratio)) while i < warmup (mmdet schedule_1x.py: 500, 0.001)."""
@@ -116,6 +132,7 @@ class Reference:
     update_interval: tuple[int, int] | None = None  # (devices, accumulation) of the reference run
     values: dict[str, Any] = field(default_factory=dict)  # config key -> the reference's value
     pretrained: str | None = None                # the reference's ImageNet checkpoint
+    published: bool = True                       # false: the start is a vtrain run of another recipe, no download
     rtol_before: int = 0                         # updates below this compared at 1% (see swin_t_upernet_ade20k)
     steps_per_epoch: int = 10                    # of the schedule check (iteration-based: 1000)
 
@@ -248,6 +265,42 @@ REFERENCES = {
         values={"backbone.zero_init_last": False, "data.augment.auto_augment": None, "task.mixup": None,
                 "trainer.precision": "32-true",
                 "task.label_smoothing": 0.0, "data.eval_interpolation": "bilinear"}),
+    "san_resnet26_imagenet": Reference(
+        source="hszhao/SAN README (Train Parameters), config/imagenet/*.yaml, tool/train.py (SGD over "
+               "model.parameters(), CosineAnnealingLR per epoch, RandomResizedCrop + flip, Resize 256 + CenterCrop 224)",
+        batch=256, epochs=100, schedule=san_cosine, points=(0, 9, 10, 11, 500, 999),
+        params={"backbone.conv1.weight": (0.1, 1e-4), "backbone.bn1.weight": (0.1, 1e-4),
+                "backbone.layer1.0.bn3.bias": (0.1, 1e-4), "head.bias": (0.1, 1e-4)},
+        values={"backbone.layers": [1, 2, 4, 1], "data.augment.auto_augment": None, "data.augment.re_prob": 0.0,
+                "task.mixup": None, "task.label_smoothing": 0.1, "trainer.precision": "32-true",
+                "data.augment.interpolation": "bilinear", "data.eval_interpolation": "bilinear",
+                "data.eval_crop_pct": 0.875, "trainer.gradient_clip_val": None}),
+    "vit_b16_imagenet_vitpaper": Reference(
+        source="ViT paper (arXiv:2010.11929) Appendix B.1 and Table 3 (ViT-* / ImageNet row and caption), "
+               "vision_transformer vit_jax/utils.py (warm-up x cosine), input_pipeline.py (Inception crop, resize)",
+        batch=4096, update_interval=(8, 4), epochs=300, steps_per_epoch=100,
+        schedule=vit_jax_schedule(3e-3, 10_000, total_epochs=300), points=(0, 5000, 9999, 10_000, 10_001, 20_000, 29_999),
+        params={name: (3e-3, 0.3) for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.blocks.0.norm1.weight",
+                                               "backbone.blocks.0.attn.qkv.weight", "head.bias")},
+        values={"optim.betas": [0.9, 0.999], "backbone.pos_drop_rate": 0.1, "backbone.proj_drop_rate": 0.1,
+                "backbone.drop_path_rate": 0.0, "backbone.img_size": 224,
+                "trainer.gradient_clip_val": 1.0, "task.mixup": None, "task.label_smoothing": 0.0,
+                "data.augment.auto_augment": None, "data.augment.re_prob": 0.0, "data.augment.scale": [0.05, 1.0],
+                "data.augment.interpolation": "bilinear", "data.mean": [0.5, 0.5, 0.5], "data.std": [0.5, 0.5, 0.5],
+                "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash"}),
+    "vit_b16_384_vitpaper_finetune": Reference(
+        source="ViT paper Appendix B.1.1 and Table 4 (ImageNet: 20k steps), vision_transformer vit_jax/configs/"
+               "common.py (batch 512, warm-up 500, base lr 0.03, clip 1), train.py (SGD momentum 0.9), models.py",
+        batch=512, update_interval=(8, 1), schedule=vit_jax_schedule(0.03, 500, total_steps=20_000),
+        points=(0, 250, 499, 500, 501, 10_000, 19_999),
+        params={name: (0.03, 0.0) for name in ("backbone.pos_embed", "backbone.blocks.0.attn.qkv.weight", "head.weight")},
+        pretrained="vit_b16_imagenet_vitpaper.ckpt", published=False,
+        values={"optim.momentum": 0.9, "optim.nesterov": False, "backbone.img_size": 384,
+                "backbone.pos_drop_rate": 0.0, "backbone.proj_drop_rate": 0.0, "backbone.drop_path_rate": 0.0,
+                "backbone.pos_embed_interpolation": "bilinear", "trainer.max_steps": 20_000,
+                "trainer.gradient_clip_val": 1.0, "task.mixup": None, "task.label_smoothing": 0.0,
+                "data.augment.auto_augment": None, "data.augment.scale": [0.05, 1.0], "data.mean": [0.5, 0.5, 0.5],
+                "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash", "data.eval_interpolation": "bilinear"}),
     "r50_maskrcnn_coco_1x": Reference(
         source="mmdetection v2 configs/mask_rcnn/mask_rcnn_r50_fpn_1x_coco.py and _base_/schedules/schedule_1x.py",
         batch=16, epochs=12, schedule=mmcv_step(0.02, (8, 11), warmup=500), points=(0, 250, 499, 500, 799, 800, 1100),
@@ -560,6 +613,11 @@ DERIVED = {
         "data.augment.color_jitter": 0.4}),
     "resnet26_imagenet_adv": ("resnet50_imagenet_adv", {"backbone.depth": 26}),
     "lrnet26_imagenet_adv": ("resnet50_imagenet_adv", {"backbone.depth": 26}),
+    "san_resnet38_imagenet": ("san_resnet26_imagenet", {"backbone.layers": [2, 3, 5, 2]}),
+    # the ViT paper's Table 3 has one ImageNet row for every ViT, and one fine-tuning setting (B.1.1)
+    "vit_l16_imagenet_vitpaper": ("vit_b16_imagenet_vitpaper", {"backbone.embed_dim": 1024, "backbone.depth": 24}),
+    "vit_l16_384_vitpaper_finetune": ("vit_b16_384_vitpaper_finetune", {
+        "backbone.embed_dim": 1024, "backbone.depth": 24, "pretrained": "vit_l16_imagenet_vitpaper.ckpt"}),
     "swin_s_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.3}),
     "swin_b_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.5}),
     "vit_b16_imagenet": ("vit_s16_imagenet", {"backbone.embed_dim": 768}),
@@ -782,7 +840,9 @@ def test_recipe_equals_its_reference(experiment):
     for key, expected in ref.values.items():
         assert _value(cfg, key) == expected, key
     assert (Path(cfg.pretrained).name if cfg.pretrained else None) == ref.pretrained
-    if ref.pretrained:
+    if not ref.published:
+        assert not cfg.pretrained_url
+    elif ref.pretrained:
         assert Path(cfg.pretrained_url).name == ref.pretrained and cfg.pretrained_url.startswith("https://")
 
     # samples per optimizer step: the reference's on its devices, the same on others
@@ -835,11 +895,12 @@ def test_derived_recipe_differs_from_its_parent_where_its_reference_does(experim
     cfg, base = _composed(experiment), _composed(parent)
     for key, expected in differences.items():
         got = _value(cfg, key)
-        assert (Path(got).name if key == "pretrained_url" else got) == expected, key
+        assert (Path(got).name if key in ("pretrained", "pretrained_url") else got) == expected, key
     for key in SHARED:
         if key not in differences and not any(k.startswith(key + ".") for k in differences):
             assert _value(cfg, key) == _value(base, key), key
-    assert Path(cfg.pretrained or "").name == Path(cfg.pretrained_url or "").name
+    if cfg.pretrained_url or base.pretrained_url:  # a published start (not another recipe's run) names its file
+        assert Path(cfg.pretrained or "").name == Path(cfg.pretrained_url or "").name
 
 
 @pytest.mark.parametrize("experiment, timm_name", [("swin_b_imagenet22k", "swin_base_patch4_window7_224.ms_in22k"),

@@ -309,3 +309,39 @@ def test_swin_cascade_table_rows_are_the_papers_sizes():
     assert round(cells["deit_s"]["params"]["measured"] * 1e6) == 80_340_882  # paper 80M
     assert cells["deit_s"]["flops"]["measured"] == pytest.approx(886.35, abs=0.01)  # paper 889
     assert not any(cells["deit_s"][column]["differs"] for column in ("params", "flops"))
+
+
+def test_a_metric_columns_overrides_join_the_rows_in_its_own_evaluation(tmp_path, monkeypatch):
+    """SAN's rotation table: the plain columns and each rotation's columns are three evaluations of one checkpoint,
+    the column's overrides after the row's; a finished run's metrics file cannot give a rotated one."""
+    import vtrain.tools.table.paper as paper
+
+    evaluated = []
+
+    def fake_evaluation(experiment, checkpoint, options, row_overrides=()):
+        evaluated.append((experiment, checkpoint, list(row_overrides)))
+        degrees = next((int(o.split("=")[1]) for o in row_overrides if o.startswith("task.test_rotation=")), 0)
+        return {"final": {"val/top1": 0.7 - degrees / 1000, "val/top5": 0.9}}
+
+    monkeypatch.setattr(paper, "evaluate_checkpoint", fake_evaluation)
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"")
+    top1 = {"measure": "metric", "metric": "val/top1", "scale": 100}
+    table = {"title": "t", "source": "s",
+             "columns": {"top1": {"label": "top-1", **top1}, "top5": {"label": "top-5", **top1, "metric": "val/top5"},
+                         "top1_90": {"label": "90", **top1, "overrides": ["task.test_rotation=90"]},
+                         "top1_180": {"label": "180", **top1, "overrides": ["task.test_rotation=180"]}},
+             "rows": {"r": {"label": "r", "experiment": "quickstart", "checkpoint": str(checkpoint),
+                            "overrides": ["data.batch_size=8"], "paper": {}},
+                      "run": {"label": "run", "experiment": "quickstart", "metrics": str(tmp_path / "m.json"),
+                              "paper": {}}}}
+    (tmp_path / "m.json").write_text(json.dumps({"final": {"val/top1": 0.5}}))
+    filled = fill_table(table, settings())
+    cells = {name: cell["measured"] for name, cell in filled["rows"][0]["cells"].items()}
+    assert cells == pytest.approx({"top1": 70.0, "top5": 90.0, "top1_90": 61.0, "top1_180": 52.0})
+    assert evaluated == [("quickstart", str(checkpoint), overrides) for overrides in (
+        ["data.batch_size=8"], ["data.batch_size=8", "task.test_rotation=90"],
+        ["data.batch_size=8", "task.test_rotation=180"])]
+    run_cells = filled["rows"][1]["cells"]
+    assert run_cells["top1"]["measured"] == pytest.approx(50.0) and run_cells["top1_90"]["measured"] is None
+    assert any("not an evaluation with task.test_rotation=90" in note for note in filled["rows"][1]["notes"])

@@ -46,6 +46,13 @@ def read_class_map(path: str | Path, num_classes: int, source_classes: int) -> l
     return [int(line) for line in lines]
 
 
+def rotate_clockwise(images: torch.Tensor, degrees: int) -> torch.Tensor:
+    """(N, C, H, W) images turned ``degrees`` clockwise as they are seen (row 0 on top): SAN's robustness test (Zhao
+    et al., CVPR 2020, the rotation table: 90 and 180 degrees clockwise). ``torch.rot90`` turns from the first of
+    ``dims`` towards the second, from H towards W, which is anticlockwise on screen: hence ``-k``."""
+    return torch.rot90(images, -(degrees // 90), dims=(-2, -1)) if degrees else images
+
+
 class ClassificationTask(ClassifierTask):
     """``linear_probe``: the backbone is frozen and only the classifier trains (a linear evaluation).
     ``map22kto1k``: a class map (:func:`read_class_map`) that gives this model the rows of a pretrained classifier
@@ -54,7 +61,9 @@ class ClassificationTask(ClassifierTask):
     ``attacks``: name -> :class:`~vtrain.training.adversarial.PGD` settings; validation reports ``val/top1_<name>``,
     the top-1 on each image's adversarial counterpart, beside the clean ``val/top1``. ``adversarial_training``: PGD
     settings whose adversarial images the model trains on, all of them (Feature Denoising's adversarial training).
-    ``mean`` / ``std``: the loaders' normalisation, undone so that the attacks work on 0-1 pixels."""
+    ``mean`` / ``std``: the loaders' normalisation, undone so that the attacks work on 0-1 pixels.
+    ``test_rotation``: validation images turned by 0, 90, 180 or 270 degrees clockwise (:func:`rotate_clockwise`), so
+    that ``val/*`` are the metrics under that rotation."""
 
     def __init__(
         self,
@@ -73,7 +82,11 @@ class ClassificationTask(ClassifierTask):
         adversarial_training: Mapping[str, Any] | None = None,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        test_rotation: int = 0,
     ):
+        if test_rotation not in (0, 90, 180, 270):
+            raise ConfigError(f"task.test_rotation={test_rotation}: the validation images turn by 0, 90, 180 or 270 "
+                              "degrees clockwise (SAN's rotation table: 90 and 180)")
         # a classifier's trunk (out_indices=None)
         super().__init__(instantiate(backbone), num_classes, optim, sched, monitor, monitor_mode, head_drop)
         self.mixup = Mixup(**dict(mixup), label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
@@ -96,6 +109,7 @@ class ClassificationTask(ClassifierTask):
         self.mean, self.std = tuple(mean), tuple(std)
         self.val_top1_attacked = nn.ModuleDict({name: MulticlassAccuracy(num_classes=num_classes, top_k=1,
                                                                          average="micro") for name in self.attacks})
+        self.test_rotation = test_rotation
 
     def attacked(self, attack: PGD, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The normalised batch's adversarial counterpart under ``attack``."""
@@ -117,7 +131,7 @@ class ClassificationTask(ClassifierTask):
         if batch is None:
             return  # none of its images could be read (vtrain.data.datamodule.ReadableCollate)
         images, targets = batch
-        logits = self(images)
+        logits = self(rotate_clockwise(images, self.test_rotation))
         self.log_accuracy(logits, targets, self.val_loss(logits, targets))
         for name, attack in self.attacks.items():
             top1 = self.val_top1_attacked[name]

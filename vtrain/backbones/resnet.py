@@ -121,6 +121,9 @@ class ResNet(Backbone):
 
     Args:
         depth: 50, 101 (or 26, 152).
+        layers: bottlenecks per stage, in place of ``depth``'s (:data:`DEPTHS`): SAN's ResNet-26 is
+            ``[1, 2, 4, 1]`` and ResNet-38 ``[2, 3, 5, 2]`` (Zhao et al., CVPR 2020, Table 1), not timm's
+            ResNet-26 (2-2-2-2). None: ``DEPTHS[depth]``.
         drop_path_rate: stochastic depth, linearly increasing over blocks (timm).
         output_stride: 32, 16 or 8. At 8 (the "-D8" segmentation variant), stages 3
             and 4 keep stride 1 and use dilation 2 and 4 (timm's dilation rule, as
@@ -166,9 +169,13 @@ class ResNet(Backbone):
         cardinality: int = 1,
         deep_stem: bool = False,
         zero_init_last: bool = True,
+        layers: Sequence[int] | None = None,
     ):
         super().__init__()
-        depths = DEPTHS[depth]
+        depths = tuple(int(n) for n in layers) if layers is not None else DEPTHS[depth]
+        if len(depths) != 4 or min(depths) < 1:
+            raise ConfigError(f"backbone.layers={list(depths)}: give 4 bottleneck counts of at least 1, one per stage "
+                              "(SAN's ResNet-26: [1, 2, 4, 1])")
         resnet = TimmResNet(
             block=Bottleneck,
             layers=depths,

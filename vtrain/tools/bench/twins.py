@@ -26,23 +26,28 @@ VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 
 
 def resnet_twin(args: Mapping[str, Any]) -> Twin | None:
-    """timm's ``resnet<depth>`` (the same v1.5 layout; ``resnet<depth>c`` with the deep stem) or
+    """timm's ``resnet<depth>`` (the same v1.5 layout; ``resnet<depth>c`` with the deep stem; given ``layers``, its
+    ``resnet50`` entry with those stages) or
     ``resnext<depth>_<cardinality>x<base_width>d``; None with context blocks, deformable convolutions or dilation, or a width timm has no
     model of."""
     if args["gc"] or args["nl"] or args["dnl"] or args["dcn"] or args["output_stride"] != 32:
         return None
     cardinality, width = int(args["cardinality"]), int(args["base_width"])
+    kwargs = {"drop_path_rate": float(args["drop_path_rate"]), "zero_init_last": bool(args["zero_init_last"])}
+    depth = args["depth"]
+    if args.get("layers") is not None:  # SAN's ResNet-26 / -38: timm's resnet50 entry with these stages
+        depth, kwargs["layers"] = 50, [int(n) for n in args["layers"]]
     if cardinality == 1 and width == 64:
-        name = f"resnet{args['depth']}{'c' if args['deep_stem'] else ''}"
+        name = f"resnet{depth}{'c' if args['deep_stem'] else ''}"
     elif cardinality > 1 and not args["deep_stem"]:
-        name = f"resnext{args['depth']}_{cardinality}x{width}d"
+        name = f"resnext{depth}_{cardinality}x{width}d"
     else:
         return None
     import timm
 
     if not timm.is_model(name):
         return None
-    return name, {"drop_path_rate": float(args["drop_path_rate"]), "zero_init_last": bool(args["zero_init_last"])}
+    return name, kwargs
 
 
 def swin_twin(args: Mapping[str, Any]) -> Twin:

@@ -12,7 +12,8 @@ paper's values; columns: what each one measures, with a tolerance) and fills eve
   evaluation mode (:func:`vtrain.tools.table.macs.task_macs`: a detector's as the detection papers count it);
 * ``throughput``: inference images/s on the current device (the bench's timing);
 * ``metric``: the value in the ``metrics.json`` of ``python -m vtrain.eval experiment=... ckpt_path=...`` when
-  the row has a checkpoint (and the dataset is there), or of a finished run given as ``metrics``.
+  the row has a checkpoint (and the dataset is there), or of a finished run given as ``metrics``; a metric
+  column's ``overrides`` join the row's in its own evaluation (SAN's rotation table: ``task.test_rotation=90``).
 
 Anything that cannot be measured prints "—" with a footnote saying why; a measured value further from the
 paper's than the column's ``abs_tol`` / ``rel_tol`` is marked †.

@@ -156,8 +156,13 @@ class Row:
             return inference_throughput(self.label, self._build, self.input_shape(), self.num_classes(), options)
         return self._once("throughput", compute)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The row's evaluation, with a column's ``overrides`` added to the row's (SAN's rotated evaluation:
+        ``task.test_rotation=90``); each set of overrides is evaluated once."""
         def compute() -> dict[str, Any]:
+            if self.spec.get("metrics") and overrides:
+                raise Unmeasured(f"the row's metrics file is not an evaluation with {' '.join(overrides)} "
+                                 "(rows.<key>.checkpoint=<path> evaluates it)")
             if self.spec.get("metrics"):
                 path = Path(self.spec["metrics"])
                 if not path.is_file():
@@ -168,11 +173,11 @@ class Row:
                 raise Unmeasured("no checkpoint given (rows.<key>.checkpoint=<path>)")
             self.experiment_config()
             return evaluate_checkpoint(self.spec["experiment"], checkpoint, self.settings.evaluate,
-                                       self.spec.get("overrides", []))
-        return self._once("metrics", compute)
+                                       [*self.spec.get("overrides", []), *overrides])
+        return self._once(" ".join(("metrics", *overrides)), compute)
 
-    def metric(self, name: str) -> float:
-        metrics = self.metrics()
+    def metric(self, name: str, overrides: tuple[str, ...] = ()) -> float:
+        metrics = self.metrics(overrides)
         for group in ("final", "best"):
             if name in metrics.get(group, {}):
                 return float(metrics[group][name])
@@ -195,7 +200,8 @@ class Row:
             elif kind == "throughput":
                 value = self.throughput()["ips"]
             elif kind == "metric":
-                value = self.metric(column["metric"]) * float(column.get("scale", 1.0))
+                overrides = tuple(column.get("overrides") or ())
+                value = self.metric(column["metric"], overrides) * float(column.get("scale", 1.0))
             else:
                 raise ConfigError(
                     f"column measure={kind!r}: use params, macs, task_params, task_macs, throughput, metric or null")
