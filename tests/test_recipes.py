@@ -642,6 +642,17 @@ DERIVED = {
                                                   "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
     "videoswin_b_k600_22k": ("videoswin_b_k400_22k", {"data.num_classes": 600, "task.num_classes": 600,
                                                       "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
+    # swin_base_patch244_window1677_sthv2.py: the K400 22k config's optimizer and schedule over 60 epochs from the
+    # official K400 model, window 16x7x7, drop path 0.4, label smoothing 0.1, uniform sampling, no flip,
+    # RandAugment n=4 m=7, random erasing 0.25, 1x3 test views (ThreeCrop 224 at short side 224)
+    "videoswin_b_ssv2": ("videoswin_b_k400_22k", {
+        "video_backbone.window_size": [16, 7, 7], "video_backbone.drop_path_rate": 0.4, "trainer.max_epochs": 60,
+        "task.label_smoothing": 0.1, "data.num_classes": 174, "data.clip_len": 32, "data.frame_uniform": True,
+        "data.hflip": 0.0, "data.rand_augment": {"num_ops": 4, "magnitude": 7}, "data.random_erasing": 0.25,
+        "data.train_short_side": 256, "data.crop_size": 224, "data.scale": [0.08, 1.0], "data.num_test_clips": 1,
+        "data.num_test_crops": 3, "data.eval_short_side": 224, "data.eval_crop_size": 224,
+        "data.batch_size": 8, "optim.lr": 3e-4, "optim.weight_decay": 0.05, "optim.batch_per_step": 512,
+        "pretrained_url": "swin_base_patch244_window1677_kinetics400_22k.pth"}),
     "i3d_r50_nl_k400": ("i3d_r50_k400", {"video_backbone.nl.after_blocks": [1, 3, 5]}),
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
     # video-nonlocal-net (the NL paper's code) for MODEL.DEPTH 101: res3 NL every 2nd block, res4 every 7th, USE_SCALE
