@@ -300,9 +300,7 @@ REFERENCES = {
         source="mmsegmentation configs/upernet/upernet_r101_512x512_160k_ade20k.py, upernet_r50_512x512_160k_ade20k.py, "
                "_base_/models/upernet_r50.py, _base_/schedules/schedule_160k.py, _base_/datasets/ade20k.py",
         batch=16, update_interval=(4, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 160000), points=(0, 1, 80000, 159999),
-        params={"backbone.conv1.1.weight": (0.01, 5e-4), "backbone.layer1.0.bn1.bias": (0.01, 5e-4),
-                "head.ppm.stages.0.1.1.weight": (0.01, 5e-4), "head.classifier.bias": (0.01, 5e-4),
-                "aux_head.classifier.bias": (0.01, 5e-4)},
+        params={**mmseg_sgd(0.01, 5e-4), "head.ppm.stages.0.1.1.weight": (0.01, 5e-4)},
         pretrained="resnet101_v1c-e67eebb6.pth",
         values={"backbone.depth": 101, "backbone.deep_stem": True, "backbone.output_stride": 32,
                 "trainer.max_steps": 160000, "trainer.precision": "32-true", "trainer.sync_batchnorm": True,
