@@ -223,6 +223,6 @@ def test_every_synthetic_layout_an_experiment_names_has_a_writer():
     import runpy
 
     writers = runpy.run_path(str(ROOT / "scripts" / "make_synthetic.py"))["WRITERS"]
-    assert sorted(writers) == ["ade20k", "cityscapes", "coco", "imagenet", "kinetics", "pascal_context"]
+    assert sorted(writers) == ["ade20k", "cityscapes", "coco", "imagenet", "kinetics", "pascal_context", "ssv2"]
     named = {compose(f"experiment={p.stem}").get("synthetic") for p in (ROOT / "conf" / "experiment").glob("quick*.yaml")}
     assert named - {None} <= set(writers) and len(named - {None}) >= 3

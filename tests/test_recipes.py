@@ -397,6 +397,20 @@ REFERENCES = {
         values={"backbone.deep_stem": True, "backbone.output_stride": 8, "trainer.max_steps": 80000,
                 "trainer.precision": "32-true",
                 "trainer.sync_batchnorm": True, "task.aux_weight": 0.4, "data.crop_size": [512, 512]}),
+    # mmseg v0.x upernet_r101_512x512_160k_ade20k.py: upernet_r50_512x512_160k_ade20k.py (_base_/models/upernet_r50.py,
+    # schedule_160k.py, datasets/ade20k.py) with depth 101 and resnet101_v1c
+    "upernet_r101_ade20k": Reference(
+        source="mmsegmentation configs/upernet/upernet_r101_512x512_160k_ade20k.py, upernet_r50_512x512_160k_ade20k.py, "
+               "_base_/models/upernet_r50.py, _base_/schedules/schedule_160k.py, _base_/datasets/ade20k.py",
+        batch=16, update_interval=(4, 1), schedule=mmcv_poly(0.01, 0.9, 1e-4, 160000), points=(0, 1, 80000, 159999),
+        params={**mmseg_sgd(0.01, 5e-4), "head.ppm.stages.0.1.1.weight": (0.01, 5e-4)},
+        pretrained="resnet101_v1c-e67eebb6.pth",
+        values={"backbone.depth": 101, "backbone.deep_stem": True, "backbone.output_stride": 32,
+                "trainer.max_steps": 160000, "trainer.precision": "32-true", "trainer.sync_batchnorm": True,
+                "task.head._target_": "vtrain.tasks.segmentation.heads.UperNetHead", "task.head.channels": 512,
+                "task.head.pool_scales": [1, 2, 3, 6], "task.head.dropout": 0.1, "task.head.out_indices": [0, 1, 2, 3],
+                "task.aux_head.out_indices": 2, "task.aux_head.channels": 256, "task.aux_head.num_convs": 1,
+                "task.aux_head.concat_input": False, "task.aux_weight": 0.4, "data.crop_size": [512, 512]}),
     "r50_cityscapes": Reference(
         source="mmsegmentation configs/fcn/fcn_r50-d8_512x1024_80k_cityscapes.py, _base_/models/fcn_r50-d8.py, "
                "_base_/schedules/schedule_80k.py, _base_/datasets/cityscapes.py",
@@ -785,6 +799,17 @@ DERIVED = {
                                                   "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
     "videoswin_b_k600_22k": ("videoswin_b_k400_22k", {"data.num_classes": 600, "task.num_classes": 600,
                                                       "pretrained_url": "swin_base_patch4_window7_224_22k.pth"}),
+    # swin_base_patch244_window1677_sthv2.py: the K400 22k config's optimizer and schedule over 60 epochs from the
+    # official K400 model, window 16x7x7, drop path 0.4, label smoothing 0.1, uniform sampling, no flip,
+    # RandAugment n=4 m=7, random erasing 0.25, 1x3 test views (ThreeCrop 224 at short side 224)
+    "videoswin_b_ssv2": ("videoswin_b_k400_22k", {
+        "video_backbone.window_size": [16, 7, 7], "video_backbone.drop_path_rate": 0.4, "trainer.max_epochs": 60,
+        "task.label_smoothing": 0.1, "data.num_classes": 174, "data.clip_len": 32, "data.frame_uniform": True,
+        "data.hflip": 0.0, "data.rand_augment": {"num_ops": 4, "magnitude": 7}, "data.random_erasing": 0.25,
+        "data.train_short_side": 256, "data.crop_size": 224, "data.scale": [0.08, 1.0], "data.num_test_clips": 1,
+        "data.num_test_crops": 3, "data.eval_short_side": 224, "data.eval_crop_size": 224,
+        "data.batch_size": 8, "optim.lr": 3e-4, "optim.weight_decay": 0.05, "optim.batch_per_step": 512,
+        "pretrained_url": "swin_base_patch244_window1677_kinetics400_22k.pth"}),
     "i3d_r50_nl_k400": ("i3d_r50_k400", {"video_backbone.nl.after_blocks": [1, 3, 5]}),
     "i3d_r50_dnl_k400": ("i3d_r50_k400", {"video_backbone.dnl.after_blocks": [1, 3, 5]}),
     # DNL-Semantic-Segmentation: the HRNet config's DNL block (nonlocal: whiten_type in_nostd, temp 0.1, with_gc,
@@ -805,6 +830,11 @@ DERIVED = {
         "task.num_classes": 59, "task.inference.mode": "whole", "task.inference.scale": [1040, 520],
         "task.ohem": {"thresh": 0.7, "min_kept": 100000}}),
     "dnl_hr48_pascal_context": ("nl_hr48_pascal_context", HR48_DNL_BLOCK),
+    # video-nonlocal-net (the NL paper's code) for MODEL.DEPTH 101: res3 NL every 2nd block, res4 every 7th, USE_SCALE
+    "i3d_r101_nl_k400": ("i3d_r50_nl_k400", {"video_backbone.depth": 101,
+                                             "video_backbone.nl.after_blocks": [[], [1, 3], [6, 13, 20], []],
+                                             "video_backbone.nl.use_scale": True,
+                                             "pretrained_url": "resnet101-63fe2227.pth"}),
 }
 # Demo recipes for synthetic data on a CPU: no reference.
 DEMOS = {"quickstart", "quickstart_det", "quickstart_seg", "quickstart_video", "quickstart_relation", "quickstart_detr",

@@ -4,7 +4,8 @@ PyAV carries its own FFmpeg (torchvision 0.29 has no video reader). Sampling fol
 mmaction2's ``SampleFrames`` (the code of the Video Swin and DNL papers' Kinetics results):
 a clip is ``clip_len`` frames ``frame_interval`` apart; a training clip starts at a random
 frame, test clips are spread evenly over the video; a video shorter than a clip loops its
-frames (``out_of_bound_opt='loop'``).
+frames (``out_of_bound_opt='loop'``). Something-Something v2 takes one frame from each of
+``clip_len`` equal segments of the whole video instead (:func:`uniform_clip_indices`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ def test_clip_indices(num_frames: int, clip_len: int, frame_interval: int, num_c
     else:
         starts = np.zeros(num_clips, dtype=np.int64)
     return (starts[:, None] + np.arange(clip_len)[None] * frame_interval) % num_frames
+
+
+def uniform_clip_indices(num_frames: int, clip_len: int, rng: np.random.Generator | None) -> np.ndarray:
+    """One clip over the whole video, one frame from each of ``clip_len`` equal segments: (clip_len,) indices.
+
+    Video Swin's Something-Something v2 sampling (``SampleFrames(frame_uniform=True)``, its ``get_seq_frames``,
+    from SlowFast's ssv2.py): segment i spans frames ``round(s * i)`` .. ``round(s * (i + 1))`` with
+    ``s = (num_frames - 1) / clip_len``; training draws a frame in it (both ends included), testing (``rng`` None)
+    takes its middle, ``(start + end) // 2``. ``np.round`` rounds halves to even, as the official code's.
+    """
+    size = (num_frames - 1) / clip_len
+    starts = np.round(size * np.arange(clip_len)).astype(np.int64)
+    ends = np.round(size * np.arange(1, clip_len + 1)).astype(np.int64)
+    if rng is None:
+        return (starts + ends) // 2
+    return rng.integers(starts, ends + 1)
 
 
 def resized_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:

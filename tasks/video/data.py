@@ -1,4 +1,5 @@
-"""Kinetics-400 on disk: class folders or list files, clips decoded with PyAV, multi-view testing.
+"""Kinetics-400 / -600 and Something-Something v2 on disk: class folders, list files or the SSv2 release's JSON
+files; clips decoded with PyAV, multi-view testing.
 
 Layouts (``data.root``):
 
@@ -15,14 +16,18 @@ configs' crop) and a horizontal flip: (C, T, H, W). A validation sample is every
 (3: both ends and the middle of the long side) after resizing the short side to
 ``eval_short_side``: (views, C, T, H, W). The task averages the views' softmax.
 
+Something-Something v2 (:class:`SomethingSomethingV2DataModule`) takes its labels from the release's templates and,
+with ``frame_uniform``, samples one frame per segment of the whole video (Video Swin's SSv2 sampling).
+
 Real Kinetics downloads contain broken, truncated and undecodable files: with
 ``skip_corrupt`` (default) each one is skipped with a warning naming it and counted
 (``train/skipped_samples``, ``val/skipped_samples``: :mod:`vtrain.data.datamodule`), and the run goes on.
 """
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,8 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from vtrain.tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices
+from timm.data.random_erasing import RandomErasing
+from vtrain.tasks.video.clips import VideoReader, test_clip_indices, train_clip_indices, uniform_clip_indices
 
 from vtrain.config import ConfigError
 from vtrain.data.datamodule import (
@@ -67,16 +73,21 @@ class VideoClipDataset(LabelledFileDataset):
     kind = "video"
 
     def __init__(self, samples: Samples, transform, clip_len: int, frame_interval: int, short_side: int,
-                 num_clips: int | None = None, skip_corrupt: bool = True):
+                 num_clips: int | None = None, skip_corrupt: bool = True, frame_uniform: bool = False):
         super().__init__(samples, skip_corrupt)
         self.transform = transform
         self.clip_len, self.frame_interval, self.short_side = clip_len, frame_interval, short_side
         self.num_clips = num_clips  # None: one random training clip
+        self.frame_uniform = frame_uniform  # one frame per segment of the whole video (clips.uniform_clip_indices)
 
     def frame_indices(self, num_frames: int) -> np.ndarray:
+        rng = None
         if self.num_clips is None:
             # torch's generator is seeded per sample by the training loader (vtrain.data.datamodule.SeededDataset)
             rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
+        if self.frame_uniform:
+            return uniform_clip_indices(num_frames, self.clip_len, rng)[None]
+        if rng is not None:
             return train_clip_indices(num_frames, self.clip_len, self.frame_interval, rng)[None]
         return test_clip_indices(num_frames, self.clip_len, self.frame_interval, self.num_clips)
 
@@ -170,17 +181,33 @@ class MultiScaleCrop:
 class TrainClipTransform:
     """A crop and a horizontal flip, the same for every frame of the clip: mmaction2's ``RandomResizedCrop`` (or,
     with ``crop_scales``, its :class:`MultiScaleCrop`) + ``Flip``: (1, T, 3, H, W) uint8 -> (3, T, crop, crop)
-    float."""
+    float. Optionally (Video Swin's Something-Something v2 pipeline) RandAugment before the normalisation and
+    random erasing after it, each the same on every frame.
+
+    ``rand_augment``: ``{num_ops, magnitude}``, torchvision's ``RandAugment`` on the whole clip. Departure: the
+    official pipeline runs imgaug's ``RandAugment(n, m)``, whose operations and magnitude scale differ; imgaug is
+    unmaintained and not a dependency here. ``random_erasing``: the probability of timm's ``RandomErasing``
+    (its defaults, mode 'const': zeros after normalising), as the official ``RandomErasing`` wraps it, replaying
+    one draw on every frame: one rectangle through the whole clip.
+    """
 
     def __init__(self, crop_size: int, scale: Sequence[float], hflip: float, crop_scales: Sequence[float] | None = None,
-                 normalize: Normalize = IMAGENET):
+                 normalize: Normalize = IMAGENET, rand_augment: Mapping[str, int] | None = None,
+                 random_erasing: float = 0.0):
         crop = (MultiScaleCrop(crop_size, crop_scales) if crop_scales
                 else v2.RandomResizedCrop(crop_size, scale=tuple(scale), antialias=True))
-        self.augment = v2.Compose([crop, v2.RandomHorizontalFlip(hflip)])
+        steps = [crop, v2.RandomHorizontalFlip(hflip)]
+        if rand_augment:
+            steps.append(v2.RandAugment(num_ops=int(rand_augment["num_ops"]), magnitude=int(rand_augment["magnitude"])))
+        self.augment = v2.Compose(steps)
         self.normalize = normalize
+        self.erase = RandomErasing(probability=random_erasing, device="cpu") if random_erasing > 0 else None
 
     def __call__(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.augment(tv_tensors.Video(clips[0])).as_subclass(torch.Tensor))
+        clip = self.normalize(self.augment(tv_tensors.Video(clips[0])).as_subclass(torch.Tensor))
+        if self.erase is not None:  # (3, T, H, W) as one (3T, H, W) image: the same rectangle in every frame
+            clip = self.erase(clip.flatten(0, 1)).view_as(clip)
+        return clip
 
 
 class TestViewsTransform:
@@ -221,6 +248,11 @@ class KineticsDataModule(DataModule):
         crop_scales: mmaction2's ``MultiScaleCrop`` with these scales of the short side (:class:`MultiScaleCrop`,
             the I3D configs' ``(1, 0.8)``) instead of the random resized crop; None: the random resized crop.
         eval_short_side, eval_crop_size: validation resize and crop.
+        frame_uniform: sample one frame from each of ``clip_len`` equal segments of the whole video (Video Swin's
+            Something-Something v2 sampling, :func:`clips.uniform_clip_indices`; ``frame_interval`` unused, one test
+            clip) instead of ``clip_len`` frames ``frame_interval`` apart.
+        rand_augment, random_erasing: training augmentations after the crop (:class:`TrainClipTransform`); None / 0:
+            none.
         mean, std: normalisation, on 0-1 pixels (the configs read ``conf/preprocessing/``).
         batch_size: training clips per device.
         val_batch_size: validation videos per device (each is ``num_test_clips * num_test_crops`` views).
@@ -247,6 +279,9 @@ class KineticsDataModule(DataModule):
         crop_scales: Sequence[float] | None = None,
         eval_short_side: int = 224,
         eval_crop_size: int = 224,
+        frame_uniform: bool = False,
+        rand_augment: Mapping[str, int] | None = None,
+        random_erasing: float = 0.0,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         batch_size: int = 8,
@@ -262,6 +297,7 @@ class KineticsDataModule(DataModule):
         self.train_short_side, self.crop_size, self.scale, self.hflip = train_short_side, crop_size, scale, hflip
         self.crop_scales = crop_scales
         self.eval_short_side, self.eval_crop_size = eval_short_side, eval_crop_size
+        self.frame_uniform, self.rand_augment, self.random_erasing = frame_uniform, rand_augment, random_erasing
         self.mean, self.std = list(mean), list(std)
         self.normalize = Normalize(mean, std)
         self.classes: list[str] = []
@@ -273,6 +309,7 @@ class KineticsDataModule(DataModule):
     # ------------------------------------------------------------------ checks before anything starts
     def check(self) -> None:
         """Fail in one line when ``root`` is missing or laid out in neither supported way."""
+        self._check_sampling()
         if not self.root.is_dir():
             raise ConfigError(f"data.root={self.root} does not exist: pass the Kinetics folder ({FOLDERS}, or list files)")
         if (self.train_list is None) != (self.val_list is None):
@@ -281,6 +318,11 @@ class KineticsDataModule(DataModule):
             self._check_lists()
         else:
             self._check_folders()
+
+    def _check_sampling(self) -> None:
+        if self.frame_uniform and self.num_test_clips != 1:
+            raise ConfigError(f"data.num_test_clips={self.num_test_clips} with data.frame_uniform=true: uniform "
+                              "sampling spans the whole video in one clip; set data.num_test_clips=1")
 
     def _check_lists(self) -> None:
         for option, name in (("train_list", self.train_list), ("val_list", self.val_list)):
@@ -326,6 +368,7 @@ class KineticsDataModule(DataModule):
             samples, TestViewsTransform(self.eval_crop_size, self.num_test_crops, self.normalize), self.clip_len,
             self.frame_interval,
             self.eval_short_side, num_clips=self.num_test_clips, skip_corrupt=self.skip_corrupt,
+            frame_uniform=self.frame_uniform,
         )
 
     def preprocessing(self) -> dict[str, Any]:
@@ -353,7 +396,93 @@ class KineticsDataModule(DataModule):
         if stage == "fit":
             self.train_set = VideoClipDataset(
                 self.samples("train"),
-                TrainClipTransform(self.crop_size, self.scale, self.hflip, self.crop_scales, self.normalize),
+                TrainClipTransform(self.crop_size, self.scale, self.hflip, self.crop_scales, self.normalize,
+                                   self.rand_augment, self.random_erasing),
                 self.clip_len, self.frame_interval, self.train_short_side, skip_corrupt=self.skip_corrupt,
+                frame_uniform=self.frame_uniform,
             )
         self.val_set = self.eval_set(self.samples("val"))
+
+
+# ---------------------------------------------------------------------------------------------- Something-Something v2
+SSV2_FOLDERS = ("root/20bn-something-something-v2/<id>.webm and root/annotations/something-something-v2-"
+                "{labels,train,validation}.json")
+
+
+def ssv2_template_labels(labels_file: Path) -> dict[str, int]:
+    """The release's labels file: ``{template without brackets: "index"}`` (174 templates) -> {template: index}."""
+    try:
+        mapping = json.loads(labels_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{labels_file}: not a readable JSON labels file ({e}); expected the release's "
+                          "{template: index} mapping") from e
+    return {template: int(index) for template, index in mapping.items()}
+
+
+def read_ssv2_annotations(videos: Path, annotation_file: Path, labels: Mapping[str, int]) -> Samples:
+    """A split file (a JSON list of ``{id, label, template, placeholders}``) -> ``(videos/<id>.webm, label)``; the
+    label is the template's index once its brackets are removed ("Pushing [something] from left to right" ->
+    "Pushing something from left to right"), as mmaction2's ``parse_sthv2_splits``."""
+    samples = []
+    for item in json.loads(annotation_file.read_text()):
+        template = item["template"].replace("[", "").replace("]", "")
+        if template not in labels:
+            raise ConfigError(f"{annotation_file}: video {item['id']}'s template {template!r} is not in the labels "
+                              "file: data.labels_file must be the labels of the same release")
+        samples.append((str(videos / f"{item['id']}.webm"), labels[template]))
+    return samples
+
+
+class SomethingSomethingV2DataModule(KineticsDataModule):
+    """Something-Something v2 in its release's layout (``SSV2_FOLDERS``; mmaction2's tools/data/sthv2 keeps it):
+    the videos ``<id>.webm`` in one folder, a JSON file per split whose ``template`` names the class, and the labels
+    file mapping each template (brackets removed) to its index. Sampling and views are
+    :class:`KineticsDataModule`'s options (``conf/data/ssv2.yaml``: Video Swin's).
+
+    Args:
+        videos_dir, labels_file, train_file, val_file: paths relative to ``root`` (the release's names by default;
+            the later release's ``labels/labels.json``, ``labels/train.json``, ``labels/validation.json`` work
+            too).
+        **options: :class:`KineticsDataModule`'s.
+    """
+
+    def __init__(self, root: str, num_classes: int = 174, videos_dir: str = "20bn-something-something-v2",
+                 labels_file: str = "annotations/something-something-v2-labels.json",
+                 train_file: str = "annotations/something-something-v2-train.json",
+                 val_file: str = "annotations/something-something-v2-validation.json", **options: Any):
+        super().__init__(root, num_classes, **options)
+        self.videos_dir, self.labels_file, self.train_file, self.val_file = videos_dir, labels_file, train_file, val_file
+
+    def check(self) -> None:
+        self._check_sampling()
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={self.root} does not exist: pass the Something-Something v2 folder ({SSV2_FOLDERS})")
+        for option in ("labels_file", "train_file", "val_file"):
+            if not (self.root / getattr(self, option)).is_file():
+                raise ConfigError(f"data.{option}={getattr(self, option)}: no file under data.root={self.root} "
+                                  f"(expected {SSV2_FOLDERS})")
+        labels = self.labels()
+        if len(labels) != self.num_classes:
+            raise ConfigError(f"data.labels_file has {len(labels)} templates but data.num_classes={self.num_classes}: "
+                              f"set data.num_classes={len(labels)}")
+        for option in ("train_file", "val_file"):
+            samples = self.samples("train" if option == "train_file" else "val")
+            if not samples:
+                raise ConfigError(f"data.{option}={getattr(self, option)} lists no video")
+            if not Path(samples[0][0]).is_file():
+                raise ConfigError(f"data.{option}: its first video {samples[0][0]} does not exist; videos are "
+                                  f"data.root/data.videos_dir/<id>.webm (data.videos_dir={self.videos_dir})")
+
+    def labels(self) -> dict[str, int]:
+        return ssv2_template_labels(self.root / self.labels_file)
+
+    def samples(self, split: str) -> Samples:
+        annotations = self.root / (self.train_file if split == "train" else self.val_file)
+        return read_ssv2_annotations(self.root / self.videos_dir, annotations, self.labels())
+
+    @property
+    def class_names(self) -> list[str]:
+        """The templates (brackets removed), by label."""
+        labels = self.labels() if (self.root / self.labels_file).is_file() else {}
+        names = sorted(labels, key=labels.get)
+        return names if len(names) == self.num_classes else DataModule.class_names.fget(self)

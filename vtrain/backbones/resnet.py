@@ -80,12 +80,18 @@ DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36
 
 def after_block_names(stages: Sequence[bool], after_blocks: Sequence[int], depths: Sequence[int]) -> list[str]:
     """Where a relation block goes: ``layer<stage>_<block>`` for each enabled stage and each index of
-    ``after_blocks`` (negative from the end; out-of-range indices skipped), e.g. the NL paper's c4 blocks 1, 3, 5."""
+    ``after_blocks`` (negative from the end; out-of-range indices skipped), e.g. the NL paper's c4 blocks 1, 3, 5.
+    ``after_blocks`` may instead hold one list per stage, where stages differ (the NL paper's R101: c3 blocks 1, 3
+    and c4 blocks 6, 13, 20)."""
+    per_stage = [list(b) for b in after_blocks] if after_blocks and not isinstance(after_blocks[0], int) else None
+    if per_stage is not None and len(per_stage) != len(depths):
+        raise ConfigError(f"after_blocks has {len(per_stage)} lists: give one per stage ({len(depths)}) or one list of ints")
     names = []
     for stage_index, (enabled, depth) in enumerate(zip(stages, depths)):
         if not enabled:
             continue
-        indices = sorted({i % depth for i in after_blocks if -depth <= i < depth})
+        wanted = after_blocks if per_stage is None else per_stage[stage_index]
+        indices = sorted({i % depth for i in wanted if -depth <= i < depth})
         names += [f"layer{stage_index + 1}_{i}" for i in indices]
     return names
 
