@@ -111,6 +111,18 @@ def mmcv_poly(lr: float, power: float, min_lr: float, total: int, warmup: int = 
     return schedule
 
 
+def pix2seq_warmup_linear(lr: float, warmup_epochs: int, epochs: int, end_lr_factor: float):
+    """Pix2seq models/model_utils.py WarmUpAndDecay('linear'): u / warmup x lr during the warm-up, then Keras'
+    PolynomialDecay(lr, total - warmup, lr x end_lr_factor, power 1) of the steps after it."""
+    def schedule(u: int, s: int) -> float:
+        warmup, total = warmup_epochs * s, epochs * s
+        if u < warmup:
+            return u / warmup * lr
+        progress = min(u - warmup, total - warmup) / (total - warmup)
+        return (lr - lr * end_lr_factor) * (1 - progress) + lr * end_lr_factor
+    return schedule
+
+
 def mmcv_cosine_by_epoch(u: int, s: int) -> float:
     """Video Swin lr_config: CosineAnnealing by epoch over 30 epochs (min 0), linear warm-up over 2.5 epochs of
     iterations from warmup_ratio 0.1 (mmcv's default) times the regular lr; lr 1e-3."""
@@ -331,6 +343,25 @@ REFERENCES = {
         values={"backbone.frozen_stages": 1, "task.batch_norm": "frozen", "trainer.gradient_clip_val": 0.1,
                 "trainer.precision": "32-true", "data.masks": False,
                 "task.detector.model.class_rows": "coco"}),  # models/detr.py build: num_classes=91 (ids 0..90)
+    "pix2seq_r50_coco": Reference(
+        source="Pix2seq paper Sec. 4.1 and Appendix A (lr, weight decay, warm-up, epochs, batch); google-research/"
+               "pix2seq configs/config_det_finetune.py (betas, eps, end_lr_factor), models/model_utils.py "
+               "(WarmUpAndDecay, build_optimizer 'adamw': decay on every variable), architectures/resnet.py",
+        batch=128, update_interval=(16, 1), epochs=300, schedule=pix2seq_warmup_linear(3e-3, 10, 300, 0.01),
+        points=(0, 50, 99, 100, 101, 1500, 2999, 3000),
+        params={  # one AdamW group: lr 0.003, weight decay 0.05 on every parameter
+            "backbone.layer2.0.conv1.weight": (3e-3, 0.05), "backbone.layer2.0.bn1.weight": (3e-3, 0.05),
+            "detector.token_embed": (3e-3, 0.05), "detector.encoder.0.norm.bias": (3e-3, 0.05),
+            "detector.decoder.5.cross_attn.in_proj_weight": (3e-3, 0.05)},
+        pretrained=TORCHVISION_R50,
+        values={"task.batch_norm": "sync", "data.masks": False, "optim.betas": [0.9, 0.95], "optim.eps": 1e-8,
+                "task.test_size": 1333, "task.test_max_size": 1333, "data.train_sizes": [1333],
+                "task.detector.model.num_bins": 2000, "task.detector.model.max_objects": 100,
+                "task.detector.model.max_objects_test": 100, "task.detector.model.top_p": 0.4,
+                "task.detector.model.hidden_dim": 256, "task.detector.model.num_encoder_layers": 6,
+                "task.detector.model.num_decoder_layers": 6, "task.detector.model.dim_feedforward": 1024,
+                "task.detector.model.noise_class_weight": 1.0, "task.detector.model.eos_weight": 0.1,
+                "task.detector.model.class_label_corruption": "rand_n_fake_cls"}),
     "deformable_detr_r50_coco": Reference(
         source="fundamentalvision/Deformable-DETR configs/r50_deformable_detr.sh, main.py (defaults, param_dicts), "
                "README (total batch 32), models/deformable_detr.py build, models/backbone.py",

@@ -4,7 +4,7 @@
 generator, heads, duplicate removal, R-CNN settings) are ``_target_`` objects, instantiated recursively: any part is
 swapped from a config (``task/detector/nms=soft_nms``, ``task.detector.model.rpn_anchor_generator={_target_: ...}``).
 It instantiates to a :class:`DetectorSpec`, which builds the detector on the task's backbone. A family is its
-module(s) (:mod:`rcnn`, :mod:`one_stage`, :mod:`detr`, :mod:`deformable_detr`, :mod:`sparse_rcnn`) and its config files; the task holds none of its keys.
+module(s) (:mod:`rcnn`, :mod:`one_stage`, :mod:`detr`, :mod:`deformable_detr`, :mod:`sparse_rcnn`, :mod:`pix2seq`) and its config files; the task holds none of its keys.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def build_spec(config: Mapping[str, Any]) -> DetectorSpec:
     ``task/detector/<part>=...`` switches it; a ``_partial_`` part would find out only when called)."""
     if not isinstance(config, Mapping) or "_target_" not in config:
         raise ConfigError(f"task.detector is a config, not {config!r}: pick one with task/detector=<name> "
-                          "(mask_rcnn, faster_rcnn, retinanet, fcos, atss, detr, deformable_detr, sparse_rcnn: the files of conf/task/detector/)")
+                          "(mask_rcnn, faster_rcnn, retinanet, fcos, atss, detr, deformable_detr, sparse_rcnn, pix2seq: the files of conf/task/detector/)")
     _check_arguments(config, "task.detector")
     try:
         spec = instantiate(config, _convert_="all")  # plain lists and dicts for every part (torchvision checks types)

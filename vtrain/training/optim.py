@@ -250,11 +250,14 @@ def multistep(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_e
 
 def poly(optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int, lr_scale: float = 1.0,
          power: float = 0.9, min_lr: float = 0.0, warmup_epochs: float = 0, warmup_steps: int | None = None,
-         warmup_lr: float | None = None, warmup_ratio: float = 0.001) -> Scheduler:
-    """mmseg's polynomial decay over the whole run, down to ``min_lr`` (scaled)."""
+         warmup_lr: float | None = None, warmup_ratio: float = 0.001, warmup_prefix: bool = False) -> Scheduler:
+    """mmseg's polynomial decay over the whole run, down to ``min_lr`` (scaled). ``warmup_prefix``: the decay
+    runs over the steps after the warm-up, from the full lr at its end (Pix2seq's ``WarmUpAndDecay``, linear with
+    ``power: 1``); false: over all the steps (mmseg's)."""
     warmup = _steps(warmup_epochs, warmup_steps, steps_per_epoch)
-    return PolyLRScheduler(optimizer, t_initial=max(total_steps, 1), power=float(power),
-                           lr_min=float(min_lr) * lr_scale, cycle_limit=1,
+    return PolyLRScheduler(optimizer, t_initial=max(total_steps - warmup if warmup_prefix else total_steps, 1),
+                           power=float(power), lr_min=float(min_lr) * lr_scale, cycle_limit=1,
+                           warmup_prefix=bool(warmup_prefix),
                            **_warmup(optimizer, warmup, warmup_lr, warmup_ratio, lr_scale))
 
 
