@@ -251,6 +251,19 @@ class CascadeRoIHeads(nn.Module):
     # ----------------------------------------------------------------------------------------------- inference
     def detect(self, features: dict[str, Tensor], proposals: list[Tensor],
                image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        results = [self.detections(boxes, scores) for boxes, scores in self.scored_boxes(features, proposals, image_shapes)]
+        if self.has_mask():
+            probabilities = self.mask_probabilities(features, [r["boxes"] for r in results],
+                                                    [r["labels"] for r in results], image_shapes)
+            for result, masks in zip(results, probabilities.split([len(r["boxes"]) for r in results])):
+                result["masks"] = masks
+        return results
+
+    def scored_boxes(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+                     ) -> list[tuple[Tensor, Tensor]]:
+        """Each image's class-specific boxes ``(N, K, 4)`` (the last stage's, clipped) and class probabilities
+        ``(N, K)`` (the stages' logits averaged), background left out: mmdet's ``CascadeRoIHead`` test up to
+        ``get_bboxes`` with ``rescale=False``, the input of its test-time augmentation's ``merge_aug_bboxes``."""
         rois, logits = proposals, []
         for i, stage in enumerate(self.stages):
             class_logits, deltas = stage(self.box_roi_pool(features, rois, image_shapes))
@@ -266,27 +279,31 @@ class CascadeRoIHeads(nn.Module):
         anchors = torch.cat(rois)
         boxes = coder.decode_single(per_class.reshape(-1, 4), anchors.repeat_interleave(num_classes, 0))
         boxes = boxes.view(len(anchors), num_classes, 4)
-        results = []
-        for image_boxes, image_scores, shape in zip(boxes.split([len(r) for r in rois]),
-                                                    scores.split([len(r) for r in rois]), image_shapes):
-            image_boxes = box_ops.clip_boxes_to_image(image_boxes, shape).reshape(-1, 4)
-            labels = torch.arange(1, num_classes + 1, device=scores.device).repeat(len(image_scores))
-            image_scores = image_scores[:, 1:].reshape(-1)
-            keep = torch.where(image_scores > self.score_thresh)[0]
-            image_boxes, image_scores, labels = image_boxes[keep], image_scores[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(image_boxes, min_size=1e-2)
-            image_boxes, image_scores, labels = image_boxes[keep], image_scores[keep], labels[keep]
-            keep = batched_nms(image_boxes, image_scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": image_boxes[keep], "labels": labels[keep], "scores": image_scores[keep]})
-        if self.has_mask():
-            boxes = [r["boxes"] for r in results]
-            pooled = self.mask_roi_pool(features, boxes, image_shapes)
-            probabilities = torch.stack([m(pooled).sigmoid() for m in self.mask_stages]).mean(0)
-            label = torch.cat([r["labels"] for r in results])
-            chosen = probabilities[torch.arange(len(label), device=label.device), label - 1][:, None]
-            for result, masks in zip(results, chosen.split([len(b) for b in boxes])):
-                result["masks"] = masks
-        return results
+        sizes = [len(r) for r in rois]
+        return [(box_ops.clip_boxes_to_image(image_boxes, shape), image_scores[:, 1:])
+                for image_boxes, image_scores, shape in zip(boxes.split(sizes), scores.split(sizes), image_shapes)]
+
+    def detections(self, boxes: Tensor, scores: Tensor) -> dict[str, Tensor]:
+        """One image's detections from its class-specific boxes ``(N, K, 4)`` and probabilities ``(N, K)``: above
+        ``score_thresh``, boxes of at least 0.01 px, class-wise NMS, the best ``detections_per_img``."""
+        boxes = boxes.reshape(-1, 4)
+        labels = torch.arange(1, scores.shape[1] + 1, device=scores.device).repeat(len(scores))
+        scores = scores.reshape(-1)
+        keep = torch.where(scores > self.score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+        return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
+
+    def mask_probabilities(self, features: dict[str, Tensor], boxes: list[Tensor], labels: list[Tensor],
+                           image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Each box's mask probabilities ``(N, 1, M, M)`` for its label: the mask heads' averaged
+        (``merge_aug_masks`` over the stages)."""
+        pooled = self.mask_roi_pool(features, boxes, image_shapes)
+        probabilities = torch.stack([m(pooled).sigmoid() for m in self.mask_stages]).mean(0)
+        label = torch.cat(labels)
+        return probabilities[torch.arange(len(label), device=label.device), label - 1][:, None]
 
 
 class CascadeSpec(PyramidRCNN):

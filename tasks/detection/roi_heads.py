@@ -20,10 +20,9 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
-    maskrcnn_inference,
     maskrcnn_loss,
 )
-from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, generalized_box_iou_loss, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
@@ -170,9 +169,25 @@ class DetectionRPN(RegionProposalNetwork):
                    rpn.nms_thresh, score_thresh=rpn.score_thresh, **options)
 
     def forward(self, images: Any, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):
-        if self.levels is not None:  # an RPN on some of the maps (Relation Networks' C4 base: on C4 only)
-            features = {name: features[name] for name in self.levels}
-        return super().forward(images, features, targets)
+        if not self.training:
+            return self.scored_proposals(images, features)[0], {}
+        return super().forward(images, self.maps_read(features), targets)
+
+    def maps_read(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.levels is None:
+            return features
+        return {name: features[name] for name in self.levels}  # Relation Networks' C4 base: on C4 only
+
+    def scored_proposals(self, images: Any, features: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Each image's proposals and their objectness probabilities: torchvision's test-time forward, which drops
+        the scores that mmdet's test-time augmentation merges proposals by (``merge_aug_proposals``)."""
+        maps = list(self.maps_read(features).values())
+        objectness, deltas = self.head(maps)
+        anchors = self.anchor_generator(images, maps)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        return self.filter_proposals(proposals, objectness, images.image_sizes, per_level)
 
     def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor],
                      regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -258,8 +273,9 @@ class DetectionRoIHeads(RoIHeads):
             class_logits, box_regression = self.box_predictor(box_features)
             result = self.detect(class_logits, box_regression, box_features, proposals, image_shapes)
             if self.has_mask():
-                masks = self.mask_logits(features, [r["boxes"] for r in result], image_shapes)
-                for probs, r in zip(maskrcnn_inference(masks, [r["labels"] for r in result]), result):
+                probabilities = self.mask_probabilities(features, [r["boxes"] for r in result],
+                                                        [r["labels"] for r in result], image_shapes)
+                for probs, r in zip(probabilities.split([len(r["boxes"]) for r in result]), result):
                     r["masks"] = probs
             return result, {}
 
@@ -310,6 +326,34 @@ class DetectionRoIHeads(RoIHeads):
     def mask_logits(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]):
         return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
 
+    def mask_probabilities(self, features: dict[str, Tensor], boxes: list[Tensor], labels: list[Tensor],
+                           image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Each box's mask probabilities ``(N, 1, M, M)`` for its label (torchvision's ``maskrcnn_inference``)."""
+        probabilities = self.mask_logits(features, boxes, image_shapes).sigmoid()
+        label = torch.cat(labels)
+        return probabilities[torch.arange(len(label), device=label.device), label][:, None]
+
+    def scored_boxes(self, features: dict[str, Tensor], rois: list[Tensor], image_shapes: list[tuple[int, int]]
+                     ) -> list[tuple[Tensor, Tensor]]:
+        """Each image's class-specific boxes ``(N, K, 4)`` (clipped) and class probabilities ``(N, K)`` of its RoIs,
+        background left out: what :meth:`detect` removes duplicates from (mmdet's ``get_bboxes`` with
+        ``rescale=False``, the input of its test-time augmentation's ``merge_aug_bboxes``)."""
+        if self.learns_duplicate_removal:
+            raise ConfigError("the learned duplicate removal scores each view's detections with its RoI features: "
+                              "test-time augmentation (task.test_scales / task.test_flip) cannot merge them; use "
+                              "task/detector/nms=nms or test without it")
+        box_features = self._box_head(features, rois, image_shapes)
+        class_logits, box_regression = self.box_predictor(box_features)
+        scores = F.softmax(class_logits, -1).split([len(r) for r in rois])
+        return [(boxes[:, 1:], image_scores[:, 1:])
+                for boxes, image_scores in zip(self.class_boxes(box_regression, rois, image_shapes), scores)]
+
+    def detections(self, boxes: Tensor, scores: Tensor) -> dict[str, Tensor]:
+        """One image's detections from its class-specific boxes ``(N, K, 4)`` and probabilities ``(N, K)``
+        (labels 1..K)."""
+        labels = torch.arange(1, scores.shape[1] + 1, device=scores.device).expand_as(scores)
+        return self.remove_duplicates(boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1))
+
     def class_boxes(self, box_regression: Tensor, rois: list[Tensor], image_shapes: list[tuple[int, int]]):
         """Each image's decoded, clipped class-specific boxes ``(N_i, classes, 4)``."""
         decoded = self.box_coder.decode(box_regression, rois).split([len(r) for r in rois])
@@ -340,25 +384,28 @@ class DetectionRoIHeads(RoIHeads):
         for boxes, scores, features in zip(self.class_boxes(box_regression, rois, image_shapes), all_scores,
                                            box_features.split(sizes)):
             if self.learns_duplicate_removal:
-                boxes, scores, labels = self.duplicate_removal.detect(scores, boxes, features)
+                results.append(self.remove_duplicates(*self.duplicate_removal.detect(scores, boxes, features)))
             else:
-                labels = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
-                boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
-            keep = torch.where(scores > self.score_thresh)[0]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            if self.learns_duplicate_removal:  # the scores already say which detection is kept
-                keep = torch.argsort(scores, descending=True, stable=True)
-                kept_scores = scores[keep]
-            elif isinstance(self.duplicate_removal, HardNMS) and self.duplicate_removal.is_detectors_own:
-                keep = batched_nms(boxes, scores, labels, self.nms_thresh)
-                kept_scores = scores[keep]
-            else:
-                keep, kept_scores = self.duplicate_removal(boxes, scores, labels)
-            keep, kept_scores = keep[: self.detections_per_img], kept_scores[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "labels": labels[keep], "scores": kept_scores})
+                results.append(self.detections(boxes[:, 1:], scores[:, 1:]))
         return results
+
+    def remove_duplicates(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Scores above ``score_thresh``, boxes of at least 0.01 px, duplicates removed, the best
+        ``detections_per_img`` kept (torchvision's ``postprocess_detections`` after the decoding)."""
+        keep = torch.where(scores > self.score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if self.learns_duplicate_removal:  # the scores already say which detection is kept
+            keep = torch.argsort(scores, descending=True, stable=True)
+            kept_scores = scores[keep]
+        elif isinstance(self.duplicate_removal, HardNMS) and self.duplicate_removal.is_detectors_own:
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
+            kept_scores = scores[keep]
+        else:
+            keep, kept_scores = self.duplicate_removal(boxes, scores, labels)
+        keep, kept_scores = keep[: self.detections_per_img], kept_scores[: self.detections_per_img]
+        return {"boxes": boxes[keep], "labels": labels[keep], "scores": kept_scores}
 
 
 # ----------------------------------------------------------------------------------------------- assembly
