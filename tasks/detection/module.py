@@ -14,6 +14,8 @@ from torch import nn
 from vtrain.tasks.detection.data import Batch, read_annotation_file
 from vtrain.tasks.detection.evaluation import STAT_NAMES, CocoEvaluator, records_to_coco_results
 from vtrain.tasks.detection.detector import DetectorSpec, build_spec
+from vtrain.tasks.detection import test_time_augmentation
+from vtrain.tasks.detection.test_time_augmentation import multi_scale_flip_views
 
 from vtrain.config import ConfigError
 from vtrain.data.datamodule import DatasetInfo
@@ -38,6 +40,9 @@ class DetectionTask(TaskModule):
             devices, the GCNet recipe; needs GPUs under DDP).
         test_size, test_max_size: the test-time resize, done by the detector so that detections come back
             in original image coordinates (training sizes are the data pipeline's).
+        test_scales, test_flip: multi-scale + flip testing (:mod:`test_time_augmentation`, mmdet v2's
+            ``MultiScaleFlipAug`` and its merges): the short sides of the test views (None: ``test_size`` alone),
+            and each also flipped horizontally.
         image_mean, image_std: the normalisation the detector applies to 0-1 pixels (what the weights expect).
         evaluator: ``pycocotools`` (official) or ``faster_coco_eval`` (same numbers, faster).
     """
@@ -54,6 +59,8 @@ class DetectionTask(TaskModule):
         batch_norm: str = "train",
         test_size: int = 800,
         test_max_size: int = 1333,
+        test_scales: Sequence[int] | None = None,
+        test_flip: bool = False,
         image_mean: Sequence[float] = (0.485, 0.456, 0.406),
         image_std: Sequence[float] = (0.229, 0.224, 0.225),
         evaluator: str = "pycocotools",
@@ -68,6 +75,7 @@ class DetectionTask(TaskModule):
                      "image_std": list(image_std)}
         self.detector = self.spec.build(self.backbone, num_classes + 1, transform)
         self.evaluator: CocoEvaluator | None = None
+        self.test_views = multi_scale_flip_views(test_scales, bool(test_flip), test_size)
 
     def train(self, mode: bool = True) -> "DetectionTask":
         super().train(mode)
@@ -78,7 +86,9 @@ class DetectionTask(TaskModule):
         return self
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
-        return self.detector(images, targets)
+        if self.training or self.test_views is None:
+            return self.detector(images, targets)
+        return test_time_augmentation.detect(self.detector, images, self.test_views)
 
     def load_pretrained(self, path: str, strict: bool = True) -> None:
         """Backbone weights, or a whole detector's release that its config reads (DETR's official checkpoints)."""
