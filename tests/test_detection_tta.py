@@ -12,6 +12,7 @@ from vtrain.tasks.detection.test_time_augmentation import (
     View,
     average_boxes,
     average_masks,
+    class_wise_nms,
     merge_detections,
     merge_proposals,
     multi_scale_flip_views,
@@ -52,14 +53,15 @@ def test_merges_against_a_hand_case():
     masks = average_masks(views, [torch.tensor([[[[0.0, 1.0]]]]), torch.tensor([[[[1.0, 0.5]]]])])
     torch.testing.assert_close(masks, torch.tensor([[[[0.25, 1.0]]]]))
 
-    # set prediction / one stage: each view's detections (original scale) un-flipped at width 100, concatenated,
+    # set prediction: each view's detections (original scale) un-flipped at width 100, concatenated,
     # class-wise NMS at 0.5, the best 2
     width_100 = (60, 100)
     plain = {"boxes": torch.tensor([[10.0, 10, 40, 40], [60, 30, 90, 50]]), "scores": torch.tensor([0.9, 0.3]),
              "labels": torch.tensor([1, 2])}
     flipped = {"boxes": torch.tensor([[60.0, 10, 90, 40], [5, 5, 20, 20]]), "scores": torch.tensor([0.8, 0.5]),
                "labels": torch.tensor([1, 1])}
-    merged = merge_detections((View(60, False), View(60, True)), [plain, flipped], width_100, 0.5, 2)
+    merged = merge_detections((View(60, False), View(60, True)), [plain, flipped], width_100,
+                              class_wise_nms(0.5, 2))
     torch.testing.assert_close(merged["boxes"], torch.tensor([[10.0, 10, 40, 40], [80, 5, 95, 20]]))
     torch.testing.assert_close(merged["scores"], torch.tensor([0.9, 0.5]))
     assert merged["labels"].tolist() == [1, 1]
@@ -118,4 +120,24 @@ def test_cascade_mask_rcnn_one_view_is_the_plain_test_and_flip_testing_is_mirror
     assert len(found["boxes"]) > 10 and torch.equal(mirrored["labels"], found["labels"])
     torch.testing.assert_close(mirrored["scores"], found["scores"], atol=1e-5, rtol=0)
     torch.testing.assert_close(mirrored["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1, -1, 1]) + 80.0 * torch.tensor([1.0, 0, 1, 0]),
+                               found["boxes"], atol=1e-3, rtol=0)
+
+
+@torch.no_grad()
+def test_fcos_merges_the_views_candidates_with_its_own_nms_and_flip_testing_is_mirrored():
+    torch.manual_seed(0)
+    fcos = _task(TINY_SWIN, "fcos", "+task.detector.model.score_thresh=0.0", "+task.detector.model.detections_per_img=50")
+    fcos.eval()
+    image = torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(0))
+    fcos.detector.transform.min_size, fcos.detector.transform.max_size = (128,), 320
+    plain = fcos([image])[0]
+    fcos.test_views = multi_scale_flip_views([128], False, 128)
+    assert all(torch.equal(plain[key], value) for key, value in fcos([image])[0].items())
+    fcos.test_views = multi_scale_flip_views([128, 160], True, 128)
+    with fcos.detector.all_candidates():
+        candidates = fcos.detector([image])[0]
+    found, mirrored = fcos([image, image.flip(-1)])
+    assert len(found["boxes"]) == 50 < len(candidates["boxes"])  # the views' candidates, NMSed, the best 50
+    torch.testing.assert_close(mirrored["scores"], found["scores"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mirrored["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1, -1, 1]) + 160.0 * torch.tensor([1.0, 0, 1, 0]),
                                found["boxes"], atol=1e-3, rtol=0)

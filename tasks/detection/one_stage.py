@@ -7,11 +7,13 @@ class-wise NMS at the end is replaced. With the default (``HardNMS(iou_threshold
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import detection
+from torchvision.ops import batched_nms
 from vtrain.tasks.detection.atss import ATSSDetector
 from vtrain.tasks.detection.detector import torchvision_transform
 from vtrain.tasks.detection.nms import HardNMS
@@ -23,18 +25,28 @@ from vtrain.config import ConfigError
 class RemovesDuplicates:
     """Mixin for a torchvision detector whose ``postprocess_detections`` ends in ``batched_nms(..., nms_thresh)``
     and keeps ``detections_per_img``: runs it with nothing suppressed and none dropped, then removes duplicates
-    with ``duplicate_removal`` and keeps the best ``detections_per_img``."""
+    with ``duplicate_removal`` and keeps the best ``detections_per_img``. Under :meth:`all_candidates` it returns the
+    candidates before that step (mmdet's ``get_bboxes(with_nms=False)``, what test-time augmentation merges)."""
 
     nms_thresh: float
     detections_per_img: int
+    keeps_candidates = False
 
     def __init__(self, *args: Any, duplicate_removal: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.duplicate_removal = HardNMS() if duplicate_removal is None else duplicate_removal
 
+    @contextmanager
+    def all_candidates(self) -> Iterator[None]:
+        self.keeps_candidates = True
+        try:
+            yield
+        finally:
+            self.keeps_candidates = False
+
     def postprocess_detections(self, *args: Any):
         removal = self.duplicate_removal
-        if isinstance(removal, HardNMS) and removal.is_detectors_own:
+        if isinstance(removal, HardNMS) and removal.is_detectors_own and not self.keeps_candidates:
             return super().postprocess_detections(*args)
         own = self.nms_thresh, self.detections_per_img
         # IoU never exceeds 1: a threshold of 2 suppresses nothing
@@ -43,11 +55,20 @@ class RemovesDuplicates:
             detections = super().postprocess_detections(*args)
         finally:
             self.nms_thresh, self.detections_per_img = own
-        for d in detections:
-            keep, scores = removal(d["boxes"], d["scores"], d["labels"])
-            keep = keep[: self.detections_per_img]
-            d.update(boxes=d["boxes"][keep], labels=d["labels"][keep], scores=scores[: self.detections_per_img])
-        return detections
+        return detections if self.keeps_candidates else [self.remove_duplicates(d) for d in detections]
+
+    def remove_duplicates(self, candidates: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One image's candidates (``boxes``, ``scores``, ``labels``) less their duplicates, the best
+        ``detections_per_img``."""
+        boxes, scores, labels = candidates["boxes"], candidates["scores"], candidates["labels"]
+        removal = self.duplicate_removal
+        if isinstance(removal, HardNMS) and removal.is_detectors_own:
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
+            kept_scores = scores[keep]
+        else:
+            keep, kept_scores = removal(boxes, scores, labels)
+        keep = keep[: self.detections_per_img]
+        return {"boxes": boxes[keep], "labels": labels[keep], "scores": kept_scores[: self.detections_per_img]}
 
 
 class RetinaNet(RemovesDuplicates, detection.RetinaNet):

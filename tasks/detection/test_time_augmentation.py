@@ -15,21 +15,22 @@ merged, by family:
   own duplicate removal and ``detections_per_img`` apply. Masks: the final boxes are mapped into each view, each
   view's mask probabilities (each cascade stage's) are un-flipped and averaged (``merge_aug_masks``), then pasted
   into the original image.
-* **every other detector** (RetinaNet, FCOS, ATSS; DETR, Deformable DETR, Sparse R-CNN): each view's detections,
-  mapped back, are concatenated, then class-wise NMS and the best ``detections_per_img`` (the detector's own NMS
-  IoU and count where it has them; IoU 0.5 and 100, COCO's ``maxDets``, for the set-prediction ones). This is
-  vtrain's choice: mmdet has no test-time augmentation for set-prediction heads (one prediction per query, no
-  candidate pool to merge), and its one-stage ``aug_test_bboxes`` concatenates each view's candidates before NMS,
-  which torchvision's one-stage post-processing does not hand out; NMS over the views' detections is the merge
-  both reduce to when each view's candidates are its detections.
+* **one stage** (RetinaNet, FCOS, ATSS; mmdet's dense heads' ``aug_test_bboxes``): each view's candidates (the
+  detector's own per-level score threshold and top-k, before its duplicate removal: ``with_nms=False``), mapped back,
+  are concatenated, then the detector's own duplicate removal and ``detections_per_img``.
+* **set prediction** (DETR, Deformable DETR, Sparse R-CNN): each view's detections, mapped back, are concatenated,
+  then class-wise NMS at IoU 0.5 (mmdet's test-time NMS) and the best 100 (COCO's ``maxDets``). This is vtrain's
+  choice: mmdet has no test-time augmentation for set-prediction heads (one prediction per query, no duplicates
+  within a view, so nothing of theirs to reuse), and NMS over the views' detections is how mmdet merges the other
+  families' views.
 
 With one view (one scale, no flip) nothing is merged: the detections are the plain test's at that size.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -112,9 +113,9 @@ def average_masks(views: Sequence[View], probabilities: Sequence[Tensor]) -> Ten
 
 
 def merge_detections(views: Sequence[View], detections: Sequence[dict[str, Tensor]], original_size: Sequence[int],
-                     iou_threshold: float, count: int) -> dict[str, Tensor]:
+                     remove_duplicates: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> dict[str, Tensor]:
     """Each view's detections, already rescaled to the original image by the detector, un-flipped there,
-    concatenated; class-wise NMS; the best ``count``."""
+    concatenated, then ``remove_duplicates`` (one view: as it is)."""
     width = original_size[1]
     unflipped = []
     for view, found in zip(views, detections):
@@ -124,9 +125,15 @@ def merge_detections(views: Sequence[View], detections: Sequence[dict[str, Tenso
         unflipped.append(found)
     if len(unflipped) == 1:
         return unflipped[0]
-    merged = {key: torch.cat([found[key] for found in unflipped]) for key in unflipped[0]}
-    keep = batched_nms(merged["boxes"], merged["scores"], merged["labels"], iou_threshold)[:count]
-    return {key: value[keep] for key, value in merged.items()}
+    return remove_duplicates({key: torch.cat([found[key] for found in unflipped]) for key in unflipped[0]})
+
+
+def class_wise_nms(iou_threshold: float, count: int) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """Class-wise NMS at ``iou_threshold``, the best ``count``: the set-prediction detectors' merge."""
+    def remove_duplicates(found: dict[str, Tensor]) -> dict[str, Tensor]:
+        keep = batched_nms(found["boxes"], found["scores"], found["labels"], iou_threshold)[:count]
+        return {key: value[keep] for key, value in found.items()}
+    return remove_duplicates
 
 
 @contextmanager
@@ -147,13 +154,17 @@ def detect(detector: nn.Module, images: Sequence[Tensor], views: Sequence[View])
 
 
 def detect_any(detector: nn.Module, image: Tensor, views: Sequence[View]) -> dict[str, Tensor]:
+    """One-stage detectors (:class:`one_stage.RemovesDuplicates`): each view's candidates before duplicate removal,
+    merged by the detector's own removal (mmdet's ``aug_test_bboxes`` of dense heads); the others: each view's
+    detections, merged by :func:`class_wise_nms`."""
+    one_stage = hasattr(detector, "all_candidates") and len(views) > 1
     found = []
     for view in views:
-        with view_resize(detector, view.scale):
+        with view_resize(detector, view.scale), detector.all_candidates() if one_stage else nullcontext():
             found.append(detector([image.flip(-1) if view.flip else image])[0])
-    return merge_detections(views, found, image.shape[-2:],
-                            getattr(detector, "nms_thresh", SET_PREDICTION_NMS_IOU),
-                            getattr(detector, "detections_per_img", SET_PREDICTION_DETECTIONS))
+    removal = (detector.remove_duplicates if one_stage
+               else class_wise_nms(SET_PREDICTION_NMS_IOU, SET_PREDICTION_DETECTIONS))
+    return merge_detections(views, found, image.shape[-2:], removal)
 
 
 def detect_two_stage(detector: nn.Module, image: Tensor, views: Sequence[View]) -> dict[str, Tensor]:
