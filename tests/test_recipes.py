@@ -326,7 +326,7 @@ REFERENCES = {
         pretrained="vit_b16_imagenet_vitpaper.ckpt", published=False,
         values={"optim.momentum": 0.9, "optim.nesterov": False, "backbone.img_size": 384,
                 "backbone.pos_drop_rate": 0.0, "backbone.proj_drop_rate": 0.0, "backbone.drop_path_rate": 0.0,
-                "backbone.pos_embed_interpolation": "bilinear", "trainer.max_steps": 20_000,
+                "backbone.pos_embed_interpolation": "bilinear_align_corners", "trainer.max_steps": 20_000,
                 "trainer.gradient_clip_val": 1.0, "task.mixup": None, "task.label_smoothing": 0.0,
                 "data.augment.auto_augment": None, "data.augment.scale": [0.05, 1.0], "data.mean": [0.5, 0.5, 0.5],
                 "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash", "data.eval_interpolation": "bilinear"}),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import compose
+from vtrain.backbones.vit import VisionTransformer
 from vtrain.config import ConfigError
 from vtrain.training.build import build_task
 
@@ -104,17 +105,19 @@ def test_official_npz_gives_the_logits_of_its_model_and_of_the_official_forward(
     torch.testing.assert_close(got.double(), torch.from_numpy(official), rtol=1e-4, atol=1e-4)
 
 
-def test_official_npz_position_table_is_resized_to_the_model_grid(source, tmp_path):
-    """A 32x32 release (2x2 patches) into a 48x48 model (3x3): the table is resampled as the recipe's
-    ``pos_embed_interpolation`` says (bilinear here, the class token's row kept)."""
-    np.savez(tmp_path / "ViT-tiny.npz", **official_arrays(source))
-    larger = build_task(compose(*TINY, "backbone.img_size=48", "+backbone.pos_embed_interpolation=bilinear"))
+def test_official_npz_position_table_is_zoomed_to_the_model_grid_as_the_official_code(source, tmp_path):
+    """A 32x32 release (2x2 patches) into an 80x80 model (5x5) with the ViT recipes' ``bilinear_align_corners``: the
+    table of vit_jax/checkpoint.py ``interpolate_posembed``, ``scipy.ndimage.zoom(grid, (5/2, 5/2, 1), order=1)``
+    with the class token's row kept, run here."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    arrays = official_arrays(source)
+    np.savez(tmp_path / "ViT-tiny.npz", **arrays)
+    larger = build_task(compose(*TINY, "backbone.img_size=80", "+backbone.pos_embed_interpolation=bilinear_align_corners"))
     larger.load_pretrained(str(tmp_path / "ViT-tiny.npz"))
-    table = source.backbone.pos_embed.detach()
-    grid = table[:, 1:].reshape(1, 2, 2, DIM).permute(0, 3, 1, 2)
-    resized = torch.nn.functional.interpolate(grid, size=(3, 3), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(larger.backbone.pos_embed.detach(),
-                               torch.cat([table[:, :1], resized.flatten(2).transpose(1, 2)], 1))
+    table = arrays["Transformer/posembed_input/pos_embedding"].astype(np.float64)
+    zoomed = ndimage.zoom(table[0, 1:].reshape(2, 2, DIM), (5 / 2, 5 / 2, 1), order=1).reshape(1, 25, DIM)
+    expected = torch.from_numpy(np.concatenate([table[:, :1], zoomed], axis=1)).float()
+    torch.testing.assert_close(larger.backbone.pos_embed.detach(), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -136,3 +139,9 @@ def test_npz_with_objects_is_refused_unread(source, tmp_path):
     np.savez(tmp_path / "objects.npz", cls=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ConfigError, match=r"^refused checkpoint .*objects.npz: .*allow_pickle=False\)$"):
         source.load_pretrained(str(tmp_path / "objects.npz"))
+
+
+def test_an_unknown_position_table_interpolation_is_one_line():
+    with pytest.raises(ConfigError, match=r"^pos_embed_interpolation=nearest: use one of bicubic, bilinear, "
+                                          r"bilinear_align_corners$"):
+        VisionTransformer(img_size=32, embed_dim=8, depth=1, num_heads=2, pos_embed_interpolation="nearest")

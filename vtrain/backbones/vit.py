@@ -25,6 +25,7 @@ the position table bilinearly (``pos_embed_interpolation="bilinear"``).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -69,6 +70,10 @@ class SimpleFeaturePyramid(nn.Module):
         return [branches[level]() for level in self.levels]
 
 
+# how a position table goes to another patch grid: timm / DeiT, mmseg / SETR, the official ViT code
+POS_EMBED_INTERPOLATIONS = ("bicubic", "bilinear", "bilinear_align_corners")
+
+
 class VisionTransformer(Backbone):
     """ViT backbone.
 
@@ -87,7 +92,7 @@ class VisionTransformer(Backbone):
     are that level's map at the patch stride (no pyramid; blocks past the deepest one read are not built);
     ``final_norm=False`` leaves the last block's tokens unnormalised (no final norm is built); ``with_cls_token=False``
     drops the class token before the encoder; ``pos_embed_interpolation`` resizes the position table ``bicubic``
-    (timm, DeiT) or ``bilinear`` (mmseg).
+    (timm, DeiT), ``bilinear`` (mmseg) or ``bilinear_align_corners`` (the official ViT code's zoom).
     """
 
     def __init__(
@@ -107,6 +112,9 @@ class VisionTransformer(Backbone):
         pos_embed_interpolation: str = "bicubic",
     ):
         super().__init__()
+        if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+            raise ConfigError(f"pos_embed_interpolation={pos_embed_interpolation}: use one of "
+                              f"{', '.join(POS_EMBED_INTERPOLATIONS)}")
         vit = TimmVisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
@@ -181,8 +189,16 @@ class VisionTransformer(Backbone):
 
     def _resized_pos_embed(self, pos_embed: torch.Tensor, new_size: Sequence[int], old_size: Sequence[int],
                            antialias: bool = True) -> torch.Tensor:
-        """The position table on another patch grid: timm's bicubic, or mmseg's ``resize_pos_embed`` (bilinear,
-        align_corners False, no antialias; SETR's ``interpolate_mode="bilinear"``)."""
+        """The position table on another patch grid: timm's bicubic, mmseg's ``resize_pos_embed`` (bilinear,
+        align_corners False, no antialias; SETR's ``interpolate_mode="bilinear"``), or the official ViT code's
+        (``bilinear_align_corners``: vit_jax/checkpoint.py ``interpolate_posembed``, ``scipy.ndimage.zoom(order=1)``,
+        whose output samples map onto the input's with the corners aligned)."""
+        if self.pos_embed_interpolation == "bilinear_align_corners":
+            side = math.isqrt(pos_embed.shape[1] - 1)
+            h, w = old_size if old_size else (side, side)
+            grid = pos_embed[:, 1:].reshape(1, h, w, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=tuple(new_size), mode="bilinear", align_corners=True)
+            return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
         bilinear = self.pos_embed_interpolation == "bilinear"
         return resample_abs_pos_embed(pos_embed, new_size=tuple(new_size), old_size=tuple(old_size) if old_size else None, num_prefix_tokens=1,
                                       interpolation=self.pos_embed_interpolation, antialias=antialias and not bilinear)
