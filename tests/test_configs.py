@@ -130,8 +130,10 @@ def test_every_recipe_passes_the_value_checks(experiment, tmp_path):
     check_values(cfg)
     if cfg.task.get("linear_probe"):  # a linear evaluation is given its pre-training run's checkpoint
         cfg.pretrained = str(tmp_path / "pretraining_last.ckpt")
-    if cfg.pretrained:
-        (tmp_path / Path(cfg.pretrained).name).write_bytes(b"")
+    if cfg.pretrained:  # where the recipe puts it under the weights directory (a release's folder, e.g. imagenet21k/)
+        start = tmp_path / Path(cfg.pretrained).relative_to(tmp_path)
+        start.parent.mkdir(parents=True, exist_ok=True)
+        start.write_bytes(b"")
     check_pretrained(cfg)
 
 

@@ -81,14 +81,18 @@ def san_cosine(u: int, s: int) -> float:
     return 0.5 * 0.1 * (1 + math.cos(math.pi * (u // s) / 100))
 
 
-def vit_jax_schedule(base: float, warmup: int, total_epochs: int | None = None, total_steps: int | None = None):
-    """google-research/vision_transformer vit_jax/utils.py create_learning_rate_schedule, decay_type 'cosine':
-    base * 0.5 * (1 + cos(pi * progress)), progress = clip((step - warmup) / (total - warmup), 0, 1), times
-    min(1, step / warmup); the total in epochs (at the check's updates per epoch) or in steps."""
+def vit_jax_schedule(base: float, warmup: int, total_epochs: int | None = None, total_steps: int | None = None,
+                     decay: str = "cosine", linear_end: float = 1e-5):
+    """google-research/vision_transformer vit_jax/utils.py create_learning_rate_schedule: decay_type 'cosine',
+    base * 0.5 * (1 + cos(pi * progress)), or 'linear', linear_end + (base - linear_end) * (1 - progress), with
+    progress = clip((step - warmup) / (total - warmup), 0, 1), times min(1, step / warmup); the total in epochs (at
+    the check's updates per epoch) or in steps."""
     def schedule(u: int, s: int) -> float:
         total = total_steps or total_epochs * s
         progress = min(max((u - warmup) / (total - warmup), 0.0), 1.0)
-        return base * 0.5 * (1 + math.cos(math.pi * progress)) * min(1.0, u / warmup)
+        decayed = (base * 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine"
+                   else linear_end + (base - linear_end) * (1 - progress))
+        return decayed * min(1.0, u / warmup)
     return schedule
 
 
@@ -300,6 +304,19 @@ REFERENCES = {
                 "data.augment.auto_augment": None, "data.augment.re_prob": 0.0, "data.augment.scale": [0.05, 1.0],
                 "data.augment.interpolation": "bilinear", "data.mean": [0.5, 0.5, 0.5], "data.std": [0.5, 0.5, 0.5],
                 "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash"}),
+    "vit_b16_imagenet21k_vitpaper": Reference(
+        source="ViT paper (arXiv:2010.11929) Appendix B.1 and Table 3 (ViT-B/{16,32} / ImageNet-21k row and caption), "
+               "vision_transformer vit_jax/utils.py (warm-up x linear to 1e-5)",
+        batch=4096, update_interval=(8, 4), epochs=90, steps_per_epoch=200,
+        schedule=vit_jax_schedule(1e-3, 10_000, total_epochs=90, decay="linear"),
+        points=(0, 5000, 9999, 10_000, 10_001, 12_000, 17_999),
+        params={name: (1e-3, 0.03) for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.blocks.0.norm1.weight",
+                                                "backbone.blocks.0.attn.qkv.weight", "head.bias")},
+        values={"data.num_classes": 21841, "optim.betas": [0.9, 0.999], "backbone.pos_drop_rate": 0.1,
+                "backbone.proj_drop_rate": 0.1, "backbone.drop_path_rate": 0.0, "backbone.img_size": 224,
+                "trainer.gradient_clip_val": 1.0, "task.mixup": None, "task.label_smoothing": 0.0,
+                "data.augment.auto_augment": None, "data.augment.scale": [0.05, 1.0], "data.mean": [0.5, 0.5, 0.5],
+                "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash"}),
     "vit_b16_384_vitpaper_finetune": Reference(
         source="ViT paper Appendix B.1.1 and Table 4 (ImageNet: 20k steps), vision_transformer vit_jax/configs/"
                "common.py (batch 512, warm-up 500, base lr 0.03, clip 1), train.py (SGD momentum 0.9), models.py",
@@ -309,7 +326,7 @@ REFERENCES = {
         pretrained="vit_b16_imagenet_vitpaper.ckpt", published=False,
         values={"optim.momentum": 0.9, "optim.nesterov": False, "backbone.img_size": 384,
                 "backbone.pos_drop_rate": 0.0, "backbone.proj_drop_rate": 0.0, "backbone.drop_path_rate": 0.0,
-                "backbone.pos_embed_interpolation": "bilinear", "trainer.max_steps": 20_000,
+                "backbone.pos_embed_interpolation": "bilinear_align_corners", "trainer.max_steps": 20_000,
                 "trainer.gradient_clip_val": 1.0, "task.mixup": None, "task.label_smoothing": 0.0,
                 "data.augment.auto_augment": None, "data.augment.scale": [0.05, 1.0], "data.mean": [0.5, 0.5, 0.5],
                 "data.eval_crop_pct": 1.0, "data.eval_crop_mode": "squash", "data.eval_interpolation": "bilinear"}),
@@ -663,6 +680,16 @@ DERIVED = {
     "vit_l16_imagenet_vitpaper": ("vit_b16_imagenet_vitpaper", {"backbone.embed_dim": 1024, "backbone.depth": 24}),
     "vit_l16_384_vitpaper_finetune": ("vit_b16_384_vitpaper_finetune", {
         "backbone.embed_dim": 1024, "backbone.depth": 24, "pretrained": "vit_l16_imagenet_vitpaper.ckpt"}),
+    # Table 3's ViT-L ImageNet-21k row is the ViT-B one (its 30 / 90 epochs: the 90 kept); the fine-tunes from the
+    # published ImageNet-21k weights are the paper's one fine-tuning (vit_jax/configs/vit.py: common.py's values);
+    # Table 2's ImageNet entry at 512 with Polyak averaging 0.9999 (Sec. 4.1)
+    "vit_l16_imagenet21k_vitpaper": ("vit_b16_imagenet21k_vitpaper", {"backbone.embed_dim": 1024, "backbone.depth": 24}),
+    "vit_b16_384_21kto1k_vitpaper": ("vit_b16_384_vitpaper_finetune", {
+        "pretrained": "ViT-B_16.npz", "pretrained_url": "ViT-B_16.npz"}),
+    "vit_l16_384_21kto1k_vitpaper": ("vit_b16_384_21kto1k_vitpaper", {
+        "backbone.embed_dim": 1024, "backbone.depth": 24, "pretrained": "ViT-L_16.npz", "pretrained_url": "ViT-L_16.npz"}),
+    "vit_l16_512_21kto1k_vitpaper": ("vit_l16_384_21kto1k_vitpaper", {
+        "backbone.img_size": 512, "data.img_size": 512, "callbacks.weight_ema.decay": 0.9999}),
     "swin_s_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.3}),
     "swin_b_imagenet": ("swin_t_imagenet", {"backbone.drop_path_rate": 0.5}),
     "vit_b16_imagenet": ("vit_s16_imagenet", {"backbone.embed_dim": 768}),

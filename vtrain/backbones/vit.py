@@ -25,6 +25,8 @@ the position table bilinearly (``pos_embed_interpolation="bilinear"``).
 """
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -68,6 +70,10 @@ class SimpleFeaturePyramid(nn.Module):
         return [branches[level]() for level in self.levels]
 
 
+# how a position table goes to another patch grid: timm / DeiT, mmseg / SETR, the official ViT code
+POS_EMBED_INTERPOLATIONS = ("bicubic", "bilinear", "bilinear_align_corners")
+
+
 class VisionTransformer(Backbone):
     """ViT backbone.
 
@@ -86,7 +92,7 @@ class VisionTransformer(Backbone):
     are that level's map at the patch stride (no pyramid; blocks past the deepest one read are not built);
     ``final_norm=False`` leaves the last block's tokens unnormalised (no final norm is built); ``with_cls_token=False``
     drops the class token before the encoder; ``pos_embed_interpolation`` resizes the position table ``bicubic``
-    (timm, DeiT) or ``bilinear`` (mmseg).
+    (timm, DeiT), ``bilinear`` (mmseg) or ``bilinear_align_corners`` (the official ViT code's zoom).
     """
 
     def __init__(
@@ -106,6 +112,9 @@ class VisionTransformer(Backbone):
         pos_embed_interpolation: str = "bicubic",
     ):
         super().__init__()
+        if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+            raise ConfigError(f"pos_embed_interpolation={pos_embed_interpolation}: use one of "
+                              f"{', '.join(POS_EMBED_INTERPOLATIONS)}")
         vit = TimmVisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
@@ -180,8 +189,16 @@ class VisionTransformer(Backbone):
 
     def _resized_pos_embed(self, pos_embed: torch.Tensor, new_size: Sequence[int], old_size: Sequence[int],
                            antialias: bool = True) -> torch.Tensor:
-        """The position table on another patch grid: timm's bicubic, or mmseg's ``resize_pos_embed`` (bilinear,
-        align_corners False, no antialias; SETR's ``interpolate_mode="bilinear"``)."""
+        """The position table on another patch grid: timm's bicubic, mmseg's ``resize_pos_embed`` (bilinear,
+        align_corners False, no antialias; SETR's ``interpolate_mode="bilinear"``), or the official ViT code's
+        (``bilinear_align_corners``: vit_jax/checkpoint.py ``interpolate_posembed``, ``scipy.ndimage.zoom(order=1)``,
+        whose output samples map onto the input's with the corners aligned)."""
+        if self.pos_embed_interpolation == "bilinear_align_corners":
+            side = math.isqrt(pos_embed.shape[1] - 1)
+            h, w = old_size if old_size else (side, side)
+            grid = pos_embed[:, 1:].reshape(1, h, w, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=tuple(new_size), mode="bilinear", align_corners=True)
+            return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
         bilinear = self.pos_embed_interpolation == "bilinear"
         return resample_abs_pos_embed(pos_embed, new_size=tuple(new_size), old_size=tuple(old_size) if old_size else None, num_prefix_tokens=1,
                                       interpolation=self.pos_embed_interpolation, antialias=antialias and not bilinear)
@@ -220,13 +237,16 @@ class VisionTransformer(Backbone):
         return self._tokens(x)[:, 0]
 
     def checkpoint_filter(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """timm ViT checkpoints (or mmseg's ViT layout, :func:`timm_keys_of_mmseg_vit`): ``head.*`` is the classifier;
+        """timm ViT checkpoints (or mmseg's ViT layout, :func:`timm_keys_of_mmseg_vit`, or the official JAX release,
+        :func:`timm_keys_of_official_vit`): ``head.*`` is the classifier;
         a position table for another grid (a 224 checkpoint into a 384 model, SETR's 384 one into 512) is resampled to
         this one as DeiT's fine-tuning does (bicubic) or as mmseg does (``pos_embed_interpolation``); the final norm
         and blocks this backbone does not build (SETR's ``final_norm=False``, blocks past its deepest output) are left
         out."""
         state_dict = state_dict.get("model", state_dict)
-        if "layers.0.ln1.weight" in state_dict:
+        if "embedding/kernel" in state_dict:
+            state_dict = timm_keys_of_official_vit(state_dict)
+        elif "layers.0.ln1.weight" in state_dict:
             state_dict = timm_keys_of_mmseg_vit(state_dict)
         backbone, classifier = {}, {}
         for key, value in state_dict.items():
@@ -271,3 +291,60 @@ def timm_keys_of_mmseg_vit(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
             key = key.replace(*renames[0])
         converted[key] = value
     return converted
+
+
+# The official release's names (google-research/vision_transformer vit_jax/models_vit.py: the flax modules' names,
+# joined with "/" by vit_jax/checkpoint.py), as timm's _load_weights reads them: the whole model but each block, and
+# each encoder block (its LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3 by creation order).
+_OFFICIAL_NAMES = ("embedding/kernel", "embedding/bias", "cls", "Transformer/posembed_input/pos_embedding",
+                   "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias")
+_OFFICIAL_BLOCK_NAMES = tuple(f"{module}/{leaf}" for module, leaves in (
+    ("LayerNorm_0", ("scale", "bias")), ("LayerNorm_2", ("scale", "bias")),
+    *((f"MultiHeadDotProductAttention_1/{p}", ("kernel", "bias")) for p in ("query", "key", "value", "out")),
+    ("MlpBlock_3/Dense_0", ("kernel", "bias")), ("MlpBlock_3/Dense_1", ("kernel", "bias"))) for leaf in leaves)
+# the classifier, and the pre-training "representation layer" (Sec. 3.1, tanh) the fine-tuning removes (Appendix
+# B.1.1; vit_jax/checkpoint.py load_pretrained's "drop-head variant"): this backbone has no such layer
+_OFFICIAL_HEAD_NAMES = ("head/kernel", "head/bias", "pre_logits/kernel", "pre_logits/bias")
+
+
+def timm_keys_of_official_vit(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official ViT releases (``imagenet21k/ViT-B_16.npz`` ..., google-research/vision_transformer) as timm's
+    keys, as timm's ``_load_weights`` maps them: flax kernels are (in, out), torch weights (out, in); the patch
+    embedding's kernel is HWIO; query, key and value kernels are (D, heads, head_dim) and concatenate into ``qkv``;
+    ``out`` is (heads, head_dim, D). Every name of a plain ViT must be there and no other (a hybrid R50+ViT or a
+    big_vision file is another layout): one line says which are missing or foreign. ``pre_logits`` is dropped."""
+    blocks = sorted({int(m.group(1)) for name in arrays if (m := re.match(r"Transformer/encoderblock_(\d+)/", name))})
+    expected = set(_OFFICIAL_NAMES) | {f"Transformer/encoderblock_{i}/{n}" for i in range(max(blocks, default=-1) + 1)
+                                       for n in _OFFICIAL_BLOCK_NAMES}
+    missing = sorted(expected - set(arrays))
+    foreign = sorted(set(arrays) - expected - set(_OFFICIAL_HEAD_NAMES))
+    if missing or foreign:
+        problems = [f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"] if missing else []
+        problems += [f"{len(foreign)} foreign ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"] if foreign else []
+        raise ConfigError(f"not an official plain-ViT release (google-research/vision_transformer .npz): tensor names "
+                          f"{' and '.join(problems)}; give a file of gs://vit_models/imagenet21k (e.g. ViT-B_16.npz)")
+    converted = {
+        "patch_embed.proj.weight": arrays["embedding/kernel"].permute(3, 2, 0, 1),
+        "patch_embed.proj.bias": arrays["embedding/bias"],
+        "cls_token": arrays["cls"],
+        "pos_embed": arrays["Transformer/posembed_input/pos_embedding"],
+        "norm.weight": arrays["Transformer/encoder_norm/scale"],
+        "norm.bias": arrays["Transformer/encoder_norm/bias"],
+    }
+    if "head/kernel" in arrays:
+        converted["head.weight"], converted["head.bias"] = arrays["head/kernel"].T, arrays["head/bias"]
+    for i in blocks:
+        block, to = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        attention = block + "MultiHeadDotProductAttention_1/"
+        converted |= {
+            to + "norm1.weight": arrays[block + "LayerNorm_0/scale"], to + "norm1.bias": arrays[block + "LayerNorm_0/bias"],
+            to + "norm2.weight": arrays[block + "LayerNorm_2/scale"], to + "norm2.bias": arrays[block + "LayerNorm_2/bias"],
+            to + "attn.qkv.weight": torch.cat([arrays[f"{attention}{p}/kernel"].flatten(1).T for p in ("query", "key", "value")]),
+            to + "attn.qkv.bias": torch.cat([arrays[f"{attention}{p}/bias"].reshape(-1) for p in ("query", "key", "value")]),
+            to + "attn.proj.weight": arrays[attention + "out/kernel"].flatten(0, 1).T,
+            to + "attn.proj.bias": arrays[attention + "out/bias"],
+        }
+        for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            converted[f"{to}mlp.{fc}.weight"] = arrays[f"{block}MlpBlock_3/{dense}/kernel"].T
+            converted[f"{to}mlp.{fc}.bias"] = arrays[f"{block}MlpBlock_3/{dense}/bias"]
+    return {key: value.contiguous() for key, value in converted.items()}

@@ -1,7 +1,8 @@
 """Reading weights from local files, safely, and loading them with a readable report; writing checkpoints atomically.
 
-Files are never unpickled as arbitrary objects, whoever wrote them: ``.safetensors`` through safetensors, everything
-else through ``torch.load(weights_only=True)`` (:func:`read_checkpoint`), including the checkpoints Lightning
+Files are never unpickled as arbitrary objects, whoever wrote them: ``.safetensors`` through safetensors, ``.npz``
+(the official JAX releases, e.g. google-research/vision_transformer's ViT) through ``np.load(allow_pickle=False)``,
+everything else through ``torch.load(weights_only=True)`` (:func:`read_checkpoint`), including the checkpoints Lightning
 resumes from (:class:`CheckpointIO`). vtrain's own checkpoints hold tensors and plain values only (no class needs
 allow-listing). Supported layouts: this framework's Lightning checkpoints (``state_dict`` with
 ``backbone.*``/``head.*`` keys), official releases (``{'model': sd}``), mmcv-style ``{'state_dict': sd}``, and
@@ -15,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from timm.models import clean_state_dict
@@ -46,6 +48,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
                                   f"({_first_line(e)}): rename it .pth") from e
             raise ConfigError(f"cannot read checkpoint {path} as safetensors ({_first_line(e)}): is it a complete "
                               "weights file?") from e
+    if path.suffix == ".npz":
+        return _read_npz(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
     except pickle.UnpicklingError as e:
@@ -57,6 +61,22 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         raise ConfigError(
             f"cannot read checkpoint {path} with weights_only=True ({_first_line(e)}): is it a complete weights file?"
         ) from e
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """An official JAX release: a NumPy archive of arrays named by their flax parameter path joined with ``/``
+    (google-research/vision_transformer vit_jax/checkpoint.py ``save`` / ``load``, which reads it with
+    ``allow_pickle=False`` too: data, never code). The backbone's ``checkpoint_filter`` maps the names."""
+    if not _is_zip(path):
+        raise ConfigError(f"cannot read checkpoint {path}: it is not a NumPy .npz archive; is it a complete weights file?")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name: torch.from_numpy(arrays[name]) for name in arrays.files}
+    except ValueError as e:  # an object array: only a pickle could build it
+        raise RefusedCheckpoint(f"refused checkpoint {path}: {_first_line(e)}; vtrain reads .npz files as plain "
+                                "arrays only (allow_pickle=False)") from None
+    except Exception as e:  # noqa: BLE001 - a cut or foreign archive, as one line
+        raise ConfigError(f"cannot read checkpoint {path} as .npz ({_first_line(e)}): is it a complete weights file?") from e
 
 
 def _first_line(error: BaseException) -> str:
