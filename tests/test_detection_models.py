@@ -37,6 +37,8 @@ SMALL_BY_DETECTOR = {
                                         "task.detector.model.rpn_pre_nms_top_n_train=100",
                                         "task.detector.model.rpn_post_nms_top_n_train=50"],
     "retinanet": SMALL_PARTS, "fcos": SMALL_PARTS, "atss": SMALL_PARTS,
+    "reppoints": SMALL_PARTS + ["task.detector.model.head_options.feat_channels=32",
+                                "task.detector.model.head_options.point_feat_channels=16"],
     "detr": QUERY_SMALL + ["+task.detector.model.num_encoder_layers=1", "+task.detector.model.num_decoder_layers=2"],
     "deformable_detr": QUERY_SMALL + ["+task.detector.model.num_encoder_layers=1",
                                       "+task.detector.model.num_decoder_layers=2"],
