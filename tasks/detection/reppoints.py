@@ -306,6 +306,11 @@ class RepPointsDetector(nn.Module):
                 "loss_pts_init": self.init_loss_weight * self.box_loss(boxes_init, init, targets, strides),
                 "loss_pts_refine": self.refine_loss_weight * self.box_loss(boxes_refine, refine, targets, strides)}
 
+    def level_boxes(self, level: int, boxes: Tensor, head_outputs: dict[str, list[Tensor]], image: int,
+                    image_size: tuple[int, int]) -> Tensor:
+        """A level's candidate boxes, clipped to the image, as they go to NMS (RepPointsV2 verifies them)."""
+        return boxes
+
     def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], points: Tensor,
                                grid_sizes: Sequence[Sequence[int]], image_sizes: list[tuple[int, int]]
                                ) -> list[dict[str, Tensor]]:
@@ -316,13 +321,14 @@ class RepPointsDetector(nn.Module):
         detections = []
         for image, (height, width) in enumerate(image_sizes):
             boxes, scores = [], []
-            for level_probabilities, level_boxes in zip(probabilities[image].split(counts),
-                                                        all_boxes[image].split(counts)):
+            for level, (level_probabilities, level_boxes) in enumerate(zip(probabilities[image].split(counts),
+                                                                           all_boxes[image].split(counts))):
                 if 0 < self.topk_candidates < len(level_boxes):
                     keep = level_probabilities.amax(1).topk(self.topk_candidates).indices
                     level_probabilities, level_boxes = level_probabilities[keep], level_boxes[keep]
                 bound = level_boxes.new_tensor([width, height, width, height])
-                boxes.append(torch.minimum(level_boxes.clamp(min=0), bound))
+                level_boxes = torch.minimum(level_boxes.clamp(min=0), bound)
+                boxes.append(self.level_boxes(level, level_boxes, head_outputs, image, (height, width)))
                 scores.append(level_probabilities)
             boxes, scores = torch.cat(boxes), torch.cat(scores)
             box_index, class_index = (scores > self.score_thresh).nonzero(as_tuple=True)
@@ -331,3 +337,312 @@ class RepPointsDetector(nn.Module):
             detections.append({"boxes": boxes[box_index[keep]], "scores": final_scores[keep],
                                "labels": class_index[keep] + 1})
         return detections
+
+
+# ------------------------------------------------------------------------------------------------ RepPoints v2
+def corner_pool(x: Tensor, direction: str) -> Tensor:
+    """CornerNet's corner pooling (Law & Deng, ECCV 2018, Sec. 3.4; mmdet's ``CornerPool``): each position takes the
+    maximum over the positions below it (``top``), to its right (``left``), above it (``bottom``) or to its left
+    (``right``), itself included."""
+    dim, flip = {"top": (2, True), "left": (3, True), "bottom": (2, False), "right": (3, False)}[direction]
+    if flip:
+        return torch.cummax(x.flip(dim), dim=dim).values.flip(dim)
+    return torch.cummax(x, dim=dim).values
+
+
+def _conv_norm_relu(in_channels: int, out_channels: int, kernel: int, num_groups: int) -> Conv2dNormActivation:
+    """mmcv's ``ConvModule`` with GN and ReLU (no conv bias) and its own initialisation: Kaiming normal, fan-out."""
+    module = Conv2dNormActivation(in_channels, out_channels, kernel, norm_layer=partial(nn.GroupNorm, num_groups))
+    nn.init.kaiming_normal_(module[0].weight, mode="fan_out", nonlinearity="relu")
+    return module
+
+
+class CornerPoolPack(nn.Module):
+    """The official ``CornerPoolPack`` (``mmdet/ops/corner_pool/corner_pool.py``; ``TLPool``: top + left pooling,
+    ``BRPool``: bottom + right): two ``corner_dim`` conv branches, each pooled in one direction, summed, a 3x3 conv
+    + GN added to a 1x1 conv + GN of the input, ReLU, then a conv + GN + ReLU. The plain convs keep torch's
+    initialisation (the official head leaves them to theirs)."""
+
+    def __init__(self, dim: int, directions: tuple[str, str], first_kernel_size: int = 3, kernel_size: int = 1,
+                 corner_dim: int = 64, num_groups: int = 32):
+        super().__init__()
+        self.directions = directions
+        self.p1_conv1 = _conv_norm_relu(dim, corner_dim, first_kernel_size, num_groups)
+        self.p2_conv1 = _conv_norm_relu(dim, corner_dim, first_kernel_size, num_groups)
+        self.p_conv1 = nn.Conv2d(corner_dim, dim, 3, padding=1, bias=False)
+        self.p_gn1 = nn.GroupNorm(32, dim)  # the official 32 groups, whatever norm_cfg says
+        self.conv1 = nn.Conv2d(dim, dim, 1, bias=False)
+        self.gn1 = nn.GroupNorm(32, dim)
+        self.conv2 = _conv_norm_relu(dim, dim, kernel_size, num_groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = corner_pool(self.p1_conv1(x), self.directions[0]) + corner_pool(self.p2_conv1(x), self.directions[1])
+        return self.conv2(F.relu(self.p_gn1(self.p_conv1(pooled)) + self.gn1(self.conv1(x))))
+
+
+class RepPointsV2Head(RepPointsHead):
+    """The RepPointsV2 head (``RepPointsV2Head``, the official names): :class:`RepPointsHead` with v2's verification
+    branches (paper Sec. 3.2-3.3). On the regression tower, ``shared_convs`` (one 3x3 GN conv) feed
+
+    * the foreground branch: ``reppoints_sem_out``, a 1x1 conv to K class-wise foreground logits, and
+      ``reppoints_sem_embedding`` (1x1 GN conv), added to the classification, regression and corner features;
+    * the corner branch: ``hem_tl`` / ``hem_br`` (:class:`CornerPoolPack`), each to a corner heatmap logit and a
+      (dx, dy) sub-stride offset (``reppoints_hem_{tl,br}_{score,offset}_out``, 3x3 convs).
+
+    The 6 verification maps (2 heatmap logits, 4 offsets) are concatenated to the features the two deformable convs
+    read (the paper's "joint" feature, Sec. 3.3). ``forward_single`` returns the class logits, init and refined
+    points, heatmap logits (tl, br), offsets (tl xy, br xy) and foreground logits.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, feat_channels: int = 256, point_feat_channels: int = 256,
+                 stacked_convs: int = 3, shared_stacked_convs: int = 1, first_kernel_size: int = 3,
+                 kernel_size: int = 1, corner_dim: int = 64, num_groups: int = 32, prior_prob: float = 0.01,
+                 **options: Any):
+        super().__init__(in_channels, num_classes, feat_channels, point_feat_channels, stacked_convs,
+                         num_groups=num_groups, prior_prob=prior_prob, **options)
+        kernel = self.reppoints_cls_conv.kernel_size[0]
+        joint = feat_channels + 6  # the features and the 6 verification maps
+        self.reppoints_cls_conv = nn.Conv2d(joint, point_feat_channels, kernel, padding=kernel // 2, bias=False)
+        self.reppoints_pts_refine_conv = nn.Conv2d(joint, point_feat_channels, kernel, padding=kernel // 2,
+                                                   bias=False)
+        self.shared_convs = nn.ModuleList([_conv_norm_relu(feat_channels, feat_channels, 3, num_groups)
+                                           for _ in range(shared_stacked_convs)])
+        corner = partial(CornerPoolPack, feat_channels, first_kernel_size=first_kernel_size,
+                         kernel_size=kernel_size, corner_dim=corner_dim, num_groups=num_groups)
+        self.hem_tl, self.hem_br = corner(("top", "left")), corner(("bottom", "right"))
+        self.reppoints_hem_tl_score_out = nn.Conv2d(feat_channels, 1, 3, padding=1)
+        self.reppoints_hem_br_score_out = nn.Conv2d(feat_channels, 1, 3, padding=1)
+        self.reppoints_hem_tl_offset_out = nn.Conv2d(feat_channels, 2, 3, padding=1)
+        self.reppoints_hem_br_offset_out = nn.Conv2d(feat_channels, 2, 3, padding=1)
+        self.reppoints_sem_out = nn.Conv2d(feat_channels, num_classes, 1)
+        self.reppoints_sem_embedding = _conv_norm_relu(feat_channels, feat_channels, 1, num_groups)
+        # init_weights: these N(0, 0.01), the three classifiers' biases at the prior
+        prior = -math.log((1 - prior_prob) / prior_prob)
+        for conv in (self.reppoints_cls_conv, self.reppoints_pts_refine_conv, self.shared_convs[0][0] if
+                     shared_stacked_convs else None, self.reppoints_hem_tl_score_out, self.reppoints_hem_br_score_out,
+                     self.reppoints_hem_tl_offset_out, self.reppoints_hem_br_offset_out, self.reppoints_sem_out):
+            if conv is not None:
+                nn.init.normal_(conv.weight, std=0.01)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+        for conv in (self.reppoints_hem_tl_score_out, self.reppoints_hem_br_score_out, self.reppoints_sem_out):
+            nn.init.constant_(conv.bias, prior)
+        for convs in self.shared_convs[1:]:
+            nn.init.normal_(convs[0].weight, std=0.01)
+
+    def forward_single(self, x: Tensor) -> tuple[Tensor, ...]:
+        cls_feat, pts_feat = x, x
+        for conv in self.cls_convs:
+            cls_feat = conv(cls_feat)
+        for conv in self.reg_convs:
+            pts_feat = conv(pts_feat)
+        shared_feat = pts_feat
+        for conv in self.shared_convs:
+            shared_feat = conv(shared_feat)
+        sem_scores = self.reppoints_sem_out(shared_feat)
+        sem_feat = self.reppoints_sem_embedding(shared_feat)
+        cls_feat, pts_feat, hem_feat = cls_feat + sem_feat, pts_feat + sem_feat, shared_feat + sem_feat
+        hem_tl, hem_br = self.hem_tl(hem_feat), self.hem_br(hem_feat)
+        hem_scores = torch.cat([self.reppoints_hem_tl_score_out(hem_tl), self.reppoints_hem_br_score_out(hem_br)], 1)
+        hem_offsets = torch.cat([self.reppoints_hem_tl_offset_out(hem_tl),
+                                 self.reppoints_hem_br_offset_out(hem_br)], 1)
+        pts_init = self.reppoints_pts_init_out(F.relu(self.reppoints_pts_init_conv(pts_feat)))
+        pts_grad_mul = (1 - self.gradient_mul) * pts_init.detach() + self.gradient_mul * pts_init
+        offset = pts_grad_mul - self.dcn_base_offset.to(pts_init.dtype)
+        verification = torch.cat([hem_scores, hem_offsets], dim=1)
+        cls_out = self.reppoints_cls_out(F.relu(self.deform(self.reppoints_cls_conv,
+                                                            torch.cat([cls_feat, verification], 1), offset)))
+        pts_refine = self.reppoints_pts_refine_out(F.relu(self.deform(
+            self.reppoints_pts_refine_conv, torch.cat([pts_feat, verification], 1), offset)))
+        return cls_out, pts_init, pts_refine + pts_init.detach(), hem_scores, hem_offsets, sem_scores
+
+    def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
+        outputs = list(zip(*[self.forward_single(x) for x in features]))
+        names = ("cls_scores", "pts_init", "pts_refine", "hm_scores", "hm_offsets", "sem_scores")
+        return {name: list(output) for name, output in zip(names, outputs)}
+
+
+def gaussian_radius(height: Tensor, width: Tensor, min_overlap: float) -> Tensor:
+    """CornerNet's radius (``point_hm_assigner.gaussian_radius``): the smallest of the three radii within which a
+    corner keeps a box of IoU >= ``min_overlap`` with the ground truth."""
+    b1, c1 = height + width, width * height * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 - torch.sqrt(b1 ** 2 - 4 * c1)) / 2
+    b2, c2 = 2 * (height + width), (1 - min_overlap) * width * height
+    r2 = (b2 - torch.sqrt(b2 ** 2 - 16 * c2)) / 8
+    a3, b3, c3 = 4 * min_overlap, -2 * min_overlap * (height + width), (min_overlap - 1) * width * height
+    r3 = (b3 + torch.sqrt(b3 ** 2 - 4 * a3 * c3)) / (2 * a3)
+    return torch.stack([r1, r2, r3], dim=1).amin(1)
+
+
+class PointHMAssigner:
+    """The corner targets (``PointHMAssigner.assign``, ``gaussian_bump=True``), for one image. On every level, the
+    location nearest each ground-truth corner is a positive (heatmap 1) with the corner's offset from it in strides;
+    around each corner, the locations closer than CornerNet's radius (``gaussian_iou`` 0.7) get exp(-d^2 / 2
+    sigma^2), sigma = (2 radius + 1) / 6, the largest over the boxes."""
+
+    def __init__(self, gaussian_iou: float = 0.7):
+        self.gaussian_iou = float(gaussian_iou)
+
+    def __call__(self, points: Tensor, strides: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Heatmap (A,) and offset (A, 2) targets of the top-left then the bottom-right corners; ``points`` (A, 2)
+        XY, ``strides`` (A,)."""
+        heatmaps = [points.new_zeros(len(points)), points.new_zeros(len(points))]
+        offsets = [points.new_zeros(len(points), 2), points.new_zeros(len(points), 2)]
+        if len(gt_boxes) == 0 or len(points) == 0:
+            return heatmaps[0], offsets[0], heatmaps[1], offsets[1]
+        radius = gaussian_radius(gt_boxes[:, 3] - gt_boxes[:, 1], gt_boxes[:, 2] - gt_boxes[:, 0], self.gaussian_iou)
+        sigma = (2 * radius + 1) / 6
+        point_levels = torch.log2(strides).int()
+        for corner, heatmap, offset in zip((gt_boxes[:, :2], gt_boxes[:, 2:]), heatmaps, offsets):
+            distances = (points[:, None] - corner[None]).norm(dim=2)  # (A, G)
+            for level in point_levels.unique():
+                index = (point_levels == level).nonzero()[:, 0]
+                level_distances = distances[index]
+                nearest = index[level_distances.argmin(0)]
+                offset[nearest] = (corner - points[nearest]) / 2 ** level.float()
+                bump = torch.exp(-level_distances ** 2 / (2 * sigma * sigma)[None])
+                bump[level_distances >= radius[None]] = -INF
+                best = bump.amax(1)
+                heatmap[index[best != -INF]] = best[best != -INF]
+                heatmap[nearest] = 1.0
+        return heatmaps[0], offsets[0], heatmaps[1], offsets[1]
+
+
+def gaussian_focal_loss(probability: Tensor, target: Tensor, alpha: float = 2.0, gamma: float = 4.0) -> Tensor:
+    """CornerNet's focal loss on a Gaussian target (mmdet's ``gaussian_focal_loss``), per element."""
+    eps = 1e-12
+    positive = -(probability + eps).log() * (1 - probability).pow(alpha) * target.eq(1)
+    negative = -(1 - probability + eps).log() * probability.pow(alpha) * (1 - target).pow(gamma)
+    return positive + negative
+
+
+def separate_sigmoid_focal_loss(logits: Tensor, target: Tensor, weight: Tensor, normaliser: Tensor,
+                                gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
+    """The foreground loss (``separate_sigmoid_focal_loss``): focal loss whose positives are weighted by ``weight``
+    and divided by its sum, and whose negatives are divided by ``normaliser`` (the number of positives)."""
+    probability = logits.sigmoid()
+    positive, negative = target.eq(1), target.lt(1)
+    neg = -F.logsigmoid(-logits[negative]) * probability[negative].pow(gamma) * (1 - alpha)
+    if not positive.any():
+        return neg.sum() / normaliser
+    pos_prob, pos_weight = probability[positive], weight[positive]
+    pos = -F.logsigmoid(logits[positive]) * (1 - pos_prob).pow(gamma) * pos_weight * alpha
+    return pos.sum() / pos_weight.sum() + neg.sum() / normaliser
+
+
+def foreground_targets(boxes: Tensor, labels: Tensor, num_classes: int, extent: tuple[int, int],
+                       shape: tuple[int, int], stride: int = 8) -> tuple[Tensor, Tensor]:
+    """One image's foreground map and weights at stride 8 (``LoadRPDV2Annotations._load_semantic_map_from_box``):
+    class c is 1 on the stride-8 cells a box of class c covers (rows int(y1 / 8) .. int(y2 / 8)), weighted by 1 /
+    the area of the smallest such box; ``extent`` is the image's own padded extent in cells, ``shape`` the batch's."""
+    sem_map = boxes.new_zeros(num_classes, *shape)
+    weights = boxes.new_zeros(num_classes, *shape)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    for index in areas.argsort(descending=True).tolist():  # the smaller boxes written last
+        x1, y1, x2, y2 = (int(v / stride) for v in boxes[index].tolist())
+        rows, cols = slice(y1, min(y2 + 1, extent[0])), slice(x1, min(x2 + 1, extent[1]))
+        sem_map[labels[index], rows, cols] = 1.0
+        weights[labels[index], rows, cols] = 1.0 / areas[index]
+    return sem_map, weights
+
+
+class RepPointsV2Detector(RepPointsDetector):
+    """RepPointsV2 (see the module doc): :class:`RepPointsDetector` with :class:`RepPointsV2Head` and v2's
+    verification losses and inference (``RepPointsV2Head.loss`` / ``_get_bboxes_single``).
+
+    Training adds (weights of the official config): the corner heatmaps' Gaussian focal loss (alpha 2, gamma 4,
+    weight 0.25) and the corner offsets' smooth L1 (beta 1/9, weight 1) at the corners' positives, both divided by
+    the positives (at least 1 per image) and averaged over the two corners; the foreground map's separate focal loss
+    (weight 0.1) over every level, its target the stride-8 box map resized to each level (nearest).
+    Inference moves each refined box's corners, on levels 2-5, to the best heatmap location of the 2x2 cells at the
+    corner on P3 (levels 2-3) or P4 (levels 4-5), plus its predicted offset.
+
+    Args:
+        heatmap_assigner: :class:`PointHMAssigner` (gaussian_iou 0.7).
+        heatmap_loss_weight, offset_loss_weight, foreground_loss_weight: 0.25, 1, 0.1.
+        **options: :class:`RepPointsDetector`'s.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, heatmap_assigner: PointHMAssigner | None = None,
+                 heatmap_loss_weight: float = 0.25, offset_loss_weight: float = 1.0,
+                 foreground_loss_weight: float = 0.1, head: nn.Module | None = None,
+                 head_options: dict[str, Any] | None = None, **options: Any):
+        if head is None:
+            head = RepPointsV2Head(backbone.out_channels, num_classes - 1, **(head_options or {}))
+        super().__init__(backbone, num_classes, head=head, **options)
+        self.heatmap_assigner = PointHMAssigner() if heatmap_assigner is None else heatmap_assigner
+        self.heatmap_loss_weight, self.offset_loss_weight = heatmap_loss_weight, offset_loss_weight
+        self.foreground_loss_weight = foreground_loss_weight
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, list[Tensor]], points: Tensor,
+                     valid: Tensor, grid_sizes: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        losses = super().compute_loss(targets, head_outputs, points, valid, grid_sizes)
+        return {**losses, **self.corner_losses(targets, head_outputs, points, valid, grid_sizes),
+                "loss_sem": self.foreground_loss(targets, head_outputs["sem_scores"], valid, grid_sizes)}
+
+    def corner_losses(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, list[Tensor]], points: Tensor,
+                      valid: Tensor, grid_sizes: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        strides = self.point_strides_per_location(grid_sizes, points.device)
+        scores = torch.cat([_flatten(s) for s in head_outputs["hm_scores"]], dim=1).sigmoid()  # (N, A, 2)
+        offsets = torch.cat([_flatten(o) for o in head_outputs["hm_offsets"]], dim=1)  # (N, A, 4)
+        loss_heatmap, loss_offset = scores.new_zeros(()), scores.new_zeros(())
+        per_image = []
+        for image_valid, target in zip(valid, targets):
+            found = self.heatmap_assigner(points[image_valid], strides[image_valid], target["boxes"])
+            corner_targets = [part.new_zeros(len(points), *part.shape[1:]) for part in found]
+            for full, part in zip(corner_targets, found):  # zero on the padding, where the weights are zero
+                full[image_valid] = part
+            per_image.append(corner_targets)
+        for corner in range(2):
+            heatmap = torch.stack([t[2 * corner] for t in per_image])
+            offset = torch.stack([t[2 * corner + 1] for t in per_image])
+            positive = heatmap.eq(1) & valid
+            num_pos = positive.sum(1).clamp(min=1).sum()
+            heatmap_loss = gaussian_focal_loss(scores[..., corner][valid], heatmap[valid]).sum()
+            loss_heatmap = loss_heatmap + heatmap_loss / num_pos
+            loss_offset = loss_offset + F.smooth_l1_loss(offsets[..., 2 * corner:2 * corner + 2][positive],
+                                                         offset[positive], beta=1.0 / 9, reduction="sum") / num_pos
+        return {"loss_heatmap": self.heatmap_loss_weight * loss_heatmap / 2,
+                "loss_offset": self.offset_loss_weight * loss_offset / 2}
+
+    def foreground_loss(self, targets: list[dict[str, Tensor]], sem_scores: list[Tensor], valid: Tensor,
+                        grid_sizes: Sequence[Sequence[int]]) -> Tensor:
+        shape = tuple(grid_sizes[0])  # the stride-8 map of the batch
+        first_level = valid[:, :shape[0] * shape[1]].view(-1, *shape)
+        maps, weights = zip(*[foreground_targets(t["boxes"], t["labels"] - 1, sem_scores[0].shape[1],
+                                                 (int(v.any(1).sum()), int(v.any(0).sum())), shape)
+                              for t, v in zip(targets, first_level)])
+        maps, weights = torch.stack(maps), torch.stack(weights)
+        logits = torch.cat([s.reshape(-1) for s in sem_scores])
+        level_maps = torch.cat([F.interpolate(maps, s.shape[-2:]).reshape(-1) for s in sem_scores])
+        level_weights = torch.cat([F.interpolate(weights, s.shape[-2:]).reshape(-1) for s in sem_scores])
+        return self.foreground_loss_weight * separate_sigmoid_focal_loss(logits, level_maps, level_weights,
+                                                                         (level_maps > 0).sum())
+
+    def verified_corners(self, boxes: Tensor, heatmaps: Tensor, offsets: Tensor, stride: int,
+                         image_size: tuple[int, int]) -> Tensor:
+        """``_get_bboxes_single``'s ``select``: each corner moves to the best of the 2x2 heatmap cells whose top-left
+        cell holds it, plus that cell's offset, in pixels; ``heatmaps`` (2, H, W) logits, ``offsets`` (4, H, W)."""
+        height, width = image_size
+        corners = []
+        for corner, (x, y) in enumerate(((boxes[:, 0], boxes[:, 1]), (boxes[:, 2], boxes[:, 3]))):
+            score_map = heatmaps[corner].sigmoid()
+            rows, cols = score_map.shape
+            _, indices = F.max_pool2d_with_indices(score_map[None], kernel_size=2, stride=1)
+            indices = indices[0]
+            col = torch.floor((x / stride).clamp(min=0, max=indices.shape[-1] - 1)).long()
+            row = torch.floor((y / stride).clamp(min=0, max=indices.shape[-2] - 1)).long()
+            chosen = indices[row, col]
+            new_col, new_row = chosen % cols, torch.div(chosen, cols, rounding_mode="floor")
+            corners.append(((new_col.float() + offsets[2 * corner, new_row, new_col]) * stride).clamp(0, width))
+            corners.append(((new_row.float() + offsets[2 * corner + 1, new_row, new_col]) * stride).clamp(0, height))
+        return torch.stack(corners, dim=1)
+
+    def level_boxes(self, level: int, boxes: Tensor, head_outputs: dict[str, list[Tensor]], image: int,
+                    image_size: tuple[int, int]) -> Tensor:
+        if level == 0:
+            return boxes
+        source = 0 if level in (1, 2) else 1  # the official levels: P3's heatmaps for P4-P5, P4's for P6-P7
+        return self.verified_corners(boxes, head_outputs["hm_scores"][source][image],
+                                     head_outputs["hm_offsets"][source][image], self.point_strides[source],
+                                     image_size)
