@@ -2,13 +2,23 @@
 ``mmdet/models/dense_heads/reppoints_v2_head.py``, ``mmdet/core/bbox/assigners/point_assigner_v2.py``): the point ->
 box transforms on hand cases, the init assignment against a brute-force restatement of its rule, and the deformable
 convolutions' sampling layout (the official ``dcn_base_offset``) against plain convolutions."""
+from functools import partial
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_detection_atss import STRIDES, _Pyramid, mm_atss_assign, mm_bbox_overlaps, mm_py_sigmoid_focal_loss
+from test_detection_atss import mm_valid_flags
+from torch import nn
+from torchvision.ops import batched_nms, deform_conv2d
 
+from vtrain.tasks.detection.one_stage import RepPointsV2
 from vtrain.tasks.detection.reppoints import PointAssignerV2, RepPointsHead, dcn_base_offset, points_to_box
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+INF = 100000000.0
 
 
 def test_points_to_box_on_hand_cases():
@@ -88,3 +98,320 @@ def test_the_regular_grid_of_points_is_a_plain_convolution():
     cls_out, pts_init, _ = head.forward_single(x)
     torch.testing.assert_close(pts_init, grid)
     torch.testing.assert_close(cls_out, head.reppoints_cls_out(F.relu(F.conv2d(feat, conv.weight, padding=1))))
+
+
+# ------------------------------------------------------- the official RepPointsV2Head, re-stated in its own layout
+def official_forward_single(head, x):
+    """RepPointsV2Head.forward_single (center_init, no grid points), on the head's modules."""
+    dcn_base_offset = head.dcn_base_offset.type_as(x)
+    cls_feat, pts_feat = x, x
+    for cls_conv in head.cls_convs:
+        cls_feat = cls_conv(cls_feat)
+    for reg_conv in head.reg_convs:
+        pts_feat = reg_conv(pts_feat)
+    shared_feat = pts_feat
+    for shared_conv in head.shared_convs:
+        shared_feat = shared_conv(shared_feat)
+    sem_feat, hem_feat = shared_feat, shared_feat
+    sem_scores_out = head.reppoints_sem_out(sem_feat)
+    sem_feat = head.reppoints_sem_embedding(sem_feat)
+    cls_feat, pts_feat, hem_feat = cls_feat + sem_feat, pts_feat + sem_feat, hem_feat + sem_feat
+    hem_tl_feat, hem_br_feat = official_corner_pool_pack(head.hem_tl, hem_feat, "top", "left"), \
+        official_corner_pool_pack(head.hem_br, hem_feat, "bottom", "right")
+    hem_score_out = torch.cat([head.reppoints_hem_tl_score_out(hem_tl_feat),
+                               head.reppoints_hem_br_score_out(hem_br_feat)], dim=1)
+    hem_offset_out = torch.cat([head.reppoints_hem_tl_offset_out(hem_tl_feat),
+                                head.reppoints_hem_br_offset_out(hem_br_feat)], dim=1)
+    pts_out_init = head.reppoints_pts_init_out(F.relu(head.reppoints_pts_init_conv(pts_feat)))
+    pts_out_init_grad_mul = (1 - head.gradient_mul) * pts_out_init.detach() + head.gradient_mul * pts_out_init
+    dcn_offset = pts_out_init_grad_mul - dcn_base_offset
+    hem_feat = torch.cat([hem_score_out, hem_offset_out], dim=1)
+    cls_feat, pts_feat = torch.cat([cls_feat, hem_feat], dim=1), torch.cat([pts_feat, hem_feat], dim=1)
+    dcn = partial(deform_conv2d, offset=dcn_offset, padding=(1, 1))  # mmcv's DeformConv(k=3, pad=1), no bias
+    cls_out = head.reppoints_cls_out(F.relu(dcn(cls_feat, weight=head.reppoints_cls_conv.weight)))
+    pts_out_refine = head.reppoints_pts_refine_out(F.relu(dcn(pts_feat, weight=head.reppoints_pts_refine_conv.weight)))
+    return cls_out, pts_out_init, pts_out_refine + pts_out_init.detach(), hem_score_out, hem_offset_out, sem_scores_out
+
+
+def official_corner_pool_pack(pack, x, mode1, mode2):
+    """CornerPoolPack.forward with CornerPool's cummax (torch >= 1.5)."""
+    def pool(t, mode):
+        dim, flip = {"bottom": (2, False), "left": (3, True), "right": (3, False), "top": (2, True)}[mode]
+        t = t.flip(dim) if flip else t
+        out, _ = torch.cummax(t, dim=dim)
+        return out.flip(dim) if flip else out
+    p_conv1 = pack.p_conv1(pool(pack.p1_conv1(x), mode1) + pool(pack.p2_conv1(x), mode2))
+    return pack.conv2(F.relu(pack.p_gn1(p_conv1) + pack.gn1(pack.conv1(x))))
+
+
+def official_points(featmap_sizes):
+    """PointGenerator.grid_points per level: (x, y, stride)."""
+    points = []
+    for (feat_h, feat_w), stride in zip(featmap_sizes, STRIDES):
+        shift_xx = (torch.arange(0, feat_w) * stride).repeat(feat_h)
+        shift_yy = (torch.arange(0, feat_h) * stride).view(-1, 1).repeat(1, feat_w).view(-1)
+        points.append(torch.stack([shift_xx, shift_yy, torch.full_like(shift_xx, stride)], -1).float())
+    return points
+
+
+def official_point_assigner_v2(points, gt_bboxes, scale=4, pos_num=1):
+    """PointAssignerV2.assign: 0 negative, i + 1 the i-th gt."""
+    points_xy, points_lvl = points[:, :2], torch.log2(points[:, 2]).int()
+    gt_bboxes_xy = (gt_bboxes[:, :2] + gt_bboxes[:, 2:]) / 2
+    gt_bboxes_wh = (gt_bboxes[:, 2:] - gt_bboxes[:, :2]).clamp(min=1e-6)
+    gt_bboxes_lvl = ((torch.log2(gt_bboxes_wh[:, 0] / scale) + torch.log2(gt_bboxes_wh[:, 1] / scale)) / 2).int()
+    gt_bboxes_lvl = torch.clamp(gt_bboxes_lvl, min=points_lvl.min(), max=points_lvl.max())
+    distances = ((points_xy[:, None, :] - gt_bboxes_xy[None, :, :]) / gt_bboxes_wh[None, :, :]).norm(dim=2)
+    distances[points_lvl[:, None] != gt_bboxes_lvl[None, :]] = INF
+    assigned_gt_inds = points.new_zeros((points.shape[0],), dtype=torch.long)
+    min_dist, min_dist_index = torch.topk(distances, pos_num, dim=0, largest=False)
+    distances_inf = torch.full_like(distances, INF)
+    distances_inf[min_dist_index, torch.arange(len(gt_bboxes))] = min_dist
+    min_dist, min_dist_index = distances_inf.min(dim=1)
+    assigned_gt_inds[min_dist != INF] = min_dist_index[min_dist != INF] + 1
+    return assigned_gt_inds
+
+
+def official_gaussian_radius(det_size, min_overlap):
+    height, width = det_size
+    b1, c1 = (height + width), width * height * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 - torch.sqrt(b1 ** 2 - 4 * c1)) / 2
+    b2, c2 = 2 * (height + width), (1 - min_overlap) * width * height
+    r2 = (b2 - torch.sqrt(b2 ** 2 - 4 * 4 * c2)) / (2 * 4)
+    a3, b3, c3 = 4 * min_overlap, -2 * min_overlap * (height + width), (min_overlap - 1) * width * height
+    r3 = (b3 + torch.sqrt(b3 ** 2 - 4 * a3 * c3)) / (2 * a3)
+    return torch.min(torch.stack([r1, r2, r3], dim=1), dim=1)[0]
+
+
+def official_point_hm_assign(points, gt_bboxes, gaussian_iou=0.7):
+    """PointHMAssigner.assign (gaussian_bump=True): (hm, offset) of the top-left, then of the bottom-right."""
+    points_range, points_xy = torch.arange(points.shape[0]), points[:, :2]
+    points_lvl = torch.log2(points[:, 2]).int()
+    radius = official_gaussian_radius((gt_bboxes[:, 3] - gt_bboxes[:, 1], gt_bboxes[:, 2] - gt_bboxes[:, 0]),
+                                      gaussian_iou)
+    sigma = (2 * radius + 1) / 6
+    out = []
+    for corner in (gt_bboxes[:, :2], gt_bboxes[:, 2:]):
+        distances = (points_xy[:, None, :] - corner[None, :, :]).norm(dim=2)
+        hm, offset = points.new_zeros(len(points)), points.new_zeros((len(points), 2))
+        for gt_lvl in torch.arange(points_lvl.min(), points_lvl.max() + 1, dtype=points_lvl.dtype):
+            lvl_idx = gt_lvl == points_lvl
+            points_index, lvl_points, lvl_distances = points_range[lvl_idx], points_xy[lvl_idx], distances[lvl_idx]
+            _, min_dist_index = lvl_distances.min(dim=0)
+            offset[points_index[min_dist_index], :] = (corner - lvl_points[min_dist_index, :]) / torch.pow(2, gt_lvl)
+            gaussian = torch.exp(-torch.pow(lvl_distances, 2) / (2 * sigma * sigma)[None, :])
+            gaussian[lvl_distances >= radius[None, :]] = -INF
+            max_gaussian, _ = gaussian.max(dim=1)
+            hm[points_index[max_gaussian != -INF]] = max_gaussian[max_gaussian != -INF]
+            hm[points_index[min_dist_index]] = 1
+        out += [hm, offset]
+    return out
+
+
+def official_points2bbox(pts, y_first=True):
+    """points2bbox, transform_method='exact_minmax'."""
+    pts_reshape = pts.view(pts.shape[0], -1, 2, *pts.shape[2:])[:, :2, ...]
+    pts_y = pts_reshape[:, :, 0, ...] if y_first else pts_reshape[:, :, 1, ...]
+    pts_x = pts_reshape[:, :, 1, ...] if y_first else pts_reshape[:, :, 0, ...]
+    return torch.cat([pts_x[:, 0:1, ...], pts_y[:, 0:1, ...], pts_x[:, 1:2, ...], pts_y[:, 1:2, ...]], dim=1)
+
+
+def official_sem_map(gt_bboxes, gt_labels, pad_shape, num_classes):
+    """LoadRPDV2Annotations._load_semantic_map_from_box, in numpy."""
+    gt_bboxes, gt_labels = gt_bboxes.numpy(), gt_labels.numpy()
+    gt_areas = (gt_bboxes[:, 2] - gt_bboxes[:, 0]) * (gt_bboxes[:, 3] - gt_bboxes[:, 1])
+    shape = (num_classes, int(pad_shape[0] / 8), int(pad_shape[1] / 8))
+    gt_sem_map, gt_sem_weights = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    for ind in np.argsort(gt_areas)[::-1]:
+        box = gt_bboxes[ind]
+        box_mask = np.zeros(shape[1:], dtype=np.int64)
+        box_mask[int(box[1] / 8):int(box[3] / 8) + 1, int(box[0] / 8):int(box[2] / 8) + 1] = 1
+        gt_sem_map[gt_labels[ind]][box_mask > 0] = 1
+        gt_sem_weights[gt_labels[ind]][box_mask > 0] = 1 / gt_areas[ind]
+    return torch.from_numpy(gt_sem_map), torch.from_numpy(gt_sem_weights)
+
+
+def official_loss(head, maps, gt_bboxes, gt_labels, pad_shapes, num_classes):
+    """RepPointsV2Head.loss with the giou config's losses, summed over levels as mmdet's parse_losses does."""
+    outs = [official_forward_single(head, x) for x in maps]
+    sizes = [m.shape[-2:] for m in maps]
+    points = torch.cat(official_points(sizes))
+    counts = [h * w for h, w in sizes]
+    strides = points[:, 2]
+    flags = [torch.cat(mm_valid_flags(sizes, pad)) for pad in pad_shapes]
+
+    def flat(level_maps, image):  # (N, C, H, W) per level -> (A, C) of one image
+        return torch.cat([m[image].permute(1, 2, 0).reshape(-1, m.shape[1]) for m in level_maps])
+
+    cls_scores, pts_init, pts_refine, hm_scores, hm_offsets, sem_scores = (list(o) for o in zip(*outs))
+    sums = dict(init=0.0, refine=0.0, cls=0.0, hm_tl=0.0, hm_br=0.0, off_tl=0.0, off_br=0.0)
+    num = dict(init=0, refine=0, tl=0, br=0)
+    terms = []
+    for image, (boxes, labels, valid) in enumerate(zip(gt_bboxes, gt_labels, flags)):
+        # offset_to_pts: (y, x) pairs in strides -> (x, y) pixels
+        def to_pts(pred):
+            yx = flat(pred, image)
+            xy = torch.stack([yx[..., 1::2], yx[..., 0::2]], -1).view(len(yx), -1)
+            return xy * strides[:, None] + points[:, :2].repeat(1, head.num_points)
+        init_assigned = torch.zeros(len(points), dtype=torch.long)
+        init_assigned[valid] = official_point_assigner_v2(points[valid], boxes)
+        init_boxes = official_points2bbox(flat(pts_init, image).detach()) * strides[:, None] + points[:, :2].repeat(1, 2)
+        refine_assigned = torch.zeros(len(points), dtype=torch.long)
+        level_valid = [int(v.sum()) for v in valid.split(counts)]
+        refine_assigned[valid] = mm_atss_assign(init_boxes[valid], level_valid, boxes)[0]
+        hm = [torch.zeros(len(points)), torch.zeros(len(points), 2), torch.zeros(len(points)), torch.zeros(len(points), 2)]
+        for full, part in zip(hm, official_point_hm_assign(points[valid], boxes)):
+            full[valid] = part
+        terms.append((to_pts, init_assigned, refine_assigned, hm, valid, boxes, labels))
+        num["init"] += max(int((init_assigned > 0).sum()), 1)
+        num["refine"] += max(int((refine_assigned > 0).sum()), 1)
+        num["tl"] += max(int((hm[0][valid] == 1).sum()), 1)
+        num["br"] += max(int((hm[2][valid] == 1).sum()), 1)
+    for image, (to_pts, init_assigned, refine_assigned, hm, valid, boxes, labels) in enumerate(terms):
+        target = torch.zeros(len(points), num_classes)
+        pos = refine_assigned > 0
+        target[pos, labels[refine_assigned[pos] - 1]] = 1
+        sums["cls"] += mm_py_sigmoid_focal_loss(flat(cls_scores, image), target, valid.float(), avg_factor=num["refine"])
+        for stage, assigned, pred in (("init", init_assigned, pts_init), ("refine", refine_assigned, pts_refine)):
+            pos = assigned > 0
+            normalize_term = 4 * strides[pos, None]  # point_base_scale x stride
+            bbox_pred = official_points2bbox(to_pts(pred)[pos], y_first=False)
+            gious = mm_bbox_overlaps(bbox_pred / normalize_term, boxes[assigned[pos] - 1] / normalize_term,
+                                     mode="giou", is_aligned=True)
+            sums[stage] += (1 - gious).sum() / num[stage]
+        scores, offsets = flat(hm_scores, image).sigmoid(), flat(hm_offsets, image)
+        for corner, (target_hm, target_offset) in enumerate(((hm[0], hm[1]), (hm[2], hm[3]))):
+            name = ("tl", "br")[corner]
+            pred = scores[:, corner]
+            eps = 1e-12
+            gfl = -(pred + eps).log() * (1 - pred).pow(2) * target_hm.eq(1) \
+                - (1 - pred + eps).log() * pred.pow(2) * (1 - target_hm).pow(4)
+            sums["hm_" + name] += (gfl * valid).sum() / num[name]
+            pos = (target_hm == 1) & valid
+            sums["off_" + name] += F.smooth_l1_loss(offsets[pos, 2 * corner:2 * corner + 2], target_offset[pos],
+                                                    beta=1.0 / 9, reduction="sum") / num[name]
+    batch = (max(p[0] for p in pad_shapes), max(p[1] for p in pad_shapes))
+    sem = [official_sem_map(b, lab, pad, num_classes) for b, lab, pad in zip(gt_bboxes, gt_labels, pad_shapes)]
+    sem_map, sem_weights = (torch.stack([F.pad(s[k], (0, batch[1] // 8 - s[k].shape[-1], 0, batch[0] // 8 -
+                                                      s[k].shape[-2])) for s in sem]) for k in (0, 1))
+    score = torch.cat([s.reshape(-1) for s in sem_scores])
+    gt_map = torch.cat([F.interpolate(sem_map, s.shape[-2:]).reshape(-1) for s in sem_scores])
+    gt_weight = torch.cat([F.interpolate(sem_weights, s.shape[-2:]).reshape(-1) for s in sem_scores])
+    prob = score.sigmoid()
+    pos, neg = gt_map.eq(1), gt_map.lt(1)
+    pos_loss = -torch.log(prob[pos]) * torch.pow(1 - prob[pos], 2) * gt_weight[pos] * 0.25
+    neg_loss = -torch.log(1 - prob[neg]) * torch.pow(prob[neg], 2) * 0.75
+    loss_sem = pos_loss.sum() / gt_weight[pos].sum() + neg_loss.sum() / (gt_map > 0).sum()
+    return {"loss_cls": sums["cls"], "loss_pts_init": 1.0 * sums["init"], "loss_pts_refine": 2.0 * sums["refine"],
+            "loss_heatmap": 0.25 * (sums["hm_tl"] + sums["hm_br"]) / 2,
+            "loss_offset": 1.0 * (sums["off_tl"] + sums["off_br"]) / 2, "loss_sem": 0.1 * loss_sem}, outs
+
+
+@pytest.fixture(scope="module")
+def detector_and_batch():
+    """A 32-channel RepPointsV2 on fixed maps of a 96x128 batch: a 96x128 image and a 64x80 one (padded to 64x96
+    alone, so that the batch's padding holds locations the official code leaves out), 3 and 2 boxes of 2 categories;
+    the head's weights drawn away from its initialisation so that every term is exercised."""
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 32, (96 + s - 1) // s, (128 + s - 1) // s, generator=g) for s in STRIDES]
+    detector = RepPointsV2(_Pyramid(maps), num_classes=3, min_size=96, max_size=128, image_mean=[0.0] * 3,
+                           image_std=[1.0] * 3, _skip_resize=True,
+                           head_options=dict(feat_channels=32, point_feat_channels=16, corner_dim=32))
+    torch.manual_seed(0)
+    for name, p in detector.head.named_parameters():
+        nn.init.normal_(p, mean=1.0 if "gn" in name or name.endswith(".1.weight") else 0.0, std=0.1)
+    images = [torch.zeros(3, 96, 128), torch.zeros(3, 64, 80)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [30.0, 20.0, 90.0, 75.0], [100.0, 5.0, 126.0, 40.0]]),
+                "labels": torch.tensor([1, 2, 2])},
+               {"boxes": torch.tensor([[4.0, 6.0, 60.0, 58.0], [40.0, 30.0, 78.0, 62.0]]),
+                "labels": torch.tensor([2, 1])}]
+    return detector, images, targets, maps
+
+
+def test_every_loss_term_is_the_official_heads(detector_and_batch):
+    detector, images, targets, maps = detector_and_batch
+    detector.train()
+    losses = detector(images, targets)
+    reference, outs = official_loss(detector.head, maps, [t["boxes"] for t in targets],
+                                    [t["labels"] - 1 for t in targets], [(96, 128), (64, 96)], num_classes=2)
+    ours = [detector.head.forward_single(x) for x in maps]
+    for level_ours, level_reference in zip(ours, outs):
+        for a, b in zip(level_ours, level_reference):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert set(losses) == set(reference)
+    for name in reference:
+        torch.testing.assert_close(losses[name], reference[name], rtol=0, atol=1e-5, msg=name)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in detector.head.parameters())
+
+
+def official_get_bboxes_single(head, outs, img_shape, nms_pre=1000, score_thr=0.05, iou_threshold=0.6,
+                               max_per_img=100):
+    """RepPointsV2Head.get_bboxes / _get_bboxes_single (one image) and mmdet v2.0's multiclass_nms."""
+    cls_scores = [o[0][0] for o in outs]
+    bbox_preds = [official_points2bbox(o[2])[0] for o in outs]
+    hm_scores, hm_offsets = [o[3][0] for o in outs], [o[4][0] for o in outs]
+    mlvl_points = official_points([c.shape[-2:] for c in cls_scores])
+
+    def select(score_map, x, y, ks=2, i=0):
+        H, W = score_map.shape[-2], score_map.shape[-1]
+        score_map = score_map.sigmoid()
+        score_map, indices = F.max_pool2d_with_indices(score_map.unsqueeze(0), kernel_size=ks, stride=1,
+                                                       padding=(ks - 1) // 2)
+        indices = indices.squeeze(0).squeeze(0)
+        round_func = torch.floor if ks % 2 == 0 else torch.round
+        x_round = round_func((x / STRIDES[i]).clamp(min=0, max=score_map.shape[-1] - 1))
+        y_round = round_func((y / STRIDES[i]).clamp(min=0, max=score_map.shape[-2] - 1))
+        select_indices = indices[y_round.to(torch.long), x_round.to(torch.long)]
+        return (select_indices % W).to(torch.float), (select_indices // W).to(torch.float)
+
+    mlvl_bboxes, mlvl_scores = [], []
+    for i_lvl, (cls_score, bbox_pred, points) in enumerate(zip(cls_scores, bbox_preds, mlvl_points)):
+        scores = cls_score.permute(1, 2, 0).reshape(-1, cls_score.shape[0]).sigmoid()
+        bbox_pred = bbox_pred.permute(1, 2, 0).reshape(-1, 4)
+        if 0 < nms_pre < scores.shape[0]:
+            _, topk_inds = scores.max(dim=1)[0].topk(nms_pre)
+            points, bbox_pred, scores = points[topk_inds, :], bbox_pred[topk_inds, :], scores[topk_inds, :]
+        bboxes = bbox_pred * STRIDES[i_lvl] + torch.cat([points[:, :2], points[:, :2]], dim=1)
+        x1 = bboxes[:, 0].clamp(min=0, max=img_shape[1])
+        y1 = bboxes[:, 1].clamp(min=0, max=img_shape[0])
+        x2 = bboxes[:, 2].clamp(min=0, max=img_shape[1])
+        y2 = bboxes[:, 3].clamp(min=0, max=img_shape[0])
+        if i_lvl > 0:
+            i = 0 if i_lvl in (1, 2) else 1
+            x1_new, y1_new = select(hm_scores[i][0, ...], x1, y1, 2, i)
+            x2_new, y2_new = select(hm_scores[i][1, ...], x2, y2, 2, i)
+            hm_offset, point_stride = hm_offsets[i].permute(1, 2, 0), STRIDES[i]
+            x1 = ((x1_new + hm_offset[y1_new.long(), x1_new.long(), 0]) * point_stride).clamp(min=0, max=img_shape[1])
+            y1 = ((y1_new + hm_offset[y1_new.long(), x1_new.long(), 1]) * point_stride).clamp(min=0, max=img_shape[0])
+            x2 = ((x2_new + hm_offset[y2_new.long(), x2_new.long(), 2]) * point_stride).clamp(min=0, max=img_shape[1])
+            y2 = ((y2_new + hm_offset[y2_new.long(), x2_new.long(), 3]) * point_stride).clamp(min=0, max=img_shape[0])
+        mlvl_bboxes.append(torch.stack([x1, y1, x2, y2], dim=-1))
+        mlvl_scores.append(scores)
+    bboxes, scores = torch.cat(mlvl_bboxes), torch.cat(mlvl_scores)
+    box_index, labels = (scores > score_thr).nonzero(as_tuple=True)
+    scores, bboxes = scores[box_index, labels], bboxes[box_index]
+    keep = batched_nms(bboxes, scores, labels, iou_threshold)[:max_per_img]
+    return bboxes[keep], scores[keep], labels[keep]
+
+
+def test_the_corner_verified_detections_are_the_official_heads(detector_and_batch):
+    """test_cfg on the first image (score_thr 0.05, NMS 0.6, max 100) with nms_pre 20 per level instead of 1000, so
+    that the pre-selection binds on these small maps; P4-P7's boxes move to verified corners."""
+    detector, images, _, maps = detector_and_batch
+    detector.eval()
+    detector.topk_candidates = 20
+    try:
+        with torch.no_grad():
+            ours = detector(images)[0]  # the batch (P7 is 1x1: GN needs two images), the first image's detections
+            outs = [[o[:1] for o in official_forward_single(detector.head, x)] for x in maps]
+            boxes, scores, labels = official_get_bboxes_single(detector.head, outs, (96, 128), nms_pre=20)
+            with mock.patch.object(detector, "level_boxes", lambda level, level_boxes, *args: level_boxes):
+                unverified = detector(images)[0]  # without the verification: other boxes
+    finally:
+        detector.topk_candidates = 1000
+    assert 5 < len(scores) <= 100
+    torch.testing.assert_close(ours["boxes"], boxes, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours["scores"], scores, rtol=0, atol=1e-6)
+    assert torch.equal(ours["labels"], labels + 1)
+    assert not torch.allclose(unverified["boxes"].sum(0), ours["boxes"].sum(0))
