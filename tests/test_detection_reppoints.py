@@ -354,7 +354,7 @@ def official_get_bboxes_single(head, outs, img_shape, nms_pre=1000, score_thr=0.
     mlvl_points = official_points([c.shape[-2:] for c in cls_scores])
 
     def select(score_map, x, y, ks=2, i=0):
-        H, W = score_map.shape[-2], score_map.shape[-1]
+        W = score_map.shape[-1]
         score_map = score_map.sigmoid()
         score_map, indices = F.max_pool2d_with_indices(score_map.unsqueeze(0), kernel_size=ks, stride=1,
                                                        padding=(ks - 1) // 2)
