@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_detection_atss import STRIDES, _Pyramid, mm_atss_assign, mm_bbox_overlaps, mm_py_sigmoid_focal_loss
+from conftest import compose
+from test_detection_atss import OPTIM, SCHED, STRIDES, _Pyramid, mm_atss_assign, mm_bbox_overlaps, mm_py_sigmoid_focal_loss
 from test_detection_atss import mm_valid_flags
 from torch import nn
 from torchvision.ops import batched_nms, deform_conv2d
 
+from vtrain.profiling import count_params
+from vtrain.tasks.detection.module import DetectionTask
 from vtrain.tasks.detection.one_stage import RepPointsV2
 from vtrain.tasks.detection.reppoints import PointAssignerV2, RepPointsHead, dcn_base_offset, points_to_box
 
@@ -415,3 +418,31 @@ def test_the_corner_verified_detections_are_the_official_heads(detector_and_batc
     torch.testing.assert_close(ours["scores"], scores, rtol=0, atol=1e-6)
     assert torch.equal(ours["labels"], labels + 1)
     assert not torch.allclose(unverified["boxes"].sum(0), ours["boxes"].sum(0))
+
+
+def official_head_params(c=256, p=256, k=80, points=9, corner=64):
+    """RepPointsV2Head._init_layers of the official config (GN convs without bias: 2 x channels of affine)."""
+    conv_gn = c * c * 9 + 2 * c
+    corner_pack = 2 * (c * corner * 9 + 2 * corner) + corner * c * 9 + 2 * c + c * c + 2 * c + c * c + 2 * c
+    return (7 * conv_gn + 2 * corner_pack  # cls_convs 3, reg_convs 3, shared_convs 1; hem_tl, hem_br
+            + (c + 6) * p * 9 + p * k + k  # reppoints_cls_conv (DeformConv, no bias), reppoints_cls_out
+            + c * p * 9 + p + p * 2 * points + 2 * points  # reppoints_pts_init_conv / _out
+            + (c + 6) * p * 9 + p * 2 * points + 2 * points  # reppoints_pts_refine_conv / _out
+            + 2 * (c * 9 + 1) + 2 * (c * 2 * 9 + 2)  # reppoints_hem_{tl,br}_score_out / _offset_out
+            + c * k + k + c * c + 2 * c)  # reppoints_sem_out, reppoints_sem_embedding
+
+
+@pytest.mark.parametrize("backbone, c3_c5, measured, paper", [("resnet50", (512, 1024, 2048), 38_715_914, 42),
+                                                               ("swin_t", (192, 384, 768), 39_205_828, 45)])
+def test_sizes_beside_the_swin_papers(backbone, c3_c5, measured, paper):
+    """The whole detector (80 categories) is its backbone, the FPN (C3-C5 laterals and 3x3 convs, P6 on C5, P7 on P6,
+    with biases) and the official head. The Swin paper's Table 2(a) prints 42M / 45M for the Swin repository's
+    RepPointsV2, whose BiFPN neck is about 3.4M / 5.8M larger than this FPN: docs/detection.md, "RepPointsV2"."""
+    cfg = compose("task=detection", "task/detector=reppoints_v2", f"backbone={backbone}")
+    with torch.device("meta"):
+        task = DetectionTask(cfg.task.backbone, OPTIM, SCHED, num_classes=80, detector=cfg.task.detector)
+    fpn = sum(c * 256 + 256 for c in c3_c5) + 3 * (256 * 256 * 9 + 256) + c3_c5[-1] * 256 * 9 + 256 \
+        + 256 * 256 * 9 + 256
+    assert count_params(task.detector.head) == official_head_params()
+    assert count_params(task) == count_params(task.backbone) + fpn + official_head_params() == measured
+    assert round(measured / 1e6) < paper

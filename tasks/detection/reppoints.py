@@ -1,9 +1,9 @@
-"""RepPoints (Yang et al., ICCV 2019: "RepPoints: Point Set Representation for Object Detection") as RepPointsV2
-(Chen et al., NeurIPS 2020: "RepPoints V2: Verification Meets Regression for Object Detection") builds its regression
-core: the official code (Scalsol/RepPointsV2, mmdet v2.0: ``mmdet/models/dense_heads/reppoints_v2_head.py``,
-``mmdet/core/bbox/assigners/point_assigner_v2.py``, ``configs/reppoints_v2/reppoints_v2_r50_fpn_giou_1x_coco.py``).
-v2's verification branches (corner heatmaps + offsets with corner pooling, the foreground map, their losses and the
-corner-refined inference) are not here yet: see docs/detection.md, "RepPoints".
+"""RepPoints (Yang et al., ICCV 2019: "RepPoints: Point Set Representation for Object Detection") and RepPointsV2
+(Chen et al., NeurIPS 2020: "RepPoints V2: Verification Meets Regression for Object Detection") as the official
+RepPointsV2 code builds them (Scalsol/RepPointsV2, mmdet v2.0: ``mmdet/models/dense_heads/reppoints_v2_head.py``,
+``mmdet/core/bbox/assigners/point_assigner_v2.py`` and ``point_hm_assigner.py``, ``mmdet/ops/corner_pool``,
+``configs/reppoints_v2/reppoints_v2_r50_fpn_giou_1x_coco.py``). :class:`RepPointsDetector` is the regression core
+(below); :class:`RepPointsV2Detector` adds v2's verification branches (at the end of this module).
 
 Per location of P3-P7 (a point at ``(x, y) = (column, row) x stride``, the location's top-left corner, as mmdet's
 ``PointGenerator``) the head predicts 9 points as (dy, dx) offsets in units of the level's stride:
