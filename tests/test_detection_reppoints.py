@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose
-from test_detection_atss import OPTIM, SCHED, STRIDES, _Pyramid, mm_atss_assign, mm_bbox_overlaps, mm_py_sigmoid_focal_loss
-from test_detection_atss import mm_valid_flags
+from test_detection_atss import OPTIM, SCHED, STRIDES, _Pyramid, mm_atss_assign, mm_bbox_overlaps
+from test_detection_atss import mm_py_sigmoid_focal_loss, mm_valid_flags, padded_batch
 from torch import nn
 from torchvision.ops import batched_nms, deform_conv2d
 
@@ -258,11 +258,13 @@ def official_loss(head, maps, gt_bboxes, gt_labels, pad_shapes, num_classes):
             return xy * strides[:, None] + points[:, :2].repeat(1, head.num_points)
         init_assigned = torch.zeros(len(points), dtype=torch.long)
         init_assigned[valid] = official_point_assigner_v2(points[valid], boxes)
-        init_boxes = official_points2bbox(flat(pts_init, image).detach()) * strides[:, None] + points[:, :2].repeat(1, 2)
+        init_boxes = official_points2bbox(flat(pts_init, image).detach()) * strides[:, None] \
+            + points[:, :2].repeat(1, 2)
         refine_assigned = torch.zeros(len(points), dtype=torch.long)
         level_valid = [int(v.sum()) for v in valid.split(counts)]
         refine_assigned[valid] = mm_atss_assign(init_boxes[valid], level_valid, boxes)[0]
-        hm = [torch.zeros(len(points)), torch.zeros(len(points), 2), torch.zeros(len(points)), torch.zeros(len(points), 2)]
+        hm = [torch.zeros(len(points)), torch.zeros(len(points), 2)] * 2
+        hm = [t.clone() for t in hm]
         for full, part in zip(hm, official_point_hm_assign(points[valid], boxes)):
             full[valid] = part
         terms.append((to_pts, init_assigned, refine_assigned, hm, valid, boxes, labels))
@@ -274,7 +276,8 @@ def official_loss(head, maps, gt_bboxes, gt_labels, pad_shapes, num_classes):
         target = torch.zeros(len(points), num_classes)
         pos = refine_assigned > 0
         target[pos, labels[refine_assigned[pos] - 1]] = 1
-        sums["cls"] += mm_py_sigmoid_focal_loss(flat(cls_scores, image), target, valid.float(), avg_factor=num["refine"])
+        sums["cls"] += mm_py_sigmoid_focal_loss(flat(cls_scores, image), target, valid.float(),
+                                                avg_factor=num["refine"])
         for stage, assigned, pred in (("init", init_assigned, pts_init), ("refine", refine_assigned, pts_refine)):
             pos = assigned > 0
             normalize_term = 4 * strides[pos, None]  # point_base_scale x stride
@@ -323,12 +326,7 @@ def detector_and_batch():
     torch.manual_seed(0)
     for name, p in detector.head.named_parameters():
         nn.init.normal_(p, mean=1.0 if "gn" in name or name.endswith(".1.weight") else 0.0, std=0.1)
-    images = [torch.zeros(3, 96, 128), torch.zeros(3, 64, 80)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [30.0, 20.0, 90.0, 75.0], [100.0, 5.0, 126.0, 40.0]]),
-                "labels": torch.tensor([1, 2, 2])},
-               {"boxes": torch.tensor([[4.0, 6.0, 60.0, 58.0], [40.0, 30.0, 78.0, 62.0]]),
-                "labels": torch.tensor([2, 1])}]
-    return detector, images, targets, maps
+    return detector, *padded_batch(), maps
 
 
 def test_every_loss_term_is_the_official_heads(detector_and_batch):
