@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops import batched_nms, deform_conv2d
 
 from vtrain.profiling import count_params
+from vtrain.tasks.detection.bifpn import BiFPN
 from vtrain.tasks.detection.module import DetectionTask
 from vtrain.tasks.detection.one_stage import RepPointsV2
 from vtrain.tasks.detection.reppoints import PointAssignerV2, RepPointsHead, dcn_base_offset, points_to_box
@@ -444,3 +445,62 @@ def test_sizes_beside_the_swin_papers(backbone, c3_c5, measured, paper):
     assert count_params(task.detector.head) == official_head_params()
     assert count_params(task) == count_params(task.backbone) + fpn + official_head_params() == measured
     assert round(measured / 1e6) < paper
+
+
+# ------------------------------------------------- the Swin repository's BiFPN (mmdet/models/necks/bifpn.py)
+def official_bifpn(bifpn, inputs, num_outs=5):
+    """BiFPN.forward (add_extra_convs=False) and SingleBiFPN.forward / LayerCombineModule, on vtrain's modules."""
+    def combine(module, xs):
+        weights = module.weights.relu()
+        out = (weights / (weights.sum() + 0.0001) * torch.stack(xs, dim=-1)).sum(dim=-1)
+        return out * out.sigmoid()
+
+    outs = list(inputs)
+    for _ in range(num_outs - len(inputs)):
+        outs.append(F.max_pool2d(outs[-1], 3, stride=2, padding=1))
+    for single in bifpn.bi_fpn:
+        laterals = [lateral_conv(outs[i]) for i, lateral_conv in enumerate(single.lateral_convs)]
+        outs = [laterals[i] for i in range(len(laterals))]
+        for i in range(len(laterals) - 1, 0, -1):
+            up_feat = F.interpolate(outs[i], size=outs[i - 1].shape[2:], mode="nearest")
+            fused = combine(single.lateral_combine[i - 1], [outs[i - 1], up_feat])
+            outs[i - 1] = single.lateral_combine_conv[i - 1](fused)
+        for i in range(len(outs) - 1):
+            down_feat = F.max_pool2d(outs[i], 3, stride=2, padding=1)
+            if i != len(laterals) - 2:
+                outs[i + 1] = combine(single.out_combine[i], [down_feat, outs[i + 1], laterals[i + 1]])
+            else:
+                outs[i + 1] = combine(single.out_combine[i], [down_feat, outs[i + 1]])
+            outs[i + 1] = single.out_combine_conv[i](outs[i + 1])
+    return outs
+
+
+class _Maps(nn.Module):
+    """Fixed C3-C5 maps in place of a backbone (the BiFPN only reads its feature_info and out_indices)."""
+
+    def __init__(self, maps):
+        super().__init__()
+        self.maps, self.out_indices = maps, (1, 2, 3)
+        self.feature_info = mock.Mock(channels=lambda: [m.shape[1] for m in maps])
+
+    def forward(self, images):
+        return self.maps
+
+
+def test_the_bifpn_is_the_swin_repositorys_and_gives_table_2a_sizes():
+    """Maps of a 64x96 input (C5 3 wide, P6 2 wide: upsampling to the lower map's size), fusion weights away from 1; and the Swin paper's 42M / 45M (Table 2(a)) with it in place of the RepPointsV2 repository's FPN."""
+    torch.manual_seed(0)
+    maps = [torch.randn(1, c, 64 // s, 96 // s) for c, s in ((8, 8), (16, 16), (32, 32))]
+    bifpn = BiFPN(_Maps(maps), out_channels=32, num_groups=8)
+    for name, p in bifpn.named_parameters():
+        if name.endswith("weights"):
+            nn.init.uniform_(p, -0.2, 2.0)  # some negative: ReLU'd
+    ours = bifpn(torch.zeros(1))
+    assert list(ours) == ["1", "2", "3", "pool0", "pool1"]
+    for a, b in zip(ours.values(), official_bifpn(bifpn, maps)):  # swish as F.silu: float rounding, through GN
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for backbone, paper in (("resnet50", 42), ("swin_t", 45)):
+        cfg = compose("task=detection", "task/detector=reppoints_v2_bifpn", f"backbone={backbone}")
+        with torch.device("meta"):
+            task = DetectionTask(cfg.task.backbone, OPTIM, SCHED, num_classes=80, detector=cfg.task.detector)
+        assert round(count_params(task) / 1e6) == paper
