@@ -488,7 +488,8 @@ class _Maps(nn.Module):
 
 
 def test_the_bifpn_is_the_swin_repositorys_and_gives_table_2a_sizes():
-    """Maps of a 64x96 input (C5 3 wide, P6 2 wide: upsampling to the lower map's size), fusion weights away from 1; and the Swin paper's 42M / 45M (Table 2(a)) with it in place of the RepPointsV2 repository's FPN."""
+    """Maps of a 64x96 input (C5 3 wide, P6 2 wide: upsampling to the lower map's size), fusion weights away from 1;
+    and the Swin paper's 42M / 45M (Table 2(a)) with it in place of the RepPointsV2 repository's FPN."""
     torch.manual_seed(0)
     maps = [torch.randn(1, c, 64 // s, 96 // s) for c, s in ((8, 8), (16, 16), (32, 32))]
     bifpn = BiFPN(_Maps(maps), out_channels=32, num_groups=8)
