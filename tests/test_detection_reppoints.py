@@ -235,8 +235,36 @@ def official_sem_map(gt_bboxes, gt_labels, pad_shape, num_classes):
     return torch.from_numpy(gt_sem_map), torch.from_numpy(gt_sem_weights)
 
 
-def official_loss(head, maps, gt_bboxes, gt_labels, pad_shapes, num_classes):
-    """RepPointsV2Head.loss with the giou config's losses, summed over levels as mmdet's parse_losses does."""
+def official_quality_focal_loss(pred, label, score, weight, background_label, beta=2.0):
+    """The Swin repository's quality_focal_loss (RPDQualityFocalLoss), weighted per row, summed."""
+    pred_sigmoid = pred.sigmoid()
+    loss = F.binary_cross_entropy_with_logits(pred, pred.new_zeros(pred.shape), reduction="none") \
+        * pred_sigmoid.pow(beta)
+    pos = (label != background_label).nonzero().squeeze(1)
+    pos_label = label[pos].long()
+    if len(pos):
+        scale_factor = score[pos] - pred_sigmoid[pos, pos_label]
+        loss[pos, pos_label] = F.binary_cross_entropy_with_logits(pred[pos, pos_label], score[pos], reduction="none") \
+            * scale_factor.abs().pow(beta)
+    return (loss.sum(dim=1) * weight).sum()
+
+
+def official_giou_loss_oldver(pred, target, eps=1e-6):
+    """The Swin repository's giou_loss_oldver (RPDGIoULoss, eps 1e-6), per box."""
+    lt, rb = torch.max(pred[:, :2], target[:, :2]), torch.min(pred[:, 2:], target[:, 2:])
+    wh = (rb - lt + 1).clamp(min=0)
+    overlap = wh[:, 0] * wh[:, 1]
+    ap = (pred[:, 2] - pred[:, 0] + 1) * (pred[:, 3] - pred[:, 1] + 1)
+    ag = (target[:, 2] - target[:, 0] + 1) * (target[:, 3] - target[:, 1] + 1)
+    union = ap + ag - overlap + eps
+    enclose_wh = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2]) + 1).clamp(min=0)
+    enclose_area = enclose_wh[:, 0] * enclose_wh[:, 1] + eps
+    return 1 - (overlap / union - (enclose_area - union) / enclose_area)
+
+
+def official_loss(head, maps, gt_bboxes, gt_labels, pad_shapes, num_classes, swin=False):
+    """RepPointsV2Head.loss with the giou config's losses, summed over levels as mmdet's parse_losses does; with
+    ``swin``, the Swin repository's RPDQualityFocalLoss and RPDGIoULoss."""
     outs = [official_forward_single(head, x) for x in maps]
     sizes = [m.shape[-2:] for m in maps]
     points = torch.cat(official_points(sizes))
@@ -277,15 +305,30 @@ def official_loss(head, maps, gt_bboxes, gt_labels, pad_shapes, num_classes):
         target = torch.zeros(len(points), num_classes)
         pos = refine_assigned > 0
         target[pos, labels[refine_assigned[pos] - 1]] = 1
-        sums["cls"] += mm_py_sigmoid_focal_loss(flat(cls_scores, image), target, valid.float(),
-                                                avg_factor=num["refine"])
+        if swin:  # labels: the class, background (num_classes) on the valid negatives, 0 on the padding (unmap)
+            label = torch.where(valid, torch.full_like(refine_assigned, num_classes), 0)
+            label[pos] = labels[refine_assigned[pos] - 1]
+            bbox_pred = official_points2bbox(to_pts(pts_refine), y_first=False)
+            bbox_gt = torch.zeros(len(points), 4)
+            bbox_gt[pos] = boxes[refine_assigned[pos] - 1]
+            score = torch.zeros(len(points))
+            iou_pos = (label != num_classes).nonzero().squeeze(1)
+            score[iou_pos] = mm_bbox_overlaps(bbox_pred[iou_pos], bbox_gt[iou_pos], is_aligned=True).detach()
+            sums["cls"] += official_quality_focal_loss(flat(cls_scores, image), label, score, valid.float(),
+                                                       num_classes) / num["refine"]
+        else:
+            sums["cls"] += mm_py_sigmoid_focal_loss(flat(cls_scores, image), target, valid.float(),
+                                                    avg_factor=num["refine"])
         for stage, assigned, pred in (("init", init_assigned, pts_init), ("refine", refine_assigned, pts_refine)):
             pos = assigned > 0
             normalize_term = 4 * strides[pos, None]  # point_base_scale x stride
             bbox_pred = official_points2bbox(to_pts(pred)[pos], y_first=False)
-            gious = mm_bbox_overlaps(bbox_pred / normalize_term, boxes[assigned[pos] - 1] / normalize_term,
-                                     mode="giou", is_aligned=True)
-            sums[stage] += (1 - gious).sum() / num[stage]
+            if swin:
+                losses = official_giou_loss_oldver(bbox_pred / normalize_term, boxes[assigned[pos] - 1] / normalize_term)
+            else:
+                losses = 1 - mm_bbox_overlaps(bbox_pred / normalize_term, boxes[assigned[pos] - 1] / normalize_term,
+                                              mode="giou", is_aligned=True)
+            sums[stage] += losses.sum() / num[stage]
         scores, offsets = flat(hm_scores, image).sigmoid(), flat(hm_offsets, image)
         for corner, (target_hm, target_offset) in enumerate(((hm[0], hm[1]), (hm[2], hm[3]))):
             name = ("tl", "br")[corner]
@@ -345,6 +388,22 @@ def test_every_loss_term_is_the_official_heads(detector_and_batch):
         torch.testing.assert_close(losses[name], reference[name], rtol=0, atol=1e-5, msg=name)
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in detector.head.parameters())
+
+
+def test_the_swin_repositorys_class_and_box_losses(detector_and_batch):
+    """RPDQualityFocalLoss (beta 2) and RPDGIoULoss (+1) of the Swin repository's RepPointsV2 config, in place of the
+    focal loss and GIoU: its three terms against the head re-stated with them; the other three do not change."""
+    detector, images, targets, maps = detector_and_batch
+    detector.train()
+    with mock.patch.multiple(detector, quality_focal_beta=2.0, giou_plus_one=True):
+        losses = detector(images, targets)
+    reference, _ = official_loss(detector.head, maps, [t["boxes"] for t in targets],
+                                 [t["labels"] - 1 for t in targets], [(96, 128), (64, 96)], num_classes=2, swin=True)
+    plain, _ = official_loss(detector.head, maps, [t["boxes"] for t in targets],
+                             [t["labels"] - 1 for t in targets], [(96, 128), (64, 96)], num_classes=2)
+    for name in reference:
+        torch.testing.assert_close(losses[name], reference[name], rtol=0, atol=1e-5, msg=name)
+    assert all(not torch.allclose(reference[n], plain[n]) for n in ("loss_cls", "loss_pts_init", "loss_pts_refine"))
 
 
 def official_get_bboxes_single(head, outs, img_shape, nms_pre=1000, score_thr=0.05, iou_threshold=0.6,
@@ -501,7 +560,7 @@ def test_the_bifpn_is_the_swin_repositorys_and_gives_table_2a_sizes():
     for a, b in zip(ours.values(), official_bifpn(bifpn, maps)):  # swish as F.silu: float rounding, through GN
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for backbone, paper in (("resnet50", 42), ("swin_t", 45)):
-        cfg = compose("task=detection", "task/detector=reppoints_v2_bifpn", f"backbone={backbone}")
+        cfg = compose("task=detection", "task/detector=reppoints_v2_gfocal_bifpn", f"backbone={backbone}")
         with torch.device("meta"):
             task = DetectionTask(cfg.task.backbone, OPTIM, SCHED, num_classes=80, detector=cfg.task.detector)
         assert round(count_params(task) / 1e6) == paper

@@ -81,6 +81,35 @@ def points_to_box(points: Tensor, method: str, y_first: bool = True, moment_tran
     raise ConfigError(f"task.detector.model.transform_method={method!r}: use one of {', '.join(POINT_TO_BOX)}")
 
 
+def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
+    """Generalized Focal Loss's quality focal loss (Li et al., NeurIPS 2020, Eq. 5; the Swin repository's
+    ``quality_focal_loss``), per element: BCE against a soft target (the positive's IoU at its class, 0 elsewhere)
+    times |target - sigmoid|^beta."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * \
+        (targets - logits.sigmoid()).abs().pow(beta)
+
+
+def paired_iou(boxes: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of each box with its own target (mmdet's ``bbox_overlaps(..., is_aligned=True)``: the union at least
+    ``eps``, so that a degenerate point-set box scores 0)."""
+    overlap = (torch.min(boxes[:, 2:], targets[:, 2:]) - torch.max(boxes[:, :2], targets[:, :2])).clamp(min=0)
+    areas = [(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in (boxes, targets)]
+    overlap = overlap[:, 0] * overlap[:, 1]
+    return overlap / (areas[0] + areas[1] - overlap).clamp(min=eps)
+
+
+def giou_loss_plus_one(boxes: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
+    """mmdet v1's GIoU loss with its +1 on every width and height (the Swin repository's ``giou_loss_oldver``, which
+    its ``RPDGIoULoss`` applies to boxes divided by 4 x stride), per box."""
+    overlap = (torch.min(boxes[:, 2:], targets[:, 2:]) - torch.max(boxes[:, :2], targets[:, :2]) + 1).clamp(min=0)
+    overlap = overlap[:, 0] * overlap[:, 1]
+    areas = [(b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) for b in (boxes, targets)]
+    union = areas[0] + areas[1] - overlap + eps
+    enclose = (torch.max(boxes[:, 2:], targets[:, 2:]) - torch.min(boxes[:, :2], targets[:, :2]) + 1).clamp(min=0)
+    enclose = enclose[:, 0] * enclose[:, 1] + eps
+    return 1 - (overlap / union - (enclose - union) / enclose)
+
+
 class PointAssignerV2:
     """The init stage's assignment (``PointAssignerV2.assign``), for one image. A ground-truth box of size (w, h)
     belongs to level ``int((log2(w / scale) + log2(h / scale)) / 2)``, clamped to the pyramid's; its ``pos_num``
@@ -212,6 +241,9 @@ class RepPointsDetector(nn.Module):
         head: the head; by default :class:`RepPointsHead` on the pyramid's width with ``head_options``.
         score_thresh, nms_thresh, detections_per_img, topk_candidates: ``test_cfg`` (0.05, 0.6, 100, 1000).
         focal_alpha, focal_gamma, init_loss_weight, refine_loss_weight: the loss config (0.25, 2; GIoU 1 and 2).
+        quality_focal_beta: ``None``: the focal loss; a beta (2): the quality focal loss instead (the Swin
+            repository's ``RPDQualityFocalLoss``), the positives' targets their refined boxes' IoU.
+        giou_plus_one: mmdet v1's GIoU with +1 (the Swin repository's ``RPDGIoULoss``) instead of GIoU.
         **kwargs: torchvision's transform options.
     """
 
@@ -221,7 +253,8 @@ class RepPointsDetector(nn.Module):
                  head_options: dict[str, Any] | None = None, score_thresh: float = 0.05, nms_thresh: float = 0.6,
                  detections_per_img: int = 100, topk_candidates: int = 1000, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, init_loss_weight: float = 1.0, refine_loss_weight: float = 2.0,
-                 min_size: int = 800, max_size: int = 1333, image_mean: Sequence[float] | None = None,
+                 quality_focal_beta: float | None = None, giou_plus_one: bool = False, min_size: int = 800,
+                 max_size: int = 1333, image_mean: Sequence[float] | None = None,
                  image_std: Sequence[float] | None = None, **kwargs: Any):
         super().__init__()
         self.backbone = backbone
@@ -242,6 +275,7 @@ class RepPointsDetector(nn.Module):
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.init_loss_weight, self.refine_loss_weight = init_loss_weight, refine_loss_weight
+        self.quality_focal_beta, self.giou_plus_one = quality_focal_beta, giou_plus_one
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
@@ -284,6 +318,8 @@ class RepPointsDetector(nn.Module):
         gt = torch.cat([t["boxes"][m[p]] for t, m, p in zip(targets, matched, positive)])
         normaliser = (self.point_base_scale * strides).expand_as(matched)[positive][:, None]
         num_pos = positive.sum(1).clamp(min=1).sum()
+        if self.giou_plus_one:
+            return giou_loss_plus_one(boxes[positive] / normaliser, gt / normaliser).sum() / num_pos
         return generalized_box_iou_loss(boxes[positive] / normaliser, gt / normaliser, reduction="sum") / num_pos
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, list[Tensor]], points: Tensor,
@@ -298,10 +334,16 @@ class RepPointsDetector(nn.Module):
         class_targets = torch.zeros_like(logits)
         for image, target in enumerate(targets):
             pos = refine[image] >= 0
-            class_targets[image, pos, target["labels"][refine[image, pos]] - 1] = 1.0
+            gt = target["boxes"][refine[image, pos]]
+            # the quality focal loss's target: the refined box's IoU with its ground truth (detached)
+            quality = 1.0 if self.quality_focal_beta is None else paired_iou(boxes_refine[image, pos].detach(), gt)
+            class_targets[image, pos, target["labels"][refine[image, pos]] - 1] = quality
         num_pos = (refine >= 0).sum(1).clamp(min=1).sum()
-        loss_cls = sigmoid_focal_loss(logits[valid], class_targets[valid], self.focal_alpha, self.focal_gamma,
-                                      reduction="sum") / num_pos
+        if self.quality_focal_beta is None:
+            loss_cls = sigmoid_focal_loss(logits[valid], class_targets[valid], self.focal_alpha, self.focal_gamma,
+                                          reduction="sum") / num_pos
+        else:
+            loss_cls = quality_focal_loss(logits[valid], class_targets[valid], self.quality_focal_beta).sum() / num_pos
         return {"loss_cls": loss_cls,
                 "loss_pts_init": self.init_loss_weight * self.box_loss(boxes_init, init, targets, strides),
                 "loss_pts_refine": self.refine_loss_weight * self.box_loss(boxes_refine, refine, targets, strides)}
