@@ -324,7 +324,8 @@ def official_loss(head, maps, gt_bboxes, gt_labels, pad_shapes, num_classes, swi
             normalize_term = 4 * strides[pos, None]  # point_base_scale x stride
             bbox_pred = official_points2bbox(to_pts(pred)[pos], y_first=False)
             if swin:
-                losses = official_giou_loss_oldver(bbox_pred / normalize_term, boxes[assigned[pos] - 1] / normalize_term)
+                losses = official_giou_loss_oldver(bbox_pred / normalize_term,
+                                                   boxes[assigned[pos] - 1] / normalize_term)
             else:
                 losses = 1 - mm_bbox_overlaps(bbox_pred / normalize_term, boxes[assigned[pos] - 1] / normalize_term,
                                               mode="giou", is_aligned=True)
