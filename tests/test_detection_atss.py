@@ -360,6 +360,16 @@ class _Pyramid(nn.Module):
         return OrderedDict((str(i), m) for i, m in enumerate(self.maps))
 
 
+def padded_batch():
+    """A 96x128 image and a 64x80 one (padded to 64x96 alone), 3 and 2 boxes of 2 categories."""
+    images = [torch.zeros(3, 96, 128), torch.zeros(3, 64, 80)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [30.0, 20.0, 90.0, 75.0], [100.0, 5.0, 126.0, 40.0]]),
+                "labels": torch.tensor([1, 2, 2])},
+               {"boxes": torch.tensor([[4.0, 6.0, 60.0, 58.0], [40.0, 30.0, 78.0, 62.0]]),
+                "labels": torch.tensor([2, 1])}]
+    return images, targets
+
+
 @pytest.fixture(scope="module")
 def detector_and_batch():
     """A 64-channel ATSS on fixed maps of a 96x128 batch: a 96x128 image and a 64x80 one (padded to 64x96 alone,
@@ -375,12 +385,7 @@ def detector_and_batch():
     with torch.no_grad():
         detector.head.scales.copy_(torch.tensor([1.0, 0.8, 1.2, 0.9, 1.1]))
         detector.head.cls_logits.bias.fill_(-2.9)  # probabilities on both sides of the test's 0.05
-    images = [torch.zeros(3, 96, 128), torch.zeros(3, 64, 80)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [30.0, 20.0, 90.0, 75.0], [100.0, 5.0, 126.0, 40.0]]),
-                "labels": torch.tensor([1, 2, 2])},
-               {"boxes": torch.tensor([[4.0, 6.0, 60.0, 58.0], [40.0, 30.0, 78.0, 62.0]]),
-                "labels": torch.tensor([2, 1])}]
-    return detector, images, targets, maps
+    return detector, *padded_batch(), maps
 
 
 def test_every_loss_term_and_the_assignment_are_mmdets(detector_and_batch):

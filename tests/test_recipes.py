@@ -764,6 +764,32 @@ DERIVED = {
     "atss_r50_coco_3x": ("swin_t_atss_coco_3x", {
         "backbone.depth": 50, "backbone.frozen_stages": 1, "backbone.drop_path_rate": 0.0, "task.batch_norm": "eval",
         "pretrained_url": "resnet50-0676ba61.pth"}),
+    # Swin Table 2(a)'s RepPointsV2 rows: the Swin detection repository's
+    # configs/swin/reppoitsv2_swin_tiny_patch4_window7_mstrain_480_960_giou_gfocal_bifpn_adamw_3x_coco.py (model from
+    # configs/_base_/models/reppointsv2_swin_bifpn.py): the ATSS rows' optimiser and schedule (the same AdamW,
+    # custom_keys, steps 27 / 33 of 36, warm-up, no clipping), its own sizes (480-960) and no crop branch
+    "swin_t_reppoints_v2_coco": ("swin_t_atss_coco_3x", {
+        "task.detector.model._target_": "vtrain.tasks.detection.one_stage.RepPointsV2",
+        "data.train_sizes": list(range(480, 961, 32)), "data.crop": None,
+        "task.detector.out_indices": [1, 2, 3], "task.detector.neck._target_": "vtrain.tasks.detection.bifpn.BiFPN",
+        "task.detector.neck.out_channels": 256, "task.detector.neck.num_outs": 5, "task.detector.neck.num_repeat": 2,
+        "task.detector.neck.num_groups": 32, "task.detector.neck.extra_block": None,
+        "task.detector.model.point_strides": [8, 16, 32, 64, 128], "task.detector.model.point_base_scale": 4,
+        "task.detector.model.head_options": {
+            "feat_channels": 256, "point_feat_channels": 256, "stacked_convs": 3, "num_points": 9,
+            "gradient_mul": 0.1, "transform_method": "exact_minmax", "shared_stacked_convs": 1,
+            "first_kernel_size": 3, "kernel_size": 1, "corner_dim": 64},
+        "task.detector.model.init_assigner.scale": 4, "task.detector.model.init_assigner.pos_num": 1,
+        "task.detector.model.refine_assigner.topk": 9, "task.detector.model.heatmap_assigner.gaussian_iou": 0.7,
+        "task.detector.model.quality_focal_beta": 2.0, "task.detector.model.giou_plus_one": True,
+        "task.detector.model.init_loss_weight": 1.0, "task.detector.model.refine_loss_weight": 2.0,
+        "task.detector.model.heatmap_loss_weight": 0.25, "task.detector.model.offset_loss_weight": 1.0,
+        "task.detector.model.foreground_loss_weight": 0.1,
+        "task.detector.model.topk_candidates": 1000, "task.detector.model.score_thresh": 0.05,
+        "task.detector.model.nms_thresh": 0.6, "task.detector.model.detections_per_img": 100}),
+    "reppoints_v2_r50_coco": ("swin_t_reppoints_v2_coco", {
+        "backbone.depth": 50, "backbone.frozen_stages": 1, "backbone.drop_path_rate": 0.0, "task.batch_norm": "eval",
+        "pretrained_url": "resnet50-0676ba61.pth"}),
     # Relation Networks (arXiv:1711.11575v2, Table 5) on mmdet's faster_rcnn_r50_fpn_1x_coco recipe (the R-CNN of
     # r50_maskrcnn_coco_1x without masks); the R-101 rows start from torchvision's ResNet-101, mmdet's
     # faster_rcnn_r101_fpn_1x_coco (torchvision://resnet101)

@@ -1,5 +1,6 @@
-"""The one-stage family: torchvision's RetinaNet and FCOS, and ATSS on torchvision's parts (:mod:`atss`), with the
-duplicate removal of ``task/detector/nms`` (:mod:`nms`), and :class:`OneStageSpec`, which puts them on a backbone.
+"""The one-stage family: torchvision's RetinaNet and FCOS, ATSS on torchvision's parts (:mod:`atss`) and RepPoints
+(:mod:`reppoints`), with the duplicate removal of ``task/detector/nms`` (:mod:`nms`), and :class:`OneStageSpec`, which
+puts them on a backbone.
 
 The candidates are each detector's own (per level: score threshold, top-k, decoding, clipping); only the
 class-wise NMS at the end is replaced. With the default (``HardNMS(iou_threshold=None)``) nothing changes.
@@ -17,6 +18,7 @@ from torchvision.ops import batched_nms
 from vtrain.tasks.detection.atss import ATSSDetector
 from vtrain.tasks.detection.detector import torchvision_transform
 from vtrain.tasks.detection.nms import HardNMS
+from vtrain.tasks.detection.reppoints import RepPointsDetector, RepPointsV2Detector
 
 from vtrain.backbones.base import Backbone, require_reductions
 from vtrain.config import ConfigError
@@ -83,13 +85,22 @@ class ATSS(RemovesDuplicates, ATSSDetector):
     """ATSS (:mod:`atss`) with ``duplicate_removal``."""
 
 
+class RepPoints(RemovesDuplicates, RepPointsDetector):
+    """RepPoints (:mod:`reppoints`) with ``duplicate_removal``."""
+
+
+class RepPointsV2(RemovesDuplicates, RepPointsV2Detector):
+    """RepPointsV2 (:mod:`reppoints`) with ``duplicate_removal``."""
+
+
 class OneStageSpec:
-    """RetinaNet, FCOS or ATSS on a backbone (a :class:`detector.DetectorSpec`): ``conf/task/detector/retinanet.yaml``,
-    ``fcos.yaml``, ``atss.yaml``.
+    """RetinaNet, FCOS, ATSS, RepPoints or RepPointsV2 on a backbone (a :class:`detector.DetectorSpec`):
+    ``conf/task/detector/retinanet.yaml``, ``fcos.yaml``, ``atss.yaml``, ``reppoints.yaml``, ``reppoints_v2.yaml``.
 
     Args:
-        model: the detector class with its options (a partial of :class:`RetinaNet`, :class:`FCOS` or :class:`ATSS`:
-            ``anchor_generator``, ``head``, ``score_thresh``, ``nms_thresh``, ...).
+        model: the detector class with its options (a partial of :class:`RetinaNet`, :class:`FCOS`, :class:`ATSS`,
+            :class:`RepPoints` or :class:`RepPointsV2`: ``anchor_generator``, ``head``, ``score_thresh``,
+            ``nms_thresh``, ...).
         out_indices: the backbone outputs (0 = stride 4) that feed the pyramid (C3-C5 in all three papers).
         neck: the pyramid on the backbone, with the paper's P6/P7 (:class:`neck.FeaturePyramid`).
         nms: the duplicate removal after torchvision's candidates (``task/detector/nms``: NMS or Soft-NMS).
@@ -104,7 +115,7 @@ class OneStageSpec:
         cls = getattr(model, "func", model)
         if not (isinstance(cls, type) and issubclass(cls, RemovesDuplicates)):
             raise ConfigError(f"task.detector.model: {cls} is not a one-stage detector of this module (RetinaNet, "
-                              "FCOS, ATSS)")
+                              "FCOS, ATSS, RepPoints, RepPointsV2)")
         if getattr(self.nms, "learned", False):
             raise ConfigError(f"task/detector/nms=learned needs R-CNN RoI features, {cls.__name__} has none: use "
                               "nms or soft_nms, or task/detector=faster_rcnn / mask_rcnn")

@@ -12,6 +12,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from vtrain.layers.local_relation import LocalRelation2d
 from vtrain.tasks.detection.cascade import CascadeRoIHeads
+from vtrain.tasks.detection.reppoints import RepPointsDetector
 from vtrain.tasks.detection.sparse_rcnn import SparseRCNN
 from vtrain.profiling import count_macs, flop_counter
 
@@ -20,7 +21,7 @@ def task_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     """MACs of a task model's evaluation forward on one input of ``input_shape`` (C, H, W, or C, T, H, W): a
     torchvision detector's by :func:`detector_macs`, any other model's (DETR's included) by counting its forward."""
     detector = getattr(module, "detector", None)
-    if isinstance(detector, (FasterRCNN, RetinaNet, FCOS)):
+    if isinstance(detector, (FasterRCNN, RetinaNet, FCOS, RepPointsDetector)):
         return detector_macs(detector, tuple(input_shape)[-3:])
     if isinstance(detector, SparseRCNN):
         return sparse_rcnn_macs(detector, tuple(input_shape)[-3:])
