@@ -19,16 +19,33 @@ CORES = os.cpu_count() or 1
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_instantiates(experiment, tmp_path):
-    cfg = compose(f"experiment={experiment}", "trainer=cpu", f"output_dir={tmp_path}")
+def test_experiment_instantiates_and_passes_the_value_checks(experiment, tmp_path):
+    """Each experiment, composed once as the command line composes it: its data module, task (every constructor, on
+    the meta device) and trainer (on this machine's CPU) are built; its values pass the checks, and the reference
+    checkpoint it starts from does once it is in the weights directory (a missing one is a one-line error:
+    tests/test_recipes.py)."""
+    cfg = compose(f"experiment={experiment}")
+    cfg.output_dir = str(tmp_path)  # as hydra.run.dir=... would
     datamodule = instantiate(cfg.data)
     assert hasattr(datamodule, "check") and datamodule.batch_size > 0
     with torch.device("meta"):  # every constructor runs; no weights are initialised (the sizes: test_backbones)
         module = build_task(cfg)
     assert sum(p.numel() for p in module.parameters()) > 0
     assert module.monitor == cfg.task.monitor
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    # the recipe's trainer on one CPU process, as trainer=cpu runs it (the recipes name GPUs and DDP)
+    trainer = instantiate(cfg.trainer, accelerator="cpu", devices=1, num_nodes=1, strategy="auto", logger=False,
+                          enable_checkpointing=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
+
+    cfg.paths.weights_dir = str(tmp_path)  # as paths.weights_dir=... would: the recipe's pretrained interpolates it
+    check_values(cfg)
+    if cfg.task.get("linear_probe"):  # a linear evaluation is given its pre-training run's checkpoint
+        cfg.pretrained = str(tmp_path / "pretraining_last.ckpt")
+    if cfg.pretrained:  # where the recipe puts it under the weights directory (a release's folder, e.g. imagenet21k/)
+        start = tmp_path / Path(cfg.pretrained).relative_to(tmp_path)
+        start.parent.mkdir(parents=True, exist_ok=True)
+        start.write_bytes(b"")
+    check_pretrained(cfg)
 
 
 def test_swin_t_imagenet_is_the_paper_recipe():
@@ -119,22 +136,6 @@ def test_a_bad_value_is_one_line_before_anything_starts(override, message, reque
 ])
 def test_valid_edge_values_pass(override):
     validate(compose(*TINY_CLS, override), datamodule=None)
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_recipe_passes_the_value_checks(experiment, tmp_path):
-    """Values, and the reference checkpoint a recipe starts from once it is in the weights directory (a missing
-    one is a one-line error: tests/test_recipes.py)."""
-    cfg = compose(f"experiment={experiment}")
-    cfg.paths.weights_dir = str(tmp_path)  # as paths.weights_dir=... would: the recipe's pretrained interpolates it
-    check_values(cfg)
-    if cfg.task.get("linear_probe"):  # a linear evaluation is given its pre-training run's checkpoint
-        cfg.pretrained = str(tmp_path / "pretraining_last.ckpt")
-    if cfg.pretrained:  # where the recipe puts it under the weights directory (a release's folder, e.g. imagenet21k/)
-        start = tmp_path / Path(cfg.pretrained).relative_to(tmp_path)
-        start.parent.mkdir(parents=True, exist_ok=True)
-        start.write_bytes(b"")
-    check_pretrained(cfg)
 
 
 def test_a_value_the_data_module_computes_with_is_checked_before_it_is_built(imagenet_root, tmp_path):
