@@ -59,7 +59,7 @@ class PeakMemory:
     and they count. Elsewhere (or if any of this fails) the CPU figure is None.
     """
 
-    _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+    _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
     def __init__(self, device: torch.device):
         self.device, self.transient, self._start = device, None, None
@@ -79,6 +79,16 @@ class PeakMemory:
             return bool(ctypes.CDLL("libc.so.6").mallopt(cls._M_MMAP_THRESHOLD, size))
         except (OSError, AttributeError):
             return False
+
+    @classmethod
+    def _steady_allocator(cls) -> None:
+        """glibc's thresholds where its dynamic ones end in a training loop (a freed 32 MiB tensor raises the mmap
+        threshold to its ceiling, and the trim threshold to twice it): a fixed mmap threshold alone would leave
+        the trim threshold at 128 KiB, giving back and faulting in the heap's top at every step."""
+        if cls._mmap_threshold(32 * 2**20):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(cls._M_TRIM_THRESHOLD, 64 * 2**20)
 
     def __enter__(self) -> "PeakMemory":
         synchronize(self.device)
@@ -100,7 +110,7 @@ class PeakMemory:
             return
         if self._start is not None:
             self.transient = max(self._status_kb("VmHWM") * 1024 - self._start, 0)
-        self._mmap_threshold(32 * 2**20)  # glibc's own ceiling for its dynamic threshold (64-bit)
+        self._steady_allocator()
 
 
 def tensor_bytes(tensors) -> int:

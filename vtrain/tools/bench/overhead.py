@@ -18,7 +18,11 @@ checkpoint of the end of training, Lightning's teardown) is not a step's cost, a
 own; ``bench.warmup`` steps of each block are left out (the loader's workers start there).
 Validation is switched off (``trainer.limit_val_batches=0``): the comparison is of training steps. Reported: steps/s
 of each path (the median block's), the ratio vtrain/bare as the median of the paired blocks' ratios with its
-quartiles, and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`).
+quartiles, and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`), from one more block of each
+path before the timed ones (after them, glibc would serve a block's tensors from heap memory the timed blocks left
+resident, and count none of it): on a CPU the measurement gives every tensor above 256 KiB pages of its own, a page fault
+per 4 KiB touched, which in a timed block would cost each path in proportion to what it allocates rather than to
+what it computes (Swin-T at 224², batch 8: a 2.2 s step against 1.4 s, most of it in the kernel).
 
 The two paths train alike: from the same weights, seed and batches, a vtrain block and a bare block end with the same
 weights (``tests/test_bench.py``).
@@ -167,13 +171,14 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         paths = {"vtrain": vtrain_block, "bare": bare_block}
         seconds: dict[str, list[list[float]]] = {name: [] for name in paths}
         peak: dict[str, float | None] = {}
+        for name, block in paths.items():  # untimed, and first: on a CPU, PeakMemory changes how the allocator works
+            with PeakMemory(device) as memory:
+                block(cfg, module, datamodule, warmup + steps, device)
+            peak[name] = None if memory.transient is None else memory.transient / 2**20
         for r in range(repeats):
             for name in (("vtrain", "bare") if r % 2 == 0 else ("bare", "vtrain")):
-                with PeakMemory(device) as memory:
-                    starts = paths[name](cfg, module, datamodule, warmup + steps, device)
+                starts = paths[name](cfg, module, datamodule, warmup + steps, device)
                 seconds[name].append(step_seconds(starts, warmup))
-                if memory.transient is not None:
-                    peak[name] = max(peak.get(name) or 0.0, memory.transient / 2**20)
         profile = _profile(cfg, module, datamodule, warmup + steps, device) if bench.get("profile") else None
     blocks = {name: [sum(s) for s in per_block] for name, per_block in seconds.items()}
     ratios = [bare / ours for ours, bare in zip(blocks["vtrain"], blocks["bare"])]  # vtrain's speed / bare's
