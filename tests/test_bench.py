@@ -170,15 +170,40 @@ def test_the_bare_loop_trains_as_vtrain_does(imagenet_root, tmp_path, overrides)
     assert any(not torch.equal(initial[k], v) for k, v in ends[0].items() if v.is_floating_point())
 
 
+def test_the_bare_loop_runs_epoch_after_epoch_as_lightning_orders_them():
+    """A block may outrun a small dataset's epoch: the bare loop starts the next one, its sampler told the epoch
+    (Lightning's set_epoch), so each epoch has its own order; a loader without batches is one line."""
+    from vtrain.config import ConfigError
+    from vtrain.tools.bench.overhead import epochs
+
+    class Sampler:
+        epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    class Loader:
+        def __init__(self, size):
+            self.sampler, self.size = Sampler(), size
+
+        def __iter__(self):
+            return iter([(self.sampler.epoch, i) for i in range(self.size)])
+
+    batches = epochs(Loader(3))
+    assert [next(batches) for _ in range(7)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    with pytest.raises(ConfigError, match="the training loader gave no batch"):
+        next(epochs(Loader(0)))
+
+
 def test_overhead_report_pairs_the_blocks(imagenet_root, tmp_path, monkeypatch):
     """The report's ratio is the median of vtrain's speed over the bare loop's in each pair of blocks, and its
-    steps/s the median block's; both paths ran every block (clocked here by their own step lists), after one
+    steps/s the median block's; both paths ran every block (clocked here by their own step lists), and then one
     untimed block each, for their peak memory."""
     import vtrain.tools.bench.overhead as overhead
 
     memory_block = [0.0, 9.0, 18.0, 27.0]  # left out of the timing: a ratio or rate with it would be off
-    blocks = {"vtrain": iter([memory_block, [0.0, 1.0, 2.0, 3.5], [0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 4.0, 6.0]]),
-              "bare": iter([memory_block, [0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 2.5], [0.0, 1.0, 2.0, 3.0]])}
+    blocks = {"vtrain": iter([[0.0, 1.0, 2.0, 3.5], [0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 4.0, 6.0], memory_block]),
+              "bare": iter([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 2.5], [0.0, 1.0, 2.0, 3.0], memory_block])}
     monkeypatch.setattr(overhead, "vtrain_block", lambda *a: next(blocks["vtrain"]))
     monkeypatch.setattr(overhead, "bare_block", lambda *a: next(blocks["bare"]))
     from omegaconf import OmegaConf

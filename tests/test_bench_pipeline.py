@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from vtrain.config import ConfigError
-from vtrain.tools.bench.pipeline import model_input, run_pipeline, seed_all
+from vtrain.data.samplers import seed_host
+from vtrain.tools.bench.pipeline import model_input, run_pipeline
 from vtrain.tools.bench.reference_pipelines import reference_pipeline
 
 IMAGENET = "vtrain.tasks.classification.data.ImageFolderDataModule"
@@ -20,9 +21,9 @@ def both(datamodule, index: int):
     bench seeds them)."""
     datamodule.setup("fit")
     reference = reference_pipeline(datamodule)
-    seed_all(index)
+    seed_host(index)
     ours = datamodule.train_set[index]
-    seed_all(index)
+    seed_host(index)
     return ours, reference.load(index)
 
 

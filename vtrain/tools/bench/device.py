@@ -54,9 +54,11 @@ class PeakMemory:
 
     CUDA: the caching allocator's statistics. CPU (Linux, glibc): the growth of the peak resident set, with
     ``/proc/self/clear_refs`` resetting the high-water mark. glibc keeps freed heap memory resident and, after
-    the first large free, serves even big tensors from that heap, so a warm step would show no growth: for
-    the measured block the mmap threshold is pinned low, every tensor above 256 KiB gets pages of its own,
-    and they count. Elsewhere (or if any of this fails) the CPU figure is None.
+    the first large free, serves even big tensors from that heap, so a warm step would show no growth: the
+    heap's free pages are first given back (``malloc_trim``), and for the measured block the mmap threshold is
+    pinned low, every tensor above 256 KiB gets pages of its own, and they count. Elsewhere (or if any of this
+    fails) the CPU figure is None. A page fault per 4 KiB touched makes a block slower under this measurement:
+    time other blocks (:class:`PeakMemory` leaves glibc's thresholds where a training loop's settle).
     """
 
     _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -76,7 +78,9 @@ class PeakMemory:
         try:
             import ctypes
 
-            return bool(ctypes.CDLL("libc.so.6").mallopt(cls._M_MMAP_THRESHOLD, size))
+            libc = ctypes.CDLL("libc.so.6")
+            libc.malloc_trim(0)
+            return bool(libc.mallopt(cls._M_MMAP_THRESHOLD, size))
         except (OSError, AttributeError):
             return False
 

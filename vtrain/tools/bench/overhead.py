@@ -19,10 +19,9 @@ own; ``bench.warmup`` steps of each block are left out (the loader's workers sta
 Validation is switched off (``trainer.limit_val_batches=0``): the comparison is of training steps. Reported: steps/s
 of each path (the median block's), the ratio vtrain/bare as the median of the paired blocks' ratios with its
 quartiles, and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`), from one more block of each
-path before the timed ones (after them, glibc would serve a block's tensors from heap memory the timed blocks left
-resident, and count none of it): on a CPU the measurement gives every tensor above 256 KiB pages of its own, a page fault
-per 4 KiB touched, which in a timed block would cost each path in proportion to what it allocates rather than to
-what it computes (Swin-T at 224², batch 8: a 2.2 s step against 1.4 s, most of it in the kernel).
+path after the timed ones, warm as they are: on a CPU the measurement gives every tensor above 256 KiB pages of its
+own, a page fault per 4 KiB touched, which in a timed block would cost each path in proportion to what it allocates
+rather than to what it computes (Swin-T at 224², batch 8: a 2.2 s step against 1.4 s, most of it in the kernel).
 
 The two paths train alike: from the same weights, seed and batches, a vtrain block and a bare block end with the same
 weights (``tests/test_bench.py``).
@@ -30,10 +29,12 @@ weights (``tests/test_bench.py``).
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -124,7 +125,7 @@ def bare_block(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, ste
     dtype = AUTOCAST.get(cfg.trainer.get("precision"))
     clip = cfg.trainer.get("gradient_clip_val")
     module.train()
-    batches, starts = iter(datamodule.train_dataloader()), []
+    batches, starts = epochs(datamodule.train_dataloader()), []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log outside a Trainer says so once per call site
         for index in range(steps * accumulate):
@@ -151,6 +152,21 @@ def bare_block(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, ste
     return starts
 
 
+def epochs(loader: Any) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch (its sampler told each epoch, as Lightning tells it), as a plain
+    loop over epochs draws them: a block may run past an epoch of a small dataset."""
+    for epoch in itertools.count():
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ConfigError("the training loader gave no batch: the bare loop has nothing to time")
+
+
 def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = None) -> dict[str, Any]:
     """Time the experiment ``cfg`` (a composed ``train`` config) both ways; ``bench``: warmup, steps, repeats. The
     first block is vtrain's: its trainer gives the task its training steps, which the bare loop's schedule reads."""
@@ -171,14 +187,14 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         paths = {"vtrain": vtrain_block, "bare": bare_block}
         seconds: dict[str, list[list[float]]] = {name: [] for name in paths}
         peak: dict[str, float | None] = {}
-        for name, block in paths.items():  # untimed, and first: on a CPU, PeakMemory changes how the allocator works
-            with PeakMemory(device) as memory:
-                block(cfg, module, datamodule, warmup + steps, device)
-            peak[name] = None if memory.transient is None else memory.transient / 2**20
         for r in range(repeats):
             for name in (("vtrain", "bare") if r % 2 == 0 else ("bare", "vtrain")):
                 starts = paths[name](cfg, module, datamodule, warmup + steps, device)
                 seconds[name].append(step_seconds(starts, warmup))
+        for name, block in paths.items():  # untimed: on a CPU, PeakMemory changes how the allocator works
+            with PeakMemory(device) as memory:
+                block(cfg, module, datamodule, warmup + steps, device)
+            peak[name] = None if memory.transient is None else memory.transient / 2**20
         profile = _profile(cfg, module, datamodule, warmup + steps, device) if bench.get("profile") else None
     blocks = {name: [sum(s) for s in per_block] for name, per_block in seconds.items()}
     ratios = [bare / ours for ours, bare in zip(blocks["vtrain"], blocks["bare"])]  # vtrain's speed / bare's

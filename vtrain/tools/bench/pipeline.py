@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import random
 import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,20 +34,13 @@ from omegaconf import DictConfig
 from torchvision.io import ImageReadMode, decode_image
 
 from vtrain.config import ConfigError
+from vtrain.data.samplers import seed_host  # the generators the pipelines draw from: torch, random, numpy
 from vtrain.tools.bench.reference_pipelines import read_pil_rgb, reference_pipeline
 from vtrain.tools.bench.report import quartiles
 from vtrain.tools.bench.timing import interleaved_blocks
 
 CPU = torch.device("cpu")
 DECODE_CHECKED_FILES = 64  # files whose pixels the decoder comparison checks
-
-
-def seed_all(seed: int) -> None:
-    """The generators the pipelines draw from: torch (torchvision v2, timm's erasing), ``random`` (timm's
-    RandAugment and crops, mmaction2's), numpy (mmseg's)."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def model_input(sample: Any) -> torch.Tensor:
@@ -80,7 +72,7 @@ def seeded_steps(load: Callable[[int], Any], count: int) -> Callable[[], None]:
 
     def step() -> None:
         index = next(cursor) % count
-        seed_all(index)
+        seed_host(index)
         load(index)
     return step
 
@@ -150,9 +142,9 @@ def run_pipeline(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         datamodule = training_data(cfg)
         reference = reference_pipeline(datamodule)
         train_set, count = datamodule.train_set, len(datamodule.train_set)
-        seed_all(0)
+        seed_host(0)
         ours_out = model_input(train_set[0])
-        seed_all(0)
+        seed_host(0)
         theirs_out = model_input(reference.load(0))
         timed = timed_pair([seeded_steps(train_set.__getitem__, count), seeded_steps(reference.load, count)],
                            samples, repeats, warmup)
