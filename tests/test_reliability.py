@@ -276,7 +276,8 @@ def test_killed_at_random_moments_under_load_resumes_exactly(imagenet_root, tmp_
 def test_a_sample_is_seeded_on_the_host_only_with_the_draws_of_a_full_seed(monkeypatch):
     """Each sample's augmentation is seeded by (seed, epoch, index): python, numpy and torch's CPU generator get what
     ``torch.manual_seed`` would give them, and no accelerator is touched (for each uninitialised one, torch formats
-    the caller's stack: 0.1-0.3 ms a sample). The model's once-a-step seed still reaches the accelerators."""
+    the caller's stack: 0.1-0.3 ms a sample). The model's seed before each batch reaches the GPUs when the model is on
+    one."""
     import random
 
     import numpy as np
@@ -286,7 +287,8 @@ def test_a_sample_is_seeded_on_the_host_only_with_the_draws_of_a_full_seed(monke
     def draws():
         return random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.randint(0, 9, (2,)).tolist()
 
-    seed_all(derived_seed(7, 2, 11, 1))
+    torch.manual_seed(derived_seed(7, 2, 11, 1)), random.seed(derived_seed(7, 2, 11, 1))
+    np.random.seed(derived_seed(7, 2, 11, 1))
     full = draws()
     seeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
@@ -294,8 +296,10 @@ def test_a_sample_is_seeded_on_the_host_only_with_the_draws_of_a_full_seed(monke
     assert draws() == full and seeded == []
     seed_sample(7, 2, 12)
     assert draws() != full
-    seed_all(5)
-    assert seeded == [5]
+    seed_all(5, torch.device("cpu"))
+    assert seeded == [] and torch.initial_seed() == 5
+    seed_all(6, torch.device("cuda"))
+    assert seeded == [6] and torch.initial_seed() == 6
 
 
 def test_channels_last_trains_a_cnn_in_nhwc(imagenet_root, tmp_path):

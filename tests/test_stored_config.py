@@ -186,19 +186,28 @@ def test_the_sweep_table_does_not_build_a_tampered_run_config(copy, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_command_line_entry_points_refuse_a_tampered_config(copy, tmp_path, imagenet_root):
-    """predict (run=), eval (ckpt_path=) and export: one line, exit 2, no marker."""
+def test_the_command_line_entry_points_refuse_a_tampered_config(copy, tmp_path, imagenet_root, capsys):
+    """predict (run=), eval (ckpt_path=) and export: one line, exit 2, no marker. eval, a Hydra app, runs as its own
+    process; predict and export are plain commands whose ``main(argv)`` runs here as ``python -m`` runs it."""
+    import vtrain.export
+    import vtrain.predict
+
     marker = tmp_path / "marker"
     path = tampered(copy, torch_load_payload(tmp_path, marker))
     image = next((imagenet_root / "val").rglob("*.JPEG"))
-    for module, args in (("vtrain.predict", [f"run={copy}", f"inputs={image}", f"out={tmp_path / 'p'}"]),
-                         ("vtrain.eval", [f"ckpt_path={path}", f"data.root={imagenet_root}"]),
-                         ("vtrain.export", [f"ckpt_path={path}", "format=torchscript"])):
-        result = run_cli(*args, module=module, cwd=tmp_path, timeout=300)
-        assert result.returncode == 2, (module, result.stderr[-2000:])
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and "refused task.backbone._target_='torch.load'" in last, (module, last)
-        assert "Traceback" not in result.stderr
+    refused = "refused task.backbone._target_='torch.load'"
+    result = run_cli(f"ckpt_path={path}", f"data.root={imagenet_root}", module="vtrain.eval", cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and refused in last and "Traceback" not in result.stderr, last
+    for main, argv in ((vtrain.predict.main, [f"run={copy}", f"inputs={image}", f"out={tmp_path / 'p'}"]),
+                       (vtrain.export.main, [f"ckpt_path={path}", "format=torchscript"])):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith("error: ") and refused in err, (main.__module__, err)
+        assert len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
 
 

@@ -42,10 +42,15 @@ def seed_host(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
-def seed_all(seed: int) -> None:
-    """Seed python, numpy, and torch on the CPU and every accelerator (the model's generators: once a step)."""
+def seed_all(seed: int, device: torch.device) -> None:
+    """Seed the generators a training batch on ``device`` draws from (drop path, dropout, Mixup): the host's, and
+    the device's: on CUDA every GPU's (initialised, as the model is there: no stack kept), on another accelerator
+    every accelerator's (``torch.manual_seed``)."""
     seed_host(seed)
-    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
 
 
 def seed_sample(seed: int, epoch: int, index: int, repeat: int = 0) -> None:

@@ -23,4 +23,4 @@ class ExactResume(pl.Callback):
         hand_over_train_loader_state(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        seed_all(derived_seed(self.seed, trainer.global_step, trainer.global_rank, 2))
+        seed_all(derived_seed(self.seed, trainer.global_step, trainer.global_rank, 2), pl_module.device)
