@@ -35,8 +35,8 @@ def seed_host(seed: int) -> None:
 
     Not ``torch.manual_seed``: it also seeds every accelerator's generators, and for each one not initialised (in a
     loader's worker, or on a machine without it) torch keeps the caller's formatted stack, 0.1 to 0.3 ms a call
-    from a loader's stack depth, paid for every sample (the quickstart's batch of 32 spent about 8 ms of its 65 ms
-    step there). The CPU generator gets the same seed, so the draws are the same."""
+    from a loader's stack depth, paid for every sample (32 times a step for the quickstart's batch of 32). The CPU
+    generator gets the same seed, so the draws are the same."""
     random.seed(seed)
     np.random.seed(seed)
     torch.default_generator.manual_seed(seed)

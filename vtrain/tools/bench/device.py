@@ -74,32 +74,25 @@ class PeakMemory:
         raise OSError(key)
 
     @classmethod
-    def _mmap_threshold(cls, size: int) -> bool:
+    def _mallopt(cls, *settings: tuple[int, int], trim: bool = False) -> bool:
+        """glibc's ``mallopt(parameter, value)`` for each setting, after ``malloc_trim(0)`` (the heap's free pages
+        given back) if ``trim``; False where there is no glibc."""
         try:
             import ctypes
 
             libc = ctypes.CDLL("libc.so.6")
-            libc.malloc_trim(0)
-            return bool(libc.mallopt(cls._M_MMAP_THRESHOLD, size))
+            if trim:
+                libc.malloc_trim(0)
+            return all(libc.mallopt(parameter, value) for parameter, value in settings)
         except (OSError, AttributeError):
             return False
-
-    @classmethod
-    def _steady_allocator(cls) -> None:
-        """glibc's thresholds where its dynamic ones end in a training loop (a freed 32 MiB tensor raises the mmap
-        threshold to its ceiling, and the trim threshold to twice it): a fixed mmap threshold alone would leave
-        the trim threshold at 128 KiB, giving back and faulting in the heap's top at every step."""
-        if cls._mmap_threshold(32 * 2**20):
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").mallopt(cls._M_TRIM_THRESHOLD, 64 * 2**20)
 
     def __enter__(self) -> "PeakMemory":
         synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
-        elif self._mmap_threshold(256 * 1024):
+        elif self._mallopt((self._M_MMAP_THRESHOLD, 256 * 1024), trim=True):
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self._start = self._status_kb("VmRSS") * 1024
@@ -114,7 +107,10 @@ class PeakMemory:
             return
         if self._start is not None:
             self.transient = max(self._status_kb("VmHWM") * 1024 - self._start, 0)
-        self._steady_allocator()
+        # where glibc's dynamic thresholds end in a training loop (a freed 32 MiB tensor raises the mmap threshold to
+        # its ceiling, the trim threshold to twice it); a fixed mmap threshold alone would leave the trim threshold at
+        # 128 KiB, giving back and faulting in the heap's top at every step
+        self._mallopt((self._M_MMAP_THRESHOLD, 32 * 2**20), (self._M_TRIM_THRESHOLD, 64 * 2**20))
 
 
 def tensor_bytes(tensors) -> int:
