@@ -2,6 +2,7 @@
 one line; a run stops with one line when too much of an epoch or a validation is unreadable."""
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import shutil
@@ -183,12 +184,19 @@ def test_skipped_images_are_counted_in_metrics_json_and_the_progress_bar(imagene
     shutil.copytree(imagenet_root, root)
     _corrupt(sorted((root / "train").rglob("*.JPEG"))[5])
     _corrupt(sorted((root / "val").rglob("*.JPEG"))[2])
-    trainer, cfg = _fit(*TINY_CLS, "data.max_skipped_fraction=0.1", "+trainer.num_sanity_val_steps=0", root=root)
+    trainer, cfg = _fit(*TINY_CLS, "data.max_skipped_fraction=0.1", "+trainer.num_sanity_val_steps=0",
+                        "trainer.max_epochs=2", "trainer.log_every_n_steps=2", root=root)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    # one training image in the epoch's 48, replaced by another; one of the 16 validation images, left out
-    assert metrics["final"]["train/skipped_samples"] == 1 and metrics["final"]["val/skipped_samples"] == 1
+    # one training image in each epoch's 48, replaced by another; one of the 16 validation images, left out
+    assert metrics["final"]["train/skipped_samples"] == 2 and metrics["final"]["val/skipped_samples"] == 1
     assert {"train/skipped_samples", "val/skipped_samples"} <= set(trainer.progress_bar_metrics)
     assert "train/skipped_samples" not in metrics["best"]
+    # every training row of metrics.csv has the count over the run so far (logged when it changes)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["train/loss_step"]]
+    counts = [float(row["train/skipped_samples"]) for row in rows]
+    assert [int(row["step"]) for row in rows] == [1, 3, 5, 7, 9, 11]
+    assert counts == sorted(counts) and counts[2] == 1 and counts[-1] == 2
 
 
 def test_too_many_unreadable_training_videos_stop_the_run_with_one_line(tmp_path):
