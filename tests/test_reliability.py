@@ -418,3 +418,19 @@ def test_the_bar_shows_skipped_samples_only_once_some_were_skipped():
     module.on_train_batch_end = lambda *args: shown.append(dict(bar.get_metrics(trainer, module)))
     trainer.fit(module)
     assert ["train/skipped_samples" in metrics for metrics in shown] == [False, False, True]
+
+
+def test_clipping_by_norm_takes_the_nonfinite_checks_norm_and_trains_as_lightnings_own(imagenet_root, tmp_path):
+    """The non-finite check hands its gradient norm to the clipping (one pass over the gradients): the same
+    weights as Lightning's clipping without the check, and other weights than no clipping (it clipped)."""
+    args = [*TINY_CLS, f"data.root={imagenet_root}", "trainer.max_epochs=-1", "trainer.max_steps=3",
+            "trainer.limit_val_batches=0", "trainer.deterministic=true"]
+    runs = {"shared": ["trainer.gradient_clip_val=0.05"],
+            "lightning": ["trainer.gradient_clip_val=0.05", "callbacks.nonfinite_guard=null"],
+            "unclipped": ["trainer.gradient_clip_val=null"]}
+    for name, overrides in runs.items():
+        run_in_process(*args, *overrides, f"hydra.run.dir={tmp_path / name}")
+    weights = {name: _weights(tmp_path / name / "checkpoints" / "last.ckpt") for name in runs}
+    for key, value in weights["shared"].items():
+        torch.testing.assert_close(value, weights["lightning"][key], rtol=0, atol=0)
+    assert any(not torch.equal(value, weights["unclipped"][key]) for key, value in weights["shared"].items())

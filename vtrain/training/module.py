@@ -15,6 +15,7 @@ from torch import nn
 from vtrain import __version__
 from vtrain.config import ConfigError
 from vtrain.training.build import load
+from vtrain.training.callbacks.non_finite import checked_grad_norm
 from vtrain.training.checkpoint import DESCRIPTION_KEY, load_backbone_weights
 from vtrain.data.datamodule import DatasetInfo
 from vtrain.training.optim import build_optimizer, build_scheduler, lr_scale_factor
@@ -195,6 +196,17 @@ class TaskModule(pl.LightningModule):
     def lr_scheduler_step(self, scheduler: Scheduler, metric: Any) -> None:
         # timm schedulers are stepped by update count: resuming at global_step N gives the lr of step N exactly.
         scheduler.step_update(num_updates=self.global_step)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Clipping by norm takes the norm the non-finite check has just computed over the same gradients
+        # (the same value as clip_grad_norm_'s): one pass over them instead of two.
+        norm = checked_grad_norm(optimizer)
+        if norm is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,15 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 
+GRAD_NORM = "vtrain_grad_norm"  # the optimizer's attribute that hands the checked norm to the clipping
+
+
+def checked_grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The total gradient 2-norm :class:`NonFiniteGuard` computed for this optimizer's coming step (as
+    ``torch.nn.utils.clip_grad_norm_`` computes it), taken from the optimizer; None where it computed none."""
+    return optimizer.__dict__.pop(GRAD_NORM, None)
+
+
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` can skip a step on the device: the fused Adam, AdamW and SGD kernels leave
     parameters and state untouched where ``optimizer.found_inf`` is 1 (the mechanism of torch's grad scaler),
@@ -45,12 +54,17 @@ class NonFiniteGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        optimizer.__dict__.pop(GRAD_NORM, None)  # a norm is this step's or none
         if str(trainer.precision).startswith("16"):
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        # the norm the gradient clipping would compute next: it is handed over (checked_grad_norm), one pass over
+        # the gradients instead of two
+        norm = torch.nn.utils.get_total_norm(grads)
+        setattr(optimizer, GRAD_NORM, norm)
+        bad = ~torch.isfinite(norm)
         if self.skip_on_device and (id(optimizer) in self._on_device or skips_on_device(optimizer)):
             self._on_device.add(id(optimizer))
             optimizer.found_inf = bad.float()
