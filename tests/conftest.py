@@ -4,8 +4,14 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,13 +73,77 @@ def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` in a subprocess; output captured as text. ``env`` adds variables, and removes
     those it gives as None."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
-                "HYDRA_FULL_ERROR": "0", **(env or {})}
-    full_env = {name: value for name, value in full_env.items() if value is not None}
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
+        [sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=_cli_environment(env), capture_output=True,
+        text=True,
         timeout=timeout,
     )
+
+
+def _cli_environment(env: dict | None) -> dict[str, str]:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+                "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return {name: value for name, value in full_env.items() if value is not None}
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout: float = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """What :func:`run_cli` gives (``python -m <module> args...``: its exit status, a signal's as a negative one, its
+    output as text) from a process forked from this one rather than a new interpreter, which spends about 7 s
+    importing torch, Lightning, timm and torchvision first. The child is a process of its own (a kill, a signal and
+    an exit are its own) and runs the module as ``-m`` does, with the environment, signal handlers, torch's thread
+    count and deterministic switch a fresh start has; warnings print under the suite's filters (pyproject.toml).
+    Not for what happens while importing or what a run prints beside its own lines (third-party noise), nor for
+    DDP (its ranks are new interpreters started from ``sys.argv``): :func:`run_cli` runs those."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                os.environ.clear()
+                os.environ.update(_cli_environment(env))
+                os.chdir(cwd or ROOT)
+                for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                    signal.signal(number, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                warnings.showwarning = _print_warning  # printed, where pytest would record them
+                torch.set_num_threads(1)
+                torch.use_deterministic_algorithms(False)
+                from hydra.core.global_hydra import GlobalHydra
+
+                GlobalHydra.instance().clear()
+                sys.argv = [module, *args]
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if not isinstance(exit_.code, (int, type(None))):
+                    print(exit_.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired([module, *args], timeout)
+            time.sleep(0.05)
+        returncode = os.waitstatus_to_exitcode(waited[1])
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess([module, *args], returncode, out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
 
 
 def run_in_process(*args: str) -> float | None:

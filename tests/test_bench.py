@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import run_cli
+from conftest import run_forked
 from vtrain.config import ConfigError
 from vtrain.profiling import count_macs, count_params
 from vtrain.tools.bench.cli import run, vs_to_override
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_bench_tiny_swin_vs_timm_writes_json_and_csv_rows(tmp_path):
     """Two runs of a multirun (batch 2 and 4) against timm's Swin of the same architecture, interleaved."""
     csv_path = tmp_path / "bench.csv"
-    result = run_cli(
+    result = run_forked(
         "-m", *TINY_SWIN, "--vs", "timm", "bench.batch_size=2,4", "bench.warmup=1", "bench.iters=2",
         "bench.repeats=3", f"bench.csv={csv_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}", module="vtrain.tools.bench",
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_CLS, compose, run_cli, run_in_process
+from conftest import ROOT, TINY_CLS, compose, run_cli, run_forked, run_in_process
 from vtrain.training.build import build_task
 
 
@@ -76,7 +76,7 @@ def test_fit_writes_metrics_checkpoints_and_logs(fitted):
 def test_eval_of_a_checkpoint_reproduces_the_validation(fitted, imagenet_root, tmp_path):
     run = tmp_path / "eval"
     ckpt = fitted / "checkpoints" / "epoch002-step0000018.ckpt"
-    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"ckpt_path={ckpt}", f"hydra.run.dir={run}",
+    result = run_forked(*TINY_CLS, f"data.root={imagenet_root}", f"ckpt_path={ckpt}", f"hydra.run.dir={run}",
                      module="vtrain.eval")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated, trained = _metrics(run), _metrics(fitted)

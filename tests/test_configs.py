@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONF, ROOT, TINY_CLS, compose, run_cli, run_in_process
+from conftest import CONF, ROOT, TINY_CLS, compose, run_cli, run_forked, run_in_process
 from vtrain.config import ConfigError
 from vtrain.training.build import build_task
 from vtrain.config.validate import check_pretrained, check_values, validate
@@ -68,7 +68,7 @@ def test_command_line_overrides_any_key():
 
 
 def test_cfg_job_prints_the_composed_config():
-    result = run_cli("experiment=swin_t_imagenet", "--cfg", "job")
+    result = run_forked("experiment=swin_t_imagenet", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "rand-m9-mstd0.5-inc1" in result.stdout and "drop_path_rate: 0.2" in result.stdout
 

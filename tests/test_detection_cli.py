@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, run_in_process
+from conftest import run_cli, run_forked, run_in_process
 
 # The quickstart, shortened for the test budget: 128 training images, 4 epochs at a higher lr.
 # Measured (2 cores, busy machine): val/bbox_AP 0.182, val/segm_AP 0.191 after 4 epochs; ~60 s CPU time.
@@ -109,7 +109,7 @@ def test_a_detector_family_from_a_config_folder_alone_trains(coco_root, tmp_path
     folder.mkdir(parents=True)
     (folder / "toy.yaml").write_text(TOY_FAMILY)
     run_dir = tmp_path / "run"
-    result = run_cli("experiment=quickstart_det", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+    result = run_forked("experiment=quickstart_det", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
                      "task/detector=toy", "~task.detector.box_head_dim", "~task.detector.mask_head_dims",
                      "data.masks=false", f"data.root={coco_root}", "trainer.max_epochs=1", "trainer.max_steps=2",
                      "trainer.limit_val_batches=1", "data.num_workers=0", "callbacks.progress_bar=null",

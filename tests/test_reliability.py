@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from conftest import ROOT, TINY_CLS, run_cli, run_in_process
+from conftest import ROOT, TINY_CLS, run_cli, run_forked, run_in_process
 from vtrain.config import ConfigError
 from vtrain.training.callbacks.non_finite import NonFiniteGuard
 from vtrain.training.checkpoint import newest_valid_checkpoint
@@ -48,7 +48,7 @@ def test_sigusr1_saves_a_checkpoint_and_auto_resume_continues(imagenet_root, tmp
 
     broken = run / "checkpoints" / "epoch499-step0003000.ckpt"  # newer by name and step, but truncated
     broken.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:1000])
-    result = run_cli(*args, f"trainer.max_epochs={epoch + 2}", "ckpt_path=auto")
+    result = run_forked(*args, f"trainer.max_epochs={epoch + 2}", "ckpt_path=auto")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epoch"] == epoch + 2 and metrics["global_step"] > step
@@ -126,7 +126,7 @@ RESUMABLE = [*TINY_CLS, "trainer.max_epochs=3", "trainer.deterministic=true",
 @pytest.fixture(scope="session")  # once per worker: pytest-xdist interleaves modules, a module fixture is remade
 def uninterrupted(imagenet_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli(*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}")
+    result = run_forked(*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -174,17 +174,17 @@ def test_resume_is_exact_from_every_moment_a_kill_can_land(imagenet_root, tmp_pa
     args = [*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "ckpt_path=auto"]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     for hook, step in MOMENTS:
-        result = run_cli(*args, "+callbacks.kill._target_=kill_switch.KillAt", f"+callbacks.kill.hook={hook}",
+        result = run_forked(*args, "+callbacks.kill._target_=kill_switch.KillAt", f"+callbacks.kill.hook={hook}",
                          f"+callbacks.kill.step={step}", env=env)
         assert result.returncode == -signal.SIGKILL, (hook, step, result.stderr[-3000:])
-    result = run_cli(*args)
+    result = run_forked(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_ends_like(run, uninterrupted)
     assert _log_rows(run) == _log_rows(uninterrupted)
 
     files = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     files.update({name: (run / name).read_bytes() for name in ("metrics.json", "metrics.csv")})
-    result = run_cli(*args)
+    result = run_forked(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "is the end of a finished run (step 18): nothing to train" in result.stdout + result.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == {
@@ -220,12 +220,12 @@ def test_sigterm_during_a_validation_reruns_it_after_resume(imagenet_root, tmp_p
     run = tmp_path / "preempted"
     args = [*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "ckpt_path=auto"]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = run_cli(*args, "+callbacks.kill._target_=kill_switch.KillAt", "+callbacks.kill.hook=on_validation_batch_end",
+    result = run_forked(*args, "+callbacks.kill._target_=kill_switch.KillAt", "+callbacks.kill.hook=on_validation_batch_end",
                      "+callbacks.kill.step=6", "+callbacks.kill.signal=SIGTERM", env=env)
     assert result.returncode == 143, result.stderr[-3000:]
     said = "preempted at step 6 during a validation, which the resumed run runs again"
     assert said in result.stdout + result.stderr and said in (run / "vtrain.log").read_text()  # console and log file
-    result = run_cli(*args)
+    result = run_forked(*args)
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert _validated_epochs(run) == _validated_epochs(uninterrupted) == [0, 1, 2]

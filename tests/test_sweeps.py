@@ -5,13 +5,13 @@ import json
 
 import yaml
 
-from conftest import TINY_CLS, run_cli
+from conftest import TINY_CLS, run_cli, run_forked
 from vtrain.training.sweep import finished_points, record_failure, summarize, summary_lines
 
 
 def test_a_failing_point_is_reported_and_the_others_finish(imagenet_root, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", *TINY_CLS, f"data.root={imagenet_root}", "data.num_classes=7,4", f"hydra.sweep.dir={sweep}")
+    result = run_forked("-m", *TINY_CLS, f"data.root={imagenet_root}", "data.num_classes=7,4", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((sweep / "summary.json").read_text())
     assert [r["status"] for r in rows] == ["failed", "ok"]
@@ -76,7 +76,7 @@ def test_submitit_local_launcher_runs_a_two_point_sweep(imagenet_root, tmp_path)
 
 def test_optuna_search_reads_the_objective_from_metrics_json(imagenet_root, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", *TINY_CLS, f"data.root={imagenet_root}", "hparams_search=quickstart_optuna",
+    result = run_forked("-m", *TINY_CLS, f"data.root={imagenet_root}", "hparams_search=quickstart_optuna",
                      "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -86,7 +86,7 @@ def test_optuna_search_reads_the_objective_from_metrics_json(imagenet_root, tmp_
 
 
 def test_slurm_launcher_counts_follow_the_trainer():
-    result = run_cli("hydra/launcher=slurm", "experiment=swin_t_imagenet", "trainer.num_nodes=2", "trainer.devices=8",
+    result = run_forked("hydra/launcher=slurm", "experiment=swin_t_imagenet", "trainer.num_nodes=2", "trainer.devices=8",
                      "--cfg", "all", "--resolve")
     assert result.returncode == 0, result.stderr[-2000:]
     launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]

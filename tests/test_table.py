@@ -8,7 +8,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, run_cli
+from conftest import CONF, run_forked
 from vtrain.config import ConfigError
 from vtrain.profiling import count_macs, count_params
 from vtrain.config.compose import compose_config
@@ -180,7 +180,7 @@ def test_multirun_directory_becomes_markdown_and_png(tmp_path):
             job += 1
     write_run(sweep / "10", [], 0.3)  # a run without .hydra: its own row, no size, after job 4..9 by number
 
-    result = run_cli(f"runs={sweep}", module="vtrain.tools.table")
+    result = run_forked(f"runs={sweep}", module="vtrain.tools.table")
     assert result.returncode == 0, result.stderr[-2000:]
 
     sizes = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose, run_cli
+from tests.conftest import compose, run_forked
 from vtrain.config import ConfigError
 from vtrain.training.build import build_task
 
@@ -431,7 +431,7 @@ def test_quickstart_video_learns_the_motion_not_the_frames(tmp_path):
     root = tmp_path / "kinetics"
     write(root, seed=0, **QUICKSTART_DATA)
     run = tmp_path / "run"
-    result = run_cli("experiment=quickstart_video", f"data.root={root}", f"hydra.run.dir={run}",
+    result = run_forked("experiment=quickstart_video", f"data.root={root}", f"hydra.run.dir={run}",
                      "callbacks.progress_bar=null", timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
     reported = json.loads((run / "metrics.json").read_text())["final"]["val/top1"]
