@@ -97,8 +97,9 @@ def run_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, time
     importing torch, Lightning, timm and torchvision first. The child is a process of its own (a kill, a signal and
     an exit are its own) and runs the module as ``-m`` does, with the environment, signal handlers, torch's thread
     count and deterministic switch a fresh start has; warnings print under the suite's filters (pyproject.toml).
-    Not for what happens while importing or what a run prints beside its own lines (third-party noise), nor for
-    DDP (its ranks are new interpreters started from ``sys.argv``): :func:`run_cli` runs those."""
+    Under DDP the child is rank 0 and Lightning starts the other ranks as new interpreters from its ``sys.argv``
+    (``python -m <module>.__main__ args...``), as from a command line. Not for what happens while importing or
+    what a run prints beside its own lines (third-party noise): :func:`run_cli` starts a new interpreter."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         sys.stdout.flush(), sys.stderr.flush()
         pid = os.fork()

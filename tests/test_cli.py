@@ -100,7 +100,7 @@ def test_resume_continues_at_the_right_step_with_the_same_schedule(fitted, image
 
 
 def test_ddp_on_cpu_writes_one_run_directory(imagenet_root, tmp_path):
-    result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", "hydra.run.dir=run", "trainer=ddp_cpu", cwd=tmp_path)
+    result = run_forked(*TINY_CLS, f"data.root={imagenet_root}", "hydra.run.dir=run", "trainer=ddp_cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray per-rank directories
     metrics = _metrics(tmp_path / "run")
@@ -111,7 +111,7 @@ def test_ddp_on_cpu_writes_one_run_directory(imagenet_root, tmp_path):
 def test_multirun_runs_each_point_once(imagenet_root, tmp_path):
     """Under DDP too (a sweep's points each start their processes); the single-process sweep is
     test_sweeps.py's."""
-    result = run_cli("-m", *TINY_CLS, f"data.root={imagenet_root}", "trainer=ddp_cpu", "optim.lr=1e-3,3e-3",
+    result = run_forked("-m", *TINY_CLS, f"data.root={imagenet_root}", "trainer=ddp_cpu", "optim.lr=1e-3,3e-3",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     points = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())

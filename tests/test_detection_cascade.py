@@ -133,12 +133,12 @@ def test_quickstart_cascade_learns_under_ddp(tmp_path_factory):
     import csv
     import json
 
-    from conftest import run_cli
+    from conftest import run_forked
     from vtrain.tasks.detection.synthetic import write
 
     root, run_dir = tmp_path_factory.mktemp("coco"), tmp_path_factory.mktemp("run")
     write(root, seed=0, train_images=96, val_images=15)
-    result = run_cli("experiment=quickstart_cascade", f"data.root={root}", "trainer=ddp_cpu", "trainer.max_epochs=4",
+    result = run_forked("experiment=quickstart_cascade", f"data.root={root}", "trainer=ddp_cpu", "trainer.max_epochs=4",
                      "data.num_workers=0", "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

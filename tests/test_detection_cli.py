@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, run_forked, run_in_process
+from conftest import run_forked, run_in_process
 
 # The quickstart, shortened for the test budget: 128 training images, 4 epochs at a higher lr.
 # Measured (2 cores, busy machine): val/bbox_AP 0.182, val/segm_AP 0.191 after 4 epochs; ~60 s CPU time.
@@ -50,7 +50,7 @@ def test_ddp_evaluation_equals_single_process(fitted, coco_root, tmp_path):
     """The fit's last validation ran in one process on the weights of ``last.ckpt``; 2-process DDP on the
     same weights gives the same 24 numbers, over the same 15 images."""
     fit_dir, fit_metrics = fitted
-    result = run_cli(*FIT, f"data.root={coco_root}", f"ckpt_path={fit_dir / 'checkpoints' / 'last.ckpt'}",
+    result = run_forked(*FIT, f"data.root={coco_root}", f"ckpt_path={fit_dir / 'checkpoints' / 'last.ckpt'}",
                      f"hydra.run.dir={tmp_path}", "trainer=ddp_cpu", module="vtrain.eval")
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.loads((tmp_path / "metrics.json").read_text())
@@ -68,7 +68,7 @@ def test_a_one_stage_detector_on_swin_trains_under_ddp(coco_root, tmp_path):
     parameters) trains (it stopped with DDP's unused-parameter error when C2's norm existed). FCOS reads the same
     levels; every detector x backbone is held to "every parameter gets a gradient" in test_detection_models."""
     # the quickstart's Mask R-CNN head sizes are no RetinaNet keys: dropped (they would be one line naming them)
-    result = run_cli("experiment=quickstart_det", "task/detector=retinanet", "~task.detector.box_head_dim",
+    result = run_forked("experiment=quickstart_det", "task/detector=retinanet", "~task.detector.box_head_dim",
                      "~task.detector.mask_head_dims", "data.masks=false",
                      f"data.root={coco_root}", "trainer=ddp_cpu", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.num_workers=0",

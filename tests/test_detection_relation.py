@@ -267,12 +267,12 @@ def test_quickstart_relation_learns_under_ddp(tmp_path_factory):
     import csv
     import json
 
-    from conftest import run_cli
+    from conftest import run_forked
     from vtrain.tasks.detection.synthetic import write
 
     root, run_dir = tmp_path_factory.mktemp("coco"), tmp_path_factory.mktemp("run")
     write(root, seed=0, train_images=64, val_images=15)
-    result = run_cli("experiment=quickstart_relation", f"data.root={root}", "trainer=ddp_cpu", "trainer.max_epochs=3",
+    result = run_forked("experiment=quickstart_relation", f"data.root={root}", "trainer=ddp_cpu", "trainer.max_epochs=3",
                      "data.batch_size=2", "data.group_by_aspect_ratio=true", "data.num_workers=0",
                      "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]

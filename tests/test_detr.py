@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d, box_convert, box_iou
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_forked
 from vtrain.config import ConfigError
 from vtrain.tasks.detection.detr import COCO_CATEGORY_IDS, convert_official_state_dict
 from vtrain.tasks.detection.detr_loss import HungarianMatcher, SetCriterion, average_box_count
@@ -468,7 +468,7 @@ def quickstart(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco_detr")
     write(root, seed=0, **QUICKSTART_SET)
     run_dir = tmp_path_factory.mktemp("quickstart_detr")
-    result = run_cli("experiment=quickstart_detr", f"data.root={root}", "trainer=ddp_cpu", "callbacks.progress_bar=null",
+    result = run_forked("experiment=quickstart_detr", f"data.root={root}", "trainer=ddp_cpu", "callbacks.progress_bar=null",
                      f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, json.loads((run_dir / "metrics.json").read_text())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from conftest import compose, run_cli, run_in_process
+from conftest import compose, run_forked, run_in_process
 from vtrain.tasks.segmentation.data import SegmentationDataModule, AnnotationError, SegmentationDataset, collate_padded, list_pairs
 from vtrain.tasks.segmentation.inference import predict, rescale_size, slide
 from vtrain.tasks.segmentation.metrics import SegmentationMetrics
@@ -326,7 +326,7 @@ def test_quickstart_fit_then_ddp_eval_matches(ade_root, tmp_path):
     assert set(metrics["per_class_IoU"]) == {line.split()[1] for line in (ade_root / "classes.txt").read_text().splitlines()}
 
     eval_dir = tmp_path / "ddp_eval"
-    ddp = run_cli(*data, f"hydra.run.dir={eval_dir}", "mode=eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+    ddp = run_forked(*data, f"hydra.run.dir={eval_dir}", "mode=eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                   "trainer=ddp_cpu", "data.val_batch_size=1", timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
