@@ -218,6 +218,29 @@ def test_overhead_report_pairs_the_blocks(imagenet_root, tmp_path, monkeypatch):
     assert next(blocks["vtrain"], None) is None and next(blocks["bare"], None) is None
 
 
+def test_overhead_report_gives_the_ratio_within_epochs_too(imagenet_root, tmp_path, monkeypatch):
+    """An epoch's end falls in the timed steps (the tiny run's epochs are 6 steps: 48 images, batch 8): the report
+    gives the ratio again with the epoch's last step and the one after left out on both sides, where vtrain ends an
+    epoch (its hooks, last.ckpt) and a plain loop starts its next loader."""
+    import vtrain.tools.bench.overhead as overhead
+    from omegaconf import OmegaConf
+
+    assert overhead.epoch_end_steps(6, warmup=1, steps=6) == {4, 5}  # block steps 5 (the epoch's last) and 6
+    assert overhead.epoch_end_steps(6, warmup=0, steps=6) == {5}
+    assert overhead.epoch_end_steps(6, warmup=0, steps=5) == set()
+    # after the warm-up step: vtrain 1, 1, 1, 1, 3 (the epoch's end), 1 s; bare 1, 1, 1, 1, 1, 2 (its next loader)
+    blocks = {"vtrain": iter([[0.0, 1, 2, 3, 4, 5, 8, 9], [0.0] * 8]), "bare": iter([[0.0, 1, 2, 3, 4, 5, 6, 8], [0.0] * 8])}
+    monkeypatch.setattr(overhead, "vtrain_block", lambda *a: next(blocks["vtrain"]))
+    monkeypatch.setattr(overhead, "bare_block", lambda *a: next(blocks["bare"]))
+    report = overhead.run_overhead(_tiny_run(imagenet_root, tmp_path), OmegaConf.create(
+        {"warmup": 1, "steps": 6, "repeats": 1, "profile": False}), "quickstart")
+    assert report["steps_per_epoch"] == 6 and report["ratio"] == pytest.approx(7 / 8)
+    assert report["within_epochs"] == {"ratio": pytest.approx(1.0), "ratio_quartiles": pytest.approx([1.0, 1.0]),
+                                       "steps_left_out": [4, 5]}
+    assert "within epochs: 1.000 (quartiles 1.000-1.000), the 2 steps at the ends of 6-step epochs" in \
+        overhead.format_overhead(report)
+
+
 def test_vs_bare_splits_the_bench_settings_from_the_experiment(tmp_path, monkeypatch):
     """``experiment=... <overrides> --vs bare bench.overhead.steps=3``: the bench.* arguments set the bench, the others
     compose the experiment; the report is printed and appended to bench.overhead.jsonl."""

@@ -18,7 +18,9 @@ checkpoint of the end of training, Lightning's teardown) is not a step's cost, a
 own; ``bench.warmup`` steps of each block are left out (the loader's workers start there).
 Validation is switched off (``trainer.limit_val_batches=0``): the comparison is of training steps. Reported: steps/s
 of each path (the median block's), the ratio vtrain/bare as the median of the paired blocks' ratios with its
-quartiles, and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`), from one more block of each
+quartiles (and, where an epoch ends within the timed steps, the same ratio with the two steps at each epoch's end
+left out on both sides, :func:`epoch_end_steps`: the quickstarts' small datasets end an epoch every 20-62 steps,
+each with its ``last.ckpt`` written, where a real dataset's epoch is thousands of steps), and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`), from one more block of each
 path after the timed ones, warm as they are: on a CPU the measurement gives every tensor above 256 KiB pages of its
 own, a page fault per 4 KiB touched, which in a timed block would cost each path in proportion to what it allocates
 rather than to what it computes (Swin-T at 224², batch 8: a 2.2 s step against 1.4 s, most of it in the kernel).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import statistics
 import tempfile
 import time
@@ -167,6 +170,17 @@ def epochs(loader: Any) -> Iterator[Any]:
             raise ConfigError("the training loader gave no batch: the bare loop has nothing to time")
 
 
+def epoch_end_steps(per_epoch: int, warmup: int, steps: int) -> set[int]:
+    """The timed steps (0: the first after the warm-up) at an epoch's end: its last step, which holds vtrain's
+    epoch-end work (Lightning's epoch hooks, writing ``last.ckpt``, the next epoch's first batch fetched ahead), and
+    the step after it, where a plain loop starts the next epoch's loader. Each block starts at epoch 0, step 0."""
+    around = set()
+    for index in range(warmup, warmup + steps):
+        if (index + 1) % per_epoch == 0:
+            around |= {index - warmup, index + 1 - warmup}
+    return {step for step in around if step < steps}
+
+
 def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = None) -> dict[str, Any]:
     """Time the experiment ``cfg`` (a composed ``train`` config) both ways; ``bench``: warmup, steps, repeats. The
     first block is vtrain's: its trainer gives the task its training steps, which the bare loop's schedule reads."""
@@ -184,6 +198,8 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         module.use_dataset(datamodule.info())
         device = torch.device("cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu")
         module.to(device)
+        datamodule.setup("fit")
+        per_epoch = math.ceil(len(datamodule.train_dataloader()) / accumulate_grad_batches(cfg))
         paths = {"vtrain": vtrain_block, "bare": bare_block}
         seconds: dict[str, list[list[float]]] = {name: [] for name in paths}
         peak: dict[str, float | None] = {}
@@ -198,6 +214,14 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         profile = _profile(cfg, module, datamodule, warmup + steps, device) if bench.get("profile") else None
     blocks = {name: [sum(s) for s in per_block] for name, per_block in seconds.items()}
     ratios = [bare / ours for ours, bare in zip(blocks["vtrain"], blocks["bare"])]  # vtrain's speed / bare's
+    around_ends = epoch_end_steps(per_epoch, warmup, steps)
+    within = None
+    if around_ends and len(around_ends) < steps:
+        inner = {name: [sum(t for j, t in enumerate(s) if j not in around_ends) for s in per_block]
+                 for name, per_block in seconds.items()}
+        inner_ratios = [bare / ours for ours, bare in zip(inner["vtrain"], inner["bare"])]
+        within = {"ratio": statistics.median(inner_ratios), "ratio_quartiles": quartiles(inner_ratios),
+                  "steps_left_out": sorted(around_ends)}
     return {
         "experiment": experiment,
         "device": str(device),
@@ -208,6 +232,8 @@ def run_overhead(cfg: DictConfig, bench: DictConfig, experiment: str | None = No
         "step_seconds": seconds,
         "ratio": statistics.median(ratios),
         "ratio_quartiles": quartiles(ratios),
+        "steps_per_epoch": per_epoch,
+        "within_epochs": within,
         "peak_mb": {name: peak.get(name) for name in paths},
         "profile": profile,
     }
@@ -238,6 +264,11 @@ def format_overhead(report: dict[str, Any]) -> str:
              f"  vtrain  {rate['vtrain']:8.3f} steps/s   peak {_mb(peak['vtrain'])}",
              f"  bare    {rate['bare']:8.3f} steps/s   peak {_mb(peak['bare'])}",
              f"  vtrain / bare: {report['ratio']:.3f} (quartiles {q1:.3f}-{q3:.3f})"]
+    if within := report.get("within_epochs"):
+        q1, q3 = within["ratio_quartiles"]
+        lines.append(f"  within epochs: {within['ratio']:.3f} (quartiles {q1:.3f}-{q3:.3f}), the "
+                     f"{len(within['steps_left_out'])} steps at the ends of {report['steps_per_epoch']}-step epochs "
+                     "left out on both sides")
     for name, table in (report.get("profile") or {}).items():
         lines += ["", f"{name}: the {PROFILE_ROWS} entries with the most self CPU time (one block)", table]
     return "\n".join(lines)
