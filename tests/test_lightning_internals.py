@@ -16,6 +16,8 @@ def test_the_private_names_vtrain_uses_exist():
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     assert hasattr(trainer._accelerator_connector, "cluster_environment")
     assert hasattr(trainer._signal_connector, "received_sigterm")
+    assert isinstance(type(trainer._logger_connector).should_update_logs, property)  # step_values_are_read
+    assert hasattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch")
     for name in ("_combined_loader_states_to_load", "_data_fetcher", "restarting"):
         assert hasattr(trainer.fit_loop, name), name
     assert callable(_FitLoop.setup_data) and hasattr(trainer.fit_loop.epoch_progress.current, "processed")

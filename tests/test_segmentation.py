@@ -2,6 +2,7 @@
 transformer, whole / slide / multi-scale inference, and a quickstart fit evaluated again under DDP."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -324,10 +325,17 @@ def test_quickstart_fit_then_ddp_eval_matches(ade_root, tmp_path):
     assert final["val/mIoU"] > 0.40, final  # chance is about 1/(2K-1) ~ 0.09 with 6 classes
     # named as the dataset names its classes (the synthetic data's classes.txt)
     assert set(metrics["per_class_IoU"]) == {line.split()[1] for line in (ade_root / "classes.txt").read_text().splitlines()}
+    # the loss's terms are logged at the steps the logger writes (every 10th), each row's the same step's
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["train/loss_step"]]
+    assert [int(row["step"]) for row in rows] == [9, 19, 29]
+    for row in rows:
+        total = float(row["train/loss_decode"]) + float(row["train/loss_aux"])
+        assert float(row["train/loss_step"]) == pytest.approx(total, rel=1e-5), row
 
     eval_dir = tmp_path / "ddp_eval"
     ddp = run_forked(*data, f"hydra.run.dir={eval_dir}", "mode=eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                  "trainer=ddp_cpu", "data.val_batch_size=1", timeout=600)
+                     "trainer=ddp_cpu", "data.val_batch_size=1", timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     # 7 images over 2 processes, 4 and 3 batches: an image counted twice would change the sums

@@ -108,7 +108,7 @@ class DetectionTask(TaskModule):
         losses = self(images, [{k: t[k] for k in keys} for t in targets])
         loss = sum(losses.values())
         n = len(images)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=False, batch_size=n)
+        self.log_train_terms(losses)
         self.log_train_loss(loss, n)
         return loss
 

@@ -160,9 +160,7 @@ class SegmentationTask(TaskModule):
         losses = self.losses(batch["images"], batch["labels"])
         n = batch["images"].shape[0]
         self.log_train_loss(losses["loss"], n)
-        for name in ("decode", "aux"):
-            if name in losses:
-                self.log(f"train/loss_{name}", losses[name], on_step=True, on_epoch=False, batch_size=n)
+        self.log_train_terms({f"loss_{name}": losses[name] for name in ("decode", "aux") if name in losses})
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:

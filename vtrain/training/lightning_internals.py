@@ -111,3 +111,16 @@ def unrepeated_sampler(dataset: Any, num_replicas: int, rank: int) -> Any:
     from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
     return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+
+def step_values_are_read(trainer: pl.Trainer) -> bool:
+    """In ``on_train_batch_end``: whether anything reads the values logged for this training step (``on_step``): the
+    loggers, which write them every ``log_every_n_steps`` optimizer steps and when the run is stopping (every step
+    under ``fast_dev_run``; ``trainer._logger_connector.should_update_logs``, the test Lightning's own
+    ``LearningRateMonitor`` makes), a validation that follows, or the end of training (``metrics.json`` takes the
+    latest value of every logged name at both; the last epoch's last batch is
+    ``fit_loop.epoch_loop.batch_progress.is_last_batch``)."""
+    last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+    return (bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+            or validation_follows_this_batch(trainer) or 0 <= trainer.max_steps <= trainer.global_step
+            or (last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
