@@ -19,11 +19,12 @@ own; ``bench.warmup`` steps of each block are left out (the loader's workers sta
 Validation is switched off (``trainer.limit_val_batches=0``): the comparison is of training steps. Reported: steps/s
 of each path (the median block's), the ratio vtrain/bare as the median of the paired blocks' ratios with its
 quartiles (and, where an epoch ends within the timed steps, the same ratio with the two steps at each epoch's end
-left out on both sides, :func:`epoch_end_steps`: the quickstarts' small datasets end an epoch every 20-62 steps,
-each with its ``last.ckpt`` written, where a real dataset's epoch is thousands of steps), and each path's peak memory (:class:`vtrain.tools.bench.device.PeakMemory`), from one more block of each
-path after the timed ones, warm as they are: on a CPU the measurement gives every tensor above 256 KiB pages of its
-own, a page fault per 4 KiB touched, which in a timed block would cost each path in proportion to what it allocates
-rather than to what it computes (Swin-T at 224², batch 8: a 2.2 s step against 1.4 s, most of it in the kernel).
+left out on both sides, :func:`epoch_end_steps`: the quickstarts' small datasets end an epoch every 3-62 steps,
+each with its ``last.ckpt`` written, where a real dataset's epoch is thousands of steps), and each path's peak
+memory (:class:`vtrain.tools.bench.device.PeakMemory`), from one more block of each path after the timed ones,
+warm as they are: on a CPU the measurement gives every tensor above 256 KiB pages of its own, a page fault per
+4 KiB touched, which in a timed block would cost each path in proportion to what it allocates rather than to what
+it computes (Swin-T at 224², batch 8: a 2.2 s step against 1.4 s, most of it in the kernel).
 
 The two paths train alike: from the same weights, seed and batches, a vtrain block and a bare block end with the same
 weights (``tests/test_bench.py``).
