@@ -73,11 +73,8 @@ def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` in a subprocess; output captured as text. ``env`` adds variables, and removes
     those it gives as None."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=_cli_environment(env), capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=_cli_environment(env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _cli_environment(env: dict | None) -> dict[str, str]:
@@ -125,9 +122,9 @@ def run_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, time
                 sys.argv = [module, *args]
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
                 code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-                if not isinstance(exit_.code, (int, type(None))):
+            except SystemExit as exit_:  # as the interpreter exits: a number as it is, None 0, a message 1
+                code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+                if code == 1 and not isinstance(exit_.code, int):
                     print(exit_.code, file=sys.stderr)
             except BaseException:
                 traceback.print_exc()
