@@ -39,10 +39,20 @@ LONGEST_FIRST = (
     "test_detection_cascade.py::test_quickstart_cascade_learns_under_ddp",  # 65-80 s
     "test_reliability.py::test_killed_at_random_moments_under_load_resumes_exactly",  # 20-45 s
 )
+# Tests that trace a model with dynamo (torch.compile, torch.export) in the worker's own process, handed out last:
+# after a trace, a child forked from that process cannot run a backward pass (torch's autograd engine refuses it:
+# "Unable to handle autograd's threading in combination with fork-based multiprocessing"), and run_forked then
+# starts a new interpreter instead.
+DYNAMO_LAST = (
+    "test_export.py::test_exported_model_gives_the_task_models_outputs",
+    "test_cli.py::test_compile_traces_the_backbone_and_keeps_checkpoint_keys",
+)
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
+        if any(name in item.nodeid for name in DYNAMO_LAST):
+            return len(LONGEST_FIRST) + 1
         return next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable
@@ -96,7 +106,12 @@ def run_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, time
     count and deterministic switch a fresh start has; warnings print under the suite's filters (pyproject.toml).
     Under DDP the child is rank 0 and Lightning starts the other ranks as new interpreters from its ``sys.argv``
     (``python -m <module>.__main__ args...``), as from a command line. Not for what happens while importing or
-    what a run prints beside its own lines (third-party noise): :func:`run_cli` starts a new interpreter."""
+    what a run prints beside its own lines (third-party noise): :func:`run_cli` starts a new interpreter.
+
+    Once this process has traced a model with dynamo (torch.compile, torch.export), torch's autograd engine refuses
+    a backward pass in any child forked from it; from then on this runs :func:`run_cli` instead (see DYNAMO_LAST)."""
+    if not _forked_children_can_backpropagate():
+        return run_cli(*args, module=module, cwd=cwd, timeout=timeout, env=env)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         sys.stdout.flush(), sys.stderr.flush()
         pid = os.fork()
@@ -142,6 +157,24 @@ def run_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, time
         out.seek(0), err.seek(0)
         return subprocess.CompletedProcess([module, *args], returncode, out.read().decode(errors="replace"),
                                            err.read().decode(errors="replace"))
+
+
+_FORKED_BACKWARD_REFUSED = False
+
+
+def _forked_children_can_backpropagate() -> bool:
+    """Whether a child forked from this process can run a backward pass: a one-element one, tried in a child."""
+    global _FORKED_BACKWARD_REFUSED
+    if not _FORKED_BACKWARD_REFUSED:  # once refused, refused for the life of this process
+        pid = os.fork()
+        if pid == 0:
+            try:
+                torch.ones(1, requires_grad=True).sum().backward()
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        _FORKED_BACKWARD_REFUSED = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+    return not _FORKED_BACKWARD_REFUSED
 
 
 def run_in_process(*args: str) -> float | None:
