@@ -100,63 +100,111 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def run_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout: float = 600,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """What :func:`run_cli` gives (``python -m <module> args...``: its exit status, a signal's as a negative one, its
-    output as text) from a process forked from this one rather than a new interpreter, which spends about 7 s
-    importing torch, Lightning, timm and torchvision first. The child is a process of its own (a kill, a signal and
-    an exit are its own) and runs the module as ``-m`` does, with the environment, signal handlers, torch's thread
-    count and deterministic switch a fresh start has; warnings print under the suite's filters (pyproject.toml).
-    Under DDP the child is rank 0 and Lightning starts the other ranks as new interpreters from its ``sys.argv``
-    (``python -m <module>.__main__ args...``), as from a command line. Not for what happens while importing or
-    what a run prints beside its own lines (third-party noise): :func:`run_cli` starts a new interpreter.
+    output as text) from a process forked from this one (:func:`start_forked`)."""
+    proc = start_forked(*args, module=module, cwd=cwd, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def start_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, env: dict | None = None) -> Forked:
+    """``python -m <module> args...`` started in a process forked from this one rather than a new interpreter, which
+    spends about 7 s importing torch, Lightning, timm and torchvision first; a handle like ``subprocess.Popen``'s,
+    its output captured. The child is a process of its own (a kill, a signal and an exit are its own) and runs the
+    module as ``-m`` does, with the environment, signal handlers, torch's thread count and deterministic switch a
+    fresh start has; warnings print under the suite's filters (pyproject.toml). Under DDP the child is rank 0 and
+    Lightning starts the other ranks as new interpreters from its ``sys.argv`` (``python -m <module>.__main__
+    args...``), as from a command line. Not for what happens while importing or what a run prints beside its own
+    lines (third-party noise): :func:`run_cli` starts a new interpreter.
 
     Once this process has traced a model with dynamo (torch.compile, torch.export), torch's autograd engine refuses
-    a backward pass in any child forked from it; from then on this runs :func:`run_cli` instead (see DYNAMO_LAST)."""
+    a backward pass in any child forked from it; from then on the command runs in a new interpreter instead (see
+    DYNAMO_LAST)."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     if not _forked_children_can_backpropagate():
-        return run_cli(*args, module=module, cwd=cwd, timeout=timeout, env=env)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        sys.stdout.flush(), sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 1
-            try:
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)
-                os.environ.clear()
-                os.environ.update(_cli_environment(env))
-                os.chdir(cwd or ROOT)
-                for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-                    signal.signal(number, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                warnings.showwarning = _print_warning  # printed, where pytest would record them
-                torch.set_num_threads(1)
-                torch.use_deterministic_algorithms(False)
-                from hydra.core.global_hydra import GlobalHydra
+        popen = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=_cli_environment(env),
+                                 stdout=out, stderr=err)
+        return Forked(popen.pid, [module, *args], out, err, popen)
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            os.environ.clear()
+            os.environ.update(_cli_environment(env))
+            os.chdir(cwd or ROOT)
+            for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(number, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            warnings.showwarning = _print_warning  # printed, where pytest would record them
+            torch.set_num_threads(1)
+            torch.use_deterministic_algorithms(False)
+            from hydra.core.global_hydra import GlobalHydra
 
-                GlobalHydra.instance().clear()
-                sys.argv = [module, *args]
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as exit_:  # as the interpreter exits: a number as it is, None 0, a message 1
-                code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
-                if code == 1 and not isinstance(exit_.code, int):
-                    print(exit_.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os._exit(code)
-        deadline = time.monotonic() + timeout
-        while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise subprocess.TimeoutExpired([module, *args], timeout)
+            GlobalHydra.instance().clear()
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:  # as the interpreter exits: a number as it is, None 0, a message 1
+            code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+            if code == 1 and not isinstance(exit_.code, int):
+                print(exit_.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    return Forked(pid, [module, *args], out, err)
+
+
+class Forked:
+    """The handle :func:`start_forked` gives: ``pid``, ``args``, ``returncode`` (a signal's as a negative number)
+    and ``poll``, ``wait``, ``send_signal``, ``kill`` and ``communicate`` as ``subprocess.Popen`` has them."""
+
+    def __init__(self, pid: int, args: list[str], out, err, popen: subprocess.Popen | None = None):
+        self.pid, self.args, self._out, self._err, self._popen = pid, args, out, err, popen
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if self._popen is not None:
+                self.returncode = self._popen.poll()
+            elif (waited := os.waitpid(self.pid, os.WNOHANG)) != (0, 0):
+                self.returncode = os.waitstatus_to_exitcode(waited[1])
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.05)
-        returncode = os.waitstatus_to_exitcode(waited[1])
-        out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess([module, *args], returncode, out.read().decode(errors="replace"),
-                                           err.read().decode(errors="replace"))
+        return self.returncode
+
+    def send_signal(self, number: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, number)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Waits for the end; the output, as text."""
+        self.wait(timeout)
+        texts = []
+        for file in (self._out, self._err):
+            file.seek(0)
+            texts.append(file.read().decode(errors="replace"))
+            file.close()
+        return texts[0], texts[1]
 
 
 _FORKED_BACKWARD_REFUSED = False
