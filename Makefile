@@ -13,7 +13,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[dev,export]'
+	$(PY) -m pip install --quiet --no-compile $(TORCH_PINS) -e '.[dev,export]'
+	PYTHONDONTWRITEBYTECODE= $(PY) scripts/compile_imports.py  # what runs import, compiled once: the script says why
 	touch $@
 
 data: install
