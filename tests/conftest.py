@@ -40,9 +40,10 @@ LONGEST_FIRST = (
     "test_reliability.py::test_killed_at_random_moments_under_load_resumes_exactly",  # 20-45 s
 )
 # Tests that trace a model with dynamo (torch.compile, torch.export) in the worker's own process, handed out last:
-# after a trace, a child forked from that process cannot run a backward pass (torch's autograd engine refuses it:
-# "Unable to handle autograd's threading in combination with fork-based multiprocessing"), and run_forked then
-# starts a new interpreter instead.
+# where a trace comes before a process's first backward pass, torch's autograd engine starts threads of its own at
+# that pass, and a child forked from the process afterwards cannot run a backward pass ("Unable to handle
+# autograd's threading in combination with fork-based multiprocessing"); start_forked then starts a new
+# interpreter instead. Handed out last, they come after a worker's first training step.
 DYNAMO_LAST = (
     "test_export.py::test_exported_model_gives_the_task_models_outputs",
     "test_cli.py::test_compile_traces_the_backbone_and_keeps_checkpoint_keys",
@@ -121,9 +122,9 @@ def start_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, en
     args...``), as from a command line. Not for what happens while importing or what a run prints beside its own
     lines (third-party noise): :func:`run_cli` starts a new interpreter.
 
-    Once this process has traced a model with dynamo (torch.compile, torch.export), torch's autograd engine refuses
-    a backward pass in any child forked from it; from then on the command runs in a new interpreter instead (see
-    DYNAMO_LAST)."""
+    Where this process traced a model with dynamo (torch.compile, torch.export) before its first backward pass,
+    torch's autograd engine refuses a backward pass in any child forked from it: the command then runs in a new
+    interpreter instead (see DYNAMO_LAST)."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     if not _forked_children_can_backpropagate():
         popen = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=_cli_environment(env),
