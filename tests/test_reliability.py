@@ -250,15 +250,16 @@ def test_killed_at_random_moments_under_load_resumes_exactly(imagenet_root, tmp_
     run, kills, rng = tmp_path / "killed", 0, pyrandom.Random(0)
     args = [*RESUMABLE, f"data.root={imagenet_root}", f"hydra.run.dir={run}", "ckpt_path=auto"]
     for _ in range(12):
-        proc = start_forked(*args)
+        proc, started = start_forked(*args), time.time()
         before = {p.name: p.stat().st_mtime for p in (run / "checkpoints").glob("*.ckpt")} if run.exists() else {}
-        deadline = time.time() + 240
-        # wait for a new checkpoint, then a random delay: measured on 2 idle cores, a run lasts about 2.2 s, its first
-        # checkpoint (step 2 of 18) written at about 1.3 s
+        deadline = started + 240
+        # wait for a new checkpoint, then a random moment of the rest of the run, in proportion to the machine's
+        # speed: measured on 2 idle cores, a run lasts about 2.2 s, its first checkpoint (step 2 of 18) written at
+        # about 1.3 s, the rest lasting two thirds of that
         while proc.poll() is None and time.time() < deadline:
             now = {p.name: p.stat().st_mtime for p in (run / "checkpoints").glob("*.ckpt")} if run.exists() else {}
             if now != before:
-                time.sleep(rng.uniform(0.0, 0.5))
+                time.sleep(rng.uniform(0.0, 0.25) * (time.time() - started))
                 break
             time.sleep(0.1)
         if proc.poll() is None and kills < 2:
