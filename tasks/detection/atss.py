@@ -209,7 +209,33 @@ def mean_over_processes(value: Tensor) -> Tensor:
     return value
 
 
-class ATSSDetector(FCOS):
+class LocationDetector:
+    """The forward pass of a dense detector that assigns targets at each feature location itself (ATSS's anchors,
+    RepPoints' points): torchvision's transform, the backbone with its pyramid, the head (its outputs in fp32, mmdet's
+    ``force_fp32`` on the losses and boxes), the locations of ``location_generator`` (a
+    :class:`PyramidAnchorGenerator`, its boxes the same for every image of the batch, as ``locations`` reads them),
+    then ``compute_loss(targets, head_outputs, locations, valid, grid_sizes)`` in training (``valid``: each image's
+    locations on the image rather than on the batch's padding) or ``postprocess_detections(head_outputs, locations,
+    grid_sizes, image_sizes)``."""
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        images, targets = self.transform(images, targets)
+        features = list(self.backbone(images.tensors).values())
+        head_outputs = {k: [x.float() for x in v] if isinstance(v, list) else v.float()
+                        for k, v in self.head(features).items()}
+        generator = self.location_generator
+        locations = self.locations(generator(images, features)[0])
+        grid_sizes = [tuple(f.shape[-2:]) for f in features]
+        if self.training:
+            valid = torch.stack([generator.valid_flags(size, grid_sizes, self.transform.size_divisible)
+                                 for size in images.image_sizes]).to(locations.device)
+            return self.compute_loss(targets, head_outputs, locations, valid, grid_sizes)
+        detections = self.postprocess_detections(head_outputs, locations, grid_sizes, images.image_sizes)
+        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+
+
+class ATSSDetector(LocationDetector, FCOS):
     """ATSS on a pyramid: torchvision's FCOS (transform, backbone + pyramid, head, anchors) with ATSS's head,
     assignment, losses and post-processing (see the module doc). ``num_classes`` counts the background, as every
     torchvision detector here: the head has ``num_classes - 1`` sigmoid outputs, label l's being output l - 1.
@@ -248,19 +274,12 @@ class ATSSDetector(FCOS):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.box_loss_weight, self.centerness_loss_weight = box_loss_weight, centerness_loss_weight
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        images, targets = self.transform(images, targets)
-        features = list(self.backbone(images.tensors).values())
-        head_outputs = {k: v.float() for k, v in self.head(features).items()}  # mmdet's force_fp32 on loss / boxes
-        anchors = self.anchor_generator(images, features)[0]  # the same for every image of the batch
-        grid_sizes = [tuple(f.shape[-2:]) for f in features]
-        if self.training:
-            valid = torch.stack([self.anchor_generator.valid_flags(size, grid_sizes, self.transform.size_divisible)
-                                 for size in images.image_sizes]).to(anchors.device)
-            return self.compute_loss(targets, head_outputs, anchors, valid, grid_sizes)
-        detections = self.postprocess_detections(head_outputs, anchors, grid_sizes, images.image_sizes)
-        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+    @property
+    def location_generator(self) -> PyramidAnchorGenerator:
+        return self.anchor_generator
+
+    def locations(self, boxes: Tensor) -> Tensor:
+        return boxes  # the anchors themselves
 
     def level_counts(self, grid_sizes: Sequence[Sequence[int]]) -> list[int]:
         per_location = self.anchor_generator.num_anchors_per_location()

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import Conv2dNormActivation, batched_nms, deform_conv2d, generalized_box_iou_loss
 from torchvision.ops import sigmoid_focal_loss
-from vtrain.tasks.detection.atss import ATSSAssigner, PyramidAnchorGenerator
+from vtrain.tasks.detection.atss import ATSSAssigner, LocationDetector, PyramidAnchorGenerator
 from vtrain.tasks.detection.roi_heads import init_fpn_like_mmdet
 
 from vtrain.config import ConfigError
@@ -228,7 +228,7 @@ def _flatten(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-class RepPointsDetector(nn.Module):
+class RepPointsDetector(LocationDetector, nn.Module):
     """RepPoints on a pyramid (see the module doc). ``num_classes`` counts the background, as every torchvision
     detector here: the head has ``num_classes - 1`` sigmoid outputs, label l's being output l - 1.
 
@@ -277,20 +277,12 @@ class RepPointsDetector(nn.Module):
         self.init_loss_weight, self.refine_loss_weight = init_loss_weight, refine_loss_weight
         self.quality_focal_beta, self.giou_plus_one = quality_focal_beta, giou_plus_one
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        images, targets = self.transform(images, targets)
-        features = list(self.backbone(images.tensors).values())
-        head_outputs = {k: [x.float() for x in v] for k, v in self.head(features).items()}
-        grid_sizes = [tuple(f.shape[-2:]) for f in features]
-        boxes = self.point_generator(images, features)[0]
-        points = (boxes[:, :2] + boxes[:, 2:]) / 2
-        if self.training:
-            valid = torch.stack([self.point_generator.valid_flags(size, grid_sizes, self.transform.size_divisible)
-                                 for size in images.image_sizes]).to(points.device)
-            return self.compute_loss(targets, head_outputs, points, valid, grid_sizes)
-        detections = self.postprocess_detections(head_outputs, points, grid_sizes, images.image_sizes)
-        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+    @property
+    def location_generator(self) -> PyramidAnchorGenerator:
+        return self.point_generator
+
+    def locations(self, boxes: Tensor) -> Tensor:
+        return (boxes[:, :2] + boxes[:, 2:]) / 2  # each location's box centred on it: its point
 
     def point_strides_per_location(self, grid_sizes: Sequence[Sequence[int]], device: torch.device) -> Tensor:
         return torch.cat([torch.full((h * w,), float(s), device=device)
