@@ -262,6 +262,31 @@ def test_a_resumed_run_appends_to_metrics_csv(imagenet_root, tmp_path):
     assert steps == list(range(24))  # every training step once, in order
 
 
+def test_a_checkpoint_monitoring_the_step_loss_mid_epoch_ranks_by_that_steps_own_loss(imagenet_root, tmp_path):
+    """The module logs ``train/loss_step`` at the end of a batch whose values anything reads; a checkpoint saved
+    mid-epoch (before that, in Lightning's order of hooks) has it logged first. Its scores are each step's loss as
+    ``metrics.csv`` has it when every step is logged, and the same when only every 50th is."""
+    args = [*TINY_CLS, f"data.root={imagenet_root}", "trainer.limit_val_batches=1", "trainer.max_epochs=2",
+            "trainer.deterministic=true", "callbacks.model_checkpoint.monitor=train/loss_step",
+            "callbacks.model_checkpoint.mode=min", "callbacks.model_checkpoint.save_top_k=-1",
+            "callbacks.model_checkpoint.every_n_train_steps=1"]
+    scores = {}
+    for every in (1, 50):
+        run = tmp_path / f"every{every}"
+        run_in_process(*args, f"hydra.run.dir={run}", f"trainer.log_every_n_steps={every}")
+        state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
+        (saved,) = [value for key, value in state.items() if key.startswith("ModelCheckpoint")]
+        scores[every] = {int(path.rsplit("step", 1)[1][:7]): float(score)
+                         for path, score in saved["best_k_models"].items()}
+    with open(tmp_path / "every1" / "metrics.csv", newline="") as f:  # a row per step: step s ends at global step s+1
+        logged = {int(row["step"]) + 1: float(row["train/loss_step"]) for row in csv.DictReader(f)
+                  if row["train/loss_step"]}
+    assert sorted(scores[1]) == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]  # none at an epoch's last batch: its validation's
+    assert len(set(scores[1].values())) == 10
+    assert scores[1] == pytest.approx({step: logged[step] for step in scores[1]}, rel=1e-6)
+    assert scores[50] == pytest.approx(scores[1], rel=1e-6)
+
+
 def test_metrics_csv_writer_continues_a_file_with_a_torn_last_row(tmp_path):
     from vtrain.training.loggers import AppendingMetricsWriter
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import ROOT, TINY_CLS, run_cli, run_forked, run_in_process, start_forked
 from vtrain.config import ConfigError
-from vtrain.training.callbacks.non_finite import NonFiniteGuard
+from vtrain.training.callbacks.non_finite import NonFiniteGuard, any_non_finite
 from vtrain.training.checkpoint import newest_valid_checkpoint
 
 
@@ -107,6 +107,24 @@ def test_nonfinite_step_is_skipped_and_counted(optimizer, bad_step):
 def test_too_many_nonfinite_steps_stop_with_the_step_named(optimizer):
     with pytest.raises(FloatingPointError, match=r"the last at step 3 .*max_skipped=1\); last good checkpoint: none yet"):
         _fit(_NaNAt(bad_steps=[1, 3], optimizer=optimizer), NonFiniteGuard(max_skipped=1), log_every_n_steps=1)
+
+
+def test_any_non_finite_finds_an_inf_or_nan_in_any_tensor_and_changes_no_value():
+    tensors = [torch.randn(5), torch.randn(3, dtype=torch.bfloat16), torch.randn(4, 4).t(),  # mixed dtypes, a view
+               torch.tensor([1e30, -1e30, 1e-45, -0.0])]  # finite, although their 2-norm overflows to inf
+
+    def bits(t):
+        return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+    before = [bits(t).clone() for t in tensors]
+    assert not any_non_finite(tensors) and not torch.isfinite(torch.nn.utils.get_total_norm(tensors))
+    assert all(torch.equal(bits(t), b) for t, b in zip(tensors, before))  # bit for bit: -0.0 and the denormal
+    for index, where, bad in ((1, (2,), float("inf")), (2, (1, 0), float("nan")), (3, (0,), float("-inf"))):
+        kept = tensors[index][where].item()
+        tensors[index][where] = bad
+        assert any_non_finite(tensors).item() is True, (index, bad)
+        tensors[index][where] = kept
+        assert any_non_finite(tensors).item() is False
 
 
 def _weights(path):

@@ -6,9 +6,9 @@ that each private name still exists). Tested with pytorch-lightning ``TESTED_VER
 warning naming this file, once.
 
 Besides these functions, :class:`vtrain.training.callbacks.model_checkpoint.ModelCheckpoint` overrides ``ModelCheckpoint``'s private
-``_save_last_checkpoint`` and ``_save_checkpoint`` and calls ``_should_skip_saving_checkpoint``,
-``_should_save_on_train_epoch_end`` and ``_monitor_candidates`` (the rule for when ``last.ckpt`` is written lives only
-there).
+``_save_last_checkpoint``, ``_save_checkpoint`` and ``_monitor_candidates`` (which reads the values a save may name)
+and calls ``_should_skip_saving_checkpoint`` and ``_should_save_on_train_epoch_end`` (the rule for when ``last.ckpt``
+is written lives only there).
 """
 from __future__ import annotations
 
@@ -117,10 +117,9 @@ def step_values_are_read(trainer: pl.Trainer) -> bool:
     """In ``on_train_batch_end``: whether anything reads the values logged for this training step (``on_step``): the
     loggers, which write them every ``log_every_n_steps`` optimizer steps and when the run is stopping (every step
     under ``fast_dev_run``; ``trainer._logger_connector.should_update_logs``, the test Lightning's own
-    ``LearningRateMonitor`` makes), a validation that follows, or the end of training (``metrics.json`` takes the
-    latest value of every logged name at both; the last epoch's last batch is
-    ``fit_loop.epoch_loop.batch_progress.is_last_batch``)."""
-    last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+    ``LearningRateMonitor`` makes), a validation that follows, an epoch's end (its checkpoint, the bar's line) or
+    the end of training (``metrics.json`` takes the latest value of every logged name at a validation and at the
+    end; an epoch's last batch is ``fit_loop.epoch_loop.batch_progress.is_last_batch``)."""
     return (bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
             or validation_follows_this_batch(trainer) or 0 <= trainer.max_steps <= trainer.global_step
-            or (last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
+            or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)

@@ -131,6 +131,8 @@ class TaskModule(pl.LightningModule):
         self.training_steps: TrainingSteps | None = None  # the run's length, given before fit
         self.epoch_loss = EpochLoss()  # train/loss_epoch, kept in checkpoints (log_train_loss)
         self._step_terms: dict[str, torch.Tensor] = {}  # this batch's loss terms (log_train_terms)
+        self._step_loss: torch.Tensor | None = None  # the last batch's loss (log_train_loss), for the bar
+        self._step_loss_pending = False  # ... and not logged yet (log_step_values)
 
     # ----------------------------------------------------------------- model
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -168,24 +170,45 @@ class TaskModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- logging
     def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
-        """``train/loss_step`` at each step (on the bar) and ``train/loss_epoch`` at each epoch's end: the mean over
-        the epoch's samples, as Lightning's ``on_epoch=True`` mean computes it, but counted in :class:`EpochLoss`,
-        which checkpoints keep (Lightning's epoch accumulators are not in them: an epoch resumed after a kill or a
-        preemption logged the mean of the batches after the resume, or no row at all)."""
-        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.epoch_loss.update(loss.detach(), batch_size, self.current_epoch)
+        """``train/loss_step`` and ``train/loss_epoch``, the mean over the epoch's samples at its end, as
+        Lightning's ``on_epoch=True`` mean computes it, but counted in :class:`EpochLoss`, which checkpoints keep
+        (Lightning's epoch accumulators are not in them: an epoch resumed after a kill or a preemption logged the
+        mean of the batches after the resume, or no row at all).
+
+        ``train/loss_step`` is logged with the loss's terms (:meth:`log_step_values`); the progress bar shows
+        it at every step it reads, from :meth:`bar_step_values`, without ``self.log``'s cost."""
+        self._step_loss, self._step_loss_pending = loss.detach(), True
+        self.epoch_loss.update(self._step_loss, batch_size, self.current_epoch)
 
     def log_train_terms(self, terms: Mapping[str, torch.Tensor]) -> None:
-        """The loss's terms (``train/<name>``, not on the bar), logged at the end of the batch if anything reads that
-        step's values (:func:`~vtrain.training.lightning_internals.step_values_are_read`: the loggers every
-        ``log_every_n_steps``, a validation, the end of training): a ``self.log`` call costs about
-        half a millisecond of Python, and a detector's terms are 3 to 20 of them a step."""
+        """The loss's terms (``train/<name>``, not on the bar), logged with ``train/loss_step``
+        (:meth:`log_step_values`)."""
         self._step_terms = {f"train/{name}": value.detach() for name, value in terms.items()}
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def bar_step_values(self) -> dict[str, torch.Tensor]:
+        """What the progress bar shows of the current training step beside what was logged
+        (:class:`~vtrain.training.callbacks.display.ProgressBar` reads it at its own interval): the loss."""
+        return {} if self._step_loss is None else {"train/loss_step": self._step_loss}
+
+    def log_step_values(self) -> None:
+        """Log this training step's loss and terms, once: at the end of the batch where anything reads the step's
+        values (:func:`~vtrain.training.lightning_internals.step_values_are_read`: the loggers every
+        ``log_every_n_steps``, a validation, an epoch's end, the end of training), and before a checkpoint is
+        saved mid-epoch (:class:`~vtrain.training.callbacks.model_checkpoint.ModelCheckpoint`, whose monitor or
+        file name may name one). Not at every step: a ``self.log`` call costs 0.5-1 ms of Python on a CPU
+        (Lightning moves its record of the value to the value's device at each call), and a detector's terms are
+        3 to 20 of them."""
         terms, self._step_terms = self._step_terms, {}
-        if terms and step_values_are_read(self.trainer):
+        if self._step_loss_pending:
+            self._step_loss_pending = False
+            self.log_dict(self.bar_step_values(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        if terms:
             self.log_dict(terms, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if step_values_are_read(self.trainer):
+            self.log_step_values()
+        self._step_terms, self._step_loss_pending = {}, False  # a step's values are logged at its end or not at all
 
     def on_train_epoch_end(self) -> None:
         mean = self.epoch_loss.compute(self.current_epoch)

@@ -47,7 +47,11 @@ class ProgressBar(RichProgressBar):
             every = 1 if trainer.strategy.root_device.type == "cpu" else trainer.log_every_n_steps
         due = self._metrics is None or trainer.global_step - self._metrics_step >= max(every, 1)
         if due or not trainer.training or trainer.sanity_checking:
-            self._metrics = {name: value for name, value in super().get_metrics(trainer, pl_module).items()
+            metrics = super().get_metrics(trainer, pl_module)
+            if trainer.training and not trainer.sanity_checking:  # this step's loss, logged only where read
+                step_values = getattr(pl_module, "bar_step_values", dict)()
+                metrics.update({name: float(value) for name, value in step_values.items()})
+            self._metrics = {name: value for name, value in metrics.items()
                              if not (name.endswith("skipped_samples") and _is_zero(value))}
             self._metrics_step = trainer.global_step
         return self._metrics

@@ -51,6 +51,12 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
             return
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
+    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        log_step_values = getattr(trainer.lightning_module, "log_step_values", None)
+        if trainer.training and log_step_values is not None:
+            log_step_values()  # a save mid-epoch: this step's loss and terms, which the module logs at the batch's end
+        return super()._monitor_candidates(trainer)
+
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if self.save_last is True:  # the directory is this run's: its last.ckpt is this run's to replace
             self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
