@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONF, ROOT, TINY_CLS, compose, run_cli, run_forked, run_in_process
+from conftest import CONF, ROOT, TINY_CLS, compose, run_forked, run_in_process
 from vtrain.config import ConfigError
 from vtrain.training.build import build_task
 from vtrain.config.validate import check_pretrained, check_values, validate
@@ -78,7 +78,7 @@ def test_config_error_raised_in_a_constructor_is_one_line(tmp_path):
     from vtrain.tasks.segmentation.synthetic import write
 
     write(tmp_path / "ade", seed=0, train=2, val=1)
-    result = run_cli("task=segmentation", "data=ade20k", "task.head=fcn", f"hydra.run.dir={tmp_path / 'run'}",
+    result = run_forked("task=segmentation", "data=ade20k", "task.head=fcn", f"hydra.run.dir={tmp_path / 'run'}",
                      f"data.root={tmp_path / 'ade'}")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
@@ -115,7 +115,7 @@ def test_a_bad_value_is_one_line_before_anything_starts(override, message, reque
     if override == END_TO_END:
         run = tmp_path / "run"
         imagenet_root = request.getfixturevalue("imagenet_root")
-        result = run_cli(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", override)
+        result = run_forked(*TINY_CLS, f"data.root={imagenet_root}", f"hydra.run.dir={run}", override)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
         error = lines[0]
@@ -163,7 +163,7 @@ def test_every_package_installs_under_vtrain(monkeypatch):
 def test_keys_an_experiment_set_for_another_choice_are_named_in_one_line(imagenet_root, tmp_path):
     """experiment=quickstart backbone=resnet26 keeps the quickstart's Swin keys: one line naming each, not Hydra's
     traceback."""
-    result = run_cli("experiment=quickstart", "backbone=resnet26", f"data.root={imagenet_root}", "data.num_classes=4",
+    result = run_forked("experiment=quickstart", "backbone=resnet26", f"data.root={imagenet_root}", "data.num_classes=4",
                      f"hydra.run.dir={tmp_path}")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from conftest import ROOT, TINY_CLS, run_cli, run_forked, run_in_process, start_forked
+from conftest import ROOT, TINY_CLS, run_forked, run_in_process, start_forked
 from vtrain.config import ConfigError
 from vtrain.training.callbacks.non_finite import NonFiniteGuard, any_non_finite
 from vtrain.training.checkpoint import newest_valid_checkpoint
@@ -374,7 +374,7 @@ def test_a_second_run_in_the_same_run_directory_stops_with_one_line(imagenet_roo
         while not (run / "metrics.json").exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.2)
         config = (run / ".hydra" / "config.yaml").read_text()
-        second = run_cli(*args, "trainer.max_epochs=1", "optim.lr=0.5")
+        second = run_forked(*args, "trainer.max_epochs=1", "optim.lr=0.5")
         lines = [line for line in second.stderr.splitlines() if line.strip()]
         assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
         assert lines[0].startswith(f"error: run directory {run} is in use by pid {first.pid} ")
@@ -383,7 +383,7 @@ def test_a_second_run_in_the_same_run_directory_stops_with_one_line(imagenet_roo
         first.kill()
         first.wait()
     log = (run / "metrics.csv").read_bytes()
-    again = run_cli(*args, "trainer.max_epochs=1")
+    again = run_forked(*args, "trainer.max_epochs=1")
     lines = [line for line in again.stderr.splitlines() if line.strip()]
     assert again.returncode == 2 and len(lines) == 1, again.stderr[-2000:]
     assert lines[0] == (f"error: {run} holds a run already (metrics.json, checkpoints): resume it with "
