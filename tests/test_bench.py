@@ -215,6 +215,10 @@ def test_overhead_report_pairs_the_blocks(imagenet_root, tmp_path, monkeypatch):
     assert report["ratio"] == pytest.approx(0.75)  # ratios 0.8, 0.75, 0.5
     assert report["ratio_quartiles"] == pytest.approx([0.625, 0.775])
     assert report["step_seconds"]["vtrain"][2] == [2.0, 2.0]
+    # steps paired: vtrain 1.0, 1.5 | 1.0, 1.0 | 2.0, 2.0 against bare 1.0, 1.0 | 1.0, 0.5 | 1.0, 1.0
+    assert report["extra_ms"] == {"within_epochs": pytest.approx(500.0),  # of 0, 500, 0, 500, 1000, 1000
+                                  "within_epochs_quartiles": pytest.approx([125.0, 875.0]), "epoch_end": None}
+    assert "steps paired: +500.00 ms (quartiles +125.00 to +875.00)\n" in overhead.format_overhead(report) + "\n"
     assert next(blocks["vtrain"], None) is None and next(blocks["bare"], None) is None
 
 
@@ -238,6 +242,10 @@ def test_overhead_report_gives_the_ratio_within_epochs_too(imagenet_root, tmp_pa
     assert report["within_epochs"] == {"ratio": pytest.approx(1.0), "ratio_quartiles": pytest.approx([1.0, 1.0]),
                                        "steps_left_out": [4, 5]}
     assert "within epochs: 1.000 (quartiles 1.000-1.000), the 2 steps at the ends of 6-step epochs" in \
+        overhead.format_overhead(report)
+    assert report["extra_ms"] == {"within_epochs": 0.0, "within_epochs_quartiles": [0.0, 0.0],
+                                  "epoch_end": pytest.approx(500.0)}  # of +2 s and -1 s
+    assert "steps paired: +0.00 ms (quartiles +0.00 to +0.00), at an epoch's end +500.00 ms" in \
         overhead.format_overhead(report)
 
 
