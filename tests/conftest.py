@@ -84,8 +84,12 @@ def run_cli(*args: str, module: str = "vtrain", cwd: Path | None = None, timeout
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` in a subprocess; output captured as text. ``env`` adds variables, and removes
     those it gives as None."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=_cli_environment(env),
+    return subprocess.run(_cli_command(module, args), cwd=cwd or ROOT, env=_cli_environment(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _cli_command(module: str, args: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 def _cli_environment(env: dict | None) -> dict[str, str]:
@@ -127,7 +131,7 @@ def start_forked(*args: str, module: str = "vtrain", cwd: Path | None = None, en
     interpreter instead (see DYNAMO_LAST)."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     if not _forked_children_can_backpropagate():
-        popen = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd or ROOT, env=_cli_environment(env),
+        popen = subprocess.Popen(_cli_command(module, args), cwd=cwd or ROOT, env=_cli_environment(env),
                                  stdout=out, stderr=err)
         return Forked(popen.pid, [module, *args], out, err, popen)
     sys.stdout.flush(), sys.stderr.flush()
